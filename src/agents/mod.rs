@@ -1,0 +1,426 @@
+//! Agents: "run agent X on input Y → validated output", one trait and its backends.
+//!
+//! - [`rules`]: deterministic strategies over candles; every stage works without an LLM.
+//!
+//! Every agent answer passes [`SignalDraft::validate`] / [`validate_advice`] /
+//! [`validate_summary`] before it is used: out-of-range values are rejected with a reason,
+//! never clamped or defaulted silently.
+
+pub mod rules;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::market::{Candle, MarketError};
+use crate::pipeline::{
+    Action, Advice, AdvisedSignal, MarketContext, ScoredSignal, StrategyVerdict, TopStrategy,
+};
+
+/// Longest `reasoning` accepted.
+pub const MAX_REASONING_CHARS: usize = 2000;
+/// Longest `summary` accepted.
+pub const MAX_SUMMARY_CHARS: usize = 1200;
+
+/// What the signal agent is given.
+#[derive(Debug, Clone)]
+pub struct SignalRequest<'a> {
+    /// `BASE/QUOTE`.
+    pub symbol: &'a str,
+    /// The tick (RFC 3339).
+    pub cycle_id: &'a str,
+    /// 1-minute candles, oldest first.
+    pub candles: &'a [Candle],
+    /// Their summary.
+    pub context: &'a MarketContext,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
+/// The signal agent's answer: the part of a [`Signal`](crate::pipeline::Signal) that an
+/// agent decides (ids, times and market context are the runner's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalDraft {
+    /// The call.
+    pub action: Action,
+    /// 0–1.
+    pub confidence: f64,
+    /// Why (≤ 2000 characters).
+    pub reasoning: String,
+    /// Strategies evaluated.
+    pub strategies_analyzed: u32,
+    /// Of which bullish.
+    pub strategies_bullish: u32,
+    /// Of which bearish.
+    pub strategies_bearish: u32,
+    /// Of which neutral.
+    pub strategies_neutral: u32,
+    /// The best one.
+    pub top_strategy: TopStrategy,
+    /// All of them.
+    pub strategy_breakdown: Vec<StrategyVerdict>,
+}
+
+fn unit_interval(name: &str, v: f64) -> Result<(), String> {
+    if !v.is_finite() {
+        return Err(format!("{name} is not a finite number"));
+    }
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{name} {v} is outside [0, 1]"));
+    }
+    Ok(())
+}
+
+impl SignalDraft {
+    /// Checks every field's range and the counts' consistency.
+    pub fn validate(&self) -> Result<(), String> {
+        unit_interval("confidence", self.confidence)?;
+        let chars = self.reasoning.chars().count();
+        if chars > MAX_REASONING_CHARS {
+            return Err(format!(
+                "reasoning has {chars} characters, at most {MAX_REASONING_CHARS} allowed"
+            ));
+        }
+        if self.reasoning.trim().is_empty() {
+            return Err("reasoning is empty".into());
+        }
+        let sum = u64::from(self.strategies_bullish)
+            + u64::from(self.strategies_bearish)
+            + u64::from(self.strategies_neutral);
+        if sum != u64::from(self.strategies_analyzed) {
+            return Err(format!(
+                "strategies_bullish + bearish + neutral = {sum}, but strategies_analyzed = {}",
+                self.strategies_analyzed
+            ));
+        }
+        if self.strategy_breakdown.len() > 64 {
+            return Err(format!(
+                "strategy_breakdown has {} entries, at most 64",
+                self.strategy_breakdown.len()
+            ));
+        }
+        unit_interval("top_strategy.score", self.top_strategy.score)?;
+        for (i, s) in self.strategy_breakdown.iter().enumerate() {
+            unit_interval(&format!("strategy_breakdown[{i}].score"), s.score)?;
+            if s.name.trim().is_empty() || s.name.chars().count() > 100 {
+                return Err(format!(
+                    "strategy_breakdown[{i}].name must be 1–100 characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks an advice answer.
+pub fn validate_advice(a: &Advice) -> Result<(), String> {
+    unit_interval("max_position_size", a.max_position_size)?;
+    if !a.valid && a.max_position_size > 0.0 {
+        return Err(format!(
+            "max_position_size {} with valid = false",
+            a.max_position_size
+        ));
+    }
+    if a.risk_warnings.len() > 20 {
+        return Err(format!(
+            "{} risk warnings, at most 20",
+            a.risk_warnings.len()
+        ));
+    }
+    if let Some(w) = a.risk_warnings.iter().find(|w| w.chars().count() > 500) {
+        return Err(format!(
+            "a risk warning has {} characters, at most 500",
+            w.chars().count()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a report summary.
+pub fn validate_summary(s: &str) -> Result<(), String> {
+    let chars = s.chars().count();
+    if s.trim().is_empty() {
+        return Err("summary is empty".into());
+    }
+    if chars > MAX_SUMMARY_CHARS {
+        return Err(format!(
+            "summary has {chars} characters, at most {MAX_SUMMARY_CHARS}"
+        ));
+    }
+    Ok(())
+}
+
+/// Why an agent call produced nothing usable. [`reason`](AgentError::reason) is the bounded
+/// metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The deadline passed.
+    #[error("agent call timed out")]
+    Timeout,
+    /// Connection failed, reset, or similar.
+    #[error("agent transport error: {0}")]
+    Transport(String),
+    /// The provider answered 5xx.
+    #[error("agent provider answered HTTP {status}")]
+    Upstream {
+        /// Status code.
+        status: u16,
+    },
+    /// The provider answered 429.
+    #[error("agent provider rate-limited the call")]
+    RateLimited {
+        /// How long it asked to wait.
+        retry_after: Option<std::time::Duration>,
+    },
+    /// The provider refused the call (400/401/402/403): retrying will not help.
+    #[error("agent provider refused the call with HTTP {status}: {message}")]
+    Refused {
+        /// Status code.
+        status: u16,
+        /// What it said (never includes the key).
+        message: String,
+    },
+    /// The answer broke the stage's schema or ranges.
+    #[error("agent output rejected: {0}")]
+    InvalidOutput(String),
+    /// The backend's circuit breaker is open.
+    #[error("circuit breaker open")]
+    CircuitOpen,
+    /// No rate-limit slot before the deadline.
+    #[error("no rate-limit slot before the deadline")]
+    RateLimitWait,
+    /// The input candles could not be had.
+    #[error(transparent)]
+    MarketData(#[from] MarketError),
+}
+
+impl AgentError {
+    /// Bounded reason label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AgentError::Timeout => "timeout",
+            AgentError::Transport(_) => "llm_unreachable",
+            AgentError::Upstream { .. } => "llm_5xx",
+            AgentError::RateLimited { .. } => "llm_rate_limited",
+            AgentError::Refused { .. } => "llm_refused",
+            AgentError::InvalidOutput(_) => "invalid_output",
+            AgentError::CircuitOpen => "circuit_open",
+            AgentError::RateLimitWait => "rate_limit_wait",
+            AgentError::MarketData(e) => e.reason(),
+        }
+    }
+
+    /// Whether it counts against the dependency's circuit breaker (timeouts, 5xx, transport).
+    pub fn is_breaker_failure(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Timeout | AgentError::Transport(_) | AgentError::Upstream { .. }
+        )
+    }
+
+    /// Whether another attempt could succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Timeout
+                | AgentError::Transport(_)
+                | AgentError::Upstream { .. }
+                | AgentError::RateLimited { .. }
+        )
+    }
+}
+
+/// An agent backend: one method per agent stage. Every call is bounded by `deadline`.
+#[async_trait]
+pub trait Agent: Send + Sync {
+    /// Backend name (`rules`, `openrouter`, `opencode`).
+    fn backend(&self) -> &'static str;
+    /// Model name for `metadata.model_used`.
+    fn model(&self) -> &str;
+    /// Stage 1.
+    async fn signal(
+        &self,
+        req: &SignalRequest<'_>,
+        deadline: Instant,
+    ) -> Result<SignalDraft, AgentError>;
+    /// Stage 3.
+    async fn advise(&self, scored: &ScoredSignal, deadline: Instant) -> Result<Advice, AgentError>;
+    /// Stage 4: 2–3 sentences.
+    async fn report(
+        &self,
+        advised: &AdvisedSignal,
+        deadline: Instant,
+    ) -> Result<String, AgentError>;
+}
+
+/// The agent of each stage (they may differ).
+#[derive(Clone)]
+pub struct StageAgents {
+    /// Produces signals.
+    pub signal: Arc<dyn Agent>,
+    /// Produces advice.
+    pub advise: Arc<dyn Agent>,
+    /// Produces summaries.
+    pub report: Arc<dyn Agent>,
+}
+
+impl std::fmt::Debug for StageAgents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageAgents")
+            .field("signal", &self.signal.backend())
+            .field("advise", &self.advise.backend())
+            .field("report", &self.report.backend())
+            .finish()
+    }
+}
+
+impl StageAgents {
+    /// Every stage on the rules backend.
+    pub fn rules() -> Self {
+        let r: Arc<dyn Agent> = Arc::new(rules::Rules::default());
+        Self {
+            signal: r.clone(),
+            advise: r.clone(),
+            report: r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draft() -> SignalDraft {
+        SignalDraft {
+            action: Action::Buy,
+            confidence: 0.7,
+            reasoning: "because".into(),
+            strategies_analyzed: 3,
+            strategies_bullish: 2,
+            strategies_bearish: 0,
+            strategies_neutral: 1,
+            top_strategy: TopStrategy {
+                name: "ema".into(),
+                score: 0.6,
+                signal: Action::Buy,
+                parameters: Default::default(),
+            },
+            strategy_breakdown: vec![StrategyVerdict {
+                name: "ema".into(),
+                signal: Action::Buy,
+                score: 0.6,
+            }],
+        }
+    }
+
+    #[test]
+    fn validation_rejects_with_reasons() {
+        assert!(draft().validate().is_ok());
+        let cases: Vec<(SignalDraft, &str)> = vec![
+            (
+                SignalDraft {
+                    confidence: 1.2,
+                    ..draft()
+                },
+                "outside [0, 1]",
+            ),
+            (
+                SignalDraft {
+                    confidence: -0.1,
+                    ..draft()
+                },
+                "outside [0, 1]",
+            ),
+            (
+                SignalDraft {
+                    confidence: f64::NAN,
+                    ..draft()
+                },
+                "not a finite",
+            ),
+            (
+                SignalDraft {
+                    reasoning: "x".repeat(2001),
+                    ..draft()
+                },
+                "2001 characters",
+            ),
+            (
+                SignalDraft {
+                    reasoning: " ".into(),
+                    ..draft()
+                },
+                "empty",
+            ),
+            (
+                SignalDraft {
+                    strategies_neutral: 5,
+                    ..draft()
+                },
+                "strategies_analyzed",
+            ),
+        ];
+        for (d, needle) in cases {
+            let e = d.validate().expect_err("rejected");
+            assert!(e.contains(needle), "{e}");
+        }
+        // Exactly 2000 characters (multi-byte) is fine: the limit counts characters.
+        assert!(
+            SignalDraft {
+                reasoning: "é".repeat(2000),
+                ..draft()
+            }
+            .validate()
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn advice_and_summary_validation() {
+        let ok = Advice {
+            valid: true,
+            max_position_size: 0.05,
+            risk_warnings: vec![],
+        };
+        assert!(validate_advice(&ok).is_ok());
+        assert!(
+            validate_advice(&Advice {
+                max_position_size: 1.5,
+                ..ok.clone()
+            })
+            .is_err()
+        );
+        assert!(
+            validate_advice(&Advice {
+                valid: false,
+                ..ok.clone()
+            })
+            .is_err()
+        );
+        assert!(validate_summary("").is_err());
+        assert!(validate_summary("<script>alert(1)</script> is kept as text").is_ok());
+    }
+
+    #[test]
+    fn error_classes() {
+        assert!(AgentError::Timeout.is_breaker_failure());
+        assert!(AgentError::Upstream { status: 502 }.is_breaker_failure());
+        assert!(!AgentError::RateLimited { retry_after: None }.is_breaker_failure());
+        assert!(!AgentError::InvalidOutput("x".into()).is_breaker_failure());
+        assert!(
+            !AgentError::Refused {
+                status: 401,
+                message: String::new()
+            }
+            .is_retryable()
+        );
+        assert_eq!(
+            AgentError::MarketData(MarketError::Status { status: 503 }).reason(),
+            "market_data_5xx"
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! Coordination between replicas: per-symbol locks, heartbeat, stale-lock recovery, the cycle
+//! lease, per-symbol claims (work sharing) and the kill switch — behind one trait with two
+//! backends that pass one contract test suite.
+//!
+//! - [`memory`]: in-process; one replica (the embedded default), or several instances sharing
+//!   one store inside a test.
+
+pub mod memory;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::schedule::CycleId;
+
+/// What a lock attempt got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// Free, now ours.
+    Acquired,
+    /// Held by a dead or stale owner, taken over atomically.
+    Recovered(StaleReason),
+    /// Held by a live owner.
+    Held,
+}
+
+/// Why a lock was considered stale (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleReason {
+    /// Older than `locks.stale_threshold_seconds`.
+    Age,
+    /// The owner's heartbeat key is gone.
+    HeartbeatMissing,
+}
+
+impl StaleReason {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleReason::Age => "age",
+            StaleReason::HeartbeatMissing => "heartbeat_missing",
+        }
+    }
+}
+
+/// The kill switch's record (`autonomous:kill_switch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KillSwitch {
+    /// Whether generation is paused.
+    pub active: bool,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+    /// Who.
+    #[serde(default)]
+    pub activated_by: String,
+    /// When.
+    #[serde(default)]
+    pub activated_at: Option<DateTime<Utc>>,
+}
+
+/// Why a coordination call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    /// The backend is unreachable or answered with an error.
+    #[error("coordination backend unavailable: {0}")]
+    Unavailable(String),
+    /// Its circuit breaker is open.
+    #[error("coordination backend circuit open")]
+    CircuitOpen,
+    /// A record written by someone else is not what the contract says.
+    #[error("malformed record at {key}: {reason}")]
+    Malformed {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Locks, leases, claims, heartbeat and kill switch for one instance.
+#[async_trait]
+pub trait Coordination: Send + Sync {
+    /// Backend name (`memory`, `redis`).
+    fn backend(&self) -> &'static str;
+    /// This instance's id.
+    fn instance_id(&self) -> &str;
+    /// Takes `symbol`'s lock (or recovers a stale one).
+    async fn acquire_lock(&self, symbol: &str) -> Result<LockOutcome, CoordError>;
+    /// Extends our lock's expiry; `false` when it is no longer ours.
+    async fn extend_lock(&self, symbol: &str) -> Result<bool, CoordError>;
+    /// Releases our lock; `false` (a no-op) when it is not ours.
+    async fn release_lock(&self, symbol: &str) -> Result<bool, CoordError>;
+    /// Locks held by this instance right now.
+    async fn held_locks(&self) -> Result<Vec<String>, CoordError>;
+    /// Refreshes this instance's heartbeat.
+    async fn heartbeat(&self) -> Result<(), CoordError>;
+    /// Deletes this instance's heartbeat (graceful shutdown).
+    async fn remove_heartbeat(&self) -> Result<(), CoordError>;
+    /// Live instances by heartbeat (including this one).
+    async fn live_instances(&self) -> Result<usize, CoordError>;
+    /// Tries to win the lease of `cycle` for `ttl`: only the winner runs that tick.
+    async fn try_cycle_lease(&self, cycle: &CycleId, ttl: Duration) -> Result<bool, CoordError>;
+    /// Claims `symbol` for `cycle` (work sharing): only the claimer analyses it.
+    async fn claim_symbol(
+        &self,
+        cycle: &CycleId,
+        symbol: &str,
+        ttl: Duration,
+    ) -> Result<bool, CoordError>;
+    /// The kill switch, if set.
+    async fn kill_switch(&self) -> Result<Option<KillSwitch>, CoordError>;
+    /// Sets (active) or clears (inactive) the kill switch.
+    async fn set_kill_switch(&self, ks: &KillSwitch) -> Result<(), CoordError>;
+    /// Whether the backend answers (readiness).
+    async fn ping(&self) -> Result<(), CoordError>;
+}
+
+/// Lock timing shared by the backends.
+#[derive(Debug, Clone, Copy)]
+pub struct LockTiming {
+    /// Lock expiry.
+    pub ttl: Duration,
+    /// Age after which a lock is stale.
+    pub stale_after: Duration,
+    /// Heartbeat expiry.
+    pub heartbeat_ttl: Duration,
+}
+
+#[cfg(test)]
+pub mod contract;

@@ -1,0 +1,299 @@
+//! autonomous-runner: runs the Signal → Score → Advise → Report agent pipeline for every
+//! active symbol on a cron schedule and publishes the results.
+//!
+//! Layout (see `docs/ARCHITECTURE.md` for the data flow):
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | typed config, YAML + `${VAR:-default}`, env overrides, validation |
+//! | [`schedule`] | cron → ticks, the tick's identity [`schedule::CycleId`], the clock |
+//! | [`runner`] | the tick loop, gates, cycle lease, overlap/missed-tick policy, shutdown |
+//! | [`coordinator`] | one cycle: the bounded pool, deadlines, locks, results |
+//! | [`pipeline`] | stage types, the scorer, one symbol through every stage |
+//! | [`agents`] | the agent trait and its backends |
+//! | [`market`] | candle sources |
+//! | [`coordination`] | locks, heartbeat, lease, kill switch (memory backend) |
+//! | [`resilience`] | breaker, latency/adaptive, backpressure, rate limiter, retry |
+//! | [`publish`] | the in-process bus, latest signals, cycle history |
+//! | [`http`] | health, metrics, JSON API |
+//! | [`telemetry`] | logging and metric names |
+//!
+//! [`App`] wires them: `App::build(cfg).await?.run_until_stopped(shutdown)`.
+
+pub mod agents;
+pub mod config;
+pub mod coordination;
+pub mod coordinator;
+pub mod http;
+pub mod market;
+pub mod pipeline;
+pub mod publish;
+pub mod resilience;
+pub mod runner;
+pub mod schedule;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::StageAgents;
+use crate::config::{Config, CoordinationBackend, MarketSource as MarketKind, secs};
+use crate::coordination::memory::{MemoryCoordination, MemoryStore};
+use crate::coordination::{Coordination, LockTiming};
+use crate::coordinator::Coordinator;
+use crate::market::MarketSource;
+use crate::pipeline::PipelineContext;
+use crate::publish::Publisher;
+use crate::resilience::Breaker;
+use crate::runner::{OnceOutcome, Runner};
+use crate::schedule::Clock;
+use crate::telemetry::names;
+
+/// The assembled service.
+pub struct App {
+    cfg: Arc<Config>,
+    runner: Runner,
+    coord: Arc<dyn Coordination>,
+    publisher: Arc<Publisher>,
+    listener: TcpListener,
+    http_state: http::AppState,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("instance_id", &self.cfg.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Builds every part from validated configuration and binds the HTTP listener.
+    pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        let cfg = Arc::new(cfg);
+        let metrics = telemetry::metrics_handle();
+
+        let timing = LockTiming {
+            ttl: Duration::from_secs(cfg.locks.ttl_seconds),
+            stale_after: Duration::from_secs(cfg.locks.stale_threshold_seconds),
+            heartbeat_ttl: Duration::from_secs(cfg.heartbeat.ttl_seconds),
+        };
+        let coord: Arc<dyn Coordination> = match cfg.coordination.backend {
+            CoordinationBackend::Memory => Arc::new(MemoryCoordination::new(
+                MemoryStore::new(),
+                &cfg.instance_id,
+                timing,
+            )),
+            CoordinationBackend::Redis => {
+                anyhow::bail!("the redis coordination backend is not available in this build")
+            }
+        };
+        if cfg.coordination.backend == CoordinationBackend::Memory
+            && std::env::var_os("REDIS_URL").is_some()
+        {
+            tracing::warn!(
+                "REDIS_URL is set but coordination.backend is memory: replicas will not coordinate"
+            );
+        }
+
+        let publisher = Arc::new(Publisher::new(
+            cfg.publish.replay_buffer,
+            cfg.publish.history_cycles,
+            None,
+        ));
+        let status_pub = publisher.clone();
+        let llm_breaker = Breaker::new("llm_service", cfg.circuit_breaker.llm_service.settings())
+            .with_transition_hook(move |name, state| {
+                metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => name.to_string())
+                    .set(state.gauge());
+                status_pub.status(serde_json::json!({"breaker": name, "state": state.as_str()}));
+            });
+        metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => "llm_service").set(0.0);
+
+        let market: Arc<dyn MarketSource> = match cfg.market_data.source {
+            MarketKind::Simulated => Arc::new(market::simulated::Simulated::new()),
+            MarketKind::Coinbase => Arc::new(
+                market::coinbase::Coinbase::new(
+                    &cfg.market_data.coinbase_url,
+                    secs(cfg.market_data.request_timeout_seconds),
+                )
+                .context("building the coinbase client")?,
+            ),
+        };
+        let pipeline = Arc::new(PipelineContext {
+            market,
+            agents: StageAgents::rules(),
+            publisher: publisher.clone(),
+            candles: cfg.market_data.candles,
+            advise_min_score: cfg.pipeline.advise_min_score,
+            expiry_grace: Duration::from_secs(cfg.pipeline.expiry_grace_seconds),
+        });
+        let coordinator = Arc::new(Coordinator::new(
+            coord.clone(),
+            pipeline,
+            cfg.symbols.clone(),
+            timing.ttl,
+            cfg.coordination.work_sharing,
+            Duration::from_secs(cfg.locks.ttl_seconds),
+        ));
+        let runner = Runner::new(
+            &cfg,
+            Clock::System,
+            coord.clone(),
+            coordinator,
+            publisher.clone(),
+            llm_breaker.clone(),
+        )
+        .context("building the scheduler")?;
+
+        let ip: std::net::IpAddr = cfg.http.bind.parse().context("http.bind")?;
+        let addr = SocketAddr::new(ip, cfg.http.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTP server to {addr}"))?;
+        let http_state = http::AppState {
+            instance_id: cfg.instance_id.clone(),
+            runner: runner.state(),
+            publisher: publisher.clone(),
+            llm_breaker,
+            coord: coord.clone(),
+            metrics,
+            started: Instant::now(),
+        };
+        Ok(App {
+            cfg,
+            runner,
+            coord,
+            publisher,
+            listener,
+            http_state,
+        })
+    }
+
+    /// The HTTP server's address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Service mode: tick until `shutdown` fires, then drain, release, flush and return.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let App {
+            cfg,
+            runner,
+            coord,
+            publisher,
+            listener,
+            http_state,
+        } = self;
+        let background_stop = CancellationToken::new();
+        let http_stop = CancellationToken::new();
+        let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
+        let heartbeat =
+            spawn_heartbeat(coord.clone(), runner.state(), &cfg, background_stop.clone());
+        tracing::info!(instance_id = %cfg.instance_id, symbols = cfg.symbols.len(), schedule = %cfg.schedule, "runner started");
+
+        // Readiness turns 503 the moment shutdown is requested, before the drain finishes.
+        let state = runner.state();
+        let shutdown_flag = shutdown.clone();
+        let mark = tokio::spawn(async move {
+            shutdown_flag.cancelled().await;
+            state.set_shutting_down();
+            tracing::info!("shutdown requested: no new ticks");
+        });
+        // `run` returns after draining the in-flight cycle.
+        runner.run(shutdown.clone()).await;
+        mark.abort();
+        finish(&cfg, &*coord, &publisher, heartbeat, background_stop).await;
+        http_stop.cancel();
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+        }
+        tracing::info!("graceful shutdown complete");
+        Ok(())
+    }
+
+    /// `once` mode: one cycle now, serving health probes while it runs.
+    pub async fn run_once(self, shutdown: CancellationToken) -> anyhow::Result<OnceOutcome> {
+        let App {
+            cfg,
+            mut runner,
+            coord,
+            publisher,
+            listener,
+            http_state,
+        } = self;
+        let background_stop = CancellationToken::new();
+        let http_stop = CancellationToken::new();
+        let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
+        let heartbeat =
+            spawn_heartbeat(coord.clone(), runner.state(), &cfg, background_stop.clone());
+        let outcome = runner.run_once(shutdown).await;
+        finish(&cfg, &*coord, &publisher, heartbeat, background_stop).await;
+        http_stop.cancel();
+        let _ = server.await;
+        Ok(outcome)
+    }
+}
+
+fn spawn_heartbeat(
+    coord: Arc<dyn Coordination>,
+    state: runner::SharedState,
+    cfg: &Config,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let interval = Duration::from_secs(cfg.heartbeat.interval_seconds);
+    tokio::spawn(async move {
+        loop {
+            match coord.heartbeat().await {
+                Ok(()) => state.set_coordination_error(None),
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                    state.set_coordination_error(Some(e.to_string()));
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    })
+}
+
+/// After the last cycle: release anything still held, delete the heartbeat, flush.
+async fn finish(
+    cfg: &Config,
+    coord: &dyn Coordination,
+    publisher: &Publisher,
+    heartbeat: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+) {
+    stop.cancel();
+    let _ = heartbeat.await;
+    match coord.held_locks().await {
+        Ok(held) => {
+            for s in held {
+                match coord.release_lock(&s).await {
+                    Ok(_) => tracing::info!(symbol = %s, "released lock at shutdown"),
+                    Err(e) => {
+                        tracing::warn!(symbol = %s, error = %e, "could not release lock; it will expire")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list held locks"),
+    }
+    if let Err(e) = coord.remove_heartbeat().await {
+        tracing::warn!(error = %e, "could not delete the heartbeat; it will expire");
+    }
+    publisher
+        .flush(secs(cfg.graceful_shutdown.timeout_seconds).min(Duration::from_secs(10)))
+        .await;
+}

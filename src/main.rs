@@ -1,0 +1,157 @@
+//! The `autonomous-runner` binary: parse the command line, load configuration, initialise
+//! logging, then hand over to [`autonomous_runner::App`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use autonomous_runner::App;
+use autonomous_runner::config::{Config, ConfigError, ProcessEnv};
+use autonomous_runner::runner::OnceOutcome;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad configuration.
+const EXIT_CONFIG: u8 = 2;
+/// Exit code when a `once` run could not run its cycle.
+const EXIT_NOT_RUN: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "autonomous-runner",
+    version,
+    about = "Runs the Signal → Score → Advise → Report pipeline for every symbol on a cron schedule."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Service mode: scheduler + HTTP server until SIGTERM/SIGINT.
+    Run(ConfigArg),
+    /// One cycle now, then exit (Kubernetes CronJob mode).
+    Once(ConfigArg),
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig(ConfigArg),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// YAML configuration file; without it the embedded defaults are used.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
+    Config::load(arg.config.as_deref(), &ProcessEnv).map_err(|e| {
+        match &e {
+            ConfigError::Invalid(issues) => {
+                for i in issues {
+                    eprintln!("{i}");
+                }
+            }
+            other => eprintln!("{other}"),
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// Cancels the token on the first SIGTERM or SIGINT.
+fn on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        token.cancel();
+    });
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log = autonomous_runner::telemetry::init_tracing(
+        std::env::var("LOG_LEVEL").ok().as_deref(),
+        std::env::var("LOG_FORMAT").ok().as_deref(),
+    );
+    if let Err(e) = log {
+        eprintln!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let arg = match &cli.command {
+        Command::Run(a) | Command::Once(a) | Command::CheckConfig(a) => a,
+    };
+    let cfg = match load(arg) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Command::CheckConfig(_) = cli.command {
+        print!("{}", cfg.to_redacted_yaml());
+        eprintln!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        on_signals(shutdown.clone());
+        let app = match App::build(cfg).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        match cli.command {
+            Command::Run(_) => match app.run_until_stopped(shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "runner failed");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Once(_) => match app.run_once(shutdown).await {
+                Ok(OnceOutcome::Ran(s)) => {
+                    tracing::info!(cycle_id = %s.cycle_id, ok = s.symbols_ok, failed = s.symbols_failed, "once: cycle ran");
+                    ExitCode::SUCCESS
+                }
+                Ok(OnceOutcome::Skipped(r)) if r.is_benign() => {
+                    tracing::info!(reason = r.as_str(), "once: nothing to do");
+                    ExitCode::SUCCESS
+                }
+                Ok(OnceOutcome::Skipped(r)) => {
+                    tracing::error!(reason = r.as_str(), "once: the cycle could not run");
+                    ExitCode::from(EXIT_NOT_RUN)
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "once failed");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::CheckConfig(_) => ExitCode::SUCCESS,
+        }
+    })
+}

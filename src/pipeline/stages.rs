@@ -1,0 +1,326 @@
+//! One symbol through every stage. Each stage's message is published the moment it exists,
+//! so a symbol's report can be on the dashboard while other symbols are still in stage 1.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+
+use super::scorer::score_signal;
+use super::types::*;
+use crate::agents::{AgentError, SignalRequest, StageAgents, validate_advice, validate_summary};
+use crate::market::{MarketSource, summarize};
+use crate::publish::Publisher;
+use crate::schedule::CycleId;
+use crate::telemetry::names;
+
+/// What every symbol of a cycle shares.
+pub struct PipelineContext {
+    /// Candle source.
+    pub market: Arc<dyn MarketSource>,
+    /// Stage agents.
+    pub agents: StageAgents,
+    /// Where messages go.
+    pub publisher: Arc<Publisher>,
+    /// Candles per symbol.
+    pub candles: usize,
+    /// Advise only at or above this score.
+    pub advise_min_score: f64,
+    /// A signal expires this long after the next tick.
+    pub expiry_grace: Duration,
+}
+
+impl std::fmt::Debug for PipelineContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineContext")
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A symbol that went through every stage.
+#[derive(Debug, Clone)]
+pub struct SymbolOutcome {
+    /// The call.
+    pub action: Action,
+    /// Its opportunity score.
+    pub opportunity_score: f64,
+    /// Whether the advise stage ran.
+    pub advised: bool,
+}
+
+/// A symbol that stopped at a stage.
+#[derive(Debug, thiserror::Error)]
+#[error("{stage:?} stage: {error}")]
+pub struct StageFailure {
+    /// Where it stopped.
+    pub stage: Stage,
+    /// Why.
+    pub error: AgentError,
+}
+
+fn timed_ms(start: Instant) -> u64 {
+    Instant::now().duration_since(start).as_millis() as u64
+}
+
+fn record_latency(backend: &str, stage: Stage, start: Instant) {
+    if backend != "rules" {
+        metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage.as_str())
+            .record(Instant::now().duration_since(start).as_secs_f64());
+    }
+}
+
+async fn publish(ctx: &PipelineContext, msg: StageMessage) {
+    metrics::counter!(names::MESSAGES_PUBLISHED, "stage" => msg.stage.as_str()).increment(1);
+    ctx.publisher.publish(msg).await;
+}
+
+fn payload<T: serde::Serialize>(stage: Stage, v: &T) -> Result<serde_json::Value, StageFailure> {
+    serde_json::to_value(v).map_err(|e| StageFailure {
+        stage,
+        error: AgentError::InvalidOutput(e.to_string()),
+    })
+}
+
+/// Runs `symbol` for `cycle` through Signal → Score → Advise → Report, publishing each stage.
+/// `deadline` bounds the agent calls; the caller also enforces it from outside.
+pub async fn run_symbol(
+    ctx: &PipelineContext,
+    symbol: &str,
+    cycle: &CycleId,
+    next_tick: DateTime<Utc>,
+    deadline: Instant,
+) -> Result<SymbolOutcome, StageFailure> {
+    let cycle_id = cycle.to_string();
+    let sid = signal_id(symbol, cycle);
+    let fail = |stage| move |error| StageFailure { stage, error };
+
+    // Stage 1: Signal.
+    let t0 = Instant::now();
+    let now = Utc::now();
+    let candles = ctx
+        .market
+        .candles(symbol, now, ctx.candles)
+        .await
+        .map_err(|e| StageFailure {
+            stage: Stage::Raw,
+            error: e.into(),
+        })?;
+    let context = summarize(&candles);
+    let data_as_of = candles
+        .last()
+        .map(|c| c.time + chrono::Duration::minutes(1))
+        .unwrap_or(now);
+    let req = SignalRequest {
+        symbol,
+        cycle_id: &cycle_id,
+        candles: &candles,
+        context: &context,
+        now,
+    };
+    let agent = &ctx.agents.signal;
+    let t_agent = Instant::now();
+    let draft = agent
+        .signal(&req, deadline)
+        .await
+        .map_err(fail(Stage::Raw))?;
+    record_latency(agent.backend(), Stage::Raw, t_agent);
+    draft.validate().map_err(|r| StageFailure {
+        stage: Stage::Raw,
+        error: AgentError::InvalidOutput(r),
+    })?;
+    let signal = Signal {
+        signal_id: sid.clone(),
+        cycle_id: cycle_id.clone(),
+        symbol: symbol.to_string(),
+        action: draft.action,
+        confidence: draft.confidence,
+        reasoning: draft.reasoning,
+        strategies_analyzed: draft.strategies_analyzed,
+        strategies_bullish: draft.strategies_bullish,
+        strategies_bearish: draft.strategies_bearish,
+        strategies_neutral: draft.strategies_neutral,
+        top_strategy: draft.top_strategy,
+        strategy_breakdown: draft.strategy_breakdown,
+        market_context: context,
+        timestamp: now,
+        expires_at: next_tick + chrono::Duration::from_std(ctx.expiry_grace).unwrap_or_default(),
+        data_as_of,
+        is_degraded: false,
+    };
+    let action = signal.action;
+    metrics::counter!(names::SIGNAL_GENERATION, "symbol" => symbol.to_string(), "action" => action.as_str())
+        .increment(1);
+    let p = payload(Stage::Raw, &signal)?;
+    publish(
+        ctx,
+        StageMessage::new(
+            Stage::Raw,
+            symbol,
+            &cycle_id,
+            &sid,
+            p,
+            timed_ms(t0),
+            agent.model(),
+        ),
+    )
+    .await;
+
+    // Stage 2: Score (deterministic).
+    let t1 = Instant::now();
+    let scored = score_signal(signal, Utc::now());
+    let score = scored.opportunity_score;
+    let p = payload(Stage::Scored, &scored)?;
+    publish(
+        ctx,
+        StageMessage::new(
+            Stage::Scored,
+            symbol,
+            &cycle_id,
+            &sid,
+            p,
+            timed_ms(t1),
+            "deterministic",
+        ),
+    )
+    .await;
+
+    // Stage 3: Advise, only for promising scores.
+    let advice = if score >= ctx.advise_min_score {
+        let t2 = Instant::now();
+        let agent = &ctx.agents.advise;
+        let advice = agent
+            .advise(&scored, deadline)
+            .await
+            .map_err(fail(Stage::Validated))?;
+        record_latency(agent.backend(), Stage::Validated, t2);
+        validate_advice(&advice).map_err(|r| StageFailure {
+            stage: Stage::Validated,
+            error: AgentError::InvalidOutput(r),
+        })?;
+        let advised = AdvisedSignal {
+            scored: scored.clone(),
+            advice: Some(advice.clone()),
+        };
+        let p = payload(Stage::Validated, &advised)?;
+        publish(
+            ctx,
+            StageMessage::new(
+                Stage::Validated,
+                symbol,
+                &cycle_id,
+                &sid,
+                p,
+                timed_ms(t2),
+                agent.model(),
+            ),
+        )
+        .await;
+        Some(advice)
+    } else {
+        None
+    };
+    let advised_flag = advice.is_some();
+    let advised = AdvisedSignal { scored, advice };
+
+    // Stage 4: Report.
+    let t3 = Instant::now();
+    let agent = &ctx.agents.report;
+    let summary = agent
+        .report(&advised, deadline)
+        .await
+        .map_err(fail(Stage::Dashboard))?;
+    record_latency(agent.backend(), Stage::Dashboard, t3);
+    validate_summary(&summary).map_err(|r| StageFailure {
+        stage: Stage::Dashboard,
+        error: AgentError::InvalidOutput(r),
+    })?;
+    let report = ReportedSignal { advised, summary };
+    let p = payload(Stage::Dashboard, &report)?;
+    publish(
+        ctx,
+        StageMessage::new(
+            Stage::Dashboard,
+            symbol,
+            &cycle_id,
+            &sid,
+            p,
+            timed_ms(t3),
+            agent.model(),
+        ),
+    )
+    .await;
+
+    Ok(SymbolOutcome {
+        action,
+        opportunity_score: score,
+        advised: advised_flag,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::market::simulated::Simulated;
+
+    #[tokio::test]
+    async fn one_symbol_publishes_every_stage_in_order() {
+        let publisher = Arc::new(Publisher::new(100, 10, None));
+        let mut rx = publisher.subscribe();
+        let ctx = PipelineContext {
+            market: Arc::new(Simulated::new()),
+            agents: StageAgents::rules(),
+            publisher: publisher.clone(),
+            candles: 120,
+            // Advise everything so all four stages appear.
+            advise_min_score: 0.0,
+            expiry_grace: Duration::from_secs(30),
+        };
+        let cycle = CycleId::new(Utc::now());
+        let next = cycle.time() + chrono::Duration::minutes(1);
+        let out = run_symbol(
+            &ctx,
+            "ETH/USD",
+            &cycle,
+            next,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .expect("completes");
+        assert!(out.advised);
+        let mut stages = vec![];
+        for _ in 0..4 {
+            let ev = rx.recv().await.expect("event");
+            if let crate::publish::BusEvent::Signal(m) = &*ev.event {
+                assert_eq!(
+                    m.envelope.message_id,
+                    message_id(m.stage, &signal_id("ETH/USD", &cycle))
+                );
+                stages.push(m.stage);
+            }
+        }
+        assert_eq!(stages, Stage::ALL.to_vec());
+        let latest = publisher.latest();
+        let p = &latest[0].envelope.payload;
+        for key in [
+            "action",
+            "confidence",
+            "opportunity_score",
+            "opportunity_tier",
+            "summary",
+            "valid",
+            "expires_at",
+        ] {
+            assert!(p.get(key).is_some(), "missing {key} in {p}");
+        }
+        assert_eq!(
+            p["expires_at"].as_str().map(|s| s.starts_with(
+                &(next + chrono::Duration::seconds(30))
+                    .format("%Y-%m-%dT%H:%M:%S")
+                    .to_string()
+            )),
+            Some(true)
+        );
+    }
+}

@@ -1,0 +1,368 @@
+//! Stage payloads (DESIGN.md §3) and the envelope every published message travels in.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::schedule::CycleId;
+
+/// Namespace of the deterministic ids (UUID v5). Fixed forever: changing it changes every id.
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b1f_0c2e_9a57_4d0e_8f43_2b7c_5e19_a0d4);
+
+/// The four stages, which are also the four channels/streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Stage 1: the signal.
+    Raw,
+    /// Stage 2: the scored signal.
+    Scored,
+    /// Stage 3: the advised signal.
+    Validated,
+    /// Stage 4: the report, what the dashboard shows.
+    Dashboard,
+}
+
+impl Stage {
+    /// Every stage in pipeline order.
+    pub const ALL: [Stage; 4] = [
+        Stage::Raw,
+        Stage::Scored,
+        Stage::Validated,
+        Stage::Dashboard,
+    ];
+
+    /// Pub/sub channel name (without the key prefix).
+    pub fn channel(self) -> &'static str {
+        match self {
+            Stage::Raw => "channel:raw-signals",
+            Stage::Scored => "channel:scored-signals",
+            Stage::Validated => "channel:validated-signals",
+            Stage::Dashboard => "channel:dashboard-signals",
+        }
+    }
+
+    /// Stream key (without the key prefix).
+    pub fn stream(self) -> &'static str {
+        match self {
+            Stage::Raw => "stream:raw-signals",
+            Stage::Scored => "stream:scored-signals",
+            Stage::Validated => "stream:validated-signals",
+            Stage::Dashboard => "stream:dashboard-signals",
+        }
+    }
+
+    /// The agent that produces it (`source_agent` of the envelope, a metric label).
+    pub fn agent(self) -> &'static str {
+        match self {
+            Stage::Raw => "signal-generator",
+            Stage::Scored => "opportunity-scorer",
+            Stage::Validated => "portfolio-advisor",
+            Stage::Dashboard => "report-generator",
+        }
+    }
+
+    /// Short name for labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Raw => "signal",
+            Stage::Scored => "score",
+            Stage::Validated => "advise",
+            Stage::Dashboard => "report",
+        }
+    }
+}
+
+/// BUY, SELL or HOLD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    /// Go long.
+    Buy,
+    /// Go short / exit.
+    Sell,
+    /// Do nothing.
+    Hold,
+}
+
+impl Action {
+    /// Upper-case name (a bounded metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Buy => "BUY",
+            Action::Sell => "SELL",
+            Action::Hold => "HOLD",
+        }
+    }
+}
+
+/// One strategy's verdict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyVerdict {
+    /// Strategy name.
+    pub name: String,
+    /// Its direction.
+    pub signal: Action,
+    /// Its hit rate over the recent window, 0–1.
+    pub score: f64,
+}
+
+/// The best strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TopStrategy {
+    /// Strategy name.
+    pub name: String,
+    /// Its hit rate, 0–1.
+    pub score: f64,
+    /// Its direction.
+    pub signal: Action,
+    /// Its parameters (periods, thresholds).
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Market snapshot that the signal was made from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarketContext {
+    /// Last close.
+    pub current_price: f64,
+    /// Fractional change over the last hour (0.01 = +1 %).
+    pub price_change_1h: f64,
+    /// Last candle's volume over the window's mean volume.
+    pub volume_ratio: f64,
+    /// Standard deviation of 1-minute returns over the last hour, scaled to one hour.
+    pub volatility_1h: f64,
+}
+
+/// Stage 1 payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    /// Deterministic from symbol + cycle id.
+    pub signal_id: String,
+    /// The tick, RFC 3339.
+    pub cycle_id: String,
+    /// `BASE/QUOTE`.
+    pub symbol: String,
+    /// The call.
+    pub action: Action,
+    /// 0–1.
+    pub confidence: f64,
+    /// Why, ≤ 2000 characters.
+    pub reasoning: String,
+    /// Strategies evaluated.
+    pub strategies_analyzed: u32,
+    /// Of which bullish.
+    pub strategies_bullish: u32,
+    /// Of which bearish.
+    pub strategies_bearish: u32,
+    /// Of which neutral.
+    pub strategies_neutral: u32,
+    /// The best one.
+    pub top_strategy: TopStrategy,
+    /// All of them.
+    pub strategy_breakdown: Vec<StrategyVerdict>,
+    /// Market snapshot.
+    pub market_context: MarketContext,
+    /// When the signal was made.
+    pub timestamp: DateTime<Utc>,
+    /// Next tick + grace: after this the signal is stale.
+    pub expires_at: DateTime<Utc>,
+    /// Time of the newest candle used.
+    pub data_as_of: DateTime<Utc>,
+    /// Produced by a fallback rather than the configured agent.
+    pub is_degraded: bool,
+}
+
+/// TIER of an opportunity score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Tier {
+    /// ≥ 80.
+    Hot,
+    /// ≥ 60.
+    Good,
+    /// ≥ 40.
+    Neutral,
+    /// < 40.
+    Low,
+}
+
+/// Market regime, which sets the scoring caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Regime {
+    /// Caps 0.05 / 0.03.
+    Normal,
+    /// Caps 0.08 / 0.05.
+    HighVolatility,
+    /// Caps 0.15 / 0.10.
+    Extreme,
+}
+
+/// Each term's contribution to the opportunity score (points out of 100).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpportunityFactors {
+    /// 25 % weight.
+    pub confidence: f64,
+    /// 30 % weight.
+    pub expected_return: f64,
+    /// 20 % weight.
+    pub consensus: f64,
+    /// 15 % weight.
+    pub volatility: f64,
+    /// 10 % weight.
+    pub freshness: f64,
+    /// The risk-adjusted return that fed `expected_return`.
+    pub risk_adjusted_return: f64,
+}
+
+/// Stage 2 payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredSignal {
+    /// Stage 1 fields.
+    #[serde(flatten)]
+    pub signal: Signal,
+    /// 0–100, one decimal.
+    pub opportunity_score: f64,
+    /// Tier of the score.
+    pub opportunity_tier: Tier,
+    /// Regime used for the caps.
+    pub market_regime: Regime,
+    /// Per-term contributions.
+    pub opportunity_factors: OpportunityFactors,
+}
+
+/// What the advise stage adds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Advice {
+    /// Whether to act on the signal.
+    pub valid: bool,
+    /// Largest position, as a fraction of the portfolio (0–1).
+    pub max_position_size: f64,
+    /// Risks in words.
+    pub risk_warnings: Vec<String>,
+}
+
+/// Stage 3 payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdvisedSignal {
+    /// Stage 2 fields.
+    #[serde(flatten)]
+    pub scored: ScoredSignal,
+    /// Stage 3 fields, absent when the score was under `pipeline.advise_min_score`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub advice: Option<Advice>,
+}
+
+/// Stage 4 payload: what the dashboard shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportedSignal {
+    /// Stages 1–3.
+    #[serde(flatten)]
+    pub advised: AdvisedSignal,
+    /// 2–3 sentences.
+    pub summary: String,
+}
+
+/// Envelope metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Time the stage took.
+    pub processing_time_ms: u64,
+    /// `rules`, or the LLM model name.
+    pub model_used: String,
+}
+
+/// Every published message: `{message_id, source_agent, timestamp, payload, metadata}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Deterministic from (stage, signal_id): a re-publish is recognisable.
+    pub message_id: String,
+    /// The stage's agent name.
+    pub source_agent: String,
+    /// When the message was made.
+    pub timestamp: DateTime<Utc>,
+    /// The stage payload.
+    pub payload: serde_json::Value,
+    /// Timing and model.
+    pub metadata: Metadata,
+}
+
+/// `signal_id`: UUID v5 of `symbol|cycle_id`.
+pub fn signal_id(symbol: &str, cycle: &CycleId) -> String {
+    Uuid::new_v5(&ID_NAMESPACE, format!("{symbol}|{cycle}").as_bytes()).to_string()
+}
+
+/// `message_id`: UUID v5 of `stage|signal_id`.
+pub fn message_id(stage: Stage, signal_id: &str) -> String {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("{}|{signal_id}", stage.as_str()).as_bytes(),
+    )
+    .to_string()
+}
+
+/// A message on its way out: the stage, the symbol, the cycle and the envelope.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageMessage {
+    /// Which channel/stream.
+    pub stage: Stage,
+    /// The symbol.
+    pub symbol: String,
+    /// The tick.
+    pub cycle_id: String,
+    /// What is published.
+    pub envelope: Envelope,
+}
+
+impl StageMessage {
+    /// Wraps `payload` for `stage`.
+    pub fn new(
+        stage: Stage,
+        symbol: &str,
+        cycle_id: &str,
+        signal_id: &str,
+        payload: serde_json::Value,
+        processing_time_ms: u64,
+        model_used: &str,
+    ) -> Self {
+        StageMessage {
+            stage,
+            symbol: symbol.to_string(),
+            cycle_id: cycle_id.to_string(),
+            envelope: Envelope {
+                message_id: message_id(stage, signal_id),
+                source_agent: stage.agent().to_string(),
+                timestamp: Utc::now(),
+                payload,
+                metadata: Metadata {
+                    processing_time_ms,
+                    model_used: model_used.to_string(),
+                },
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn ids_are_deterministic_and_distinct() {
+        let c = CycleId::new(
+            Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0)
+                .single()
+                .expect("t"),
+        );
+        let a = signal_id("ETH/USD", &c);
+        assert_eq!(a, signal_id("ETH/USD", &c));
+        assert_ne!(a, signal_id("BTC/USD", &c));
+        assert_ne!(message_id(Stage::Raw, &a), message_id(Stage::Scored, &a));
+        assert_eq!(message_id(Stage::Raw, &a), message_id(Stage::Raw, &a));
+    }
+}

@@ -1,0 +1,523 @@
+//! A circuit breaker that is safe under concurrency.
+//!
+//! The seed design lets every caller through in HALF_OPEN until a counter passes the limit,
+//! and never gives a slot back when a probe is cancelled. Here a caller must hold a [`Permit`]
+//! to call the dependency: in HALF_OPEN at most `half_open_max_calls` permits exist at once,
+//! and a permit dropped without an outcome (the caller was cancelled) returns its slot without
+//! counting as a success or a failure.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// Settings of one breaker, as in the seed's `circuit_breaker.*` tree.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerSettings {
+    /// Consecutive failures (in CLOSED) that open the breaker.
+    pub failure_threshold: u32,
+    /// How long the breaker stays OPEN before it lets probes through.
+    pub recovery_timeout: Duration,
+    /// Probes allowed in one HALF_OPEN period (and so at most in flight at once).
+    pub half_open_max_calls: u32,
+    /// Probe successes that close the breaker again.
+    pub success_threshold: u32,
+    /// Operator override.
+    pub mode: BreakerMode,
+}
+
+/// Operator override of a breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerMode {
+    /// The state machine decides.
+    #[default]
+    Normal,
+    /// Every call is rejected, whatever the dependency does (maintenance, known outage).
+    ForcedOpen,
+    /// Every call is let through and nothing is recorded (the breaker is out of the way).
+    Disabled,
+}
+
+/// The externally visible state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Calls flow.
+    Closed,
+    /// Calls are rejected until the recovery timeout has passed.
+    Open,
+    /// A limited number of probes decide whether to close or re-open.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// The gauge value of the seed: 0 closed, 0.5 half-open, 1 open.
+    pub fn gauge(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 0.5,
+            BreakerState::Open => 1.0,
+        }
+    }
+
+    /// Lower-case name for logs and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// Why a call was not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// The breaker is open (or forced open).
+    #[error("circuit is open")]
+    Open,
+    /// Half-open and every probe slot is taken.
+    #[error("circuit is half-open and all probe slots are in use")]
+    ProbesBusy,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    consecutive_failures: u32,
+    total_failures: u64,
+    opened_at: Option<Instant>,
+    last_failure: Option<Instant>,
+    /// HALF_OPEN bookkeeping: probes admitted in this half-open period (in flight or done).
+    probes_admitted: u32,
+    probe_successes: u32,
+    /// Bumped on every transition, so a permit from an earlier period cannot change this one.
+    generation: u64,
+}
+
+/// A point-in-time view for health endpoints and metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct BreakerSnapshot {
+    /// Breaker name (`llm_service`, `redis`).
+    pub name: String,
+    /// Current state (an OPEN breaker whose timeout has passed reports `half_open`).
+    pub state: BreakerState,
+    /// Operator override in force.
+    pub mode: BreakerMode,
+    /// Consecutive failures counted in CLOSED.
+    pub failure_count: u32,
+    /// Failures since start.
+    pub total_failures: u64,
+    /// Seconds since the last failure, if any.
+    pub seconds_since_last_failure: Option<f64>,
+}
+
+/// A circuit breaker. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Breaker {
+    name: Arc<str>,
+    settings: BreakerSettings,
+    inner: Arc<Mutex<Inner>>,
+    on_transition: Option<Arc<dyn Fn(&str, BreakerState) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("name", &self.name)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(name: &str, settings: BreakerSettings) -> Self {
+        Self {
+            name: Arc::from(name),
+            settings,
+            inner: Arc::new(Mutex::new(Inner {
+                state: BreakerState::Closed,
+                consecutive_failures: 0,
+                total_failures: 0,
+                opened_at: None,
+                last_failure: None,
+                probes_admitted: 0,
+                probe_successes: 0,
+                generation: 0,
+            })),
+            on_transition: None,
+        }
+    }
+
+    /// Calls `hook(name, new_state)` on every state change (metrics, logs, SSE status events).
+    pub fn with_transition_hook(
+        mut self,
+        hook: impl Fn(&str, BreakerState) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_transition = Some(Arc::new(hook));
+        self
+    }
+
+    /// The breaker's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock only means another thread panicked while holding it; the state
+        // inside is still a valid state machine, so keep going rather than cascade the panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn transition(&self, inner: &mut Inner, to: BreakerState, now: Instant) {
+        if inner.state == to {
+            return;
+        }
+        inner.state = to;
+        inner.generation += 1;
+        inner.probes_admitted = 0;
+        inner.probe_successes = 0;
+        match to {
+            BreakerState::Open => {
+                inner.opened_at = Some(now);
+                tracing::warn!(breaker = %self.name, failures = inner.consecutive_failures, "circuit breaker OPEN");
+            }
+            BreakerState::HalfOpen => {
+                tracing::info!(breaker = %self.name, "circuit breaker HALF_OPEN, probing recovery");
+            }
+            BreakerState::Closed => {
+                inner.consecutive_failures = 0;
+                inner.opened_at = None;
+                tracing::info!(breaker = %self.name, "circuit breaker CLOSED, recovered");
+            }
+        }
+        if let Some(hook) = &self.on_transition {
+            hook(&self.name, to);
+        }
+    }
+
+    /// Moves OPEN → HALF_OPEN when the recovery timeout has passed.
+    fn refresh(&self, inner: &mut Inner, now: Instant) {
+        if inner.state == BreakerState::Open {
+            let opened = inner.opened_at.unwrap_or(now);
+            if now.duration_since(opened) >= self.settings.recovery_timeout {
+                self.transition(inner, BreakerState::HalfOpen, now);
+            }
+        }
+    }
+
+    /// Asks to make one call. Hold the permit for the duration of the call and report its
+    /// outcome with [`Permit::success`] or [`Permit::failure`].
+    pub fn try_acquire(&self) -> Result<Permit, Rejected> {
+        match self.settings.mode {
+            BreakerMode::ForcedOpen => return Err(Rejected::Open),
+            BreakerMode::Disabled => {
+                return Ok(Permit {
+                    breaker: None,
+                    generation: 0,
+                    probe: false,
+                });
+            }
+            BreakerMode::Normal => {}
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.refresh(&mut inner, now);
+        match inner.state {
+            BreakerState::Closed => Ok(Permit {
+                breaker: Some(self.clone()),
+                generation: inner.generation,
+                probe: false,
+            }),
+            BreakerState::Open => Err(Rejected::Open),
+            BreakerState::HalfOpen => {
+                if inner.probes_admitted >= self.settings.half_open_max_calls {
+                    return Err(Rejected::ProbesBusy);
+                }
+                inner.probes_admitted += 1;
+                Ok(Permit {
+                    breaker: Some(self.clone()),
+                    generation: inner.generation,
+                    probe: true,
+                })
+            }
+        }
+    }
+
+    /// Whether a call would currently be let through (without taking a slot). Used by the
+    /// cycle gate: a cycle is skipped only while the breaker is open.
+    pub fn is_open(&self) -> bool {
+        match self.settings.mode {
+            BreakerMode::ForcedOpen => true,
+            BreakerMode::Disabled => false,
+            BreakerMode::Normal => {
+                let now = Instant::now();
+                let mut inner = self.lock();
+                self.refresh(&mut inner, now);
+                inner.state == BreakerState::Open
+            }
+        }
+    }
+
+    /// Current state (after applying the recovery timeout).
+    pub fn state(&self) -> BreakerState {
+        match self.settings.mode {
+            BreakerMode::ForcedOpen => BreakerState::Open,
+            BreakerMode::Disabled => BreakerState::Closed,
+            BreakerMode::Normal => {
+                let now = Instant::now();
+                let mut inner = self.lock();
+                self.refresh(&mut inner, now);
+                inner.state
+            }
+        }
+    }
+
+    /// A view for health endpoints.
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let state = self.state();
+        let now = Instant::now();
+        let inner = self.lock();
+        BreakerSnapshot {
+            name: self.name.to_string(),
+            state,
+            mode: self.settings.mode,
+            failure_count: inner.consecutive_failures,
+            total_failures: inner.total_failures,
+            seconds_since_last_failure: inner
+                .last_failure
+                .map(|t| now.duration_since(t).as_secs_f64()),
+        }
+    }
+
+    fn record(&self, generation: u64, probe: bool, outcome: Option<bool>) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if outcome == Some(false) {
+            inner.total_failures += 1;
+            inner.last_failure = Some(now);
+        }
+        if inner.generation != generation {
+            // The breaker moved on since this call started (e.g. it opened while a slow call
+            // was in flight); a stale outcome must not re-open or close the new period.
+            return;
+        }
+        match (inner.state, outcome) {
+            (BreakerState::Closed, Some(true)) => inner.consecutive_failures = 0,
+            (BreakerState::Closed, Some(false)) => {
+                inner.consecutive_failures += 1;
+                if inner.consecutive_failures >= self.settings.failure_threshold {
+                    self.transition(&mut inner, BreakerState::Open, now);
+                }
+            }
+            (BreakerState::HalfOpen, Some(true)) if probe => {
+                inner.probe_successes += 1;
+                if inner.probe_successes >= self.settings.success_threshold {
+                    self.transition(&mut inner, BreakerState::Closed, now);
+                }
+            }
+            (BreakerState::HalfOpen, Some(false)) if probe => {
+                inner.consecutive_failures += 1;
+                self.transition(&mut inner, BreakerState::Open, now);
+            }
+            (BreakerState::HalfOpen, None) if probe => {
+                // Cancelled probe: give its slot back, it proved nothing.
+                inner.probes_admitted = inner.probes_admitted.saturating_sub(1);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Permission to make one call through a [`Breaker`]. Report the outcome with
+/// [`success`](Permit::success) or [`failure`](Permit::failure); dropping it unreported means
+/// the call was cancelled and proves nothing either way.
+#[derive(Debug)]
+#[must_use = "report the call's outcome with success() or failure()"]
+pub struct Permit {
+    breaker: Option<Breaker>,
+    generation: u64,
+    probe: bool,
+}
+
+impl Permit {
+    /// The dependency answered properly.
+    pub fn success(mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.record(self.generation, self.probe, Some(true));
+        }
+    }
+
+    /// The dependency failed (timeout, 5xx, transport error).
+    pub fn failure(mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.record(self.generation, self.probe, Some(false));
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.record(self.generation, self.probe, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> BreakerSettings {
+        BreakerSettings {
+            failure_threshold: 3,
+            recovery_timeout: Duration::from_secs(30),
+            half_open_max_calls: 2,
+            success_threshold: 2,
+            mode: BreakerMode::Normal,
+        }
+    }
+
+    fn fail(b: &Breaker, n: u32) {
+        for _ in 0..n {
+            b.try_acquire().map(Permit::failure).ok();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_threshold_consecutive_failures() {
+        let b = Breaker::new("t", settings());
+        fail(&b, 2);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // A success resets the consecutive count.
+        b.try_acquire().map(Permit::success).ok();
+        fail(&b, 2);
+        assert_eq!(b.state(), BreakerState::Closed);
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.try_acquire().err(), Some(Rejected::Open));
+        assert!(b.is_open());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_after_recovery_timeout_then_closes_on_successes() {
+        let b = Breaker::new("t", settings());
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let p1 = b.try_acquire().expect("probe 1");
+        let p2 = b.try_acquire().expect("probe 2");
+        p1.success();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        p2.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_failure_reopens_and_restarts_the_timeout() {
+        let b = Breaker::new("t", settings());
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        b.try_acquire().expect("probe").failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_admits_at_most_max_calls_under_concurrent_callers() {
+        let b = Breaker::new("t", settings());
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        // 50 concurrent callers race for probe slots while the probes are in flight.
+        let in_flight = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let max_seen = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let admitted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let (b, in_flight, max_seen, admitted) = (
+                b.clone(),
+                in_flight.clone(),
+                max_seen.clone(),
+                admitted.clone(),
+            );
+            tasks.spawn(async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                if let Ok(permit) = b.try_acquire() {
+                    admitted.fetch_add(1, SeqCst);
+                    let now = in_flight.fetch_add(1, SeqCst) + 1;
+                    max_seen.fetch_max(now, SeqCst);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    in_flight.fetch_sub(1, SeqCst);
+                    // Keep the breaker half-open: report nothing (cancelled-like) only after
+                    // the others have tried.
+                    drop(permit);
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        use std::sync::atomic::Ordering::SeqCst;
+        assert_eq!(max_seen.load(SeqCst), 2);
+        assert_eq!(admitted.load(SeqCst), 2);
+        // Dropped probes gave their slots back: two new probes may go.
+        assert!(b.try_acquire().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_outcome_from_an_earlier_period_is_ignored() {
+        let b = Breaker::new("t", settings());
+        let slow = b.try_acquire().expect("closed");
+        fail(&b, 3);
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        // The call that started while CLOSED finishes now: it must not close the breaker.
+        slow.success();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn operator_overrides() {
+        let mut s = settings();
+        s.mode = BreakerMode::ForcedOpen;
+        let forced = Breaker::new("f", s);
+        assert_eq!(forced.try_acquire().err(), Some(Rejected::Open));
+        assert_eq!(forced.state(), BreakerState::Open);
+        s.mode = BreakerMode::Disabled;
+        let disabled = Breaker::new("d", s);
+        fail(&disabled, 10);
+        assert_eq!(disabled.state(), BreakerState::Closed);
+        assert!(disabled.try_acquire().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transition_hook_sees_every_state() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let b = Breaker::new("t", settings()).with_transition_hook(move |_, st| {
+            s2.lock().unwrap_or_else(|p| p.into_inner()).push(st)
+        });
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let p1 = b.try_acquire().expect("probe");
+        let p2 = b.try_acquire().expect("probe");
+        p1.success();
+        p2.success();
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(
+            seen,
+            vec![
+                BreakerState::Open,
+                BreakerState::HalfOpen,
+                BreakerState::Closed
+            ]
+        );
+    }
+}

@@ -1,0 +1,618 @@
+//! The tick loop: wait for the cron boundary, apply the gates, win the cycle lease, run the
+//! cycle in the background, and feed its results back into the adaptive mechanisms.
+//!
+//! Policies:
+//! - **Aligned ticks**: the next tick is always computed from the schedule, never "now +
+//!   period", so nothing drifts.
+//! - **Overlap = Skip**: a tick that finds the previous cycle still running is skipped and
+//!   counted; two cycles never run at once in a process.
+//! - **Missed ticks are not replayed**: after a stall (suspended process, long GC in a
+//!   neighbour) only the latest due tick runs; the others are logged once and counted.
+//! - **Gates, in order**: kill switch, backpressure cooldown, latency skip, LLM breaker open.
+//!   Each skip is logged, counted by reason and listed in `/api/cycles`.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::coordination::{Coordination, KillSwitch};
+use crate::coordinator::{Coordinator, CyclePlan, CycleReport};
+use crate::publish::{CycleSummary, Publisher};
+use crate::resilience::latency::{AdaptiveSettings, CycleParams};
+use crate::resilience::{AdaptivePolicy, Backpressure, Breaker, LatencyTracker};
+use crate::schedule::{Clock, CycleId, Schedule};
+use crate::telemetry::names;
+
+/// Why a tick did not run a cycle (a bounded label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The previous cycle is still running.
+    Overlap,
+    /// The kill switch is on.
+    KillSwitch,
+    /// Backpressure cooldown.
+    Backpressure,
+    /// p99 latency above the threshold.
+    HighLatency,
+    /// The LLM circuit breaker is open.
+    CircuitOpen,
+    /// Another replica won this tick's lease.
+    LeaseHeldElsewhere,
+    /// The coordination backend is unreachable: without locks there is no safety.
+    CoordinationUnavailable,
+    /// Shutting down.
+    ShuttingDown,
+}
+
+impl SkipReason {
+    /// Whether a `once` run that skipped for this reason still did its job (another
+    /// replica has the tick, or generation is paused on purpose): exit 0.
+    pub fn is_benign(self) -> bool {
+        matches!(
+            self,
+            SkipReason::LeaseHeldElsewhere | SkipReason::KillSwitch
+        )
+    }
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Overlap => "overlap",
+            SkipReason::KillSwitch => "kill_switch",
+            SkipReason::Backpressure => "backpressure",
+            SkipReason::HighLatency => "high_latency",
+            SkipReason::CircuitOpen => "circuit_open",
+            SkipReason::LeaseHeldElsewhere => "lease_held_elsewhere",
+            SkipReason::CoordinationUnavailable => "coordination_unavailable",
+            SkipReason::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// What a `once` run did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnceOutcome {
+    /// The cycle ran (some symbols may have failed).
+    Ran(CycleSummary),
+    /// It did not run, for this reason (lease elsewhere, kill switch…).
+    Skipped(SkipReason),
+}
+
+/// State the HTTP server reads.
+#[derive(Debug)]
+pub struct RunnerState {
+    adaptive: AdaptivePolicy,
+    backpressure: Backpressure,
+    params: CycleParams,
+    cycle_running: bool,
+    last_cycle: Option<CycleSummary>,
+    last_cycle_finished_at: Option<DateTime<Utc>>,
+    ticking: bool,
+    shutting_down: bool,
+    kill_switch: Option<KillSwitch>,
+    coordination_error: Option<String>,
+}
+
+/// A read-only view for health endpoints.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusView {
+    /// Last completed cycle.
+    pub last_cycle: Option<CycleSummary>,
+    /// When it finished.
+    pub last_cycle_finished_at: Option<DateTime<Utc>>,
+    /// Whether a cycle is running now.
+    pub cycle_running: bool,
+    /// Whether the tick loop is running.
+    pub ticking: bool,
+    /// Whether shutdown has begun.
+    pub shutting_down: bool,
+    /// Pool limit for the next cycle.
+    pub current_batch_size: usize,
+    /// Per-symbol deadline for the next cycle (seconds).
+    pub current_timeout: f64,
+    /// p95 of recent symbol latencies (ms).
+    pub p95_latency_ms: f64,
+    /// High-latency mode.
+    pub high_latency_mode: bool,
+    /// Overruns in a row.
+    pub consecutive_overruns: u32,
+    /// Cooldown ticks left.
+    pub cooldown_cycles_remaining: u32,
+    /// The kill switch, if active.
+    pub kill_switch: Option<KillSwitch>,
+    /// Last coordination error, if the backend is failing.
+    pub coordination_error: Option<String>,
+}
+
+/// Shared, lockable runner state.
+#[derive(Debug, Clone)]
+pub struct SharedState(Arc<Mutex<RunnerState>>);
+
+impl SharedState {
+    fn lock(&self) -> MutexGuard<'_, RunnerState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A snapshot.
+    pub fn view(&self) -> StatusView {
+        let mut s = self.lock();
+        let p95 = s.adaptive.p95();
+        let high = s.adaptive.is_high_latency();
+        let params = s.adaptive.params();
+        StatusView {
+            last_cycle: s.last_cycle.clone(),
+            last_cycle_finished_at: s.last_cycle_finished_at,
+            cycle_running: s.cycle_running,
+            ticking: s.ticking,
+            shutting_down: s.shutting_down,
+            current_batch_size: params.concurrency,
+            current_timeout: params.symbol_timeout.as_secs_f64(),
+            p95_latency_ms: p95.as_secs_f64() * 1000.0,
+            high_latency_mode: high,
+            consecutive_overruns: s.backpressure.consecutive_overruns(),
+            cooldown_cycles_remaining: s.backpressure.cooldown_remaining(),
+            kill_switch: s.kill_switch.clone(),
+            coordination_error: s.coordination_error.clone(),
+        }
+    }
+
+    /// Marks the process as shutting down (readiness turns 503 at once).
+    pub fn set_shutting_down(&self) {
+        self.lock().shutting_down = true;
+    }
+
+    /// Records the coordination backend's health.
+    pub fn set_coordination_error(&self, e: Option<String>) {
+        self.lock().coordination_error = e;
+    }
+}
+
+/// The runner.
+pub struct Runner {
+    schedule: Schedule,
+    clock: Clock,
+    coord: Arc<dyn Coordination>,
+    coordinator: Arc<Coordinator>,
+    publisher: Arc<Publisher>,
+    llm_breaker: Breaker,
+    state: SharedState,
+    total_timeout: Duration,
+    shutdown_grace: Duration,
+    drain_existing: bool,
+    work_sharing: bool,
+    current: Option<JoinHandle<()>>,
+    hard_cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("schedule", &self.schedule.expr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    /// A runner from validated configuration.
+    pub fn new(
+        cfg: &Config,
+        clock: Clock,
+        coord: Arc<dyn Coordination>,
+        coordinator: Arc<Coordinator>,
+        publisher: Arc<Publisher>,
+        llm_breaker: Breaker,
+    ) -> Result<Self, crate::schedule::ScheduleError> {
+        let schedule = Schedule::new(&cfg.schedule, &cfg.timezone)?;
+        let a = &cfg.adaptive;
+        let mut adaptive = AdaptivePolicy::new(
+            AdaptiveSettings {
+                max_concurrent: cfg.parallel.max_concurrent,
+                min_concurrent: cfg.parallel.min_concurrent,
+                base_timeout: cfg.symbol_timeout(),
+                max_timeout: cfg.symbol_timeout_max(),
+                p95_threshold: Duration::from_millis(a.p95_threshold_ms),
+                p99_threshold: Duration::from_millis(a.p99_threshold_ms),
+                max_consecutive_skips: a.max_consecutive_latency_skips,
+            },
+            LatencyTracker::new(
+                a.latency_window_size,
+                Duration::from_secs(a.latency_max_age_seconds),
+            ),
+        );
+        let params = adaptive.params();
+        metrics::gauge!(names::ADAPTIVE_BATCH_SIZE).set(params.concurrency as f64);
+        let state = SharedState(Arc::new(Mutex::new(RunnerState {
+            adaptive,
+            backpressure: Backpressure::new(a.backpressure_max_overruns, a.cooldown_cycles),
+            params,
+            cycle_running: false,
+            last_cycle: None,
+            last_cycle_finished_at: None,
+            ticking: false,
+            shutting_down: false,
+            kill_switch: None,
+            coordination_error: None,
+        })));
+        Ok(Self {
+            schedule,
+            clock,
+            coord,
+            coordinator,
+            publisher,
+            llm_breaker,
+            state,
+            total_timeout: cfg.total_timeout(),
+            shutdown_grace: cfg.shutdown_grace(),
+            drain_existing: cfg.graceful_shutdown.drain_existing,
+            work_sharing: cfg.coordination.work_sharing,
+            current: None,
+            hard_cancel: CancellationToken::new(),
+        })
+    }
+
+    /// The state the HTTP server reads.
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    fn period_after(&self, t: DateTime<Utc>) -> Duration {
+        self.schedule
+            .period_after(t)
+            .unwrap_or(Duration::from_secs(60))
+    }
+
+    /// The lease lives a little longer than the period, so a replica whose clock is slightly
+    /// behind cannot win a tick that another already ran.
+    fn lease_ttl(&self, t: DateTime<Utc>) -> Duration {
+        let p = self.period_after(t);
+        (p + p / 2).max(Duration::from_secs(2))
+    }
+
+    fn record_skip(&self, cycle: &CycleId, reason: SkipReason) {
+        metrics::counter!(names::CYCLES_SKIPPED, "reason" => reason.as_str()).increment(1);
+        match reason {
+            SkipReason::CircuitOpen => {
+                metrics::counter!(names::CYCLES_SKIPPED_CIRCUIT_OPEN).increment(1)
+            }
+            SkipReason::HighLatency => {
+                metrics::counter!(names::CYCLES_SKIPPED_HIGH_LATENCY).increment(1)
+            }
+            _ => {}
+        }
+        if reason == SkipReason::LeaseHeldElsewhere {
+            tracing::info!(cycle_id = %cycle, "tick's lease held by another replica");
+        } else {
+            tracing::warn!(cycle_id = %cycle, reason = reason.as_str(), "tick skipped");
+        }
+        let params = self.state.lock().params;
+        self.publisher.record_cycle(CycleSummary {
+            cycle_id: cycle.to_string(),
+            started_at: self.clock.now(),
+            duration_seconds: 0.0,
+            symbols_ok: 0,
+            symbols_failed: 0,
+            symbols_skipped: 0,
+            skipped_reason: Some(reason.as_str().to_string()),
+            failures: vec![],
+            concurrency: params.concurrency,
+            symbol_timeout_seconds: params.symbol_timeout.as_secs_f64(),
+            hit_cycle_deadline: false,
+        });
+    }
+
+    /// The gates, in order. `None` means run.
+    async fn gates(&self, cycle: &CycleId, with_history: bool) -> Option<SkipReason> {
+        match self.coord.kill_switch().await {
+            Ok(ks) => {
+                let active = ks.as_ref().is_some_and(|k| k.active);
+                metrics::gauge!(names::KILL_SWITCH_ACTIVE).set(if active { 1.0 } else { 0.0 });
+                let mut st = self.state.lock();
+                st.kill_switch = ks.filter(|k| k.active);
+                st.coordination_error = None;
+                if active {
+                    return Some(SkipReason::KillSwitch);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(cycle_id = %cycle, error = %e, "cannot read the kill switch");
+                self.state.set_coordination_error(Some(e.to_string()));
+                return Some(SkipReason::CoordinationUnavailable);
+            }
+        }
+        if with_history {
+            let mut st = self.state.lock();
+            if !st.backpressure.should_run_cycle() {
+                return Some(SkipReason::Backpressure);
+            }
+            if st.adaptive.should_skip_cycle() {
+                return Some(SkipReason::HighLatency);
+            }
+        }
+        if self.llm_breaker.is_open() {
+            return Some(SkipReason::CircuitOpen);
+        }
+        if !self.work_sharing {
+            match self
+                .coord
+                .try_cycle_lease(cycle, self.lease_ttl(cycle.time()))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Some(SkipReason::LeaseHeldElsewhere),
+                Err(e) => {
+                    tracing::warn!(cycle_id = %cycle, error = %e, "cannot take the cycle lease");
+                    return Some(SkipReason::CoordinationUnavailable);
+                }
+            }
+        }
+        None
+    }
+
+    fn plan(&self, cycle: CycleId) -> CyclePlan {
+        let params = {
+            let mut st = self.state.lock();
+            let p = st.adaptive.params();
+            st.params = p;
+            p
+        };
+        metrics::gauge!(names::ADAPTIVE_BATCH_SIZE).set(params.concurrency as f64);
+        let next_tick = self
+            .schedule
+            .next_after(cycle.time())
+            .unwrap_or(cycle.time());
+        CyclePlan {
+            cycle,
+            next_tick,
+            concurrency: params.concurrency,
+            symbol_timeout: params.symbol_timeout,
+            cycle_deadline: Instant::now() + self.total_timeout,
+        }
+    }
+
+    /// Runs one cycle to the end and records it. The tick is callable directly (tests,
+    /// `once` mode) without waiting for the clock.
+    pub async fn execute_cycle(
+        plan: CyclePlan,
+        coordinator: Arc<Coordinator>,
+        publisher: Arc<Publisher>,
+        state: SharedState,
+        clock: Clock,
+        period: Duration,
+        cancel: CancellationToken,
+    ) -> CycleSummary {
+        let started_at = clock.now();
+        let t0 = Instant::now();
+        tracing::info!(cycle_id = %plan.cycle, concurrency = plan.concurrency, symbol_timeout_s = plan.symbol_timeout.as_secs_f64(), "cycle started");
+        let report: CycleReport = coordinator.run_cycle(&plan, &cancel).await;
+        let duration = Instant::now().duration_since(t0);
+        let summary = CycleSummary {
+            cycle_id: plan.cycle.to_string(),
+            started_at,
+            duration_seconds: duration.as_secs_f64(),
+            symbols_ok: report.ok(),
+            symbols_failed: report.failed(),
+            symbols_skipped: report.skipped(),
+            skipped_reason: None,
+            failures: report.failures(),
+            concurrency: plan.concurrency,
+            symbol_timeout_seconds: plan.symbol_timeout.as_secs_f64(),
+            hit_cycle_deadline: report.hit_cycle_deadline,
+        };
+        // An overrun: the cycle was cut off, or it used most of its period (the seed's 55 s of
+        // a 60 s minute).
+        let overrun = report.hit_cycle_deadline
+            || duration.as_secs_f64() > period.as_secs_f64() * 55.0 / 60.0;
+        {
+            let mut st = state.lock();
+            for l in report.latencies() {
+                st.adaptive.record(l);
+            }
+            if st.backpressure.on_cycle_complete(overrun) {
+                metrics::counter!(names::BACKPRESSURE_COOLDOWNS).increment(1);
+            }
+            st.params = st.adaptive.params();
+            metrics::gauge!(names::CURRENT_P95_LATENCY_MS)
+                .set(st.adaptive.p95().as_secs_f64() * 1000.0);
+            metrics::gauge!(names::ADAPTIVE_BATCH_SIZE).set(st.params.concurrency as f64);
+            st.last_cycle = Some(summary.clone());
+            st.last_cycle_finished_at = Some(clock.now());
+        }
+        metrics::counter!(names::CYCLES).increment(1);
+        if summary.symbols_ok == 0 && summary.symbols_failed > 0 {
+            metrics::counter!(names::CYCLE_FAILURES).increment(1);
+        }
+        metrics::histogram!(names::CYCLE_DURATION_SECONDS).record(duration.as_secs_f64());
+        metrics::gauge!(names::SIGNALS_GENERATED_LAST_CYCLE).set(f64::from(summary.symbols_ok));
+        metrics::gauge!(names::LAST_CYCLE_TIMESTAMP_SECONDS).set(clock.now().timestamp() as f64);
+        tracing::info!(
+            cycle_id = %summary.cycle_id,
+            duration_s = summary.duration_seconds,
+            ok = summary.symbols_ok,
+            failed = summary.symbols_failed,
+            skipped = summary.symbols_skipped,
+            "cycle finished"
+        );
+        publisher.record_cycle(summary.clone());
+        summary
+    }
+
+    /// Handles one due tick: skip it (counted) or start its cycle in the background.
+    pub async fn on_tick(&mut self, cycle: CycleId) {
+        if self.current.as_ref().is_some_and(|h| !h.is_finished()) {
+            self.record_skip(&cycle, SkipReason::Overlap);
+            return;
+        }
+        if let Some(reason) = self.gates(&cycle, true).await {
+            self.record_skip(&cycle, reason);
+            return;
+        }
+        let plan = self.plan(cycle);
+        let period = self.period_after(cycle.time());
+        let state = self.state.clone();
+        state.lock().cycle_running = true;
+        let fut = Self::execute_cycle(
+            plan,
+            self.coordinator.clone(),
+            self.publisher.clone(),
+            state.clone(),
+            self.clock,
+            period,
+            self.hard_cancel.clone(),
+        );
+        self.current = Some(tokio::spawn(async move {
+            fut.await;
+            state.lock().cycle_running = false;
+        }));
+    }
+
+    /// Runs the tick loop until `shutdown` fires, then drains (see [`Runner::drain`]).
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        self.state.lock().ticking = true;
+        tracing::info!(schedule = self.schedule.expr(), "scheduler started");
+        let mut last_tick: Option<DateTime<Utc>> = None;
+        loop {
+            let now = self.clock.now();
+            let from = last_tick.map_or(now, |t| t.max(now));
+            let Some(next) = self.schedule.next_after(from) else {
+                tracing::error!(
+                    schedule = self.schedule.expr(),
+                    "schedule has no further ticks; stopping"
+                );
+                break;
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.clock.sleep_until(next) => {}
+            }
+            // If we woke late (a stalled process), later ticks may already be due: run only
+            // the latest one and count the ones in between as missed.
+            let woke = self.clock.now();
+            let mut tick = next;
+            let mut missed = 0u64;
+            while let Some(n) = self.schedule.next_after(tick) {
+                if n > woke || missed >= 100_000 {
+                    break;
+                }
+                missed += 1;
+                tick = n;
+            }
+            if missed > 0 {
+                tracing::warn!(missed, running = %CycleId::new(tick), "process stalled: missed ticks are not replayed");
+                metrics::counter!(names::TICKS_MISSED).increment(missed);
+            }
+            last_tick = Some(tick);
+            self.on_tick(CycleId::new(tick)).await;
+        }
+        self.drain().await;
+    }
+
+    /// Graceful stop: no new ticks; the running cycle gets the grace period to finish, then
+    /// its symbols are cancelled (each releases its lock on the way out).
+    pub async fn drain(&mut self) {
+        {
+            let mut st = self.state.lock();
+            st.ticking = false;
+            st.shutting_down = true;
+        }
+        let Some(mut handle) = self.current.take() else {
+            tracing::info!("no cycle in flight");
+            return;
+        };
+        if handle.is_finished() {
+            return;
+        }
+        if self.drain_existing {
+            tracing::info!(
+                grace_s = self.shutdown_grace.as_secs_f64(),
+                "waiting for the in-flight cycle to finish"
+            );
+            if tokio::time::timeout(self.shutdown_grace, &mut handle)
+                .await
+                .is_ok()
+            {
+                tracing::info!("in-flight cycle finished");
+                return;
+            }
+            tracing::warn!(
+                grace_s = self.shutdown_grace.as_secs_f64(),
+                "shutdown grace period exhausted, cancelling in-flight symbols"
+            );
+        }
+        self.hard_cancel.cancel();
+        // Cancelled symbols only release their locks now; bound the wait anyway.
+        if tokio::time::timeout(Duration::from_secs(5), &mut handle)
+            .await
+            .is_err()
+        {
+            tracing::error!("in-flight cycle did not stop after cancellation; abandoning it");
+            handle.abort();
+        }
+    }
+
+    /// `once` mode: the tick at or before now, through the gates that make sense without
+    /// history (kill switch, lease), then the cycle, to the end.
+    pub async fn run_once(&mut self, shutdown: CancellationToken) -> OnceOutcome {
+        let now = self.clock.now();
+        let tick = self.schedule.latest_at_or_before(now).unwrap_or(now);
+        let cycle = CycleId::new(tick);
+        self.state.lock().ticking = true;
+        if let Some(reason) = self.gates(&cycle, false).await {
+            self.record_skip(&cycle, reason);
+            self.state.lock().ticking = false;
+            return OnceOutcome::Skipped(reason);
+        }
+        let plan = self.plan(cycle);
+        let period = self.period_after(tick);
+        let state = self.state.clone();
+        state.lock().cycle_running = true;
+        let fut = Self::execute_cycle(
+            plan,
+            self.coordinator.clone(),
+            self.publisher.clone(),
+            state.clone(),
+            self.clock,
+            period,
+            self.hard_cancel.clone(),
+        );
+        let mut handle = tokio::spawn(fut);
+        let summary = tokio::select! {
+            r = &mut handle => r.ok(),
+            _ = shutdown.cancelled() => None,
+        };
+        let summary = match summary {
+            Some(s) => Some(s),
+            None if !handle.is_finished() => {
+                self.current = Some(tokio::spawn(async move {
+                    let _ = handle.await;
+                }));
+                self.drain().await;
+                self.publisher
+                    .cycles()
+                    .into_iter()
+                    .find(|c| c.cycle_id == cycle.to_string())
+            }
+            None => None,
+        };
+        {
+            let mut st = state.lock();
+            st.cycle_running = false;
+            st.ticking = false;
+        }
+        match summary {
+            Some(s) => OnceOutcome::Ran(s),
+            None => OnceOutcome::Skipped(SkipReason::ShuttingDown),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Logging (text or JSON, `LOG_LEVEL` / `LOG_FORMAT`) and every metric name in one place.
+//!
+//! Metric names follow Prometheus conventions: prefix `autonomous_runner_`, counters end in
+//! `_total`, durations are seconds. Label values are always from a fixed set (a stage, an
+//! action, a configured symbol, a reason constant) — never free text.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Metric names (full, with prefix).
+pub mod names {
+    macro_rules! m {
+        ($($(#[$doc:meta])* $id:ident = $name:literal;)*) => {
+            $( $(#[$doc])* pub const $id: &str = concat!("autonomous_runner_", $name); )*
+            /// Every name, for tests and docs.
+            pub const ALL: &[&str] = &[$($id),*];
+        };
+    }
+    m! {
+        /// Counter {symbol, action}: signals produced.
+        SIGNAL_GENERATION = "signal_generation_total";
+        /// Counter {symbol, reason}: symbols that produced nothing this cycle.
+        SIGNAL_GENERATION_SKIPPED = "signal_generation_skipped_total";
+        /// Counter: cycles that failed as a whole.
+        CYCLE_FAILURES = "cycle_failures_total";
+        /// Counter: cycles skipped because the LLM breaker was open.
+        CYCLES_SKIPPED_CIRCUIT_OPEN = "cycles_skipped_circuit_open_total";
+        /// Counter: cycles skipped for high latency.
+        CYCLES_SKIPPED_HIGH_LATENCY = "cycles_skipped_high_latency_total";
+        /// Counter {reason}: every skipped tick, by reason.
+        CYCLES_SKIPPED = "cycles_skipped_total";
+        /// Counter: cycles run.
+        CYCLES = "cycles_total";
+        /// Counter: ticks missed while the process was stalled (not replayed).
+        TICKS_MISSED = "ticks_missed_total";
+        /// Counter {reason}: stale locks taken over.
+        STALE_LOCKS_RECOVERED = "stale_locks_recovered_total";
+        /// Counter {breaker}: calls rejected by a breaker.
+        CIRCUIT_BREAKER_REJECTED = "circuit_breaker_rejected_total";
+        /// Counter: backpressure cooldowns started.
+        BACKPRESSURE_COOLDOWNS = "backpressure_cooldowns_total";
+        /// Gauge: signals (reports) produced by the last cycle.
+        SIGNALS_GENERATED_LAST_CYCLE = "signals_generated_last_cycle";
+        /// Gauge: locks held by this instance.
+        ACTIVE_LOCKS = "active_locks";
+        /// Gauge: symbols being processed now.
+        SYMBOLS_PROCESSING = "symbols_processing";
+        /// Gauge {breaker}: 0 closed, 0.5 half-open, 1 open.
+        CIRCUIT_BREAKER_STATE = "circuit_breaker_state";
+        /// Gauge: the pool limit in force.
+        ADAPTIVE_BATCH_SIZE = "adaptive_batch_size";
+        /// Gauge: p95 of recent symbol latencies, milliseconds (the seed's name).
+        CURRENT_P95_LATENCY_MS = "current_p95_latency_ms";
+        /// Gauge: Unix time of the last completed cycle.
+        LAST_CYCLE_TIMESTAMP_SECONDS = "last_cycle_timestamp_seconds";
+        /// Histogram: cycle wall time.
+        CYCLE_DURATION_SECONDS = "cycle_duration_seconds";
+        /// Histogram: one symbol's pipeline wall time.
+        SYMBOL_PROCESSING_DURATION_SECONDS = "symbol_processing_duration_seconds";
+        /// Histogram {stage}: agent call latency.
+        LLM_LATENCY_SECONDS = "llm_latency_seconds";
+        /// Counter {stage}: stage messages published.
+        MESSAGES_PUBLISHED = "messages_published_total";
+        /// Gauge: kill switch active (1) or not (0).
+        KILL_SWITCH_ACTIVE = "kill_switch_active";
+        /// Gauge {version}: always 1.
+        BUILD_INFO = "build_info";
+    }
+}
+
+/// Histogram buckets for durations in seconds: from 1 ms to 2 minutes.
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns its handle (for
+/// `/metrics`). Later calls return the same handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); then ours only
+            // renders what it sees, which is nothing — acceptable for tests, never in main.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Initialises tracing from `LOG_LEVEL` (default `info`; any `EnvFilter` directive) and
+/// `LOG_FORMAT` (`text` or `json`). Returns an error naming the variable when either is bad.
+pub fn init_tracing(level: Option<&str>, format: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let level = level.unwrap_or("info").to_ascii_lowercase();
+    let filter = EnvFilter::try_new(&level).map_err(|e| format!("LOG_LEVEL: {e}"))?;
+    let format = match format.map(|f| f.to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => return Err(format!("LOG_FORMAT: must be text or json, got {other:?}")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let r = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    r.map_err(|e| format!("cannot initialise logging: {e}"))
+}
