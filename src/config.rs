@@ -1036,13 +1036,11 @@ impl Config {
                 v.positive(format!("{r}.agents.stages.{name}.timeout_seconds"), t);
             }
         }
-        if self.uses_backend(AgentBackend::Openrouter) {
-            if !is_http_url(&self.agents.base_url) {
-                v.bad(
-                    format!("{r}.agents.base_url"),
-                    "must be an http:// or https:// URL",
-                );
-            }
+        if self.uses_backend(AgentBackend::Openrouter) && !is_http_url(&self.agents.base_url) {
+            v.bad(
+                format!("{r}.agents.base_url"),
+                "must be an http:// or https:// URL",
+            );
         }
         if self.uses_backend(AgentBackend::Opencode) {
             v.bad(

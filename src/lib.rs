@@ -191,6 +191,7 @@ impl App {
             listener,
             http_state,
         } = self;
+        log_listening(&listener);
         let background_stop = CancellationToken::new();
         let http_stop = CancellationToken::new();
         let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
@@ -230,6 +231,7 @@ impl App {
             listener,
             http_state,
         } = self;
+        log_listening(&listener);
         let background_stop = CancellationToken::new();
         let http_stop = CancellationToken::new();
         let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
@@ -240,6 +242,13 @@ impl App {
         http_stop.cancel();
         let _ = server.await;
         Ok(outcome)
+    }
+}
+
+fn log_listening(l: &TcpListener) {
+    match l.local_addr() {
+        Ok(addr) => tracing::info!(addr = %addr, "HTTP server listening"),
+        Err(e) => tracing::warn!(error = %e, "HTTP listener has no local address"),
     }
 }
 

@@ -281,7 +281,7 @@ impl std::fmt::Debug for StageAgents {
 impl StageAgents {
     /// Every stage on the rules backend.
     pub fn rules() -> Self {
-        let r: Arc<dyn Agent> = Arc::new(rules::Rules::default());
+        let r: Arc<dyn Agent> = Arc::new(rules::Rules);
         Self {
             signal: r.clone(),
             advise: r.clone(),

@@ -114,13 +114,16 @@ pub struct BreakerSnapshot {
     pub seconds_since_last_failure: Option<f64>,
 }
 
+/// Called with the breaker's name and new state on every transition.
+type TransitionHook = Arc<dyn Fn(&str, BreakerState) + Send + Sync>;
+
 /// A circuit breaker. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct Breaker {
     name: Arc<str>,
     settings: BreakerSettings,
     inner: Arc<Mutex<Inner>>,
-    on_transition: Option<Arc<dyn Fn(&str, BreakerState) + Send + Sync>>,
+    on_transition: Option<TransitionHook>,
 }
 
 impl std::fmt::Debug for Breaker {

@@ -1,0 +1,135 @@
+//! The command line: `check-config` errors and output, `once`.
+
+use std::time::Duration;
+
+use crate::helpers::{Proc, binary, config, write_config};
+
+fn check_config(yaml: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let f = write_config(yaml);
+    let mut cmd = std::process::Command::new(binary());
+    cmd.args(["check-config", "--config", f.path.to_str().unwrap()])
+        .env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run check-config");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_rejects_each_bad_input_with_exit_2_naming_the_key() {
+    let cases = [
+        (
+            "unknown key",
+            "autonomous_runner:\n  schedul: \"* * * * *\"\n",
+            "autonomous_runner.schedul:",
+        ),
+        (
+            "wrong type",
+            "autonomous_runner:\n  parallel:\n    max_concurrent: lots\n",
+            "autonomous_runner.parallel.max_concurrent:",
+        ),
+        (
+            "min > max",
+            "autonomous_runner:\n  parallel:\n    max_concurrent: 2\n    min_concurrent: 4\n",
+            "autonomous_runner.parallel.min_concurrent:",
+        ),
+        (
+            "bad cron",
+            "autonomous_runner:\n  schedule: \"61 * * * *\"\n",
+            "autonomous_runner.schedule:",
+        ),
+        (
+            "empty symbols",
+            "autonomous_runner:\n  symbols: []\n",
+            "autonomous_runner.symbols:",
+        ),
+        (
+            "malformed symbol",
+            "autonomous_runner:\n  symbols: [ETH/USD, \"btc-usd\"]\n",
+            "autonomous_runner.symbols[1]:",
+        ),
+        (
+            "negative timeout",
+            "autonomous_runner:\n  timeouts:\n    total_timeout_seconds: -3\n",
+            "autonomous_runner.timeouts.total_timeout_seconds:",
+        ),
+    ];
+    for (name, yaml, key) in cases {
+        let (code, stdout, stderr) = check_config(yaml, &[]);
+        assert_eq!(code, 2, "{name}: exit code; stderr: {stderr}");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(key)),
+            "{name}: expected a line starting {key:?}, got {stderr:?}"
+        );
+        assert!(
+            stdout.is_empty(),
+            "{name}: nothing on stdout for a bad config"
+        );
+    }
+}
+
+#[test]
+fn check_config_prints_the_effective_config_without_secrets() {
+    let (code, stdout, stderr) = check_config(
+        "autonomous_runner:\n  instance_id: \"${POD_NAME:-x}\"\n",
+        &[
+            ("POD_NAME", "pod-42"),
+            ("OPENROUTER_API_KEY", "sk-or-v1-topsecret"),
+            ("ADMIN_TOKEN", "admin-topsecret"),
+            ("REDIS_URL", "redis://:redis-topsecret@redis:6379/0"),
+            ("MAX_SYMBOLS", "5"),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("instance_id: pod-42"), "{stdout}");
+    assert_eq!(
+        stdout.matches("/USD").count(),
+        5,
+        "MAX_SYMBOLS applied: {stdout}"
+    );
+    for secret in ["sk-or-v1-topsecret", "admin-topsecret", "redis-topsecret"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} leaked"
+        );
+    }
+}
+
+#[test]
+fn no_file_means_embedded_defaults() {
+    let out = std::process::Command::new(binary())
+        .arg("check-config")
+        .env_clear()
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("/USD").count(), 20);
+    assert!(
+        stdout.contains("backend: memory")
+            && stdout.contains("backend: rules")
+            && stdout.contains("source: simulated")
+    );
+}
+
+#[tokio::test]
+async fn once_runs_one_cycle_and_exits_0() {
+    let mut p = Proc::spawn("once", &config("*/1 * * * *", ""), &[]).await;
+    let code = p.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(code, 0);
+    let finished = p.logs_matching(|l| l["message"] == "cycle finished");
+    assert_eq!(finished.len(), 1, "exactly one cycle");
+    assert_eq!(finished[0]["ok"], 20);
+    // The cycle belongs to the minute boundary at or before the start.
+    let id = finished[0]["cycle_id"].as_str().unwrap();
+    assert!(id.ends_with(":00Z"), "{id}");
+    assert!(
+        !p.logs_matching(|l| l["message"] == "once: cycle ran")
+            .is_empty()
+    );
+}

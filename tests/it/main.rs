@@ -1,0 +1,13 @@
+//! Integration tests: one binary, modules by area. Each test spawns what it needs (the built
+//! runner binary, a scripted market-data server) on free ports; nothing outside the test is
+//! assumed to be running.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod helpers;
+mod market_server;
+
+mod cli;
+mod failures;
+mod scheduling;
+mod shutdown;
