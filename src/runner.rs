@@ -498,16 +498,7 @@ impl Runner {
             }
             // If we woke late (a stalled process), later ticks may already be due: run only
             // the latest one and count the ones in between as missed.
-            let woke = self.clock.now();
-            let mut tick = next;
-            let mut missed = 0u64;
-            while let Some(n) = self.schedule.next_after(tick) {
-                if n > woke || missed >= 100_000 {
-                    break;
-                }
-                missed += 1;
-                tick = n;
-            }
+            let (tick, missed) = self.schedule.latest_due(next, self.clock.now());
             if missed > 0 {
                 tracing::warn!(missed, running = %CycleId::new(tick), "process stalled: missed ticks are not replayed");
                 metrics::counter!(names::TICKS_MISSED).increment(missed);
@@ -614,5 +605,272 @@ impl Runner {
             Some(s) => OnceOutcome::Ran(s),
             None => OnceOutcome::Skipped(SkipReason::ShuttingDown),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::rules::Rules;
+    use crate::agents::{Agent, AgentError, SignalDraft, SignalRequest, StageAgents};
+    use crate::coordination::LockTiming;
+    use crate::coordination::memory::{MemoryCoordination, MemoryStore};
+    use crate::market::simulated::Simulated;
+    use crate::pipeline::{Advice, AdvisedSignal, PipelineContext, ScoredSignal};
+    use crate::resilience::BreakerMode;
+    use async_trait::async_trait;
+    use chrono::TimeZone;
+
+    /// Every signal takes `latency`.
+    struct Slow(std::sync::Mutex<Duration>);
+
+    #[async_trait]
+    impl Agent for Slow {
+        fn backend(&self) -> &'static str {
+            "slow"
+        }
+        fn model(&self) -> &str {
+            "slow"
+        }
+        async fn signal(
+            &self,
+            req: &SignalRequest<'_>,
+            _d: Instant,
+        ) -> Result<SignalDraft, AgentError> {
+            let d = *self.0.lock().unwrap();
+            tokio::time::sleep(d).await;
+            Rules::analyse(req)
+        }
+        async fn advise(&self, s: &ScoredSignal, _d: Instant) -> Result<Advice, AgentError> {
+            Ok(Rules::advice(s))
+        }
+        async fn report(&self, a: &AdvisedSignal, _d: Instant) -> Result<String, AgentError> {
+            Ok(Rules::summary(a))
+        }
+    }
+
+    struct Harness {
+        runner: Runner,
+        publisher: Arc<Publisher>,
+        coord: Arc<MemoryCoordination>,
+        agent: Arc<Slow>,
+        breaker: Breaker,
+    }
+
+    fn harness(cfg: Config, latency: Duration) -> Harness {
+        let timing = LockTiming {
+            ttl: Duration::from_secs(90),
+            stale_after: Duration::from_secs(120),
+            heartbeat_ttl: Duration::from_secs(30),
+        };
+        let coord = Arc::new(MemoryCoordination::new(MemoryStore::new(), "t", timing));
+        let agent = Arc::new(Slow(std::sync::Mutex::new(latency)));
+        let publisher = Arc::new(Publisher::new(4096, 1000, None));
+        let pipeline = Arc::new(PipelineContext {
+            market: Arc::new(Simulated::new()),
+            agents: StageAgents {
+                signal: agent.clone(),
+                advise: agent.clone(),
+                report: agent.clone(),
+            },
+            publisher: publisher.clone(),
+            candles: 120,
+            advise_min_score: 70.0,
+            expiry_grace: Duration::from_secs(30),
+        });
+        let coordinator = Arc::new(Coordinator::new(
+            coord.clone(),
+            pipeline,
+            cfg.symbols.clone(),
+            timing.ttl,
+            false,
+            timing.ttl,
+        ));
+        let breaker = Breaker::new("llm_service", cfg.circuit_breaker.llm_service.settings());
+        let clock = Clock::anchored(
+            chrono::Utc
+                .with_ymd_and_hms(2026, 11, 28, 10, 0, 0)
+                .single()
+                .unwrap()
+                + chrono::Duration::milliseconds(300),
+        );
+        let runner = Runner::new(
+            &cfg,
+            clock,
+            coord.clone(),
+            coordinator,
+            publisher.clone(),
+            breaker.clone(),
+        )
+        .unwrap();
+        Harness {
+            runner,
+            publisher,
+            coord,
+            agent,
+            breaker,
+        }
+    }
+
+    fn cfg(schedule: &str) -> Config {
+        let mut c = Config::default();
+        c.schedule = schedule.into();
+        c.symbols = vec!["ETH/USD".into(), "BTC/USD".into(), "SOL/USD".into()];
+        c.timeouts.symbol_timeout_seconds = 20.0;
+        c.timeouts.symbol_timeout_max_seconds = 20.0;
+        c.timeouts.total_timeout_seconds = 30.0;
+        c
+    }
+
+    async fn run_for(runner: Runner, d: Duration) {
+        let stop = CancellationToken::new();
+        let s2 = stop.clone();
+        let task = tokio::spawn(runner.run(s2));
+        tokio::time::sleep(d).await;
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_land_on_boundaries_and_overlapping_ticks_are_skipped() {
+        // Period 5 s, cycles take 7 s: every other tick finds the previous cycle running.
+        let h = harness(cfg("*/5 * * * * *"), Duration::from_secs(7));
+        run_for(h.runner, Duration::from_secs(31)).await;
+        let mut cycles = h.publisher.cycles();
+        cycles.reverse();
+        let ids: Vec<String> = cycles.iter().map(|c| c.cycle_id.clone()).collect();
+        assert_eq!(
+            ids,
+            [
+                "10:00:05", "10:00:10", "10:00:15", "10:00:20", "10:00:25", "10:00:30"
+            ]
+            .iter()
+            .map(|t| format!("2026-11-28T{t}Z"))
+            .collect::<Vec<_>>()
+        );
+        let skipped: Vec<Option<String>> =
+            cycles.iter().map(|c| c.skipped_reason.clone()).collect();
+        let o = Some("overlap".to_string());
+        assert_eq!(skipped, vec![None, o.clone(), None, o.clone(), None, o]);
+        // Each run cycle started exactly at its boundary.
+        for c in cycles.iter().filter(|c| c.skipped_reason.is_none()) {
+            assert_eq!(
+                c.started_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                c.cycle_id
+            );
+            assert_eq!(c.symbols_ok, 3);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn kill_switch_skips_ticks_until_cleared() {
+        let h = harness(cfg("*/5 * * * * *"), Duration::from_millis(100));
+        let ks = KillSwitch {
+            active: true,
+            reason: "test".into(),
+            activated_by: "ops".into(),
+            activated_at: None,
+        };
+        h.coord.set_kill_switch(&ks).await.unwrap();
+        let coord = h.coord.clone();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(h.runner.run(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        coord
+            .set_kill_switch(&KillSwitch {
+                active: false,
+                ..ks
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.cancel();
+        task.await.unwrap();
+        let mut c = h.publisher.cycles();
+        c.reverse();
+        let reasons: Vec<Option<String>> = c.iter().map(|c| c.skipped_reason.clone()).collect();
+        assert_eq!(
+            reasons,
+            vec![Some("kill_switch".into()), Some("kill_switch".into()), None]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_llm_breaker_skips_the_tick() {
+        let mut c = cfg("*/5 * * * * *");
+        c.circuit_breaker.llm_service.mode = BreakerMode::ForcedOpen;
+        let h = harness(c, Duration::from_millis(100));
+        assert!(h.breaker.is_open());
+        run_for(h.runner, Duration::from_secs(6)).await;
+        let c = h.publisher.cycles();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].skipped_reason.as_deref(), Some("circuit_open"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_skip_recovers_in_the_loop() {
+        // Thresholds 8 s / 9 s; symbols take 9.5 s at first, then the LLM recovers.
+        let mut c = cfg("*/15 * * * * *");
+        c.adaptive.latency_window_size = 3;
+        let h = harness(c, Duration::from_millis(9500));
+        let agent = h.agent.clone();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(h.runner.run(stop.clone()));
+        // Tick 15 runs slow. Recovery before the next probe.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        *agent.0.lock().unwrap() = Duration::from_millis(200);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        stop.cancel();
+        task.await.unwrap();
+        let mut cycles = h.publisher.cycles();
+        cycles.reverse();
+        let reasons: Vec<Option<String>> =
+            cycles.iter().map(|c| c.skipped_reason.clone()).collect();
+        // 10:00:15 slow run; :30 skipped for latency; :45 probe (fast); 10:01:00 and :15 normal.
+        assert_eq!(
+            reasons,
+            vec![None, Some("high_latency".into()), None, None, None]
+        );
+        assert_eq!(
+            cycles[2].concurrency, 5,
+            "the probe runs at reduced concurrency"
+        );
+        assert_eq!(cycles[3].concurrency, 10, "recovered");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backpressure_cools_down_after_consecutive_overruns() {
+        // Cycle deadline 3 s, symbols take 4 s: every run overruns. 3 overruns → 2 ticks off.
+        let mut c = cfg("*/5 * * * * *");
+        c.timeouts.total_timeout_seconds = 3.0;
+        c.adaptive.p99_threshold_ms = 60_000;
+        c.adaptive.p95_threshold_ms = 60_000;
+        let h = harness(c, Duration::from_secs(4));
+        run_for(h.runner, Duration::from_secs(31)).await;
+        let mut cycles = h.publisher.cycles();
+        cycles.reverse();
+        let reasons: Vec<Option<String>> =
+            cycles.iter().map(|c| c.skipped_reason.clone()).collect();
+        let bp = Some("backpressure".to_string());
+        assert_eq!(reasons, vec![None, None, None, bp.clone(), bp, None]);
+        assert!(cycles[0].hit_cycle_deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_takes_the_tick_at_or_before_now_and_the_lease() {
+        let mut h = harness(cfg("*/1 * * * *"), Duration::from_millis(100));
+        let out = h.runner.run_once(CancellationToken::new()).await;
+        match out {
+            OnceOutcome::Ran(s) => {
+                assert_eq!(s.cycle_id, "2026-11-28T10:00:00Z");
+                assert_eq!(s.symbols_ok, 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The lease of that tick is taken: a second run of the same tick is refused.
+        let again = h.runner.run_once(CancellationToken::new()).await;
+        assert_eq!(again, OnceOutcome::Skipped(SkipReason::LeaseHeldElsewhere));
+        assert!(SkipReason::LeaseHeldElsewhere.is_benign());
     }
 }

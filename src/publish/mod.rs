@@ -222,9 +222,12 @@ impl Publisher {
             .collect()
     }
 
-    /// Recent cycle summaries, newest first.
+    /// Recent cycle summaries, newest tick first (a skipped tick is recorded at once, a run
+    /// one when it ends, so recording order is not tick order).
     pub fn cycles(&self) -> Vec<CycleSummary> {
-        lock(&self.cycles).iter().rev().cloned().collect()
+        let mut v: Vec<CycleSummary> = lock(&self.cycles).iter().cloned().collect();
+        v.sort_by(|a, b| b.cycle_id.cmp(&a.cycle_id));
+        v
     }
 
     /// The last id handed out.
