@@ -713,9 +713,11 @@ mod tests {
     }
 
     fn cfg(schedule: &str) -> Config {
-        let mut c = Config::default();
-        c.schedule = schedule.into();
-        c.symbols = vec!["ETH/USD".into(), "BTC/USD".into(), "SOL/USD".into()];
+        let mut c = Config {
+            schedule: schedule.into(),
+            symbols: vec!["ETH/USD".into(), "BTC/USD".into(), "SOL/USD".into()],
+            ..Default::default()
+        };
         c.timeouts.symbol_timeout_seconds = 20.0;
         c.timeouts.symbol_timeout_max_seconds = 20.0;
         c.timeouts.total_timeout_seconds = 30.0;
