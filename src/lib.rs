@@ -45,11 +45,13 @@ use tokio_util::sync::CancellationToken;
 use crate::agents::StageAgents;
 use crate::config::{Config, CoordinationBackend, MarketSource as MarketKind, secs};
 use crate::coordination::memory::{MemoryCoordination, MemoryStore};
+use crate::coordination::redis::RedisCoordination;
 use crate::coordination::{Coordination, LockTiming};
 use crate::coordinator::Coordinator;
 use crate::market::MarketSource;
 use crate::pipeline::PipelineContext;
 use crate::publish::Publisher;
+use crate::publish::redis::RedisSink;
 use crate::resilience::Breaker;
 use crate::runner::{OnceOutcome, Runner};
 use crate::schedule::Clock;
@@ -61,6 +63,7 @@ pub struct App {
     runner: Runner,
     coord: Arc<dyn Coordination>,
     publisher: Arc<Publisher>,
+    sink: Option<Arc<RedisSink>>,
     listener: TcpListener,
     http_state: http::AppState,
 }
@@ -84,28 +87,50 @@ impl App {
             stale_after: Duration::from_secs(cfg.locks.stale_threshold_seconds),
             heartbeat_ttl: Duration::from_secs(cfg.heartbeat.ttl_seconds),
         };
+        let mut sink: Option<Arc<RedisSink>> = None;
         let coord: Arc<dyn Coordination> = match cfg.coordination.backend {
-            CoordinationBackend::Memory => Arc::new(MemoryCoordination::new(
-                MemoryStore::new(),
-                &cfg.instance_id,
-                timing,
-            )),
+            CoordinationBackend::Memory => {
+                if std::env::var_os("REDIS_URL").is_some() {
+                    tracing::warn!(
+                        "REDIS_URL is set but coordination.backend is memory: replicas will not coordinate"
+                    );
+                }
+                Arc::new(MemoryCoordination::new(
+                    MemoryStore::new(),
+                    &cfg.instance_id,
+                    timing,
+                ))
+            }
             CoordinationBackend::Redis => {
-                anyhow::bail!("the redis coordination backend is not available in this build")
+                let conn = coordination::redis::connect(cfg.coordination.redis_url.expose())
+                    .context("coordination.redis_url")?;
+                let breaker = Breaker::new("redis", cfg.circuit_breaker.redis.settings()).with_transition_hook(
+                    |name, state| {
+                        metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => name.to_string()).set(state.gauge());
+                    },
+                );
+                metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => "redis").set(0.0);
+                sink = Some(RedisSink::new(
+                    conn.clone(),
+                    breaker.clone(),
+                    &cfg.coordination.key_prefix,
+                    cfg.publish.stream_max_len,
+                    cfg.publish.outbox_max,
+                ));
+                Arc::new(RedisCoordination::new(
+                    conn,
+                    breaker,
+                    &cfg.coordination.key_prefix,
+                    &cfg.instance_id,
+                    timing,
+                ))
             }
         };
-        if cfg.coordination.backend == CoordinationBackend::Memory
-            && std::env::var_os("REDIS_URL").is_some()
-        {
-            tracing::warn!(
-                "REDIS_URL is set but coordination.backend is memory: replicas will not coordinate"
-            );
-        }
 
         let publisher = Arc::new(Publisher::new(
             cfg.publish.replay_buffer,
             cfg.publish.history_cycles,
-            None,
+            sink.clone().map(|s| s as Arc<dyn publish::Sink>),
         ));
         let status_pub = publisher.clone();
         let llm_breaker = Breaker::new("llm_service", cfg.circuit_breaker.llm_service.settings())
@@ -171,6 +196,7 @@ impl App {
             runner,
             coord,
             publisher,
+            sink,
             listener,
             http_state,
         })
@@ -181,24 +207,50 @@ impl App {
         self.listener.local_addr()
     }
 
-    /// Service mode: tick until `shutdown` fires, then drain, release, flush and return.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Starts the HTTP server, the heartbeat and the outbox deliverer.
+    fn start(self) -> (Runner, Services) {
         let App {
             cfg,
             runner,
             coord,
             publisher,
+            sink,
             listener,
             http_state,
         } = self;
         log_listening(&listener);
-        let background_stop = CancellationToken::new();
+        let background = CancellationToken::new();
         let http_stop = CancellationToken::new();
         let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
-        let heartbeat =
-            spawn_heartbeat(coord.clone(), runner.state(), &cfg, background_stop.clone());
-        tracing::info!(instance_id = %cfg.instance_id, symbols = cfg.symbols.len(), schedule = %cfg.schedule, "runner started");
+        let heartbeat = spawn_heartbeat(coord.clone(), runner.state(), &cfg, background.clone());
+        let deliverer = sink
+            .as_ref()
+            .map(|s| tokio::spawn(s.clone().run(background.clone())));
+        tracing::info!(
+            instance_id = %cfg.instance_id,
+            symbols = cfg.symbols.len(),
+            schedule = %cfg.schedule,
+            coordination = coord.backend(),
+            "runner started"
+        );
+        (
+            runner,
+            Services {
+                cfg,
+                coord,
+                publisher,
+                background,
+                http_stop,
+                server,
+                heartbeat,
+                deliverer,
+            },
+        )
+    }
 
+    /// Service mode: tick until `shutdown` fires, then drain, release, flush and return.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (runner, services) = self.start();
         // Readiness turns 503 the moment shutdown is requested, before the drain finishes.
         let state = runner.state();
         let shutdown_flag = shutdown.clone();
@@ -210,38 +262,77 @@ impl App {
         // `run` returns after draining the in-flight cycle.
         runner.run(shutdown.clone()).await;
         mark.abort();
-        finish(&cfg, &*coord, &publisher, heartbeat, background_stop).await;
-        http_stop.cancel();
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
-            Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
-        }
+        services.finish().await;
         tracing::info!("graceful shutdown complete");
         Ok(())
     }
 
     /// `once` mode: one cycle now, serving health probes while it runs.
     pub async fn run_once(self, shutdown: CancellationToken) -> anyhow::Result<OnceOutcome> {
-        let App {
+        let (mut runner, services) = self.start();
+        let outcome = runner.run_once(shutdown).await;
+        services.finish().await;
+        Ok(outcome)
+    }
+}
+
+/// The background parts of a running app.
+struct Services {
+    cfg: Arc<Config>,
+    coord: Arc<dyn Coordination>,
+    publisher: Arc<Publisher>,
+    background: CancellationToken,
+    http_stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    deliverer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Services {
+    /// After the last cycle: release anything still held, delete the heartbeat, flush the
+    /// outbox, stop the HTTP server.
+    async fn finish(self) {
+        let Services {
             cfg,
-            mut runner,
             coord,
             publisher,
-            listener,
-            http_state,
+            background,
+            http_stop,
+            server,
+            heartbeat,
+            deliverer,
         } = self;
-        log_listening(&listener);
-        let background_stop = CancellationToken::new();
-        let http_stop = CancellationToken::new();
-        let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
-        let heartbeat =
-            spawn_heartbeat(coord.clone(), runner.state(), &cfg, background_stop.clone());
-        let outcome = runner.run_once(shutdown).await;
-        finish(&cfg, &*coord, &publisher, heartbeat, background_stop).await;
+        background.cancel();
+        let _ = heartbeat.await;
+        if let Some(d) = deliverer {
+            let _ = d.await;
+        }
+        match coord.held_locks().await {
+            Ok(held) => {
+                for s in held {
+                    match coord.release_lock(&s).await {
+                        Ok(_) => tracing::info!(symbol = %s, "released lock at shutdown"),
+                        Err(e) => {
+                            tracing::warn!(symbol = %s, error = %e, "could not release lock; it will expire")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list held locks"),
+        }
+        match coord.remove_heartbeat().await {
+            Ok(()) => tracing::info!("heartbeat deleted"),
+            Err(e) => tracing::warn!(error = %e, "could not delete the heartbeat; it will expire"),
+        }
+        publisher
+            .flush(secs(cfg.graceful_shutdown.timeout_seconds).min(Duration::from_secs(10)))
+            .await;
         http_stop.cancel();
-        let _ = server.await;
-        Ok(outcome)
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+        }
     }
 }
 
@@ -274,35 +365,4 @@ fn spawn_heartbeat(
             }
         }
     })
-}
-
-/// After the last cycle: release anything still held, delete the heartbeat, flush.
-async fn finish(
-    cfg: &Config,
-    coord: &dyn Coordination,
-    publisher: &Publisher,
-    heartbeat: tokio::task::JoinHandle<()>,
-    stop: CancellationToken,
-) {
-    stop.cancel();
-    let _ = heartbeat.await;
-    match coord.held_locks().await {
-        Ok(held) => {
-            for s in held {
-                match coord.release_lock(&s).await {
-                    Ok(_) => tracing::info!(symbol = %s, "released lock at shutdown"),
-                    Err(e) => {
-                        tracing::warn!(symbol = %s, error = %e, "could not release lock; it will expire")
-                    }
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not list held locks"),
-    }
-    if let Err(e) = coord.remove_heartbeat().await {
-        tracing::warn!(error = %e, "could not delete the heartbeat; it will expire");
-    }
-    publisher
-        .flush(secs(cfg.graceful_shutdown.timeout_seconds).min(Duration::from_secs(10)))
-        .await;
 }

@@ -349,8 +349,11 @@ impl Runner {
                 .try_cycle_lease(cycle, self.lease_ttl(cycle.time()))
                 .await
             {
-                Ok(true) => {}
-                Ok(false) => return Some(SkipReason::LeaseHeldElsewhere),
+                Ok(true) => metrics::counter!(names::LEASE, "outcome" => "won").increment(1),
+                Ok(false) => {
+                    metrics::counter!(names::LEASE, "outcome" => "held_elsewhere").increment(1);
+                    return Some(SkipReason::LeaseHeldElsewhere);
+                }
                 Err(e) => {
                     tracing::warn!(cycle_id = %cycle, error = %e, "cannot take the cycle lease");
                     return Some(SkipReason::CoordinationUnavailable);

@@ -64,6 +64,12 @@ pub mod names {
         MESSAGES_PUBLISHED = "messages_published_total";
         /// Gauge: kill switch active (1) or not (0).
         KILL_SWITCH_ACTIVE = "kill_switch_active";
+        /// Gauge: messages waiting in the Redis outbox.
+        OUTBOX_DEPTH = "outbox_depth";
+        /// Counter: messages dropped from a full outbox.
+        OUTBOX_DROPPED = "outbox_dropped_total";
+        /// Counter {outcome}: cycle lease attempts (`won`, `held_elsewhere`).
+        LEASE = "cycle_lease_total";
         /// Gauge {version}: always 1.
         BUILD_INFO = "build_info";
     }

@@ -227,6 +227,6 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn contract_suite() {
-        contract::run_all(|| async { pair() }, contract::Clock::Paused).await;
+        contract::run_all(|| async { pair() }).await;
     }
 }

@@ -4,8 +4,12 @@
 //!
 //! - [`memory`]: in-process; one replica (the embedded default), or several instances sharing
 //!   one store inside a test.
+//! - [`redis`]: Redis (or Redis Cluster); any number of replicas.
+//!
+//! [`contract`] is the suite both backends pass (used by their tests).
 
 pub mod memory;
+pub mod redis;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -128,5 +132,5 @@ pub struct LockTiming {
     pub heartbeat_ttl: Duration,
 }
 
-#[cfg(test)]
+#[doc(hidden)]
 pub mod contract;

@@ -5,6 +5,8 @@
 //! message per symbol (of the furthest stage reached), a replay ring of recent events, and
 //! the recent cycle summaries. None of it depends on a client being connected.
 
+pub mod redis;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -6,8 +6,10 @@
 
 mod helpers;
 mod market_server;
+mod redis_server;
 
 mod cli;
 mod failures;
+mod redis_coordination;
 mod scheduling;
 mod shutdown;

@@ -1,0 +1,556 @@
+//! The Redis coordination backend (DESIGN.md §3 keys), for any number of replicas.
+//!
+//! Every operation touches a single key, so the same code runs on Redis Cluster. Every call
+//! goes through the Redis circuit breaker: while Redis is down calls fail fast with
+//! [`CoordError::CircuitOpen`] instead of each waiting for a timeout.
+//!
+//! | key | written by |
+//! |---|---|
+//! | `signal:lock:{symbol}` | `acquire_lock` (SET NX EX; stale takeover and release are owner-checked Lua) |
+//! | `runner:heartbeat:{id}` | `heartbeat` (SET EX) |
+//! | `runner:instances` | `heartbeat` (ZSET of id → last beat, to count live replicas with one key) |
+//! | `runner:cycle:{cycle_id}` | `try_cycle_lease` (SET NX EX) |
+//! | `signal:claim:{cycle_id}:{symbol}` | `claim_symbol` (SET NX EX) |
+//! | `autonomous:kill_switch` | operators, `set_kill_switch` |
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use super::{CoordError, Coordination, KillSwitch, LockOutcome, LockTiming, StaleReason};
+use crate::resilience::Breaker;
+use crate::schedule::CycleId;
+use crate::telemetry::names;
+
+/// Lock record, as the seed writes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LockRecord {
+    instance_id: String,
+    /// Unix seconds (fractional).
+    acquired_at: f64,
+    #[serde(default)]
+    pid: Option<u32>,
+}
+
+/// Deletes the key only if it still holds exactly the value we wrote.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// Extends the key's expiry only if it still holds exactly the value we wrote.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// Replaces a stale lock only if it still holds the exact value judged stale, so two
+/// replicas recovering the same lock cannot both win.
+const TAKEOVER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0";
+
+/// Connection settings that make failures surface quickly: the breaker, not a long client
+/// timeout, decides how long to back off.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500))
+}
+
+/// Opens a lazily-connecting, auto-reconnecting connection to `url` (redis://, rediss://,
+/// unix://; password and db in the URL). Errors name the problem, never the URL (it may hold
+/// a password).
+pub fn connect(url: &str) -> Result<ConnectionManager, CoordError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| CoordError::Unavailable(format!("invalid Redis URL: {}", e.kind_str())))?;
+    ConnectionManager::new_lazy_with_config(client, manager_config()).map_err(|e| {
+        CoordError::Unavailable(format!(
+            "cannot create the Redis connection: {}",
+            e.kind_str()
+        ))
+    })
+}
+
+trait KindStr {
+    fn kind_str(&self) -> String;
+}
+
+impl KindStr for redis::RedisError {
+    /// The error without any detail that could echo a URL or credentials.
+    fn kind_str(&self) -> String {
+        format!("{:?}", self.kind())
+    }
+}
+
+/// Redis-backed coordination for one instance.
+pub struct RedisCoordination {
+    conn: ConnectionManager,
+    breaker: Breaker,
+    prefix: String,
+    instance_id: String,
+    timing: LockTiming,
+    /// Locks we hold: symbol → the exact value we wrote (owner checks compare it).
+    held: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for RedisCoordination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCoordination")
+            .field("instance_id", &self.instance_id)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisCoordination {
+    /// Instance `instance_id` on `conn`, keys under `prefix`.
+    pub fn new(
+        conn: ConnectionManager,
+        breaker: Breaker,
+        prefix: &str,
+        instance_id: &str,
+        timing: LockTiming,
+    ) -> Self {
+        Self {
+            conn,
+            breaker,
+            prefix: prefix.to_string(),
+            instance_id: instance_id.to_string(),
+            timing,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The breaker guarding Redis.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// A clone of the connection (shared with the publisher and the rate limiter).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    fn lock_key(&self, symbol: &str) -> String {
+        self.key(&format!("signal:lock:{symbol}"))
+    }
+
+    fn heartbeat_key(&self, id: &str) -> String {
+        self.key(&format!("runner:heartbeat:{id}"))
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one Redis call through the breaker.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, CoordError> {
+        let permit = self.breaker.try_acquire().map_err(|_| {
+            metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => "redis").increment(1);
+            CoordError::CircuitOpen
+        })?;
+        let mut conn = self.conn.clone();
+        match cmd.query_async::<T>(&mut conn).await {
+            Ok(v) => {
+                permit.success();
+                Ok(v)
+            }
+            Err(e) => {
+                permit.failure();
+                Err(CoordError::Unavailable(format!("{what}: {}", e.kind_str())))
+            }
+        }
+    }
+
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        script: &str,
+        key: &str,
+        args: &[&str],
+    ) -> Result<T, CoordError> {
+        let permit = self.breaker.try_acquire().map_err(|_| {
+            metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => "redis").increment(1);
+            CoordError::CircuitOpen
+        })?;
+        let s = redis::Script::new(script);
+        let mut inv = s.key(key);
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        match inv.invoke_async::<T>(&mut conn).await {
+            Ok(v) => {
+                permit.success();
+                Ok(v)
+            }
+            Err(e) => {
+                permit.failure();
+                Err(CoordError::Unavailable(format!("{what}: {}", e.kind_str())))
+            }
+        }
+    }
+
+    fn record_value(&self) -> String {
+        let rec = LockRecord {
+            instance_id: self.instance_id.clone(),
+            acquired_at: Utc::now().timestamp_millis() as f64 / 1000.0,
+            pid: Some(std::process::id()),
+        };
+        serde_json::to_string(&rec).unwrap_or_default()
+    }
+}
+
+/// Parses a kill-switch record. The contract is `{active, reason, activated_by, activated_at}`;
+/// `true`/`1` and `false`/`0` are accepted too. Anything else is an error naming the key.
+pub fn parse_kill_switch(key: &str, raw: &str) -> Result<KillSwitch, CoordError> {
+    let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| CoordError::Malformed {
+        key: key.to_string(),
+        reason: format!("not JSON: {e}"),
+    })?;
+    match v {
+        serde_json::Value::Bool(b) => Ok(KillSwitch {
+            active: b,
+            reason: String::new(),
+            activated_by: String::new(),
+            activated_at: None,
+        }),
+        serde_json::Value::Number(n) => Ok(KillSwitch {
+            active: n.as_f64().is_some_and(|x| x != 0.0),
+            reason: String::new(),
+            activated_by: String::new(),
+            activated_at: None,
+        }),
+        obj @ serde_json::Value::Object(_) => {
+            serde_json::from_value(obj).map_err(|e| CoordError::Malformed {
+                key: key.to_string(),
+                reason: format!("expected {{active, reason, activated_by, activated_at}}: {e}"),
+            })
+        }
+        other => Err(CoordError::Malformed {
+            key: key.to_string(),
+            reason: format!("expected an object, got {other}"),
+        }),
+    }
+}
+
+#[async_trait]
+impl Coordination for RedisCoordination {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    async fn acquire_lock(&self, symbol: &str) -> Result<LockOutcome, CoordError> {
+        let key = self.lock_key(symbol);
+        let value = self.record_value();
+        let ttl = self.timing.ttl.as_secs().max(1);
+        let set: Option<String> = self
+            .call(
+                "lock",
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&value)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl),
+            )
+            .await?;
+        if set.is_some() {
+            self.held().insert(symbol.to_string(), value);
+            return Ok(LockOutcome::Acquired);
+        }
+        // Held: is it stale?
+        let current: Option<String> = self.call("lock read", redis::cmd("GET").arg(&key)).await?;
+        let Some(current) = current else {
+            // Released in between: try once more.
+            let set: Option<String> = self
+                .call(
+                    "lock",
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&value)
+                        .arg("NX")
+                        .arg("EX")
+                        .arg(ttl),
+                )
+                .await?;
+            if set.is_some() {
+                self.held().insert(symbol.to_string(), value);
+                return Ok(LockOutcome::Acquired);
+            }
+            return Ok(LockOutcome::Held);
+        };
+        let rec: LockRecord = match serde_json::from_str(&current) {
+            Ok(r) => r,
+            Err(e) => {
+                // Someone else's record we cannot read: never take it over on a guess; it
+                // expires with its TTL.
+                tracing::warn!(key = %key, error = %e, "lock record is not {{instance_id, acquired_at, pid}}; leaving it to expire");
+                return Ok(LockOutcome::Held);
+            }
+        };
+        let age = Utc::now().timestamp_millis() as f64 / 1000.0 - rec.acquired_at;
+        let reason = if age > self.timing.stale_after.as_secs_f64() {
+            Some(StaleReason::Age)
+        } else if rec.instance_id != self.instance_id {
+            let alive: bool = self
+                .call(
+                    "heartbeat read",
+                    redis::cmd("EXISTS").arg(self.heartbeat_key(&rec.instance_id)),
+                )
+                .await?;
+            (!alive).then_some(StaleReason::HeartbeatMissing)
+        } else {
+            None
+        };
+        let Some(reason) = reason else {
+            return Ok(LockOutcome::Held);
+        };
+        let won: i64 = self
+            .script(
+                "lock takeover",
+                TAKEOVER,
+                &key,
+                &[&current, &value, &ttl.to_string()],
+            )
+            .await?;
+        if won == 1 {
+            self.held().insert(symbol.to_string(), value);
+            Ok(LockOutcome::Recovered(reason))
+        } else {
+            Ok(LockOutcome::Held)
+        }
+    }
+
+    async fn extend_lock(&self, symbol: &str) -> Result<bool, CoordError> {
+        let Some(value) = self.held().get(symbol).cloned() else {
+            return Ok(false);
+        };
+        let ttl = self.timing.ttl.as_secs().max(1).to_string();
+        let r: i64 = self
+            .script(
+                "lock extend",
+                EXTEND,
+                &self.lock_key(symbol),
+                &[&value, &ttl],
+            )
+            .await?;
+        if r != 1 {
+            self.held().remove(symbol);
+        }
+        Ok(r == 1)
+    }
+
+    async fn release_lock(&self, symbol: &str) -> Result<bool, CoordError> {
+        let Some(value) = self.held().get(symbol).cloned() else {
+            return Ok(false);
+        };
+        let r: i64 = self
+            .script("lock release", RELEASE, &self.lock_key(symbol), &[&value])
+            .await?;
+        self.held().remove(symbol);
+        Ok(r == 1)
+    }
+
+    async fn held_locks(&self) -> Result<Vec<String>, CoordError> {
+        let mut v: Vec<String> = self.held().keys().cloned().collect();
+        v.sort();
+        Ok(v)
+    }
+
+    async fn heartbeat(&self) -> Result<(), CoordError> {
+        let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+        let body = serde_json::json!({"timestamp": now, "pid": std::process::id()}).to_string();
+        let ttl = self.timing.heartbeat_ttl.as_secs().max(1);
+        let _: () = self
+            .call(
+                "heartbeat",
+                redis::cmd("SET")
+                    .arg(self.heartbeat_key(&self.instance_id))
+                    .arg(body)
+                    .arg("EX")
+                    .arg(ttl),
+            )
+            .await?;
+        let members = self.key("runner:instances");
+        let _: () = self
+            .call(
+                "heartbeat index",
+                redis::cmd("ZADD")
+                    .arg(&members)
+                    .arg(now)
+                    .arg(&self.instance_id),
+            )
+            .await?;
+        // Forget replicas silent for a day so the index stays small.
+        let _: () = self
+            .call(
+                "heartbeat index",
+                redis::cmd("ZREMRANGEBYSCORE")
+                    .arg(&members)
+                    .arg("-inf")
+                    .arg(now - 86_400.0),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_heartbeat(&self) -> Result<(), CoordError> {
+        let _: () = self
+            .call(
+                "heartbeat delete",
+                redis::cmd("DEL").arg(self.heartbeat_key(&self.instance_id)),
+            )
+            .await?;
+        let _: () = self
+            .call(
+                "heartbeat index",
+                redis::cmd("ZREM")
+                    .arg(self.key("runner:instances"))
+                    .arg(&self.instance_id),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn live_instances(&self) -> Result<usize, CoordError> {
+        let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+        let since = now - self.timing.heartbeat_ttl.as_secs_f64();
+        let n: usize = self
+            .call(
+                "live instances",
+                redis::cmd("ZCOUNT")
+                    .arg(self.key("runner:instances"))
+                    .arg(since)
+                    .arg("+inf"),
+            )
+            .await?;
+        Ok(n)
+    }
+
+    async fn try_cycle_lease(&self, cycle: &CycleId, ttl: Duration) -> Result<bool, CoordError> {
+        let key = self.key(&format!("runner:cycle:{cycle}"));
+        let r: Option<String> = self
+            .call(
+                "cycle lease",
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(&self.instance_id)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl.as_secs().max(1)),
+            )
+            .await?;
+        Ok(r.is_some())
+    }
+
+    async fn claim_symbol(
+        &self,
+        cycle: &CycleId,
+        symbol: &str,
+        ttl: Duration,
+    ) -> Result<bool, CoordError> {
+        let key = self.key(&format!("signal:claim:{cycle}:{symbol}"));
+        let r: Option<String> = self
+            .call(
+                "symbol claim",
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(&self.instance_id)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl.as_secs().max(1)),
+            )
+            .await?;
+        Ok(r.is_some())
+    }
+
+    async fn kill_switch(&self) -> Result<Option<KillSwitch>, CoordError> {
+        let key = self.key("autonomous:kill_switch");
+        let raw: Option<String> = self
+            .call("kill switch read", redis::cmd("GET").arg(&key))
+            .await?;
+        match raw {
+            None => Ok(None),
+            Some(raw) => match parse_kill_switch(&key, &raw) {
+                Ok(ks) => Ok(Some(ks).filter(|k| k.active)),
+                Err(e) => {
+                    // Fail closed: someone wrote to the kill switch, and stopping is the safe
+                    // reading of a record we cannot parse.
+                    tracing::error!(error = %e, "unreadable kill switch treated as active");
+                    Ok(Some(KillSwitch {
+                        active: true,
+                        reason: e.to_string(),
+                        activated_by: "unknown (malformed record)".into(),
+                        activated_at: None,
+                    }))
+                }
+            },
+        }
+    }
+
+    async fn set_kill_switch(&self, ks: &KillSwitch) -> Result<(), CoordError> {
+        let key = self.key("autonomous:kill_switch");
+        if ks.active {
+            let body = serde_json::to_string(ks).map_err(|e| CoordError::Malformed {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+            let _: () = self
+                .call("kill switch write", redis::cmd("SET").arg(&key).arg(body))
+                .await?;
+        } else {
+            let _: () = self
+                .call("kill switch clear", redis::cmd("DEL").arg(&key))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), CoordError> {
+        let _: String = self.call("ping", &redis::cmd("PING")).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_switch_records() {
+        let k = "autonomous:kill_switch";
+        let ks = parse_kill_switch(k, r#"{"active":true,"reason":"r","activated_by":"ops","activated_at":"2026-11-28T10:00:00Z"}"#).expect("ok");
+        assert!(ks.active && ks.reason == "r");
+        assert!(parse_kill_switch(k, "true").expect("ok").active);
+        assert!(!parse_kill_switch(k, "0").expect("ok").active);
+        let e = parse_kill_switch(k, "yes please").expect_err("bad");
+        assert!(e.to_string().contains("autonomous:kill_switch"), "{e}");
+        assert!(parse_kill_switch(k, r#"{"active":"maybe"}"#).is_err());
+    }
+}

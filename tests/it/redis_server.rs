@@ -1,0 +1,143 @@
+//! A real `redis-server` on a free port, in its own directory, that a test can stop and
+//! restart (append-only file on, so data survives a restart like a production Redis).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = RedisServer {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                self.dir().to_str().expect("utf8"),
+                "--logfile",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        self.child = Some(child);
+        // Ready when it answers PING.
+        let client = redis::Client::open(self.url()).expect("url");
+        for _ in 0..200 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server on port {} did not come up", self.port);
+    }
+
+    /// Kills the server (connections drop at once).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect")
+    }
+
+    /// Every entry of a stream, as (id, parsed envelope).
+    pub async fn stream(&self, key: &str) -> Vec<(String, serde_json::Value)> {
+        let mut c = self.conn().await;
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .expect("XRANGE");
+        let mut out = vec![];
+        if let redis::Value::Array(entries) = v {
+            for e in entries {
+                if let redis::Value::Array(parts) = e {
+                    let id: String = redis::from_redis_value(parts[0].clone()).expect("id");
+                    let fields: Vec<String> =
+                        redis::from_redis_value(parts[1].clone()).expect("fields");
+                    assert_eq!(fields.len(), 2, "one field per entry");
+                    assert_eq!(fields[0], "message");
+                    out.push((id, serde_json::from_str(&fields[1]).expect("envelope JSON")));
+                }
+            }
+        }
+        out
+    }
+
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut c = self.conn().await;
+        let mut k: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut c)
+            .await
+            .expect("KEYS");
+        k.sort();
+        k
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
