@@ -388,7 +388,12 @@ impl SymbolJob {
         let end = tokio::select! {
             r = tokio::time::timeout_at(deadline, work) => End::Done(match r {
                 Ok(Ok(out)) => {
-                    tracing::debug!(symbol, action = out.action.as_str(), score = out.opportunity_score, "symbol done");
+                    tracing::info!(
+                    symbol,
+                    cycle_id = %plan.cycle,
+                    action = out.action.as_str(),
+                    score = out.opportunity_score,
+                    "symbol completed");
                     SymbolResult::Completed { latency: Instant::now().duration_since(start) }
                 }
                 Ok(Err(f)) => {

@@ -126,6 +126,20 @@ impl Proc {
         }
     }
 
+    /// Waits until at least `n` log lines match `pred`.
+    pub async fn wait_log_count(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            if self.logs.lock().unwrap().iter().filter(|l| pred(l)).count() >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("fewer than {n} matching log lines within {timeout:?}");
+            }
+        }
+    }
+
     /// Every log line matching `pred`.
     pub fn logs_matching(&self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
         self.logs

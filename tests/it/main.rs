@@ -11,5 +11,6 @@ mod redis_server;
 mod cli;
 mod failures;
 mod redis_coordination;
+mod replicas;
 mod scheduling;
 mod shutdown;
