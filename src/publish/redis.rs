@@ -132,7 +132,7 @@ impl RedisSink {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures % 50 == 0 {
+                    if failures == 1 || failures.is_multiple_of(50) {
                         tracing::warn!(error = %e, waiting = self.depth(), "Redis publish failed; messages wait in the outbox");
                     }
                     tokio::select! {
