@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use autonomous_runner::agents::rules::Rules;
-use autonomous_runner::agents::{Agent, AgentError, SignalDraft, SignalRequest, StageAgents};
+use autonomous_runner::agents::{
+    Agent, AgentError, Answer, SignalDraft, SignalRequest, StageAgents,
+};
 use autonomous_runner::coordination::LockTiming;
 use autonomous_runner::coordination::memory::{MemoryCoordination, MemoryStore};
 use autonomous_runner::coordinator::{Coordinator, CyclePlan};
@@ -53,7 +55,7 @@ impl Agent for SlowAgent {
         &self,
         req: &SignalRequest<'_>,
         _d: Instant,
-    ) -> Result<SignalDraft, AgentError> {
+    ) -> Result<Answer<SignalDraft>, AgentError> {
         let d = self
             .latency
             .lock()
@@ -62,13 +64,13 @@ impl Agent for SlowAgent {
             .copied()
             .unwrap_or_default();
         tokio::time::sleep(d).await;
-        Rules::analyse(req)
+        Rules::analyse(req).map(Answer::rules)
     }
-    async fn advise(&self, s: &ScoredSignal, _d: Instant) -> Result<Advice, AgentError> {
-        Ok(Rules::advice(s))
+    async fn advise(&self, s: &ScoredSignal, _d: Instant) -> Result<Answer<Advice>, AgentError> {
+        Ok(Answer::rules(Rules::advice(s)))
     }
-    async fn report(&self, a: &AdvisedSignal, _d: Instant) -> Result<String, AgentError> {
-        Ok(Rules::summary(a))
+    async fn report(&self, a: &AdvisedSignal, _d: Instant) -> Result<Answer<String>, AgentError> {
+        Ok(Answer::rules(Rules::summary(a)))
     }
 }
 

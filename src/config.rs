@@ -328,6 +328,84 @@ pub struct Agents {
     pub api_key: Secret,
     /// Per-stage overrides.
     pub stages: Stages,
+    /// While the LLM breaker is open or the budget is spent: `none` (the stage fails) or
+    /// `rules` (the rules backend produces it, marked `is_degraded`).
+    pub fallback: Fallback,
+    /// Token budget (off by default).
+    pub budget: Budget,
+    /// The OpenCode server and its agents.
+    pub opencode: OpenCodeConfig,
+}
+
+/// Degraded-mode fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// No fallback: the stage fails.
+    #[default]
+    None,
+    /// The rules backend.
+    Rules,
+}
+
+/// `agents.budget:` (0 or absent = unlimited).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    /// Tokens per clock hour.
+    pub tokens_per_hour: Option<u64>,
+    /// Tokens per UTC day.
+    pub tokens_per_day: Option<u64>,
+}
+
+/// `agents.opencode:`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenCodeConfig {
+    /// `opencode serve` URL.
+    pub url: String,
+    /// Agent names per stage.
+    pub agents: OpenCodeAgentNames,
+    /// Provider of the model to ask for (empty: the agent's own model).
+    pub provider_id: String,
+    /// Model id within the provider.
+    pub model_id: String,
+    /// `OPENCODE_SERVER_PASSWORD` of the server (env `OPENCODE_SERVER_PASSWORD`); never printed.
+    pub password: Secret,
+}
+
+/// `agents.opencode.agents:`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenCodeAgentNames {
+    /// Signal stage.
+    pub signal: String,
+    /// Advise stage.
+    pub advise: String,
+    /// Report stage.
+    pub report: String,
+}
+
+impl Default for OpenCodeAgentNames {
+    fn default() -> Self {
+        Self {
+            signal: "signal-generator".into(),
+            advise: "portfolio-advisor".into(),
+            report: "report-generator".into(),
+        }
+    }
+}
+
+impl Default for OpenCodeConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:4096".into(),
+            agents: OpenCodeAgentNames::default(),
+            provider_id: String::new(),
+            model_id: String::new(),
+            password: Secret::default(),
+        }
+    }
 }
 
 /// `agents.stages:`
@@ -382,9 +460,9 @@ pub struct MarketData {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReportMode {
-    /// Deterministic template.
+    /// Always the deterministic template (saves an LLM call per symbol).
     Template,
-    /// The report agent of the configured backend.
+    /// The report stage's backend (for `rules`, that is the template too).
     Agent,
 }
 
@@ -577,6 +655,9 @@ impl Default for Agents {
             model: "openai/gpt-4o-mini".into(),
             api_key: Secret::default(),
             stages: Stages::default(),
+            fallback: Fallback::None,
+            budget: Budget::default(),
+            opencode: OpenCodeConfig::default(),
         }
     }
 }
@@ -594,7 +675,7 @@ impl Default for Pipeline {
     fn default() -> Self {
         Self {
             advise_min_score: 70.0,
-            report_mode: ReportMode::Template,
+            report_mode: ReportMode::Agent,
             expiry_grace_seconds: 30,
         }
     }
@@ -760,6 +841,9 @@ impl Config {
         }
         if let Some(v) = set("INSTANCE_ID") {
             self.instance_id = v;
+        }
+        if let Some(v) = set("OPENCODE_SERVER_PASSWORD") {
+            self.agents.opencode.password = Secret::new(v);
         }
         if let Some(v) = set("ADMIN_TOKEN") {
             self.http.admin_token = Secret::new(v);
@@ -1042,19 +1126,19 @@ impl Config {
                 "must be an http:// or https:// URL",
             );
         }
-        if self.uses_backend(AgentBackend::Opencode) {
+        if self.uses_backend(AgentBackend::Opencode) && !is_http_url(&self.agents.opencode.url) {
             v.bad(
-                format!("{r}.agents.backend"),
-                "the opencode backend is not available in this build yet; use rules or openrouter",
+                format!("{r}.agents.opencode.url"),
+                "must be an http:// or https:// URL",
             );
         }
-        if self.uses_backend(AgentBackend::Openrouter) {
+        let oc = &self.agents.opencode;
+        if oc.provider_id.is_empty() != oc.model_id.is_empty() {
             v.bad(
-                format!("{r}.agents.backend"),
-                "the openrouter backend is not available in this build yet; use rules",
+                format!("{r}.agents.opencode.model_id"),
+                "provider_id and model_id are set together or not at all",
             );
         }
-
         if !is_http_url(&self.market_data.coinbase_url) {
             v.bad(
                 format!("{r}.market_data.coinbase_url"),

@@ -450,7 +450,7 @@ impl End {
 mod tests {
     use super::*;
     use crate::agents::rules::Rules;
-    use crate::agents::{Agent, AgentError, SignalDraft, SignalRequest, StageAgents};
+    use crate::agents::{Agent, AgentError, Answer, SignalDraft, SignalRequest, StageAgents};
     use crate::coordination::LockTiming;
     use crate::coordination::memory::{MemoryCoordination, MemoryStore};
     use crate::market::simulated::Simulated;
@@ -479,19 +479,27 @@ mod tests {
             &self,
             req: &SignalRequest<'_>,
             _d: Instant,
-        ) -> Result<SignalDraft, AgentError> {
+        ) -> Result<Answer<SignalDraft>, AgentError> {
             self.started
                 .lock()
                 .unwrap()
                 .push((req.symbol.to_string(), Instant::now()));
             tokio::time::sleep(self.latency.get(req.symbol).copied().unwrap_or_default()).await;
-            Rules::analyse(req)
+            Rules::analyse(req).map(Answer::rules)
         }
-        async fn advise(&self, s: &ScoredSignal, _d: Instant) -> Result<Advice, AgentError> {
-            Ok(Rules::advice(s))
+        async fn advise(
+            &self,
+            s: &ScoredSignal,
+            _d: Instant,
+        ) -> Result<Answer<Advice>, AgentError> {
+            Ok(Answer::rules(Rules::advice(s)))
         }
-        async fn report(&self, a: &AdvisedSignal, _d: Instant) -> Result<String, AgentError> {
-            Ok(Rules::summary(a))
+        async fn report(
+            &self,
+            a: &AdvisedSignal,
+            _d: Instant,
+        ) -> Result<Answer<String>, AgentError> {
+            Ok(Answer::rules(Rules::summary(a)))
         }
     }
 

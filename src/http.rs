@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::agents::llm::{LlmHealth, TokenBudget, Transport};
 use crate::coordination::Coordination;
 use crate::publish::Publisher;
 use crate::resilience::{Breaker, BreakerState};
@@ -30,8 +31,14 @@ pub struct AppState {
     pub runner: SharedState,
     /// Latest signals, cycles.
     pub publisher: Arc<Publisher>,
-    /// The LLM breaker.
-    pub llm_breaker: Breaker,
+    /// Every breaker (LLM backends, Redis).
+    pub breakers: Vec<Breaker>,
+    /// LLM auth failures and token totals.
+    pub llm_health: Arc<LlmHealth>,
+    /// The token budget.
+    pub budget: Arc<TokenBudget>,
+    /// Backends whose own health counts for readiness (OpenCode).
+    pub probes: Vec<Arc<dyn Transport>>,
     /// Coordination (active locks, ping).
     pub coord: Arc<dyn Coordination>,
     /// `/metrics`.
@@ -86,16 +93,55 @@ async fn live() -> impl IntoResponse {
 
 async fn readiness(s: &AppState) -> (bool, Value) {
     let v = s.runner.view();
+    let mut reasons = serde_json::Map::new();
     let coord_ok = match s.coord.ping().await {
         Ok(()) => v.coordination_error.is_none(),
-        Err(_) => false,
+        Err(e) => {
+            reasons.insert("coordination_connected".into(), json!(e.to_string()));
+            false
+        }
     };
-    let checks = json!({
+    if let Some(e) = &v.coordination_error {
+        reasons.insert("coordination_connected".into(), json!(e));
+    }
+    let open: Vec<String> = s
+        .breakers
+        .iter()
+        .filter(|b| b.name().starts_with("llm_") && b.state() == BreakerState::Open)
+        .map(|b| b.name().to_string())
+        .collect();
+    if !open.is_empty() {
+        reasons.insert(
+            "circuit_breaker_closed".into(),
+            json!(format!("open: {}", open.join(", "))),
+        );
+    }
+    let auth = s.llm_health.auth_error();
+    if let Some(a) = &auth {
+        reasons.insert("llm_credentials_valid".into(), json!(a));
+    }
+    let spent = s.budget.exhausted(chrono::Utc::now());
+    if let Some(w) = spent {
+        reasons.insert(
+            "llm_budget_available".into(),
+            json!(format!("the token budget for this {} is spent", w.as_str())),
+        );
+    }
+    let mut checks = json!({
         "scheduler_running": v.ticking && !v.shutting_down,
-        "circuit_breaker_closed": s.llm_breaker.state() != BreakerState::Open,
+        "circuit_breaker_closed": open.is_empty(),
         "not_in_cooldown": v.cooldown_cycles_remaining == 0,
         "coordination_connected": coord_ok,
+        "llm_credentials_valid": auth.is_none(),
+        "llm_budget_available": spent.is_none(),
     });
+    for p in &s.probes {
+        let r = p.health().await;
+        if let Err(e) = &r {
+            reasons.insert(format!("{}_healthy", p.backend()), json!(e));
+        }
+        checks[format!("{}_healthy", p.backend())] = json!(r.is_ok());
+    }
     let ok = checks
         .as_object()
         .is_some_and(|m| m.values().all(|v| v.as_bool() == Some(true)));
@@ -110,7 +156,7 @@ async fn readiness(s: &AppState) -> (bool, Value) {
         .unwrap_or_default();
     (
         ok,
-        json!({"status": if ok { "ready" } else { "not_ready" }, "checks": checks, "failing": failing}),
+        json!({"status": if ok { "ready" } else { "not_ready" }, "checks": checks, "failing": failing, "reasons": reasons}),
     )
 }
 
@@ -128,7 +174,25 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
     let v = s.runner.view();
     let (ready, readiness) = readiness(&s).await;
     let active_locks = s.coord.held_locks().await.map(|l| l.len()).ok();
-    let b = s.llm_breaker.snapshot();
+    let breakers: serde_json::Map<String, Value> = s
+        .breakers
+        .iter()
+        .map(|b| {
+            let snap = b.snapshot();
+            (
+                b.name().to_string(),
+                json!({
+                    "state": snap.state.as_str(),
+                    "mode": snap.mode,
+                    "failure_count": snap.failure_count,
+                    "total_failures": snap.total_failures,
+                    "seconds_since_last_failure": snap.seconds_since_last_failure,
+                }),
+            )
+        })
+        .collect();
+    let (hour_used, day_used) = s.budget.used(chrono::Utc::now());
+    let (per_hour, per_day) = s.budget.limits();
     axum::Json(json!({
         "status": if ready { "healthy" } else { "degraded" },
         "instance_id": s.instance_id,
@@ -138,13 +202,18 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
         "signals_last_cycle": v.last_cycle.as_ref().map(|c| c.symbols_ok),
         "cycle_running": v.cycle_running,
         "active_locks": active_locks,
-        "circuit_breakers": { "llm_service": {
-            "state": b.state.as_str(),
-            "mode": b.mode,
-            "failure_count": b.failure_count,
-            "total_failures": b.total_failures,
-            "seconds_since_last_failure": b.seconds_since_last_failure,
-        }},
+        "circuit_breakers": breakers,
+        "llm": {
+            "tokens_total": s.llm_health.tokens_total(),
+            "budget": {
+                "tokens_per_hour": per_hour,
+                "tokens_per_day": per_day,
+                "used_this_hour": hour_used,
+                "used_today": day_used,
+                "exhausted": s.budget.exhausted(chrono::Utc::now()).map(|w| w.as_str()),
+            },
+            "credentials_error": s.llm_health.auth_error(),
+        },
         "adaptive": {
             "current_batch_size": v.current_batch_size,
             "current_timeout": v.current_timeout,
@@ -164,9 +233,11 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    // Gauges that are cheapest to read at scrape time.
-    metrics::gauge!(crate::telemetry::names::CIRCUIT_BREAKER_STATE, "breaker" => "llm_service")
-        .set(s.llm_breaker.state().gauge());
+    // Breaker states can change by time alone (OPEN → HALF_OPEN): read them at scrape time.
+    for b in &s.breakers {
+        metrics::gauge!(crate::telemetry::names::CIRCUIT_BREAKER_STATE, "breaker" => b.name().to_string())
+            .set(b.state().gauge());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -42,10 +42,9 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::agents::StageAgents;
 use crate::config::{Config, CoordinationBackend, MarketSource as MarketKind, secs};
 use crate::coordination::memory::{MemoryCoordination, MemoryStore};
-use crate::coordination::redis::RedisCoordination;
+use crate::coordination::redis::{RedisCoordination, RedisRateLimiter};
 use crate::coordination::{Coordination, LockTiming};
 use crate::coordinator::Coordinator;
 use crate::market::MarketSource;
@@ -53,6 +52,7 @@ use crate::pipeline::PipelineContext;
 use crate::publish::Publisher;
 use crate::publish::redis::RedisSink;
 use crate::resilience::Breaker;
+use crate::resilience::rate_limit::AgentRateLimiter;
 use crate::runner::{OnceOutcome, Runner};
 use crate::schedule::Clock;
 use crate::telemetry::names;
@@ -88,6 +88,11 @@ impl App {
             heartbeat_ttl: Duration::from_secs(cfg.heartbeat.ttl_seconds),
         };
         let mut sink: Option<Arc<RedisSink>> = None;
+        let mut redis_breaker: Option<Breaker> = None;
+        let mut limiter: Arc<dyn AgentRateLimiter> = Arc::new(resilience::RateLimiter::new(
+            cfg.agents.requests_per_minute,
+            cfg.agents.burst,
+        ));
         let coord: Arc<dyn Coordination> = match cfg.coordination.backend {
             CoordinationBackend::Memory => {
                 if std::env::var_os("REDIS_URL").is_some() {
@@ -110,6 +115,16 @@ impl App {
                     },
                 );
                 metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => "redis").set(0.0);
+                // Replicas that share an LLM key share its rate limit.
+                limiter = Arc::new(RedisRateLimiter::new(
+                    conn.clone(),
+                    breaker.clone(),
+                    &cfg.coordination.key_prefix,
+                    cfg.agents.requests_per_minute,
+                    cfg.agents.burst,
+                    timing.heartbeat_ttl,
+                ));
+                redis_breaker = Some(breaker.clone());
                 sink = Some(RedisSink::new(
                     conn.clone(),
                     breaker.clone(),
@@ -133,13 +148,17 @@ impl App {
             sink.clone().map(|s| s as Arc<dyn publish::Sink>),
         ));
         let status_pub = publisher.clone();
-        let llm_breaker = Breaker::new("llm_service", cfg.circuit_breaker.llm_service.settings())
-            .with_transition_hook(move |name, state| {
-                metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => name.to_string())
-                    .set(state.gauge());
-                status_pub.status(serde_json::json!({"breaker": name, "state": state.as_str()}));
-            });
-        metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => "llm_service").set(0.0);
+        let on_breaker: resilience::TransitionHook = Arc::new(move |name, state| {
+            metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => name.to_string())
+                .set(state.gauge());
+            status_pub.status(serde_json::json!({"breaker": name, "state": state.as_str()}));
+        });
+        let setup =
+            agents::setup::build(&cfg, limiter, on_breaker).context("building the agents")?;
+        for b in &setup.breakers {
+            metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => b.name().to_string())
+                .set(0.0);
+        }
 
         let market: Arc<dyn MarketSource> = match cfg.market_data.source {
             MarketKind::Simulated => Arc::new(market::simulated::Simulated::new()),
@@ -153,7 +172,7 @@ impl App {
         };
         let pipeline = Arc::new(PipelineContext {
             market,
-            agents: StageAgents::rules(),
+            agents: setup.agents.clone(),
             publisher: publisher.clone(),
             candles: cfg.market_data.candles,
             advise_min_score: cfg.pipeline.advise_min_score,
@@ -173,9 +192,10 @@ impl App {
             coord.clone(),
             coordinator,
             publisher.clone(),
-            llm_breaker.clone(),
+            setup.gate_breaker.clone(),
         )
-        .context("building the scheduler")?;
+        .context("building the scheduler")?
+        .with_llm_health(setup.health.clone());
 
         let ip: std::net::IpAddr = cfg.http.bind.parse().context("http.bind")?;
         let addr = SocketAddr::new(ip, cfg.http.port);
@@ -186,7 +206,15 @@ impl App {
             instance_id: cfg.instance_id.clone(),
             runner: runner.state(),
             publisher: publisher.clone(),
-            llm_breaker,
+            breakers: setup
+                .breakers
+                .iter()
+                .cloned()
+                .chain(redis_breaker)
+                .collect(),
+            llm_health: setup.health.clone(),
+            budget: setup.budget.clone(),
+            probes: setup.probes.clone(),
             coord: coord.clone(),
             metrics,
             started: Instant::now(),

@@ -181,7 +181,8 @@ pub struct Runner {
     coord: Arc<dyn Coordination>,
     coordinator: Arc<Coordinator>,
     publisher: Arc<Publisher>,
-    llm_breaker: Breaker,
+    llm_breaker: Option<Breaker>,
+    llm_health: Option<Arc<crate::agents::llm::LlmHealth>>,
     state: SharedState,
     total_timeout: Duration,
     shutdown_grace: Duration,
@@ -207,7 +208,7 @@ impl Runner {
         coord: Arc<dyn Coordination>,
         coordinator: Arc<Coordinator>,
         publisher: Arc<Publisher>,
-        llm_breaker: Breaker,
+        llm_breaker: Option<Breaker>,
     ) -> Result<Self, crate::schedule::ScheduleError> {
         let schedule = Schedule::new(&cfg.schedule, &cfg.timezone)?;
         let a = &cfg.adaptive;
@@ -247,6 +248,7 @@ impl Runner {
             coordinator,
             publisher,
             llm_breaker,
+            llm_health: None,
             state,
             total_timeout: cfg.total_timeout(),
             shutdown_grace: cfg.shutdown_grace(),
@@ -255,6 +257,12 @@ impl Runner {
             current: None,
             hard_cancel: CancellationToken::new(),
         })
+    }
+
+    /// Token totals to report per cycle.
+    pub fn with_llm_health(mut self, h: Arc<crate::agents::llm::LlmHealth>) -> Self {
+        self.llm_health = Some(h);
+        self
     }
 
     /// The state the HTTP server reads.
@@ -309,6 +317,7 @@ impl Runner {
             concurrency: params.concurrency,
             symbol_timeout_seconds: params.symbol_timeout.as_secs_f64(),
             hit_cycle_deadline: false,
+            tokens_used: 0,
         });
     }
 
@@ -340,7 +349,7 @@ impl Runner {
                 return Some(SkipReason::HighLatency);
             }
         }
-        if self.llm_breaker.is_open() {
+        if self.llm_breaker.as_ref().is_some_and(Breaker::is_open) {
             return Some(SkipReason::CircuitOpen);
         }
         if !self.work_sharing {
@@ -384,71 +393,21 @@ impl Runner {
         }
     }
 
-    /// Runs one cycle to the end and records it. The tick is callable directly (tests,
-    /// `once` mode) without waiting for the clock.
-    pub async fn execute_cycle(
+    /// The cycle of `plan` as a future that owns what it needs (to be spawned).
+    fn cycle_future(
+        &self,
         plan: CyclePlan,
-        coordinator: Arc<Coordinator>,
-        publisher: Arc<Publisher>,
-        state: SharedState,
-        clock: Clock,
         period: Duration,
-        cancel: CancellationToken,
-    ) -> CycleSummary {
-        let started_at = clock.now();
-        let t0 = Instant::now();
-        tracing::info!(cycle_id = %plan.cycle, concurrency = plan.concurrency, symbol_timeout_s = plan.symbol_timeout.as_secs_f64(), "cycle started");
-        let report: CycleReport = coordinator.run_cycle(&plan, &cancel).await;
-        let duration = Instant::now().duration_since(t0);
-        let summary = CycleSummary {
-            cycle_id: plan.cycle.to_string(),
-            started_at,
-            duration_seconds: duration.as_secs_f64(),
-            symbols_ok: report.ok(),
-            symbols_failed: report.failed(),
-            symbols_skipped: report.skipped(),
-            skipped_reason: None,
-            failures: report.failures(),
-            concurrency: plan.concurrency,
-            symbol_timeout_seconds: plan.symbol_timeout.as_secs_f64(),
-            hit_cycle_deadline: report.hit_cycle_deadline,
+    ) -> impl std::future::Future<Output = CycleSummary> + Send + 'static {
+        let ctx = CycleCtx {
+            coordinator: self.coordinator.clone(),
+            publisher: self.publisher.clone(),
+            state: self.state.clone(),
+            clock: self.clock,
+            cancel: self.hard_cancel.clone(),
+            llm: self.llm_health.clone(),
         };
-        // An overrun: the cycle was cut off, or it used most of its period (the seed's 55 s of
-        // a 60 s minute).
-        let overrun = report.hit_cycle_deadline
-            || duration.as_secs_f64() > period.as_secs_f64() * 55.0 / 60.0;
-        {
-            let mut st = state.lock();
-            for l in report.latencies() {
-                st.adaptive.record(l);
-            }
-            if st.backpressure.on_cycle_complete(overrun) {
-                metrics::counter!(names::BACKPRESSURE_COOLDOWNS).increment(1);
-            }
-            st.params = st.adaptive.params();
-            metrics::gauge!(names::CURRENT_P95_LATENCY_MS)
-                .set(st.adaptive.p95().as_secs_f64() * 1000.0);
-            metrics::gauge!(names::ADAPTIVE_BATCH_SIZE).set(st.params.concurrency as f64);
-            st.last_cycle = Some(summary.clone());
-            st.last_cycle_finished_at = Some(clock.now());
-        }
-        metrics::counter!(names::CYCLES).increment(1);
-        if summary.symbols_ok == 0 && summary.symbols_failed > 0 {
-            metrics::counter!(names::CYCLE_FAILURES).increment(1);
-        }
-        metrics::histogram!(names::CYCLE_DURATION_SECONDS).record(duration.as_secs_f64());
-        metrics::gauge!(names::SIGNALS_GENERATED_LAST_CYCLE).set(f64::from(summary.symbols_ok));
-        metrics::gauge!(names::LAST_CYCLE_TIMESTAMP_SECONDS).set(clock.now().timestamp() as f64);
-        tracing::info!(
-            cycle_id = %summary.cycle_id,
-            duration_s = summary.duration_seconds,
-            ok = summary.symbols_ok,
-            failed = summary.symbols_failed,
-            skipped = summary.symbols_skipped,
-            "cycle finished"
-        );
-        publisher.record_cycle(summary.clone());
-        summary
+        execute_cycle(ctx, plan, period)
     }
 
     /// Handles one due tick: skip it (counted) or start its cycle in the background.
@@ -465,15 +424,7 @@ impl Runner {
         let period = self.period_after(cycle.time());
         let state = self.state.clone();
         state.lock().cycle_running = true;
-        let fut = Self::execute_cycle(
-            plan,
-            self.coordinator.clone(),
-            self.publisher.clone(),
-            state.clone(),
-            self.clock,
-            period,
-            self.hard_cancel.clone(),
-        );
+        let fut = self.cycle_future(plan, period);
         self.current = Some(tokio::spawn(async move {
             fut.await;
             state.lock().cycle_running = false;
@@ -571,15 +522,7 @@ impl Runner {
         let period = self.period_after(tick);
         let state = self.state.clone();
         state.lock().cycle_running = true;
-        let fut = Self::execute_cycle(
-            plan,
-            self.coordinator.clone(),
-            self.publisher.clone(),
-            state.clone(),
-            self.clock,
-            period,
-            self.hard_cancel.clone(),
-        );
+        let fut = self.cycle_future(plan, period);
         let mut handle = tokio::spawn(fut);
         let summary = tokio::select! {
             r = &mut handle => r.ok(),
@@ -611,11 +554,92 @@ impl Runner {
     }
 }
 
+/// What a running cycle owns.
+struct CycleCtx {
+    coordinator: Arc<Coordinator>,
+    publisher: Arc<Publisher>,
+    state: SharedState,
+    clock: Clock,
+    cancel: CancellationToken,
+    llm: Option<Arc<crate::agents::llm::LlmHealth>>,
+}
+
+/// Runs one cycle to the end and records it (summary, metrics, adaptive state).
+async fn execute_cycle(ctx: CycleCtx, plan: CyclePlan, period: Duration) -> CycleSummary {
+    let CycleCtx {
+        coordinator,
+        publisher,
+        state,
+        clock,
+        cancel,
+        llm,
+    } = ctx;
+    let started_at = clock.now();
+    let t0 = Instant::now();
+    let tokens_before = llm.as_ref().map_or(0, |h| h.tokens_total());
+    tracing::info!(cycle_id = %plan.cycle, concurrency = plan.concurrency, symbol_timeout_s = plan.symbol_timeout.as_secs_f64(), "cycle started");
+    let report: CycleReport = coordinator.run_cycle(&plan, &cancel).await;
+    let duration = Instant::now().duration_since(t0);
+    let summary = CycleSummary {
+        cycle_id: plan.cycle.to_string(),
+        started_at,
+        duration_seconds: duration.as_secs_f64(),
+        symbols_ok: report.ok(),
+        symbols_failed: report.failed(),
+        symbols_skipped: report.skipped(),
+        skipped_reason: None,
+        failures: report.failures(),
+        concurrency: plan.concurrency,
+        symbol_timeout_seconds: plan.symbol_timeout.as_secs_f64(),
+        hit_cycle_deadline: report.hit_cycle_deadline,
+        tokens_used: llm
+            .as_ref()
+            .map_or(0, |h| h.tokens_total().saturating_sub(tokens_before)),
+    };
+    metrics::gauge!(names::LLM_TOKENS_LAST_CYCLE).set(summary.tokens_used as f64);
+    // An overrun: the cycle was cut off, or it used most of its period (the seed's 55 s of
+    // a 60 s minute).
+    let overrun =
+        report.hit_cycle_deadline || duration.as_secs_f64() > period.as_secs_f64() * 55.0 / 60.0;
+    {
+        let mut st = state.lock();
+        for l in report.latencies() {
+            st.adaptive.record(l);
+        }
+        if st.backpressure.on_cycle_complete(overrun) {
+            metrics::counter!(names::BACKPRESSURE_COOLDOWNS).increment(1);
+        }
+        st.params = st.adaptive.params();
+        metrics::gauge!(names::CURRENT_P95_LATENCY_MS)
+            .set(st.adaptive.p95().as_secs_f64() * 1000.0);
+        metrics::gauge!(names::ADAPTIVE_BATCH_SIZE).set(st.params.concurrency as f64);
+        st.last_cycle = Some(summary.clone());
+        st.last_cycle_finished_at = Some(clock.now());
+    }
+    metrics::counter!(names::CYCLES).increment(1);
+    if summary.symbols_ok == 0 && summary.symbols_failed > 0 {
+        metrics::counter!(names::CYCLE_FAILURES).increment(1);
+    }
+    metrics::histogram!(names::CYCLE_DURATION_SECONDS).record(duration.as_secs_f64());
+    metrics::gauge!(names::SIGNALS_GENERATED_LAST_CYCLE).set(f64::from(summary.symbols_ok));
+    metrics::gauge!(names::LAST_CYCLE_TIMESTAMP_SECONDS).set(clock.now().timestamp() as f64);
+    tracing::info!(
+        cycle_id = %summary.cycle_id,
+        duration_s = summary.duration_seconds,
+        ok = summary.symbols_ok,
+        failed = summary.symbols_failed,
+        skipped = summary.symbols_skipped,
+        "cycle finished"
+    );
+    publisher.record_cycle(summary.clone());
+    summary
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::agents::rules::Rules;
-    use crate::agents::{Agent, AgentError, SignalDraft, SignalRequest, StageAgents};
+    use crate::agents::{Agent, AgentError, Answer, SignalDraft, SignalRequest, StageAgents};
     use crate::coordination::LockTiming;
     use crate::coordination::memory::{MemoryCoordination, MemoryStore};
     use crate::market::simulated::Simulated;
@@ -639,16 +663,24 @@ mod tests {
             &self,
             req: &SignalRequest<'_>,
             _d: Instant,
-        ) -> Result<SignalDraft, AgentError> {
+        ) -> Result<Answer<SignalDraft>, AgentError> {
             let d = *self.0.lock().unwrap();
             tokio::time::sleep(d).await;
-            Rules::analyse(req)
+            Rules::analyse(req).map(Answer::rules)
         }
-        async fn advise(&self, s: &ScoredSignal, _d: Instant) -> Result<Advice, AgentError> {
-            Ok(Rules::advice(s))
+        async fn advise(
+            &self,
+            s: &ScoredSignal,
+            _d: Instant,
+        ) -> Result<Answer<Advice>, AgentError> {
+            Ok(Answer::rules(Rules::advice(s)))
         }
-        async fn report(&self, a: &AdvisedSignal, _d: Instant) -> Result<String, AgentError> {
-            Ok(Rules::summary(a))
+        async fn report(
+            &self,
+            a: &AdvisedSignal,
+            _d: Instant,
+        ) -> Result<Answer<String>, AgentError> {
+            Ok(Answer::rules(Rules::summary(a)))
         }
     }
 
@@ -703,7 +735,7 @@ mod tests {
             coord.clone(),
             coordinator,
             publisher.clone(),
-            breaker.clone(),
+            Some(breaker.clone()),
         )
         .unwrap();
         Harness {

@@ -64,6 +64,16 @@ pub mod names {
         MESSAGES_PUBLISHED = "messages_published_total";
         /// Gauge: kill switch active (1) or not (0).
         KILL_SWITCH_ACTIVE = "kill_switch_active";
+        /// Counter {stage, outcome}: LLM requests by result.
+        LLM_REQUESTS = "llm_requests_total";
+        /// Counter {stage, kind}: tokens used (`input`, `output`).
+        LLM_TOKENS = "llm_tokens_total";
+        /// Counter {window}: LLM calls refused because the token budget was spent.
+        LLM_BUDGET_EXHAUSTED = "llm_budget_exhausted_total";
+        /// Gauge: tokens used by the last cycle.
+        LLM_TOKENS_LAST_CYCLE = "llm_tokens_last_cycle";
+        /// Histogram: time spent waiting for a rate-limit slot.
+        RATE_LIMIT_WAIT_SECONDS = "rate_limit_wait_seconds";
         /// Gauge: messages waiting in the Redis outbox.
         OUTBOX_DEPTH = "outbox_depth";
         /// Counter: messages dropped from a full outbox.

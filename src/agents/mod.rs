@@ -1,12 +1,21 @@
 //! Agents: "run agent X on input Y → validated output", one trait and its backends.
 //!
 //! - [`rules`]: deterministic strategies over candles; every stage works without an LLM.
+//! - [`openrouter`]: any OpenAI-compatible chat-completions endpoint (OpenRouter by default).
+//! - [`opencode`]: a client of `opencode serve`, one session per (symbol, stage).
+//!
+//! [`llm`] holds what the LLM backends share: rate limit, breaker, retries, budget, fallback,
+//! schemas, prompts and strict parsing.
 //!
 //! Every agent answer passes [`SignalDraft::validate`] / [`validate_advice`] /
 //! [`validate_summary`] before it is used: out-of-range values are rejected with a reason,
 //! never clamped or defaulted silently.
 
+pub mod llm;
+pub mod opencode;
+pub mod openrouter;
 pub mod rules;
+pub mod setup;
 
 use std::sync::Arc;
 
@@ -193,6 +202,9 @@ pub enum AgentError {
     /// No rate-limit slot before the deadline.
     #[error("no rate-limit slot before the deadline")]
     RateLimitWait,
+    /// The token budget for the window is spent.
+    #[error("LLM token budget for this {0} is spent")]
+    BudgetExhausted(&'static str),
     /// The input candles could not be had.
     #[error(transparent)]
     MarketData(#[from] MarketError),
@@ -210,6 +222,7 @@ impl AgentError {
             AgentError::InvalidOutput(_) => "invalid_output",
             AgentError::CircuitOpen => "circuit_open",
             AgentError::RateLimitWait => "rate_limit_wait",
+            AgentError::BudgetExhausted(_) => "budget_exhausted",
             AgentError::MarketData(e) => e.reason(),
         }
     }
@@ -234,6 +247,28 @@ impl AgentError {
     }
 }
 
+/// An agent's answer with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer<T> {
+    /// The validated value.
+    pub value: T,
+    /// `metadata.model_used`: the model, or `rules`.
+    pub model: String,
+    /// Produced by the rules fallback instead of the configured agent.
+    pub degraded: bool,
+}
+
+impl<T> Answer<T> {
+    /// A rules answer.
+    pub fn rules(value: T) -> Self {
+        Answer {
+            value,
+            model: "rules".into(),
+            degraded: false,
+        }
+    }
+}
+
 /// An agent backend: one method per agent stage. Every call is bounded by `deadline`.
 #[async_trait]
 pub trait Agent: Send + Sync {
@@ -246,15 +281,19 @@ pub trait Agent: Send + Sync {
         &self,
         req: &SignalRequest<'_>,
         deadline: Instant,
-    ) -> Result<SignalDraft, AgentError>;
+    ) -> Result<Answer<SignalDraft>, AgentError>;
     /// Stage 3.
-    async fn advise(&self, scored: &ScoredSignal, deadline: Instant) -> Result<Advice, AgentError>;
+    async fn advise(
+        &self,
+        scored: &ScoredSignal,
+        deadline: Instant,
+    ) -> Result<Answer<Advice>, AgentError>;
     /// Stage 4: 2–3 sentences.
     async fn report(
         &self,
         advised: &AdvisedSignal,
         deadline: Instant,
-    ) -> Result<String, AgentError>;
+    ) -> Result<Answer<String>, AgentError>;
 }
 
 /// The agent of each stage (they may differ).

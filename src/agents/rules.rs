@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{Agent, AgentError, SignalDraft, SignalRequest};
+use super::{Agent, AgentError, Answer, SignalDraft, SignalRequest};
 use crate::market::{Candle, MIN_CANDLES, MarketError};
 use crate::pipeline::{
     Action, Advice, AdvisedSignal, Regime, ScoredSignal, StrategyVerdict, TopStrategy,
@@ -472,22 +472,22 @@ impl Agent for Rules {
         &self,
         req: &SignalRequest<'_>,
         _deadline: Instant,
-    ) -> Result<SignalDraft, AgentError> {
-        Self::analyse(req)
+    ) -> Result<Answer<SignalDraft>, AgentError> {
+        Self::analyse(req).map(Answer::rules)
     }
     async fn advise(
         &self,
         scored: &ScoredSignal,
         _deadline: Instant,
-    ) -> Result<Advice, AgentError> {
-        Ok(Self::advice(scored))
+    ) -> Result<Answer<Advice>, AgentError> {
+        Ok(Answer::rules(Self::advice(scored)))
     }
     async fn report(
         &self,
         advised: &AdvisedSignal,
         _deadline: Instant,
-    ) -> Result<String, AgentError> {
-        Ok(Self::summary(advised))
+    ) -> Result<Answer<String>, AgentError> {
+        Ok(Answer::rules(Self::summary(advised)))
     }
 }
 

@@ -64,13 +64,6 @@ fn timed_ms(start: Instant) -> u64 {
     Instant::now().duration_since(start).as_millis() as u64
 }
 
-fn record_latency(backend: &str, stage: Stage, start: Instant) {
-    if backend != "rules" {
-        metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage.as_str())
-            .record(Instant::now().duration_since(start).as_secs_f64());
-    }
-}
-
 async fn publish(ctx: &PipelineContext, msg: StageMessage) {
     metrics::counter!(names::MESSAGES_PUBLISHED, "stage" => msg.stage.as_str()).increment(1);
     ctx.publisher.publish(msg).await;
@@ -119,13 +112,13 @@ pub async fn run_symbol(
         context: &context,
         now,
     };
-    let agent = &ctx.agents.signal;
-    let t_agent = Instant::now();
-    let draft = agent
+    let answer = ctx
+        .agents
+        .signal
         .signal(&req, deadline)
         .await
         .map_err(fail(Stage::Raw))?;
-    record_latency(agent.backend(), Stage::Raw, t_agent);
+    let draft = answer.value;
     draft.validate().map_err(|r| StageFailure {
         stage: Stage::Raw,
         error: AgentError::InvalidOutput(r),
@@ -147,7 +140,7 @@ pub async fn run_symbol(
         timestamp: now,
         expires_at: next_tick + chrono::Duration::from_std(ctx.expiry_grace).unwrap_or_default(),
         data_as_of,
-        is_degraded: false,
+        is_degraded: answer.degraded,
     };
     let action = signal.action;
     metrics::counter!(names::SIGNAL_GENERATION, "symbol" => symbol.to_string(), "action" => action.as_str())
@@ -162,14 +155,14 @@ pub async fn run_symbol(
             &sid,
             p,
             timed_ms(t0),
-            agent.model(),
+            &answer.model,
         ),
     )
     .await;
 
     // Stage 2: Score (deterministic).
     let t1 = Instant::now();
-    let scored = score_signal(signal, Utc::now());
+    let mut scored = score_signal(signal, Utc::now());
     let score = scored.opportunity_score;
     let p = payload(Stage::Scored, &scored)?;
     publish(
@@ -189,12 +182,14 @@ pub async fn run_symbol(
     // Stage 3: Advise, only for promising scores.
     let advice = if score >= ctx.advise_min_score {
         let t2 = Instant::now();
-        let agent = &ctx.agents.advise;
-        let advice = agent
+        let answer = ctx
+            .agents
+            .advise
             .advise(&scored, deadline)
             .await
             .map_err(fail(Stage::Validated))?;
-        record_latency(agent.backend(), Stage::Validated, t2);
+        let advice = answer.value;
+        scored.signal.is_degraded |= answer.degraded;
         validate_advice(&advice).map_err(|r| StageFailure {
             stage: Stage::Validated,
             error: AgentError::InvalidOutput(r),
@@ -213,7 +208,7 @@ pub async fn run_symbol(
                 &sid,
                 p,
                 timed_ms(t2),
-                agent.model(),
+                &answer.model,
             ),
         )
         .await;
@@ -222,16 +217,18 @@ pub async fn run_symbol(
         None
     };
     let advised_flag = advice.is_some();
-    let advised = AdvisedSignal { scored, advice };
+    let mut advised = AdvisedSignal { scored, advice };
 
     // Stage 4: Report.
     let t3 = Instant::now();
-    let agent = &ctx.agents.report;
-    let summary = agent
+    let answer = ctx
+        .agents
+        .report
         .report(&advised, deadline)
         .await
         .map_err(fail(Stage::Dashboard))?;
-    record_latency(agent.backend(), Stage::Dashboard, t3);
+    let summary = answer.value;
+    advised.scored.signal.is_degraded |= answer.degraded;
     validate_summary(&summary).map_err(|r| StageFailure {
         stage: Stage::Dashboard,
         error: AgentError::InvalidOutput(r),
@@ -247,7 +244,7 @@ pub async fn run_symbol(
             &sid,
             p,
             timed_ms(t3),
-            agent.model(),
+            &answer.model,
         ),
     )
     .await;

@@ -42,6 +42,8 @@ pub struct CycleSummary {
     pub symbol_timeout_seconds: f64,
     /// Whether the whole-cycle deadline cut symbols off.
     pub hit_cycle_deadline: bool,
+    /// LLM tokens the cycle used.
+    pub tokens_used: u64,
 }
 
 /// One failed symbol in a summary.
@@ -314,6 +316,7 @@ mod tests {
                 concurrency: 1,
                 symbol_timeout_seconds: 1.0,
                 hit_cycle_deadline: false,
+                tokens_used: 0,
             });
         }
         let c = p.cycles();

@@ -115,7 +115,7 @@ pub struct BreakerSnapshot {
 }
 
 /// Called with the breaker's name and new state on every transition.
-type TransitionHook = Arc<dyn Fn(&str, BreakerState) + Send + Sync>;
+pub type TransitionHook = Arc<dyn Fn(&str, BreakerState) + Send + Sync>;
 
 /// A circuit breaker. Cheap to clone; clones share state.
 #[derive(Clone)]

@@ -17,7 +17,9 @@ pub mod rate_limit;
 pub mod retry;
 
 pub use backpressure::Backpressure;
-pub use breaker::{Breaker, BreakerMode, BreakerSettings, BreakerState, Permit, Rejected};
+pub use breaker::{
+    Breaker, BreakerMode, BreakerSettings, BreakerState, Permit, Rejected, TransitionHook,
+};
 pub use latency::{AdaptivePolicy, LatencyTracker};
 pub use rate_limit::RateLimiter;
 pub use retry::{Backoff, retry_until};

@@ -55,6 +55,41 @@ impl Clock for TokioClock {
 type Gcra =
     governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<TokioInstant>>;
 
+/// The GCRA emission interval that keeps every 60-second window at or under `per_minute`
+/// calls while allowing bursts of `burst`.
+///
+/// GCRA with interval T and burst b admits at most `60 s / T + b − 1` calls in any 60 s
+/// window. With T = 60 s / (per_minute − b + 1) that is exactly `per_minute`: a burst is paid
+/// for with a slightly lower sustained rate (`per_minute − b + 1` a minute), never with a
+/// window over the limit providers enforce.
+pub fn emission_interval(per_minute: u32, burst: u32) -> Duration {
+    let per_minute = per_minute.max(1);
+    let burst = burst.clamp(1, per_minute);
+    Duration::from_secs(60) / (per_minute - burst + 1)
+}
+
+/// What agent backends need from a rate limiter: wait for a slot (not past a deadline), and
+/// pause everyone when the provider says so. Implemented in-process ([`RateLimiter`]) and
+/// across replicas (the Redis limiter in `coordination::redis`).
+#[async_trait::async_trait]
+pub trait AgentRateLimiter: Send + Sync {
+    /// Waits for a slot; gives up without taking one if it would come after `deadline`.
+    /// Returns how long it waited.
+    async fn acquire_before(&self, deadline: Instant) -> Result<Duration, NoSlotBeforeDeadline>;
+    /// Pauses every caller for `for_` (a 429's `Retry-After`).
+    fn pause(&self, for_: Duration);
+}
+
+#[async_trait::async_trait]
+impl AgentRateLimiter for RateLimiter {
+    async fn acquire_before(&self, deadline: Instant) -> Result<Duration, NoSlotBeforeDeadline> {
+        RateLimiter::acquire_before(self, deadline).await
+    }
+    fn pause(&self, for_: Duration) {
+        RateLimiter::pause(self, for_)
+    }
+}
+
 /// A shared limiter: `per_minute` calls a minute with at most `burst` at once.
 #[derive(Debug, Clone)]
 pub struct RateLimiter {
@@ -72,12 +107,12 @@ pub struct NoSlotBeforeDeadline;
 impl RateLimiter {
     /// `per_minute` ≥ 1 calls per minute, bursts of at most `burst` (≥ 1, ≤ `per_minute`).
     ///
-    /// A sliding 60-second window never sees more than `per_minute + burst − 1` calls with
-    /// GCRA; `burst = 1` gives the strict "never more than N in any 60 s" guarantee.
+    /// No sliding 60-second window ever holds more than `per_minute` calls: see
+    /// [`emission_interval`].
     pub fn new(per_minute: u32, burst: u32) -> Self {
         let per_minute = per_minute.max(1);
         let burst = burst.clamp(1, per_minute);
-        let period = Duration::from_secs(60) / per_minute;
+        let period = emission_interval(per_minute, burst);
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_minute(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
@@ -180,6 +215,26 @@ mod tests {
         // And it is not slower than needed: 200 calls at 2 s spacing ≈ 398 s.
         let span = times[199].duration_since(times[0]);
         assert_eq!(span, Duration::from_secs(398));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_never_push_a_window_over_the_limit() {
+        let limiter = RateLimiter::new(30, 5);
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut times = vec![];
+        for _ in 0..100 {
+            limiter.acquire_before(far).await.expect("slot");
+            times.push(Instant::now());
+        }
+        // The first five went at once.
+        assert_eq!(times[4], times[0]);
+        for (i, t) in times.iter().enumerate() {
+            let n = times[i..]
+                .iter()
+                .take_while(|u| u.duration_since(*t) < Duration::from_secs(60))
+                .count();
+            assert!(n <= 30, "{n} calls within 60 s");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -36,14 +36,14 @@ impl Backoff {
     }
 }
 
-/// Runs `op` up to `max_attempts` times. `retryable` says whether an error is worth another
-/// try; a retry whose backoff would end after `deadline` is not made (the last error is
-/// returned instead), so retries never outlive the caller's deadline.
+/// Runs `op` up to `max_attempts` times. `delay(error, retry_number)` says how long to wait
+/// before retrying after `error`, or `None` when it is not worth another try. A retry whose
+/// wait would end after `deadline` is not made (the last error is returned instead), so
+/// retries never outlive the caller's deadline.
 pub async fn retry_until<T, E, F, Fut>(
     max_attempts: u32,
-    backoff: Backoff,
     deadline: Instant,
-    retryable: impl Fn(&E) -> bool,
+    delay: impl Fn(&E, u32) -> Option<Duration>,
     mut op: F,
 ) -> Result<T, E>
 where
@@ -55,14 +55,16 @@ where
         match op(attempt).await {
             Ok(v) => return Ok(v),
             Err(e) => {
-                if attempt >= max_attempts.max(1) || !retryable(&e) {
+                if attempt >= max_attempts.max(1) {
                     return Err(e);
                 }
-                let delay = backoff.delay(attempt);
-                if Instant::now() + delay >= deadline {
+                let Some(wait) = delay(&e, attempt) else {
+                    return Err(e);
+                };
+                if Instant::now() + wait >= deadline {
                     return Err(e);
                 }
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(wait).await;
                 attempt += 1;
             }
         }
@@ -98,9 +100,8 @@ mod tests {
         let start = Instant::now();
         let r: Result<u32, &str> = retry_until(
             5,
-            backoff(),
             start + Duration::from_secs(60),
-            |_| true,
+            |_, n| Some(backoff().delay(n)),
             |attempt| async move {
                 if attempt < 3 {
                     Err("boom")
@@ -120,9 +121,8 @@ mod tests {
         let calls = std::sync::atomic::AtomicU32::new(0);
         let r: Result<(), &str> = retry_until(
             10,
-            backoff(),
             start + Duration::from_millis(3500),
-            |_| true,
+            |_, n| Some(backoff().delay(n)),
             |_| {
                 calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 async { Err("boom") }
@@ -140,9 +140,8 @@ mod tests {
         let start = Instant::now();
         let r: Result<(), &str> = retry_until(
             5,
-            backoff(),
             start + Duration::from_secs(60),
-            |e| *e != "fatal",
+            |e, n| (*e != "fatal").then(|| backoff().delay(n)),
             |_| async { Err("fatal") },
         )
         .await;

@@ -1,0 +1,170 @@
+//! Builds the stage agents from configuration: which backend and model each stage uses, one
+//! circuit breaker per LLM backend, and the shared rate limiter, budget and fallback.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::llm::{LlmAgent, LlmHealth, LlmShared, TokenBudget, Transport};
+use super::opencode::{OpenCode, OpenCodeAgents};
+use super::openrouter::OpenRouter;
+use super::rules::Rules;
+use super::{Agent, AgentError, StageAgents};
+use crate::config::{AgentBackend, Config, Fallback, ReportMode, StageConfig, secs};
+use crate::resilience::rate_limit::AgentRateLimiter;
+use crate::resilience::{Backoff, Breaker, TransitionHook};
+
+/// Everything the runner and the HTTP server need to know about the agents.
+pub struct AgentSetup {
+    /// The agent of each stage.
+    pub agents: StageAgents,
+    /// One breaker per LLM backend in use (`llm_openrouter`, `llm_opencode`).
+    pub breakers: Vec<Breaker>,
+    /// The signal stage's breaker, when it is an LLM and there is no fallback: while it is
+    /// open a cycle cannot produce anything, so the tick is skipped.
+    pub gate_breaker: Option<Breaker>,
+    /// Auth failures and token totals.
+    pub health: Arc<LlmHealth>,
+    /// The token budget.
+    pub budget: Arc<TokenBudget>,
+    /// Backends whose own health readiness checks (`opencode`).
+    pub probes: Vec<Arc<dyn Transport>>,
+}
+
+impl std::fmt::Debug for AgentSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSetup")
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend_name(b: AgentBackend) -> &'static str {
+    match b {
+        AgentBackend::Rules => "rules",
+        AgentBackend::Openrouter => "openrouter",
+        AgentBackend::Opencode => "opencode",
+    }
+}
+
+/// Builds the agents. `on_breaker` is called on every LLM breaker transition.
+pub fn build(
+    cfg: &Config,
+    limiter: Arc<dyn AgentRateLimiter>,
+    on_breaker: TransitionHook,
+) -> Result<AgentSetup, AgentError> {
+    let a = &cfg.agents;
+    let health = Arc::new(LlmHealth::default());
+    let budget = Arc::new(TokenBudget::new(
+        a.budget.tokens_per_hour,
+        a.budget.tokens_per_day,
+    ));
+    let shared = Arc::new(LlmShared {
+        limiter,
+        budget: budget.clone(),
+        health: health.clone(),
+        max_attempts: cfg.retry.max_attempts,
+        backoff: Backoff {
+            base: secs(cfg.retry.delay_seconds),
+            max: secs(cfg.retry.max_delay_seconds),
+            jitter: cfg.retry.jitter,
+        },
+        fallback_rules: a.fallback == Fallback::Rules,
+    });
+    let mut transports: BTreeMap<&'static str, (Arc<dyn Transport>, Breaker)> = BTreeMap::new();
+    let mut probes: Vec<Arc<dyn Transport>> = vec![];
+    let rules: Arc<dyn Agent> = Arc::new(Rules);
+
+    let mut make = |stage: &StageConfig,
+                    forced_rules: bool|
+     -> Result<(Arc<dyn Agent>, Option<Breaker>), AgentError> {
+        let backend = if forced_rules {
+            AgentBackend::Rules
+        } else {
+            stage.backend.unwrap_or(a.backend)
+        };
+        if backend == AgentBackend::Rules {
+            return Ok((rules.clone(), None));
+        }
+        let name = backend_name(backend);
+        if !transports.contains_key(name) {
+            let t: Arc<dyn Transport> = match backend {
+                AgentBackend::Openrouter => {
+                    Arc::new(OpenRouter::new(&a.base_url, a.api_key.clone())?)
+                }
+                _ => {
+                    let oc = &a.opencode;
+                    let t: Arc<dyn Transport> = Arc::new(OpenCode::new(
+                        &oc.url,
+                        oc.password.clone(),
+                        OpenCodeAgents {
+                            signal: oc.agents.signal.clone(),
+                            advise: oc.agents.advise.clone(),
+                            report: oc.agents.report.clone(),
+                            provider_id: oc.provider_id.clone(),
+                            model_id: oc.model_id.clone(),
+                        },
+                    )?);
+                    probes.push(t.clone());
+                    t
+                }
+            };
+            let hook = on_breaker.clone();
+            let breaker = Breaker::new(
+                &format!("llm_{name}"),
+                cfg.circuit_breaker.llm_service.settings(),
+            )
+            .with_transition_hook(move |n, s| hook(n, s));
+            transports.insert(name, (t, breaker));
+        }
+        let (t, breaker) = transports
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::Transport("no transport".into()))?;
+        let model = match backend {
+            AgentBackend::Opencode if !a.opencode.model_id.is_empty() => {
+                format!("{}/{}", a.opencode.provider_id, a.opencode.model_id)
+            }
+            AgentBackend::Opencode => "opencode".to_string(),
+            _ => stage.model.clone().unwrap_or_else(|| a.model.clone()),
+        };
+        let timeout = stage
+            .timeout_seconds
+            .map(secs)
+            .filter(|d| *d > Duration::ZERO);
+        Ok((
+            Arc::new(LlmAgent::new(
+                t,
+                model,
+                timeout,
+                breaker.clone(),
+                shared.clone(),
+            )),
+            Some(breaker),
+        ))
+    };
+    let (signal, signal_breaker) = make(&a.stages.signal, false)?;
+    let (advise, _) = make(&a.stages.advise, false)?;
+    let (report, _) = make(
+        &a.stages.report,
+        cfg.pipeline.report_mode == ReportMode::Template,
+    )?;
+    let breakers = transports.values().map(|(_, b)| b.clone()).collect();
+    let gate_breaker = if a.fallback == Fallback::Rules {
+        None
+    } else {
+        signal_breaker
+    };
+    Ok(AgentSetup {
+        agents: StageAgents {
+            signal,
+            advise,
+            report,
+        },
+        breakers,
+        gate_breaker,
+        health,
+        budget,
+        probes,
+    })
+}
