@@ -488,7 +488,7 @@ impl LlmAgent {
             model: &self.model,
         };
         let backoff = self.shared.backoff;
-        let r = retry_until(
+        retry_until(
             self.shared.max_attempts,
             deadline,
             |e: &AgentError, n| match e {
@@ -499,11 +499,7 @@ impl LlmAgent {
             },
             |_| self.attempt(&req, deadline),
         )
-        .await;
-        if let Err(e) = &r {
-            metrics::counter!(names::LLM_REQUESTS, "stage" => stage.as_str(), "outcome" => outcome_label(e)).increment(1);
-        }
-        r
+        .await
     }
 
     async fn attempt(&self, req: &LlmRequest<'_>, deadline: Instant) -> Result<Value, AgentError> {
@@ -540,8 +536,6 @@ impl LlmAgent {
                     .increment(reply.usage.input);
                 metrics::counter!(names::LLM_TOKENS, "stage" => stage, "kind" => "output")
                     .increment(reply.usage.output);
-                metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => "ok")
-                    .increment(1);
                 Ok(reply.json)
             }
             Err(e) => {
@@ -563,7 +557,7 @@ impl LlmAgent {
                         self.shared.limiter.pause(pause);
                     }
                     AgentError::Refused { status, message } => {
-                        tracing::error!(stage, status, message = %message, backend = self.transport.backend(), "LLM provider refused the call; not retrying");
+                        tracing::error!(stage, status, provider_message = %message, backend = self.transport.backend(), "LLM provider refused the call; not retrying");
                         if *status == 401 || *status == 402 {
                             self.shared.health.set_auth_error(Some(format!(
                                 "{} answered HTTP {status}: {}",
@@ -578,9 +572,8 @@ impl LlmAgent {
                     }
                     _ => {}
                 }
-                if !matches!(e, AgentError::RateLimited { .. }) {
-                    metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => outcome_label(&e)).increment(1);
-                }
+                // Every request that went out is counted once, by what came back.
+                metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => outcome_label(&e)).increment(1);
                 Err(e)
             }
         }
@@ -591,12 +584,19 @@ impl LlmAgent {
             && matches!(e, AgentError::CircuitOpen | AgentError::BudgetExhausted(_))
     }
 
-    fn answer<T>(&self, value: T) -> Answer<T> {
-        Answer {
+    /// Counts the outcome of a call whose answer was read: `ok`, or why it was rejected.
+    fn checked<T>(&self, stage: Stage, r: Result<T, AgentError>) -> Result<Answer<T>, AgentError> {
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(e) => outcome_label(e),
+        };
+        metrics::counter!(names::LLM_REQUESTS, "stage" => stage.as_str(), "outcome" => outcome)
+            .increment(1);
+        r.map(|value| Answer {
             value,
             model: self.model.clone(),
             degraded: false,
-        }
+        })
     }
 }
 
@@ -681,7 +681,7 @@ impl Agent for LlmAgent {
             )
             .await
         {
-            Ok(v) => signal_from_answer(req.symbol, v).map(|d| self.answer(d)),
+            Ok(v) => self.checked(Stage::Raw, signal_from_answer(req.symbol, v)),
             Err(e) if self.fallback_applies(&e) => Rules::analyse(req).map(degraded),
             Err(e) => Err(e),
         }
@@ -703,7 +703,7 @@ impl Agent for LlmAgent {
             )
             .await
         {
-            Ok(v) => advice_from_answer(v).map(|a| self.answer(a)),
+            Ok(v) => self.checked(Stage::Validated, advice_from_answer(v)),
             Err(e) if self.fallback_applies(&e) => Ok(degraded(Rules::advice(scored))),
             Err(e) => Err(e),
         }
@@ -725,7 +725,7 @@ impl Agent for LlmAgent {
             )
             .await
         {
-            Ok(v) => summary_from_answer(v).map(|a| self.answer(a)),
+            Ok(v) => self.checked(Stage::Dashboard, summary_from_answer(v)),
             Err(e) if self.fallback_applies(&e) => Ok(degraded(Rules::summary(advised))),
             Err(e) => Err(e),
         }

@@ -5,11 +5,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod helpers;
+mod llm_server;
 mod market_server;
 mod redis_server;
 
 mod cli;
 mod failures;
+mod llm_agents;
 mod redis_coordination;
 mod replicas;
 mod scheduling;

@@ -1,0 +1,573 @@
+//! The openrouter backend against the test LLM server: every stage, schemas and headers, the
+//! key never logged, hostile answers, 429 pauses, the rate limit, budget, fallback, bad keys.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Proc, config, metric};
+use crate::llm_server::{LlmServer, Reply, valid_answer};
+
+const KEY: &str = "sk-or-v1-THIS-KEY-MUST-NEVER-BE-LOGGED-0123456789";
+
+fn llm_extra(url: &str, symbols: &[String], agents_more: &str, more: &str) -> String {
+    format!(
+        "  symbols: [{}]\n  agents:\n    backend: openrouter\n    base_url: {url}\n    model: test/model-x\n{agents_more}  pipeline:\n    advise_min_score: 0\n{more}",
+        symbols.join(", ")
+    )
+}
+
+fn syms(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}/USD")).collect()
+}
+
+fn all_log_text(p: &Proc) -> String {
+    let mut s: Vec<String> = p
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(Value::to_string)
+        .collect();
+    s.extend(p.raw.lock().unwrap().iter().cloned());
+    s.join("\n")
+}
+
+#[tokio::test]
+async fn openrouter_runs_every_stage_with_schemas_and_headers_and_never_logs_the_key() {
+    let llm = LlmServer::start().await;
+    let symbols: Vec<String> = autonomous_runner::config::DEFAULT_SYMBOLS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let extra = llm_extra(
+        &llm.url,
+        &symbols,
+        "    requests_per_minute: 1000\n    burst: 200\n",
+        "",
+    );
+    let mut p = Proc::spawn(
+        "run",
+        &config("*/3 * * * * *", &extra),
+        &[("OPENROUTER_API_KEY", KEY), ("LOG_LEVEL", "debug")],
+    )
+    .await;
+    let done = p
+        .wait_log(
+            |l| l["message"] == "cycle finished",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done["ok"], 20, "every symbol through every stage");
+    let (_, latest) = p.get("/api/signals/latest").await;
+    let signals = latest["signals"].as_array().unwrap();
+    assert_eq!(signals.len(), 20);
+    for s in signals {
+        assert_eq!(s["stage"], "report");
+        assert_eq!(s["is_degraded"], false);
+        assert!(
+            s["summary"]
+                .as_str()
+                .unwrap()
+                .contains("Trend and momentum agree"),
+            "{s}"
+        );
+        assert_eq!(s["valid"], true, "advice from the model");
+    }
+    let (_, detailed) = p.get("/health/detailed").await;
+    assert!(!detailed.to_string().contains(KEY));
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(20)).await, 0);
+
+    let received = llm.received();
+    let stages: BTreeSet<String> = received.iter().map(|r| r.stage.clone()).collect();
+    assert_eq!(
+        stages,
+        ["advice", "report", "signal"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    for r in &received {
+        assert_eq!(r.headers["authorization"], format!("Bearer {KEY}").as_str());
+        assert!(r.headers.contains_key("http-referer"));
+        assert_eq!(r.headers["x-openrouter-title"], "autonomous-runner");
+        let rf = &r.body["response_format"];
+        assert_eq!(rf["type"], "json_schema");
+        assert_eq!(
+            rf["json_schema"]["name"],
+            match r.stage.as_str() {
+                "advice" => "advice",
+                s => s,
+            }
+        );
+        assert_eq!(rf["json_schema"]["strict"], true);
+        assert_eq!(rf["json_schema"]["schema"]["additionalProperties"], false);
+        assert_eq!(r.body["model"], "test/model-x");
+    }
+    let sig = received.iter().find(|r| r.stage == "signal").unwrap();
+    let user = sig.body["messages"][1]["content"].as_str().unwrap();
+    for needle in [
+        "Symbol: ",
+        "price_change_1h",
+        "volatility_1h",
+        "volume_ratio",
+        "ema_trend",
+        "hit_rate",
+    ] {
+        assert!(user.contains(needle), "prompt lacks {needle}: {user}");
+    }
+    let logs = all_log_text(&p);
+    assert!(logs.len() > 1000, "debug logs were captured");
+    assert!(
+        !logs.contains(KEY) && !logs.contains("THIS-KEY-MUST-NEVER"),
+        "the API key leaked into the logs"
+    );
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_pauses_calls_for_that_long() {
+    let llm = LlmServer::start().await;
+    llm.next(vec![Reply::Status(429, Some("2".into()))]);
+    let extra = llm_extra(
+        &llm.url,
+        &["ETH/USD".to_string()],
+        "",
+        "  retry:\n    max_attempts: 3\n    delay_seconds: 5\n",
+    );
+    let mut p = Proc::spawn("once", &config("*/1 * * * *", &extra), &[]).await;
+    assert_eq!(p.wait_exit(Duration::from_secs(60)).await, 0);
+    let r = llm.received();
+    assert!(
+        r.len() >= 4,
+        "429, then signal, advice, report: {}",
+        r.len()
+    );
+    let gap = r[1].at.duration_since(r[0].at);
+    // Retry-After: 2 → the next call 2 s later; not at once, and not after the 5 s backoff.
+    assert!(
+        gap >= Duration::from_secs(2) && gap < Duration::from_millis(4500),
+        "gap {gap:?}"
+    );
+    let done = p.logs_matching(|l| l["message"] == "cycle finished");
+    assert_eq!(done[0]["ok"], 1);
+    assert!(
+        !p.logs_matching(|l| l["message"] == "LLM provider rate-limited us; pausing all calls")
+            .is_empty()
+    );
+}
+
+/// No 60-second window holds more than `limit` of these instants.
+fn max_in_any_minute(times: &[tokio::time::Instant]) -> usize {
+    let mut t = times.to_vec();
+    t.sort();
+    (0..t.len())
+        .map(|i| {
+            t[i..]
+                .iter()
+                .take_while(|u| u.duration_since(t[i]) < Duration::from_secs(60))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn rate_limit_holds_in_every_60s_window_under_far_higher_demand() {
+    let llm = LlmServer::start().await;
+    // 30 symbols a second want ~90 calls a second; the limit is 30 a minute (bursts of 10).
+    let extra = llm_extra(
+        &llm.url,
+        &syms("R", 30),
+        "    requests_per_minute: 30\n    burst: 10\n",
+        "  timeouts:\n    symbol_timeout_seconds: 5\n    symbol_timeout_max_seconds: 5\n    total_timeout_seconds: 5\n",
+    );
+    let mut p = Proc::spawn("run", &config("*/6 * * * * *", &extra), &[]).await;
+    tokio::time::sleep(Duration::from_secs(75)).await;
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
+    let times: Vec<_> = llm.received().iter().map(|r| r.at).collect();
+    assert!(
+        times.len() >= 30,
+        "demand reached the limit: {} calls",
+        times.len()
+    );
+    let worst = max_in_any_minute(&times);
+    assert!(worst <= 30, "{worst} calls in one 60 s window");
+    assert!(
+        !p.logs_matching(|l| l["reason"] == "rate_limit_wait")
+            .is_empty(),
+        "demand really exceeded the limit"
+    );
+}
+
+#[tokio::test]
+async fn shared_rate_limit_across_three_replicas() {
+    let redis = crate::redis_server::RedisServer::start().await;
+    let llm = LlmServer::start().await;
+    let extra = format!(
+        "{}  coordination:\n    backend: redis\n    redis_url: {}\n    work_sharing: true\n",
+        llm_extra(
+            &llm.url,
+            &syms("W", 30),
+            "    requests_per_minute: 30\n    burst: 5\n",
+            "  timeouts:\n    symbol_timeout_seconds: 4\n    symbol_timeout_max_seconds: 4\n    total_timeout_seconds: 4\n",
+        ),
+        redis.url()
+    );
+    let mut procs = vec![];
+    for i in 0..3 {
+        procs.push(
+            Proc::spawn(
+                "run",
+                &config("*/5 * * * * *", &extra),
+                &[("INSTANCE_ID", &format!("rl-{i}"))],
+            )
+            .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(75)).await;
+    for p in &procs {
+        p.signal("TERM");
+    }
+    for p in &mut procs {
+        assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
+    }
+    let times: Vec<_> = llm.received().iter().map(|r| r.at).collect();
+    assert!(times.len() >= 30, "{} calls", times.len());
+    let worst = max_in_any_minute(&times);
+    assert!(
+        worst <= 30,
+        "{worst} agent calls across the replicas in one 60 s window"
+    );
+    let busy = procs
+        .iter()
+        .filter(|p| {
+            !p.logs_matching(|l| l["message"] == "symbol completed")
+                .is_empty()
+        })
+        .count();
+    assert!(busy >= 2, "the work was shared");
+}
+
+fn hostile_cases() -> Vec<(&'static str, Reply, bool)> {
+    let good = |s: &str| valid_answer("signal", s);
+    let with = |s: &str, k: &str, v: Value| {
+        let mut a = good(s);
+        a[k] = v;
+        a
+    };
+    let without = |s: &str, k: &str| {
+        let mut a = good(s);
+        a.as_object_mut().unwrap().remove(k);
+        a
+    };
+    vec![
+        (
+            "H0/USD",
+            Reply::Answer(with("H0/USD", "action", json!("STRONG_BUY"))),
+            false,
+        ),
+        (
+            "H1/USD",
+            Reply::Answer(with("H1/USD", "confidence", json!(1.5))),
+            false,
+        ),
+        (
+            "H2/USD",
+            Reply::Answer(with("H2/USD", "confidence", json!(-0.2))),
+            false,
+        ),
+        (
+            "H3/USD",
+            Reply::Content(good("H3/USD").to_string().replace("0.9", "NaN")),
+            false,
+        ),
+        (
+            "H4/USD",
+            Reply::Answer(without("H4/USD", "reasoning")),
+            false,
+        ),
+        (
+            "H5/USD",
+            Reply::Answer(with("H5/USD", "symbol", json!("BTC/USD"))),
+            false,
+        ),
+        (
+            "H6/USD",
+            Reply::Answer(with("H6/USD", "reasoning", json!("x".repeat(2001)))),
+            false,
+        ),
+        (
+            "H7/USD",
+            Reply::Content(format!("Sure! Here is the signal: {}", good("H7/USD"))),
+            false,
+        ),
+        (
+            "H8/USD",
+            Reply::Content(format!("```json\n{}\n```", good("H8/USD"))),
+            false,
+        ),
+        (
+            "H9/USD",
+            Reply::RawBody(format!(
+                "{{\"choices\":[{{\"message\":{{\"content\":\"{}\"}}}}]}}",
+                "A".repeat(2 * 1024 * 1024)
+            )),
+            false,
+        ),
+        ("H10/USD", Reply::RawBody(String::new()), false),
+        (
+            "H11/USD",
+            Reply::RawBody("<html><body>502 Bad Gateway</body></html>".into()),
+            false,
+        ),
+        (
+            "H12/USD",
+            Reply::Answer(with("H12/USD", "extra_field", json!(true))),
+            false,
+        ),
+        (
+            "H13/USD",
+            Reply::Answer(with(
+                "H13/USD",
+                "reasoning",
+                json!("<img src=x onerror=alert(1)><script>alert('x')</script> & more"),
+            )),
+            true,
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn hostile_answers_are_rejected_with_a_reason_or_kept_as_text() {
+    let llm = LlmServer::start().await;
+    let cases = hostile_cases();
+    for (s, r, _) in &cases {
+        llm.always_for(s, "signal", r.clone());
+    }
+    let symbols: Vec<String> = cases.iter().map(|(s, _, _)| s.to_string()).collect();
+    let extra = llm_extra(
+        &llm.url,
+        &symbols,
+        "    requests_per_minute: 1000\n    burst: 100\n",
+        "  retry:\n    max_attempts: 1\n",
+    );
+    let mut p = Proc::spawn("run", &config("*/2 * * * * *", &extra), &[]).await;
+    p.wait_log(
+        |l| l["message"] == "cycle finished",
+        Duration::from_secs(30),
+    )
+    .await;
+    let (_, m) = p.get_text("/metrics").await;
+    let (_, latest) = p.get("/api/signals/latest").await;
+    for (s, _, accepted) in &cases {
+        let skipped = metric(
+            &m,
+            "autonomous_runner_signal_generation_skipped_total",
+            &[("symbol", s), ("reason", "invalid_output")],
+        );
+        if *accepted {
+            assert_eq!(skipped, 0.0, "{s} should be accepted");
+            let sig = latest["signals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["symbol"] == *s)
+                .expect("published");
+            assert_eq!(
+                sig["reasoning"], "<img src=x onerror=alert(1)><script>alert('x')</script> & more",
+                "kept verbatim as text"
+            );
+        } else {
+            assert!(skipped >= 1.0, "{s} not counted as invalid_output");
+        }
+    }
+    assert!(
+        metric(
+            &m,
+            "autonomous_runner_llm_requests_total",
+            &[("stage", "signal"), ("outcome", "invalid_output")]
+        ) >= 13.0
+    );
+    p.signal("TERM");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(20)).await,
+        0,
+        "no panic, clean exit"
+    );
+    let rejected =
+        p.logs_matching(|l| l["message"] == "symbol failed" && l["reason"] == "invalid_output");
+    assert!(
+        rejected
+            .iter()
+            .all(|l| !l["error"].as_str().unwrap_or("").is_empty()),
+        "each rejection says why"
+    );
+}
+
+#[tokio::test]
+async fn a_spent_budget_stops_llm_calls_and_shows_in_readiness() {
+    let llm = LlmServer::start().await;
+    llm.set_usage(100, 20);
+    let extra = llm_extra(
+        &llm.url,
+        &syms("B", 3),
+        "    budget:\n      tokens_per_hour: 600\n",
+        "",
+    );
+    let p = Proc::spawn("run", &config("*/2 * * * * *", &extra), &[]).await;
+    let ready = p
+        .poll("/health/ready", Duration::from_secs(30), |v| {
+            v["checks"]["llm_budget_available"] == false
+        })
+        .await;
+    assert!(
+        ready["reasons"]["llm_budget_available"]
+            .as_str()
+            .unwrap()
+            .contains("hour")
+    );
+    assert_eq!(p.get("/health/ready").await.0, 503);
+    let calls = llm.received().len();
+    assert!((5..=9).contains(&calls), "{calls} calls");
+    // Two more cycles: no more calls, each symbol skipped with the reason.
+    let seen = p.logs_matching(|l| l["message"] == "cycle finished").len();
+    p.wait_log_count(
+        |l| l["message"] == "cycle finished",
+        seen + 2,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        llm.received().len(),
+        calls,
+        "no LLM call after the budget was spent"
+    );
+    let (_, m) = p.get_text("/metrics").await;
+    assert!(
+        metric(
+            &m,
+            "autonomous_runner_llm_budget_exhausted_total",
+            &[("window", "hour")]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &m,
+            "autonomous_runner_signal_generation_skipped_total",
+            &[("reason", "budget_exhausted")]
+        ) >= 3.0
+    );
+    let (_, d) = p.get("/health/detailed").await;
+    assert_eq!(d["llm"]["budget"]["exhausted"], "hour");
+    assert!(
+        metric(
+            &m,
+            "autonomous_runner_llm_tokens_total",
+            &[("kind", "input")]
+        ) >= 500.0
+    );
+}
+
+#[tokio::test]
+async fn fallback_produces_degraded_signals_while_the_breaker_is_open_then_real_ones() {
+    let llm = LlmServer::start().await;
+    llm.set_default(Some(Reply::Status(503, None)));
+    let extra = llm_extra(
+        &llm.url,
+        &syms("F", 4),
+        "    fallback: rules\n",
+        "  retry:\n    max_attempts: 1\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 2\n      recovery_timeout_seconds: 3\n      half_open_max_calls: 1\n      success_threshold: 1\n  parallel:\n    max_concurrent: 1\n    min_concurrent: 1\n",
+    );
+    let p = Proc::spawn("run", &config("*/2 * * * * *", &extra), &[]).await;
+    // While open: degraded signals, produced by rules, published.
+    let latest = p
+        .poll("/api/signals/latest", Duration::from_secs(30), |v| {
+            v["signals"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|s| s["is_degraded"] == true))
+        })
+        .await;
+    let degraded = latest["signals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["is_degraded"] == true)
+        .unwrap()
+        .clone();
+    assert!(degraded["summary"].as_str().unwrap().len() > 10);
+    let ready = p.get("/health/ready").await.1;
+    assert_eq!(ready["checks"]["circuit_breaker_closed"], false);
+    // The provider recovers; after the recovery timeout a probe closes the breaker.
+    llm.set_default(None);
+    let healed = p
+        .poll("/api/signals/latest", Duration::from_secs(40), |v| {
+            v["signals"].as_array().is_some_and(|a| {
+                a.len() == 4
+                    && a.iter().all(|s| {
+                        s["is_degraded"] == false
+                            && s["summary"]
+                                .as_str()
+                                .unwrap_or("")
+                                .contains("Trend and momentum agree")
+                    })
+            })
+        })
+        .await;
+    assert_eq!(healed["signals"].as_array().unwrap().len(), 4);
+    assert_eq!(p.get("/health/ready").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_rejected_key_is_not_retried_and_flips_readiness() {
+    let llm = LlmServer::start().await;
+    llm.set_default(Some(Reply::Status(401, None)));
+    let extra = llm_extra(
+        &llm.url,
+        &syms("K", 2),
+        "",
+        "  retry:\n    max_attempts: 3\n    delay_seconds: 0.1\n",
+    );
+    let p = Proc::spawn(
+        "run",
+        &config("*/2 * * * * *", &extra),
+        &[("OPENROUTER_API_KEY", "sk-bad")],
+    )
+    .await;
+    let r = p
+        .poll("/health/ready", Duration::from_secs(20), |v| {
+            v["checks"]["llm_credentials_valid"] == false
+        })
+        .await;
+    assert!(
+        r["reasons"]["llm_credentials_valid"]
+            .as_str()
+            .unwrap()
+            .contains("401")
+    );
+    p.wait_log(
+        |l| l["message"] == "cycle finished",
+        Duration::from_secs(10),
+    )
+    .await;
+    // One request per symbol per cycle: a 401 is not retried.
+    let per_symbol = llm
+        .received()
+        .iter()
+        .filter(|r| r.symbol == "K0/USD")
+        .count();
+    let cycles = p.logs_matching(|l| l["message"] == "cycle finished").len();
+    assert!(
+        per_symbol <= cycles + 1,
+        "{per_symbol} requests over {cycles} cycles"
+    );
+    assert!(
+        !p.logs_matching(
+            |l| l["message"] == "LLM provider refused the call; not retrying" && l["status"] == 401
+        )
+        .is_empty()
+    );
+    assert!(!all_log_text(&p).contains("sk-bad"));
+}

@@ -1,0 +1,332 @@
+//! A real HTTP server speaking the OpenAI chat-completions API, scriptable per test: latency,
+//! status codes, `Retry-After`, malformed bodies, and tool-call answers to `StructuredOutput`
+//! requests as OpenCode sends them (streamed or not). It records every request it receives.
+//!
+//! By default it answers every structured request with a valid answer for the stage it
+//! recognises from the schema (signal / advice / report) and the symbol named in the prompt.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// One scripted reaction.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// The default valid answer.
+    Valid,
+    /// An HTTP status with a JSON error body and optional `Retry-After`.
+    Status(u16, Option<String>),
+    /// This exact JSON as the structured answer (content or tool-call arguments).
+    Answer(Value),
+    /// This raw text as the model's content (for prose, fences, broken JSON).
+    Content(String),
+    /// This raw HTTP body with status 200.
+    RawBody(String),
+    /// Never answers (until the client gives up).
+    Hang,
+}
+
+/// A received request.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: tokio::time::Instant,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub stage: String,
+    pub symbol: String,
+}
+
+#[derive(Default)]
+struct Script {
+    /// Per `symbol|stage` (or per symbol): the reply for every request.
+    always: HashMap<String, Reply>,
+    /// For every request not otherwise scripted.
+    default: Option<Reply>,
+    /// Global queue, used before anything else.
+    next: VecDeque<Reply>,
+    usage: (u64, u64),
+    received: Vec<Received>,
+}
+
+#[derive(Clone)]
+pub struct LlmServer {
+    pub url: String,
+    script: Arc<Mutex<Script>>,
+}
+
+impl LlmServer {
+    pub async fn start() -> LlmServer {
+        let script = Arc::new(Mutex::new(Script {
+            usage: (100, 20),
+            ..Default::default()
+        }));
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", post(completions))
+            .route("/chat/completions", post(completions))
+            .with_state(script.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr: SocketAddr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        LlmServer {
+            url: format!("http://{addr}/v1"),
+            script,
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Script) -> R) -> R {
+        f(&mut self.script.lock().unwrap())
+    }
+
+    /// Every request of `stage` (`signal`, `advice`, `report`) for `symbol` gets `r`.
+    pub fn always_for(&self, symbol: &str, stage: &str, r: Reply) {
+        self.with(|s| s.always.insert(format!("{symbol}|{stage}"), r));
+    }
+
+    /// The next requests (any symbol) get these, in order.
+    pub fn next(&self, rs: Vec<Reply>) {
+        self.with(|s| s.next.extend(rs));
+    }
+
+    /// Every request not scripted otherwise gets `r` (None: the valid answer).
+    pub fn set_default(&self, r: Option<Reply>) {
+        self.with(|s| s.default = r);
+    }
+
+    /// Tokens reported per answer (prompt, completion).
+    pub fn set_usage(&self, prompt: u64, completion: u64) {
+        self.with(|s| s.usage = (prompt, completion));
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.with(|s| s.received.clone())
+    }
+}
+
+/// Which stage a request is for, from its schema (response_format or the StructuredOutput tool).
+fn schema_of(body: &Value) -> Option<&Value> {
+    if let Some(s) = body.pointer("/response_format/json_schema/schema") {
+        return Some(s);
+    }
+    body["tools"]
+        .as_array()?
+        .iter()
+        .find(|t| t["function"]["name"] == "StructuredOutput")
+        .map(|t| &t["function"]["parameters"])
+}
+
+fn stage_of(schema: Option<&Value>) -> &'static str {
+    match schema {
+        Some(s) if s["properties"].get("action").is_some() => "signal",
+        Some(s) if s["properties"].get("max_position_size").is_some() => "advice",
+        Some(s) if s["properties"].get("summary").is_some() => "report",
+        _ => "other",
+    }
+}
+
+/// The symbol named in the last user message (`Symbol: ETH/USD`).
+fn symbol_of(body: &Value) -> String {
+    let text: String = body["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter(|m| m["role"] == "user")
+                .map(|m| match &m["content"] {
+                    Value::String(s) => s.clone(),
+                    Value::Array(parts) => parts
+                        .iter()
+                        .filter_map(|p| p["text"].as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    _ => String::new(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
+    text.split("Symbol: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("")
+        .to_string()
+}
+
+pub fn valid_answer(stage: &str, symbol: &str) -> Value {
+    match stage {
+        "signal" => json!({
+            "symbol": symbol, "action": "BUY", "confidence": 0.9,
+            "reasoning": format!("{symbol}: momentum and trend agree."),
+            "strategies_analyzed": 3, "strategies_bullish": 2, "strategies_bearish": 0, "strategies_neutral": 1,
+            "top_strategy": {"name": "ema_trend", "score": 0.8, "signal": "BUY"},
+            "strategy_breakdown": [
+                {"name": "ema_trend", "signal": "BUY", "score": 0.8},
+                {"name": "momentum", "signal": "BUY", "score": 0.7},
+                {"name": "rsi_reversal", "signal": "HOLD", "score": 0.5}
+            ]
+        }),
+        "advice" => {
+            json!({"valid": true, "max_position_size": 0.05, "risk_warnings": ["Test warning."]})
+        }
+        "report" => {
+            json!({"summary": format!("{symbol} BUY with high confidence. Trend and momentum agree.")})
+        }
+        _ => json!({}),
+    }
+}
+
+fn chat_completion(content: Option<&str>, tool_args: Option<&str>, usage: (u64, u64)) -> Value {
+    let message = match tool_args {
+        Some(args) => json!({"role": "assistant", "content": null, "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {"name": "StructuredOutput", "arguments": args}
+        }]}),
+        None => json!({"role": "assistant", "content": content.unwrap_or("")}),
+    };
+    json!({
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "test-model",
+        "choices": [{"index": 0, "message": message, "finish_reason": if tool_args.is_some() { "tool_calls" } else { "stop" }}],
+        "usage": {"prompt_tokens": usage.0, "completion_tokens": usage.1, "total_tokens": usage.0 + usage.1}
+    })
+}
+
+/// The same answer as server-sent chunks (OpenCode streams).
+fn streamed(content: Option<&str>, tool_args: Option<&str>, usage: (u64, u64)) -> Response {
+    let mut events = vec![];
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "test-model",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    match tool_args {
+        Some(args) => {
+            events.push(chunk(json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "StructuredOutput", "arguments": ""}}]}), Value::Null));
+            events.push(chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}),
+                Value::Null,
+            ));
+            events.push(chunk(json!({}), json!("tool_calls")));
+        }
+        None => {
+            events.push(chunk(
+                json!({"role": "assistant", "content": content.unwrap_or("")}),
+                Value::Null,
+            ));
+            events.push(chunk(json!({}), json!("stop")));
+        }
+    }
+    events.push(json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "test-model", "choices": [],
+                       "usage": {"prompt_tokens": usage.0, "completion_tokens": usage.1, "total_tokens": usage.0 + usage.1}}));
+    let mut body = String::new();
+    for e in events {
+        body.push_str(&format!("data: {e}\n\n"));
+    }
+    body.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn completions(
+    State(script): State<Arc<Mutex<Script>>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let schema = schema_of(&body);
+    let stage = stage_of(schema).to_string();
+    let symbol = symbol_of(&body);
+    let tool_mode = body["tools"].as_array().is_some_and(|t| {
+        t.iter()
+            .any(|t| t["function"]["name"] == "StructuredOutput")
+    });
+    let stream = body["stream"] == true;
+    let (reply, usage) = {
+        let mut s = script.lock().unwrap();
+        s.received.push(Received {
+            at: tokio::time::Instant::now(),
+            headers: headers.clone(),
+            body: body.clone(),
+            stage: stage.clone(),
+            symbol: symbol.clone(),
+        });
+        let r = s
+            .next
+            .pop_front()
+            .or_else(|| s.always.get(&format!("{symbol}|{stage}")).cloned())
+            .or_else(|| s.always.get(&symbol).cloned())
+            .or_else(|| s.default.clone())
+            .unwrap_or(Reply::Valid);
+        (r, s.usage)
+    };
+    if stage == "other" {
+        // A request we do not structure (e.g. a title): plain text.
+        return if stream {
+            streamed(Some("ok"), None, usage)
+        } else {
+            axum::Json(chat_completion(Some("ok"), None, usage)).into_response()
+        };
+    }
+    let answer = |v: &Value| {
+        let text = v.to_string();
+        if tool_mode {
+            if stream {
+                streamed(None, Some(&text), usage)
+            } else {
+                axum::Json(chat_completion(None, Some(&text), usage)).into_response()
+            }
+        } else if stream {
+            streamed(Some(&text), None, usage)
+        } else {
+            axum::Json(chat_completion(Some(&text), None, usage)).into_response()
+        }
+    };
+    match reply {
+        Reply::Valid => answer(&valid_answer(&stage, &symbol)),
+        Reply::Status(code, retry_after) => {
+            let mut b = Response::builder()
+                .status(code)
+                .header("content-type", "application/json");
+            if let Some(ra) = retry_after {
+                b = b.header("retry-after", ra);
+            }
+            b.body(Body::from(
+                json!({"error": {"code": code, "message": format!("scripted {code}")}}).to_string(),
+            ))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+        Reply::Answer(v) => answer(&v),
+        Reply::Content(text) => {
+            if tool_mode {
+                if stream {
+                    streamed(None, Some(&text), usage)
+                } else {
+                    axum::Json(chat_completion(None, Some(&text), usage)).into_response()
+                }
+            } else if stream {
+                streamed(Some(&text), None, usage)
+            } else {
+                axum::Json(chat_completion(Some(&text), None, usage)).into_response()
+            }
+        }
+        Reply::RawBody(raw) => Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from(raw))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        Reply::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+    }
+}
