@@ -64,6 +64,7 @@ pub struct App {
     coord: Arc<dyn Coordination>,
     publisher: Arc<Publisher>,
     sink: Option<Arc<RedisSink>>,
+    transports: Vec<Arc<dyn agents::llm::Transport>>,
     listener: TcpListener,
     http_state: http::AppState,
 }
@@ -225,6 +226,7 @@ impl App {
             coord,
             publisher,
             sink,
+            transports: setup.probes.clone(),
             listener,
             http_state,
         })
@@ -243,6 +245,7 @@ impl App {
             coord,
             publisher,
             sink,
+            transports,
             listener,
             http_state,
         } = self;
@@ -272,6 +275,7 @@ impl App {
                 server,
                 heartbeat,
                 deliverer,
+                transports,
             },
         )
     }
@@ -314,6 +318,7 @@ struct Services {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     heartbeat: tokio::task::JoinHandle<()>,
     deliverer: Option<tokio::task::JoinHandle<()>>,
+    transports: Vec<Arc<dyn agents::llm::Transport>>,
 }
 
 impl Services {
@@ -329,6 +334,7 @@ impl Services {
             server,
             heartbeat,
             deliverer,
+            transports,
         } = self;
         background.cancel();
         let _ = heartbeat.await;
@@ -351,6 +357,9 @@ impl Services {
         match coord.remove_heartbeat().await {
             Ok(()) => tracing::info!("heartbeat deleted"),
             Err(e) => tracing::warn!(error = %e, "could not delete the heartbeat; it will expire"),
+        }
+        for t in &transports {
+            t.drain(Duration::from_secs(5)).await;
         }
         publisher
             .flush(secs(cfg.graceful_shutdown.timeout_seconds).min(Duration::from_secs(10)))

@@ -79,6 +79,8 @@ pub trait Transport: Send + Sync {
     async fn call(&self, req: &LlmRequest<'_>, deadline: Instant) -> Result<LlmReply, AgentError>;
     /// Readiness of the backend itself (`Ok` when it answers).
     async fn health(&self) -> Result<(), String>;
+    /// Waits (up to `timeout`) for background work such as session clean-ups (shutdown).
+    async fn drain(&self, _timeout: Duration) {}
 }
 
 // ---------------------------------------------------------------------------------------------

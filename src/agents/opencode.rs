@@ -43,6 +43,34 @@ pub struct OpenCode {
     base: String,
     password: Secret,
     agents: OpenCodeAgents,
+    /// Session clean-ups still running (a call dropped at its deadline cleans up after it).
+    cleanups: tokio_util::task::TaskTracker,
+}
+
+/// Aborts and deletes its session when dropped while armed: whether the call ended at our own
+/// deadline or the caller dropped it (the symbol's or the cycle's deadline), the session never
+/// outlives the call.
+struct SessionGuard {
+    oc: OpenCode,
+    id: String,
+    symbol: String,
+    stage: &'static str,
+    armed: bool,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        tracing::warn!(symbol = %self.symbol, stage = self.stage, session = %self.id, "OpenCode call passed its deadline; aborting the session");
+        let (oc, id) = (self.oc.clone(), std::mem::take(&mut self.id));
+        // Drop cannot wait; the tracker lets shutdown wait for the clean-up instead.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let tracker = oc.cleanups.clone();
+            tracker.spawn_on(async move { oc.abort_and_delete(&id, true).await }, &handle);
+        }
+    }
 }
 
 impl std::fmt::Debug for OpenCode {
@@ -74,6 +102,7 @@ impl OpenCode {
             base: url.trim_end_matches('/').to_string(),
             password,
             agents,
+            cleanups: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -289,20 +318,33 @@ impl Transport for OpenCode {
         let id = tokio::time::timeout_at(deadline, self.create_session(req))
             .await
             .map_err(|_| AgentError::Timeout)??;
-        let r = tokio::time::timeout_at(deadline, self.prompt(&id, req)).await;
-        let timed_out = r.is_err();
-        if timed_out {
-            tracing::warn!(symbol = req.symbol, stage = req.stage.as_str(), session = %id, "OpenCode call passed its deadline; aborting the session");
+        let mut guard = SessionGuard {
+            oc: self.clone(),
+            id,
+            symbol: req.symbol.to_string(),
+            stage: req.stage.as_str(),
+            armed: true,
+        };
+        // At the deadline the guard (still armed) aborts and deletes the session.
+        let reply = tokio::time::timeout_at(deadline, self.prompt(&guard.id, req))
+            .await
+            .map_err(|_| AgentError::Timeout)?;
+        guard.armed = false;
+        self.abort_and_delete(&guard.id, false).await;
+        reply
+    }
+
+    async fn drain(&self, timeout: Duration) {
+        self.cleanups.close();
+        if tokio::time::timeout(timeout, self.cleanups.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.cleanups.len(),
+                "OpenCode session clean-ups still running at shutdown"
+            );
         }
-        // Clean up off the caller's path: the deadline has passed or the answer is in.
-        let this = self.clone();
-        let cleanup = async move { this.abort_and_delete(&id, timed_out).await };
-        if timed_out {
-            tokio::spawn(cleanup);
-        } else {
-            cleanup.await;
-        }
-        r.map_err(|_| AgentError::Timeout)?
     }
 
     async fn health(&self) -> Result<(), String> {

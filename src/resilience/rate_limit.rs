@@ -218,7 +218,10 @@ mod tests {
         // timer's 1 ms resolution per wait).
         let span = times[199].duration_since(times[0]);
         let ideal = Duration::from_secs(61) / 30 * 199;
-        assert!(span >= ideal && span <= ideal + Duration::from_millis(199), "{span:?}");
+        assert!(
+            span >= ideal && span <= ideal + Duration::from_millis(199),
+            "{span:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -251,7 +251,8 @@ async fn shared_rate_limit_across_three_replicas() {
     assert!(busy >= 2, "the work was shared");
 }
 
-fn hostile_cases() -> Vec<(&'static str, Reply, bool)> {
+/// (symbol, hostile answer, whether it is acceptable as is).
+pub fn hostile_cases() -> Vec<(&'static str, Reply, bool)> {
     let good = |s: &str| valid_answer("signal", s);
     let with = |s: &str, k: &str, v: Value| {
         let mut a = good(s);

@@ -12,6 +12,7 @@ mod redis_server;
 mod cli;
 mod failures;
 mod llm_agents;
+mod opencode;
 mod redis_coordination;
 mod replicas;
 mod scheduling;

@@ -249,7 +249,7 @@ async fn redis_outage_loses_nothing_and_cycles_resume() {
     // Every symbol the runner completed is in the dashboard stream exactly once; nothing is
     // twice in any stream.
     let completed = completed_symbols(&p);
-    assert!(completed.len() >= 10, "{completed:?}");
+    assert!(completed.len() >= 5, "{completed:?}");
     let dash = counts(&redis, "stream:dashboard-signals").await;
     for key in &completed {
         assert_eq!(dash.get(key), Some(&1), "{key:?} missing or duplicated");

@@ -1,0 +1,249 @@
+//! The opencode backend against a real `opencode serve` (installed by `scripts/test`, run
+//! offline) whose model is the test LLM server.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{Proc, config, metric};
+use crate::llm_server::{LlmServer, Reply};
+
+/// `OPENCODE_BIN`, or where `scripts/test` installs it.
+fn opencode_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("OPENCODE_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".test-tools/opencode/node_modules/opencode-linux-x64/bin/opencode");
+    assert!(
+        p.exists(),
+        "opencode is not installed: run scripts/test (it installs opencode-ai from npm) or set OPENCODE_BIN"
+    );
+    p
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).expect("copy");
+        }
+    }
+}
+
+pub struct OpenCodeServer {
+    pub url: String,
+    _child: Child,
+    _home: tempfile::TempDir,
+}
+
+impl OpenCodeServer {
+    /// Serves this repository's `agents/opencode` project (a copy), its model the test LLM.
+    pub async fn start(llm: &LlmServer) -> OpenCodeServer {
+        let home = tempfile::tempdir().expect("tempdir");
+        let project = home.path().join("project");
+        copy_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("agents/opencode"),
+            &project,
+        );
+        let overlay = json!({
+            "enabled_providers": ["local"],
+            "model": "local/test-model",
+            "small_model": "local/test-model",
+            "provider": {"local": {
+                "npm": "@ai-sdk/openai-compatible",
+                "options": {"baseURL": llm.url},
+                "models": {"test-model": {"tool_call": true, "temperature": true, "limit": {"context": 128000, "output": 4096}}}
+            }}
+        });
+        let h = home.path();
+        let mut cmd = Command::new(opencode_bin());
+        cmd.args(["serve", "--port", "0", "--hostname", "127.0.0.1"])
+            .current_dir(&project)
+            .env("HOME", h)
+            .env("XDG_CONFIG_HOME", h.join("config"))
+            .env("XDG_DATA_HOME", h.join("data"))
+            .env("XDG_CACHE_HOME", h.join("cache"))
+            .env("XDG_STATE_HOME", h.join("state"))
+            .env("OPENCODE_CONFIG_CONTENT", overlay.to_string())
+            .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+            .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+            .env("OPENCODE_DISABLE_SHARE", "1")
+            .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
+            .env("OPENCODE_DISABLE_DEFAULT_PLUGINS", "1")
+            .env("OPENCODE_DISABLE_CLAUDE_CODE", "1")
+            .env("OPENCODE_DISABLE_EXTERNAL_SKILLS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn opencode");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    return rest.trim().to_string();
+                }
+            }
+            panic!("opencode exited before listening");
+        })
+        .await
+        .expect("opencode listening within 60 s");
+        // Keep draining stdout so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        OpenCodeServer {
+            url,
+            _child: child,
+            _home: home,
+        }
+    }
+
+    pub async fn sessions(&self) -> Vec<Value> {
+        let (_, v) = crate::helpers::get_json(&format!("{}/session", self.url)).await;
+        v.as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn extra(oc: &str, symbols: &str, more: &str) -> String {
+    format!(
+        "  symbols: [{symbols}]\n  agents:\n    backend: opencode\n    requests_per_minute: 1000\n    burst: 100\n    opencode:\n      url: {oc}\n      provider_id: local\n      model_id: test-model\n  pipeline:\n    advise_min_score: 0\n{more}"
+    )
+}
+
+#[tokio::test]
+async fn a_cycle_runs_through_opencode_and_a_stalled_symbol_is_aborted_and_deleted() {
+    let llm = LlmServer::start().await;
+    llm.always_for("STALL/USD", "signal", Reply::Hang);
+    let oc = OpenCodeServer::start(&llm).await;
+    let more = "  retry:\n    max_attempts: 1\n  timeouts:\n    symbol_timeout_seconds: 20\n    symbol_timeout_max_seconds: 20\n    total_timeout_seconds: 40\n";
+    let cfg = extra(
+        &oc.url,
+        "ETH/USD, BTC/USD, SOL/USD, DOGE/USD, LINK/USD, STALL/USD",
+        more,
+    );
+    // The stalled symbol's signal stage gets 6 s.
+    let cfg = cfg.replace(
+        "    opencode:\n",
+        "    stages:\n      signal:\n        timeout_seconds: 6\n    opencode:\n",
+    );
+    let mut p = Proc::spawn("once", &config("*/1 * * * *", &cfg), &[]).await;
+    assert_eq!(p.wait_exit(Duration::from_secs(120)).await, 0);
+    let done = p.logs_matching(|l| l["message"] == "cycle finished");
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        done[0]["ok"], 5,
+        "five symbols through every stage via OpenCode: {done:?}"
+    );
+    let failed = p.logs_matching(|l| l["message"] == "symbol failed" && l["symbol"] == "STALL/USD");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["reason"], "timeout");
+    assert!(
+        !p.logs_matching(|l| l["message"]
+            == "OpenCode call passed its deadline; aborting the session"
+            && l["symbol"] == "STALL/USD")
+            .is_empty()
+    );
+    // Every session was deleted, the stalled one included (cleanup runs just after the
+    // deadline; allow it a moment).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = oc.sessions().await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions left: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // OpenCode asked the model through StructuredOutput with our schemas, titled per symbol.
+    let got = llm.received();
+    let structured: Vec<_> = got.iter().filter(|r| r.stage != "other").collect();
+    assert!(
+        structured.len() >= 15,
+        "{} structured calls",
+        structured.len()
+    );
+    for r in &structured {
+        let tool = r.body["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["function"]["name"] == "StructuredOutput")
+            .unwrap();
+        assert!(tool["function"]["parameters"]["properties"].is_object());
+        let names: Vec<&str> = r.body["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["function"]["name"].as_str())
+            .collect();
+        assert!(
+            !names.contains(&"bash") && !names.contains(&"edit") && !names.contains(&"write"),
+            "tools locked down: {names:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
+    let llm = LlmServer::start().await;
+    let cases = crate::llm_agents::hostile_cases();
+    for (s, r, _) in &cases {
+        llm.always_for(s, "signal", r.clone());
+    }
+    let oc = OpenCodeServer::start(&llm).await;
+    let symbols: Vec<String> = cases.iter().map(|(s, _, _)| s.to_string()).collect();
+    let cfg = extra(
+        &oc.url,
+        &symbols.join(", "),
+        "  retry:\n    max_attempts: 1\n  parallel:\n    max_concurrent: 14\n  timeouts:\n    symbol_timeout_seconds: 15\n    symbol_timeout_max_seconds: 15\n    total_timeout_seconds: 40\n",
+    );
+    let p = Proc::spawn("run", &config("*/30 * * * * *", &cfg), &[]).await;
+    p.wait_log(
+        |l| l["message"] == "cycle finished",
+        Duration::from_secs(90),
+    )
+    .await;
+    let (_, m) = p.get_text("/metrics").await;
+    let (_, latest) = p.get("/api/signals/latest").await;
+    for (s, _, accepted) in &cases {
+        let counted = metric(
+            &m,
+            "autonomous_runner_signal_generation_skipped_total",
+            &[("symbol", s)],
+        );
+        if *accepted {
+            assert_eq!(counted, 0.0, "{s} should be accepted");
+            let sig = latest["signals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["symbol"] == *s)
+                .expect("published");
+            assert!(
+                sig["reasoning"].as_str().unwrap().contains("<script>"),
+                "kept verbatim as text"
+            );
+        } else {
+            assert!(counted >= 1.0, "{s} was neither rejected nor counted");
+        }
+    }
+    // Answers that reached `info.structured` broke the schema and say so.
+    let invalid = metric(
+        &m,
+        "autonomous_runner_signal_generation_skipped_total",
+        &[("reason", "invalid_output")],
+    );
+    assert!(invalid >= 6.0, "{invalid} invalid_output");
+}
