@@ -5,11 +5,13 @@
 
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -45,6 +47,21 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Process start.
     pub started: Instant,
+    /// Admin endpoint access.
+    pub admin: AdminAccess,
+    /// `POST /shutdown` cancels this (as SIGTERM does).
+    pub shutdown_request: CancellationToken,
+    /// Open SSE streams end when this fires (the server is stopping).
+    pub streams_stop: CancellationToken,
+}
+
+/// Who may call the admin endpoints.
+#[derive(Clone, Debug)]
+pub struct AdminAccess {
+    /// `Authorization: Bearer` token (empty: none configured).
+    pub token: crate::config::Secret,
+    /// Loopback peers may call without a token.
+    pub loopback: bool,
 }
 
 /// The router.
@@ -58,6 +75,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/signals/latest", get(latest))
         .route("/api/cycles", get(cycles))
+        .route("/api/signals/stream", get(crate::http_sse::stream))
+        .route("/assets/dashboard.js", get(dashboard_js))
+        .route("/assets/dashboard.css", get(dashboard_css))
+        .route("/shutdown", post(shutdown))
+        .route("/api/kill-switch", post(kill_switch_on).delete(kill_switch_off).get(kill_switch_get))
         .with_state(state)
 }
 
@@ -67,16 +89,139 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
 
+/// The dashboard: static assets compiled into the binary (no build step). The content
+/// security policy forbids inline and foreign scripts, so even text that slipped into markup
+/// could not run; the page itself only ever sets `textContent`.
+const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+const DASHBOARD_JS: &str = include_str!("../assets/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("../assets/dashboard.css");
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 async fn index() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "autonomous-runner\n\nGET /api/signals/latest   latest signal per symbol\nGET /api/cycles           recent cycles\nGET /health/ready         readiness\nGET /health/detailed      details\nGET /metrics              Prometheus metrics\n",
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        DASHBOARD_HTML,
     )
+}
+
+async fn dashboard_js() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], DASHBOARD_JS)
+}
+
+async fn dashboard_css() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], DASHBOARD_CSS)
+}
+
+/// Equal-time comparison, so a wrong token's timing says nothing about the right one.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Allows the request (and says how) or answers 401/403. Never logs the token.
+fn authorize(s: &AppState, peer: SocketAddr, headers: &HeaderMap, what: &str) -> Result<&'static str, Response> {
+    let configured = !s.admin.token.is_empty();
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        let presented = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        if configured && same(presented.as_bytes(), s.admin.token.expose().as_bytes()) {
+            return Ok("token");
+        }
+        tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: invalid bearer token");
+        return Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], axum::Json(json!({"error": "invalid token"}))).into_response());
+    }
+    if s.admin.loopback && peer.ip().is_loopback() {
+        return Ok("loopback");
+    }
+    tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: no token from a non-loopback peer");
+    if configured {
+        Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], axum::Json(json!({"error": "a bearer token is required"}))).into_response())
+    } else {
+        Err((StatusCode::FORBIDDEN, axum::Json(json!({"error": "admin endpoints are only open to loopback peers (set ADMIN_TOKEN to allow others)"}))).into_response())
+    }
+}
+
+async fn shutdown(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    match authorize(&s, peer, &headers, "/shutdown") {
+        Ok(via) => {
+            tracing::info!(peer = %peer.ip(), via, "shutdown requested over HTTP");
+            s.shutdown_request.cancel();
+            (StatusCode::ACCEPTED, axum::Json(json!({"status": "shutting down"}))).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn kill_switch_get(State(s): State<AppState>) -> Response {
+    match s.coord.kill_switch().await {
+        Ok(ks) => axum::Json(json!({"kill_switch": ks})).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": e.to_string()}))).into_response(),
+    }
+}
+
+async fn kill_switch_on(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, peer, &headers, "POST /api/kill-switch") {
+        return r;
+    }
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        String::new()
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => match v.get("reason") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(r)) if r.chars().count() <= 500 => r.clone(),
+                Some(_) => {
+                    return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "reason must be a string of at most 500 characters"}))).into_response();
+                }
+            },
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": format!("body must be JSON like {{\"reason\": \"…\"}}: {e}")}))).into_response();
+            }
+        }
+    };
+    let via = if headers.contains_key(header::AUTHORIZATION) { "token" } else { "loopback" };
+    let ks = crate::coordination::KillSwitch {
+        active: true,
+        reason,
+        activated_by: format!("admin-api ({via}) from {}", peer.ip()),
+        activated_at: Some(chrono::Utc::now()),
+    };
+    match s.coord.set_kill_switch(&ks).await {
+        Ok(()) => {
+            tracing::warn!(reason = %ks.reason, by = %ks.activated_by, "kill switch ACTIVATED");
+            s.publisher.status(json!({"kill_switch": ks}));
+            axum::Json(json!({"kill_switch": ks})).into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": e.to_string()}))).into_response(),
+    }
+}
+
+async fn kill_switch_off(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, peer, &headers, "DELETE /api/kill-switch") {
+        return r;
+    }
+    let off = crate::coordination::KillSwitch { active: false, reason: String::new(), activated_by: String::new(), activated_at: None };
+    match s.coord.set_kill_switch(&off).await {
+        Ok(()) => {
+            tracing::warn!(peer = %peer.ip(), "kill switch cleared");
+            s.publisher.status(json!({"kill_switch": null}));
+            axum::Json(json!({"kill_switch": null})).into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": e.to_string()}))).into_response(),
+    }
 }
 
 async fn health(State(s): State<AppState>) -> impl IntoResponse {

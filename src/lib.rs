@@ -25,6 +25,7 @@ pub mod config;
 pub mod coordination;
 pub mod coordinator;
 pub mod http;
+mod http_sse;
 pub mod market;
 pub mod pipeline;
 pub mod publish;
@@ -50,6 +51,7 @@ use crate::coordinator::Coordinator;
 use crate::market::MarketSource;
 use crate::pipeline::PipelineContext;
 use crate::publish::Publisher;
+use crate::publish::hub::Hub;
 use crate::publish::redis::RedisSink;
 use crate::resilience::Breaker;
 use crate::resilience::rate_limit::AgentRateLimiter;
@@ -143,8 +145,19 @@ impl App {
             }
         };
 
-        let publisher = Arc::new(Publisher::new(
+        let hub = Hub::new(
             cfg.publish.replay_buffer,
+            match cfg.coordination.backend {
+                CoordinationBackend::Memory => None,
+                CoordinationBackend::Redis => Some((
+                    redis::Client::open(cfg.coordination.redis_url.expose())
+                        .map_err(|e| anyhow::anyhow!("coordination.redis_url: {:?}", e.kind()))?,
+                    format!("{}{}", cfg.coordination.key_prefix, pipeline::Stage::Dashboard.stream()),
+                )),
+            },
+        );
+        let publisher = Arc::new(Publisher::new(
+            hub.clone(),
             cfg.publish.history_cycles,
             sink.clone().map(|s| s as Arc<dyn publish::Sink>),
         ));
@@ -219,6 +232,12 @@ impl App {
             coord: coord.clone(),
             metrics,
             started: Instant::now(),
+            admin: http::AdminAccess {
+                token: cfg.http.admin_token.clone(),
+                loopback: cfg.http.admin_loopback,
+            },
+            shutdown_request: CancellationToken::new(),
+            streams_stop: CancellationToken::new(),
         };
         Ok(App {
             cfg,
@@ -238,7 +257,7 @@ impl App {
     }
 
     /// Starts the HTTP server, the heartbeat and the outbox deliverer.
-    fn start(self) -> (Runner, Services) {
+    fn start(self, shutdown: &CancellationToken) -> (Runner, Services) {
         let App {
             cfg,
             runner,
@@ -251,12 +270,22 @@ impl App {
         } = self;
         log_listening(&listener);
         let background = CancellationToken::new();
-        let http_stop = CancellationToken::new();
+        let http_stop = http_state.streams_stop.clone();
+        // `POST /shutdown` stops the process like SIGTERM.
+        let (admin, external) = (http_state.shutdown_request.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = admin.cancelled() => external.cancel(),
+                _ = external.cancelled() => {}
+            }
+        });
         let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
         let heartbeat = spawn_heartbeat(coord.clone(), runner.state(), &cfg, background.clone());
         let deliverer = sink
             .as_ref()
             .map(|s| tokio::spawn(s.clone().run(background.clone())));
+        // With Redis, SSE serves every replica's signals: follow the dashboard stream.
+        let follower = tokio::spawn(publisher.hub().clone().follow_redis(background.clone()));
         tracing::info!(
             instance_id = %cfg.instance_id,
             symbols = cfg.symbols.len(),
@@ -275,6 +304,7 @@ impl App {
                 server,
                 heartbeat,
                 deliverer,
+                follower,
                 transports,
             },
         )
@@ -282,7 +312,7 @@ impl App {
 
     /// Service mode: tick until `shutdown` fires, then drain, release, flush and return.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let (runner, services) = self.start();
+        let (runner, services) = self.start(&shutdown);
         // Readiness turns 503 the moment shutdown is requested, before the drain finishes.
         let state = runner.state();
         let shutdown_flag = shutdown.clone();
@@ -301,7 +331,7 @@ impl App {
 
     /// `once` mode: one cycle now, serving health probes while it runs.
     pub async fn run_once(self, shutdown: CancellationToken) -> anyhow::Result<OnceOutcome> {
-        let (mut runner, services) = self.start();
+        let (mut runner, services) = self.start(&shutdown);
         let outcome = runner.run_once(shutdown).await;
         services.finish().await;
         Ok(outcome)
@@ -318,6 +348,7 @@ struct Services {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     heartbeat: tokio::task::JoinHandle<()>,
     deliverer: Option<tokio::task::JoinHandle<()>>,
+    follower: tokio::task::JoinHandle<()>,
     transports: Vec<Arc<dyn agents::llm::Transport>>,
 }
 
@@ -334,9 +365,11 @@ impl Services {
             server,
             heartbeat,
             deliverer,
+            follower,
             transports,
         } = self;
         background.cancel();
+        let _ = follower.await;
         let _ = heartbeat.await;
         if let Some(d) = deliverer {
             let _ = d.await;

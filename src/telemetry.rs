@@ -80,6 +80,10 @@ pub mod names {
         OUTBOX_DROPPED = "outbox_dropped_total";
         /// Counter {outcome}: cycle lease attempts (`won`, `held_elsewhere`).
         LEASE = "cycle_lease_total";
+        /// Gauge: open SSE streams.
+        SSE_CLIENTS = "sse_clients";
+        /// Counter: SSE clients dropped for being too slow.
+        SSE_CLIENTS_DROPPED = "sse_clients_dropped_total";
         /// Gauge {version}: always 1.
         BUILD_INFO = "build_info";
     }

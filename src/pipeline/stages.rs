@@ -261,10 +261,23 @@ mod tests {
     use super::*;
     use crate::market::simulated::Simulated;
 
+    /// Records every message handed to it.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<StageMessage>>);
+
+    #[async_trait::async_trait]
+    impl crate::publish::Sink for Recorder {
+        async fn publish(&self, msg: &StageMessage) {
+            self.0.lock().unwrap().push(msg.clone());
+        }
+        async fn flush(&self, _timeout: Duration) {}
+    }
+
     #[tokio::test]
     async fn one_symbol_publishes_every_stage_in_order() {
-        let publisher = Arc::new(Publisher::new(100, 10, None));
-        let mut rx = publisher.subscribe();
+        let recorder = Arc::new(Recorder::default());
+        let hub = crate::publish::hub::Hub::new(100, None);
+        let publisher = Arc::new(Publisher::new(hub.clone(), 10, Some(recorder.clone())));
         let ctx = PipelineContext {
             market: Arc::new(Simulated::new()),
             agents: StageAgents::rules(),
@@ -276,48 +289,26 @@ mod tests {
         };
         let cycle = CycleId::new(Utc::now());
         let next = cycle.time() + chrono::Duration::minutes(1);
-        let out = run_symbol(
-            &ctx,
-            "ETH/USD",
-            &cycle,
-            next,
-            Instant::now() + Duration::from_secs(10),
-        )
-        .await
-        .expect("completes");
+        let out = run_symbol(&ctx, "ETH/USD", &cycle, next, Instant::now() + Duration::from_secs(10))
+            .await
+            .expect("completes");
         assert!(out.advised);
-        let mut stages = vec![];
-        for _ in 0..4 {
-            let ev = rx.recv().await.expect("event");
-            if let crate::publish::BusEvent::Signal(m) = &*ev.event {
-                assert_eq!(
-                    m.envelope.message_id,
-                    message_id(m.stage, &signal_id("ETH/USD", &cycle))
-                );
-                stages.push(m.stage);
-            }
-        }
+        let got = recorder.0.lock().unwrap().clone();
+        let stages: Vec<Stage> = got.iter().map(|m| m.stage).collect();
         assert_eq!(stages, Stage::ALL.to_vec());
+        for m in &got {
+            assert_eq!(m.envelope.message_id, message_id(m.stage, &signal_id("ETH/USD", &cycle)));
+        }
+        // The dashboard message reached the SSE hub.
+        let sub = hub.subscribe_fresh();
+        assert_eq!(sub.backlog.len(), 1);
+        assert_eq!(sub.backlog[0].kind, "signal");
         let latest = publisher.latest();
         let p = &latest[0].envelope.payload;
-        for key in [
-            "action",
-            "confidence",
-            "opportunity_score",
-            "opportunity_tier",
-            "summary",
-            "valid",
-            "expires_at",
-        ] {
+        for key in ["action", "confidence", "opportunity_score", "opportunity_tier", "summary", "valid", "expires_at"] {
             assert!(p.get(key).is_some(), "missing {key} in {p}");
         }
-        assert_eq!(
-            p["expires_at"].as_str().map(|s| s.starts_with(
-                &(next + chrono::Duration::seconds(30))
-                    .format("%Y-%m-%dT%H:%M:%S")
-                    .to_string()
-            )),
-            Some(true)
-        );
+        let expires: chrono::DateTime<Utc> = p["expires_at"].as_str().expect("expires_at").parse().expect("time");
+        assert_eq!(expires, next + chrono::Duration::seconds(30));
     }
 }

@@ -1,21 +1,22 @@
-//! Publishing: every stage message goes to the in-process bus (which the SSE stream and the
-//! JSON API read) and, when a sink is configured, to Redis channels and streams.
+//! Publishing: every stage message goes to the sink (Redis channels and streams, through an
+//! outbox) when there is one, and dashboard messages, cycle summaries and status changes go to
+//! the [`hub::Hub`] that the SSE stream reads.
 //!
-//! The publisher also keeps what the HTTP API serves without asking anyone: the latest
-//! message per symbol (of the furthest stage reached), a replay ring of recent events, and
-//! the recent cycle summaries. None of it depends on a client being connected.
+//! The publisher also keeps what the JSON API serves without asking anyone: the latest
+//! message per symbol (of the furthest stage reached) and the recent cycle summaries. None of
+//! it depends on a client being connected.
 
+pub mod hub;
 pub mod redis;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::broadcast;
 
 use crate::pipeline::{Stage, StageMessage};
+use hub::Hub;
 
 /// A finished (or skipped) tick, as `/api/cycles` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -57,27 +58,6 @@ pub struct SymbolFailure {
     pub stage: String,
 }
 
-/// What the bus carries.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum BusEvent {
-    /// A stage message.
-    Signal(StageMessage),
-    /// A cycle summary.
-    Cycle(CycleSummary),
-    /// A status change (breaker, kill switch, readiness).
-    Status(serde_json::Value),
-}
-
-/// An event with its resumable id.
-#[derive(Debug, Clone)]
-pub struct Sequenced {
-    /// Monotonic per process, starting at 1.
-    pub id: u64,
-    /// The event.
-    pub event: Arc<BusEvent>,
-}
-
 /// Where stage messages go beyond the process (Redis). Returns once the message is handed
 /// over or queued; never blocks the pipeline on an outage.
 #[async_trait::async_trait]
@@ -97,11 +77,8 @@ struct Latest {
 
 /// The publisher.
 pub struct Publisher {
-    bus: broadcast::Sender<Sequenced>,
-    seq: AtomicU64,
+    hub: Arc<Hub>,
     latest: Mutex<BTreeMap<String, Latest>>,
-    replay: Mutex<VecDeque<Sequenced>>,
-    replay_cap: usize,
     cycles: Mutex<VecDeque<CycleSummary>>,
     cycles_cap: usize,
     sink: Option<Arc<dyn Sink>>,
@@ -109,9 +86,7 @@ pub struct Publisher {
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher")
-            .field("seq", &self.seq)
-            .finish_non_exhaustive()
+        f.debug_struct("Publisher").field("hub", &self.hub).finish_non_exhaustive()
     }
 }
 
@@ -119,73 +94,51 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn json_text<T: Serialize>(v: &T) -> Arc<str> {
+    Arc::from(serde_json::to_string(v).unwrap_or_else(|_| "null".into()))
+}
+
 impl Publisher {
-    /// A publisher keeping `replay_cap` events and `cycles_cap` cycle summaries.
-    pub fn new(replay_cap: usize, cycles_cap: usize, sink: Option<Arc<dyn Sink>>) -> Self {
-        // The broadcast buffer only has to cover a subscriber's momentary lag; a subscriber
-        // that falls further behind is told so and resumes from the replay ring.
-        let (bus, _) = broadcast::channel(1024);
+    /// A publisher feeding `hub`, keeping `cycles_cap` cycle summaries, delivering to `sink`.
+    pub fn new(hub: Arc<Hub>, cycles_cap: usize, sink: Option<Arc<dyn Sink>>) -> Self {
         Self {
-            bus,
-            seq: AtomicU64::new(0),
+            hub,
             latest: Mutex::new(BTreeMap::new()),
-            replay: Mutex::new(VecDeque::with_capacity(replay_cap.min(65_536))),
-            replay_cap: replay_cap.max(1),
             cycles: Mutex::new(VecDeque::new()),
             cycles_cap: cycles_cap.max(1),
             sink,
         }
     }
 
-    fn emit(&self, event: BusEvent) {
-        // Assign the id and append to the ring under one lock so ids in the ring are ordered.
-        let seq = {
-            let mut ring = lock(&self.replay);
-            let id = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-            let s = Sequenced {
-                id,
-                event: Arc::new(event),
-            };
-            if ring.len() == self.replay_cap {
-                ring.pop_front();
-            }
-            ring.push_back(s.clone());
-            s
-        };
-        // No receivers is fine: the dashboard works with nobody connected.
-        let _ = self.bus.send(seq);
+    /// The SSE hub.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
-    /// Publishes a stage message: bus, latest, replay ring, then the sink.
+    /// Publishes a stage message: latest-per-symbol, the sink, and (dashboard stage) the hub.
     pub async fn publish(&self, msg: StageMessage) {
         {
             let mut latest = lock(&self.latest);
             let replace = match latest.get(&msg.symbol) {
                 None => true,
                 // A newer cycle always wins; within a cycle, a later stage wins.
-                Some(cur) => {
-                    msg.cycle_id > cur.cycle_id
-                        || (msg.cycle_id == cur.cycle_id && msg.stage >= cur.stage)
-                }
+                Some(cur) => msg.cycle_id > cur.cycle_id || (msg.cycle_id == cur.cycle_id && msg.stage >= cur.stage),
             };
             if replace {
-                latest.insert(
-                    msg.symbol.clone(),
-                    Latest {
-                        stage: msg.stage,
-                        cycle_id: msg.cycle_id.clone(),
-                        message: msg.clone(),
-                    },
-                );
+                latest.insert(msg.symbol.clone(), Latest { stage: msg.stage, cycle_id: msg.cycle_id.clone(), message: msg.clone() });
             }
         }
         if let Some(sink) = &self.sink {
             sink.publish(&msg).await;
         }
-        self.emit(BusEvent::Signal(msg));
+        // With Redis the hub reads signals back from the stream (every replica's); without,
+        // it gets them here.
+        if msg.stage == Stage::Dashboard && !self.hub.follows_redis() {
+            self.hub.push_local("signal", json_text(&msg.envelope));
+        }
     }
 
-    /// Records a cycle summary (also on the bus).
+    /// Records a cycle summary (also a `cycle` event).
     pub fn record_cycle(&self, summary: CycleSummary) {
         {
             let mut c = lock(&self.cycles);
@@ -194,36 +147,17 @@ impl Publisher {
             }
             c.push_back(summary.clone());
         }
-        self.emit(BusEvent::Cycle(summary));
+        self.hub.push_local("cycle", json_text(&summary));
     }
 
-    /// Emits a status change.
+    /// Emits a `status` event.
     pub fn status(&self, status: serde_json::Value) {
-        self.emit(BusEvent::Status(status));
-    }
-
-    /// Subscribes to events from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Sequenced> {
-        self.bus.subscribe()
-    }
-
-    /// Events with id > `after` still in the ring, oldest first, and whether the ring still
-    /// reached back that far (false: some were already dropped).
-    pub fn replay_after(&self, after: u64) -> (Vec<Sequenced>, bool) {
-        let ring = lock(&self.replay);
-        let complete = ring.front().is_none_or(|f| f.id <= after + 1);
-        (
-            ring.iter().filter(|s| s.id > after).cloned().collect(),
-            complete,
-        )
+        self.hub.push_local("status", json_text(&status));
     }
 
     /// The newest message per symbol (furthest stage of the newest cycle), by symbol.
     pub fn latest(&self) -> Vec<StageMessage> {
-        lock(&self.latest)
-            .values()
-            .map(|l| l.message.clone())
-            .collect()
+        lock(&self.latest).values().map(|l| l.message.clone()).collect()
     }
 
     /// Recent cycle summaries, newest tick first (a skipped tick is recorded at once, a run
@@ -232,11 +166,6 @@ impl Publisher {
         let mut v: Vec<CycleSummary> = lock(&self.cycles).iter().cloned().collect();
         v.sort_by(|a, b| b.cycle_id.cmp(&a.cycle_id));
         v
-    }
-
-    /// The last id handed out.
-    pub fn last_id(&self) -> u64 {
-        self.seq.load(Ordering::SeqCst)
     }
 
     /// Flushes the sink (graceful shutdown).
@@ -265,7 +194,7 @@ mod tests {
 
     #[tokio::test]
     async fn latest_keeps_the_furthest_stage_of_the_newest_cycle() {
-        let p = Publisher::new(100, 10, None);
+        let p = Publisher::new(Hub::new(100, None), 10, None);
         p.publish(msg("ETH/USD", "2026-11-28T10:00:00Z", Stage::Dashboard))
             .await;
         p.publish(msg("ETH/USD", "2026-11-28T10:01:00Z", Stage::Raw))
@@ -281,28 +210,9 @@ mod tests {
         assert_eq!(l[0].cycle_id, "2026-11-28T10:01:00Z");
     }
 
-    #[tokio::test]
-    async fn replay_ring_is_bounded_and_ordered() {
-        let p = Publisher::new(3, 10, None);
-        let mut rx = p.subscribe();
-        for i in 0..5 {
-            p.publish(msg(&format!("S{i}/USD"), "c", Stage::Raw)).await;
-        }
-        let (after1, complete) = p.replay_after(1);
-        assert!(!complete, "ids 2 was dropped from a ring of 3");
-        assert_eq!(
-            after1.iter().map(|s| s.id).collect::<Vec<_>>(),
-            vec![3, 4, 5]
-        );
-        let (after3, complete) = p.replay_after(3);
-        assert!(complete);
-        assert_eq!(after3.iter().map(|s| s.id).collect::<Vec<_>>(), vec![4, 5]);
-        assert_eq!(rx.recv().await.expect("event").id, 1);
-    }
-
     #[test]
     fn cycles_newest_first_and_bounded() {
-        let p = Publisher::new(10, 2, None);
+        let p = Publisher::new(Hub::new(10, None), 2, None);
         for i in 0..3 {
             p.record_cycle(CycleSummary {
                 cycle_id: format!("c{i}"),

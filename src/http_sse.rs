@@ -1,0 +1,143 @@
+//! `GET /api/signals/stream`: Server-Sent Events from the [`Hub`](crate::publish::hub::Hub).
+//!
+//! - A new client first gets the latest signal of every symbol, then live events.
+//! - A client that sends `Last-Event-ID` (or `?last_event_id=`) gets exactly the events it
+//!   missed, in order, then live ones — none twice.
+//! - A comment every 15 s keeps proxies from closing an idle stream.
+//! - A client too slow to keep up falls behind the hub's buffer: it gets an `error` event and is
+//!   dropped; nobody else waits for it.
+//! - Streams end when the server stops.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::http::AppState;
+use crate::publish::hub::{Cursor, HubEvent};
+use crate::telemetry::names;
+
+/// Open streams (for the gauge).
+static CLIENTS: AtomicI64 = AtomicI64::new(0);
+
+/// Counts a client for as long as its stream lives.
+struct ClientGuard;
+
+impl ClientGuard {
+    fn new() -> Self {
+        let n = CLIENTS.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(names::SSE_CLIENTS).set(n as f64);
+        ClientGuard
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let n = CLIENTS.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!(names::SSE_CLIENTS).set(n as f64);
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct StreamQuery {
+    last_event_id: Option<String>,
+}
+
+fn to_event(e: &HubEvent) -> Event {
+    Event::default().id(e.id.clone()).event(e.kind).data(&*e.data)
+}
+
+pub(crate) async fn stream(State(s): State<AppState>, Query(q): Query<StreamQuery>, headers: HeaderMap) -> Response {
+    let raw = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(q.last_event_id)
+        .filter(|v| !v.trim().is_empty());
+    let hub = s.publisher.hub().clone();
+    let sub = match raw {
+        None => hub.subscribe_fresh(),
+        Some(r) => match Cursor::parse(&r) {
+            Some(c) => hub.subscribe_after(c).await,
+            None => {
+                return (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    axum::Json(serde_json::json!({"error": format!("Last-Event-ID {r:?} is not an id this stream sent")})),
+                )
+                    .into_response();
+            }
+        },
+    };
+    let stop = s.streams_stop.clone();
+    let complete = sub.complete;
+    let stream = events(sub.backlog, sub.live, complete, stop);
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive")).into_response()
+}
+
+fn events(
+    backlog: Vec<Arc<HubEvent>>,
+    mut live: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
+    complete: bool,
+    stop: tokio_util::sync::CancellationToken,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream(move |tx| async move {
+        let _guard = ClientGuard::new();
+        if !complete
+            && tx
+                .send(Event::default().event("status").data(r#"{"replay":"incomplete","detail":"some missed events are older than the replay buffer"}"#))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        for e in &backlog {
+            if tx.send(to_event(e)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = live.recv() => r,
+            };
+            match next {
+                Ok(e) => {
+                    if tx.send(to_event(&e)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    metrics::counter!(names::SSE_CLIENTS_DROPPED).increment(1);
+                    tracing::warn!(missed = n, "SSE client too slow; dropping it");
+                    let _ = tx
+                        .send(Event::default().event("error").data(format!(
+                            r#"{{"error":"client too slow: {n} events behind; reconnect with Last-Event-ID"}}"#
+                        )))
+                        .await;
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    })
+}
+
+/// A stream fed by a task through a small channel (the task stops when the client goes).
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    // A few events of slack between the hub and the socket; the hub's buffer is the real one.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) })
+}
