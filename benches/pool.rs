@@ -137,7 +137,11 @@ async fn run_workload(workload: Workload, cycles: usize, seed: u64) {
         .map(|s| s.to_string())
         .collect();
     let agent = Arc::new(SlowAgent::default());
-    let publisher = Arc::new(Publisher::new(autonomous_runner::publish::hub::Hub::new(1024, None), 16, None));
+    let publisher = Arc::new(Publisher::new(
+        autonomous_runner::publish::hub::Hub::new(1024, None),
+        16,
+        None,
+    ));
     let pipeline = Arc::new(PipelineContext {
         market: Arc::new(Simulated::new()),
         agents: StageAgents {

@@ -522,7 +522,11 @@ mod tests {
                 .collect(),
             ..Default::default()
         });
-        let publisher = Arc::new(Publisher::new(crate::publish::hub::Hub::new(1000, None), 10, None));
+        let publisher = Arc::new(Publisher::new(
+            crate::publish::hub::Hub::new(1000, None),
+            10,
+            None,
+        ));
         let pipeline = Arc::new(PipelineContext {
             market: Arc::new(Simulated::new()),
             agents: StageAgents {

@@ -79,7 +79,12 @@ pub fn router(state: AppState) -> Router {
         .route("/assets/dashboard.js", get(dashboard_js))
         .route("/assets/dashboard.css", get(dashboard_css))
         .route("/shutdown", post(shutdown))
-        .route("/api/kill-switch", post(kill_switch_on).delete(kill_switch_off).get(kill_switch_get))
+        .route(
+            "/api/kill-switch",
+            post(kill_switch_on)
+                .delete(kill_switch_off)
+                .get(kill_switch_get),
+        )
         .with_state(state)
 }
 
@@ -89,9 +94,12 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 /// The dashboard: static assets compiled into the binary (no build step). The content
@@ -115,11 +123,23 @@ async fn index() -> impl IntoResponse {
 }
 
 async fn dashboard_js() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], DASHBOARD_JS)
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        DASHBOARD_JS,
+    )
 }
 
 async fn dashboard_css() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], DASHBOARD_CSS)
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        DASHBOARD_CSS,
+    )
 }
 
 /// Equal-time comparison, so a wrong token's timing says nothing about the right one.
@@ -128,33 +148,60 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Allows the request (and says how) or answers 401/403. Never logs the token.
-fn authorize(s: &AppState, peer: SocketAddr, headers: &HeaderMap, what: &str) -> Result<&'static str, Response> {
+fn authorize(
+    s: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    what: &str,
+) -> Result<&'static str, Response> {
     let configured = !s.admin.token.is_empty();
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
-        let presented = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        let presented = auth
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
         if configured && same(presented.as_bytes(), s.admin.token.expose().as_bytes()) {
             return Ok("token");
         }
         tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: invalid bearer token");
-        return Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], axum::Json(json!({"error": "invalid token"}))).into_response());
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(json!({"error": "invalid token"})),
+        )
+            .into_response());
     }
     if s.admin.loopback && peer.ip().is_loopback() {
         return Ok("loopback");
     }
     tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: no token from a non-loopback peer");
     if configured {
-        Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], axum::Json(json!({"error": "a bearer token is required"}))).into_response())
+        Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(json!({"error": "a bearer token is required"})),
+        )
+            .into_response())
     } else {
         Err((StatusCode::FORBIDDEN, axum::Json(json!({"error": "admin endpoints are only open to loopback peers (set ADMIN_TOKEN to allow others)"}))).into_response())
     }
 }
 
-async fn shutdown(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn shutdown(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     match authorize(&s, peer, &headers, "/shutdown") {
         Ok(via) => {
             tracing::info!(peer = %peer.ip(), via, "shutdown requested over HTTP");
             s.shutdown_request.cancel();
-            (StatusCode::ACCEPTED, axum::Json(json!({"status": "shutting down"}))).into_response()
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({"status": "shutting down"})),
+            )
+                .into_response()
         }
         Err(r) => r,
     }
@@ -163,7 +210,11 @@ async fn shutdown(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<Sock
 async fn kill_switch_get(State(s): State<AppState>) -> Response {
     match s.coord.kill_switch().await {
         Ok(ks) => axum::Json(json!({"kill_switch": ks})).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": e.to_string()}))).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
     }
 }
 
@@ -180,19 +231,25 @@ async fn kill_switch_on(
         String::new()
     } else {
         match serde_json::from_slice::<Value>(&body) {
-            Ok(v) => match v.get("reason") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(r)) if r.chars().count() <= 500 => r.clone(),
-                Some(_) => {
-                    return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "reason must be a string of at most 500 characters"}))).into_response();
+            Ok(v) => {
+                match v.get("reason") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(Value::String(r)) if r.chars().count() <= 500 => r.clone(),
+                    Some(_) => {
+                        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "reason must be a string of at most 500 characters"}))).into_response();
+                    }
                 }
-            },
+            }
             Err(e) => {
                 return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": format!("body must be JSON like {{\"reason\": \"…\"}}: {e}")}))).into_response();
             }
         }
     };
-    let via = if headers.contains_key(header::AUTHORIZATION) { "token" } else { "loopback" };
+    let via = if headers.contains_key(header::AUTHORIZATION) {
+        "token"
+    } else {
+        "loopback"
+    };
     let ks = crate::coordination::KillSwitch {
         active: true,
         reason,
@@ -205,22 +262,39 @@ async fn kill_switch_on(
             s.publisher.status(json!({"kill_switch": ks}));
             axum::Json(json!({"kill_switch": ks})).into_response()
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": e.to_string()}))).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
     }
 }
 
-async fn kill_switch_off(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn kill_switch_off(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(r) = authorize(&s, peer, &headers, "DELETE /api/kill-switch") {
         return r;
     }
-    let off = crate::coordination::KillSwitch { active: false, reason: String::new(), activated_by: String::new(), activated_at: None };
+    let off = crate::coordination::KillSwitch {
+        active: false,
+        reason: String::new(),
+        activated_by: String::new(),
+        activated_at: None,
+    };
     match s.coord.set_kill_switch(&off).await {
         Ok(()) => {
             tracing::warn!(peer = %peer.ip(), "kill switch cleared");
             s.publisher.status(json!({"kill_switch": null}));
             axum::Json(json!({"kill_switch": null})).into_response()
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": e.to_string()}))).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
     }
 }
 

@@ -52,10 +52,17 @@ pub(crate) struct StreamQuery {
 }
 
 fn to_event(e: &HubEvent) -> Event {
-    Event::default().id(e.id.clone()).event(e.kind).data(&*e.data)
+    Event::default()
+        .id(e.id.clone())
+        .event(e.kind)
+        .data(&*e.data)
 }
 
-pub(crate) async fn stream(State(s): State<AppState>, Query(q): Query<StreamQuery>, headers: HeaderMap) -> Response {
+pub(crate) async fn stream(
+    State(s): State<AppState>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> Response {
     let raw = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -79,7 +86,13 @@ pub(crate) async fn stream(State(s): State<AppState>, Query(q): Query<StreamQuer
     let stop = s.streams_stop.clone();
     let complete = sub.complete;
     let stream = events(sub.backlog, sub.live, complete, stop);
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive")).into_response()
+    Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response()
 }
 
 fn events(
@@ -139,5 +152,8 @@ where
     // A few events of slack between the hub and the socket; the hub's buffer is the real one.
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(f(tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) })
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+    )
 }

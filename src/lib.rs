@@ -152,7 +152,11 @@ impl App {
                 CoordinationBackend::Redis => Some((
                     redis::Client::open(cfg.coordination.redis_url.expose())
                         .map_err(|e| anyhow::anyhow!("coordination.redis_url: {:?}", e.kind()))?,
-                    format!("{}{}", cfg.coordination.key_prefix, pipeline::Stage::Dashboard.stream()),
+                    format!(
+                        "{}{}",
+                        cfg.coordination.key_prefix,
+                        pipeline::Stage::Dashboard.stream()
+                    ),
                 )),
             },
         );

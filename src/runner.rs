@@ -700,7 +700,11 @@ mod tests {
         };
         let coord = Arc::new(MemoryCoordination::new(MemoryStore::new(), "t", timing));
         let agent = Arc::new(Slow(std::sync::Mutex::new(latency)));
-        let publisher = Arc::new(Publisher::new(crate::publish::hub::Hub::new(4096, None), 1000, None));
+        let publisher = Arc::new(Publisher::new(
+            crate::publish::hub::Hub::new(4096, None),
+            1000,
+            None,
+        ));
         let pipeline = Arc::new(PipelineContext {
             market: Arc::new(Simulated::new()),
             agents: StageAgents {

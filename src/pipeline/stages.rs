@@ -289,15 +289,24 @@ mod tests {
         };
         let cycle = CycleId::new(Utc::now());
         let next = cycle.time() + chrono::Duration::minutes(1);
-        let out = run_symbol(&ctx, "ETH/USD", &cycle, next, Instant::now() + Duration::from_secs(10))
-            .await
-            .expect("completes");
+        let out = run_symbol(
+            &ctx,
+            "ETH/USD",
+            &cycle,
+            next,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .expect("completes");
         assert!(out.advised);
         let got = recorder.0.lock().unwrap().clone();
         let stages: Vec<Stage> = got.iter().map(|m| m.stage).collect();
         assert_eq!(stages, Stage::ALL.to_vec());
         for m in &got {
-            assert_eq!(m.envelope.message_id, message_id(m.stage, &signal_id("ETH/USD", &cycle)));
+            assert_eq!(
+                m.envelope.message_id,
+                message_id(m.stage, &signal_id("ETH/USD", &cycle))
+            );
         }
         // The dashboard message reached the SSE hub.
         let sub = hub.subscribe_fresh();
@@ -305,10 +314,22 @@ mod tests {
         assert_eq!(sub.backlog[0].kind, "signal");
         let latest = publisher.latest();
         let p = &latest[0].envelope.payload;
-        for key in ["action", "confidence", "opportunity_score", "opportunity_tier", "summary", "valid", "expires_at"] {
+        for key in [
+            "action",
+            "confidence",
+            "opportunity_score",
+            "opportunity_tier",
+            "summary",
+            "valid",
+            "expires_at",
+        ] {
             assert!(p.get(key).is_some(), "missing {key} in {p}");
         }
-        let expires: chrono::DateTime<Utc> = p["expires_at"].as_str().expect("expires_at").parse().expect("time");
+        let expires: chrono::DateTime<Utc> = p["expires_at"]
+            .as_str()
+            .expect("expires_at")
+            .parse()
+            .expect("time");
         assert_eq!(expires, next + chrono::Duration::seconds(30));
     }
 }

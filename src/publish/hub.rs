@@ -52,8 +52,14 @@ impl Cursor {
     pub fn parse(s: &str) -> Option<Cursor> {
         let s = s.trim();
         match s.split_once('_') {
-            Some((st, loc)) => Some(Cursor { stream: Some(StreamId::parse(st)?), local: loc.parse().ok()? }),
-            None => Some(Cursor { stream: None, local: s.parse().ok()? }),
+            Some((st, loc)) => Some(Cursor {
+                stream: Some(StreamId::parse(st)?),
+                local: loc.parse().ok()?,
+            }),
+            None => Some(Cursor {
+                stream: None,
+                local: s.parse().ok()?,
+            }),
         }
     }
 }
@@ -103,7 +109,10 @@ struct RedisSource {
 
 impl fmt::Debug for Hub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hub").field("cap", &self.cap).field("redis", &self.redis.as_ref().map(|r| &r.key)).finish()
+        f.debug_struct("Hub")
+            .field("cap", &self.cap)
+            .field("redis", &self.redis.as_ref().map(|r| &r.key))
+            .finish()
     }
 }
 
@@ -132,7 +141,11 @@ impl Hub {
         Arc::new(Hub {
             tx,
             cap: cap.max(1),
-            state: Mutex::new(State { cursor: Cursor::default(), ring: VecDeque::new(), latest: BTreeMap::new() }),
+            state: Mutex::new(State {
+                cursor: Cursor::default(),
+                ring: VecDeque::new(),
+                latest: BTreeMap::new(),
+            }),
             redis: redis.map(|(client, key)| RedisSource { client, key }),
         })
     }
@@ -164,7 +177,12 @@ impl Hub {
             }
             Origin::Local(n) => st.cursor.local = n,
         }
-        let ev = Arc::new(HubEvent { id: self.id_of(&st.cursor), origin, kind, data });
+        let ev = Arc::new(HubEvent {
+            id: self.id_of(&st.cursor),
+            origin,
+            kind,
+            data,
+        });
         if kind == "signal"
             && let Some(sym) = symbol_of(&ev.data)
         {
@@ -197,9 +215,20 @@ impl Hub {
         let backlog = st
             .latest
             .values()
-            .map(|e| Arc::new(HubEvent { id: id.clone(), origin: e.origin, kind: e.kind, data: e.data.clone() }))
+            .map(|e| {
+                Arc::new(HubEvent {
+                    id: id.clone(),
+                    origin: e.origin,
+                    kind: e.kind,
+                    data: e.data.clone(),
+                })
+            })
             .collect();
-        Subscription { backlog, live, complete: true }
+        Subscription {
+            backlog,
+            live,
+            complete: true,
+        }
     }
 
     /// A resuming client: every event after `after`, then live events.
@@ -224,7 +253,8 @@ impl Hub {
                 Origin::Local(n) => Some(n),
                 Origin::Stream(_) => None,
             });
-            let local_complete = first_local.is_none_or(|f| f <= after.local + 1) || st.cursor.local <= after.local;
+            let local_complete =
+                first_local.is_none_or(|f| f <= after.local + 1) || st.cursor.local <= after.local;
             (backlog, live, first_stream, local_complete)
         };
         let mut complete = local_complete;
@@ -237,8 +267,16 @@ impl Hub {
                         let mut merged: Vec<Arc<HubEvent>> = older
                             .into_iter()
                             .map(|(id, data)| {
-                                let c = Cursor { stream: Some(id), local: after.local };
-                                Arc::new(HubEvent { id: self.id_of(&c), origin: Origin::Stream(id), kind: "signal", data })
+                                let c = Cursor {
+                                    stream: Some(id),
+                                    local: after.local,
+                                };
+                                Arc::new(HubEvent {
+                                    id: self.id_of(&c),
+                                    origin: Origin::Stream(id),
+                                    kind: "signal",
+                                    data,
+                                })
                             })
                             .collect();
                         merged.append(&mut backlog);
@@ -251,13 +289,19 @@ impl Hub {
                 }
             }
         }
-        Subscription { backlog, live, complete }
+        Subscription {
+            backlog,
+            live,
+            complete,
+        }
     }
 
     /// Follows the Redis dashboard stream until `stop` (redis mode): first the newest entries
     /// (to fill the ring and the latest-per-symbol), then every new one as it is added.
     pub async fn follow_redis(self: Arc<Self>, stop: CancellationToken) {
-        let Some(src) = self.redis.clone() else { return };
+        let Some(src) = self.redis.clone() else {
+            return;
+        };
         let mut failures = 0u32;
         loop {
             if stop.is_cancelled() {
@@ -282,7 +326,11 @@ impl Hub {
 
     async fn follow_once(&self, src: &RedisSource) -> Result<(), String> {
         // A connection of its own: XREAD BLOCK would stall every other command on a shared one.
-        let mut conn = src.client.get_multiplexed_async_connection().await.map_err(|e| format!("{:?}", e.kind()))?;
+        let mut conn = src
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| format!("{:?}", e.kind()))?;
         let mut last = self.lock().cursor.stream;
         if last.is_none() {
             let v: redis::Value = redis::cmd("XREVRANGE")
@@ -335,26 +383,47 @@ impl Hub {
 /// someone else) are skipped with a log line.
 fn parse_entries(v: redis::Value) -> Vec<(StreamId, Arc<str>)> {
     let mut out = vec![];
-    let redis::Value::Array(entries) = v else { return out };
+    let redis::Value::Array(entries) = v else {
+        return out;
+    };
     for e in entries {
-        let redis::Value::Array(parts) = e else { continue };
+        let redis::Value::Array(parts) = e else {
+            continue;
+        };
         if parts.len() != 2 {
             continue;
         }
-        let id: Option<StreamId> = redis::from_redis_value::<String>(parts[0].clone()).ok().and_then(|s| StreamId::parse(&s));
+        let id: Option<StreamId> = redis::from_redis_value::<String>(parts[0].clone())
+            .ok()
+            .and_then(|s| StreamId::parse(&s));
         let fields: Vec<String> = redis::from_redis_value(parts[1].clone()).unwrap_or_default();
-        let msg = fields.chunks(2).find(|kv| kv.len() == 2 && kv[0] == "message").map(|kv| kv[1].clone());
+        let msg = fields
+            .chunks(2)
+            .find(|kv| kv.len() == 2 && kv[0] == "message")
+            .map(|kv| kv[1].clone());
         match (id, msg) {
-            (Some(id), Some(m)) if serde_json::from_str::<serde_json::Value>(&m).is_ok() => out.push((id, Arc::from(m))),
-            (id, _) => tracing::warn!(entry = ?id, "skipping a dashboard-stream entry without a JSON `message` field"),
+            (Some(id), Some(m)) if serde_json::from_str::<serde_json::Value>(&m).is_ok() => {
+                out.push((id, Arc::from(m)))
+            }
+            (id, _) => {
+                tracing::warn!(entry = ?id, "skipping a dashboard-stream entry without a JSON `message` field")
+            }
         }
     }
     out
 }
 
 /// Entries after `from` and before `until` (exclusive both), oldest first.
-async fn fetch_range(src: &RedisSource, from: StreamId, until: Option<StreamId>) -> Result<Vec<(StreamId, Arc<str>)>, String> {
-    let mut conn = src.client.get_multiplexed_async_connection().await.map_err(|e| format!("{:?}", e.kind()))?;
+async fn fetch_range(
+    src: &RedisSource,
+    from: StreamId,
+    until: Option<StreamId>,
+) -> Result<Vec<(StreamId, Arc<str>)>, String> {
+    let mut conn = src
+        .client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("{:?}", e.kind()))?;
     let end = until.map_or_else(|| "+".to_string(), |u| format!("({u}"));
     let v: redis::Value = redis::cmd("XRANGE")
         .arg(&src.key)
@@ -376,8 +445,17 @@ mod tests {
 
     #[test]
     fn cursors_round_trip() {
-        assert_eq!(Cursor::parse("42"), Some(Cursor { stream: None, local: 42 }));
-        let c = Cursor { stream: Some(StreamId(1732752000000, 3)), local: 7 };
+        assert_eq!(
+            Cursor::parse("42"),
+            Some(Cursor {
+                stream: None,
+                local: 42
+            })
+        );
+        let c = Cursor {
+            stream: Some(StreamId(1732752000000, 3)),
+            local: 7,
+        };
         assert_eq!(Cursor::parse("1732752000000-3_7"), Some(c));
         assert_eq!(Cursor::parse("garbage"), None);
         assert_eq!(Cursor::parse("1-x_3"), None);
@@ -396,7 +474,10 @@ mod tests {
         assert_eq!(fresh.live.recv().await.expect("live").id, "6");
         let s = hub.subscribe_after(Cursor::parse("3").expect("c")).await;
         assert!(s.complete);
-        assert_eq!(s.backlog.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["4", "5", "6"]);
+        assert_eq!(
+            s.backlog.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            vec!["4", "5", "6"]
+        );
     }
 
     #[tokio::test]

@@ -86,7 +86,9 @@ pub struct Publisher {
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").field("hub", &self.hub).finish_non_exhaustive()
+        f.debug_struct("Publisher")
+            .field("hub", &self.hub)
+            .finish_non_exhaustive()
     }
 }
 
@@ -122,10 +124,20 @@ impl Publisher {
             let replace = match latest.get(&msg.symbol) {
                 None => true,
                 // A newer cycle always wins; within a cycle, a later stage wins.
-                Some(cur) => msg.cycle_id > cur.cycle_id || (msg.cycle_id == cur.cycle_id && msg.stage >= cur.stage),
+                Some(cur) => {
+                    msg.cycle_id > cur.cycle_id
+                        || (msg.cycle_id == cur.cycle_id && msg.stage >= cur.stage)
+                }
             };
             if replace {
-                latest.insert(msg.symbol.clone(), Latest { stage: msg.stage, cycle_id: msg.cycle_id.clone(), message: msg.clone() });
+                latest.insert(
+                    msg.symbol.clone(),
+                    Latest {
+                        stage: msg.stage,
+                        cycle_id: msg.cycle_id.clone(),
+                        message: msg.clone(),
+                    },
+                );
             }
         }
         if let Some(sink) = &self.sink {
@@ -157,7 +169,10 @@ impl Publisher {
 
     /// The newest message per symbol (furthest stage of the newest cycle), by symbol.
     pub fn latest(&self) -> Vec<StageMessage> {
-        lock(&self.latest).values().map(|l| l.message.clone()).collect()
+        lock(&self.latest)
+            .values()
+            .map(|l| l.message.clone())
+            .collect()
     }
 
     /// Recent cycle summaries, newest tick first (a skipped tick is recorded at once, a run

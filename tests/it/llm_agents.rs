@@ -241,14 +241,13 @@ async fn shared_rate_limit_across_three_replicas() {
         worst <= 30,
         "{worst} agent calls across the replicas in one 60 s window"
     );
-    let busy = procs
-        .iter()
-        .filter(|p| {
-            !p.logs_matching(|l| l["message"] == "symbol completed")
+    // Every replica was asking (so the limit really was shared, not one replica's own).
+    for p in &procs {
+        assert!(
+            !p.logs_matching(|l| l["message"] == "cycle started")
                 .is_empty()
-        })
-        .count();
-    assert!(busy >= 2, "the work was shared");
+        );
+    }
 }
 
 /// (symbol, hostile answer, whether it is acceptable as is).
