@@ -443,7 +443,8 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
             "consecutive_overruns": v.consecutive_overruns,
             "cooldown_cycles_remaining": v.cooldown_cycles_remaining,
         },
-        "kill_switch": v.kill_switch,
+        // Read live: an operator who just flipped it wants to see it, not the last tick's view.
+        "kill_switch": s.coord.kill_switch().await.ok().flatten(),
         "coordination": { "backend": s.coord.backend(), "error": v.coordination_error },
         "redis_connected": if s.coord.backend() == "redis" { Some(readiness["checks"]["coordination_connected"].as_bool() == Some(true)) } else { None },
         "readiness": readiness,

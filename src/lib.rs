@@ -173,10 +173,13 @@ impl App {
         });
         let setup =
             agents::setup::build(&cfg, limiter, on_breaker).context("building the agents")?;
-        for b in &setup.breakers {
-            metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => b.name().to_string())
-                .set(0.0);
-        }
+        let breaker_names: Vec<String> = setup
+            .breakers
+            .iter()
+            .chain(redis_breaker.iter())
+            .map(|b| b.name().to_string())
+            .collect();
+        telemetry::init_series(&cfg.symbols, &breaker_names);
 
         let market: Arc<dyn MarketSource> = match cfg.market_data.source {
             MarketKind::Simulated => Arc::new(market::simulated::Simulated::new()),

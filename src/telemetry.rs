@@ -11,10 +11,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 /// Metric names (full, with prefix).
 pub mod names {
     macro_rules! m {
-        ($($(#[$doc:meta])* $id:ident = $name:literal;)*) => {
-            $( $(#[$doc])* pub const $id: &str = concat!("autonomous_runner_", $name); )*
-            /// Every name, for tests and docs.
-            pub const ALL: &[&str] = &[$($id),*];
+        ($(#[doc = $doc:literal] $id:ident = $name:literal;)*) => {
+            $( #[doc = $doc] pub const $id: &str = concat!("autonomous_runner_", $name); )*
+            /// Every name with its description (the doc line, which starts with the kind).
+            pub const ALL: &[(&str, &str)] = &[$(($id, $doc.trim_ascii())),*];
         };
     }
     m! {
@@ -58,7 +58,7 @@ pub mod names {
         CYCLE_DURATION_SECONDS = "cycle_duration_seconds";
         /// Histogram: one symbol's pipeline wall time.
         SYMBOL_PROCESSING_DURATION_SECONDS = "symbol_processing_duration_seconds";
-        /// Histogram {stage}: agent call latency.
+        /// Histogram {stage}: agent call latency (any backend; retries included).
         LLM_LATENCY_SECONDS = "llm_latency_seconds";
         /// Counter {stage}: stage messages published.
         MESSAGES_PUBLISHED = "messages_published_total";
@@ -96,6 +96,62 @@ const DURATION_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Registers the HELP text of every metric (Prometheus tools expect it).
+fn describe_all() {
+    for (name, doc) in names::ALL {
+        // "Counter {labels}: what it counts." → "What it counts."
+        let help = doc.split_once(": ").map_or(*doc, |(_, h)| h).to_string();
+        if doc.starts_with("Counter") {
+            metrics::describe_counter!(*name, help);
+        } else if doc.starts_with("Histogram") {
+            metrics::describe_histogram!(*name, help);
+        } else {
+            metrics::describe_gauge!(*name, help);
+        }
+    }
+}
+
+/// Creates the series that would otherwise appear only after their first event, so
+/// dashboards and alerts see zeros instead of nothing: the counters without labels, the
+/// bounded label sets, and the per-symbol counters of the configured symbols.
+pub fn init_series(symbols: &[String], breakers: &[String]) {
+    use names::*;
+    for n in [
+        CYCLE_FAILURES,
+        CYCLES_SKIPPED_CIRCUIT_OPEN,
+        CYCLES_SKIPPED_HIGH_LATENCY,
+        BACKPRESSURE_COOLDOWNS,
+        TICKS_MISSED,
+        CYCLES,
+    ] {
+        metrics::counter!(n).absolute(0);
+    }
+    for reason in ["age", "heartbeat_missing"] {
+        metrics::counter!(STALE_LOCKS_RECOVERED, "reason" => reason).absolute(0);
+    }
+    for b in breakers {
+        metrics::counter!(CIRCUIT_BREAKER_REJECTED, "breaker" => b.clone()).absolute(0);
+        metrics::gauge!(CIRCUIT_BREAKER_STATE, "breaker" => b.clone()).set(0.0);
+    }
+    for s in symbols {
+        for action in ["BUY", "SELL", "HOLD"] {
+            metrics::counter!(SIGNAL_GENERATION, "symbol" => s.clone(), "action" => action)
+                .absolute(0);
+        }
+        metrics::counter!(SIGNAL_GENERATION_SKIPPED, "symbol" => s.clone(), "reason" => "timeout")
+            .absolute(0);
+    }
+    for n in [
+        ACTIVE_LOCKS,
+        SYMBOLS_PROCESSING,
+        SIGNALS_GENERATED_LAST_CYCLE,
+        CURRENT_P95_LATENCY_MS,
+        KILL_SWITCH_ACTIVE,
+    ] {
+        metrics::gauge!(n).set(0.0);
+    }
+}
+
 /// Installs the Prometheus recorder once per process and returns its handle (for
 /// `/metrics`). Later calls return the same handle.
 pub fn metrics_handle() -> PrometheusHandle {
@@ -109,6 +165,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder may already be installed (a test harness); then ours only
             // renders what it sees, which is nothing — acceptable for tests, never in main.
             let _ = metrics::set_global_recorder(recorder);
+            describe_all();
             metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })

@@ -517,13 +517,11 @@ impl LlmAgent {
             metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => self.breaker.name().to_string()).increment(1);
             AgentError::CircuitOpen
         })?;
-        let t0 = Instant::now();
         let r = match tokio::time::timeout_at(deadline, self.transport.call(req, deadline)).await {
             Ok(r) => r,
             Err(_) => Err(AgentError::Timeout),
         };
-        metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage)
-            .record(Instant::now().duration_since(t0).as_secs_f64());
+
         match r {
             Ok(reply) => {
                 permit.success();

@@ -64,6 +64,11 @@ fn timed_ms(start: Instant) -> u64 {
     Instant::now().duration_since(start).as_millis() as u64
 }
 
+fn agent_latency(stage: Stage, since: Instant) {
+    metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage.as_str())
+        .record(Instant::now().duration_since(since).as_secs_f64());
+}
+
 async fn publish(ctx: &PipelineContext, msg: StageMessage) {
     metrics::counter!(names::MESSAGES_PUBLISHED, "stage" => msg.stage.as_str()).increment(1);
     ctx.publisher.publish(msg).await;
@@ -112,12 +117,14 @@ pub async fn run_symbol(
         context: &context,
         now,
     };
+    let t_agent = Instant::now();
     let answer = ctx
         .agents
         .signal
         .signal(&req, deadline)
         .await
         .map_err(fail(Stage::Raw))?;
+    agent_latency(Stage::Raw, t_agent);
     let draft = answer.value;
     draft.validate().map_err(|r| StageFailure {
         stage: Stage::Raw,
@@ -188,6 +195,7 @@ pub async fn run_symbol(
             .advise(&scored, deadline)
             .await
             .map_err(fail(Stage::Validated))?;
+        agent_latency(Stage::Validated, t2);
         let advice = answer.value;
         scored.signal.is_degraded |= answer.degraded;
         validate_advice(&advice).map_err(|r| StageFailure {
@@ -227,6 +235,7 @@ pub async fn run_symbol(
         .report(&advised, deadline)
         .await
         .map_err(fail(Stage::Dashboard))?;
+    agent_latency(Stage::Dashboard, t3);
     let summary = answer.value;
     advised.scored.signal.is_degraded |= answer.degraded;
     validate_summary(&summary).map_err(|r| StageFailure {

@@ -8,10 +8,12 @@ mod helpers;
 mod llm_server;
 mod market_server;
 mod redis_server;
+mod sse_client;
 
 mod cli;
 mod failures;
 mod llm_agents;
+mod observability;
 mod opencode;
 mod redis_coordination;
 mod replicas;

@@ -1,0 +1,520 @@
+//! Metrics (parsed by promtool, scraped by a real Prometheus), the SSE stream, admin endpoints.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{Proc, config, get_json, metric};
+use crate::sse_client::SseClient;
+
+/// The metric names DESIGN.md §3 promises.
+const DESIGN_NAMES: &[&str] = &[
+    "signal_generation_total",
+    "signal_generation_skipped_total",
+    "cycle_failures_total",
+    "cycles_skipped_circuit_open_total",
+    "cycles_skipped_high_latency_total",
+    "stale_locks_recovered_total",
+    "circuit_breaker_rejected_total",
+    "backpressure_cooldowns_total",
+    "signals_generated_last_cycle",
+    "active_locks",
+    "symbols_processing",
+    "circuit_breaker_state",
+    "adaptive_batch_size",
+    "current_p95_latency_ms",
+    "last_cycle_timestamp_seconds",
+    "cycle_duration_seconds",
+    "symbol_processing_duration_seconds",
+    "llm_latency_seconds",
+];
+
+#[tokio::test]
+async fn metrics_parse_and_hold_every_design_name_after_one_cycle() {
+    // An LLM backend, so the LLM breaker and its metrics exist.
+    let llm = crate::llm_server::LlmServer::start().await;
+    let extra = format!(
+        "  symbols: [ETH/USD, BTC/USD, SOL/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n",
+        llm.url
+    );
+    let p = Proc::spawn("run", &config("*/2 * * * * *", &extra), &[]).await;
+    p.wait_log(
+        |l| l["message"] == "cycle finished",
+        Duration::from_secs(20),
+    )
+    .await;
+    let (code, text) = p.get_text("/metrics").await;
+    assert_eq!(code, 200);
+    // Prometheus's own parser and linter.
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/test installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Exit 1 is a parse error; 3 is lint findings. The one finding allowed is the seed's own
+    // name `current_p95_latency_ms` (a contract), which the linter dislikes for its unit.
+    assert_ne!(
+        out.status.code(),
+        Some(1),
+        "promtool could not parse /metrics: {report}"
+    );
+    for line in report.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            line.contains("current_p95_latency_ms"),
+            "lint finding: {line}"
+        );
+    }
+    for name in DESIGN_NAMES {
+        let full = format!("autonomous_runner_{name}");
+        assert!(
+            text.contains(&format!("# TYPE {full} ")),
+            "{full} missing from /metrics"
+        );
+        assert!(
+            text.contains(&format!("# HELP {full} ")),
+            "{full} has no HELP"
+        );
+    }
+    // Durations are histograms with explicit buckets.
+    assert!(text.contains("autonomous_runner_cycle_duration_seconds_bucket{le=\"0.005\"}"));
+    // Every label value is from a bounded set: no spaces, no free text.
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('{'))
+    {
+        let labels = &line[line.find('{').unwrap() + 1..line.rfind('}').unwrap()];
+        for kv in labels.split("\",") {
+            let v = kv
+                .split_once("=\"")
+                .map(|(_, v)| v.trim_end_matches('"'))
+                .unwrap_or("");
+            assert!(
+                v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_/.:-+".contains(c)),
+                "free-text label value in {line}"
+            );
+        }
+    }
+    assert!(
+        metric(
+            &text,
+            "autonomous_runner_signal_generation_total",
+            &[("symbol", "ETH/USD")]
+        ) >= 1.0
+    );
+    assert_eq!(metric(&text, "autonomous_runner_build_info", &[]), 1.0);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_runner() {
+    let p = Proc::spawn(
+        "run",
+        &config("* * * * * *", "  symbols: [ETH/USD, BTC/USD]\n"),
+        &[],
+    )
+    .await;
+    let target = p.base.trim_start_matches("http://").to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: runner\n    static_configs:\n      - targets: ['{target}']\n"),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut prom = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus (scripts/test installs it)");
+    let api = format!("http://127.0.0.1:{port}/api/v1/query?query=");
+    let query = |q: &str| {
+        let url = format!("{api}{}", urlencode(q));
+        async move {
+            let r = reqwest::get(&url).await.ok()?;
+            let v: Value = r.json().await.ok()?;
+            v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if query("up{job=\"runner\"}").await == Some(1.0)
+            && let Some(c) = query("autonomous_runner_cycles_total{job=\"runner\"}").await
+        {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus never saw the target up"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = query("autonomous_runner_cycles_total{job=\"runner\"}")
+            .await
+            .unwrap_or(0.0);
+        if now > first {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cycle counter never moved in Prometheus"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let last = query("autonomous_runner_last_cycle_timestamp_seconds{job=\"runner\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(last > 1.7e9, "last cycle timestamp is a Unix time: {last}");
+    let _ = prom.kill().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn ids(evs: &[crate::sse_client::SseEvent]) -> Vec<String> {
+    evs.iter().filter_map(|e| e.id.clone()).collect()
+}
+
+#[tokio::test]
+async fn sse_resume_delivers_exactly_what_was_missed_in_order() {
+    let p = Proc::spawn(
+        "run",
+        &config("* * * * * *", "  symbols: [ETH/USD, BTC/USD, SOL/USD]\n"),
+        &[],
+    )
+    .await;
+    p.wait_log(
+        |l| l["message"] == "cycle finished",
+        Duration::from_secs(10),
+    )
+    .await;
+    let url = format!("{}/api/signals/stream", p.base);
+    // A witness stays connected throughout.
+    let witness = SseClient::connect(&url, None).await;
+    // A new client first gets the latest signal of every symbol.
+    let client = SseClient::connect(&url, None).await;
+    let first = client
+        .wait(Duration::from_secs(10), |e| {
+            e.iter().filter(|e| e.event == "signal").count() >= 3
+        })
+        .await;
+    let symbols: std::collections::BTreeSet<String> = first[..3]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.data).unwrap()["payload"]["symbol"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        symbols.len(),
+        3,
+        "the snapshot has each symbol's latest signal"
+    );
+    // Read some live events, then disconnect.
+    let seen = client.wait(Duration::from_secs(10), |e| e.len() >= 8).await;
+    let gone = client.close();
+    let last = ids(&gone).last().cloned().unwrap();
+    assert!(seen.len() >= 8);
+    // Miss a few cycles.
+    let n = p.logs_matching(|l| l["message"] == "cycle finished").len();
+    p.wait_log_count(
+        |l| l["message"] == "cycle finished",
+        n + 3,
+        Duration::from_secs(15),
+    )
+    .await;
+    // Reconnect with Last-Event-ID.
+    let back = SseClient::connect(&url, Some(&last)).await;
+    let w = witness.snapshot();
+    let pos = w
+        .iter()
+        .position(|e| e.id.as_deref() == Some(last.as_str()))
+        .expect("witness saw the last id");
+    let missed: Vec<String> = ids(&w[pos + 1..]);
+    assert!(
+        missed.len() >= 6,
+        "events happened while disconnected: {}",
+        missed.len()
+    );
+    let got = back
+        .wait(Duration::from_secs(10), |e| e.len() >= missed.len())
+        .await;
+    let got_ids = ids(&got);
+    assert_eq!(
+        &got_ids[..missed.len()],
+        &missed[..],
+        "exactly the missed events, in order"
+    );
+    let unique: std::collections::BTreeSet<&String> = got_ids.iter().collect();
+    assert_eq!(unique.len(), got_ids.len(), "none twice");
+    assert!(
+        !got_ids.contains(&last),
+        "the last seen event is not repeated"
+    );
+    // Same through the query parameter.
+    let again = SseClient::connect(&format!("{url}?last_event_id={last}"), None).await;
+    let q = again
+        .wait(Duration::from_secs(10), |e| e.len() >= missed.len())
+        .await;
+    assert_eq!(&ids(&q)[..missed.len()], &missed[..]);
+    // Cycle events are on the stream too.
+    assert!(w.iter().any(|e| e.event == "cycle"));
+    // A nonsense id is refused with a reason.
+    let r = reqwest::Client::new()
+        .get(&url)
+        .header("last-event-id", "banana")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn sse_on_replica_a_carries_signals_produced_by_replica_b() {
+    let redis = crate::redis_server::RedisServer::start().await;
+    let extra = format!(
+        "  symbols: [ETH/USD, BTC/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n",
+        redis.url()
+    );
+    let a = Proc::spawn(
+        "run",
+        &config("* * * * * *", &extra),
+        &[("INSTANCE_ID", "replica-a")],
+    )
+    .await;
+    let b = Proc::spawn(
+        "run",
+        &config("* * * * * *", &extra),
+        &[("INSTANCE_ID", "replica-b")],
+    )
+    .await;
+    let client = SseClient::connect(&format!("{}/api/signals/stream", a.base), None).await;
+    // Wait until B has run some ticks of its own.
+    b.wait_log_count(
+        |l| l["message"] == "cycle finished",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    let b_cycles: std::collections::BTreeSet<String> = b
+        .logs_matching(|l| l["message"] == "cycle finished")
+        .iter()
+        .map(|l| l["cycle_id"].as_str().unwrap().to_string())
+        .collect();
+    let evs = client
+        .wait(Duration::from_secs(15), |e| {
+            e.iter().any(|e| {
+                e.event == "signal"
+                    && serde_json::from_str::<Value>(&e.data)
+                        .ok()
+                        .and_then(|v| {
+                            v["payload"]["cycle_id"]
+                                .as_str()
+                                .map(|c| b_cycles.contains(c))
+                        })
+                        .unwrap_or(false)
+            })
+        })
+        .await;
+    assert!(
+        evs.iter()
+            .all(|e| e.id.as_deref().is_some_and(|i| i.contains('_'))),
+        "ids pair the stream position with the local sequence"
+    );
+    drop(a);
+}
+
+#[tokio::test]
+async fn admin_endpoints_need_loopback_or_the_token_and_never_leak_it() {
+    const TOKEN: &str = "admin-tok-3f9c2b7e-never-logged";
+    let extra = "  symbols: [ETH/USD]\n  http:\n    bind: 127.0.0.1\n    port: 0\n    admin_loopback: false\n";
+    let cfg = config("*/2 * * * * *", "")
+        .replace("  http:\n    bind: 127.0.0.1\n    port: 0\n", "")
+        + extra;
+    let mut p = Proc::spawn("run", &cfg, &[("ADMIN_TOKEN", TOKEN)]).await;
+    let c = reqwest::Client::new();
+    let ks = format!("{}/api/kill-switch", p.base);
+    // No token (loopback not trusted here), wrong token: refused.
+    assert_eq!(c.post(&ks).send().await.unwrap().status(), 401);
+    assert_eq!(c.delete(&ks).send().await.unwrap().status(), 401);
+    assert_eq!(
+        c.post(format!("{}/shutdown", p.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.post(&ks)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // With the token: works, and the next tick is skipped for it.
+    let r = c
+        .post(&ks)
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"reason": "maintenance window"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["kill_switch"]["active"], true);
+    assert_eq!(body["kill_switch"]["reason"], "maintenance window");
+    p.poll("/api/cycles", Duration::from_secs(10), |v| {
+        v["cycles"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["skipped_reason"] == "kill_switch"))
+    })
+    .await;
+    let (_, d) = p.get("/health/detailed").await;
+    assert_eq!(d["kill_switch"]["reason"], "maintenance window");
+    assert!(!d.to_string().contains(TOKEN));
+    // Bad body: a clear 400.
+    let r = c
+        .post(&ks)
+        .bearer_auth(TOKEN)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        c.delete(&ks)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let (_, d) = p.get("/health/detailed").await;
+    assert!(d["kill_switch"].is_null());
+    // Shutdown with the token: a graceful exit.
+    assert_eq!(
+        c.post(format!("{}/shutdown", p.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(20)).await, 0);
+    let all: String = p
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!all.contains(TOKEN), "token in logs");
+    assert!(
+        !p.logs_matching(|l| l["message"] == "admin request refused: invalid bearer token")
+            .is_empty(),
+        "refusals are logged"
+    );
+}
+
+#[tokio::test]
+async fn without_a_token_only_loopback_may_use_admin_endpoints() {
+    // Loopback trusted (the default): allowed without a token.
+    let p = Proc::spawn(
+        "run",
+        &config("*/2 * * * * *", "  symbols: [ETH/USD]\n"),
+        &[],
+    )
+    .await;
+    let c = reqwest::Client::new();
+    assert_eq!(
+        c.post(format!("{}/api/kill-switch", p.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.delete(format!("{}/api/kill-switch", p.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Loopback not trusted and no token configured: forbidden.
+    let cfg = config("*/2 * * * * *", "")
+        .replace("  http:\n    bind: 127.0.0.1\n    port: 0\n", "")
+        + "  symbols: [ETH/USD]\n  http:\n    bind: 127.0.0.1\n    port: 0\n    admin_loopback: false\n";
+    let q = Proc::spawn("run", &cfg, &[]).await;
+    assert_eq!(
+        c.post(format!("{}/api/kill-switch", q.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        c.post(format!("{}/shutdown", q.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let (code, _) = get_json(&format!("{}/health/live", q.base)).await;
+    assert_eq!(code, 200, "still running");
+}
