@@ -147,13 +147,37 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Allows the request (and says how) or answers 401/403. Never logs the token.
+/// Why an admin request was refused.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// 401: a token is required, or the one presented is wrong.
+    Unauthorized(&'static str),
+    /// 403: no token is configured and the peer is not a trusted loopback.
+    Forbidden,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Unauthorized(why) => {
+                (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], axum::Json(json!({"error": why}))).into_response()
+            }
+            Refusal::Forbidden => (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"error": "admin endpoints are only open to loopback peers (set ADMIN_TOKEN to allow others)"})),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// Allows the request (and says how) or refuses it with 401/403. Never logs the token.
 fn authorize(
     s: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
     what: &str,
-) -> Result<&'static str, Response> {
+) -> Result<&'static str, Refusal> {
     let configured = !s.admin.token.is_empty();
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
         let presented = auth
@@ -165,26 +189,16 @@ fn authorize(
             return Ok("token");
         }
         tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: invalid bearer token");
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            axum::Json(json!({"error": "invalid token"})),
-        )
-            .into_response());
+        return Err(Refusal::Unauthorized("invalid token"));
     }
     if s.admin.loopback && peer.ip().is_loopback() {
         return Ok("loopback");
     }
     tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: no token from a non-loopback peer");
     if configured {
-        Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            axum::Json(json!({"error": "a bearer token is required"})),
-        )
-            .into_response())
+        Err(Refusal::Unauthorized("a bearer token is required"))
     } else {
-        Err((StatusCode::FORBIDDEN, axum::Json(json!({"error": "admin endpoints are only open to loopback peers (set ADMIN_TOKEN to allow others)"}))).into_response())
+        Err(Refusal::Forbidden)
     }
 }
 
@@ -203,7 +217,7 @@ async fn shutdown(
             )
                 .into_response()
         }
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -224,9 +238,10 @@ async fn kill_switch_on(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, peer, &headers, "POST /api/kill-switch") {
-        return r;
-    }
+    let via = match authorize(&s, peer, &headers, "POST /api/kill-switch") {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         String::new()
     } else {
@@ -245,7 +260,6 @@ async fn kill_switch_on(
             }
         }
     };
-    let via = if headers.contains_key(header::AUTHORIZATION) {
         "token"
     } else {
         "loopback"
@@ -276,7 +290,7 @@ async fn kill_switch_off(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = authorize(&s, peer, &headers, "DELETE /api/kill-switch") {
-        return r;
+        return r.into_response();
     }
     let off = crate::coordination::KillSwitch {
         active: false,
