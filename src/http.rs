@@ -260,10 +260,6 @@ async fn kill_switch_on(
             }
         }
     };
-        "token"
-    } else {
-        "loopback"
-    };
     let ks = crate::coordination::KillSwitch {
         active: true,
         reason,
