@@ -10,6 +10,7 @@ mod market_server;
 mod redis_server;
 mod sse_client;
 
+mod browser;
 mod cli;
 mod failures;
 mod llm_agents;

@@ -1,0 +1,232 @@
+//! The dashboard in a real headless Chromium (driven by chromedriver over WebDriver): 20 rows,
+//! live updates without reload, agent text shown as text with no script executed.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Proc, config};
+use crate::llm_server::{LlmServer, Reply};
+
+const XSS: &str =
+    "<img src=x onerror=\"window.__xss=1\"><script>window.__xss=2</script> Buy the dip.";
+
+struct Driver {
+    base: String,
+    session: String,
+    http: reqwest::Client,
+    _child: tokio::process::Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = tokio::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver (scripts/test installs chromium-driver)");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http.get(format!("{base}/status")).send().await
+                && r.json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["value"]["ready"] == true)
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chromedriver did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-quic", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+                    format!("--user-data-dir={}", profile.path().display())
+                ]
+            }
+        }}});
+        let v: Value = http
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_string();
+        Driver {
+            base,
+            session,
+            http,
+            _child: child,
+            _profile: profile,
+        }
+    }
+
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut req = self.http.request(method.clone(), url);
+        if method != reqwest::Method::GET {
+            req = req.json(&body);
+        }
+        let v: Value = req.send().await.unwrap().json().await.unwrap();
+        v["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.cmd(reqwest::Method::POST, "/url", json!({"url": url}))
+            .await;
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        self.cmd(
+            reqwest::Method::POST,
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    async fn wait_js(
+        &self,
+        script: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.js(script).await;
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "page never satisfied {script}; last {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn screenshot(&self, path: &std::path::Path) {
+        let v = self
+            .cmd(reqwest::Method::GET, "/screenshot", Value::Null)
+            .await;
+        if let Some(data) = v.as_str() {
+            let _ = std::fs::write(path, base64_decode(data));
+        }
+    }
+}
+
+/// Standard base64 decoding (for the screenshot; nothing else needs it).
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let bits: Vec<u8> = s.bytes().filter_map(val).collect();
+    bits.chunks(4)
+        .flat_map(|c| {
+            let n = c.iter().fold(0u32, |acc, v| (acc << 6) | u32::from(*v))
+                << (6 * (4 - c.len() as u32));
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            bytes[..c.len().saturating_sub(1)].to_vec()
+        })
+        .collect()
+}
+
+fn report_everywhere(llm: &LlmServer, summary: &str) {
+    for s in autonomous_runner::config::DEFAULT_SYMBOLS {
+        llm.always_for(s, "report", Reply::Answer(json!({ "summary": summary })));
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
+    let llm = LlmServer::start().await;
+    report_everywhere(&llm, XSS);
+    let extra = format!(
+        "  agents:\n    backend: openrouter\n    base_url: {}\n    requests_per_minute: 1000\n    burst: 200\n  pipeline:\n    advise_min_score: 100\n",
+        llm.url
+    );
+    let p = Proc::spawn("run", &config("*/3 * * * * *", &extra), &[]).await;
+    p.wait_log(
+        |l| l["message"] == "cycle finished" && l["ok"] == 20,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let d = Driver::start().await;
+    d.goto(&p.base).await;
+    d.wait_js(
+        "return document.querySelectorAll('#signals tbody tr').length",
+        Duration::from_secs(20),
+        |v| v == 20,
+    )
+    .await;
+    d.js("window.__marker = 42; return 1").await;
+    let row = d
+        .js(
+            "const tr = document.querySelector('#signals tbody tr[data-symbol=\"ETH/USD\"]');\
+             return { summary: tr.querySelector('td.summary').textContent,\
+                      action: tr.children[1].textContent, tier: tr.children[4].textContent,\
+                      imgs: document.querySelectorAll('#signals img').length,\
+                      scripts: document.querySelectorAll('#signals script').length,\
+                      xss: typeof window.__xss };",
+        )
+        .await;
+    assert_eq!(row["summary"], XSS, "agent text is shown literally");
+    assert_eq!(row["imgs"], 0);
+    assert_eq!(row["scripts"], 0);
+    assert_eq!(row["xss"], "undefined", "no injected script ran");
+    assert_eq!(row["action"], "BUY");
+    assert!(["HOT", "GOOD", "NEUTRAL", "LOW"].contains(&row["tier"].as_str().unwrap()));
+    d.screenshot(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"))
+        .await;
+
+    // The next cycle's values arrive without a reload.
+    report_everywhere(&llm, "Second cycle: fresh values.");
+    let v = d
+        .wait_js(
+            "return { s: document.querySelector('#signals tbody tr[data-symbol=\"ETH/USD\"] td.summary').textContent, m: window.__marker };",
+            Duration::from_secs(20),
+            |v| v["s"] == "Second cycle: fresh values.",
+        )
+        .await;
+    assert_eq!(v["m"], 42, "same page, no reload");
+    let cycles = d
+        .js("return document.querySelectorAll('#cycles tbody tr').length")
+        .await;
+    assert!(cycles.as_u64().unwrap_or(0) >= 2, "cycle list updated live");
+    assert_eq!(d.js("return typeof window.__xss").await, "undefined");
+    let status = d
+        .js("return document.getElementById('conn').textContent")
+        .await;
+    assert_eq!(status, "live");
+}
