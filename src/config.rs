@@ -686,7 +686,7 @@ impl Default for Publish {
             stream_max_len: 10_000,
             outbox_max: 10_000,
             history_cycles: 100,
-            replay_buffer: 4096,
+            replay_buffer: 1024,
         }
     }
 }

@@ -124,16 +124,16 @@ async fn a_cycle_runs_through_opencode_and_a_stalled_symbol_is_aborted_and_delet
     let llm = LlmServer::start().await;
     llm.always_for("STALL/USD", "signal", Reply::Hang);
     let oc = OpenCodeServer::start(&llm).await;
-    let more = "  retry:\n    max_attempts: 1\n  timeouts:\n    symbol_timeout_seconds: 20\n    symbol_timeout_max_seconds: 20\n    total_timeout_seconds: 40\n";
+    let more = "  retry:\n    max_attempts: 1\n  timeouts:\n    symbol_timeout_seconds: 40\n    symbol_timeout_max_seconds: 40\n    total_timeout_seconds: 50\n";
     let cfg = extra(
         &oc.url,
         "ETH/USD, BTC/USD, SOL/USD, DOGE/USD, LINK/USD, STALL/USD",
         more,
     );
-    // The stalled symbol's signal stage gets 6 s.
+    // Every signal call gets 15 s (OpenCode is CPU-bound; a loaded CI machine is slow); the stalled one uses all of it.
     let cfg = cfg.replace(
         "    opencode:\n",
-        "    stages:\n      signal:\n        timeout_seconds: 6\n    opencode:\n",
+        "    stages:\n      signal:\n        timeout_seconds: 15\n    opencode:\n",
     );
     let mut p = Proc::spawn("once", &config("*/1 * * * *", &cfg), &[]).await;
     assert_eq!(p.wait_exit(Duration::from_secs(120)).await, 0);
@@ -207,7 +207,7 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
     let cfg = extra(
         &oc.url,
         &symbols.join(", "),
-        "  retry:\n    max_attempts: 1\n  parallel:\n    max_concurrent: 14\n  timeouts:\n    symbol_timeout_seconds: 15\n    symbol_timeout_max_seconds: 15\n    total_timeout_seconds: 40\n",
+        "  retry:\n    max_attempts: 1\n  parallel:\n    max_concurrent: 14\n  timeouts:\n    symbol_timeout_seconds: 30\n    symbol_timeout_max_seconds: 30\n    total_timeout_seconds: 45\n",
     );
     let p = Proc::spawn("run", &config("*/30 * * * * *", &cfg), &[]).await;
     p.wait_log(

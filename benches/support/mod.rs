@@ -1,0 +1,89 @@
+//! What the process-level benchmarks share: the release binary, a config file, JSON logs.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The release binary (`cargo bench` builds it).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/release/deps/<bench> → target/release/autonomous-runner
+    let dir = exe.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or_default();
+    dir.join("autonomous-runner")
+}
+
+/// A spawned runner and a channel of its JSON log lines.
+pub struct Runner {
+    pub child: Child,
+    pub lines: mpsc::Receiver<serde_json::Value>,
+    pub base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Runner {
+    pub fn spawn(yaml: &str, extra_env: &[(&str, &str)]) -> Runner {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("runner.yaml");
+        std::fs::write(&path, yaml).expect("write config");
+        let bin = binary();
+        assert!(bin.exists(), "{} missing: run `cargo build --release` first", bin.display());
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--config", path.to_str().unwrap_or_default()])
+            .env("LOG_FORMAT", "json")
+            .env("LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn runner");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut base = String::new();
+        while let Ok(v) = rx.recv_timeout(Duration::from_secs(30)) {
+            if v["message"] == "HTTP server listening" {
+                base = format!("http://{}", v["addr"].as_str().unwrap_or_default());
+                break;
+            }
+        }
+        assert!(!base.is_empty(), "runner did not start");
+        Runner { child, lines: rx, base, _dir: dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64) * q).ceil() as usize;
+    sorted[i.saturating_sub(1).min(sorted.len() - 1)]
+}
