@@ -34,6 +34,14 @@ enum Command {
     Once(ConfigArg),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArg),
+    /// Ask a running instance to shut down gracefully (`POST /shutdown`; for a Kubernetes
+    /// preStop hook, which runs inside the pod and so reaches it over loopback). Sends
+    /// `ADMIN_TOKEN` as a bearer token when set.
+    Shutdown {
+        /// Base URL of the instance.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +91,44 @@ fn on_signals(token: CancellationToken) {
     });
 }
 
+/// `POST {url}/shutdown`; exit 0 when accepted.
+fn request_shutdown(url: &str) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/shutdown", url.trim_end_matches('/')))
+            .timeout(std::time::Duration::from_secs(5));
+        if let Ok(token) = std::env::var("ADMIN_TOKEN")
+            && !token.is_empty()
+        {
+            req = req.bearer_auth(token);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {
+                eprintln!("shutdown requested");
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                eprintln!("shutdown refused: HTTP {}", r.status().as_u16());
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("cannot reach the runner: {}", e.without_url());
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = autonomous_runner::telemetry::init_tracing(
@@ -95,6 +141,7 @@ fn main() -> ExitCode {
     }
     let arg = match &cli.command {
         Command::Run(a) | Command::Once(a) | Command::CheckConfig(a) => a,
+        Command::Shutdown { url } => return request_shutdown(url),
     };
     let cfg = match load(arg) {
         Ok(c) => c,
@@ -151,7 +198,7 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            Command::CheckConfig(_) => ExitCode::SUCCESS,
+            Command::CheckConfig(_) | Command::Shutdown { .. } => ExitCode::SUCCESS,
         }
     })
 }

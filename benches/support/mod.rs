@@ -12,7 +12,11 @@ use std::time::Duration;
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/release/deps/<bench> → target/release/autonomous-runner
-    let dir = exe.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
     dir.join("autonomous-runner")
 }
 
@@ -30,7 +34,11 @@ impl Runner {
         let path = dir.path().join("runner.yaml");
         std::fs::write(&path, yaml).expect("write config");
         let bin = binary();
-        assert!(bin.exists(), "{} missing: run `cargo build --release` first", bin.display());
+        assert!(
+            bin.exists(),
+            "{} missing: run `cargo build --release` first",
+            bin.display()
+        );
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--config", path.to_str().unwrap_or_default()])
             .env("LOG_FORMAT", "json")
@@ -60,7 +68,12 @@ impl Runner {
             }
         }
         assert!(!base.is_empty(), "runner did not start");
-        Runner { child, lines: rx, base, _dir: dir }
+        Runner {
+            child,
+            lines: rx,
+            base,
+            _dir: dir,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -70,11 +83,18 @@ impl Runner {
     /// Resident set size in KiB, from /proc.
     pub fn rss_kib(&self) -> Option<u64> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     pub fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }

@@ -22,6 +22,9 @@ use serde_json::{Value, json};
 pub enum Reply {
     /// The default valid answer.
     Valid,
+    /// A valid answer after a delay (the makespan benchmark's scripted latency).
+    #[allow(dead_code)]
+    Slow(Duration),
     /// An HTTP status with a JSON error body and optional `Retry-After`.
     Status(u16, Option<String>),
     /// This exact JSON as the structured answer (content or tool-call arguments).
@@ -293,6 +296,10 @@ async fn completions(
     };
     match reply {
         Reply::Valid => answer(&valid_answer(&stage, &symbol)),
+        Reply::Slow(d) => {
+            tokio::time::sleep(d).await;
+            answer(&valid_answer(&stage, &symbol))
+        }
         Reply::Status(code, retry_after) => {
             let mut b = Response::builder()
                 .status(code)

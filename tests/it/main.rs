@@ -12,9 +12,11 @@ mod sse_client;
 
 mod browser;
 mod cli;
+mod deploy;
 mod failures;
 mod llm_agents;
 mod observability;
+mod once_mode;
 mod opencode;
 mod redis_coordination;
 mod replicas;

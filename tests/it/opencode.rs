@@ -212,7 +212,7 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
     let p = Proc::spawn("run", &config("*/30 * * * * *", &cfg), &[]).await;
     p.wait_log(
         |l| l["message"] == "cycle finished",
-        Duration::from_secs(90),
+        Duration::from_secs(120),
     )
     .await;
     let (_, m) = p.get_text("/metrics").await;

@@ -1,0 +1,115 @@
+//! `once` (Kubernetes CronJob mode): exit codes, the lease, health probes, SIGTERM.
+
+use std::time::Duration;
+
+use crate::helpers::{Proc, config};
+use crate::market_server::{Behaviour, MarketServer};
+use crate::redis_server::RedisServer;
+
+/// A yearly schedule: every `once` started this year belongs to the same tick.
+const YEARLY: &str = "0 0 1 1 *";
+
+#[tokio::test]
+async fn the_second_once_for_a_tick_finds_the_lease_taken_and_exits_0() {
+    let redis = RedisServer::start().await;
+    let extra = format!(
+        "  symbols: [ETH/USD, BTC/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n",
+        redis.url()
+    );
+    let mut a = Proc::spawn("once", &config(YEARLY, &extra), &[("INSTANCE_ID", "job-a")]).await;
+    assert_eq!(a.wait_exit(Duration::from_secs(30)).await, 0);
+    assert_eq!(
+        a.logs_matching(|l| l["message"] == "once: cycle ran").len(),
+        1
+    );
+    let mut b = Proc::spawn("once", &config(YEARLY, &extra), &[("INSTANCE_ID", "job-b")]).await;
+    assert_eq!(b.wait_exit(Duration::from_secs(30)).await, 0);
+    let line = b
+        .wait_log(
+            |l| l["message"] == "once: nothing to do",
+            Duration::from_secs(1),
+        )
+        .await;
+    assert_eq!(line["reason"], "lease_held_elsewhere");
+    assert!(
+        b.logs_matching(|l| l["message"] == "cycle started")
+            .is_empty()
+    );
+    // One cycle's signals in the stream, not two.
+    assert_eq!(redis.stream("stream:raw-signals").await.len(), 2);
+}
+
+#[tokio::test]
+async fn once_exits_non_zero_when_it_cannot_run() {
+    // Nothing listens there: no locks, no lease, no cycle.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra = format!(
+        "  symbols: [ETH/USD]\n  coordination:\n    backend: redis\n    redis_url: redis://127.0.0.1:{port}\n"
+    );
+    let mut p = Proc::spawn("once", &config(YEARLY, &extra), &[]).await;
+    assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 1);
+    let line = p
+        .wait_log(
+            |l| l["message"] == "once: the cycle could not run",
+            Duration::from_secs(1),
+        )
+        .await;
+    assert_eq!(line["reason"], "coordination_unavailable");
+}
+
+#[tokio::test]
+async fn once_serves_health_probes_while_it_runs() {
+    let market = MarketServer::start().await;
+    market.set_default(Behaviour {
+        delay: Duration::from_secs(3),
+        status: None,
+    });
+    let extra = format!(
+        "  symbols: [ETH/USD, BTC/USD]\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n",
+        market.url
+    );
+    let mut p = Proc::spawn("once", &config(YEARLY, &extra), &[]).await;
+    p.wait_log(|l| l["message"] == "cycle started", Duration::from_secs(10))
+        .await;
+    assert_eq!(p.get("/health/live").await.0, 200);
+    let (code, ready) = p.get("/health/ready").await;
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
+    assert_eq!(
+        p.logs_matching(|l| l["message"] == "cycle finished")[0]["ok"],
+        2
+    );
+}
+
+#[tokio::test]
+async fn once_honours_sigterm_within_the_grace_period() {
+    let market = MarketServer::start().await;
+    market.set_default(Behaviour {
+        delay: Duration::from_secs(30),
+        status: None,
+    });
+    let extra = format!(
+        "  symbols: [ETH/USD, BTC/USD]\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n  timeouts:\n    symbol_timeout_seconds: 50\n    symbol_timeout_max_seconds: 50\n    total_timeout_seconds: 55\n  graceful_shutdown:\n    timeout_seconds: 1\n",
+        market.url
+    );
+    let mut p = Proc::spawn("once", &config(YEARLY, &extra), &[]).await;
+    p.wait_log(|l| l["message"] == "cycle started", Duration::from_secs(10))
+        .await;
+    let sent = tokio::time::Instant::now();
+    p.signal("TERM");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(20)).await,
+        0,
+        "the cycle ran (its symbols were cancelled)"
+    );
+    assert!(tokio::time::Instant::now().duration_since(sent) < Duration::from_secs(5));
+    assert_eq!(
+        p.logs_matching(|l| l["message"] == "cancelled by shutdown")
+            .len(),
+        2
+    );
+}
