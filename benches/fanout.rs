@@ -5,6 +5,9 @@
 //! `cargo build --release && cargo bench --bench fanout -- 1000 30` (clients, seconds).
 //! Needs ~2,100 file descriptors (`ulimit -n`).
 
+// A benchmark is a tool run by hand: a failed setup step aborts it with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::{Arc, Mutex};

@@ -6,6 +6,9 @@
 //!
 //! `cargo bench --bench makespan_http -- 6` (cycles per workload; default 6; ≈ 30 s a cycle).
 
+// A benchmark is a tool run by hand: a failed setup step aborts it with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/it/llm_server.rs"]
 #[allow(dead_code)]
 mod llm_server;

@@ -12,6 +12,9 @@
 //!
 //! `cargo bench --bench pool` (optional args: cycles, seed).
 
+// A benchmark is a tool run by hand: a failed setup step aborts it with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

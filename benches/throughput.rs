@@ -5,6 +5,9 @@
 //! `cargo bench --bench throughput -- 5` (measured cycles; default 5). Starts its own
 //! `redis-server` on a free port.
 
+// A benchmark is a tool run by hand: a failed setup step aborts it with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,5 +1,8 @@
 //! What the process-level benchmarks share: the release binary, a config file, JSON logs.
 
+// A benchmark is a tool run by hand: a failed setup step aborts it with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// Each benchmark uses only part of this module.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
