@@ -8,7 +8,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 fn main() {
     let minutes: u64 = std::env::args()
@@ -17,11 +19,15 @@ fn main() {
         .unwrap_or(30);
     let yaml = "autonomous_runner:\n  schedule: \"* * * * * *\"\n  instance_id: rss-bench\n  http:\n    bind: 127.0.0.1\n    port: 0\n";
     let r = support::Runner::spawn(yaml, &[]);
-    let start = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let start = rt.block_on(async { Instant::now() });
     let mut samples = vec![];
     println!("minute  rss_kib");
-    while start.elapsed() < Duration::from_secs(minutes * 60) {
-        std::thread::sleep(Duration::from_secs(10));
+    while rt.block_on(async { start.elapsed() }) < Duration::from_secs(minutes * 60) {
+        rt.block_on(tokio::time::sleep(Duration::from_secs(10)));
         let Some(kib) = r.rss_kib() else {
             eprintln!("runner exited");
             break;
