@@ -66,13 +66,22 @@ fn main() {
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server");
-    std::thread::sleep(Duration::from_millis(300));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(port, cycles));
+    rt.block_on(async {
+        // Ready when it accepts connections.
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        run(port, cycles).await
+    });
     let _ = redis.kill();
+    let _ = redis.wait();
 }
 
 async fn run(port: u16, cycles: usize) {
