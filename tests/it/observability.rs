@@ -200,6 +200,32 @@ async fn a_real_prometheus_scrapes_the_runner() {
         .await
         .unwrap_or(0.0);
     assert!(last > 1.7e9, "last cycle timestamp is a Unix time: {last}");
+    // Every query of the shipped Grafana dashboard is valid PromQL for this Prometheus.
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/autonomous-runner.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(|e| e.replace("$instance", ".*")))
+        .collect();
+    assert!(exprs.len() >= 15);
+    for e in &exprs {
+        let v: Value = reqwest::get(format!("{api}{}", urlencode(e)))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["status"], "success", "dashboard query {e}: {v}");
+    }
     let _ = prom.kill().await;
 }
 
