@@ -39,6 +39,20 @@ use tokio_util::sync::CancellationToken;
 
 const LIMIT: usize = 10;
 
+/// List scheduling with perfect knowledge, longest first, on `slots`: what the best
+/// non-preemptive pool could do with these latencies (a tighter reference than the bound).
+fn lpt(lat: &[f64], slots: usize) -> f64 {
+    let mut sorted = lat.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let mut load = vec![0.0f64; slots.max(1)];
+    for l in sorted {
+        if let Some(min) = load.iter_mut().min_by(|a, b| a.total_cmp(b)) {
+            *min += l;
+        }
+    }
+    load.into_iter().fold(0.0, f64::max)
+}
+
 fn main() {
     let cycles: usize = std::env::args()
         .skip(1)
@@ -128,8 +142,8 @@ async fn run(cycles: usize) {
                 "latencies drawn afresh every cycle"
             }
         );
-        println!("cycle  pool_s  bound_s  ratio  fixed_batch_s");
-        let (mut sp, mut sb, mut sf) = (0.0, 0.0, 0.0);
+        println!("cycle  pool_s  bound_s  ratio  lpt_s  fixed_batch_s");
+        let (mut sp, mut sb, mut sf, mut sl) = (0.0, 0.0, 0.0, 0.0);
         for i in 0..cycles {
             let lat: Vec<f64> = (0..symbols.len())
                 .map(|k| {
@@ -148,6 +162,7 @@ async fn run(cycles: usize) {
                 .copied()
                 .fold(0.0, f64::max)
                 .max(lat.iter().sum::<f64>() / LIMIT as f64);
+            let best = lpt(&lat, LIMIT);
             let cycle = CycleId::new(chrono::Utc::now() + chrono::Duration::minutes(i as i64));
             let plan = CyclePlan {
                 cycle,
@@ -182,9 +197,10 @@ async fn run(cycles: usize) {
             }
             let fixed = Instant::now().duration_since(t1).as_secs_f64();
             println!(
-                "{i:>5}  {pool:>6.2}  {bound:>7.2}  {:>5.3}  {fixed:>13.2}",
+                "{i:>5}  {pool:>6.2}  {bound:>7.2}  {:>5.3}  {best:>5.2}  {fixed:>13.2}",
                 pool / bound
             );
+            sl += best;
             sp += pool;
             sb += bound;
             sf += fixed;
@@ -193,6 +209,7 @@ async fn run(cycles: usize) {
         println!("mean makespan (pool)          {:.2} s", sp / n);
         println!("mean lower bound              {:.2} s", sb / n);
         println!("mean ratio to the bound       {:.3}", sp / sb);
+        println!("mean ratio to clairvoyant LPT {:.3}", sp / sl);
         println!("mean makespan (fixed batches) {:.2} s", sf / n);
         println!("speed-up over fixed batches   {:.2}×", sf / sp);
         println!();
