@@ -15,20 +15,16 @@
 // A benchmark is a tool run by hand: a failed setup step aborts it with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use autonomous_runner::agents::rules::Rules;
-use autonomous_runner::agents::{
-    Agent, AgentError, Answer, SignalDraft, SignalRequest, StageAgents,
-};
+use autonomous_runner::agents::StageAgents;
+use autonomous_runner::agents::testing::Timed;
 use autonomous_runner::coordination::LockTiming;
 use autonomous_runner::coordination::memory::{MemoryCoordination, MemoryStore};
 use autonomous_runner::coordinator::{Coordinator, CyclePlan};
 use autonomous_runner::market::simulated::Simulated;
-use autonomous_runner::pipeline::{Advice, AdvisedSignal, PipelineContext, ScoredSignal};
+use autonomous_runner::pipeline::PipelineContext;
 use autonomous_runner::publish::Publisher;
 use autonomous_runner::schedule::CycleId;
 use rand::SeedableRng;
@@ -39,43 +35,6 @@ use tokio_util::sync::CancellationToken;
 
 const SYMBOLS: usize = 20;
 const LIMIT: usize = 10;
-
-/// The rules agent, slowed down by a scripted latency per symbol.
-#[derive(Default)]
-struct SlowAgent {
-    latency: Mutex<HashMap<String, Duration>>,
-}
-
-#[async_trait]
-impl Agent for SlowAgent {
-    fn backend(&self) -> &'static str {
-        "bench"
-    }
-    fn model(&self) -> &str {
-        "bench"
-    }
-    async fn signal(
-        &self,
-        req: &SignalRequest<'_>,
-        _d: Instant,
-    ) -> Result<Answer<SignalDraft>, AgentError> {
-        let d = self
-            .latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(req.symbol)
-            .copied()
-            .unwrap_or_default();
-        tokio::time::sleep(d).await;
-        Rules::analyse(req).map(Answer::rules)
-    }
-    async fn advise(&self, s: &ScoredSignal, _d: Instant) -> Result<Answer<Advice>, AgentError> {
-        Ok(Answer::rules(Rules::advice(s)))
-    }
-    async fn report(&self, a: &AdvisedSignal, _d: Instant) -> Result<Answer<String>, AgentError> {
-        Ok(Answer::rules(Rules::summary(a)))
-    }
-}
 
 /// The seed's algorithm: fixed batches that wait for their slowest member, 1 s between them.
 fn fixed_batches(lat: &[Duration], limit: usize) -> Duration {
@@ -153,7 +112,7 @@ async fn run_workload(workload: Workload, cycles: usize, seed: u64) {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let agent = Arc::new(SlowAgent::default());
+    let agent = Arc::new(Timed::default());
     let publisher = Arc::new(Publisher::new(
         autonomous_runner::publish::hub::Hub::new(1024, None),
         16,
@@ -204,11 +163,8 @@ async fn run_workload(workload: Workload, cycles: usize, seed: u64) {
                 Duration::from_secs_f64(secs)
             })
             .collect();
-        {
-            let mut m = agent.latency.lock().unwrap_or_else(|p| p.into_inner());
-            for (s, d) in symbols.iter().zip(&lat) {
-                m.insert(s.clone(), *d);
-            }
+        for (s, d) in symbols.iter().zip(&lat) {
+            agent.set(s, *d);
         }
         let slowest = lat.iter().copied().max().unwrap_or_default().as_secs_f64();
         let bound = slowest.max(lat.iter().map(Duration::as_secs_f64).sum::<f64>() / LIMIT as f64);

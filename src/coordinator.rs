@@ -449,59 +449,13 @@ impl End {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::rules::Rules;
-    use crate::agents::{Agent, AgentError, Answer, SignalDraft, SignalRequest, StageAgents};
+    use crate::agents::StageAgents;
+    use crate::agents::testing::Timed;
     use crate::coordination::LockTiming;
     use crate::coordination::memory::{MemoryCoordination, MemoryStore};
     use crate::market::simulated::Simulated;
-    use crate::pipeline::{Advice, AdvisedSignal, ScoredSignal};
     use crate::publish::Publisher;
-    use async_trait::async_trait;
     use std::collections::HashMap;
-    use std::sync::Mutex;
-
-    /// Rules, but each symbol's signal takes a scripted time; records start times.
-    #[derive(Default)]
-    struct Scripted {
-        latency: HashMap<String, Duration>,
-        started: Mutex<Vec<(String, Instant)>>,
-    }
-
-    #[async_trait]
-    impl Agent for Scripted {
-        fn backend(&self) -> &'static str {
-            "scripted"
-        }
-        fn model(&self) -> &str {
-            "scripted"
-        }
-        async fn signal(
-            &self,
-            req: &SignalRequest<'_>,
-            _d: Instant,
-        ) -> Result<Answer<SignalDraft>, AgentError> {
-            self.started
-                .lock()
-                .unwrap()
-                .push((req.symbol.to_string(), Instant::now()));
-            tokio::time::sleep(self.latency.get(req.symbol).copied().unwrap_or_default()).await;
-            Rules::analyse(req).map(Answer::rules)
-        }
-        async fn advise(
-            &self,
-            s: &ScoredSignal,
-            _d: Instant,
-        ) -> Result<Answer<Advice>, AgentError> {
-            Ok(Answer::rules(Rules::advice(s)))
-        }
-        async fn report(
-            &self,
-            a: &AdvisedSignal,
-            _d: Instant,
-        ) -> Result<Answer<String>, AgentError> {
-            Ok(Answer::rules(Rules::summary(a)))
-        }
-    }
 
     fn timing() -> LockTiming {
         LockTiming {
@@ -511,17 +465,11 @@ mod tests {
         }
     }
 
-    fn setup(
-        lat: &[(&str, u64)],
-        store: MemoryStore,
-    ) -> (Coordinator, Arc<Scripted>, Arc<Publisher>) {
-        let agent = Arc::new(Scripted {
-            latency: lat
-                .iter()
-                .map(|(s, ms)| (s.to_string(), Duration::from_millis(*ms)))
-                .collect(),
-            ..Default::default()
-        });
+    fn setup(lat: &[(&str, u64)], store: MemoryStore) -> (Coordinator, Arc<Timed>, Arc<Publisher>) {
+        let agent = Arc::new(Timed::default());
+        for (s, ms) in lat {
+            agent.set(s, Duration::from_millis(*ms));
+        }
         let publisher = Arc::new(Publisher::new(
             crate::publish::hub::Hub::new(1000, None),
             10,
@@ -579,9 +527,7 @@ mod tests {
         assert_eq!(r.ok(), 4);
         assert_eq!(Instant::now().duration_since(t0), Duration::from_secs(5));
         let started: HashMap<String, Duration> = agent
-            .started
-            .lock()
-            .unwrap()
+            .started()
             .iter()
             .map(|(s, t)| (s.clone(), t.duration_since(t0)))
             .collect();
@@ -659,7 +605,7 @@ mod tests {
             .run_cycle(&plan(1, 10_000, 3000), &CancellationToken::new())
             .await;
         // Only one slot: the first symbol runs into the deadline, the others never start.
-        assert_eq!(agent.started.lock().unwrap().len(), 1);
+        assert_eq!(agent.started().len(), 1);
         assert_eq!(
             r.failures().iter().filter(|f| f.stage == "queued").count(),
             2
@@ -674,16 +620,10 @@ mod tests {
         );
         c.run_cycle(&plan(1, 10_000, 60_000), &CancellationToken::new())
             .await;
-        agent.started.lock().unwrap().clear();
+        agent.clear_started();
         c.run_cycle(&plan(1, 10_000, 60_000), &CancellationToken::new())
             .await;
-        let order: Vec<String> = agent
-            .started
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(s, _)| s.clone())
-            .collect();
+        let order: Vec<String> = agent.started().iter().map(|(s, _)| s.clone()).collect();
         assert_eq!(order, vec!["SLOW/USD", "MID/USD", "FAST/USD"]);
     }
 

@@ -638,57 +638,20 @@ async fn execute_cycle(ctx: CycleCtx, plan: CyclePlan, period: Duration) -> Cycl
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::rules::Rules;
-    use crate::agents::{Agent, AgentError, Answer, SignalDraft, SignalRequest, StageAgents};
+    use crate::agents::StageAgents;
+    use crate::agents::testing::Timed;
     use crate::coordination::LockTiming;
     use crate::coordination::memory::{MemoryCoordination, MemoryStore};
     use crate::market::simulated::Simulated;
-    use crate::pipeline::{Advice, AdvisedSignal, PipelineContext, ScoredSignal};
+    use crate::pipeline::PipelineContext;
     use crate::resilience::BreakerMode;
-    use async_trait::async_trait;
     use chrono::TimeZone;
-
-    /// Every signal takes `latency`.
-    struct Slow(std::sync::Mutex<Duration>);
-
-    #[async_trait]
-    impl Agent for Slow {
-        fn backend(&self) -> &'static str {
-            "slow"
-        }
-        fn model(&self) -> &str {
-            "slow"
-        }
-        async fn signal(
-            &self,
-            req: &SignalRequest<'_>,
-            _d: Instant,
-        ) -> Result<Answer<SignalDraft>, AgentError> {
-            let d = *self.0.lock().unwrap();
-            tokio::time::sleep(d).await;
-            Rules::analyse(req).map(Answer::rules)
-        }
-        async fn advise(
-            &self,
-            s: &ScoredSignal,
-            _d: Instant,
-        ) -> Result<Answer<Advice>, AgentError> {
-            Ok(Answer::rules(Rules::advice(s)))
-        }
-        async fn report(
-            &self,
-            a: &AdvisedSignal,
-            _d: Instant,
-        ) -> Result<Answer<String>, AgentError> {
-            Ok(Answer::rules(Rules::summary(a)))
-        }
-    }
 
     struct Harness {
         runner: Runner,
         publisher: Arc<Publisher>,
         coord: Arc<MemoryCoordination>,
-        agent: Arc<Slow>,
+        agent: Arc<Timed>,
         breaker: Breaker,
     }
 
@@ -699,7 +662,7 @@ mod tests {
             heartbeat_ttl: Duration::from_secs(30),
         };
         let coord = Arc::new(MemoryCoordination::new(MemoryStore::new(), "t", timing));
-        let agent = Arc::new(Slow(std::sync::Mutex::new(latency)));
+        let agent = Arc::new(Timed::with_default(latency));
         let publisher = Arc::new(Publisher::new(
             crate::publish::hub::Hub::new(4096, None),
             1000,
@@ -860,7 +823,7 @@ mod tests {
         let task = tokio::spawn(h.runner.run(stop.clone()));
         // Tick 15 runs slow. Recovery before the next probe.
         tokio::time::sleep(Duration::from_secs(20)).await;
-        *agent.0.lock().unwrap() = Duration::from_millis(200);
+        agent.set_default(Duration::from_millis(200));
         tokio::time::sleep(Duration::from_secs(60)).await;
         stop.cancel();
         task.await.unwrap();

@@ -16,6 +16,8 @@ pub mod opencode;
 pub mod openrouter;
 pub mod rules;
 pub mod setup;
+#[doc(hidden)]
+pub mod testing;
 
 use std::sync::Arc;
 

@@ -166,21 +166,8 @@ impl RedisCoordination {
         what: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, CoordError> {
-        let permit = self.breaker.try_acquire().map_err(|_| {
-            metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => "redis").increment(1);
-            CoordError::CircuitOpen
-        })?;
         let mut conn = self.conn.clone();
-        match cmd.query_async::<T>(&mut conn).await {
-            Ok(v) => {
-                permit.success();
-                Ok(v)
-            }
-            Err(e) => {
-                permit.failure();
-                Err(CoordError::Unavailable(format!("{what}: {}", e.kind_str())))
-            }
-        }
+        guarded(&self.breaker, what, cmd.query_async::<T>(&mut conn)).await
     }
 
     async fn script<T: redis::FromRedisValue>(
@@ -190,26 +177,35 @@ impl RedisCoordination {
         key: &str,
         args: &[&str],
     ) -> Result<T, CoordError> {
-        let permit = self.breaker.try_acquire().map_err(|_| {
-            metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => "redis").increment(1);
-            CoordError::CircuitOpen
-        })?;
         let s = redis::Script::new(script);
         let mut inv = s.key(key);
         for a in args {
             inv.arg(*a);
         }
         let mut conn = self.conn.clone();
-        match inv.invoke_async::<T>(&mut conn).await {
-            Ok(v) => {
-                permit.success();
-                Ok(v)
-            }
-            Err(e) => {
-                permit.failure();
-                Err(CoordError::Unavailable(format!("{what}: {}", e.kind_str())))
-            }
-        }
+        guarded(&self.breaker, what, inv.invoke_async::<T>(&mut conn)).await
+    }
+
+    /// `SET key value NX EX ttl`: whether it was set.
+    async fn set_nx(
+        &self,
+        what: &'static str,
+        key: &str,
+        value: &str,
+        ttl: u64,
+    ) -> Result<bool, CoordError> {
+        let r: Option<String> = self
+            .call(
+                what,
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl.max(1)),
+            )
+            .await?;
+        Ok(r.is_some())
     }
 
     fn record_value(&self) -> String {
@@ -219,6 +215,29 @@ impl RedisCoordination {
             pid: Some(std::process::id()),
         };
         serde_json::to_string(&rec).unwrap_or_default()
+    }
+}
+
+/// Runs one Redis request through the breaker: rejected at once while it is open (counted),
+/// and its failure counts against it. Errors name the operation, never the URL.
+async fn guarded<T>(
+    breaker: &Breaker,
+    what: &'static str,
+    request: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, CoordError> {
+    let permit = breaker.try_acquire().map_err(|_| {
+        metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => "redis").increment(1);
+        CoordError::CircuitOpen
+    })?;
+    match request.await {
+        Ok(v) => {
+            permit.success();
+            Ok(v)
+        }
+        Err(e) => {
+            permit.failure();
+            Err(CoordError::Unavailable(format!("{what}: {}", e.kind_str())))
+        }
     }
 }
 
@@ -269,18 +288,7 @@ impl Coordination for RedisCoordination {
         let key = self.lock_key(symbol);
         let value = self.record_value();
         let ttl = self.timing.ttl.as_secs().max(1);
-        let set: Option<String> = self
-            .call(
-                "lock",
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&value)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(ttl),
-            )
-            .await?;
-        if set.is_some() {
+        if self.set_nx("lock", &key, &value, ttl).await? {
             self.held().insert(symbol.to_string(), value);
             return Ok(LockOutcome::Acquired);
         }
@@ -288,18 +296,7 @@ impl Coordination for RedisCoordination {
         let current: Option<String> = self.call("lock read", redis::cmd("GET").arg(&key)).await?;
         let Some(current) = current else {
             // Released in between: try once more.
-            let set: Option<String> = self
-                .call(
-                    "lock",
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&value)
-                        .arg("NX")
-                        .arg("EX")
-                        .arg(ttl),
-                )
-                .await?;
-            if set.is_some() {
+            if self.set_nx("lock", &key, &value, ttl).await? {
                 self.held().insert(symbol.to_string(), value);
                 return Ok(LockOutcome::Acquired);
             }
@@ -455,18 +452,8 @@ impl Coordination for RedisCoordination {
 
     async fn try_cycle_lease(&self, cycle: &CycleId, ttl: Duration) -> Result<bool, CoordError> {
         let key = self.key(&format!("runner:cycle:{cycle}"));
-        let r: Option<String> = self
-            .call(
-                "cycle lease",
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(&self.instance_id)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(ttl.as_secs().max(1)),
-            )
-            .await?;
-        Ok(r.is_some())
+        self.set_nx("cycle lease", &key, &self.instance_id, ttl.as_secs())
+            .await
     }
 
     async fn claim_symbol(
@@ -476,18 +463,8 @@ impl Coordination for RedisCoordination {
         ttl: Duration,
     ) -> Result<bool, CoordError> {
         let key = self.key(&format!("signal:claim:{cycle}:{symbol}"));
-        let r: Option<String> = self
-            .call(
-                "symbol claim",
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(&self.instance_id)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(ttl.as_secs().max(1)),
-            )
-            .await?;
-        Ok(r.is_some())
+        self.set_nx("symbol claim", &key, &self.instance_id, ttl.as_secs())
+            .await
     }
 
     async fn kill_switch(&self) -> Result<Option<KillSwitch>, CoordError> {
@@ -619,32 +596,15 @@ impl RedisRateLimiter {
     }
 
     async fn gcra(&self, pause: Duration) -> Result<i64, CoordError> {
-        let permit = self
-            .breaker
-            .try_acquire()
-            .map_err(|_| CoordError::CircuitOpen)?;
-        let tolerance = self.interval * (self.burst - 1);
-        let mut conn = self.conn.clone();
-        let r = redis::Script::new(GCRA)
-            .key(&self.key)
-            .arg(self.interval.as_millis() as u64)
-            .arg(tolerance.as_millis() as u64)
-            .arg(pause.as_millis() as u64)
-            .invoke_async::<i64>(&mut conn)
-            .await;
-        match r {
-            Ok(v) => {
-                permit.success();
-                Ok(v)
-            }
-            Err(e) => {
-                permit.failure();
-                Err(CoordError::Unavailable(format!(
-                    "rate limiter: {}",
-                    e.kind_str()
-                )))
-            }
-        }
+        gcra(
+            self.conn.clone(),
+            &self.breaker,
+            &self.key,
+            self.interval,
+            self.burst,
+            pause,
+        )
+        .await
     }
 
     /// Refreshes the live-replica count the fallback is sized by.
@@ -730,32 +690,39 @@ impl crate::resilience::rate_limit::AgentRateLimiter for RedisRateLimiter {
 
     fn pause(&self, for_: Duration) {
         self.local_share().pause(for_);
-        let this_conn = self.conn.clone();
-        let (key, interval, burst, breaker) = (
+        let (conn, breaker, key, interval, burst) = (
+            self.conn.clone(),
+            self.breaker.clone(),
             self.key.clone(),
             self.interval,
             self.burst,
-            self.breaker.clone(),
         );
         // Tell every replica: push the shared schedule past the pause.
         tokio::spawn(async move {
-            let Ok(permit) = breaker.try_acquire() else {
-                return;
-            };
-            let mut conn = this_conn;
-            let r = redis::Script::new(GCRA)
-                .key(&key)
-                .arg(interval.as_millis() as u64)
-                .arg((interval * (burst - 1)).as_millis() as u64)
-                .arg(for_.as_millis().max(1) as u64)
-                .invoke_async::<i64>(&mut conn)
-                .await;
-            match r {
-                Ok(_) => permit.success(),
-                Err(_) => permit.failure(),
+            let pause = for_.max(Duration::from_millis(1));
+            if let Err(e) = gcra(conn, &breaker, &key, interval, burst, pause).await {
+                tracing::warn!(error = %e, "could not share a provider's pause through Redis");
             }
         });
     }
+}
+
+/// One GCRA request (or, with `pause` > 0, a pause) on the shared key.
+async fn gcra(
+    mut conn: ConnectionManager,
+    breaker: &Breaker,
+    key: &str,
+    interval: Duration,
+    burst: u32,
+    pause: Duration,
+) -> Result<i64, CoordError> {
+    let tolerance = interval * burst.saturating_sub(1);
+    let script = redis::Script::new(GCRA);
+    let mut inv = script.key(key);
+    inv.arg(interval.as_millis() as u64)
+        .arg(tolerance.as_millis() as u64)
+        .arg(pause.as_millis() as u64);
+    guarded(breaker, "rate limiter", inv.invoke_async::<i64>(&mut conn)).await
 }
 
 /// True about once in 32 calls: how often the limiter refreshes its replica count.

@@ -1,0 +1,92 @@
+//! An agent for exercising the scheduler, the pool and the benchmarks: the rules agent, but
+//! each symbol's signal takes a scripted time, and start times are recorded. Not an LLM
+//! stand-in (the LLM tests use a real HTTP server).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::rules::Rules;
+use super::{Agent, AgentError, Answer, SignalDraft, SignalRequest};
+use crate::pipeline::{Advice, AdvisedSignal, ScoredSignal};
+
+/// Rules with a scripted signal latency per symbol.
+#[derive(Debug, Default)]
+pub struct Timed {
+    latency: Mutex<HashMap<String, Duration>>,
+    default: Mutex<Duration>,
+    started: Mutex<Vec<(String, Instant)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Timed {
+    /// Every symbol's signal takes `d` unless set otherwise.
+    pub fn with_default(d: Duration) -> Self {
+        let t = Self::default();
+        *lock(&t.default) = d;
+        t
+    }
+
+    /// `symbol`'s signal takes `d`.
+    pub fn set(&self, symbol: &str, d: Duration) {
+        lock(&self.latency).insert(symbol.to_string(), d);
+    }
+
+    /// Every symbol not set individually takes `d`.
+    pub fn set_default(&self, d: Duration) {
+        *lock(&self.default) = d;
+    }
+
+    /// (symbol, start) of every signal call so far, in order.
+    pub fn started(&self) -> Vec<(String, Instant)> {
+        lock(&self.started).clone()
+    }
+
+    /// Forgets the recorded starts.
+    pub fn clear_started(&self) {
+        lock(&self.started).clear();
+    }
+}
+
+#[async_trait]
+impl Agent for Timed {
+    fn backend(&self) -> &'static str {
+        "timed"
+    }
+    fn model(&self) -> &str {
+        "timed"
+    }
+    async fn signal(
+        &self,
+        req: &SignalRequest<'_>,
+        _deadline: Instant,
+    ) -> Result<Answer<SignalDraft>, AgentError> {
+        lock(&self.started).push((req.symbol.to_string(), Instant::now()));
+        let d = lock(&self.latency)
+            .get(req.symbol)
+            .copied()
+            .unwrap_or(*lock(&self.default));
+        tokio::time::sleep(d).await;
+        Rules::analyse(req).map(Answer::rules)
+    }
+    async fn advise(
+        &self,
+        s: &ScoredSignal,
+        _deadline: Instant,
+    ) -> Result<Answer<Advice>, AgentError> {
+        Ok(Answer::rules(Rules::advice(s)))
+    }
+    async fn report(
+        &self,
+        a: &AdvisedSignal,
+        _deadline: Instant,
+    ) -> Result<Answer<String>, AgentError> {
+        Ok(Answer::rules(Rules::summary(a)))
+    }
+}
