@@ -286,8 +286,21 @@ impl App {
                 _ = external.cancelled() => {}
             }
         });
+        let upkeep_handle = http_state.metrics.clone();
         let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
         let heartbeat = spawn_heartbeat(coord.clone(), runner.state(), &cfg, background.clone());
+        // Histogram samples wait in the recorder until folded into their buckets; without a
+        // scrape they would pile up, so fold them regularly whether or not anyone scrapes.
+        let metrics = upkeep_handle;
+        let upkeep_stop = background.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = upkeep_stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+                }
+            }
+        });
         let deliverer = sink
             .as_ref()
             .map(|s| tokio::spawn(s.clone().run(background.clone())));
