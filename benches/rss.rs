@@ -27,7 +27,7 @@ fn main() {
     let mut samples = vec![];
     println!("minute  rss_kib");
     while rt.block_on(async { start.elapsed() }) < Duration::from_secs(minutes * 60) {
-        rt.block_on(tokio::time::sleep(Duration::from_secs(10)));
+        rt.block_on(async { tokio::time::sleep(Duration::from_secs(10)).await });
         let Some(kib) = r.rss_kib() else {
             eprintln!("runner exited");
             break;
