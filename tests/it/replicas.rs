@@ -46,10 +46,10 @@ async fn three_replicas_run_every_tick_exactly_once() {
         );
     }
     // 60 ticks.
-    let first = procs[0]
-        .wait_log(|l| l["message"] == "runner started", Duration::from_secs(5))
-        .await;
-    drop(first);
+    for p in &procs {
+        p.wait_log(|l| l["message"] == "runner started", Duration::from_secs(5))
+            .await;
+    }
     tokio::time::sleep(Duration::from_secs(62)).await;
     for p in &procs {
         p.signal("TERM");
