@@ -90,6 +90,21 @@ impl App {
             stale_after: Duration::from_secs(cfg.locks.stale_threshold_seconds),
             heartbeat_ttl: Duration::from_secs(cfg.heartbeat.ttl_seconds),
         };
+        let hub = Hub::new(
+            cfg.publish.replay_buffer,
+            match cfg.coordination.backend {
+                CoordinationBackend::Memory => None,
+                CoordinationBackend::Redis => Some((
+                    redis::Client::open(cfg.coordination.redis_url.expose())
+                        .map_err(|e| anyhow::anyhow!("coordination.redis_url: {:?}", e.kind()))?,
+                    format!(
+                        "{}{}",
+                        cfg.coordination.key_prefix,
+                        pipeline::Stage::Dashboard.stream()
+                    ),
+                )),
+            },
+        );
         let mut sink: Option<Arc<RedisSink>> = None;
         let mut redis_breaker: Option<Breaker> = None;
         let mut limiter: Arc<dyn AgentRateLimiter> = Arc::new(resilience::RateLimiter::new(
@@ -112,9 +127,12 @@ impl App {
             CoordinationBackend::Redis => {
                 let conn = coordination::redis::connect(cfg.coordination.redis_url.expose())
                     .context("coordination.redis_url")?;
+                let status_hub = hub.clone();
                 let breaker = Breaker::new("redis", cfg.circuit_breaker.redis.settings()).with_transition_hook(
-                    |name, state| {
+                    move |name, state| {
                         metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => name.to_string()).set(state.gauge());
+                        let status = serde_json::json!({"breaker": name, "state": state.as_str()});
+                        status_hub.push_local("status", std::sync::Arc::from(status.to_string()));
                     },
                 );
                 metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => "redis").set(0.0);
@@ -145,21 +163,6 @@ impl App {
             }
         };
 
-        let hub = Hub::new(
-            cfg.publish.replay_buffer,
-            match cfg.coordination.backend {
-                CoordinationBackend::Memory => None,
-                CoordinationBackend::Redis => Some((
-                    redis::Client::open(cfg.coordination.redis_url.expose())
-                        .map_err(|e| anyhow::anyhow!("coordination.redis_url: {:?}", e.kind()))?,
-                    format!(
-                        "{}{}",
-                        cfg.coordination.key_prefix,
-                        pipeline::Stage::Dashboard.stream()
-                    ),
-                )),
-            },
-        );
         let publisher = Arc::new(Publisher::new(
             hub.clone(),
             cfg.publish.history_cycles,
