@@ -477,21 +477,56 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// One entry of `/api/signals/latest`: the payload plus where it stands.
+fn latest_entry(stage: &str, envelope: &crate::pipeline::Envelope) -> Value {
+    let mut p = envelope.payload.clone();
+    if let Some(obj) = p.as_object_mut() {
+        obj.insert("stage".into(), json!(stage));
+        obj.insert("message_id".into(), json!(envelope.message_id));
+        obj.insert("published_at".into(), json!(envelope.timestamp));
+    }
+    p
+}
+
 async fn latest(State(s): State<AppState>) -> impl IntoResponse {
-    let signals: Vec<Value> = s
-        .publisher
-        .latest()
-        .into_iter()
-        .map(|m| {
-            let mut p = m.envelope.payload;
-            if let Some(obj) = p.as_object_mut() {
-                obj.insert("stage".into(), json!(m.stage.as_str()));
-                obj.insert("message_id".into(), json!(m.envelope.message_id));
-                obj.insert("published_at".into(), json!(m.envelope.timestamp));
-            }
-            p
-        })
-        .collect();
+    // Per symbol, the newest cycle's furthest stage: this replica's own messages, and — with
+    // Redis — every replica's dashboard messages, so a load-balanced client sees everything.
+    let mut best: std::collections::BTreeMap<String, (String, u8, Value)> = Default::default();
+    let mut offer = |symbol: String, cycle: String, rank: u8, entry: Value| {
+        let newer = best
+            .get(&symbol)
+            .is_none_or(|(c, r, _)| (cycle.as_str(), rank) > (c.as_str(), *r));
+        if newer {
+            best.insert(symbol, (cycle, rank, entry));
+        }
+    };
+    for m in s.publisher.latest() {
+        offer(
+            m.symbol.clone(),
+            m.cycle_id.clone(),
+            m.stage as u8,
+            latest_entry(m.stage.as_str(), &m.envelope),
+        );
+    }
+    for data in s.publisher.hub().latest_signals() {
+        if let Ok(env) = serde_json::from_str::<crate::pipeline::Envelope>(&data) {
+            let symbol = env.payload["symbol"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let cycle = env.payload["cycle_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            offer(
+                symbol,
+                cycle,
+                crate::pipeline::Stage::Dashboard as u8,
+                latest_entry("report", &env),
+            );
+        }
+    }
+    let signals: Vec<Value> = best.into_values().map(|(_, _, v)| v).collect();
     axum::Json(json!({ "signals": signals }))
 }
 

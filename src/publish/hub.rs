@@ -207,6 +207,15 @@ impl Hub {
         self.push(Origin::Stream(id), "signal", data);
     }
 
+    /// The latest `signal` event's data (an envelope) of every symbol seen.
+    pub fn latest_signals(&self) -> Vec<Arc<str>> {
+        self.lock()
+            .latest
+            .values()
+            .map(|e| e.data.clone())
+            .collect()
+    }
+
     /// A new client: the latest signal of every symbol, then live events.
     pub fn subscribe_fresh(&self) -> Subscription {
         let st = self.lock();

@@ -348,9 +348,11 @@ async fn sse_on_replica_a_carries_signals_produced_by_replica_b() {
         "  symbols: [ETH/USD, BTC/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n",
         redis.url()
     );
+    // A runs no tick of its own during the test (yearly schedule): whatever signals it serves
+    // were produced by B.
     let a = Proc::spawn(
         "run",
-        &config("* * * * * *", &extra),
+        &config("0 0 1 1 *", &extra),
         &[("INSTANCE_ID", "replica-a")],
     )
     .await;
@@ -393,6 +395,19 @@ async fn sse_on_replica_a_carries_signals_produced_by_replica_b() {
             .all(|e| e.id.as_deref().is_some_and(|i| i.contains('_'))),
         "ids pair the stream position with the local sequence"
     );
+    // A's JSON API has B's signals too (a load-balanced client sees every replica's).
+    let newest_b = b_cycles.iter().max().unwrap().clone();
+    a.poll("/api/signals/latest", Duration::from_secs(10), |v| {
+        v["signals"].as_array().is_some_and(|a| {
+            a.len() == 2
+                && a.iter().all(|s| {
+                    s["cycle_id"]
+                        .as_str()
+                        .is_some_and(|c| c >= newest_b.as_str())
+                })
+        })
+    })
+    .await;
     drop(a);
 }
 
