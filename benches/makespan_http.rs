@@ -9,6 +9,8 @@
 // A benchmark is a tool run by hand: a failed setup step aborts it with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 #[path = "../tests/it/llm_server.rs"]
 #[allow(dead_code)]
 mod llm_server;
@@ -38,20 +40,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: usize = 10;
-
-/// List scheduling with perfect knowledge, longest first, on `slots`: what the best
-/// non-preemptive pool could do with these latencies (a tighter reference than the bound).
-fn lpt(lat: &[f64], slots: usize) -> f64 {
-    let mut sorted = lat.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let mut load = vec![0.0f64; slots.max(1)];
-    for l in sorted {
-        if let Some(min) = load.iter_mut().min_by(|a, b| a.total_cmp(b)) {
-            *min += l;
-        }
-    }
-    load.into_iter().fold(0.0, f64::max)
-}
 
 fn main() {
     let cycles: usize = std::env::args()
@@ -162,7 +150,7 @@ async fn run(cycles: usize) {
                 .copied()
                 .fold(0.0, f64::max)
                 .max(lat.iter().sum::<f64>() / LIMIT as f64);
-            let best = lpt(&lat, LIMIT);
+            let best = support::lpt(&lat, LIMIT);
             let cycle = CycleId::new(chrono::Utc::now() + chrono::Duration::minutes(i as i64));
             let plan = CyclePlan {
                 cycle,

@@ -15,16 +15,15 @@
 // A benchmark is a tool run by hand: a failed setup step aborts it with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use autonomous_runner::agents::StageAgents;
-use autonomous_runner::agents::testing::Timed;
+use autonomous_runner::agents::testing::{self, Timed};
 use autonomous_runner::coordination::LockTiming;
 use autonomous_runner::coordination::memory::{MemoryCoordination, MemoryStore};
 use autonomous_runner::coordinator::{Coordinator, CyclePlan};
-use autonomous_runner::market::simulated::Simulated;
-use autonomous_runner::pipeline::PipelineContext;
 use autonomous_runner::publish::Publisher;
 use autonomous_runner::schedule::CycleId;
 use rand::SeedableRng;
@@ -47,20 +46,6 @@ fn fixed_batches(lat: &[Duration], limit: usize) -> Duration {
         }
     }
     total
-}
-
-/// List scheduling with perfect knowledge, longest first, on `slots`: what the best
-/// non-preemptive pool could do with these latencies (a tighter reference than the bound).
-fn lpt(lat: &[f64], slots: usize) -> f64 {
-    let mut sorted = lat.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let mut load = vec![0.0f64; slots.max(1)];
-    for l in sorted {
-        if let Some(min) = load.iter_mut().min_by(|a, b| a.total_cmp(b)) {
-            *min += l;
-        }
-    }
-    load.into_iter().fold(0.0, f64::max)
 }
 
 fn main() {
@@ -118,18 +103,7 @@ async fn run_workload(workload: Workload, cycles: usize, seed: u64) {
         16,
         None,
     ));
-    let pipeline = Arc::new(PipelineContext {
-        market: Arc::new(Simulated::new()),
-        agents: StageAgents {
-            signal: agent.clone(),
-            advise: agent.clone(),
-            report: agent.clone(),
-        },
-        publisher,
-        candles: 120,
-        advise_min_score: 70.0,
-        expiry_grace: Duration::from_secs(30),
-    });
+    let pipeline = Arc::new(testing::pipeline(agent.clone(), publisher));
     let timing = LockTiming {
         ttl: Duration::from_secs(90),
         stale_after: Duration::from_secs(120),
@@ -185,7 +159,7 @@ async fn run_workload(workload: Workload, cycles: usize, seed: u64) {
         let fixed = fixed_batches(&lat, LIMIT).as_secs_f64();
         let ratio = makespan / bound;
         worst_ratio = worst_ratio.max(ratio);
-        let best = lpt(
+        let best = support::lpt(
             &lat.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
             LIMIT,
         );

@@ -449,11 +449,9 @@ impl End {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::StageAgents;
-    use crate::agents::testing::Timed;
+    use crate::agents::testing::{self, Timed};
     use crate::coordination::LockTiming;
     use crate::coordination::memory::{MemoryCoordination, MemoryStore};
-    use crate::market::simulated::Simulated;
     use crate::publish::Publisher;
     use std::collections::HashMap;
 
@@ -475,18 +473,7 @@ mod tests {
             10,
             None,
         ));
-        let pipeline = Arc::new(PipelineContext {
-            market: Arc::new(Simulated::new()),
-            agents: StageAgents {
-                signal: agent.clone(),
-                advise: agent.clone(),
-                report: agent.clone(),
-            },
-            publisher: publisher.clone(),
-            candles: 120,
-            advise_min_score: 70.0,
-            expiry_grace: Duration::from_secs(30),
-        });
+        let pipeline = Arc::new(testing::pipeline(agent.clone(), publisher.clone()));
         let coord = Arc::new(MemoryCoordination::new(store, "me", timing()));
         let symbols = lat.iter().map(|(s, _)| s.to_string()).collect();
         (

@@ -638,12 +638,9 @@ async fn execute_cycle(ctx: CycleCtx, plan: CyclePlan, period: Duration) -> Cycl
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::StageAgents;
-    use crate::agents::testing::Timed;
+    use crate::agents::testing::{self, Timed};
     use crate::coordination::LockTiming;
     use crate::coordination::memory::{MemoryCoordination, MemoryStore};
-    use crate::market::simulated::Simulated;
-    use crate::pipeline::PipelineContext;
     use crate::resilience::BreakerMode;
     use chrono::TimeZone;
 
@@ -668,18 +665,7 @@ mod tests {
             1000,
             None,
         ));
-        let pipeline = Arc::new(PipelineContext {
-            market: Arc::new(Simulated::new()),
-            agents: StageAgents {
-                signal: agent.clone(),
-                advise: agent.clone(),
-                report: agent.clone(),
-            },
-            publisher: publisher.clone(),
-            candles: 120,
-            advise_min_score: 70.0,
-            expiry_grace: Duration::from_secs(30),
-        });
+        let pipeline = Arc::new(testing::pipeline(agent.clone(), publisher.clone()));
         let coordinator = Arc::new(Coordinator::new(
             coord.clone(),
             pipeline,

@@ -1,4 +1,5 @@
-//! What the process-level benchmarks share: the release binary, a config file, JSON logs.
+//! What the benchmarks share: the release binary, a config file, JSON logs, percentiles and the
+//! clairvoyant list-scheduling reference.
 
 // A benchmark is a tool run by hand: a failed setup step aborts it with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -109,4 +110,18 @@ pub fn pct(sorted: &[f64], q: f64) -> f64 {
     }
     let i = ((sorted.len() as f64) * q).ceil() as usize;
     sorted[i.saturating_sub(1).min(sorted.len() - 1)]
+}
+
+/// List scheduling with perfect knowledge, longest first, on `slots`: what the best
+/// non-preemptive pool could do with these latencies (a tighter reference than the bound).
+pub fn lpt(lat: &[f64], slots: usize) -> f64 {
+    let mut sorted = lat.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let mut load = vec![0.0f64; slots.max(1)];
+    for l in sorted {
+        if let Some(min) = load.iter_mut().min_by(|a, b| a.total_cmp(b)) {
+            *min += l;
+        }
+    }
+    load.into_iter().fold(0.0, f64::max)
 }

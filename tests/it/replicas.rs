@@ -16,6 +16,15 @@ fn redis_extra(url: &str, prefix: &str, symbols: &str, more: &str) -> String {
 
 const FIVE: &str = "ETH/USD, BTC/USD, SOL/USD, DOGE/USD, LINK/USD";
 
+/// Waits (up to 10 s) until `n` symbol locks exist.
+async fn wait_for_locks(redis: &RedisServer, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while redis.keys("signal:lock:*").await.len() < n {
+        assert!(tokio::time::Instant::now() < deadline, "locks never taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// (cycle_id, symbol) → number of entries in the stream.
 async fn counts(redis: &RedisServer, stream: &str) -> BTreeMap<(String, String), usize> {
     let mut m = BTreeMap::new();
@@ -117,11 +126,7 @@ async fn a_killed_runners_locks_are_taken_over_after_its_heartbeat_expires() {
     a.wait_log(|l| l["message"] == "cycle started", Duration::from_secs(10))
         .await;
     // Wait until it holds every lock.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while redis.keys("signal:lock:*").await.len() < 5 {
-        assert!(tokio::time::Instant::now() < deadline, "locks never taken");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_locks(&redis, 5).await;
     a.signal("KILL");
     let killed_at = chrono::Utc::now();
     let _ = a.wait_exit(Duration::from_secs(10)).await;
@@ -404,11 +409,7 @@ async fn graceful_shutdown_releases_locks_and_deletes_the_heartbeat() {
         &[("INSTANCE_ID", "leaver")],
     )
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while redis.keys("signal:lock:*").await.len() < 5 {
-        assert!(tokio::time::Instant::now() < deadline, "locks never taken");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_locks(&redis, 5).await;
     assert_eq!(
         redis.keys("runner:heartbeat:*").await,
         vec!["runner:heartbeat:leaver"]
