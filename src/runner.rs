@@ -530,17 +530,20 @@ impl Runner {
         };
         let summary = match summary {
             Some(s) => Some(s),
-            None if !handle.is_finished() => {
-                self.current = Some(tokio::spawn(async move {
-                    let _ = handle.await;
-                }));
-                self.drain().await;
+            None => {
+                // Shutdown: the cycle gets the grace period (see `drain`); its summary is
+                // recorded either way.
+                if !handle.is_finished() {
+                    self.current = Some(tokio::spawn(async move {
+                        let _ = handle.await;
+                    }));
+                    self.drain().await;
+                }
                 self.publisher
                     .cycles()
                     .into_iter()
                     .find(|c| c.cycle_id == cycle.to_string())
             }
-            None => None,
         };
         {
             let mut st = state.lock();
