@@ -320,6 +320,27 @@ async fn live() -> impl IntoResponse {
     axum::Json(json!({"status": "alive"}))
 }
 
+/// Watches readiness and the kill switch every `every`, and puts a `status` event on the SSE
+/// stream whenever either changes (a Redis kill switch set by hand included), until `stop`.
+pub async fn watch_status(s: AppState, every: std::time::Duration, stop: CancellationToken) {
+    let mut last: Option<Value> = None;
+    loop {
+        let (_, r) = readiness(&s).await;
+        let ks = s.coord.kill_switch().await.ok().flatten();
+        let now = json!({"readiness": {"status": r["status"], "failing": r["failing"]}, "kill_switch": ks});
+        if last.as_ref() != Some(&now) {
+            if last.is_some() {
+                s.publisher.status(now.clone());
+            }
+            last = Some(now);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 async fn readiness(s: &AppState) -> (bool, Value) {
     let v = s.runner.view();
     let mut reasons = serde_json::Map::new();

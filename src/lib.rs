@@ -290,6 +290,11 @@ impl App {
             }
         });
         let upkeep_handle = http_state.metrics.clone();
+        tokio::spawn(http::watch_status(
+            http_state.clone(),
+            Duration::from_secs(5),
+            background.clone(),
+        ));
         let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
         let heartbeat = spawn_heartbeat(coord.clone(), runner.state(), &cfg, background.clone());
         // Histogram samples wait in the recorder until folded into their buckets; without a

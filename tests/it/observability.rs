@@ -559,3 +559,36 @@ async fn without_a_token_only_loopback_may_use_admin_endpoints() {
     let (code, _) = get_json(&format!("{}/health/live", q.base)).await;
     assert_eq!(code, 200, "still running");
 }
+
+#[tokio::test]
+async fn a_kill_switch_set_by_hand_in_redis_reaches_the_stream_as_a_status_event() {
+    let redis = crate::redis_server::RedisServer::start().await;
+    let extra = format!(
+        "  symbols: [ETH/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n",
+        redis.url()
+    );
+    let p = Proc::spawn("run", &config("0 0 1 1 *", &extra), &[]).await;
+    let client = SseClient::connect(&format!("{}/api/signals/stream", p.base), None).await;
+    let mut c = redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg("autonomous:kill_switch")
+        .arg(r#"{"active":true,"reason":"set by hand","activated_by":"ops","activated_at":null}"#)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let evs = client
+        .wait(Duration::from_secs(15), |e| {
+            e.iter()
+                .any(|e| e.event == "status" && e.data.contains("set by hand"))
+        })
+        .await;
+    let status: Value = serde_json::from_str(
+        &evs.iter()
+            .find(|e| e.data.contains("set by hand"))
+            .unwrap()
+            .data,
+    )
+    .unwrap();
+    assert_eq!(status["kill_switch"]["active"], true);
+    assert!(status["readiness"]["status"].is_string());
+}
