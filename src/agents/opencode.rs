@@ -114,7 +114,9 @@ impl OpenCode {
         }
     }
 
-    fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    /// A request to `path` on the server, with Basic auth when a password is set.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{path}", self.base));
         if self.password.is_empty() {
             rb
         } else {
@@ -162,12 +164,9 @@ impl OpenCode {
     async fn create_session(&self, req: &LlmRequest<'_>) -> Result<String, AgentError> {
         let body = json!({"title": format!("{} {}", req.symbol, req.cycle_id), "agent": self.agent(req.stage)});
         let resp = self
-            .auth(
-                self.http
-                    .post(format!("{}/session", self.base))
-                    .timeout(Duration::from_secs(10))
-                    .json(&body),
-            )
+            .request(reqwest::Method::POST, "/session")
+            .timeout(Duration::from_secs(10))
+            .json(&body)
             .send()
             .await
             .map_err(transport_error)?;
@@ -194,11 +193,8 @@ impl OpenCode {
                 json!({"providerID": self.agents.provider_id, "modelID": self.agents.model_id});
         }
         let resp = self
-            .auth(
-                self.http
-                    .post(format!("{}/session/{id}/message", self.base))
-                    .json(&body),
-            )
+            .request(reqwest::Method::POST, &format!("/session/{id}/message"))
+            .json(&body)
             .send()
             .await
             .map_err(transport_error)?;
@@ -212,11 +208,8 @@ impl OpenCode {
     async fn abort_and_delete(&self, id: &str, abort: bool) {
         if abort {
             let r = self
-                .auth(
-                    self.http
-                        .post(format!("{}/session/{id}/abort", self.base))
-                        .timeout(Duration::from_secs(3)),
-                )
+                .request(reqwest::Method::POST, &format!("/session/{id}/abort"))
+                .timeout(Duration::from_secs(3))
                 .send()
                 .await;
             if let Err(e) = r {
@@ -224,11 +217,8 @@ impl OpenCode {
             }
         }
         let r = self
-            .auth(
-                self.http
-                    .delete(format!("{}/session/{id}", self.base))
-                    .timeout(Duration::from_secs(3)),
-            )
+            .request(reqwest::Method::DELETE, &format!("/session/{id}"))
+            .timeout(Duration::from_secs(3))
             .send()
             .await;
         match r {
@@ -349,11 +339,8 @@ impl Transport for OpenCode {
 
     async fn health(&self) -> Result<(), String> {
         let r = self
-            .auth(
-                self.http
-                    .get(format!("{}/global/health", self.base))
-                    .timeout(Duration::from_secs(2)),
-            )
+            .request(reqwest::Method::GET, "/global/health")
+            .timeout(Duration::from_secs(2))
             .send()
             .await;
         match r {

@@ -280,20 +280,14 @@ async fn completions(
             axum::Json(chat_completion(Some("ok"), None, usage)).into_response()
         };
     }
-    let answer = |v: &Value| {
-        let text = v.to_string();
-        if tool_mode {
-            if stream {
-                streamed(None, Some(&text), usage)
-            } else {
-                axum::Json(chat_completion(None, Some(&text), usage)).into_response()
-            }
-        } else if stream {
-            streamed(Some(&text), None, usage)
-        } else {
-            axum::Json(chat_completion(Some(&text), None, usage)).into_response()
-        }
+    // The model's text, as content or as StructuredOutput tool-call arguments, streamed or not.
+    let respond = |text: &str| match (tool_mode, stream) {
+        (true, true) => streamed(None, Some(text), usage),
+        (true, false) => axum::Json(chat_completion(None, Some(text), usage)).into_response(),
+        (false, true) => streamed(Some(text), None, usage),
+        (false, false) => axum::Json(chat_completion(Some(text), None, usage)).into_response(),
     };
+    let answer = |v: &Value| respond(&v.to_string());
     match reply {
         Reply::Valid => answer(&valid_answer(&stage, &symbol)),
         Reply::Slow(d) => {
@@ -313,19 +307,7 @@ async fn completions(
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
         }
         Reply::Answer(v) => answer(&v),
-        Reply::Content(text) => {
-            if tool_mode {
-                if stream {
-                    streamed(None, Some(&text), usage)
-                } else {
-                    axum::Json(chat_completion(None, Some(&text), usage)).into_response()
-                }
-            } else if stream {
-                streamed(Some(&text), None, usage)
-            } else {
-                axum::Json(chat_completion(Some(&text), None, usage)).into_response()
-            }
-        }
+        Reply::Content(text) => respond(&text),
         Reply::RawBody(raw) => Response::builder()
             .status(200)
             .header("content-type", "application/json")
