@@ -21,7 +21,7 @@ use std::time::Duration;
 use autonomous_runner::agents::llm::{LlmAgent, LlmHealth, LlmShared, TokenBudget};
 use autonomous_runner::agents::openrouter::OpenRouter;
 use autonomous_runner::agents::rules::Rules;
-use autonomous_runner::agents::{Agent, StageAgents};
+use autonomous_runner::agents::{Agent, CallLimits, StageAgents};
 use autonomous_runner::config::Secret;
 use autonomous_runner::coordination::LockTiming;
 use autonomous_runner::coordination::memory::{MemoryCoordination, MemoryStore};
@@ -30,7 +30,9 @@ use autonomous_runner::market::simulated::Simulated;
 use autonomous_runner::pipeline::{PipelineContext, run_symbol};
 use autonomous_runner::publish::Publisher;
 use autonomous_runner::publish::hub::Hub;
-use autonomous_runner::resilience::{Backoff, Breaker, BreakerMode, BreakerSettings, RateLimiter};
+use autonomous_runner::resilience::{
+    Backoff, Breaker, BreakerMode, BreakerSettings, CallLatencies, RateLimiter,
+};
 use autonomous_runner::schedule::CycleId;
 use llm_server::{LlmServer, Reply};
 use rand::SeedableRng;
@@ -76,6 +78,9 @@ async fn run(cycles: usize) {
             jitter: false,
         },
         fallback_rules: false,
+        latencies: CallLatencies::new(200, Duration::from_secs(300)),
+        hedge: None,
+        max_tokens: 1024,
     });
     let transport = Arc::new(OpenRouter::new(&llm.url, Secret::default()).expect("client"));
     let signal: Arc<dyn Agent> = Arc::new(LlmAgent::new(
@@ -156,7 +161,7 @@ async fn run(cycles: usize) {
                 cycle,
                 next_tick: cycle.time() + chrono::Duration::minutes(1),
                 concurrency: LIMIT,
-                symbol_timeout: Duration::from_secs(120),
+                call_timeout: Duration::from_secs(120),
                 cycle_deadline: Instant::now() + Duration::from_secs(600),
             };
             let t0 = Instant::now();
@@ -174,8 +179,11 @@ async fn run(cycles: usize) {
                     let (p, s) = (pipeline.clone(), s.clone());
                     let c = CycleId::new(cycle.time() + chrono::Duration::seconds(30));
                     set.spawn(async move {
-                        let deadline = Instant::now() + Duration::from_secs(120);
-                        run_symbol(&p, &s, &c, c.time(), deadline).await.is_ok()
+                        let limits = CallLimits {
+                            until: Instant::now() + Duration::from_secs(120),
+                            per_call: Duration::from_secs(120),
+                        };
+                        run_symbol(&p, &s, &c, c.time(), limits).await.is_ok()
                     });
                 }
                 while set.join_next().await.is_some() {}

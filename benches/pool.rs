@@ -147,7 +147,7 @@ async fn run_workload(workload: Workload, cycles: usize, seed: u64) {
             cycle,
             next_tick: cycle.time() + chrono::Duration::minutes(1),
             concurrency: LIMIT,
-            symbol_timeout: Duration::from_secs(120),
+            call_timeout: Duration::from_secs(120),
             cycle_deadline: Instant::now() + Duration::from_secs(600),
         };
         let t0 = Instant::now();

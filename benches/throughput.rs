@@ -135,7 +135,7 @@ async fn run(port: u16, cycles: usize) {
             cycle,
             next_tick: cycle.time() + chrono::Duration::minutes(1),
             concurrency: CONCURRENCY,
-            symbol_timeout: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(60),
             cycle_deadline: Instant::now() + Duration::from_secs(600),
         }
     };

@@ -150,9 +150,11 @@ pub struct Parallel {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
-    /// Deadline of one symbol's whole pipeline, from the moment it gets a pool slot.
+    /// Deadline of one agent call (one LLM request or OpenCode prompt: the seed's 10 s per
+    /// subagent), from the moment the request can go out (rate-limit waits are not counted).
+    /// A symbol's whole pipeline is bounded by `total_timeout_seconds`.
     pub symbol_timeout_seconds: f64,
-    /// Cap of the extended deadline in high-latency mode.
+    /// Cap of the extended call deadline in high-latency mode.
     pub symbol_timeout_max_seconds: f64,
     /// Whole-cycle deadline: unfinished symbols are cancelled, finished ones kept.
     pub total_timeout_seconds: f64,
@@ -248,11 +250,14 @@ impl BreakerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Adaptive {
-    /// Latency samples kept.
+    /// Per-call latency samples kept (every agent call of every symbol feeds the window).
     pub latency_window_size: usize,
-    /// p95 above this: halve concurrency, extend the timeout.
+    /// Per-call p95 above this: high-latency mode (reduced concurrency where the work still
+    /// fits, extended call timeout).
     pub p95_threshold_ms: u64,
-    /// p99 above this: skip a cycle (bounded, see `max_consecutive_latency_skips`).
+    /// Per-call p99 above this makes a skip possible; the tick is skipped only if the
+    /// predicted makespan also exceeds the cycle deadline (bounded, see
+    /// `max_consecutive_latency_skips`).
     pub p99_threshold_ms: u64,
     /// Consecutive overruns that start a cooldown.
     pub backpressure_max_overruns: u32,
@@ -333,8 +338,32 @@ pub struct Agents {
     pub fallback: Fallback,
     /// Token budget (off by default).
     pub budget: Budget,
+    /// Completion tokens allowed per call (sent as `max_tokens`; reserved in the budget).
+    pub max_tokens: u32,
+    /// Backup requests for straggling calls.
+    pub hedge: Hedge,
     /// The OpenCode server and its agents.
     pub opencode: OpenCodeConfig,
+}
+
+/// `agents.hedge:` when a call runs past its stage's observed p95, one identical backup
+/// request is sent (if the rate limit and the budget allow); the first valid answer wins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hedge {
+    /// On by default.
+    pub enabled: bool,
+    /// Extra calls at most, as a fraction of calls (0–1). Default 0.1.
+    pub max_extra_fraction: f64,
+}
+
+impl Default for Hedge {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_extra_fraction: 0.1,
+        }
+    }
 }
 
 /// Degraded-mode fallback.
@@ -617,7 +646,9 @@ impl Default for CircuitBreakers {
 impl Default for Adaptive {
     fn default() -> Self {
         Self {
-            latency_window_size: 10,
+            // Per-call samples: 20 symbols make ~50 calls a minute. The seed's 10 (set for a
+            // window of symbols) would make p95 the maximum of the last few seconds.
+            latency_window_size: 200,
             p95_threshold_ms: 8000,
             p99_threshold_ms: 9000,
             backpressure_max_overruns: 3,
@@ -657,6 +688,8 @@ impl Default for Agents {
             stages: Stages::default(),
             fallback: Fallback::None,
             budget: Budget::default(),
+            max_tokens: 1024,
+            hedge: Hedge::default(),
             opencode: OpenCodeConfig::default(),
         }
     }
@@ -1109,6 +1142,19 @@ impl Config {
                     "must be ≤ agents.requests_per_minute ({})",
                     self.agents.requests_per_minute
                 ),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.agents.max_tokens) {
+            v.bad(
+                format!("{r}.agents.max_tokens"),
+                format!("must be 1–1000000, got {}", self.agents.max_tokens),
+            );
+        }
+        let f = self.agents.hedge.max_extra_fraction;
+        if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
+            v.bad(
+                format!("{r}.agents.hedge.max_extra_fraction"),
+                format!("must be between 0 and 1, got {f}"),
             );
         }
         for (name, s) in [

@@ -2,7 +2,9 @@
 //!
 //! - Concurrency is a semaphore of `concurrency` permits, each moved into the symbol's task:
 //!   the moment one symbol finishes the next starts (no batches waiting for their slowest).
-//! - A symbol's deadline starts when it gets its permit (time queued is not held against it).
+//! - Time: each agent call has its own deadline (`call_timeout`, the seed's subagent timeout,
+//!   counted from when the request can go out); a symbol as a whole is bounded only by the
+//!   cycle deadline, so a three-call pipeline is never cut off for being three calls long.
 //! - At the whole-cycle deadline, or when the runner cancels (shutdown), unfinished symbols
 //!   are cancelled; what finished stays published.
 //! - Every symbol holds its lock while it runs, extends it every third of the TTL, stops if
@@ -16,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::agents::CallLimits;
 use crate::coordination::{Coordination, LockOutcome};
 use crate::pipeline::{PipelineContext, run_symbol};
 use crate::publish::SymbolFailure;
@@ -31,8 +34,8 @@ pub struct CyclePlan {
     pub next_tick: DateTime<Utc>,
     /// Pool limit.
     pub concurrency: usize,
-    /// Per-symbol deadline.
-    pub symbol_timeout: Duration,
+    /// Deadline of one agent call (stretched by the adaptive policy in high latency).
+    pub call_timeout: Duration,
     /// Whole-cycle deadline.
     pub cycle_deadline: Instant,
 }
@@ -106,13 +109,16 @@ impl CycleReport {
             })
             .collect()
     }
-    /// Latency samples (completed symbols and timeouts).
-    pub fn latencies(&self) -> impl Iterator<Item = Duration> + '_ {
-        self.results.iter().filter_map(|(_, r)| match r {
-            SymbolResult::Completed { latency } => Some(*latency),
-            SymbolResult::Failed { latency, .. } => *latency,
-            SymbolResult::Skipped { .. } => None,
-        })
+    /// Symbols that got a pool slot and their lock, so their agents were asked.
+    pub fn started(&self) -> u32 {
+        self.results
+            .iter()
+            .filter(|(_, r)| match r {
+                SymbolResult::Completed { .. } => true,
+                SymbolResult::Failed { stage, .. } => !matches!(*stage, "queued" | "lock"),
+                SymbolResult::Skipped { .. } => false,
+            })
+            .count() as u32
     }
 }
 
@@ -367,8 +373,11 @@ impl SymbolJob {
         metrics::gauge!(names::SYMBOLS_PROCESSING).increment(1.0);
 
         let start = Instant::now();
-        let deadline = (start + plan.symbol_timeout).min(plan.cycle_deadline);
-        let work = run_symbol(pipeline, symbol, &plan.cycle, plan.next_tick, deadline);
+        let limits = CallLimits {
+            until: plan.cycle_deadline,
+            per_call: plan.call_timeout,
+        };
+        let work = run_symbol(pipeline, symbol, &plan.cycle, plan.next_tick, limits);
         // Extend the lock every third of its TTL while the work runs; a failed extension means
         // the lock may be someone else's now, so the work stops.
         let keep_lock = async {
@@ -386,7 +395,7 @@ impl SymbolJob {
             }
         };
         let end = tokio::select! {
-            r = tokio::time::timeout_at(deadline, work) => End::Done(match r {
+            r = tokio::time::timeout_at(plan.cycle_deadline, work) => match r {
                 Ok(Ok(out)) => {
                     tracing::info!(
                     symbol,
@@ -394,21 +403,19 @@ impl SymbolJob {
                     action = out.action.as_str(),
                     score = out.opportunity_score,
                     "symbol completed");
-                    SymbolResult::Completed { latency: Instant::now().duration_since(start) }
+                    End::Done(SymbolResult::Completed { latency: Instant::now().duration_since(start) })
                 }
+                Ok(Err(f)) if matches!(f.error, crate::agents::AgentError::Timeout)
+                    && Instant::now() >= plan.cycle_deadline => End::CycleDeadline,
                 Ok(Err(f)) => {
                     tracing::warn!(symbol, stage = f.stage.as_str(), reason = f.error.reason(), error = %f.error, "symbol failed");
-                    failed(symbol, f.error.reason(), f.stage.as_str(), None)
+                    // A timeout says "slow": it feeds the dispatch order like a completion.
+                    let latency = matches!(f.error, crate::agents::AgentError::Timeout)
+                        .then(|| Instant::now().duration_since(start));
+                    End::Done(failed(symbol, f.error.reason(), f.stage.as_str(), latency))
                 }
-                Err(_) if deadline >= plan.cycle_deadline && deadline < start + plan.symbol_timeout => {
-                    // The cycle deadline, not the symbol's own, cut it off.
-                    End::CycleDeadline.into_result(symbol)
-                }
-                Err(_) => {
-                    tracing::warn!(symbol, timeout_s = plan.symbol_timeout.as_secs_f64(), "symbol timed out");
-                    failed(symbol, "timeout", "pipeline", Some(Instant::now().duration_since(start)))
-                }
-            }),
+                Err(_) => End::CycleDeadline,
+            },
             _ = cancel.cancelled() => End::Shutdown,
             _ = keep_lock => End::LockLost,
         };
@@ -483,13 +490,13 @@ mod tests {
         )
     }
 
-    fn plan(concurrency: usize, symbol_timeout_ms: u64, cycle_ms: u64) -> CyclePlan {
+    fn plan(concurrency: usize, call_timeout_ms: u64, cycle_ms: u64) -> CyclePlan {
         let cycle = CycleId::new(chrono::Utc::now());
         CyclePlan {
             cycle,
             next_tick: cycle.time() + chrono::Duration::minutes(1),
             concurrency,
-            symbol_timeout: Duration::from_millis(symbol_timeout_ms),
+            call_timeout: Duration::from_millis(call_timeout_ms),
             cycle_deadline: Instant::now() + Duration::from_millis(cycle_ms),
         }
     }
@@ -525,7 +532,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn symbol_timeout_and_cycle_deadline_keep_what_finished() {
+    async fn call_timeout_and_cycle_deadline_keep_what_finished() {
         let (c, _, publisher) = setup(
             &[
                 ("A/USD", 100),
@@ -535,7 +542,7 @@ mod tests {
             ],
             MemoryStore::new(),
         );
-        // Symbol timeout 3 s, cycle deadline 2 s: C is cut off by the cycle, SLOW too.
+        // Call timeout 3 s, cycle deadline 2 s: C is cut off by the cycle, SLOW too.
         let r = c
             .run_cycle(&plan(4, 3000, 2000), &CancellationToken::new())
             .await;
@@ -562,7 +569,7 @@ mod tests {
         assert!(
             published.contains(&"A/USD".to_string()) && published.contains(&"B/USD".to_string())
         );
-        // With a generous cycle deadline the symbol's own timeout applies.
+        // With a generous cycle deadline the call's own timeout applies.
         let r = c
             .run_cycle(&plan(4, 3000, 60_000), &CancellationToken::new())
             .await;

@@ -174,8 +174,12 @@ impl App {
                 .set(state.gauge());
             status_pub.status(serde_json::json!({"breaker": name, "state": state.as_str()}));
         });
-        let setup =
-            agents::setup::build(&cfg, limiter, on_breaker).context("building the agents")?;
+        let latencies = resilience::CallLatencies::new(
+            cfg.adaptive.latency_window_size,
+            Duration::from_secs(cfg.adaptive.latency_max_age_seconds),
+        );
+        let setup = agents::setup::build(&cfg, limiter, on_breaker, latencies.clone())
+            .context("building the agents")?;
         let breaker_names: Vec<String> = setup
             .breakers
             .iter()
@@ -217,6 +221,7 @@ impl App {
             coordinator,
             publisher.clone(),
             setup.gate_breaker.clone(),
+            latencies,
         )
         .context("building the scheduler")?
         .with_llm_health(setup.health.clone());

@@ -50,7 +50,7 @@ pub mod names {
         CIRCUIT_BREAKER_STATE = "circuit_breaker_state";
         /// Gauge: the pool limit in force.
         ADAPTIVE_BATCH_SIZE = "adaptive_batch_size";
-        /// Gauge: p95 of recent symbol latencies, milliseconds (the seed's name).
+        /// Gauge: p95 of recent agent-call latencies, milliseconds (the seed's name).
         CURRENT_P95_LATENCY_MS = "current_p95_latency_ms";
         /// Gauge: Unix time of the last completed cycle.
         LAST_CYCLE_TIMESTAMP_SECONDS = "last_cycle_timestamp_seconds";
@@ -60,6 +60,12 @@ pub mod names {
         SYMBOL_PROCESSING_DURATION_SECONDS = "symbol_processing_duration_seconds";
         /// Histogram {stage}: agent call latency (any backend; retries included).
         LLM_LATENCY_SECONDS = "llm_latency_seconds";
+        /// Histogram {stage, backend}: one agent request (an LLM request or an OpenCode prompt), the latency the gate reads.
+        AGENT_CALL_DURATION_SECONDS = "agent_call_duration_seconds";
+        /// Counter {stage, outcome}: model answers read, by outcome (`accepted`, `repaired`, `rejected`).
+        AGENT_OUTPUTS = "agent_outputs_total";
+        /// Counter {stage, outcome}: backup requests sent for stragglers (`won`: the backup's answer was used; `lost`: it was not).
+        AGENT_HEDGES = "agent_hedges_total";
         /// Counter {stage}: stage messages published.
         MESSAGES_PUBLISHED = "messages_published_total";
         /// Gauge: kill switch active (1) or not (0).

@@ -6,8 +6,18 @@
 //! - timeout, 5xx, transport → a breaker failure, retried with backoff within the deadline;
 //! - 429 → every caller pauses for `Retry-After` (the shared limiter), not a breaker failure;
 //! - 400/401/402/403 → no retry, one log line, counted; 401/402 also flip readiness;
-//! - an answer that breaks the schema → rejected with a reason (`invalid_output`), never
-//!   clamped or defaulted.
+//! - an answer is read by [`repair`](super::repair): derived fields derived, slips repaired,
+//!   the untrustworthy rejected with a reason (`invalid_output`), never clamped or defaulted;
+//!   every outcome counted (`agent_outputs_total{stage,outcome}`).
+//!
+//! Time: each request gets the per-call deadline (`timeouts.symbol_timeout_seconds`, the seed's
+//! subagent timeout), retries happen within the stage's time (the cycle deadline), and a
+//! request that runs past its stage's observed p95 may get one identical backup request
+//! (hedging, bounded by `agents.hedge.max_extra_fraction`). Every answer and every timeout is
+//! a latency sample for the runner's gate; rate-limit waits are not.
+//!
+//! Tokens: a call reserves its worst case in the budget before it is sent and settles after,
+//! so the budget is never overshot by calls in flight.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,15 +29,15 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use super::repair::{self, Checked, Outcome};
 use super::rules::Rules;
 use super::{
-    Agent, AgentError, Answer, SignalDraft, SignalRequest, validate_advice, validate_summary,
+    Agent, AgentError, Answer, CallLimits, SignalDraft, SignalRequest, validate_advice,
+    validate_summary,
 };
-use crate::pipeline::{
-    Action, Advice, AdvisedSignal, ScoredSignal, Stage, StrategyVerdict, TopStrategy,
-};
+use crate::pipeline::{Action, Advice, AdvisedSignal, ScoredSignal, Stage, StrategyVerdict};
 use crate::resilience::rate_limit::AgentRateLimiter;
-use crate::resilience::{Backoff, Breaker, retry_until};
+use crate::resilience::{Backoff, Breaker, CallLatencies, HedgeBudget, Permit, retry_until};
 use crate::telemetry::names;
 
 /// Token counts of one call.
@@ -58,6 +68,8 @@ pub struct LlmRequest<'a> {
     pub schema: &'static Value,
     /// Model to use.
     pub model: &'a str,
+    /// Completion tokens allowed.
+    pub max_tokens: u32,
 }
 
 /// A model's structured answer.
@@ -86,7 +98,8 @@ pub trait Transport: Send + Sync {
 // ---------------------------------------------------------------------------------------------
 // Answers as the model must give them (the schemas are generated from these types).
 
-/// The signal stage's answer.
+/// The signal stage's answer: only what the model must judge. The strategy counts are not
+/// asked for (the runner derives them from the breakdown; models miscount).
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlmSignal {
@@ -98,14 +111,6 @@ pub struct LlmSignal {
     pub confidence: f64,
     /// Why, at most 2000 characters.
     pub reasoning: String,
-    /// Strategies considered.
-    pub strategies_analyzed: u32,
-    /// Of which bullish.
-    pub strategies_bullish: u32,
-    /// Of which bearish.
-    pub strategies_bearish: u32,
-    /// Of which neutral.
-    pub strategies_neutral: u32,
     /// The strategy that weighed most.
     pub top_strategy: LlmTopStrategy,
     /// Every strategy's verdict.
@@ -269,6 +274,12 @@ fn report_prompt(a: &AdvisedSignal) -> String {
 // Shared discipline.
 
 /// Token budget per clock hour and per UTC day. `None` = unlimited.
+///
+/// A call reserves its worst case before it is sent (an upper bound of its prompt plus
+/// `max_tokens`) and settles to what the provider reports after. A call is refused when its
+/// reservation would not fit beside what was spent and what calls in flight have reserved, so
+/// the spent total never exceeds the budget — however many calls run at once — as long as the
+/// provider honours `max_tokens`.
 #[derive(Debug, Default)]
 pub struct TokenBudget {
     per_hour: Option<u64>,
@@ -282,6 +293,10 @@ struct BudgetState {
     hour_used: u64,
     day: i64,
     day_used: u64,
+    /// Reserved by calls in flight (counted against both windows).
+    reserved: u64,
+    /// The last reservation asked for: a window with less than this left is spent.
+    typical: u64,
 }
 
 /// Which window is spent.
@@ -303,6 +318,20 @@ impl BudgetWindow {
     }
 }
 
+/// Tokens set aside for one call in flight; give it back with [`TokenBudget::settle`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a reservation must be settled, or its tokens stay reserved"]
+pub struct Reservation {
+    tokens: u64,
+}
+
+impl Reservation {
+    /// Tokens reserved.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+}
+
 impl TokenBudget {
     /// A budget; zero or `None` means no limit for that window.
     pub fn new(per_hour: Option<u64>, per_day: Option<u64>) -> Self {
@@ -313,7 +342,11 @@ impl TokenBudget {
         }
     }
 
-    fn roll(&self, st: &mut BudgetState, now: DateTime<Utc>) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn roll(st: &mut BudgetState, now: DateTime<Utc>) {
         let (h, d) = (
             now.timestamp().div_euclid(3600),
             now.timestamp().div_euclid(86_400),
@@ -328,32 +361,70 @@ impl TokenBudget {
         }
     }
 
-    /// The spent window, if any.
-    pub fn exhausted(&self, now: DateTime<Utc>) -> Option<BudgetWindow> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.roll(&mut st, now);
-        if self.per_day.is_some_and(|l| st.day_used >= l) {
+    /// The first window in which `tokens` more would not fit.
+    fn would_overflow(&self, st: &BudgetState, tokens: u64) -> Option<BudgetWindow> {
+        let fits = |limit: Option<u64>, used: u64| {
+            limit.is_none_or(|l| used.saturating_add(st.reserved).saturating_add(tokens) <= l)
+        };
+        if !fits(self.per_day, st.day_used) {
             Some(BudgetWindow::Day)
-        } else if self.per_hour.is_some_and(|l| st.hour_used >= l) {
+        } else if !fits(self.per_hour, st.hour_used) {
             Some(BudgetWindow::Hour)
         } else {
             None
         }
     }
 
-    /// Records tokens spent.
-    pub fn spend(&self, tokens: u64, now: DateTime<Utc>) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.roll(&mut st, now);
-        st.hour_used += tokens;
-        st.day_used += tokens;
+    /// Sets `tokens` aside for a call, or says which window cannot hold them.
+    pub fn reserve(&self, tokens: u64, now: DateTime<Utc>) -> Result<Reservation, BudgetWindow> {
+        let mut st = self.lock();
+        Self::roll(&mut st, now);
+        st.typical = tokens;
+        if let Some(w) = self.would_overflow(&st, tokens) {
+            return Err(w);
+        }
+        st.reserved += tokens;
+        Ok(Reservation { tokens })
+    }
+
+    /// The call is over: its reservation is released and `used` tokens are spent.
+    pub fn settle(&self, r: Reservation, used: u64, now: DateTime<Utc>) {
+        let mut st = self.lock();
+        Self::roll(&mut st, now);
+        st.reserved = st.reserved.saturating_sub(r.tokens);
+        if used > r.tokens {
+            // Only a provider that ignores `max_tokens` gets here; it is charged all the same.
+            tracing::warn!(
+                used,
+                reserved = r.tokens,
+                "an LLM call used more tokens than it reserved"
+            );
+        }
+        st.hour_used += used;
+        st.day_used += used;
+    }
+
+    /// The spent window, if any: one with less left than a typical call reserves.
+    pub fn exhausted(&self, now: DateTime<Utc>) -> Option<BudgetWindow> {
+        let mut st = self.lock();
+        Self::roll(&mut st, now);
+        let typical = st.typical.max(1);
+        let saved = std::mem::take(&mut st.reserved);
+        let w = self.would_overflow(&st, typical);
+        st.reserved = saved;
+        w
     }
 
     /// `(hour_used, day_used)`.
     pub fn used(&self, now: DateTime<Utc>) -> (u64, u64) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.roll(&mut st, now);
+        let mut st = self.lock();
+        Self::roll(&mut st, now);
         (st.hour_used, st.day_used)
+    }
+
+    /// Tokens reserved by calls in flight.
+    pub fn reserved(&self) -> u64 {
+        self.lock().reserved
     }
 
     /// Configured limits `(per_hour, per_day)`.
@@ -401,6 +472,12 @@ pub struct LlmShared {
     /// Produce the stage with the rules backend while the breaker is open or the budget is
     /// spent (marked `is_degraded`).
     pub fallback_rules: bool,
+    /// Per-call latency, read by the runner's gate and by hedging.
+    pub latencies: CallLatencies,
+    /// Backup requests for stragglers; `None` = hedging off.
+    pub hedge: Option<Arc<HedgeBudget>>,
+    /// Completion tokens allowed per call (sent as `max_tokens`, reserved in the budget).
+    pub max_tokens: u32,
 }
 
 impl std::fmt::Debug for LlmShared {
@@ -444,6 +521,24 @@ fn outcome_label(e: &AgentError) -> &'static str {
     }
 }
 
+/// Reads a stage's answer (see [`repair`](super::repair)).
+type Read<'a, T> = &'a (dyn Fn(&Value) -> Result<Checked<T>, String> + Sync);
+
+/// An upper bound of the tokens a request can use: its prompt bytes (a byte-level BPE token
+/// covers at least one byte), the schema (which providers add to the prompt), a margin for
+/// the chat template, and the completion limit.
+pub fn token_estimate(req: &LlmRequest<'_>) -> u64 {
+    let prompt = req.system.len() + req.user.len() + req.schema.to_string().len();
+    prompt as u64 + 64 + u64::from(req.max_tokens)
+}
+
+/// Which of two identical requests a result came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leg {
+    Primary,
+    Backup,
+}
+
 impl LlmAgent {
     /// A stage agent.
     pub fn new(
@@ -462,23 +557,22 @@ impl LlmAgent {
         }
     }
 
-    /// One structured call with the whole discipline; returns the raw JSON.
-    async fn ask(
+    /// One structured call with the whole discipline: retries within the stage's time, each
+    /// request bounded by the per-call deadline, the answer read by `read`.
+    async fn ask<T>(
         &self,
         stage: Stage,
         symbol: &str,
         cycle_id: &str,
         user: String,
-        deadline: Instant,
-    ) -> Result<Value, AgentError> {
-        let deadline = match self.stage_timeout {
-            Some(t) => deadline.min(Instant::now() + t),
-            None => deadline,
+        limits: CallLimits,
+        read: Read<'_, T>,
+    ) -> Result<Answer<T>, AgentError> {
+        let per_call = match self.stage_timeout {
+            Some(t) => t,
+            None => limits.per_call,
         };
-        if let Some(w) = self.shared.budget.exhausted(Utc::now()) {
-            metrics::counter!(names::LLM_BUDGET_EXHAUSTED, "window" => w.as_str()).increment(1);
-            return Err(AgentError::BudgetExhausted(w.as_str()));
-        }
+        let limits = CallLimits { per_call, ..limits };
         let req = LlmRequest {
             stage,
             symbol,
@@ -488,164 +582,317 @@ impl LlmAgent {
             schema_name: schema_name(stage),
             schema: stage_schema(stage),
             model: &self.model,
+            max_tokens: self.shared.max_tokens,
         };
         let backoff = self.shared.backoff;
-        retry_until(
+        let checked = retry_until(
             self.shared.max_attempts,
-            deadline,
+            limits.until,
             |e: &AgentError, n| match e {
                 // The limiter already holds everyone until Retry-After: retry at once.
                 AgentError::RateLimited { .. } => Some(Duration::ZERO),
                 e if e.is_retryable() => Some(backoff.delay(n)),
                 _ => None,
             },
-            |_| self.attempt(&req, deadline),
+            |_| self.attempt(&req, limits, read),
         )
-        .await
+        .await?;
+        Ok(Answer {
+            value: checked.value,
+            model: self.model.clone(),
+            degraded: false,
+        })
     }
 
-    async fn attempt(&self, req: &LlmRequest<'_>, deadline: Instant) -> Result<Value, AgentError> {
-        let stage = req.stage.as_str();
-        let waited = self
-            .shared
-            .limiter
-            .acquire_before(deadline)
-            .await
-            .map_err(|_| AgentError::RateLimitWait)?;
-        metrics::histogram!(names::RATE_LIMIT_WAIT_SECONDS).record(waited.as_secs_f64());
-        let permit = self.breaker.try_acquire().map_err(|_| {
-            metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => self.breaker.name().to_string()).increment(1);
-            AgentError::CircuitOpen
-        })?;
+    /// One request, timed: answers and timeouts are latency samples (a fast refusal says
+    /// nothing about how slow the model is).
+    async fn timed_call(
+        &self,
+        req: &LlmRequest<'_>,
+        limits: CallLimits,
+        deadline: Instant,
+    ) -> Result<LlmReply, AgentError> {
+        let t0 = Instant::now();
         let r = match tokio::time::timeout_at(deadline, self.transport.call(req, deadline)).await {
             Ok(r) => r,
             Err(_) => Err(AgentError::Timeout),
         };
+        // A timeout is a sample only when it was the call's own: one cut short by the cycle
+        // deadline would understate how slow the model is.
+        let own_timeout = deadline >= t0 + limits.per_call;
+        if matches!(r, Ok(_)) || (matches!(r, Err(AgentError::Timeout)) && own_timeout) {
+            let took = Instant::now().duration_since(t0);
+            let stage = req.stage.as_str();
+            self.shared.latencies.record(stage, took);
+            metrics::histogram!(names::AGENT_CALL_DURATION_SECONDS, "stage" => stage, "backend" => self.transport.backend())
+                .record(took.as_secs_f64());
+        }
+        r
+    }
 
+    /// Reads a reply: counts the outcome and spends its tokens.
+    fn read_reply<T>(
+        &self,
+        req: &LlmRequest<'_>,
+        reply: &LlmReply,
+        read: Read<'_, T>,
+    ) -> Result<Checked<T>, AgentError> {
+        let stage = req.stage.as_str();
+        let used = reply.usage.input + reply.usage.output;
+        self.shared
+            .health
+            .tokens_total
+            .fetch_add(used, Ordering::Relaxed);
+        metrics::counter!(names::LLM_TOKENS, "stage" => stage, "kind" => "input")
+            .increment(reply.usage.input);
+        metrics::counter!(names::LLM_TOKENS, "stage" => stage, "kind" => "output")
+            .increment(reply.usage.output);
+        let r = read(&reply.json);
+        let outcome = match &r {
+            Ok(c) => c.outcome(),
+            Err(_) => Outcome::Rejected,
+        };
+        metrics::counter!(names::AGENT_OUTPUTS, "stage" => stage, "outcome" => outcome.as_str())
+            .increment(1);
         match r {
-            Ok(reply) => {
-                permit.success();
-                self.shared.health.set_auth_error(None);
-                let used = reply.usage.input + reply.usage.output;
-                self.shared.budget.spend(used, Utc::now());
-                self.shared
-                    .health
-                    .tokens_total
-                    .fetch_add(used, Ordering::Relaxed);
-                metrics::counter!(names::LLM_TOKENS, "stage" => stage, "kind" => "input")
-                    .increment(reply.usage.input);
-                metrics::counter!(names::LLM_TOKENS, "stage" => stage, "kind" => "output")
-                    .increment(reply.usage.output);
-                Ok(reply.json)
+            Ok(c) => {
+                if !c.repairs.is_empty() {
+                    tracing::info!(stage, symbol = req.symbol, repairs = %c.repairs.join("; "), "model answer repaired");
+                }
+                metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => "ok")
+                    .increment(1);
+                Ok(c)
             }
-            Err(e) => {
-                if e.is_breaker_failure() {
-                    permit.failure();
-                } else {
-                    // 429, refusals, bad answers: the service is up; it proves nothing about
-                    // the breaker either way.
-                    drop(permit);
-                }
-                match &e {
-                    AgentError::RateLimited { retry_after } => {
-                        let pause = retry_after.unwrap_or(Duration::from_secs(1));
-                        tracing::warn!(
-                            stage,
-                            pause_s = pause.as_secs_f64(),
-                            "LLM provider rate-limited us; pausing all calls"
-                        );
-                        self.shared.limiter.pause(pause);
-                    }
-                    AgentError::Refused { status, message } => {
-                        tracing::error!(stage, status, provider_message = %message, backend = self.transport.backend(), "LLM provider refused the call; not retrying");
-                        if *status == 401 || *status == 402 {
-                            self.shared.health.set_auth_error(Some(format!(
-                                "{} answered HTTP {status}: {}",
-                                self.transport.backend(),
-                                if *status == 401 {
-                                    "the API key was rejected"
-                                } else {
-                                    "the account is out of credit"
-                                }
-                            )));
-                        }
-                    }
-                    _ => {}
-                }
-                // Every request that went out is counted once, by what came back.
+            Err(reason) => {
+                tracing::warn!(stage, symbol = req.symbol, reason = %reason, "model answer rejected");
+                let e = AgentError::InvalidOutput(reason);
                 metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => outcome_label(&e)).increment(1);
                 Err(e)
             }
         }
     }
 
+    /// What a failed request means beyond its own result: a 429 pauses everyone, a refusal
+    /// of the key flips readiness; every failed request is counted once by what came back.
+    fn on_request_error(&self, stage: &'static str, e: &AgentError) {
+        match e {
+            AgentError::RateLimited { retry_after } => {
+                let pause = retry_after.unwrap_or(Duration::from_secs(1));
+                tracing::warn!(
+                    stage,
+                    pause_s = pause.as_secs_f64(),
+                    "LLM provider rate-limited us; pausing all calls"
+                );
+                self.shared.limiter.pause(pause);
+            }
+            AgentError::Refused { status, message } => {
+                tracing::error!(stage, status, provider_message = %message, backend = self.transport.backend(), "LLM provider refused the call; not retrying");
+                if *status == 401 || *status == 402 {
+                    self.shared.health.set_auth_error(Some(format!(
+                        "{} answered HTTP {status}: {}",
+                        self.transport.backend(),
+                        if *status == 401 {
+                            "the API key was rejected"
+                        } else {
+                            "the account is out of credit"
+                        }
+                    )));
+                }
+            }
+            _ => {}
+        }
+        metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => outcome_label(e))
+            .increment(1);
+    }
+
+    /// Takes a backup request's slot, budget and hedge credit, all or nothing.
+    async fn try_start_backup(&self, estimate: u64) -> Option<Reservation> {
+        let hedge = self.shared.hedge.as_ref()?;
+        if !hedge.try_take() {
+            return None;
+        }
+        let Ok(r) = self.shared.budget.reserve(estimate, Utc::now()) else {
+            hedge.refund();
+            return None;
+        };
+        // A slot now or not at all: a backup that waits for the limiter is no longer early.
+        match self.shared.limiter.acquire_before(Instant::now()).await {
+            Ok(_) => Some(r),
+            Err(_) => {
+                self.shared.budget.settle(r, 0, Utc::now());
+                hedge.refund();
+                None
+            }
+        }
+    }
+
+    /// One attempt: budget, rate limit and breaker, then the request — and, when it runs past
+    /// the stage's observed p95 and the hedge budget allows, one identical backup request. The
+    /// first answer that reads well wins; the other request is dropped (cancelled).
+    async fn attempt<T>(
+        &self,
+        req: &LlmRequest<'_>,
+        limits: CallLimits,
+        read: Read<'_, T>,
+    ) -> Result<Checked<T>, AgentError> {
+        let stage = req.stage.as_str();
+        let estimate = token_estimate(req);
+        let reservation = self
+            .shared
+            .budget
+            .reserve(estimate, Utc::now())
+            .map_err(|w| {
+                metrics::counter!(names::LLM_BUDGET_EXHAUSTED, "window" => w.as_str()).increment(1);
+                AgentError::BudgetExhausted(w.as_str())
+            })?;
+        let waited = match self.shared.limiter.acquire_before(limits.until).await {
+            Ok(w) => w,
+            Err(_) => {
+                self.shared.budget.settle(reservation, 0, Utc::now());
+                return Err(AgentError::RateLimitWait);
+            }
+        };
+        metrics::histogram!(names::RATE_LIMIT_WAIT_SECONDS).record(waited.as_secs_f64());
+        let permit = match self.breaker.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                self.shared.budget.settle(reservation, 0, Utc::now());
+                metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => self.breaker.name().to_string()).increment(1);
+                return Err(AgentError::CircuitOpen);
+            }
+        };
+        self.shared.latencies.count_call();
+        if let Some(h) = &self.shared.hedge {
+            h.on_call();
+        }
+        // The per-call deadline starts once the request can go: rate-limit waits are not the
+        // model's latency.
+        let deadline = limits.request_deadline();
+        let started = Instant::now();
+        let hedge_at = self
+            .shared
+            .hedge
+            .as_ref()
+            .and_then(|_| self.shared.latencies.stage_p95(stage))
+            .map(|p95| started + p95)
+            .filter(|at| *at < deadline);
+
+        let primary = self.timed_call(req, limits, deadline);
+        tokio::pin!(primary);
+        let mut backup_reservation: Option<Reservation> = None;
+        let first = match hedge_at {
+            None => Some(primary.as_mut().await),
+            Some(at) => tokio::select! {
+                r = primary.as_mut() => Some(r),
+                _ = tokio::time::sleep_until(at) => {
+                    backup_reservation = self.try_start_backup(estimate).await;
+                    if backup_reservation.is_none() {
+                        Some(primary.as_mut().await)
+                    } else {
+                        tracing::info!(stage, symbol = req.symbol, after_ms = Instant::now().duration_since(started).as_millis() as u64, "agent call past the stage's p95; sending a backup request");
+                        None
+                    }
+                }
+            },
+        };
+        let mut reservations = vec![(Leg::Primary, reservation)];
+        if let Some(r) = backup_reservation {
+            reservations.push((Leg::Backup, r));
+        }
+        let settle_all = |reservations: Vec<(Leg, Reservation)>, used: &dyn Fn(Leg) -> u64| {
+            for (leg, r) in reservations {
+                self.shared.budget.settle(r, used(leg), Utc::now());
+            }
+        };
+
+        // Without a backup: one result.
+        if let Some(r) = first {
+            let (out, used) = match r {
+                Ok(reply) => {
+                    let used = reply.usage.input + reply.usage.output;
+                    (self.read_reply(req, &reply, read), used)
+                }
+                Err(e) => {
+                    self.on_request_error(stage, &e);
+                    (Err(e), 0)
+                }
+            };
+            settle_all(reservations, &|_| used);
+            return self.finish(permit, out);
+        }
+
+        // With a backup: race them; a failed or unreadable result waits for the other.
+        let backup = self.timed_call(req, limits, deadline);
+        tokio::pin!(backup);
+        let (mut primary_done, mut backup_done) = (false, false);
+        let mut used_by: [Option<u64>; 2] = [None, None];
+        let mut last_err: Option<AgentError> = None;
+        let mut winner: Option<(Leg, Checked<T>)> = None;
+        while winner.is_none() && !(primary_done && backup_done) {
+            let (leg, r) = tokio::select! {
+                r = primary.as_mut(), if !primary_done => { primary_done = true; (Leg::Primary, r) }
+                r = backup.as_mut(), if !backup_done => { backup_done = true; (Leg::Backup, r) }
+            };
+            let idx = usize::from(leg == Leg::Backup);
+            match r {
+                Ok(reply) => {
+                    used_by[idx] = Some(reply.usage.input + reply.usage.output);
+                    match self.read_reply(req, &reply, read) {
+                        Ok(c) => winner = Some((leg, c)),
+                        Err(e) => last_err = Some(e),
+                    }
+                }
+                Err(e) => {
+                    self.on_request_error(stage, &e);
+                    used_by[idx] = Some(0);
+                    last_err = Some(e);
+                }
+            }
+        }
+        let won = winner.as_ref().map(|(leg, _)| *leg);
+        let hedge_outcome = if won == Some(Leg::Backup) {
+            "won"
+        } else {
+            "lost"
+        };
+        metrics::counter!(names::AGENT_HEDGES, "stage" => stage, "outcome" => hedge_outcome)
+            .increment(1);
+        // A request dropped in flight is charged what its twin used: the provider bills it
+        // all the same, and the identical request is the best estimate there is.
+        let twin = used_by.iter().flatten().copied().max().unwrap_or(0);
+        settle_all(reservations, &|leg| {
+            used_by[usize::from(leg == Leg::Backup)].unwrap_or(twin)
+        });
+        let out = match winner {
+            Some((_, c)) => Ok(c),
+            None => Err(last_err.unwrap_or(AgentError::Timeout)),
+        };
+        self.finish(permit, out)
+    }
+
+    /// The breaker learns from the attempt's result: an answer (even an unreadable one) means
+    /// the service is up; timeouts, 5xx and transport errors count against it; 429s and
+    /// refusals prove nothing either way.
+    fn finish<T>(
+        &self,
+        permit: Permit,
+        out: Result<Checked<T>, AgentError>,
+    ) -> Result<Checked<T>, AgentError> {
+        match &out {
+            Ok(_) | Err(AgentError::InvalidOutput(_)) => {
+                permit.success();
+                self.shared.health.set_auth_error(None);
+            }
+            Err(e) if e.is_breaker_failure() => permit.failure(),
+            Err(_) => drop(permit),
+        }
+        out
+    }
+
     fn fallback_applies(&self, e: &AgentError) -> bool {
         self.shared.fallback_rules
             && matches!(e, AgentError::CircuitOpen | AgentError::BudgetExhausted(_))
     }
-
-    /// Counts the outcome of a call whose answer was read: `ok`, or why it was rejected.
-    fn checked<T>(&self, stage: Stage, r: Result<T, AgentError>) -> Result<Answer<T>, AgentError> {
-        let outcome = match &r {
-            Ok(_) => "ok",
-            Err(e) => outcome_label(e),
-        };
-        metrics::counter!(names::LLM_REQUESTS, "stage" => stage.as_str(), "outcome" => outcome)
-            .increment(1);
-        r.map(|value| Answer {
-            value,
-            model: self.model.clone(),
-            degraded: false,
-        })
-    }
-}
-
-fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, AgentError> {
-    serde_json::from_value(v)
-        .map_err(|e| AgentError::InvalidOutput(format!("answer does not match the schema: {e}")))
-}
-
-/// Converts and checks a model's signal answer.
-pub fn signal_from_answer(symbol: &str, v: Value) -> Result<SignalDraft, AgentError> {
-    let a: LlmSignal = parse(v)?;
-    if a.symbol != symbol {
-        return Err(AgentError::InvalidOutput(format!(
-            "answer is for {:?}, asked about {symbol:?}",
-            a.symbol
-        )));
-    }
-    let d = SignalDraft {
-        action: a.action,
-        confidence: a.confidence,
-        reasoning: a.reasoning,
-        strategies_analyzed: a.strategies_analyzed,
-        strategies_bullish: a.strategies_bullish,
-        strategies_bearish: a.strategies_bearish,
-        strategies_neutral: a.strategies_neutral,
-        top_strategy: TopStrategy {
-            name: a.top_strategy.name,
-            score: a.top_strategy.score,
-            signal: a.top_strategy.signal,
-            parameters: Default::default(),
-        },
-        strategy_breakdown: a.strategy_breakdown,
-    };
-    d.validate().map_err(AgentError::InvalidOutput)?;
-    Ok(d)
-}
-
-/// Converts and checks a model's advice answer.
-pub fn advice_from_answer(v: Value) -> Result<Advice, AgentError> {
-    let a: Advice = parse(v)?;
-    validate_advice(&a).map_err(AgentError::InvalidOutput)?;
-    Ok(a)
-}
-
-/// Converts and checks a model's report answer.
-pub fn summary_from_answer(v: Value) -> Result<String, AgentError> {
-    let a: LlmReport = parse(v)?;
-    validate_summary(&a.summary).map_err(AgentError::InvalidOutput)?;
-    Ok(a.summary)
 }
 
 fn degraded<T>(value: T) -> Answer<T> {
@@ -654,6 +901,27 @@ fn degraded<T>(value: T) -> Answer<T> {
         model: "rules".into(),
         degraded: true,
     }
+}
+
+/// Reads and checks a model's signal answer for `symbol`.
+pub fn signal_from_answer(symbol: &str, v: &Value) -> Result<Checked<SignalDraft>, String> {
+    let c = repair::signal(symbol, v)?;
+    c.value.validate()?;
+    Ok(c)
+}
+
+/// Reads and checks a model's advice answer.
+pub fn advice_from_answer(v: &Value) -> Result<Checked<Advice>, String> {
+    let c = repair::advice(v)?;
+    validate_advice(&c.value)?;
+    Ok(c)
+}
+
+/// Reads and checks a model's report answer.
+pub fn summary_from_answer(v: &Value) -> Result<Checked<String>, String> {
+    let c = repair::summary(v)?;
+    validate_summary(&c.value)?;
+    Ok(c)
 }
 
 #[async_trait]
@@ -669,28 +937,30 @@ impl Agent for LlmAgent {
     async fn signal(
         &self,
         req: &SignalRequest<'_>,
-        deadline: Instant,
+        limits: CallLimits,
     ) -> Result<Answer<SignalDraft>, AgentError> {
+        let symbol = req.symbol;
+        let read = move |v: &Value| signal_from_answer(symbol, v);
         match self
             .ask(
                 Stage::Raw,
                 req.symbol,
                 req.cycle_id,
                 signal_prompt(req),
-                deadline,
+                limits,
+                &read,
             )
             .await
         {
-            Ok(v) => self.checked(Stage::Raw, signal_from_answer(req.symbol, v)),
             Err(e) if self.fallback_applies(&e) => Rules::analyse(req).map(degraded),
-            Err(e) => Err(e),
+            r => r,
         }
     }
 
     async fn advise(
         &self,
         scored: &ScoredSignal,
-        deadline: Instant,
+        limits: CallLimits,
     ) -> Result<Answer<Advice>, AgentError> {
         let s = &scored.signal;
         match self
@@ -699,20 +969,20 @@ impl Agent for LlmAgent {
                 &s.symbol,
                 &s.cycle_id,
                 scored_prompt(scored),
-                deadline,
+                limits,
+                &advice_from_answer,
             )
             .await
         {
-            Ok(v) => self.checked(Stage::Validated, advice_from_answer(v)),
             Err(e) if self.fallback_applies(&e) => Ok(degraded(Rules::advice(scored))),
-            Err(e) => Err(e),
+            r => r,
         }
     }
 
     async fn report(
         &self,
         advised: &AdvisedSignal,
-        deadline: Instant,
+        limits: CallLimits,
     ) -> Result<Answer<String>, AgentError> {
         let s = &advised.scored.signal;
         match self
@@ -721,13 +991,13 @@ impl Agent for LlmAgent {
                 &s.symbol,
                 &s.cycle_id,
                 report_prompt(advised),
-                deadline,
+                limits,
+                &summary_from_answer,
             )
             .await
         {
-            Ok(v) => self.checked(Stage::Dashboard, summary_from_answer(v)),
             Err(e) if self.fallback_applies(&e) => Ok(degraded(Rules::summary(advised))),
-            Err(e) => Err(e),
+            r => r,
         }
     }
 }
@@ -783,14 +1053,19 @@ mod tests {
 
     #[test]
     fn budget_windows_roll() {
-        let b = TokenBudget::new(Some(100), Some(150));
+        let b = TokenBudget::new(Some(100), Some(250));
         let t: DateTime<Utc> = "2026-11-28T10:59:00Z".parse().expect("t");
         assert_eq!(b.exhausted(t), None);
-        b.spend(100, t);
+        let r = b.reserve(100, t).expect("fits exactly");
+        b.settle(r, 100, t);
         assert_eq!(b.exhausted(t), Some(BudgetWindow::Hour));
+        assert_eq!(b.reserve(1, t), Err(BudgetWindow::Hour));
         let next_hour: DateTime<Utc> = "2026-11-28T11:00:00Z".parse().expect("t");
         assert_eq!(b.exhausted(next_hour), None);
-        b.spend(60, next_hour);
+        let r = b.reserve(100, next_hour).expect("fits");
+        b.settle(r, 100, next_hour);
+        assert_eq!(b.used(next_hour), (100, 200));
+        // 50 left today: less than a typical call (100) reserves.
         assert_eq!(b.exhausted(next_hour), Some(BudgetWindow::Day));
         let next_day: DateTime<Utc> = "2026-11-29T00:00:00Z".parse().expect("t");
         assert_eq!(b.exhausted(next_day), None);
@@ -799,6 +1074,54 @@ mod tests {
             None,
             "0 = unlimited"
         );
+    }
+
+    #[test]
+    fn reservations_keep_calls_in_flight_from_overshooting() {
+        let t: DateTime<Utc> = "2026-11-28T10:00:00Z".parse().expect("t");
+        let b = TokenBudget::new(Some(1000), None);
+        // Three calls at once, each reserving 400: the third would not fit beside the two.
+        let r1 = b.reserve(400, t).expect("first");
+        let r2 = b.reserve(400, t).expect("second");
+        assert_eq!(b.reserve(400, t), Err(BudgetWindow::Hour));
+        assert_eq!(b.reserved(), 800);
+        // They used 120 each: 240 spent, nothing reserved, 760 left.
+        b.settle(r1, 120, t);
+        b.settle(r2, 120, t);
+        assert_eq!((b.used(t).0, b.reserved()), (240, 0));
+        let mut spent = 240;
+        // Calls one after another until the next reservation cannot fit: 240 + 400 + 120 × k.
+        while let Ok(r) = b.reserve(400, t) {
+            b.settle(r, 120, t);
+            spent += 120;
+        }
+        // 240 + 4 × 120 = 720; a fifth needs 720 + 400 > 1000.
+        assert_eq!(spent, 720);
+        assert_eq!(b.used(t).0, 720);
+        assert_eq!(b.exhausted(t), Some(BudgetWindow::Hour));
+        // A call given up before it was sent gives its whole reservation back.
+        let b = TokenBudget::new(Some(500), None);
+        let r = b.reserve(500, t).expect("fits");
+        b.settle(r, 0, t);
+        assert_eq!((b.used(t).0, b.reserved()), (0, 0));
+    }
+
+    #[test]
+    fn the_estimate_bounds_the_prompt_and_the_completion() {
+        let req = LlmRequest {
+            stage: Stage::Dashboard,
+            symbol: "ETH/USD",
+            cycle_id: "c",
+            system: "sys",
+            user: "é".repeat(100),
+            schema_name: "report",
+            schema: stage_schema(Stage::Dashboard),
+            model: "m",
+            max_tokens: 512,
+        };
+        let schema_len = stage_schema(Stage::Dashboard).to_string().len() as u64;
+        // 3 + 200 bytes of prompt (é is two bytes), the schema, 64 of template, 512 completion.
+        assert_eq!(token_estimate(&req), 3 + 200 + schema_len + 64 + 512);
     }
 
     #[test]

@@ -7,19 +7,22 @@
 //! [`llm`] holds what the LLM backends share: rate limit, breaker, retries, budget, fallback,
 //! schemas, prompts and strict parsing.
 //!
-//! Every agent answer passes [`SignalDraft::validate`] / [`validate_advice`] /
-//! [`validate_summary`] before it is used: out-of-range values are rejected with a reason,
-//! never clamped or defaulted silently.
+//! A model's answer is read by [`repair`]: what can be derived is derived (the strategy
+//! counts), unambiguous slips are repaired and counted, what cannot be trusted is rejected with
+//! a reason. Every agent's answer then passes [`SignalDraft::validate`] / [`validate_advice`] /
+//! [`validate_summary`] before it is used: out-of-range values are never clamped or defaulted.
 
 pub mod llm;
 pub mod opencode;
 pub mod openrouter;
+pub mod repair;
 pub mod rules;
 pub mod setup;
 #[doc(hidden)]
 pub mod testing;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -51,8 +54,27 @@ pub struct SignalRequest<'a> {
     pub now: DateTime<Utc>,
 }
 
+/// The time an agent call may take: each request at most `per_call` (the seed's subagent
+/// timeout, `timeouts.symbol_timeout_seconds`, stretched in high-latency mode), and the whole
+/// stage, retries included, never past `until` (the cycle's deadline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallLimits {
+    /// No request of this stage runs past this instant.
+    pub until: Instant,
+    /// One request's deadline.
+    pub per_call: Duration,
+}
+
+impl CallLimits {
+    /// The deadline of a request starting now.
+    pub fn request_deadline(&self) -> Instant {
+        (Instant::now() + self.per_call).min(self.until)
+    }
+}
+
 /// The signal agent's answer: the part of a [`Signal`](crate::pipeline::Signal) that an
-/// agent decides (ids, times and market context are the runner's).
+/// agent decides (ids, times and market context are the runner's; the strategy counts are
+/// derived from the breakdown).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignalDraft {
@@ -62,32 +84,16 @@ pub struct SignalDraft {
     pub confidence: f64,
     /// Why (≤ 2000 characters).
     pub reasoning: String,
-    /// Strategies evaluated.
-    pub strategies_analyzed: u32,
-    /// Of which bullish.
-    pub strategies_bullish: u32,
-    /// Of which bearish.
-    pub strategies_bearish: u32,
-    /// Of which neutral.
-    pub strategies_neutral: u32,
     /// The best one.
     pub top_strategy: TopStrategy,
     /// All of them.
     pub strategy_breakdown: Vec<StrategyVerdict>,
 }
 
-fn unit_interval(name: &str, v: f64) -> Result<(), String> {
-    if !v.is_finite() {
-        return Err(format!("{name} is not a finite number"));
-    }
-    if !(0.0..=1.0).contains(&v) {
-        return Err(format!("{name} {v} is outside [0, 1]"));
-    }
-    Ok(())
-}
+use repair::unit_interval;
 
 impl SignalDraft {
-    /// Checks every field's range and the counts' consistency.
+    /// Checks every field's range.
     pub fn validate(&self) -> Result<(), String> {
         unit_interval("confidence", self.confidence)?;
         let chars = self.reasoning.chars().count();
@@ -98,15 +104,6 @@ impl SignalDraft {
         }
         if self.reasoning.trim().is_empty() {
             return Err("reasoning is empty".into());
-        }
-        let sum = u64::from(self.strategies_bullish)
-            + u64::from(self.strategies_bearish)
-            + u64::from(self.strategies_neutral);
-        if sum != u64::from(self.strategies_analyzed) {
-            return Err(format!(
-                "strategies_bullish + bearish + neutral = {sum}, but strategies_analyzed = {}",
-                self.strategies_analyzed
-            ));
         }
         if self.strategy_breakdown.len() > 64 {
             return Err(format!(
@@ -271,7 +268,7 @@ impl<T> Answer<T> {
     }
 }
 
-/// An agent backend: one method per agent stage. Every call is bounded by `deadline`.
+/// An agent backend: one method per agent stage. Every call is bounded by its [`CallLimits`].
 #[async_trait]
 pub trait Agent: Send + Sync {
     /// Backend name (`rules`, `openrouter`, `opencode`).
@@ -282,19 +279,19 @@ pub trait Agent: Send + Sync {
     async fn signal(
         &self,
         req: &SignalRequest<'_>,
-        deadline: Instant,
+        limits: CallLimits,
     ) -> Result<Answer<SignalDraft>, AgentError>;
     /// Stage 3.
     async fn advise(
         &self,
         scored: &ScoredSignal,
-        deadline: Instant,
+        limits: CallLimits,
     ) -> Result<Answer<Advice>, AgentError>;
     /// Stage 4: 2–3 sentences.
     async fn report(
         &self,
         advised: &AdvisedSignal,
-        deadline: Instant,
+        limits: CallLimits,
     ) -> Result<Answer<String>, AgentError>;
 }
 
@@ -340,10 +337,6 @@ mod tests {
             action: Action::Buy,
             confidence: 0.7,
             reasoning: "because".into(),
-            strategies_analyzed: 3,
-            strategies_bullish: 2,
-            strategies_bearish: 0,
-            strategies_neutral: 1,
             top_strategy: TopStrategy {
                 name: "ema".into(),
                 score: 0.6,
@@ -396,13 +389,6 @@ mod tests {
                     ..draft()
                 },
                 "empty",
-            ),
-            (
-                SignalDraft {
-                    strategies_neutral: 5,
-                    ..draft()
-                },
-                "strategies_analyzed",
             ),
         ];
         for (d, needle) in cases {

@@ -147,6 +147,7 @@ impl Transport for OpenRouter {
                 "json_schema": {"name": req.schema_name, "strict": true, "schema": req.schema},
             },
             "temperature": 0,
+            "max_tokens": req.max_tokens,
         });
         let timeout = deadline.saturating_duration_since(Instant::now());
         let mut rb = self

@@ -7,9 +7,8 @@
 
 use async_trait::async_trait;
 use serde_json::json;
-use tokio::time::Instant;
 
-use super::{Agent, AgentError, Answer, SignalDraft, SignalRequest};
+use super::{Agent, AgentError, Answer, CallLimits, SignalDraft, SignalRequest};
 use crate::market::{Candle, MIN_CANDLES, MarketError};
 use crate::pipeline::{
     Action, Advice, AdvisedSignal, Regime, ScoredSignal, StrategyVerdict, TopStrategy,
@@ -339,10 +338,6 @@ impl Rules {
             action,
             confidence,
             reasoning,
-            strategies_analyzed: n,
-            strategies_bullish: bull,
-            strategies_bearish: bear,
-            strategies_neutral: neutral,
             top_strategy: TopStrategy {
                 name: top.name.clone(),
                 score: top.score,
@@ -471,21 +466,21 @@ impl Agent for Rules {
     async fn signal(
         &self,
         req: &SignalRequest<'_>,
-        _deadline: Instant,
+        _limits: CallLimits,
     ) -> Result<Answer<SignalDraft>, AgentError> {
         Self::analyse(req).map(Answer::rules)
     }
     async fn advise(
         &self,
         scored: &ScoredSignal,
-        _deadline: Instant,
+        _limits: CallLimits,
     ) -> Result<Answer<Advice>, AgentError> {
         Ok(Answer::rules(Self::advice(scored)))
     }
     async fn report(
         &self,
         advised: &AdvisedSignal,
-        _deadline: Instant,
+        _limits: CallLimits,
     ) -> Result<Answer<String>, AgentError> {
         Ok(Answer::rules(Self::summary(advised)))
     }
@@ -545,8 +540,9 @@ mod tests {
         .expect("ok");
         d.validate().expect("valid");
         assert_eq!(d.action, Action::Buy, "{d:?}");
-        assert!(d.strategies_bullish >= 2);
-        assert_eq!(d.strategies_analyzed, STRATEGIES.len() as u32);
+        let t = crate::pipeline::Tally::of(&d.strategy_breakdown);
+        assert!(t.bullish >= 2);
+        assert_eq!(t.analyzed, STRATEGIES.len() as u32);
         assert_eq!(d.top_strategy.signal, Action::Buy);
         let t = ema_trend(&c);
         assert_eq!(t, Action::Buy);
@@ -572,7 +568,10 @@ mod tests {
         assert_eq!(ema_trend(&c), Action::Sell);
         assert_eq!(momentum(&c), Action::Sell);
         assert_eq!(rsi_reversal(&c), Action::Buy);
-        assert!(d.strategies_bearish >= 2, "{d:?}");
+        assert!(
+            crate::pipeline::Tally::of(&d.strategy_breakdown).bearish >= 2,
+            "{d:?}"
+        );
         assert_ne!(d.action, Action::Buy, "{d:?}");
     }
 

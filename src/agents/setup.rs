@@ -12,7 +12,7 @@ use super::rules::Rules;
 use super::{Agent, AgentError, StageAgents};
 use crate::config::{AgentBackend, Config, Fallback, ReportMode, StageConfig, secs};
 use crate::resilience::rate_limit::AgentRateLimiter;
-use crate::resilience::{Backoff, Breaker, TransitionHook};
+use crate::resilience::{Backoff, Breaker, CallLatencies, HedgeBudget, TransitionHook};
 
 /// Everything the runner and the HTTP server need to know about the agents.
 pub struct AgentSetup {
@@ -48,10 +48,13 @@ fn backend_name(b: AgentBackend) -> &'static str {
 }
 
 /// Builds the agents. `on_breaker` is called on every LLM breaker transition.
+/// `latencies` is the per-call window every LLM agent records into (the runner's gate reads
+/// it).
 pub fn build(
     cfg: &Config,
     limiter: Arc<dyn AgentRateLimiter>,
     on_breaker: TransitionHook,
+    latencies: CallLatencies,
 ) -> Result<AgentSetup, AgentError> {
     let a = &cfg.agents;
     let health = Arc::new(LlmHealth::default());
@@ -70,6 +73,13 @@ pub fn build(
             jitter: cfg.retry.jitter,
         },
         fallback_rules: a.fallback == Fallback::Rules,
+        latencies,
+        // At most 20 hedges saved up: enough for one bad minute of a default deployment.
+        hedge: a
+            .hedge
+            .enabled
+            .then(|| Arc::new(HedgeBudget::new(a.hedge.max_extra_fraction, 20.0))),
+        max_tokens: a.max_tokens,
     });
     let mut transports: BTreeMap<&'static str, (Arc<dyn Transport>, Breaker)> = BTreeMap::new();
     let mut probes: Vec<Arc<dyn Transport>> = vec![];

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::rules::Rules;
-use super::{Agent, AgentError, Answer, SignalDraft, SignalRequest};
+use super::{Agent, AgentError, Answer, CallLimits, SignalDraft, SignalRequest};
 use crate::pipeline::{Advice, AdvisedSignal, ScoredSignal};
 
 /// Rules with a scripted signal latency per symbol.
@@ -19,6 +19,7 @@ pub struct Timed {
     latency: Mutex<HashMap<String, Duration>>,
     default: Mutex<Duration>,
     started: Mutex<Vec<(String, Instant)>>,
+    latencies: Mutex<Option<crate::resilience::CallLatencies>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -43,6 +44,11 @@ impl Timed {
         *lock(&self.default) = d;
     }
 
+    /// Records every signal call's latency into `l`, as an LLM agent does.
+    pub fn record_into(&self, l: crate::resilience::CallLatencies) {
+        *lock(&self.latencies) = Some(l);
+    }
+
     /// (symbol, start) of every signal call so far, in order.
     pub fn started(&self) -> Vec<(String, Instant)> {
         lock(&self.started).clone()
@@ -65,27 +71,42 @@ impl Agent for Timed {
     async fn signal(
         &self,
         req: &SignalRequest<'_>,
-        _deadline: Instant,
+        limits: CallLimits,
     ) -> Result<Answer<SignalDraft>, AgentError> {
         lock(&self.started).push((req.symbol.to_string(), Instant::now()));
         let d = lock(&self.latency)
             .get(req.symbol)
             .copied()
             .unwrap_or(*lock(&self.default));
-        tokio::time::sleep(d).await;
+        // Like a real call, it gives up at its own deadline, and is a latency sample either way.
+        let deadline = limits.request_deadline();
+        let l = lock(&self.latencies).clone();
+        if let Some(l) = &l {
+            l.count_call();
+        }
+        let t0 = Instant::now();
+        let timed_out = t0 + d > deadline;
+        tokio::time::sleep_until(if timed_out { deadline } else { t0 + d }).await;
+        let own_deadline = deadline >= t0 + limits.per_call;
+        if let Some(l) = l.as_ref().filter(|_| !timed_out || own_deadline) {
+            l.record("signal", Instant::now().duration_since(t0));
+        }
+        if timed_out {
+            return Err(AgentError::Timeout);
+        }
         Rules::analyse(req).map(Answer::rules)
     }
     async fn advise(
         &self,
         s: &ScoredSignal,
-        _deadline: Instant,
+        _limits: CallLimits,
     ) -> Result<Answer<Advice>, AgentError> {
         Ok(Answer::rules(Rules::advice(s)))
     }
     async fn report(
         &self,
         a: &AdvisedSignal,
-        _deadline: Instant,
+        _limits: CallLimits,
     ) -> Result<Answer<String>, AgentError> {
         Ok(Answer::rules(Rules::summary(a)))
     }

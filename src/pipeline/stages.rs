@@ -9,7 +9,9 @@ use tokio::time::Instant;
 
 use super::scorer::score_signal;
 use super::types::*;
-use crate::agents::{AgentError, SignalRequest, StageAgents, validate_advice, validate_summary};
+use crate::agents::{
+    AgentError, CallLimits, SignalRequest, StageAgents, validate_advice, validate_summary,
+};
 use crate::market::{MarketSource, summarize};
 use crate::publish::Publisher;
 use crate::schedule::CycleId;
@@ -82,13 +84,14 @@ fn payload<T: serde::Serialize>(stage: Stage, v: &T) -> Result<serde_json::Value
 }
 
 /// Runs `symbol` for `cycle` through Signal → Score → Advise → Report, publishing each stage.
-/// `deadline` bounds the agent calls; the caller also enforces it from outside.
+/// `limits` bound every agent call (each request, and the symbol as a whole by the cycle
+/// deadline); the caller also enforces the cycle deadline from outside.
 pub async fn run_symbol(
     ctx: &PipelineContext,
     symbol: &str,
     cycle: &CycleId,
     next_tick: DateTime<Utc>,
-    deadline: Instant,
+    limits: CallLimits,
 ) -> Result<SymbolOutcome, StageFailure> {
     let cycle_id = cycle.to_string();
     let sid = signal_id(symbol, cycle);
@@ -121,7 +124,7 @@ pub async fn run_symbol(
     let answer = ctx
         .agents
         .signal
-        .signal(&req, deadline)
+        .signal(&req, limits)
         .await
         .map_err(fail(Stage::Raw))?;
     agent_latency(Stage::Raw, t_agent);
@@ -130,6 +133,9 @@ pub async fn run_symbol(
         stage: Stage::Raw,
         error: AgentError::InvalidOutput(r),
     })?;
+    // The counts are derived from the breakdown, whoever produced it: a published signal
+    // always agrees with itself.
+    let tally = Tally::of(&draft.strategy_breakdown);
     let signal = Signal {
         signal_id: sid.clone(),
         cycle_id: cycle_id.clone(),
@@ -137,10 +143,10 @@ pub async fn run_symbol(
         action: draft.action,
         confidence: draft.confidence,
         reasoning: draft.reasoning,
-        strategies_analyzed: draft.strategies_analyzed,
-        strategies_bullish: draft.strategies_bullish,
-        strategies_bearish: draft.strategies_bearish,
-        strategies_neutral: draft.strategies_neutral,
+        strategies_analyzed: tally.analyzed,
+        strategies_bullish: tally.bullish,
+        strategies_bearish: tally.bearish,
+        strategies_neutral: tally.neutral,
         top_strategy: draft.top_strategy,
         strategy_breakdown: draft.strategy_breakdown,
         market_context: context,
@@ -192,7 +198,7 @@ pub async fn run_symbol(
         let answer = ctx
             .agents
             .advise
-            .advise(&scored, deadline)
+            .advise(&scored, limits)
             .await
             .map_err(fail(Stage::Validated))?;
         agent_latency(Stage::Validated, t2);
@@ -232,7 +238,7 @@ pub async fn run_symbol(
     let answer = ctx
         .agents
         .report
-        .report(&advised, deadline)
+        .report(&advised, limits)
         .await
         .map_err(fail(Stage::Dashboard))?;
     agent_latency(Stage::Dashboard, t3);
@@ -303,7 +309,10 @@ mod tests {
             "ETH/USD",
             &cycle,
             next,
-            Instant::now() + Duration::from_secs(10),
+            CallLimits {
+                until: Instant::now() + Duration::from_secs(10),
+                per_call: Duration::from_secs(10),
+            },
         )
         .await
         .expect("completes");

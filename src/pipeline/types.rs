@@ -108,6 +108,36 @@ pub struct StrategyVerdict {
     pub score: f64,
 }
 
+/// The strategy counts of a signal, always derived from its breakdown (a model that
+/// miscounts cannot publish a signal that disagrees with itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tally {
+    /// Strategies in the breakdown.
+    pub analyzed: u32,
+    /// Of which BUY.
+    pub bullish: u32,
+    /// Of which SELL.
+    pub bearish: u32,
+    /// Of which HOLD.
+    pub neutral: u32,
+}
+
+impl Tally {
+    /// Counts `breakdown` by direction.
+    pub fn of(breakdown: &[StrategyVerdict]) -> Self {
+        let mut t = Tally::default();
+        for v in breakdown {
+            t.analyzed += 1;
+            match v.signal {
+                Action::Buy => t.bullish += 1,
+                Action::Sell => t.bearish += 1,
+                Action::Hold => t.neutral += 1,
+            }
+        }
+        t
+    }
+}
+
 /// The best strategy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

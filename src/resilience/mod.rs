@@ -3,8 +3,9 @@
 //!
 //! - [`breaker`]: the circuit breaker (CLOSED / OPEN / HALF_OPEN) with a hard limit on
 //!   half-open probes in flight and operator overrides.
-//! - [`latency`]: the latency window, the adaptive concurrency/timeout policy and the
-//!   high-latency cycle skip (with guaranteed recovery).
+//! - [`latency`]: the per-call latency windows, the adaptive concurrency/timeout policy and
+//!   the latency gate (skips only work that cannot fit; recovery guaranteed).
+//! - [`hedge`]: the budget of hedged (backup) requests for straggling calls.
 //! - [`backpressure`]: consecutive-overrun detection and cooldown cycles.
 //! - [`rate_limit`]: the process-wide rate limiter for agent calls (GCRA via `governor`,
 //!   driven by tokio's clock) with a pause for `Retry-After`.
@@ -12,6 +13,7 @@
 
 pub mod backpressure;
 pub mod breaker;
+pub mod hedge;
 pub mod latency;
 pub mod rate_limit;
 pub mod retry;
@@ -20,6 +22,7 @@ pub use backpressure::Backpressure;
 pub use breaker::{
     Breaker, BreakerMode, BreakerSettings, BreakerState, Permit, Rejected, TransitionHook,
 };
-pub use latency::{AdaptivePolicy, LatencyTracker};
+pub use hedge::HedgeBudget;
+pub use latency::{AdaptivePolicy, CallLatencies, LatencyTracker};
 pub use rate_limit::RateLimiter;
 pub use retry::{Backoff, retry_until};
