@@ -620,7 +620,7 @@ impl LlmAgent {
         // A timeout is a sample only when it was the call's own: one cut short by the cycle
         // deadline would understate how slow the model is.
         let own_timeout = deadline >= t0 + limits.per_call;
-        if matches!(r, Ok(_)) || (matches!(r, Err(AgentError::Timeout)) && own_timeout) {
+        if r.is_ok() || (matches!(r, Err(AgentError::Timeout)) && own_timeout) {
             let took = Instant::now().duration_since(t0);
             let stage = req.stage.as_str();
             self.shared.latencies.record(stage, took);
