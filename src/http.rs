@@ -39,6 +39,8 @@ pub struct AppState {
     pub llm_health: Arc<LlmHealth>,
     /// The token budget.
     pub budget: Arc<TokenBudget>,
+    /// `agents.fallback: rules`: an LLM incident degrades the service instead of stopping it.
+    pub fallback_rules: bool,
     /// Backends whose own health counts for readiness (OpenCode).
     pub probes: Vec<Arc<dyn Transport>>,
     /// Coordination (active locks, ping).
@@ -360,10 +362,29 @@ async fn readiness(s: &AppState) -> (bool, Value) {
         .filter(|b| b.name().starts_with("llm_") && b.state() == BreakerState::Open)
         .map(|b| b.name().to_string())
         .collect();
+    let mut degraded = serde_json::Map::new();
+    // With the rules fallback serving, an LLM incident degrades the signals but the service
+    // is up: the dashboard and SSE must stay in the load balancer. Without one, nothing can be
+    // produced, and the probe says so.
+    let llm_problem = |key: &str,
+                       why: String,
+                       reasons: &mut serde_json::Map<String, Value>,
+                       degraded: &mut serde_json::Map<String, Value>| {
+        if s.fallback_rules {
+            degraded.insert(
+                key.into(),
+                json!(format!("{why}; the rules fallback is serving")),
+            );
+        } else {
+            reasons.insert(key.into(), json!(why));
+        }
+    };
     if !open.is_empty() {
-        reasons.insert(
-            "circuit_breaker_closed".into(),
-            json!(format!("open: {}", open.join(", "))),
+        llm_problem(
+            "circuit_breaker_closed",
+            format!("open: {}", open.join(", ")),
+            &mut reasons,
+            &mut degraded,
         );
     }
     let auth = s.llm_health.auth_error();
@@ -372,18 +393,20 @@ async fn readiness(s: &AppState) -> (bool, Value) {
     }
     let spent = s.budget.exhausted(chrono::Utc::now());
     if let Some(w) = spent {
-        reasons.insert(
-            "llm_budget_available".into(),
-            json!(format!("the token budget for this {} is spent", w.as_str())),
+        llm_problem(
+            "llm_budget_available",
+            format!("the token budget for this {} is spent", w.as_str()),
+            &mut reasons,
+            &mut degraded,
         );
     }
     let mut checks = json!({
         "scheduler_running": v.ticking && !v.shutting_down,
-        "circuit_breaker_closed": open.is_empty(),
+        "circuit_breaker_closed": open.is_empty() || s.fallback_rules,
         "not_in_cooldown": v.cooldown_cycles_remaining == 0,
         "coordination_connected": coord_ok,
         "llm_credentials_valid": auth.is_none(),
-        "llm_budget_available": spent.is_none(),
+        "llm_budget_available": spent.is_none() || s.fallback_rules,
     });
     for p in &s.probes {
         let r = p.health().await;
@@ -406,7 +429,14 @@ async fn readiness(s: &AppState) -> (bool, Value) {
         .unwrap_or_default();
     (
         ok,
-        json!({"status": if ok { "ready" } else { "not_ready" }, "checks": checks, "failing": failing, "reasons": reasons}),
+        json!({
+            "status": if ok { "ready" } else { "not_ready" },
+            "degraded": !degraded.is_empty(),
+            "checks": checks,
+            "failing": failing,
+            "reasons": reasons,
+            "degraded_reasons": degraded,
+        }),
     )
 }
 
@@ -444,7 +474,7 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
     let (hour_used, day_used) = s.budget.used(chrono::Utc::now());
     let (per_hour, per_day) = s.budget.limits();
     axum::Json(json!({
-        "status": if ready { "healthy" } else { "degraded" },
+        "status": if !ready { "unhealthy" } else if readiness["degraded"] == true { "degraded" } else { "healthy" },
         "instance_id": s.instance_id,
         "last_cycle": v.last_cycle.as_ref().map(|c| c.cycle_id.clone()),
         "last_cycle_finished_at": v.last_cycle_finished_at,
@@ -469,6 +499,8 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
             "current_timeout": v.current_timeout,
             "p95_latency_ms": v.p95_latency_ms,
             "high_latency_mode": v.high_latency_mode,
+            "calls_per_symbol": v.calls_per_symbol,
+            "predicted_makespan_seconds": v.predicted_makespan_seconds,
         },
         "backpressure": {
             "consecutive_overruns": v.consecutive_overruns,

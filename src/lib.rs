@@ -243,6 +243,7 @@ impl App {
                 .collect(),
             llm_health: setup.health.clone(),
             budget: setup.budget.clone(),
+            fallback_rules: cfg.agents.fallback == config::Fallback::Rules,
             probes: setup.probes.clone(),
             coord: coord.clone(),
             metrics,

@@ -619,7 +619,7 @@ impl LlmAgent {
         };
         // A timeout is a sample only when it was the call's own: one cut short by the cycle
         // deadline would understate how slow the model is.
-        let own_timeout = deadline >= t0 + limits.per_call;
+        let own_timeout = deadline < limits.until;
         if r.is_ok() || (matches!(r, Err(AgentError::Timeout)) && own_timeout) {
             let took = Instant::now().duration_since(t0);
             let stage = req.stage.as_str();
@@ -698,6 +698,13 @@ impl LlmAgent {
                         }
                     )));
                 }
+            }
+            AgentError::InvalidOutput(reason) => {
+                // An answer the transport could not even read as JSON (prose, a fence, HTML,
+                // an oversized or empty body): rejected like any other.
+                tracing::warn!(stage, reason = %reason, "model answer rejected");
+                metrics::counter!(names::AGENT_OUTPUTS, "stage" => stage, "outcome" => Outcome::Rejected.as_str())
+                    .increment(1);
             }
             _ => {}
         }

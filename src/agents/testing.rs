@@ -87,7 +87,7 @@ impl Agent for Timed {
         let t0 = Instant::now();
         let timed_out = t0 + d > deadline;
         tokio::time::sleep_until(if timed_out { deadline } else { t0 + d }).await;
-        let own_deadline = deadline >= t0 + limits.per_call;
+        let own_deadline = deadline < limits.until;
         if let Some(l) = l.as_ref().filter(|_| !timed_out || own_deadline) {
             l.record("signal", Instant::now().duration_since(t0));
         }

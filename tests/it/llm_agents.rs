@@ -250,8 +250,20 @@ async fn shared_rate_limit_across_three_replicas() {
     }
 }
 
-/// (symbol, hostile answer, whether it is acceptable as is).
-pub fn hostile_cases() -> Vec<(&'static str, Reply, bool)> {
+/// What the runner must make of a hostile answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Not trusted: the symbol fails with `invalid_output`.
+    Rejected,
+    /// An unambiguous slip: published after repair, counted `repaired`.
+    Repaired,
+    /// Fine as it is: published with its text verbatim (markup stays text).
+    Verbatim,
+}
+
+/// (symbol, hostile answer, what must happen).
+pub fn hostile_cases() -> Vec<(&'static str, Reply, Expect)> {
+    use Expect::*;
     let good = |s: &str| valid_answer("signal", s);
     let with = |s: &str, k: &str, v: Value| {
         let mut a = good(s);
@@ -267,47 +279,47 @@ pub fn hostile_cases() -> Vec<(&'static str, Reply, bool)> {
         (
             "H0/USD",
             Reply::Answer(with("H0/USD", "action", json!("STRONG_BUY"))),
-            false,
+            Rejected,
         ),
         (
             "H1/USD",
             Reply::Answer(with("H1/USD", "confidence", json!(1.5))),
-            false,
+            Rejected,
         ),
         (
             "H2/USD",
             Reply::Answer(with("H2/USD", "confidence", json!(-0.2))),
-            false,
+            Rejected,
         ),
         (
             "H3/USD",
             Reply::Content(good("H3/USD").to_string().replace("0.9", "NaN")),
-            false,
+            Rejected,
         ),
         (
             "H4/USD",
             Reply::Answer(without("H4/USD", "reasoning")),
-            false,
+            Rejected,
         ),
         (
             "H5/USD",
             Reply::Answer(with("H5/USD", "symbol", json!("BTC/USD"))),
-            false,
+            Rejected,
         ),
         (
             "H6/USD",
             Reply::Answer(with("H6/USD", "reasoning", json!("x".repeat(2001)))),
-            false,
+            Repaired,
         ),
         (
             "H7/USD",
             Reply::Content(format!("Sure! Here is the signal: {}", good("H7/USD"))),
-            false,
+            Rejected,
         ),
         (
             "H8/USD",
             Reply::Content(format!("```json\n{}\n```", good("H8/USD"))),
-            false,
+            Rejected,
         ),
         (
             "H9/USD",
@@ -315,18 +327,18 @@ pub fn hostile_cases() -> Vec<(&'static str, Reply, bool)> {
                 "{{\"choices\":[{{\"message\":{{\"content\":\"{}\"}}}}]}}",
                 "A".repeat(2 * 1024 * 1024)
             )),
-            false,
+            Rejected,
         ),
-        ("H10/USD", Reply::RawBody(String::new()), false),
+        ("H10/USD", Reply::RawBody(String::new()), Rejected),
         (
             "H11/USD",
             Reply::RawBody("<html><body>502 Bad Gateway</body></html>".into()),
-            false,
+            Rejected,
         ),
         (
             "H12/USD",
             Reply::Answer(with("H12/USD", "extra_field", json!(true))),
-            false,
+            Repaired,
         ),
         (
             "H13/USD",
@@ -335,13 +347,18 @@ pub fn hostile_cases() -> Vec<(&'static str, Reply, bool)> {
                 "reasoning",
                 json!("<img src=x onerror=alert(1)><script>alert('x')</script> & more"),
             )),
-            true,
+            Verbatim,
+        ),
+        (
+            "H14/USD",
+            Reply::Answer(with("H14/USD", "action", json!(" buy "))),
+            Repaired,
         ),
     ]
 }
 
 #[tokio::test]
-async fn hostile_answers_are_rejected_with_a_reason_or_kept_as_text() {
+async fn hostile_answers_are_rejected_repaired_or_kept_as_text() {
     let llm = LlmServer::start().await;
     let cases = hostile_cases();
     for (s, r, _) in &cases {
@@ -362,34 +379,72 @@ async fn hostile_answers_are_rejected_with_a_reason_or_kept_as_text() {
     .await;
     let (_, m) = p.get_text("/metrics").await;
     let (_, latest) = p.get("/api/signals/latest").await;
-    for (s, _, accepted) in &cases {
+    let published = |s: &str| {
+        latest["signals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["symbol"] == s)
+            .cloned()
+    };
+    for (s, _, expect) in &cases {
         let skipped = metric(
             &m,
             "autonomous_runner_signal_generation_skipped_total",
             &[("symbol", s), ("reason", "invalid_output")],
         );
-        if *accepted {
-            assert_eq!(skipped, 0.0, "{s} should be accepted");
-            let sig = latest["signals"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["symbol"] == *s)
-                .expect("published");
-            assert_eq!(
-                sig["reasoning"], "<img src=x onerror=alert(1)><script>alert('x')</script> & more",
-                "kept verbatim as text"
-            );
-        } else {
-            assert!(skipped >= 1.0, "{s} not counted as invalid_output");
+        match expect {
+            Expect::Rejected => {
+                assert!(skipped >= 1.0, "{s} not counted as invalid_output");
+                assert!(published(s).is_none(), "{s} was published");
+            }
+            Expect::Repaired => {
+                assert_eq!(skipped, 0.0, "{s} should be repaired");
+                let sig = published(s).unwrap_or_else(|| panic!("{s} not published"));
+                assert_eq!(sig["action"], "BUY");
+                assert!(sig["reasoning"].as_str().unwrap().chars().count() <= 2000);
+            }
+            Expect::Verbatim => {
+                assert_eq!(skipped, 0.0, "{s} should be accepted");
+                let sig = published(s).expect("published");
+                assert_eq!(
+                    sig["reasoning"],
+                    "<img src=x onerror=alert(1)><script>alert('x')</script> & more",
+                    "kept verbatim as text"
+                );
+            }
         }
     }
+    let h6 = published("H6/USD").unwrap();
+    assert!(
+        h6["reasoning"].as_str().unwrap().ends_with(" […]"),
+        "a truncated text says so"
+    );
+    let count = |e: Expect| cases.iter().filter(|c| c.2 == e).count() as f64;
+    // Every answer is counted by outcome, those the transport could not read as JSON too.
+    let outputs = |o: &str| {
+        metric(
+            &m,
+            "autonomous_runner_agent_outputs_total",
+            &[("stage", "signal"), ("outcome", o)],
+        )
+    };
+    assert!(
+        outputs("repaired") >= count(Expect::Repaired),
+        "{}",
+        outputs("repaired")
+    );
+    assert!(
+        outputs("rejected") >= count(Expect::Rejected),
+        "{}",
+        outputs("rejected")
+    );
     assert!(
         metric(
             &m,
             "autonomous_runner_llm_requests_total",
             &[("stage", "signal"), ("outcome", "invalid_output")]
-        ) >= 13.0
+        ) >= count(Expect::Rejected)
     );
     p.signal("TERM");
     assert_eq!(
@@ -405,21 +460,70 @@ async fn hostile_answers_are_rejected_with_a_reason_or_kept_as_text() {
             .all(|l| !l["error"].as_str().unwrap_or("").is_empty()),
         "each rejection says why"
     );
+    let repaired = p.logs_matching(|l| l["message"] == "model answer repaired");
+    assert!(
+        repaired.iter().any(|l| l["repairs"]
+            .as_str()
+            .unwrap_or("")
+            .contains("dropped unknown field extra_field")),
+        "each repair says what it did"
+    );
+}
+
+#[tokio::test]
+async fn miscounted_strategies_are_repaired_and_the_signal_agrees_with_its_breakdown() {
+    let llm = LlmServer::start().await;
+    llm.set_miscount(true);
+    let extra = llm_extra(&llm.url, &syms("M", 3), "", "");
+    let p = Proc::spawn("run", &config("*/2 * * * * *", &extra), &[]).await;
+    let latest = p
+        .poll("/api/signals/latest", Duration::from_secs(30), |v| {
+            v["signals"].as_array().is_some_and(|a| a.len() == 3)
+        })
+        .await;
+    for s in latest["signals"].as_array().unwrap() {
+        let breakdown = s["strategy_breakdown"].as_array().unwrap();
+        let n = |dir: &str| breakdown.iter().filter(|b| b["signal"] == dir).count();
+        assert_eq!(s["strategies_analyzed"], breakdown.len(), "{s}");
+        assert_eq!(s["strategies_bullish"], n("BUY"));
+        assert_eq!(s["strategies_bearish"], n("SELL"));
+        assert_eq!(s["strategies_neutral"], n("HOLD"));
+        assert_eq!(s["strategies_analyzed"], 3, "not the model's 0");
+    }
+    let (_, m) = p.get_text("/metrics").await;
+    assert!(
+        metric(
+            &m,
+            "autonomous_runner_agent_outputs_total",
+            &[("stage", "signal"), ("outcome", "repaired")]
+        ) >= 3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "autonomous_runner_signal_generation_skipped_total",
+            &[("reason", "invalid_output")]
+        ),
+        0.0
+    );
 }
 
 #[tokio::test]
 async fn a_spent_budget_stops_llm_calls_and_shows_in_readiness() {
     let llm = LlmServer::start().await;
-    llm.set_usage(100, 20);
+    // Every answer reports 1,000 + 200 tokens; each call reserves its prompt's bytes + 64 +
+    // max_tokens (100) before it goes out. One call at a time, so the count is exact.
+    llm.set_usage(1000, 200);
+    const BUDGET: u64 = 20_000;
     let extra = llm_extra(
         &llm.url,
         &syms("B", 3),
-        "    budget:\n      tokens_per_hour: 600\n",
-        "",
+        &format!("    max_tokens: 100\n    budget:\n      tokens_per_hour: {BUDGET}\n"),
+        "  parallel:\n    max_concurrent: 1\n    min_concurrent: 1\n",
     );
     let p = Proc::spawn("run", &config("*/2 * * * * *", &extra), &[]).await;
     let ready = p
-        .poll("/health/ready", Duration::from_secs(30), |v| {
+        .poll("/health/ready", Duration::from_secs(60), |v| {
             v["checks"]["llm_budget_available"] == false
         })
         .await;
@@ -429,11 +533,14 @@ async fn a_spent_budget_stops_llm_calls_and_shows_in_readiness() {
             .unwrap()
             .contains("hour")
     );
-    assert_eq!(p.get("/health/ready").await.0, 503);
-    let calls = llm.received().len();
-    assert!((5..=9).contains(&calls), "{calls} calls");
+    assert_eq!(
+        p.get("/health/ready").await.0,
+        503,
+        "no fallback: not ready"
+    );
     // Two more cycles: no more calls, each symbol skipped with the reason.
     let seen = p.logs_matching(|l| l["message"] == "cycle finished").len();
+    let calls = llm.received().len() as u64;
     p.wait_log_count(
         |l| l["message"] == "cycle finished",
         seen + 2,
@@ -441,10 +548,18 @@ async fn a_spent_budget_stops_llm_calls_and_shows_in_readiness() {
     )
     .await;
     assert_eq!(
-        llm.received().len(),
+        llm.received().len() as u64,
         calls,
         "no LLM call after the budget was spent"
     );
+    let (_, d) = p.get("/health/detailed").await;
+    let used = d["llm"]["budget"]["used_this_hour"].as_u64().unwrap();
+    // Exactly what the provider reported, call by call, and never over the budget.
+    assert_eq!(used, calls * 1200);
+    assert!(used <= BUDGET, "{used} tokens spent of {BUDGET}");
+    // Each reservation is under 6,000 tokens, so calls stop only within 6,000 of the budget.
+    assert!(used + 6000 > BUDGET, "stopped early: {used} of {BUDGET}");
+    assert_eq!(d["llm"]["budget"]["exhausted"], "hour");
     let (_, m) = p.get_text("/metrics").await;
     assert!(
         metric(
@@ -460,14 +575,13 @@ async fn a_spent_budget_stops_llm_calls_and_shows_in_readiness() {
             &[("reason", "budget_exhausted")]
         ) >= 3.0
     );
-    let (_, d) = p.get("/health/detailed").await;
-    assert_eq!(d["llm"]["budget"]["exhausted"], "hour");
-    assert!(
+    assert_eq!(
         metric(
             &m,
             "autonomous_runner_llm_tokens_total",
             &[("kind", "input")]
-        ) >= 500.0
+        ),
+        (calls * 1000) as f64
     );
 }
 
@@ -498,8 +612,18 @@ async fn fallback_produces_degraded_signals_while_the_breaker_is_open_then_real_
         .unwrap()
         .clone();
     assert!(degraded["summary"].as_str().unwrap().len() > 10);
-    let ready = p.get("/health/ready").await.1;
-    assert_eq!(ready["checks"]["circuit_breaker_closed"], false);
+    // Degraded, not down: the dashboard and SSE stay in the load balancer.
+    let (code, ready) = p.get("/health/ready").await;
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(ready["degraded"], true);
+    assert!(
+        ready["degraded_reasons"]["circuit_breaker_closed"]
+            .as_str()
+            .unwrap()
+            .contains("llm_openrouter")
+    );
+    let (_, d) = p.get("/health/detailed").await;
+    assert_eq!(d["status"], "degraded");
     // The provider recovers; after the recovery timeout a probe closes the breaker.
     llm.set_default(None);
     let healed = p
@@ -517,7 +641,12 @@ async fn fallback_produces_degraded_signals_while_the_breaker_is_open_then_real_
         })
         .await;
     assert_eq!(healed["signals"].as_array().unwrap().len(), 4);
-    assert_eq!(p.get("/health/ready").await.0, 200);
+    let ready = p
+        .poll("/health/ready", Duration::from_secs(10), |v| {
+            v["degraded"] == false
+        })
+        .await;
+    assert_eq!(ready["status"], "ready");
 }
 
 #[tokio::test]

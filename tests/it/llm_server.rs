@@ -47,6 +47,56 @@ pub struct Received {
     pub symbol: String,
 }
 
+/// How the default valid answer is delayed and disturbed: a real model's latency.
+#[derive(Debug, Clone, Copy)]
+pub struct LatencyModel {
+    /// Median of the lognormal answer time.
+    pub median: Duration,
+    /// Its 95th percentile.
+    pub p95: Duration,
+    /// Share of requests answered 503 at once.
+    pub error_rate: f64,
+    /// Share of requests that stall this long before answering.
+    pub stall_rate: f64,
+    /// How long a stall lasts.
+    pub stall: Duration,
+}
+
+impl LatencyModel {
+    /// A lognormal with this median and p95, nothing else.
+    pub fn lognormal(median: Duration, p95: Duration) -> Self {
+        LatencyModel {
+            median,
+            p95,
+            error_rate: 0.0,
+            stall_rate: 0.0,
+            stall: Duration::ZERO,
+        }
+    }
+
+    /// What one request gets: `Err(())` for a 503, else the delay before the answer.
+    fn draw(&self) -> Result<Duration, ()> {
+        use rand::Rng;
+        use rand_distr::Distribution;
+        let mut rng = rand::rng();
+        let u: f64 = rng.random();
+        if u < self.error_rate {
+            return Err(());
+        }
+        if u < self.error_rate + self.stall_rate {
+            return Ok(self.stall);
+        }
+        let mu = self.median.as_secs_f64().max(1e-6).ln();
+        // p95 = median · e^(1.645 σ)
+        let sigma =
+            ((self.p95.as_secs_f64() / self.median.as_secs_f64().max(1e-6)).ln() / 1.645).max(1e-6);
+        let d = rand_distr::LogNormal::new(mu, sigma)
+            .map(|ln| ln.sample(&mut rng))
+            .unwrap_or(self.median.as_secs_f64());
+        Ok(Duration::from_secs_f64(d.min(3600.0)))
+    }
+}
+
 #[derive(Default)]
 struct Script {
     /// Per `symbol|stage` (or per symbol): the reply for every request.
@@ -57,6 +107,10 @@ struct Script {
     next: VecDeque<Reply>,
     usage: (u64, u64),
     received: Vec<Received>,
+    /// Delays (and disturbs) every default valid answer.
+    latency: Option<LatencyModel>,
+    /// Answers with these strategy counts instead of the right ones (a model that miscounts).
+    miscount: bool,
 }
 
 #[derive(Clone)]
@@ -110,6 +164,18 @@ impl LlmServer {
     /// Tokens reported per answer (prompt, completion).
     pub fn set_usage(&self, prompt: u64, completion: u64) {
         self.with(|s| s.usage = (prompt, completion));
+    }
+
+    /// Every default valid answer is delayed by `m` (None: at once).
+    #[allow(dead_code)]
+    pub fn set_latency(&self, m: Option<LatencyModel>) {
+        self.with(|s| s.latency = m);
+    }
+
+    /// Valid signal answers carry strategy counts that disagree with their breakdown.
+    #[allow(dead_code)]
+    pub fn set_miscount(&self, on: bool) {
+        self.with(|s| s.miscount = on);
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -254,7 +320,7 @@ async fn completions(
             .any(|t| t["function"]["name"] == "StructuredOutput")
     });
     let stream = body["stream"] == true;
-    let (reply, usage) = {
+    let (reply, usage, latency, miscount) = {
         let mut s = script.lock().unwrap();
         s.received.push(Received {
             at: tokio::time::Instant::now(),
@@ -270,7 +336,7 @@ async fn completions(
             .or_else(|| s.always.get(&symbol).cloned())
             .or_else(|| s.default.clone())
             .unwrap_or(Reply::Valid);
-        (r, s.usage)
+        (r, s.usage, s.latency, s.miscount)
     };
     if stage == "other" {
         // A request we do not structure (e.g. a title): plain text.
@@ -288,8 +354,32 @@ async fn completions(
         (false, false) => axum::Json(chat_completion(Some(text), None, usage)).into_response(),
     };
     let answer = |v: &Value| respond(&v.to_string());
+    let valid = || {
+        let mut v = valid_answer(&stage, &symbol);
+        if miscount && stage == "signal" {
+            v["strategies_analyzed"] = json!(0);
+            v["strategies_bullish"] = json!(5);
+        }
+        v
+    };
     match reply {
-        Reply::Valid => answer(&valid_answer(&stage, &symbol)),
+        Reply::Valid => {
+            if let Some(m) = latency {
+                match m.draw() {
+                    Ok(d) => tokio::time::sleep(d).await,
+                    Err(()) => {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(
+                                json!({"error": {"code": 503, "message": "scripted overload"}}),
+                            ),
+                        )
+                            .into_response();
+                    }
+                }
+            }
+            answer(&valid())
+        }
         Reply::Slow(d) => {
             tokio::time::sleep(d).await;
             answer(&valid_answer(&stage, &symbol))

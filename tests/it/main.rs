@@ -18,6 +18,7 @@ mod llm_agents;
 mod observability;
 mod once_mode;
 mod opencode;
+mod real_latency;
 mod redis_coordination;
 mod replicas;
 mod scheduling;

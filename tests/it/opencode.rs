@@ -217,13 +217,29 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
     .await;
     let (_, m) = p.get_text("/metrics").await;
     let (_, latest) = p.get("/api/signals/latest").await;
-    for (s, _, accepted) in &cases {
+    use crate::llm_agents::Expect;
+    for (s, _, expect) in &cases {
         let counted = metric(
             &m,
             "autonomous_runner_signal_generation_skipped_total",
             &[("symbol", s)],
         );
-        if *accepted {
+        // OpenCode's StructuredOutput tool enforces `additionalProperties: false` itself (and
+        // asks the model again until the deadline): an extra field never reaches the runner.
+        let expect = if *s == "H12/USD" {
+            Expect::Rejected
+        } else {
+            *expect
+        };
+        if expect == Expect::Repaired {
+            assert_eq!(counted, 0.0, "{s} should be repaired");
+            let sig = latest["signals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["symbol"] == *s);
+            assert!(sig.is_some(), "{s} not published");
+        } else if expect == Expect::Verbatim {
             assert_eq!(counted, 0.0, "{s} should be accepted");
             let sig = latest["signals"]
                 .as_array()

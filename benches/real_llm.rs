@@ -1,0 +1,210 @@
+//! The default deployment against a model with a real model's latency, for minutes on end:
+//! the 1-minute schedule, the 20 default symbols, every LLM stage on the OpenAI-compatible
+//! backend, the test server answering each request after a lognormal delay (median 2.5 s,
+//! p95 6 s), 1 % of requests 503 and 2 % stalling 30 s. Two runners side by side on their own
+//! servers: hedging on (the default) and off.
+//!
+//! `cargo build --release && cargo bench --bench real_llm -- 15` (minutes; default 15).
+//!
+//! Reported per run: ticks run ÷ ticks due, symbols published ÷ due, p50/p95 of signal
+//! freshness (the report's publish time − the tick), LLM requests per published symbol, and
+//! the extra requests hedging sent.
+
+// A benchmark is a tool run by hand: a failed setup step aborts it with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+#[path = "../tests/it/llm_server.rs"]
+#[allow(dead_code)]
+mod llm_server;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use llm_server::{LatencyModel, LlmServer};
+use serde_json::Value;
+
+fn main() {
+    let minutes: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(15);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let (on, off) = tokio::join!(run(minutes, true), run(minutes, false));
+        println!("\n| hedging | ticks run ÷ due | symbols published ÷ due | freshness p50 | freshness p95 | LLM requests per symbol | extra requests from hedging |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in [on, off] {
+            println!("{r}");
+        }
+    });
+}
+
+struct Report {
+    hedging: bool,
+    ticks_due: usize,
+    ticks_run: usize,
+    due: usize,
+    published: usize,
+    fresh_p50: f64,
+    fresh_p95: f64,
+    requests: usize,
+    hedges: f64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "| {} | {}/{} | {}/{} ({:.1} %) | {:.1} s | {:.1} s | {:.2} | {:.0} ({:.1} %) |",
+            if self.hedging { "on" } else { "off" },
+            self.ticks_run,
+            self.ticks_due,
+            self.published,
+            self.due,
+            100.0 * self.published as f64 / self.due.max(1) as f64,
+            self.fresh_p50,
+            self.fresh_p95,
+            self.requests as f64 / self.published.max(1) as f64,
+            self.hedges,
+            100.0 * self.hedges / (self.requests as f64 - self.hedges).max(1.0),
+        )
+    }
+}
+
+async fn run(minutes: u64, hedging: bool) -> Report {
+    let llm = LlmServer::start().await;
+    llm.set_latency(Some(LatencyModel {
+        median: Duration::from_millis(2500),
+        p95: Duration::from_secs(6),
+        error_rate: 0.01,
+        stall_rate: 0.02,
+        stall: Duration::from_secs(30),
+    }));
+    let yaml = format!(
+        "autonomous_runner:\n  http:\n    bind: 127.0.0.1\n    port: 0\n  agents:\n    backend: openrouter\n    base_url: {}\n    hedge:\n      enabled: {hedging}\n",
+        llm.url
+    );
+    let runner = tokio::task::spawn_blocking(move || {
+        support::Runner::spawn(&yaml, &[("OPENROUTER_API_KEY", "sk-bench")])
+    })
+    .await
+    .expect("spawn");
+    let http = reqwest::Client::new();
+    let base = runner.base.replace("0.0.0.0", "127.0.0.1");
+    // The first tick after start is the first one due; the run covers `minutes` ticks.
+    let next_minute = (chrono::Utc::now().timestamp() / 60 + 1) * 60;
+    let first_tick = chrono::DateTime::from_timestamp(next_minute, 0)
+        .expect("time")
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60 * minutes + 75);
+    // (symbol, cycle) → freshness in seconds, from the report's envelope timestamp.
+    let mut seen: BTreeMap<(String, String), f64> = BTreeMap::new();
+    while tokio::time::Instant::now() < end {
+        if let Ok(r) = http.get(format!("{base}/api/signals/latest")).send().await
+            && let Ok(v) = r.json::<Value>().await
+        {
+            for s in v["signals"].as_array().into_iter().flatten() {
+                let (Some(sym), Some(cycle), Some(at)) = (
+                    s["symbol"].as_str(),
+                    s["cycle_id"].as_str(),
+                    s["published_at"].as_str().or(s["timestamp"].as_str()),
+                ) else {
+                    continue;
+                };
+                if cycle < first_tick.as_str() || s["stage"] != "report" {
+                    continue;
+                }
+                let (Ok(c), Ok(t)) = (
+                    chrono::DateTime::parse_from_rfc3339(cycle),
+                    chrono::DateTime::parse_from_rfc3339(at),
+                ) else {
+                    continue;
+                };
+                seen.entry((sym.to_string(), cycle.to_string()))
+                    .or_insert(((t - c).num_milliseconds() as f64) / 1000.0);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let cycles: Value = http
+        .get(format!("{base}/api/cycles"))
+        .send()
+        .await
+        .expect("cycles")
+        .json()
+        .await
+        .expect("json");
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    runner.stop();
+    let ticks: Vec<&Value> = cycles["cycles"]
+        .as_array()
+        .expect("cycles array")
+        .iter()
+        .filter(|c| {
+            c["cycle_id"]
+                .as_str()
+                .is_some_and(|id| id >= first_tick.as_str())
+        })
+        .take(minutes as usize)
+        .collect();
+    let ticks_run = ticks
+        .iter()
+        .filter(|c| c["skipped_reason"].is_null())
+        .count();
+    let ids: Vec<&str> = ticks
+        .iter()
+        .filter_map(|c| c["cycle_id"].as_str())
+        .collect();
+    seen.retain(|(_, c), _| ids.contains(&c.as_str()));
+    let mut fresh: Vec<f64> = seen.values().copied().collect();
+    fresh.sort_by(f64::total_cmp);
+    let hedges: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("autonomous_runner_agent_hedges_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // Requests made for the measured ticks (the prompt names its cycle), hedges included.
+    let requests = llm
+        .received()
+        .iter()
+        .filter(|r| {
+            let user = r.body["messages"][1]["content"].as_str().unwrap_or("");
+            ids.iter().any(|id| user.contains(&format!("Cycle: {id}")))
+        })
+        .count();
+    for c in &ticks {
+        eprintln!(
+            "[hedging {}] {} ok {} failed {} skipped {:?} {:?}",
+            if hedging { "on" } else { "off" },
+            c["cycle_id"],
+            c["symbols_ok"],
+            c["symbols_failed"],
+            c["skipped_reason"],
+            c["failures"]
+        );
+    }
+    Report {
+        hedging,
+        ticks_due: minutes as usize,
+        ticks_run,
+        due: 20 * minutes as usize,
+        published: seen.len(),
+        fresh_p50: support::pct(&fresh, 0.5),
+        fresh_p95: support::pct(&fresh, 0.95),
+        requests,
+        hedges,
+    }
+}
