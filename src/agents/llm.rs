@@ -790,6 +790,8 @@ impl LlmAgent {
         let first = match hedge_at {
             None => Some(primary.as_mut().await),
             Some(at) => tokio::select! {
+                // A primary that answers at the hedge instant needs no backup.
+                biased;
                 r = primary.as_mut() => Some(r),
                 _ = tokio::time::sleep_until(at) => {
                     backup_reservation = self.try_start_backup(estimate).await;
@@ -829,7 +831,11 @@ impl LlmAgent {
         }
 
         // With a backup: race them; a failed or unreadable result waits for the other.
-        let backup = self.timed_call(req, limits, deadline);
+        let backup_sent = std::sync::atomic::AtomicBool::new(false);
+        let backup = async {
+            backup_sent.store(true, Ordering::Relaxed);
+            self.timed_call(req, limits, deadline).await
+        };
         tokio::pin!(backup);
         let (mut primary_done, mut backup_done) = (false, false);
         let mut used_by: [Option<u64>; 2] = [None, None];
@@ -857,13 +863,21 @@ impl LlmAgent {
             }
         }
         let won = winner.as_ref().map(|(leg, _)| *leg);
-        let hedge_outcome = if won == Some(Leg::Backup) {
-            "won"
+        if backup_sent.load(Ordering::Relaxed) {
+            let hedge_outcome = if won == Some(Leg::Backup) {
+                "won"
+            } else {
+                "lost"
+            };
+            metrics::counter!(names::AGENT_HEDGES, "stage" => stage, "outcome" => hedge_outcome)
+                .increment(1);
         } else {
-            "lost"
-        };
-        metrics::counter!(names::AGENT_HEDGES, "stage" => stage, "outcome" => hedge_outcome)
-            .increment(1);
+            // The primary answered before the backup was ever sent: it was no extra call.
+            if let Some(h) = &self.shared.hedge {
+                h.refund();
+            }
+            used_by[1] = Some(0);
+        }
         // A request dropped in flight is charged what its twin used: the provider bills it
         // all the same, and the identical request is the best estimate there is.
         let twin = used_by.iter().flatten().copied().max().unwrap_or(0);
@@ -1129,6 +1143,169 @@ mod tests {
         let schema_len = stage_schema(Stage::Dashboard).to_string().len() as u64;
         // 3 + 200 bytes of prompt (é is two bytes), the schema, 64 of template, 512 completion.
         assert_eq!(token_estimate(&req), 3 + 200 + schema_len + 64 + 512);
+    }
+
+    /// An in-process transport with scripted answer times, for the hedging mechanism on the
+    /// paused clock (the HTTP path is tested against the test LLM server).
+    struct Scripted {
+        delays: Mutex<std::collections::VecDeque<Duration>>,
+        default: Duration,
+        calls: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Transport for Scripted {
+        fn backend(&self) -> &'static str {
+            "scripted"
+        }
+        async fn call(&self, _: &LlmRequest<'_>, _: Instant) -> Result<LlmReply, AgentError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let d = self
+                .delays
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(self.default);
+            tokio::time::sleep(d).await;
+            Ok(LlmReply {
+                json: json!({"summary": "Fine."}),
+                usage: Usage {
+                    input: 10,
+                    output: 5,
+                },
+            })
+        }
+        async fn health(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn hedging_agent(
+        t: Arc<Scripted>,
+        hedge: Option<Arc<HedgeBudget>>,
+    ) -> (LlmAgent, Arc<LlmShared>) {
+        let shared = Arc::new(LlmShared {
+            limiter: Arc::new(crate::resilience::RateLimiter::new(10_000, 1_000)),
+            budget: Arc::new(TokenBudget::new(None, None)),
+            health: Arc::new(LlmHealth::default()),
+            max_attempts: 1,
+            backoff: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(1),
+                jitter: false,
+            },
+            fallback_rules: false,
+            latencies: CallLatencies::new(200, Duration::from_secs(3600)),
+            hedge,
+            max_tokens: 100,
+        });
+        let breaker = Breaker::new(
+            "llm_scripted",
+            crate::resilience::BreakerSettings {
+                failure_threshold: 100,
+                recovery_timeout: Duration::from_secs(1),
+                half_open_max_calls: 1,
+                success_threshold: 1,
+                mode: crate::resilience::BreakerMode::Normal,
+            },
+        );
+        let agent = LlmAgent::new(t, "m".into(), None, breaker, shared.clone());
+        (agent, shared)
+    }
+
+    async fn report_once(agent: &LlmAgent) -> Result<Checked<String>, AgentError> {
+        let limits = CallLimits {
+            until: Instant::now() + Duration::from_secs(600),
+            per_call: Duration::from_secs(60),
+        };
+        let req = LlmRequest {
+            stage: Stage::Dashboard,
+            symbol: "ETH/USD",
+            cycle_id: "c",
+            system: "s",
+            user: "u".into(),
+            schema_name: "report",
+            schema: stage_schema(Stage::Dashboard),
+            model: "m",
+            max_tokens: 100,
+        };
+        agent.attempt(&req, limits, &summary_from_answer).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_straggler_gets_one_backup_past_the_stages_p95_and_the_first_answer_wins() {
+        let t = Arc::new(Scripted {
+            delays: Mutex::new(Default::default()),
+            default: Duration::from_secs(1),
+            calls: AtomicU64::new(0),
+        });
+        let (agent, shared) = hedging_agent(t.clone(), Some(Arc::new(HedgeBudget::new(0.1, 20.0))));
+        // 20 calls of 1 s: the stage's p95 is 1 s, and 2 hedges are earned.
+        for _ in 0..20 {
+            report_once(&agent).await.expect("answer");
+        }
+        assert_eq!(
+            shared.latencies.stage_p95("report"),
+            Some(Duration::from_secs(1))
+        );
+        // The next call stalls 30 s; at 1 s a backup goes out and answers 1 s later.
+        t.delays
+            .lock()
+            .unwrap()
+            .extend([Duration::from_secs(30), Duration::from_secs(1)]);
+        let t0 = Instant::now();
+        let c = report_once(&agent).await.expect("the backup's answer");
+        assert_eq!(c.value, "Fine.");
+        assert_eq!(Instant::now().duration_since(t0), Duration::from_secs(2));
+        assert_eq!(t.calls.load(Ordering::Relaxed), 22);
+        assert_eq!(shared.hedge.as_ref().unwrap().counts(), (21, 1));
+        // Both requests are charged: the cancelled one at what its twin used.
+        assert_eq!(shared.budget.used(Utc::now()).0, 21 * 15 + 15);
+        assert_eq!(shared.budget.reserved(), 0);
+        // A call that answers before its p95 sends nothing extra.
+        let before = t.calls.load(Ordering::Relaxed);
+        t.delays
+            .lock()
+            .unwrap()
+            .push_back(Duration::from_millis(900));
+        report_once(&agent).await.expect("answer");
+        assert_eq!(t.calls.load(Ordering::Relaxed), before + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hedges_stay_within_their_fraction_and_off_means_off() {
+        let t = Arc::new(Scripted {
+            delays: Mutex::new(vec![Duration::from_secs(1); 20].into()),
+            // After the first 20, every call straggles (3 s against a p95 of 1 s at first).
+            default: Duration::from_secs(3),
+            calls: AtomicU64::new(0),
+        });
+        let (agent, shared) = hedging_agent(t.clone(), Some(Arc::new(HedgeBudget::new(0.1, 20.0))));
+        for _ in 0..200 {
+            report_once(&agent).await.expect("answer");
+        }
+        let (calls, hedges) = shared.hedge.as_ref().unwrap().counts();
+        assert_eq!(calls, 200);
+        assert!(
+            hedges >= 1 && hedges <= calls / 10,
+            "{hedges} hedges for {calls} calls"
+        );
+        assert_eq!(t.calls.load(Ordering::Relaxed), calls + hedges);
+
+        let t = Arc::new(Scripted {
+            delays: Mutex::new(vec![Duration::from_secs(1); 20].into()),
+            default: Duration::from_secs(30),
+            calls: AtomicU64::new(0),
+        });
+        let (agent, _) = hedging_agent(t.clone(), None);
+        for _ in 0..25 {
+            report_once(&agent).await.expect("answer");
+        }
+        assert_eq!(
+            t.calls.load(Ordering::Relaxed),
+            25,
+            "hedging off: no backup ever"
+        );
     }
 
     #[test]
