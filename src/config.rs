@@ -827,7 +827,13 @@ impl Config {
     /// errors and unknown keys are reported with their key path and line.
     pub fn from_yaml(text: &str, env: &impl Env) -> Result<Config, ConfigError> {
         if text.trim().is_empty() {
-            return Ok(Config::default());
+            // An empty file is a mistake (a ConfigMap key that did not mount, a truncated
+            // write), not a request for the defaults: they listen on 0.0.0.0 with memory
+            // coordination, and replicas would each run every tick.
+            return Err(ConfigError::one(
+                "config".to_string(),
+                "the file is empty; remove --config to run on the embedded defaults".to_string(),
+            ));
         }
         let mut options = serde_saphyr::Options::default().with_properties(env.all());
         options.property_syntax = serde_saphyr::PropertySyntax::DockerCompose;
@@ -848,6 +854,20 @@ impl Config {
                     Some(p) => p.to_string(),
                 };
                 let mut message = e.without_snippet().to_string();
+                // The parser names a duplicate key in its message and leaves `?` in the path,
+                // with advice meant for programmers: say it in the file's terms.
+                if let Some(rest) = message.strip_prefix("duplicate mapping key: ") {
+                    let key = rest.split(',').next().unwrap_or("").trim().to_string();
+                    let at = e
+                        .location()
+                        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                        .unwrap_or_default();
+                    let path = path.trim_end_matches('?').trim_end_matches('.');
+                    return Err(ConfigError::one(
+                        format!("{path}.{key}"),
+                        format!("is set twice; keep one{at}"),
+                    ));
+                }
                 // The location is also in the message for syntax errors; add it where missing.
                 if let Some(loc) = e.location()
                     && !message.contains("line")
@@ -1235,6 +1255,9 @@ impl Config {
             1.0,
         );
 
+        self.check_upper_bounds(&mut v, r);
+        self.check_relations(&mut v, r);
+
         if self.http.bind.parse::<IpAddr>().is_err() {
             v.bad(
                 format!("{r}.http.bind"),
@@ -1247,6 +1270,254 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(v.issues))
         }
+    }
+
+    /// Upper bounds, one line per key. A value past its bound is a typo or a unit mistake,
+    /// and some would not even survive the run time: a timeout of 1e30 s overflows a
+    /// `Duration` and became 0 (every call timed out at once), a buffer of 4e9 entries is
+    /// memory the process does not have.
+    fn check_upper_bounds(&self, v: &mut Validator, r: &str) {
+        const DAY: f64 = 86_400.0;
+        const HOUR: f64 = 3_600.0;
+        let c = self;
+        let bounds: &[(&str, f64, f64)] = &[
+            ("symbols", c.symbols.len() as f64, 10_000.0),
+            (
+                "parallel.max_concurrent",
+                c.parallel.max_concurrent as f64,
+                1_000.0,
+            ),
+            (
+                "parallel.batch_delay_ms",
+                c.parallel.batch_delay_ms as f64,
+                60_000.0,
+            ),
+            (
+                "timeouts.symbol_timeout_seconds",
+                c.timeouts.symbol_timeout_seconds,
+                HOUR,
+            ),
+            (
+                "timeouts.symbol_timeout_max_seconds",
+                c.timeouts.symbol_timeout_max_seconds,
+                HOUR,
+            ),
+            (
+                "timeouts.total_timeout_seconds",
+                c.timeouts.total_timeout_seconds,
+                DAY,
+            ),
+            ("locks.ttl_seconds", c.locks.ttl_seconds as f64, DAY),
+            (
+                "locks.stale_threshold_seconds",
+                c.locks.stale_threshold_seconds as f64,
+                DAY,
+            ),
+            (
+                "heartbeat.ttl_seconds",
+                c.heartbeat.ttl_seconds as f64,
+                HOUR,
+            ),
+            (
+                "heartbeat.interval_seconds",
+                c.heartbeat.interval_seconds as f64,
+                HOUR,
+            ),
+            ("retry.max_attempts", f64::from(c.retry.max_attempts), 10.0),
+            ("retry.delay_seconds", c.retry.delay_seconds, HOUR),
+            ("retry.max_delay_seconds", c.retry.max_delay_seconds, HOUR),
+            (
+                "circuit_breaker.llm_service.failure_threshold",
+                f64::from(c.circuit_breaker.llm_service.failure_threshold),
+                100_000.0,
+            ),
+            (
+                "circuit_breaker.llm_service.recovery_timeout_seconds",
+                c.circuit_breaker.llm_service.recovery_timeout_seconds,
+                DAY,
+            ),
+            (
+                "circuit_breaker.llm_service.half_open_max_calls",
+                f64::from(c.circuit_breaker.llm_service.half_open_max_calls),
+                1_000.0,
+            ),
+            (
+                "circuit_breaker.redis.failure_threshold",
+                f64::from(c.circuit_breaker.redis.failure_threshold),
+                100_000.0,
+            ),
+            (
+                "circuit_breaker.redis.recovery_timeout_seconds",
+                c.circuit_breaker.redis.recovery_timeout_seconds,
+                DAY,
+            ),
+            (
+                "circuit_breaker.redis.half_open_max_calls",
+                f64::from(c.circuit_breaker.redis.half_open_max_calls),
+                1_000.0,
+            ),
+            (
+                "adaptive.latency_window_size",
+                c.adaptive.latency_window_size as f64,
+                100_000.0,
+            ),
+            (
+                "adaptive.p95_threshold_ms",
+                c.adaptive.p95_threshold_ms as f64,
+                HOUR * 1000.0,
+            ),
+            (
+                "adaptive.p99_threshold_ms",
+                c.adaptive.p99_threshold_ms as f64,
+                HOUR * 1000.0,
+            ),
+            (
+                "adaptive.backpressure_max_overruns",
+                f64::from(c.adaptive.backpressure_max_overruns),
+                1_000.0,
+            ),
+            (
+                "adaptive.cooldown_cycles",
+                f64::from(c.adaptive.cooldown_cycles),
+                1_000.0,
+            ),
+            (
+                "adaptive.max_consecutive_latency_skips",
+                f64::from(c.adaptive.max_consecutive_latency_skips),
+                1_000.0,
+            ),
+            (
+                "adaptive.latency_max_age_seconds",
+                c.adaptive.latency_max_age_seconds as f64,
+                DAY,
+            ),
+            (
+                "graceful_shutdown.timeout_seconds",
+                c.graceful_shutdown.timeout_seconds,
+                HOUR,
+            ),
+            (
+                "agents.requests_per_minute",
+                f64::from(c.agents.requests_per_minute),
+                1_000_000.0,
+            ),
+            (
+                "market_data.request_timeout_seconds",
+                c.market_data.request_timeout_seconds,
+                300.0,
+            ),
+            (
+                "pipeline.expiry_grace_seconds",
+                c.pipeline.expiry_grace_seconds as f64,
+                DAY,
+            ),
+            (
+                "publish.stream_max_len",
+                c.publish.stream_max_len as f64,
+                10_000_000.0,
+            ),
+            (
+                "publish.outbox_max",
+                c.publish.outbox_max as f64,
+                1_000_000.0,
+            ),
+            (
+                "publish.history_cycles",
+                c.publish.history_cycles as f64,
+                100_000.0,
+            ),
+            (
+                "publish.replay_buffer",
+                c.publish.replay_buffer as f64,
+                1_000_000.0,
+            ),
+        ];
+        for (key, value, max) in bounds {
+            // NaN is refused by the lower-bound checks; here only what is too large.
+            if *value > *max {
+                v.bad(
+                    format!("{r}.{key}"),
+                    format!("must be ≤ {max}, got {value}"),
+                );
+            }
+        }
+        for (name, s) in [
+            ("signal", &c.agents.stages.signal),
+            ("advise", &c.agents.stages.advise),
+            ("report", &c.agents.stages.report),
+        ] {
+            if let Some(t) = s.timeout_seconds.filter(|t| *t > HOUR) {
+                v.bad(
+                    format!("{r}.agents.stages.{name}.timeout_seconds"),
+                    format!("must be ≤ {HOUR}, got {t}"),
+                );
+            }
+        }
+    }
+
+    /// Keys that only make sense together.
+    fn check_relations(&self, v: &mut Validator, r: &str) {
+        let t = &self.timeouts;
+        if t.total_timeout_seconds.is_finite()
+            && t.symbol_timeout_seconds.is_finite()
+            && t.total_timeout_seconds < t.symbol_timeout_seconds
+        {
+            v.bad(
+                format!("{r}.timeouts.total_timeout_seconds"),
+                format!(
+                    "must be ≥ timeouts.symbol_timeout_seconds ({}), or no agent call could finish within a cycle, got {}",
+                    t.symbol_timeout_seconds, t.total_timeout_seconds
+                ),
+            );
+        }
+        // A symbol may hold its lock for a whole cycle: a shorter stale threshold would let
+        // another replica take over a lock whose owner is still working.
+        if t.total_timeout_seconds.is_finite()
+            && (self.locks.stale_threshold_seconds as f64) < t.total_timeout_seconds
+        {
+            v.bad(
+                format!("{r}.locks.stale_threshold_seconds"),
+                format!(
+                    "must be ≥ timeouts.total_timeout_seconds ({}): a symbol may hold its lock that long, got {}",
+                    t.total_timeout_seconds, self.locks.stale_threshold_seconds
+                ),
+            );
+        }
+        if self.coordination.backend == CoordinationBackend::Redis
+            && let Err(e) = redis::Client::open(self.coordination.redis_url.expose())
+        {
+            // The URL is a secret (it may carry a password): say what is wrong, not what it is.
+            v.bad(
+                format!("{r}.coordination.redis_url"),
+                format!("is not a valid Redis URL ({:?})", e.kind()),
+            );
+        }
+    }
+
+    /// Every secret value (and the password inside the Redis URL), for log redaction.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut v: Vec<String> = [
+            &self.agents.api_key,
+            &self.http.admin_token,
+            &self.coordination.redis_url,
+            &self.postgres.url,
+            &self.agents.opencode.password,
+        ]
+        .iter()
+        .map(|s| s.expose().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+        for url in [&self.coordination.redis_url, &self.postgres.url] {
+            // scheme://user:password@host — the password alone may appear in an error.
+            if let Some((_, rest)) = url.expose().split_once("://")
+                && let Some((userinfo, _)) = rest.rsplit_once('@')
+                && let Some((_, password)) = userinfo.split_once(':')
+                && !password.is_empty()
+            {
+                v.push(password.to_string());
+            }
+        }
+        v
     }
 
     /// Whether any stage runs on `backend`.
@@ -1440,6 +1711,45 @@ mod tests {
                 "autonomous_runner.http.port",
             ),
             ("runner:\n  schedule: x\n", "runner"),
+            // Issue 10: values that passed and then broke the service.
+            (
+                "autonomous_runner:\n  timeouts:\n    symbol_timeout_seconds: 2e19\n    symbol_timeout_max_seconds: 2e19\n    total_timeout_seconds: 2e19\n",
+                "autonomous_runner.timeouts.symbol_timeout_seconds",
+            ),
+            (
+                "autonomous_runner:\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 5\n      recovery_timeout_seconds: 1e30\n",
+                "autonomous_runner.circuit_breaker.llm_service.recovery_timeout_seconds",
+            ),
+            (
+                "autonomous_runner:\n  locks:\n    stale_threshold_seconds: 20\n",
+                "autonomous_runner.locks.stale_threshold_seconds",
+            ),
+            (
+                "autonomous_runner:\n  timeouts:\n    total_timeout_seconds: 5\n",
+                "autonomous_runner.timeouts.total_timeout_seconds",
+            ),
+            (
+                "autonomous_runner:\n  schedule: \"*/61 * * * *\"\n",
+                "autonomous_runner.schedule",
+            ),
+            (
+                "autonomous_runner:\n  publish:\n    outbox_max: 4000000000\n",
+                "autonomous_runner.publish.outbox_max",
+            ),
+            (
+                "autonomous_runner:\n  publish:\n    replay_buffer: 4000000000\n",
+                "autonomous_runner.publish.replay_buffer",
+            ),
+            ("", "config"),
+            ("   \n", "config"),
+            (
+                "autonomous_runner:\n  coordination:\n    backend: redis\n    redis_url: \"redis://:pw@[::1\"\n",
+                "autonomous_runner.coordination.redis_url",
+            ),
+            (
+                "autonomous_runner:\n  parallel:\n    max_concurrent: 3\n    max_concurrent: 4\n",
+                "autonomous_runner.parallel.max_concurrent",
+            ),
         ];
         for (text, key) in cases {
             let got = issues(text);
@@ -1451,12 +1761,29 @@ mod tests {
     }
 
     #[test]
+    fn secrets_in_bad_values_are_not_echoed() {
+        let got = issues(
+            "autonomous_runner:\n  coordination:\n    backend: redis\n    redis_url: \"redis://:hunter2-secret@[::1\"\n",
+        );
+        assert!(!got.is_empty());
+        assert!(got.iter().all(|l| !l.contains("hunter2")), "{got:?}");
+        let dup = issues("autonomous_runner:\n  symbols: [ETH/USD]\n  symbols: [BTC/USD]\n");
+        assert_eq!(dup.len(), 1, "{dup:?}");
+        assert!(
+            dup[0].starts_with("autonomous_runner.symbols: is set twice")
+                && !dup[0].contains("DuplicateKeyPolicy"),
+            "{dup:?}"
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_not_just_the_first() {
         let got = issues(
             "autonomous_runner:\n  symbols: []\n  parallel:\n    max_concurrent: 0\n  timeouts:\n    total_timeout_seconds: 0\n",
         );
-        // symbols, max_concurrent, min > max, total timeout.
-        assert_eq!(got.len(), 4, "{got:?}");
+        // symbols, max_concurrent, min > max, total timeout not positive, and below the call
+        // timeout.
+        assert_eq!(got.len(), 5, "{got:?}");
     }
 
     #[test]

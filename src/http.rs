@@ -174,6 +174,10 @@ impl IntoResponse for Refusal {
 }
 
 /// Allows the request (and says how) or refuses it with 401/403. Never logs the token.
+///
+/// When a token is configured it is required from every peer, loopback included: behind a
+/// same-host proxy or sidecar every outside client arrives from loopback. `admin_loopback`
+/// applies only when no token is configured.
 fn authorize(
     s: &AppState,
     peer: SocketAddr,
@@ -181,27 +185,57 @@ fn authorize(
     what: &str,
 ) -> Result<&'static str, Refusal> {
     let configured = !s.admin.token.is_empty();
-    if let Some(auth) = headers.get(header::AUTHORIZATION) {
-        let presented = auth
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if configured && same(presented.as_bytes(), s.admin.token.expose().as_bytes()) {
-            return Ok("token");
-        }
-        tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: invalid bearer token");
-        return Err(Refusal::Unauthorized("invalid token"));
+    if configured {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        return match presented {
+            Some(p) if same(p.as_bytes(), s.admin.token.expose().as_bytes()) => Ok("token"),
+            Some(_) => {
+                tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: invalid bearer token");
+                Err(Refusal::Unauthorized("invalid token"))
+            }
+            None => {
+                tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: no bearer token");
+                Err(Refusal::Unauthorized("a bearer token is required"))
+            }
+        };
     }
     if s.admin.loopback && peer.ip().is_loopback() {
         return Ok("loopback");
     }
-    tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: no token from a non-loopback peer");
-    if configured {
-        Err(Refusal::Unauthorized("a bearer token is required"))
-    } else {
-        Err(Refusal::Forbidden)
+    tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: not a loopback peer and no token configured");
+    Err(Refusal::Forbidden)
+}
+
+/// The body of `POST /api/kill-switch`: exactly `{"reason": "…"}`, a non-empty reason.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillSwitchOn {
+    reason: String,
+}
+
+/// Reads a kill-switch request, or says what is wrong with it.
+fn kill_switch_request(body: &[u8]) -> Result<String, String> {
+    const FORM: &str = r#"the body must be a JSON object like {"reason": "maintenance"}"#;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(format!("empty body: {FORM}"));
     }
+    // serde would read a struct from an array too (`["why"]`): only an object is well formed.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(format!("not a JSON object: {FORM}"));
+    }
+    let req: KillSwitchOn = serde_json::from_slice(body).map_err(|e| format!("{FORM}: {e}"))?;
+    let reason = req.reason.trim();
+    if reason.is_empty() {
+        return Err("reason must not be empty: say why generation is paused".into());
+    }
+    let n = reason.chars().count();
+    if n > 500 {
+        return Err(format!("reason has {n} characters, at most 500"));
+    }
+    Ok(reason.to_string())
 }
 
 async fn shutdown(
@@ -244,22 +278,10 @@ async fn kill_switch_on(
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
-    let reason = if body.iter().all(u8::is_ascii_whitespace) {
-        String::new()
-    } else {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(v) => {
-                match v.get("reason") {
-                    None | Some(Value::Null) => String::new(),
-                    Some(Value::String(r)) if r.chars().count() <= 500 => r.clone(),
-                    Some(_) => {
-                        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "reason must be a string of at most 500 characters"}))).into_response();
-                    }
-                }
-            }
-            Err(e) => {
-                return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": format!("body must be JSON like {{\"reason\": \"…\"}}: {e}")}))).into_response();
-            }
+    let reason = match kill_switch_request(&body) {
+        Ok(r) => r,
+        Err(why) => {
+            return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": why}))).into_response();
         }
     };
     let ks = crate::coordination::KillSwitch {
@@ -329,7 +351,7 @@ pub async fn watch_status(s: AppState, every: std::time::Duration, stop: Cancell
     loop {
         let (_, r) = readiness(&s).await;
         let ks = s.coord.kill_switch().await.ok().flatten();
-        let now = json!({"readiness": {"status": r["status"], "failing": r["failing"]}, "kill_switch": ks});
+        let now = json!({"readiness": {"status": r["status"], "degraded": r["degraded"], "failing": r["failing"]}, "kill_switch": ks});
         if last.as_ref() != Some(&now) {
             if last.is_some() {
                 s.publisher.status(now.clone());
@@ -516,6 +538,8 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    metrics::counter!(crate::telemetry::names::LOG_LINES_DROPPED)
+        .absolute(crate::telemetry::log_lines_dropped());
     // Breaker states can change by time alone (OPEN → HALF_OPEN): read them at scrape time.
     for b in &s.breakers {
         metrics::gauge!(crate::telemetry::names::CIRCUIT_BREAKER_STATE, "breaker" => b.name().to_string())
@@ -585,4 +609,34 @@ async fn latest(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn cycles(State(s): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({ "cycles": s.publisher.cycles() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_well_formed_kill_switch_request_is_taken() {
+        assert_eq!(
+            kill_switch_request(br#"{"reason": " maintenance "}"#),
+            Ok("maintenance".to_string())
+        );
+        for (body, needle) in [
+            (&b""[..], "empty body"),
+            (b"  \n", "empty body"),
+            (b"[]", "JSON object"),
+            (b"[\"reason\"]", "JSON object"),
+            (b"{}", "missing field `reason`"),
+            (br#"{"reason": ""}"#, "must not be empty"),
+            (br#"{"reason": "   "}"#, "must not be empty"),
+            (br#"{"reason": 3}"#, "invalid type"),
+            (br#"{"reason": "x", "active": false}"#, "unknown field"),
+            (b"{not json", "JSON object"),
+        ] {
+            let e = kill_switch_request(body).expect_err(needle);
+            assert!(e.contains(needle), "{}: {e}", String::from_utf8_lossy(body));
+        }
+        let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(501));
+        assert!(kill_switch_request(long.as_bytes()).is_err());
+    }
 }

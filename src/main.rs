@@ -135,10 +135,13 @@ fn main() -> ExitCode {
         std::env::var("LOG_LEVEL").ok().as_deref(),
         std::env::var("LOG_FORMAT").ok().as_deref(),
     );
-    if let Err(e) = log {
-        eprintln!("{e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    let _log_guard = match log {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let arg = match &cli.command {
         Command::Run(a) | Command::Once(a) | Command::CheckConfig(a) => a,
         Command::Shutdown { url } => return request_shutdown(url),
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    autonomous_runner::telemetry::redact_secrets(cfg.secrets());
     if let Command::CheckConfig(_) = cli.command {
         print!("{}", cfg.to_redacted_yaml());
         eprintln!("configuration OK");

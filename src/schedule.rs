@@ -51,6 +51,43 @@ impl Schedule {
                 ),
             });
         }
+        // croner accepts a step larger than its field (`*/61` minutes fires at :00 only, once
+        // an hour): almost certainly not what was meant, so it is refused.
+        let names: &[(&str, u32)] = if fields == 6 {
+            &[
+                ("second", 59),
+                ("minute", 59),
+                ("hour", 23),
+                ("day of month", 31),
+                ("month", 12),
+                ("day of week", 7),
+            ]
+        } else {
+            &[
+                ("minute", 59),
+                ("hour", 23),
+                ("day of month", 31),
+                ("month", 12),
+                ("day of week", 7),
+            ]
+        };
+        for (field, (name, max)) in expr.split_whitespace().zip(names) {
+            for part in field.split(',') {
+                if let Some((_, step)) = part.split_once('/') {
+                    match step.parse::<u32>() {
+                        Ok(n) if (1..=*max).contains(&n) => {}
+                        _ => {
+                            return Err(ScheduleError::Cron {
+                                expr: expr.to_string(),
+                                reason: format!(
+                                    "the {name} step {step:?} must be a whole number from 1 to {max}"
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
         let cron = CronParser::builder()
             .seconds(Seconds::Optional)
             .year(Year::Disallowed)
@@ -271,6 +308,24 @@ mod tests {
             Schedule::new("every minute", "UTC"),
             Err(ScheduleError::Cron { .. })
         ));
+        // Steps larger than their field (issue 10): refused, with the field named.
+        for (expr, field) in [
+            ("*/61 * * * *", "minute"),
+            ("*/60 * * * *", "minute"),
+            ("0 */25 * * *", "hour"),
+            ("*/0 * * * *", "minute"),
+            ("*/61 * * * * *", "second"),
+            ("0,*/90 * * * *", "minute"),
+        ] {
+            match Schedule::new(expr, "UTC") {
+                Err(ScheduleError::Cron { reason, .. }) => {
+                    assert!(reason.contains(field), "{expr}: {reason}")
+                }
+                other => panic!("{expr}: {other:?}"),
+            }
+        }
+        assert!(Schedule::new("*/59 * * * *", "UTC").is_ok());
+        assert!(Schedule::new("*/5 * * * * *", "UTC").is_ok());
         assert_eq!(
             Schedule::new("* * * * *", "Mars/Olympus").err(),
             Some(ScheduleError::TimeZone("Mars/Olympus".into()))

@@ -92,6 +92,8 @@ pub mod names {
         SSE_CLIENTS_DROPPED = "sse_clients_dropped_total";
         /// Gauge {version}: always 1.
         BUILD_INFO = "build_info";
+        /// Counter: log lines dropped because stderr was slow or its reader gone.
+        LOG_LINES_DROPPED = "log_lines_dropped_total";
     }
 }
 
@@ -129,8 +131,17 @@ pub fn init_series(symbols: &[String], breakers: &[String]) {
         BACKPRESSURE_COOLDOWNS,
         TICKS_MISSED,
         CYCLES,
+        LOG_LINES_DROPPED,
     ] {
         metrics::counter!(n).absolute(0);
+    }
+    for stage in ["signal", "advise", "report"] {
+        for outcome in ["accepted", "repaired", "rejected"] {
+            metrics::counter!(AGENT_OUTPUTS, "stage" => stage, "outcome" => outcome).absolute(0);
+        }
+        for outcome in ["won", "lost"] {
+            metrics::counter!(AGENT_HEDGES, "stage" => stage, "outcome" => outcome).absolute(0);
+        }
     }
     for reason in ["age", "heartbeat_missing"] {
         metrics::counter!(STALE_LOCKS_RECOVERED, "reason" => reason).absolute(0);
@@ -187,9 +198,36 @@ pub enum LogFormat {
     Json,
 }
 
+/// Keeps the log writer's worker alive; dropping it flushes what is queued (bounded wait).
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogGuard")
+    }
+}
+
+/// Lines the log writer could not keep (the sink was slow or gone).
+static DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped so far because stderr could not keep up (or its reader is gone).
+pub fn log_lines_dropped() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// Lines queued for stderr at most. A slow or closed sink costs dropped lines, never a
+/// stalled runtime: at ~300 bytes a line this is ~3 MB at worst.
+const LOG_QUEUE_LINES: usize = 10_000;
+
 /// Initialises tracing from `LOG_LEVEL` (default `info`; any `EnvFilter` directive) and
 /// `LOG_FORMAT` (`text` or `json`). Returns an error naming the variable when either is bad.
-pub fn init_tracing(level: Option<&str>, format: Option<&str>) -> Result<(), String> {
+///
+/// Logging never blocks the runtime: lines go through a bounded queue to a writer thread;
+/// when stderr is slow or its reader is gone (a log shipper restarting, `| head`), lines
+/// are dropped and counted (`log_lines_dropped_total`) instead. Every line passes through
+/// [`redact`] on its way out.
+pub fn init_tracing(level: Option<&str>, format: Option<&str>) -> Result<LogGuard, String> {
     use tracing_subscriber::EnvFilter;
     let level = level.unwrap_or("info").to_ascii_lowercase();
     let filter = EnvFilter::try_new(&level).map_err(|e| format!("LOG_LEVEL: {e}"))?;
@@ -198,12 +236,113 @@ pub fn init_tracing(level: Option<&str>, format: Option<&str>) -> Result<(), Str
         Some("json") => LogFormat::Json,
         Some(other) => return Err(format!("LOG_FORMAT: must be text or json, got {other:?}")),
     };
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(Redacting(writer));
     let r = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    r.map_err(|e| format!("cannot initialise logging: {e}"))
+    r.map_err(|e| format!("cannot initialise logging: {e}"))?;
+    Ok(LogGuard(guard))
+}
+
+/// Every configured secret, longest first (so a secret containing another is replaced whole).
+static SECRETS: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// What a secret is replaced with.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// Registers the secrets to strip from every log line, whatever their source (a provider
+/// that echoes the `Authorization` header in an error body included). Values shorter than 4
+/// characters are ignored: they would redact ordinary words.
+pub fn redact_secrets<I: IntoIterator<Item = String>>(secrets: I) {
+    let mut v: Vec<String> = secrets.into_iter().filter(|s| s.len() >= 4).collect();
+    v.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    v.dedup();
+    *SECRETS.write().unwrap_or_else(|p| p.into_inner()) = v;
+}
+
+/// `text` with every registered secret replaced by [`REDACTED`].
+pub fn redact(text: &str) -> std::borrow::Cow<'_, str> {
+    let secrets = SECRETS.read().unwrap_or_else(|p| p.into_inner());
+    if !secrets.iter().any(|s| text.contains(s.as_str())) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = text.to_string();
+    for s in secrets.iter() {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), REDACTED);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A `MakeWriter` whose writers redact secrets from what passes through.
+#[derive(Debug, Clone)]
+struct Redacting<M>(M);
+
+impl<'a, M: tracing_subscriber::fmt::MakeWriter<'a>> tracing_subscriber::fmt::MakeWriter<'a>
+    for Redacting<M>
+{
+    type Writer = RedactingWriter<M::Writer>;
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingWriter(self.0.make_writer())
+    }
+}
+
+/// Redacts each write: the fmt layer writes one whole line per event.
+struct RedactingWriter<W>(W);
+
+impl<W: std::io::Write> std::io::Write for RedactingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(text) => match redact(text) {
+                std::borrow::Cow::Borrowed(_) => self.0.write_all(buf),
+                std::borrow::Cow::Owned(clean) => self.0.write_all(clean.as_bytes()),
+            },
+            Err(_) => self.0.write_all(buf),
+        }?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn secrets_are_redacted_from_every_line_whatever_their_source() {
+        redact_secrets(vec![
+            "sk-or-v1-abcdef".to_string(),
+            "sk-or-v1-abcdef-longer".to_string(),
+            "abc".to_string(),
+        ]);
+        assert_eq!(redact("nothing here"), "nothing here");
+        assert_eq!(
+            redact(r#"{"error":"Bearer sk-or-v1-abcdef-longer rejected; sk-or-v1-abcdef too"}"#),
+            r#"{"error":"Bearer [REDACTED] rejected; [REDACTED] too"}"#
+        );
+        // Too short to be a secret worth redacting: "abc" stays.
+        assert_eq!(redact("abc"), "abc");
+        let mut out = Vec::new();
+        let mut w = RedactingWriter(&mut out);
+        let line = b"provider said: invalid key sk-or-v1-abcdef\n";
+        assert_eq!(w.write(line).expect("write"), line.len());
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            "provider said: invalid key [REDACTED]\n"
+        );
+        redact_secrets(Vec::new());
+    }
 }

@@ -71,7 +71,8 @@ fn error_message(body: &Value) -> String {
         .as_str()
         .or_else(|| body["message"].as_str())
         .unwrap_or("no message");
-    m.chars().take(200).collect()
+    // Some providers echo the request's Authorization header back in their error.
+    crate::telemetry::redact(m).chars().take(200).collect()
 }
 
 /// Classifies an error status (from the HTTP status, or from an error object in a 200 body).

@@ -104,7 +104,7 @@ impl MarketSource for Coinbase {
             ])
             .send()
             .await
-            .map_err(|e| MarketError::Transport(e.without_url().to_string()))?;
+            .map_err(transport_error)?;
         let status = resp.status();
         if !status.is_success() {
             return Err(MarketError::Status {
@@ -112,11 +112,7 @@ impl MarketSource for Coinbase {
             });
         }
         let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| MarketError::Transport(e.without_url().to_string()))?
-        {
+        while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(MarketError::Malformed(format!(
                     "answer larger than {MAX_BODY} bytes"
@@ -134,6 +130,15 @@ impl MarketSource for Coinbase {
 
     fn name(&self) -> &'static str {
         "coinbase"
+    }
+}
+
+/// A request error as a market error: a timeout is its own reason (slow, not down).
+fn transport_error(e: reqwest::Error) -> MarketError {
+    if e.is_timeout() {
+        MarketError::Timeout
+    } else {
+        MarketError::Transport(e.without_url().to_string())
     }
 }
 

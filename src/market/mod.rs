@@ -39,9 +39,12 @@ pub enum MarketError {
         /// The status code.
         status: u16,
     },
-    /// The request failed (connect, timeout, reset).
+    /// The request failed (connect, reset).
     #[error("market data request failed: {0}")]
     Transport(String),
+    /// The source did not answer within `market_data.request_timeout_seconds`.
+    #[error("market data request timed out")]
+    Timeout,
     /// The answer was not the expected shape.
     #[error("market data answer malformed: {0}")]
     Malformed(String),
@@ -62,6 +65,7 @@ impl MarketError {
             MarketError::Status { status } if *status >= 500 => "market_data_5xx",
             MarketError::Status { .. } => "market_data_rejected",
             MarketError::Transport(_) => "market_data_unreachable",
+            MarketError::Timeout => "market_data_timeout",
             MarketError::Malformed(_) => "market_data_malformed",
             MarketError::TooFew { .. } => "market_data_insufficient",
         }

@@ -23,7 +23,7 @@ async fn slow_and_failing_symbols_never_block_the_others() {
         },
     );
     let extra = format!(
-        "  symbols: [ETH/USD, BTC/USD, SOL/USD, DOGE/USD, LINK/USD]\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n  timeouts:\n    symbol_timeout_seconds: 0.5\n    symbol_timeout_max_seconds: 0.5\n    total_timeout_seconds: 0.9\n",
+        "  symbols: [ETH/USD, BTC/USD, SOL/USD, DOGE/USD, LINK/USD]\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n    request_timeout_seconds: 0.5\n  timeouts:\n    symbol_timeout_seconds: 0.5\n    symbol_timeout_max_seconds: 0.5\n    total_timeout_seconds: 0.9\n",
         market.url
     );
     let p = Proc::spawn("run", &config("* * * * * *", &extra), &[]).await;
@@ -63,7 +63,7 @@ async fn slow_and_failing_symbols_never_block_the_others() {
             failures,
             vec![
                 ("DOGE/USD".to_string(), "market_data_5xx".to_string()),
-                ("SOL/USD".to_string(), "timeout".to_string())
+                ("SOL/USD".to_string(), "market_data_timeout".to_string())
             ]
         );
     }
@@ -93,7 +93,11 @@ async fn slow_and_failing_symbols_never_block_the_others() {
     let (_, m) = p.get_text("/metrics").await;
     let name = "autonomous_runner_signal_generation_skipped_total";
     assert!(
-        metric(&m, name, &[("symbol", "SOL/USD"), ("reason", "timeout")]) >= 3.0,
+        metric(
+            &m,
+            name,
+            &[("symbol", "SOL/USD"), ("reason", "market_data_timeout")]
+        ) >= 3.0,
         "{m}"
     );
     assert!(

@@ -519,8 +519,43 @@ async fn without_a_token_only_loopback_may_use_admin_endpoints() {
     )
     .await;
     let c = reqwest::Client::new();
+    let ks = format!("{}/api/kill-switch", p.base);
+    // Only a well-formed request turns it on (issue 10): not an empty body, an array, an
+    // empty reason, or an empty chunked body.
+    for (what, r) in [
+        ("empty body", c.post(&ks)),
+        ("array", c.post(&ks).body(r#"["maintenance"]"#)),
+        (
+            "empty reason",
+            c.post(&ks).json(&serde_json::json!({"reason": ""})),
+        ),
+    ] {
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 400, "{what}");
+        let body: Value = r.json().await.unwrap();
+        assert!(!body["error"].as_str().unwrap().is_empty(), "{what}");
+    }
+    // An empty chunked body, written by hand (clients rarely send one).
+    let addr = p.base.trim_start_matches("http://").to_string();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(
+        format!("POST /api/kill-switch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let (_, d) = p.get("/health/detailed").await;
+    assert!(
+        d["kill_switch"].is_null(),
+        "still off: {}",
+        d["kill_switch"]
+    );
     assert_eq!(
-        c.post(format!("{}/api/kill-switch", p.base))
+        c.post(&ks)
+            .json(&serde_json::json!({"reason": "maintenance"}))
             .send()
             .await
             .unwrap()
@@ -558,6 +593,41 @@ async fn without_a_token_only_loopback_may_use_admin_endpoints() {
     );
     let (code, _) = get_json(&format!("{}/health/live", q.base)).await;
     assert_eq!(code, 200, "still running");
+}
+
+#[tokio::test]
+async fn a_configured_token_is_required_from_loopback_too() {
+    // Issue 10: behind a same-host proxy every client is loopback; with a token configured,
+    // loopback alone is not enough (admin_loopback is at its default, true).
+    const TOKEN: &str = "admin-tok-loopback-is-not-enough";
+    let p = Proc::spawn(
+        "run",
+        &config("*/2 * * * * *", "  symbols: [ETH/USD]\n"),
+        &[("ADMIN_TOKEN", TOKEN)],
+    )
+    .await;
+    let c = reqwest::Client::new();
+    let ks = format!("{}/api/kill-switch", p.base);
+    let body = serde_json::json!({"reason": "maintenance"});
+    assert_eq!(c.post(&ks).json(&body).send().await.unwrap().status(), 401);
+    assert_eq!(
+        c.post(format!("{}/shutdown", p.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.post(&ks)
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
