@@ -340,8 +340,22 @@ async fn health(State(s): State<AppState>) -> impl IntoResponse {
     }))
 }
 
-async fn live() -> impl IntoResponse {
-    axum::Json(json!({"status": "alive"}))
+/// Live while the tick loop moves: a loop frozen for two periods plus the cycle deadline
+/// (a blocked runtime thread, a wedged dependency call) fails the probe, and Kubernetes
+/// restarts the pod rather than keeping a process that looks healthy and does nothing.
+async fn live(State(s): State<AppState>) -> Response {
+    match s.runner.liveness() {
+        Ok(()) => axum::Json(json!({"status": "alive"})).into_response(),
+        Err(since) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({
+                "status": "stalled",
+                "reason": "the tick loop has not advanced",
+                "seconds_since_progress": since.as_secs_f64(),
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// Watches readiness and the kill switch every `every`, and puts a `status` event on the SSE

@@ -110,6 +110,11 @@ pub struct RunnerState {
     shutting_down: bool,
     kill_switch: Option<KillSwitch>,
     coordination_error: Option<String>,
+    /// When the tick loop last moved (woke for a tick, or started).
+    last_progress: Instant,
+    /// The loop is stalled once it has not moved for this long: two schedule periods plus
+    /// the cycle deadline (a loop that waits for its next tick moves at least once a period).
+    stall_after: Duration,
 }
 
 /// A read-only view for health endpoints.
@@ -178,6 +183,23 @@ impl SharedState {
             kill_switch: s.kill_switch.clone(),
             coordination_error: s.coordination_error.clone(),
         }
+    }
+
+    /// Liveness: `Err(how long since the tick loop moved)` once it has not moved for two
+    /// periods plus the cycle deadline while it should be ticking. Kubernetes then restarts
+    /// the pod: a frozen loop is not something a process recovers from by itself.
+    pub fn liveness(&self) -> Result<(), Duration> {
+        let s = self.lock();
+        let since = Instant::now().duration_since(s.last_progress);
+        if s.ticking && !s.shutting_down && since > s.stall_after {
+            Err(since)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn progress(&self) {
+        self.lock().last_progress = Instant::now();
     }
 
     /// Marks the process as shutting down (readiness turns 503 at once).
@@ -259,6 +281,8 @@ impl Runner {
             shutting_down: false,
             kill_switch: None,
             coordination_error: None,
+            last_progress: Instant::now(),
+            stall_after: Duration::ZERO,
         })));
         Ok(Self {
             schedule,
@@ -457,7 +481,13 @@ impl Runner {
 
     /// Runs the tick loop until `shutdown` fires, then drains (see [`Runner::drain`]).
     pub async fn run(mut self, shutdown: CancellationToken) {
-        self.state.lock().ticking = true;
+        {
+            let period = self.period_after(self.clock.now());
+            let mut st = self.state.lock();
+            st.ticking = true;
+            st.stall_after = 2 * period + self.total_timeout;
+            st.last_progress = Instant::now();
+        }
         tracing::info!(schedule = self.schedule.expr(), "scheduler started");
         let mut last_tick: Option<DateTime<Utc>> = None;
         loop {
@@ -474,6 +504,7 @@ impl Runner {
                 _ = shutdown.cancelled() => break,
                 _ = self.clock.sleep_until(next) => {}
             }
+            self.state.progress();
             // If we woke late (a stalled process), later ticks may already be due: run only
             // the latest one and count the ones in between as missed.
             let (tick, missed) = self.schedule.latest_due(next, self.clock.now());
@@ -821,6 +852,37 @@ mod tests {
             );
             assert_eq!(c.symbols_ok, 3);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn liveness_fails_when_the_tick_loop_stops_moving() {
+        // Period 5 s, cycle deadline 30 s: stalled after 40 s without progress.
+        let h = harness(cfg("*/5 * * * * *"), Duration::from_millis(100));
+        let state = h.runner.state();
+        assert_eq!(
+            state.liveness(),
+            Ok(()),
+            "not ticking yet: nothing to judge"
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(h.runner.run(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(state.liveness(), Ok(()), "a loop that ticks is live");
+        // Freeze the loop: stop the task without its shutdown path (as a blocked runtime
+        // thread would leave it: ticking, not shutting down).
+        task.abort();
+        let _ = task.await;
+        // The last tick was at 10:01:00, 0.3 s before the freeze.
+        tokio::time::sleep(Duration::from_secs(39)).await;
+        assert_eq!(
+            state.liveness(),
+            Ok(()),
+            "39.3 s since the last tick is allowed"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stalled = state.liveness().expect_err("stalled");
+        assert!(stalled > Duration::from_secs(40), "{stalled:?}");
+        drop(stop);
     }
 
     #[tokio::test(start_paused = true)]

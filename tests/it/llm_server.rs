@@ -35,6 +35,9 @@ pub enum Reply {
     RawBody(String),
     /// Never answers (until the client gives up).
     Hang,
+    /// 401 whose error message echoes the request's Authorization header (some providers do).
+    #[allow(dead_code)]
+    EchoAuth401,
 }
 
 /// A received request.
@@ -403,6 +406,18 @@ async fn completions(
             .header("content-type", "application/json")
             .body(Body::from(raw))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        Reply::EchoAuth401 => {
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": {"code": 401, "message": format!("Invalid credentials in header '{auth}'")}})),
+            )
+                .into_response()
+        }
         Reply::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()

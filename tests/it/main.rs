@@ -14,6 +14,7 @@ mod browser;
 mod cli;
 mod deploy;
 mod failures;
+mod hardening;
 mod llm_agents;
 mod observability;
 mod once_mode;

@@ -1,0 +1,169 @@
+//! Issue 10: what fault injection and hostile input found — on real processes.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::helpers::{Proc, binary, config, get_json, metric, write_config};
+use crate::llm_server::{LlmServer, Reply};
+
+/// A port that was free a moment ago.
+async fn free_port() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Cycles run so far, from the API.
+async fn cycles_run(base: &str) -> usize {
+    let (_, v) = get_json(&format!("{base}/api/cycles")).await;
+    v["cycles"].as_array().map_or(0, |a| {
+        a.iter().filter(|c| c["skipped_reason"].is_null()).count()
+    })
+}
+
+/// Waits until at least `n` cycles have run.
+async fn wait_cycles(base: &str, n: usize, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cycles_run(base).await >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fewer than {n} cycles within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The runner keeps ticking when its log pipe is closed (its reader gone) or stalled (a
+/// reader that never reads): logging drops lines instead of blocking the runtime, and
+/// SIGTERM still stops it cleanly.
+#[tokio::test]
+async fn a_closed_or_stalled_log_pipe_never_freezes_the_service() {
+    for closed in [true, false] {
+        let port = free_port().await;
+        let cfg = write_config(
+            &config("* * * * * *", "  symbols: [ETH/USD, BTC/USD]\n")
+                .replace("port: 0", &format!("port: {port}")),
+        );
+        let mut child = Command::new(binary())
+            .args(["run", "--config", cfg.path.to_str().unwrap()])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LOG_FORMAT", "json")
+            // Debug: plenty of lines, so a stalled pipe fills within seconds.
+            .env("LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut lines = BufReader::new(stderr).lines();
+        // Read until the server listens, then close the pipe — or keep it and never read.
+        let mut seen = 0;
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen += 1;
+            if line.contains("HTTP server listening") {
+                break;
+            }
+        }
+        assert!(seen > 0, "no log line at all");
+        let kept = if closed {
+            drop(lines);
+            None
+        } else {
+            Some(lines)
+        };
+        let before = cycles_run(&base).await;
+        wait_cycles(&base, before + 5, Duration::from_secs(30)).await;
+        let (code, live) = get_json(&format!("{base}/health/live")).await;
+        assert_eq!(code, 200, "{live}");
+        // SIGTERM is obeyed.
+        let pid = child.id().unwrap().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status().await;
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("SIGTERM ignored (pipe closed: {closed})"))
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "pipe closed: {closed}");
+        drop(kept);
+    }
+}
+
+/// A provider's 401 that echoes the `Authorization` header: the key appears nowhere in the
+/// logs (at the default level and at debug), the status events or the health pages.
+#[tokio::test]
+async fn a_key_echoed_by_the_provider_is_redacted_everywhere() {
+    const KEY: &str = "sk-or-v1-ECHOED-BY-THE-PROVIDER-0123456789";
+    let llm = LlmServer::start().await;
+    llm.set_default(Some(Reply::EchoAuth401));
+    for level in ["info", "debug"] {
+        let extra = format!(
+            "  symbols: [K0/USD, K1/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n",
+            llm.url
+        );
+        let mut p = Proc::spawn(
+            "run",
+            &config("*/2 * * * * *", &extra),
+            &[("OPENROUTER_API_KEY", KEY), ("LOG_LEVEL", level)],
+        )
+        .await;
+        p.wait_log(
+            |l| l["message"] == "LLM provider refused the call; not retrying",
+            Duration::from_secs(30),
+        )
+        .await;
+        p.wait_log(
+            |l| l["message"] == "cycle finished",
+            Duration::from_secs(10),
+        )
+        .await;
+        let (_, ready) = p.get("/health/ready").await;
+        let (_, detailed) = p.get("/health/detailed").await;
+        let (_, cycles) = p.get("/api/cycles").await;
+        let (_, m) = p.get_text("/metrics").await;
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(Duration::from_secs(20)).await, 0);
+        let logs: Vec<String> = p
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Value::to_string)
+            .collect();
+        let all = logs.join("\n") + &p.raw.lock().unwrap().join("\n");
+        assert!(
+            llm.received()
+                .iter()
+                .any(|r| r.headers["authorization"] == format!("Bearer {KEY}").as_str())
+        );
+        for (what, text) in [
+            ("logs", all.as_str()),
+            ("/health/ready", &ready.to_string()),
+            ("/health/detailed", &detailed.to_string()),
+            ("/api/cycles", &cycles.to_string()),
+            ("/metrics", m.as_str()),
+        ] {
+            assert!(
+                !text.contains("ECHOED-BY-THE-PROVIDER"),
+                "the key leaked into {what} at {level}"
+            );
+        }
+        assert!(
+            all.contains("[REDACTED]"),
+            "the provider's message is kept, the key replaced ({level})"
+        );
+        assert_eq!(
+            metric(&m, "autonomous_runner_log_lines_dropped_total", &[]),
+            0.0,
+            "a healthy pipe drops nothing"
+        );
+    }
+}
