@@ -531,8 +531,11 @@ pub struct Http {
     pub port: u16,
     /// Bearer token for admin endpoints. Env `ADMIN_TOKEN`; never printed.
     pub admin_token: Secret,
-    /// Admin endpoints also allowed from loopback peers without a token.
+    /// Admin endpoints also allowed from loopback peers when no token is configured.
     pub admin_loopback: bool,
+    /// Connections served at once (also capped by the file-descriptor limit). At the cap
+    /// the oldest connection that never sent a request is closed for a newcomer.
+    pub max_connections: usize,
 }
 
 /// `postgres:`
@@ -730,6 +733,8 @@ impl Default for Http {
             port: 8080,
             admin_token: Secret::default(),
             admin_loopback: true,
+            // 1,000 dashboard clients (the SSE benchmark) plus probes and API calls.
+            max_connections: 4096,
         }
     }
 }
@@ -1258,6 +1263,11 @@ impl Config {
         self.check_upper_bounds(&mut v, r);
         self.check_relations(&mut v, r);
 
+        v.min(
+            format!("{r}.http.max_connections"),
+            self.http.max_connections as f64,
+            1.0,
+        );
         if self.http.bind.parse::<IpAddr>().is_err() {
             v.bad(
                 format!("{r}.http.bind"),

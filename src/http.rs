@@ -3,9 +3,9 @@
 //!
 //! The server takes its listener and its shutdown future as arguments, so tests bind port 0.
 
-use std::sync::Arc;
-
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
@@ -90,18 +90,140 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// How long a client may take to send a request's headers — counted from the connection's
+/// start, and again from the end of each response while a keep-alive connection sits idle.
+/// Probes and API calls send their headers in milliseconds; a connection that sends nothing,
+/// or half a header, is a slow client or an attack, and holds a file descriptor.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// File descriptors kept back from the connection cap for Redis, the LLM, logs and files.
+const FDS_RESERVED: u64 = 128;
+
+/// Connections served at once: `http.max_connections`, but never more than the process's
+/// file-descriptor limit allows (with a reserve), so a flood can never make `accept` fail
+/// with "too many open files".
+pub fn connection_cap(configured: usize) -> usize {
+    let fds = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let by_fds = fds.saturating_sub(FDS_RESERVED).max(16);
+    configured
+        .min(usize::try_from(by_fds).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+/// The open connections, oldest first, and whether each has sent a whole request yet.
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    open: std::collections::BTreeMap<u64, (Arc<std::sync::atomic::AtomicBool>, CancellationToken)>,
+}
+
 /// Serves `router` on `listener` until `shutdown` fires.
+///
+/// Connections are bounded: headers must arrive within [`HEADER_READ_TIMEOUT`] (idle
+/// keep-alive connections included), and at most `max_connections` are open. At the cap a
+/// new connection is still accepted — a probe must get through a flood — and the oldest
+/// connection that never sent a whole request is closed to make room.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
+    max_connections: usize,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower::ServiceExt;
+
+    let app = router(state);
+    let cap = connection_cap(max_connections);
+    let conns = Arc::new(std::sync::Mutex::new(Connections::default()));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // HTTP/1.1 only: probes, the API and SSE need nothing more, and protocol
+    // auto-detection would wait for a first byte with no timeout at all.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let builder = Arc::new(builder);
+    let mut accept_errors_logged: Option<Instant> = None;
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: the listener is fine, the process is short of
+                    // something for a moment. Say so once in a while, and back off briefly
+                    // instead of spinning.
+                    if accept_errors_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                        accept_errors_logged = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let served = Arc::new(AtomicBool::new(false));
+        let close = CancellationToken::new();
+        let id = {
+            let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+            if c.open.len() >= cap {
+                let victim = c
+                    .open
+                    .iter()
+                    .find(|(_, (served, _))| !served.load(Ordering::Relaxed))
+                    .map(|(id, (_, token))| (*id, token.clone()));
+                match victim {
+                    Some((vid, token)) => {
+                        token.cancel();
+                        c.open.remove(&vid);
+                    }
+                    None => {
+                        // Every open connection is busy serving: refuse the newcomer.
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
+            c.next += 1;
+            let id = c.next;
+            c.open.insert(id, (served.clone(), close.clone()));
+            id
+        };
+        let app = app.clone();
+        let svc = hyper::service::service_fn(
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                served.store(true, Ordering::Relaxed);
+                req.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            },
+        );
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                // Errors here are the client's (a reset, a header timeout): nothing to do.
+                _ = conn => {}
+                _ = close.cancelled() => {}
+            }
+            conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .open
+                .remove(&id);
+        });
+    }
+    drop(listener);
+    // In-flight requests get a moment; open SSE streams already ended on `streams_stop`.
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some HTTP connections were still open after 5 s; closing them");
+    }
+    Ok(())
 }
 
 /// The dashboard: static assets compiled into the binary (no build step). The content

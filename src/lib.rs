@@ -301,7 +301,12 @@ impl App {
             Duration::from_secs(5),
             background.clone(),
         ));
-        let server = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
+        let server = tokio::spawn(http::serve(
+            listener,
+            http_state,
+            http_stop.clone(),
+            cfg.http.max_connections,
+        ));
         let heartbeat = spawn_heartbeat(coord.clone(), runner.state(), &cfg, background.clone());
         // Histogram samples wait in the recorder until folded into their buckets; without a
         // scrape they would pile up, so fold them regularly whether or not anyone scrapes.

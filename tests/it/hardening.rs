@@ -167,3 +167,105 @@ async fn a_key_echoed_by_the_provider_is_redacted_everywhere() {
         );
     }
 }
+
+/// 300 sockets that send nothing, half a header, or a request and then sit idle, against a
+/// process limited to 256 file descriptors: the probes keep answering, and every one of
+/// those sockets is closed by the server within the header-read timeout (10 s) plus slack.
+#[tokio::test]
+async fn an_idle_socket_flood_under_a_low_fd_limit_never_silences_the_probes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = free_port().await;
+    let cfg = write_config(
+        &config("*/2 * * * * *", "  symbols: [ETH/USD]\n")
+            .replace("port: 0", &format!("port: {port}")),
+    );
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 256 && exec \"$0\" run --config \"$1\"",
+            binary().to_str().unwrap(),
+            cfg.path.to_str().unwrap(),
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while get_json(&format!("{base}/health/live")).await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "runner did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let addr = format!("127.0.0.1:{port}");
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+            continue;
+        };
+        match i % 6 {
+            // Half a header, never finished.
+            0..=1 => {
+                let _ = s
+                    .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .await;
+            }
+            // A whole request on a keep-alive connection, then silence.
+            2 => {
+                let _ = s
+                    .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await;
+            }
+            // Nothing at all.
+            _ => {}
+        }
+        flood.push(s);
+    }
+    assert!(flood.len() >= 250, "only {} sockets opened", flood.len());
+    // The probes answer during the flood, on fresh connections.
+    for _ in 0..5 {
+        let (code, _) = get_json(&format!("{base}/health/live")).await;
+        assert_eq!(code, 200);
+        let (code, _) = get_json(&format!("{base}/health/ready")).await;
+        assert_eq!(code, 200);
+    }
+    // Every flood socket is closed by the server: EOF (after any response) or a reset.
+    let closed_by = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut open = vec![];
+    for (i, s) in flood.iter_mut().enumerate() {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(closed_by, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => {
+                    open.push(i);
+                    break;
+                }
+            }
+        }
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.id().unwrap()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(
+        open.is_empty(),
+        "sockets still open 20 s after the flood: {open:?}; server fds {fds}"
+    );
+    let (code, _) = get_json(&format!("{base}/health/live")).await;
+    assert_eq!(code, 200, "still serving");
+    let pid = child.id().unwrap().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status().await;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
