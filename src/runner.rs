@@ -114,7 +114,8 @@ pub struct RunnerState {
     last_progress: Instant,
     /// The loop is stalled once it has not moved for this long: two schedule periods plus
     /// the cycle deadline (a loop that waits for its next tick moves at least once a period).
-    stall_after: Duration,
+    /// Set by the service loop only: a `once` run has no ticks to make.
+    stall_after: Option<Duration>,
 }
 
 /// A read-only view for health endpoints.
@@ -191,7 +192,7 @@ impl SharedState {
     pub fn liveness(&self) -> Result<(), Duration> {
         let s = self.lock();
         let since = Instant::now().duration_since(s.last_progress);
-        if s.ticking && !s.shutting_down && since > s.stall_after {
+        if s.ticking && !s.shutting_down && s.stall_after.is_some_and(|a| since > a) {
             Err(since)
         } else {
             Ok(())
@@ -282,7 +283,7 @@ impl Runner {
             kill_switch: None,
             coordination_error: None,
             last_progress: Instant::now(),
-            stall_after: Duration::ZERO,
+            stall_after: None,
         })));
         Ok(Self {
             schedule,
@@ -485,7 +486,7 @@ impl Runner {
             let period = self.period_after(self.clock.now());
             let mut st = self.state.lock();
             st.ticking = true;
-            st.stall_after = 2 * period + self.total_timeout;
+            st.stall_after = Some(2 * period + self.total_timeout);
             st.last_progress = Instant::now();
         }
         tracing::info!(schedule = self.schedule.expr(), "scheduler started");

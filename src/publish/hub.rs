@@ -318,7 +318,7 @@ impl Hub {
             }
             let r = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = self.follow_once(&src) => r,
+                r = self.follow_once(&src, &mut failures) => r,
             };
             if let Err(e) = r {
                 failures += 1;
@@ -333,11 +333,19 @@ impl Hub {
         }
     }
 
-    async fn follow_once(&self, src: &RedisSource) -> Result<(), String> {
+    /// Follows until an error; `failures` is reset by every command that succeeds, so the
+    /// warning above counts consecutive failures, not failures since start.
+    async fn follow_once(&self, src: &RedisSource, failures: &mut u32) -> Result<(), String> {
         // A connection of its own: XREAD BLOCK would stall every other command on a shared one.
+        // Its response timeout must outlast the BLOCK: redis-rs times out responses after
+        // 500 ms by default, which cut every idle XREAD short (the "following the dashboard
+        // stream failed … Io" warning every ~45 s on a healthy Redis).
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(XREAD_BLOCK + Duration::from_secs(5)));
         let mut conn = src
             .client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| format!("{:?}", e.kind()))?;
         let mut last = self.lock().cursor.stream;
@@ -364,13 +372,14 @@ impl Hub {
                 .arg("COUNT")
                 .arg(1000)
                 .arg("BLOCK")
-                .arg(5000)
+                .arg(XREAD_BLOCK.as_millis() as u64)
                 .arg("STREAMS")
                 .arg(&src.key)
                 .arg(&from)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| format!("{:?}", e.kind()))?;
+            *failures = 0;
             // XREAD answers [[key, [entries…]]] or nil on timeout.
             if let redis::Value::Array(streams) = v {
                 for s in streams {
@@ -387,6 +396,9 @@ impl Hub {
         }
     }
 }
+
+/// How long one XREAD waits for new entries before asking again.
+const XREAD_BLOCK: Duration = Duration::from_secs(5);
 
 /// Entries `(id, message field)` of an XRANGE/XREAD answer; malformed entries (written by
 /// someone else) are skipped with a log line.

@@ -269,3 +269,89 @@ async fn an_idle_socket_flood_under_a_low_fd_limit_never_silences_the_probes() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// `/api/signals/latest` comes in pages of at most 1,000 symbols in name order; bad
+/// parameters are a 400 that names the parameter.
+#[tokio::test]
+async fn latest_signals_come_in_bounded_pages() {
+    let symbols: Vec<String> = (0..25).map(|i| format!("P{i:02}/USD")).collect();
+    let p = Proc::spawn(
+        "run",
+        &config(
+            "*/2 * * * * *",
+            &format!("  symbols: [{}]\n", symbols.join(", ")),
+        ),
+        &[],
+    )
+    .await;
+    p.poll("/api/signals/latest", Duration::from_secs(30), |v| {
+        v["total"] == 25
+    })
+    .await;
+    let mut seen = vec![];
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!(
+                "/api/signals/latest?limit=10&cursor={}",
+                c.replace('/', "%2F")
+            ),
+            None => "/api/signals/latest?limit=10".to_string(),
+        };
+        let (code, page) = p.get(&path).await;
+        assert_eq!(code, 200, "{page}");
+        pages += 1;
+        let signals = page["signals"].as_array().unwrap();
+        assert!(signals.len() <= 10);
+        seen.extend(
+            signals
+                .iter()
+                .map(|s| s["symbol"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, symbols, "every symbol once, in name order");
+    let (_, one) = p.get("/api/signals/latest?symbol=P07%2FUSD").await;
+    assert_eq!(one["signals"].as_array().unwrap().len(), 1);
+    for (query, param) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("colour=red", "query"),
+    ] {
+        let (code, body) = p.get(&format!("/api/signals/latest?{query}")).await;
+        assert_eq!(code, 400, "{query}");
+        assert_eq!(body["parameter"], param, "{query}: {body}");
+    }
+}
+
+/// On a healthy Redis the dashboard-stream follower never reports a failure (its XREAD
+/// BLOCK used to be cut short by the client's 500 ms response timeout, a warning every
+/// ~45 s).
+#[tokio::test]
+async fn the_dashboard_stream_follower_is_quiet_on_a_healthy_redis() {
+    let redis = crate::redis_server::RedisServer::start().await;
+    let extra = format!(
+        "  symbols: [ETH/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n",
+        redis.url()
+    );
+    let p = Proc::spawn("run", &config("*/2 * * * * *", &extra), &[]).await;
+    // Long enough for several idle XREAD BLOCKs (5 s each) to end normally.
+    p.wait_log_count(
+        |l| l["message"] == "cycle finished",
+        6,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        p.logs_matching(|l| l["message"] == "following the dashboard stream failed; retrying")
+            .is_empty()
+    );
+    let (_, latest) = p.get("/api/signals/latest").await;
+    assert_eq!(latest["total"], 1);
+}
