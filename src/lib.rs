@@ -153,13 +153,28 @@ impl App {
                     cfg.publish.stream_max_len,
                     cfg.publish.outbox_max,
                 ));
-                Arc::new(RedisCoordination::new(
+                let rc = RedisCoordination::new(
                     conn,
                     breaker,
                     &cfg.coordination.key_prefix,
                     &cfg.instance_id,
                     timing,
-                ))
+                );
+                // Two live processes with one instance_id would vouch for each other's locks
+                // (and a graceful stop of one deleted the other's heartbeat): refuse.
+                let wait =
+                    Duration::from_secs(cfg.heartbeat.interval_seconds) + Duration::from_secs(1);
+                match rc.ensure_unique_identity(wait).await {
+                    Ok(()) => {}
+                    Err(e @ coordination::CoordError::DuplicateInstance { .. }) => {
+                        return Err(anyhow::anyhow!(e));
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "cannot check that instance_id is unique (Redis unreachable); continuing"
+                    ),
+                }
+                Arc::new(rc)
             }
         };
 

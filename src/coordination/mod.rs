@@ -81,6 +81,16 @@ pub enum CoordError {
         /// What is wrong.
         reason: String,
     },
+    /// Another live process already uses this instance id.
+    #[error(
+        "instance_id {instance_id:?} is already used by a live process (pid {pid} on its host); give every replica its own id (INSTANCE_ID, or HOSTNAME in Kubernetes)"
+    )]
+    DuplicateInstance {
+        /// The id.
+        instance_id: String,
+        /// The other process's pid, as its heartbeat says.
+        pid: u64,
+    },
 }
 
 /// Locks, leases, claims, heartbeat and kill switch for one instance.

@@ -7,11 +7,23 @@
 //! | key | written by |
 //! |---|---|
 //! | `signal:lock:{symbol}` | `acquire_lock` (SET NX EX; stale takeover and release are owner-checked Lua) |
-//! | `runner:heartbeat:{id}` | `heartbeat` (SET EX) |
+//! | `runner:heartbeat:{id}` | `heartbeat` (SET EX; `{timestamp, pid, token}`) |
 //! | `runner:instances` | `heartbeat` (ZSET of id → last beat, to count live replicas with one key) |
 //! | `runner:cycle:{cycle_id}` | `try_cycle_lease` (SET NX EX) |
 //! | `signal:claim:{cycle_id}:{symbol}` | `claim_symbol` (SET NX EX) |
 //! | `autonomous:kill_switch` | operators, `set_kill_switch` |
+//!
+//! **Ownership is per process.** Each process draws a random token at start and writes it
+//! beside its `instance_id` in its locks and its heartbeat. A lock is its owner's while the
+//! heartbeat of its `instance_id` carries the lock's token: so two processes sharing one
+//! `instance_id` cannot vouch for each other's locks, a graceful stop deletes only its own
+//! heartbeat, and a lock this process left behind (Redis died before the release) is
+//! recognised and re-taken at once. A process refuses to start while another live process
+//! heartbeats under its `instance_id`.
+//!
+//! **Half-open probes get a second try on a fresh connection.** The connection manager only
+//! notices a dead socket when a request fails on it; without a retry the first probe after an
+//! outage always failed and kept the breaker open another `recovery_timeout_seconds`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,7 +39,7 @@ use crate::resilience::Breaker;
 use crate::schedule::CycleId;
 use crate::telemetry::names;
 
-/// Lock record, as the seed writes it.
+/// Lock record, as the seed writes it, plus the owning process's token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LockRecord {
     instance_id: String,
@@ -35,7 +47,31 @@ struct LockRecord {
     acquired_at: f64,
     #[serde(default)]
     pid: Option<u32>,
+    /// The owning process (absent in records written by others, e.g. the seed's runner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
 }
+
+/// Heartbeat record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct HeartbeatRecord {
+    timestamp: f64,
+    #[serde(default)]
+    pid: Option<u64>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+/// Deletes the heartbeat only if it is this process's (a twin's stays).
+const DELETE_OWN_HEARTBEAT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local ok, rec = pcall(cjson.decode, v)
+  if ok and type(rec) == 'table' and rec['token'] == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+  end
+end
+return 0";
 
 /// Deletes the key only if it still holds exactly the value we wrote.
 const RELEASE: &str = r"
@@ -102,6 +138,8 @@ pub struct RedisCoordination {
     prefix: String,
     instance_id: String,
     timing: LockTiming,
+    /// This process, among any that share its `instance_id` (see the module doc).
+    token: String,
     /// Locks we hold: symbol → the exact value we wrote (owner checks compare it).
     held: Mutex<HashMap<String, String>>,
 }
@@ -130,8 +168,66 @@ impl RedisCoordination {
             prefix: prefix.to_string(),
             instance_id: instance_id.to_string(),
             timing,
+            token: process_token(),
             held: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Refuses to start next to a live process with the same `instance_id`: if a heartbeat
+    /// under our id exists, it is read again after `wait` (a heartbeat interval and a bit);
+    /// a live process has refreshed it by then, a dead one (killed, not stopped) has not.
+    pub async fn ensure_unique_identity(&self, wait: Duration) -> Result<(), CoordError> {
+        let key = self.heartbeat_key(&self.instance_id);
+        let first: Option<String> = self
+            .call("heartbeat read", redis::cmd("GET").arg(&key))
+            .await?;
+        let Some(first) = first else {
+            return Ok(());
+        };
+        tracing::info!(
+            instance_id = %self.instance_id,
+            wait_s = wait.as_secs_f64(),
+            "a heartbeat under this instance_id exists; checking that its process is gone"
+        );
+        tokio::time::sleep(wait).await;
+        let again: Option<String> = self
+            .call("heartbeat read", redis::cmd("GET").arg(&key))
+            .await?;
+        match again {
+            Some(v) if v != first => {
+                let pid = serde_json::from_str::<HeartbeatRecord>(&v)
+                    .ok()
+                    .and_then(|h| h.pid)
+                    .unwrap_or(0);
+                Err(CoordError::DuplicateInstance {
+                    instance_id: self.instance_id.clone(),
+                    pid,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the process that wrote `rec` is alive: the heartbeat of its `instance_id`
+    /// exists and, when the lock names its process, carries the same token.
+    async fn owner_alive(&self, rec: &LockRecord) -> Result<bool, CoordError> {
+        let hb: Option<String> = self
+            .call(
+                "heartbeat read",
+                redis::cmd("GET").arg(self.heartbeat_key(&rec.instance_id)),
+            )
+            .await?;
+        let Some(hb) = hb else {
+            return Ok(false);
+        };
+        Ok(match &rec.token {
+            // A lock from a runner that does not write tokens: its id's heartbeat vouches.
+            None => true,
+            Some(t) => serde_json::from_str::<HeartbeatRecord>(&hb)
+                .ok()
+                .and_then(|h| h.token)
+                .is_some_and(|ht| &ht == t),
+        })
     }
 
     /// The breaker guarding Redis.
@@ -166,8 +262,11 @@ impl RedisCoordination {
         what: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, CoordError> {
-        let mut conn = self.conn.clone();
-        guarded(&self.breaker, what, cmd.query_async::<T>(&mut conn)).await
+        guarded(&self.breaker, what, || {
+            let mut conn = self.conn.clone();
+            async move { cmd.query_async::<T>(&mut conn).await }
+        })
+        .await
     }
 
     async fn script<T: redis::FromRedisValue>(
@@ -182,8 +281,12 @@ impl RedisCoordination {
         for a in args {
             inv.arg(*a);
         }
-        let mut conn = self.conn.clone();
-        guarded(&self.breaker, what, inv.invoke_async::<T>(&mut conn)).await
+        guarded(&self.breaker, what, || {
+            let mut conn = self.conn.clone();
+            let inv = &inv;
+            async move { inv.invoke_async::<T>(&mut conn).await }
+        })
+        .await
     }
 
     /// `SET key value NX EX ttl`: whether it was set.
@@ -213,6 +316,7 @@ impl RedisCoordination {
             instance_id: self.instance_id.clone(),
             acquired_at: Utc::now().timestamp_millis() as f64 / 1000.0,
             pid: Some(std::process::id()),
+            token: Some(self.token.clone()),
         };
         serde_json::to_string(&rec).unwrap_or_default()
     }
@@ -220,16 +324,31 @@ impl RedisCoordination {
 
 /// Runs one Redis request through the breaker: rejected at once while it is open (counted),
 /// and its failure counts against it. Errors name the operation, never the URL.
-async fn guarded<T>(
+///
+/// A half-open probe that fails on a dead connection is sent once more: the connection
+/// manager reconnects when a request fails, so the second try runs on a fresh connection
+/// and a healthy Redis closes the breaker on the first probe.
+async fn guarded<T, F, Fut>(
     breaker: &Breaker,
     what: &'static str,
-    request: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, CoordError> {
+    request: F,
+) -> Result<T, CoordError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
     let permit = breaker.try_acquire().map_err(|_| {
         metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => "redis").increment(1);
         CoordError::CircuitOpen
     })?;
-    match request.await {
+    let mut result = request().await;
+    if let Err(e) = &result
+        && permit.is_probe()
+        && is_connection_error(e)
+    {
+        result = request().await;
+    }
+    match result {
         Ok(v) => {
             permit.success();
             Ok(v)
@@ -239,6 +358,17 @@ async fn guarded<T>(
             Err(CoordError::Unavailable(format!("{what}: {}", e.kind_str())))
         }
     }
+}
+
+/// Errors of the connection rather than of the command: worth a try on a new connection.
+pub fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+/// A random token for this process (128 bits, hex).
+fn process_token() -> String {
+    use rand::Rng;
+    format!("{:032x}", rand::rng().random::<u128>())
 }
 
 /// Parses a kill-switch record. The contract is `{active, reason, activated_by, activated_at}`;
@@ -311,22 +441,38 @@ impl Coordination for RedisCoordination {
                 return Ok(LockOutcome::Held);
             }
         };
-        let age = Utc::now().timestamp_millis() as f64 / 1000.0 - rec.acquired_at;
-        let reason = if age > self.timing.stale_after.as_secs_f64() {
-            Some(StaleReason::Age)
-        } else if rec.instance_id != self.instance_id {
-            let alive: bool = self
-                .call(
-                    "heartbeat read",
-                    redis::cmd("EXISTS").arg(self.heartbeat_key(&rec.instance_id)),
+        if rec.token.as_deref() == Some(self.token.as_str()) {
+            // Ours, left behind when a release could not reach Redis (an outage): we are not
+            // running this symbol now (the coordinator takes a lock only to start it), so it
+            // is simply re-taken rather than blocking the symbol until it expires.
+            let won: i64 = self
+                .script(
+                    "lock takeover",
+                    TAKEOVER,
+                    &key,
+                    &[&current, &value, &ttl.to_string()],
                 )
                 .await?;
-            (!alive).then_some(StaleReason::HeartbeatMissing)
-        } else {
-            None
-        };
-        let Some(reason) = reason else {
+            if won == 1 {
+                tracing::info!(
+                    symbol,
+                    "re-took a lock of ours left from before a Redis outage"
+                );
+                self.held().insert(symbol.to_string(), value);
+                return Ok(LockOutcome::Acquired);
+            }
             return Ok(LockOutcome::Held);
+        }
+        // A live owner's lock is never taken over, however old: it extends its lock while it
+        // works, and a takeover would run the symbol twice.
+        if self.owner_alive(&rec).await? {
+            return Ok(LockOutcome::Held);
+        }
+        let age = Utc::now().timestamp_millis() as f64 / 1000.0 - rec.acquired_at;
+        let reason = if age > self.timing.stale_after.as_secs_f64() {
+            StaleReason::Age
+        } else {
+            StaleReason::HeartbeatMissing
         };
         let won: i64 = self
             .script(
@@ -382,7 +528,9 @@ impl Coordination for RedisCoordination {
 
     async fn heartbeat(&self) -> Result<(), CoordError> {
         let now = Utc::now().timestamp_millis() as f64 / 1000.0;
-        let body = serde_json::json!({"timestamp": now, "pid": std::process::id()}).to_string();
+        let body =
+            serde_json::json!({"timestamp": now, "pid": std::process::id(), "token": self.token})
+                .to_string();
         let ttl = self.timing.heartbeat_ttl.as_secs().max(1);
         let _: () = self
             .call(
@@ -418,10 +566,12 @@ impl Coordination for RedisCoordination {
     }
 
     async fn remove_heartbeat(&self) -> Result<(), CoordError> {
-        let _: () = self
-            .call(
+        let _: i64 = self
+            .script(
                 "heartbeat delete",
-                redis::cmd("DEL").arg(self.heartbeat_key(&self.instance_id)),
+                DELETE_OWN_HEARTBEAT,
+                &self.heartbeat_key(&self.instance_id),
+                &[&self.token],
             )
             .await?;
         let _: () = self
@@ -709,7 +859,7 @@ impl crate::resilience::rate_limit::AgentRateLimiter for RedisRateLimiter {
 
 /// One GCRA request (or, with `pause` > 0, a pause) on the shared key.
 async fn gcra(
-    mut conn: ConnectionManager,
+    conn: ConnectionManager,
     breaker: &Breaker,
     key: &str,
     interval: Duration,
@@ -722,7 +872,12 @@ async fn gcra(
     inv.arg(interval.as_millis() as u64)
         .arg(tolerance.as_millis() as u64)
         .arg(pause.as_millis() as u64);
-    guarded(breaker, "rate limiter", inv.invoke_async::<i64>(&mut conn)).await
+    guarded(breaker, "rate limiter", || {
+        let mut conn = conn.clone();
+        let inv = &inv;
+        async move { inv.invoke_async::<i64>(&mut conn).await }
+    })
+    .await
 }
 
 /// True about once in 32 calls: how often the limiter refreshes its replica count.

@@ -154,22 +154,39 @@ impl RedisSink {
             metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => "redis").increment(1);
             e.to_string()
         })?;
-        let mut pipe = redis::pipe();
         // Search as far back as this batch plus a margin could reach.
         let scan = (BATCH * 2).to_string();
-        for p in &batch {
-            pipe.cmd("EVAL")
-                .arg(PUBLISH_ONCE)
-                .arg(1)
-                .arg(&p.stream)
-                .arg(&p.channel)
-                .arg(&*p.body)
-                .arg(&p.message_id)
-                .arg(self.max_len)
-                .arg(if p.uncertain { scan.as_str() } else { "0" });
-        }
+        let pipe = |all_uncertain: bool| {
+            let mut pipe = redis::pipe();
+            for p in &batch {
+                pipe.cmd("EVAL")
+                    .arg(PUBLISH_ONCE)
+                    .arg(1)
+                    .arg(&p.stream)
+                    .arg(&p.channel)
+                    .arg(&*p.body)
+                    .arg(&p.message_id)
+                    .arg(self.max_len)
+                    .arg(if p.uncertain || all_uncertain {
+                        scan.as_str()
+                    } else {
+                        "0"
+                    });
+            }
+            pipe
+        };
         let mut conn = self.conn.clone();
-        match pipe.query_async::<Vec<i64>>(&mut conn).await {
+        let mut result = pipe(false).query_async::<Vec<i64>>(&mut conn).await;
+        // A half-open probe on a dead connection gets a second try on the fresh one (see
+        // `coordination::redis`); the first may have been applied, so the retry looks for
+        // each message before adding it.
+        if let Err(e) = &result
+            && permit.is_probe()
+            && crate::coordination::redis::is_connection_error(e)
+        {
+            result = pipe(true).query_async::<Vec<i64>>(&mut conn).await;
+        }
+        match result {
             Ok(results) => {
                 permit.success();
                 let mut ob = self.outbox();

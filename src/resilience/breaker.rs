@@ -347,6 +347,12 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// Whether this call is a half-open probe (its outcome decides whether the breaker
+    /// closes).
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// The dependency answered properly.
     pub fn success(mut self) {
         if let Some(b) = self.breaker.take() {

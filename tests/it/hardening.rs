@@ -355,3 +355,157 @@ async fn the_dashboard_stream_follower_is_quiet_on_a_healthy_redis() {
     let (_, latest) = p.get("/api/signals/latest").await;
     assert_eq!(latest["total"], 1);
 }
+
+fn redis_cfg(url: &str, symbols: &str, more: &str) -> String {
+    format!(
+        "  symbols: [{symbols}]\n  coordination:\n    backend: redis\n    redis_url: {url}\n{more}"
+    )
+}
+
+/// Logs of the redis breaker's transitions, in order.
+fn redis_transitions(p: &Proc) -> Vec<String> {
+    p.logs_matching(|l| {
+        l["breaker"] == "redis"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("circuit breaker "))
+    })
+    .iter()
+    .map(|l| l["message"].as_str().unwrap_or("").to_string())
+    .collect()
+}
+
+/// Redis comes back while the breaker is open: the first half-open probe succeeds (it gets
+/// a second try on a fresh connection), so the breaker closes without opening again — and
+/// the locks this replica held when Redis died are re-taken at once, not left to expire.
+#[tokio::test]
+async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_are_ours() {
+    let market = crate::market_server::MarketServer::start().await;
+    // Symbols take 2 s, so Redis dies while they hold their locks.
+    market.set_default(crate::market_server::Behaviour {
+        delay: Duration::from_secs(2),
+        status: None,
+    });
+    let mut redis = crate::redis_server::RedisServer::start().await;
+    let extra = redis_cfg(
+        &redis.url(),
+        "ETH/USD, BTC/USD, SOL/USD",
+        &format!(
+            "  market_data:\n    source: coinbase\n    coinbase_url: {}\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 5\n      recovery_timeout_seconds: 60\n    redis:\n      failure_threshold: 1\n      recovery_timeout_seconds: 4\n",
+            market.url
+        ),
+    );
+    let p = Proc::spawn("run", &config("*/5 * * * * *", &extra), &[]).await;
+    p.wait_log(|l| l["message"] == "cycle started", Duration::from_secs(10))
+        .await;
+    // Every lock is taken; then Redis dies under them.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    redis.stop();
+    // Down long enough for a probe to fail and the client's own reconnect attempts to give
+    // up: the breaker opens, probes, and opens again.
+    p.wait_log_count(
+        |l| l["message"] == "circuit breaker OPEN" && l["breaker"] == "redis",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
+    // Back while the breaker is still open (recovery timeout 4 s).
+    redis.restart().await;
+    assert_eq!(
+        redis.keys("signal:lock:*").await.len(),
+        3,
+        "the locks held when Redis died survived its restart"
+    );
+    let before = redis_transitions(&p).len();
+    p.wait_log(
+        |l| l["message"] == "circuit breaker CLOSED, recovered" && l["breaker"] == "redis",
+        Duration::from_secs(20),
+    )
+    .await;
+    let after: Vec<String> = redis_transitions(&p)[before..].to_vec();
+    assert!(
+        !after.iter().any(|m| m == "circuit breaker OPEN"),
+        "the breaker opened again after Redis was back: {after:?}"
+    );
+    // The next cycle runs every symbol: the locks left from the outage were ours.
+    let done = |l: &Value| l["message"] == "cycle finished" && l["ok"] == 3;
+    let before = p.logs_matching(done).len();
+    p.wait_log_count(done, before + 1, Duration::from_secs(20))
+        .await;
+    assert!(
+        p.logs_matching(|l| l["message"] == "symbol still locked by a live owner, skipping")
+            .is_empty(),
+        "a lock of ours blocked its symbol after the outage"
+    );
+}
+
+/// A second process with the same `instance_id` refuses to start, naming the id; the first
+/// keeps its heartbeat and its locks.
+#[tokio::test]
+async fn a_duplicated_instance_id_is_refused_at_start() {
+    let redis = crate::redis_server::RedisServer::start().await;
+    let extra = redis_cfg(
+        &redis.url(),
+        "ETH/USD",
+        "  heartbeat:\n    ttl_seconds: 6\n    interval_seconds: 2\n",
+    );
+    let first = Proc::spawn(
+        "run",
+        &config("*/2 * * * * *", &extra),
+        &[("INSTANCE_ID", "twin")],
+    )
+    .await;
+    first
+        .wait_log(
+            |l| l["message"] == "cycle finished",
+            Duration::from_secs(10),
+        )
+        .await;
+    let cfg = write_config(&config("*/2 * * * * *", &extra));
+    let mut second = Proc::spawn_raw(
+        &["run", "--config", cfg.path.to_str().unwrap()],
+        &[("INSTANCE_ID", "twin")],
+    );
+    let code = second.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(code, 1, "the twin must not run");
+    let err = second
+        .wait_log(|l| l["message"] == "cannot start", Duration::from_secs(1))
+        .await;
+    let text = err["error"].as_str().unwrap();
+    assert!(
+        text.contains("\"twin\"") && text.contains("already used by a live process"),
+        "{text}"
+    );
+    // The first is untouched: its heartbeat is there, and it keeps running cycles.
+    assert_eq!(
+        redis.keys("runner:heartbeat:*").await,
+        vec!["runner:heartbeat:twin"]
+    );
+    let n = first
+        .logs_matching(|l| l["message"] == "cycle finished")
+        .len();
+    first
+        .wait_log_count(
+            |l| l["message"] == "cycle finished",
+            n + 1,
+            Duration::from_secs(10),
+        )
+        .await;
+    // After a SIGKILL of the first, a process with the same id may start (its heartbeat is
+    // not refreshed any more) and takes over at once.
+    let mut first = first;
+    first.signal("KILL");
+    let _ = first.wait_exit(Duration::from_secs(10)).await;
+    let third = Proc::spawn(
+        "run",
+        &config("*/2 * * * * *", &extra),
+        &[("INSTANCE_ID", "twin")],
+    )
+    .await;
+    third
+        .wait_log(
+            |l| l["message"] == "cycle finished" && l["ok"] == 1,
+            Duration::from_secs(30),
+        )
+        .await;
+}
