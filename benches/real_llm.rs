@@ -60,7 +60,7 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "| {} | {}/{} | {}/{} ({:.1} %) | {:.1} s | {:.1} s | {:.2} | {:.0} ({:.1} %) |",
+            "| {} | {}/{} | {}/{} ({:.1} %) | {:.1} s | {:.1} s | {:.2} | {} ({:.1} %) |",
             if self.hedging { "on" } else { "off" },
             self.ticks_run,
             self.ticks_due,
@@ -70,8 +70,8 @@ impl std::fmt::Display for Report {
             self.fresh_p50,
             self.fresh_p95,
             self.requests as f64 / self.published.max(1) as f64,
-            self.hedges,
-            100.0 * self.hedges / (self.requests as f64 - self.hedges).max(1.0),
+            self.hedges.max(0.0) as u64,
+            100.0 * self.hedges.max(0.0) / (self.requests as f64 - self.hedges).max(1.0),
         )
     }
 }

@@ -66,6 +66,8 @@ pub struct App {
     coord: Arc<dyn Coordination>,
     publisher: Arc<Publisher>,
     sink: Option<Arc<RedisSink>>,
+    /// With Redis: a client for out-of-band health checks, and the breaker they speed up.
+    redis_watch: Option<(redis::Client, Breaker)>,
     transports: Vec<Arc<dyn agents::llm::Transport>>,
     listener: TcpListener,
     http_state: http::AppState,
@@ -107,6 +109,7 @@ impl App {
         );
         let mut sink: Option<Arc<RedisSink>> = None;
         let mut redis_breaker: Option<Breaker> = None;
+        let mut redis_watch: Option<(redis::Client, Breaker)> = None;
         let mut limiter: Arc<dyn AgentRateLimiter> = Arc::new(resilience::RateLimiter::new(
             cfg.agents.requests_per_minute,
             cfg.agents.burst,
@@ -146,6 +149,9 @@ impl App {
                     timing.heartbeat_ttl,
                 ));
                 redis_breaker = Some(breaker.clone());
+                redis_watch = redis::Client::open(cfg.coordination.redis_url.expose())
+                    .ok()
+                    .map(|c| (c, breaker.clone()));
                 sink = Some(RedisSink::new(
                     conn.clone(),
                     breaker.clone(),
@@ -276,6 +282,7 @@ impl App {
             coord,
             publisher,
             sink,
+            redis_watch,
             transports: setup.probes.clone(),
             listener,
             http_state,
@@ -295,6 +302,7 @@ impl App {
             coord,
             publisher,
             sink,
+            redis_watch,
             transports,
             listener,
             http_state,
@@ -338,6 +346,9 @@ impl App {
         let deliverer = sink
             .as_ref()
             .map(|s| tokio::spawn(s.clone().run(background.clone())));
+        if let Some((client, breaker)) = redis_watch {
+            tokio::spawn(watch_redis_recovery(client, breaker, background.clone()));
+        }
         // With Redis, SSE serves every replica's signals: follow the dashboard stream.
         let follower = tokio::spawn(publisher.hub().clone().follow_redis(background.clone()));
         tracing::info!(
@@ -464,6 +475,37 @@ fn log_listening(l: &TcpListener) {
     match l.local_addr() {
         Ok(addr) => tracing::info!(addr = %addr, "HTTP server listening"),
         Err(e) => tracing::warn!(error = %e, "HTTP listener has no local address"),
+    }
+}
+
+/// While the Redis breaker is open, checks every second on a fresh connection whether Redis
+/// answers again, and lets the breaker probe at once when it does — instead of waiting out
+/// the rest of `recovery_timeout_seconds` (30 s) while Redis is already back.
+async fn watch_redis_recovery(client: redis::Client, breaker: Breaker, stop: CancellationToken) {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if breaker.state() != resilience::BreakerState::Open {
+            continue;
+        }
+        let answered = async {
+            let mut c = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .ok()?;
+            redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+        }
+        .await
+        .is_some();
+        if answered {
+            tracing::info!("Redis answers again; probing it now");
+            breaker.probe_now();
+        }
     }
 }
 

@@ -212,6 +212,20 @@ impl Breaker {
         }
     }
 
+    /// OPEN → HALF_OPEN now, before the recovery timeout: an out-of-band health check saw
+    /// the dependency answer again, so waiting out the rest of the timeout would only delay
+    /// recovery. Real calls still decide whether it closes. No-op in any other state.
+    pub fn probe_now(&self) {
+        if self.settings.mode != BreakerMode::Normal {
+            return;
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if inner.state == BreakerState::Open {
+            self.transition(&mut inner, BreakerState::HalfOpen, now);
+        }
+    }
+
     /// Asks to make one call. Hold the permit for the duration of the call and report its
     /// outcome with [`Permit::success`] or [`Permit::failure`].
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {
@@ -528,5 +542,34 @@ mod tests {
                 BreakerState::Closed
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probe_now_skips_the_rest_of_the_recovery_timeout_only_when_open() {
+        let b = Breaker::new(
+            "redis",
+            BreakerSettings {
+                failure_threshold: 1,
+                recovery_timeout: Duration::from_secs(30),
+                half_open_max_calls: 1,
+                success_threshold: 1,
+                mode: BreakerMode::Normal,
+            },
+        );
+        b.probe_now();
+        assert_eq!(b.state(), BreakerState::Closed, "closed stays closed");
+        b.try_acquire().expect("closed").failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            b.try_acquire().is_err(),
+            "still within the recovery timeout"
+        );
+        b.probe_now();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let p = b.try_acquire().expect("a probe");
+        assert!(p.is_probe());
+        p.success();
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 }

@@ -375,8 +375,10 @@ fn redis_transitions(p: &Proc) -> Vec<String> {
     .collect()
 }
 
-/// Redis comes back while the breaker is open: the first half-open probe succeeds (it gets
-/// a second try on a fresh connection), so the breaker closes without opening again — and
+/// Redis comes back while the breaker is open: a health check on a fresh connection sees it
+/// within a second and lets the breaker probe at once (not after the rest of its 30 s), the
+/// first probe succeeds (it gets a second try on a fresh connection), so the breaker closes
+/// without opening again — and
 /// the locks this replica held when Redis died are re-taken at once, not left to expire.
 #[tokio::test]
 async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_are_ours() {
@@ -391,7 +393,7 @@ async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_a
         &redis.url(),
         "ETH/USD, BTC/USD, SOL/USD",
         &format!(
-            "  market_data:\n    source: coinbase\n    coinbase_url: {}\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 5\n      recovery_timeout_seconds: 60\n    redis:\n      failure_threshold: 1\n      recovery_timeout_seconds: 4\n",
+            "  market_data:\n    source: coinbase\n    coinbase_url: {}\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 5\n      recovery_timeout_seconds: 60\n    redis:\n      failure_threshold: 1\n      recovery_timeout_seconds: 30\n",
             market.url
         ),
     );
@@ -401,15 +403,14 @@ async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_a
     // Every lock is taken; then Redis dies under them.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     redis.stop();
-    // Down long enough for a probe to fail and the client's own reconnect attempts to give
-    // up: the breaker opens, probes, and opens again.
-    p.wait_log_count(
+    p.wait_log(
         |l| l["message"] == "circuit breaker OPEN" && l["breaker"] == "redis",
-        2,
         Duration::from_secs(20),
     )
     .await;
-    // Back while the breaker is still open (recovery timeout 4 s).
+    // Down a few seconds more (the client's own reconnect attempts give up), then back while
+    // the breaker is still open: its recovery timeout is 30 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     redis.restart().await;
     assert_eq!(
         redis.keys("signal:lock:*").await.len(),
@@ -417,11 +418,17 @@ async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_a
         "the locks held when Redis died survived its restart"
     );
     let before = redis_transitions(&p).len();
+    // Closed well before the 30 s recovery timeout: the out-of-band health check saw Redis
+    // answer and let the breaker probe at once, and the probe succeeded.
     p.wait_log(
         |l| l["message"] == "circuit breaker CLOSED, recovered" && l["breaker"] == "redis",
         Duration::from_secs(20),
     )
     .await;
+    assert!(
+        !p.logs_matching(|l| l["message"] == "Redis answers again; probing it now")
+            .is_empty()
+    );
     let after: Vec<String> = redis_transitions(&p)[before..].to_vec();
     assert!(
         !after.iter().any(|m| m == "circuit breaker OPEN"),

@@ -1,0 +1,136 @@
+//! Recovery from Redis outages and idle-connection floods, on the release binary.
+//!
+//! `cargo build --release && cargo bench --bench outage`
+//!
+//! 1. Outages of 15, 30 and 60 s (Redis killed, then restarted with its data) under a 1 s
+//!    schedule and the default Redis breaker (3 failures, 30 s recovery): the time from Redis
+//!    answering again to the first cycle that completes a symbol (target ≤ 5 s + one tick).
+//! 2. 2,000 idle connections (nothing sent, half a header, or a request and then silence):
+//!    the runner's resident memory with them open, and how many are still open 60 s later
+//!    (target 0; headers must arrive within 10 s).
+
+// A benchmark is a tool run by hand: a failed setup step aborts it with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+#[path = "../tests/it/redis_server.rs"]
+#[allow(dead_code)]
+mod redis_server;
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        outages().await;
+        idle_flood().await;
+    });
+}
+
+async fn outages() {
+    let mut redis = redis_server::RedisServer::start().await;
+    let yaml = format!(
+        "autonomous_runner:\n  schedule: \"* * * * * *\"\n  symbols: [ETH/USD, BTC/USD, SOL/USD]\n  http:\n    bind: 127.0.0.1\n    port: 0\n  coordination:\n    backend: redis\n    redis_url: {}\n",
+        redis.url()
+    );
+    let runner = support::Runner::spawn(&yaml, &[]);
+    // Let it settle.
+    wait_cycle_after(&runner, Instant::now(), Duration::from_secs(20));
+    println!("| outage | Redis back → first completed cycle |");
+    println!("|---|---|");
+    for secs in [15u64, 30, 60] {
+        redis.stop();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        redis.restart().await;
+        let back = Instant::now();
+        let done = wait_cycle_after(&runner, back, Duration::from_secs(120));
+        println!(
+            "| {secs} s | {:.1} s |",
+            done.duration_since(back).as_secs_f64()
+        );
+        // Steady again before the next outage.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    runner.stop();
+}
+
+/// The instant a `cycle finished` line with at least one symbol done arrives after `after`.
+fn wait_cycle_after(runner: &support::Runner, after: Instant, timeout: Duration) -> Instant {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(v) = runner.lines.recv_timeout(Duration::from_millis(100)) {
+            let now = Instant::now();
+            if now >= after && v["message"] == "cycle finished" && v["ok"].as_u64().unwrap_or(0) > 0
+            {
+                return now;
+            }
+        }
+    }
+    panic!("no completed cycle within {timeout:?}");
+}
+
+async fn idle_flood() {
+    let yaml = "autonomous_runner:\n  schedule: \"*/10 * * * * *\"\n  symbols: [ETH/USD]\n  http:\n    bind: 127.0.0.1\n    port: 0\n";
+    let runner = support::Runner::spawn(yaml, &[]);
+    let addr = runner
+        .base
+        .trim_start_matches("http://")
+        .replace("0.0.0.0", "127.0.0.1");
+    let rss_before = runner.rss_kib().unwrap_or(0);
+    let mut socks = Vec::new();
+    for i in 0..2000 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+            continue;
+        };
+        match i % 3 {
+            0 => {}
+            1 => {
+                let _ = s
+                    .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .await;
+            }
+            _ => {
+                let _ = s
+                    .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await;
+            }
+        }
+        socks.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_flood = runner.rss_kib().unwrap_or(0);
+    let server_fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let fds_flood = server_fds(runner.pid());
+    tokio::time::sleep(Duration::from_secs(58)).await;
+    // Still open from our side = the server has not closed it (a read would see EOF).
+    let mut open = 0;
+    for s in &socks {
+        let mut buf = [0u8; 1];
+        match s.try_read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+            _ => {}
+        }
+    }
+    let fds_after = server_fds(runner.pid());
+    println!(
+        "\n{} idle connections opened: RSS {:.1} MiB before, {:.1} MiB with them open ({} server fds); after 60 s: {} still open ({} server fds)",
+        socks.len(),
+        rss_before as f64 / 1024.0,
+        rss_flood as f64 / 1024.0,
+        fds_flood,
+        open,
+        fds_after
+    );
+    runner.stop();
+}
