@@ -319,16 +319,42 @@ impl BudgetWindow {
 }
 
 /// Tokens set aside for one call in flight; give it back with [`TokenBudget::settle`].
-#[derive(Debug, PartialEq, Eq)]
-#[must_use = "a reservation must be settled, or its tokens stay reserved"]
+///
+/// A reservation dropped unsettled — the call was cancelled in flight, at a deadline or by
+/// shutdown — is charged in full: the provider may well bill a request we stopped waiting
+/// for, and charging the worst case keeps the budget from being overshot.
+#[must_use = "settle a reservation with what the call used"]
 pub struct Reservation {
+    budget: Option<Arc<TokenBudget>>,
     tokens: u64,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+impl PartialEq for Reservation {
+    fn eq(&self, other: &Self) -> bool {
+        self.tokens == other.tokens
+    }
 }
 
 impl Reservation {
     /// Tokens reserved.
     pub fn tokens(&self) -> u64 {
         self.tokens
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(b) = self.budget.take() {
+            b.finish(self.tokens, self.tokens, Utc::now());
+        }
     }
 }
 
@@ -376,7 +402,11 @@ impl TokenBudget {
     }
 
     /// Sets `tokens` aside for a call, or says which window cannot hold them.
-    pub fn reserve(&self, tokens: u64, now: DateTime<Utc>) -> Result<Reservation, BudgetWindow> {
+    pub fn reserve(
+        self: &Arc<Self>,
+        tokens: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Reservation, BudgetWindow> {
         let mut st = self.lock();
         Self::roll(&mut st, now);
         st.typical = tokens;
@@ -384,19 +414,27 @@ impl TokenBudget {
             return Err(w);
         }
         st.reserved += tokens;
-        Ok(Reservation { tokens })
+        Ok(Reservation {
+            budget: Some(self.clone()),
+            tokens,
+        })
     }
 
     /// The call is over: its reservation is released and `used` tokens are spent.
-    pub fn settle(&self, r: Reservation, used: u64, now: DateTime<Utc>) {
+    pub fn settle(&self, mut r: Reservation, used: u64, now: DateTime<Utc>) {
+        r.budget = None;
+        self.finish(r.tokens, used, now);
+    }
+
+    fn finish(&self, reserved: u64, used: u64, now: DateTime<Utc>) {
         let mut st = self.lock();
         Self::roll(&mut st, now);
-        st.reserved = st.reserved.saturating_sub(r.tokens);
-        if used > r.tokens {
+        st.reserved = st.reserved.saturating_sub(reserved);
+        if used > reserved {
             // Only a provider that ignores `max_tokens` gets here; it is charged all the same.
             tracing::warn!(
                 used,
-                reserved = r.tokens,
+                reserved,
                 "an LLM call used more tokens than it reserved"
             );
         }
@@ -1074,7 +1112,7 @@ mod tests {
 
     #[test]
     fn budget_windows_roll() {
-        let b = TokenBudget::new(Some(100), Some(250));
+        let b = Arc::new(TokenBudget::new(Some(100), Some(250)));
         let t: DateTime<Utc> = "2026-11-28T10:59:00Z".parse().expect("t");
         assert_eq!(b.exhausted(t), None);
         let r = b.reserve(100, t).expect("fits exactly");
@@ -1100,7 +1138,7 @@ mod tests {
     #[test]
     fn reservations_keep_calls_in_flight_from_overshooting() {
         let t: DateTime<Utc> = "2026-11-28T10:00:00Z".parse().expect("t");
-        let b = TokenBudget::new(Some(1000), None);
+        let b = Arc::new(TokenBudget::new(Some(1000), None));
         // Three calls at once, each reserving 400: the third would not fit beside the two.
         let r1 = b.reserve(400, t).expect("first");
         let r2 = b.reserve(400, t).expect("second");
@@ -1121,10 +1159,14 @@ mod tests {
         assert_eq!(b.used(t).0, 720);
         assert_eq!(b.exhausted(t), Some(BudgetWindow::Hour));
         // A call given up before it was sent gives its whole reservation back.
-        let b = TokenBudget::new(Some(500), None);
+        let b = Arc::new(TokenBudget::new(Some(500), None));
         let r = b.reserve(500, t).expect("fits");
         b.settle(r, 0, t);
         assert_eq!((b.used(t).0, b.reserved()), (0, 0));
+        // A call cancelled in flight (its reservation dropped unsettled) is charged in full.
+        let r = b.reserve(300, Utc::now()).expect("fits");
+        drop(r);
+        assert_eq!((b.used(Utc::now()).0, b.reserved()), (300, 0));
     }
 
     #[test]
