@@ -224,13 +224,7 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
             "autonomous_runner_signal_generation_skipped_total",
             &[("symbol", s)],
         );
-        // OpenCode's StructuredOutput tool enforces `additionalProperties: false` itself (and
-        // asks the model again until the deadline): an extra field never reaches the runner.
-        let expect = if *s == "H12/USD" {
-            Expect::Rejected
-        } else {
-            *expect
-        };
+        let expect = *expect;
         if expect == Expect::Repaired {
             assert_eq!(counted, 0.0, "{s} should be repaired");
             let sig = latest["signals"]
@@ -255,11 +249,14 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
             assert!(counted >= 1.0, "{s} was neither rejected nor counted");
         }
     }
-    // Answers that reached `info.structured` broke the schema and say so.
+    // The rejected answers that reach `info.structured` (H0 an unknown action, H1/H2 a
+    // confidence out of range, H4 a missing field, H5 the wrong symbol) are rejected by the
+    // runner and say so; the rest never get past OpenCode (prose, fences, broken bodies end
+    // as timeouts). H6 and H12 are repaired now, no longer rejected.
     let invalid = metric(
         &m,
         "autonomous_runner_signal_generation_skipped_total",
         &[("reason", "invalid_output")],
     );
-    assert!(invalid >= 6.0, "{invalid} invalid_output");
+    assert!(invalid >= 5.0, "{invalid} invalid_output");
 }
