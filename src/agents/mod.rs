@@ -18,7 +18,7 @@ pub mod openrouter;
 pub mod repair;
 pub mod rules;
 pub mod setup;
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
 use std::sync::Arc;

@@ -6,7 +6,8 @@
 //!   one store inside a test.
 //! - [`redis`]: Redis (or Redis Cluster); any number of replicas.
 //!
-//! [`contract`] is the suite both backends pass (used by their tests).
+//! `contract` is the suite both backends pass (used by their tests; compiled only for tests
+//! and with the `test-support` feature).
 
 pub mod memory;
 pub mod redis;
@@ -143,4 +144,5 @@ pub struct LockTiming {
 }
 
 #[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod contract;
