@@ -235,10 +235,19 @@ pub fn config(schedule: &str, extra: &str) -> String {
 
 /// Parses a metric line value from Prometheus text: the sum over series whose line starts with
 /// `name{` and contains every `label="value"` of `labels`.
+///
+/// Panics when no series of `name` exists at all: a renamed or never-registered metric must
+/// fail the test, not read as 0. (A label combination with no series of its own sums to 0:
+/// "ETH/USD was never skipped for invalid_output" is a real zero.)
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
+    let series: Vec<&str> = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .collect();
+    assert!(!series.is_empty(), "no series named {name} in /metrics");
+    series
+        .iter()
         .filter(|l| {
             labels
                 .iter()

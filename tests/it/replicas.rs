@@ -97,7 +97,7 @@ async fn three_replicas_run_every_tick_exactly_once() {
             runners += 1;
         }
     }
-    assert!(runners >= 2, "only {runners} replica(s) ever ran a tick");
+    assert_eq!(runners, 3, "only {runners} replica(s) ever ran a tick");
 }
 
 #[tokio::test]
