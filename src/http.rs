@@ -301,19 +301,19 @@ impl IntoResponse for Refusal {
 /// same-host proxy or sidecar every outside client arrives from loopback. `admin_loopback`
 /// applies only when no token is configured.
 fn authorize(
-    s: &AppState,
+    admin: &AdminAccess,
     peer: SocketAddr,
     headers: &HeaderMap,
     what: &str,
 ) -> Result<&'static str, Refusal> {
-    let configured = !s.admin.token.is_empty();
+    let configured = !admin.token.is_empty();
     if configured {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         return match presented {
-            Some(p) if same(p.as_bytes(), s.admin.token.expose().as_bytes()) => Ok("token"),
+            Some(p) if same(p.as_bytes(), admin.token.expose().as_bytes()) => Ok("token"),
             Some(_) => {
                 tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: invalid bearer token");
                 Err(Refusal::Unauthorized("invalid token"))
@@ -324,7 +324,7 @@ fn authorize(
             }
         };
     }
-    if s.admin.loopback && peer.ip().is_loopback() {
+    if admin.loopback && peer.ip().is_loopback() {
         return Ok("loopback");
     }
     tracing::warn!(peer = %peer.ip(), endpoint = what, "admin request refused: not a loopback peer and no token configured");
@@ -365,7 +365,7 @@ async fn shutdown(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    match authorize(&s, peer, &headers, "/shutdown") {
+    match authorize(&s.admin, peer, &headers, "/shutdown") {
         Ok(via) => {
             tracing::info!(peer = %peer.ip(), via, "shutdown requested over HTTP");
             s.shutdown_request.cancel();
@@ -396,7 +396,7 @@ async fn kill_switch_on(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let via = match authorize(&s, peer, &headers, "POST /api/kill-switch") {
+    let via = match authorize(&s.admin, peer, &headers, "POST /api/kill-switch") {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
@@ -431,7 +431,7 @@ async fn kill_switch_off(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&s, peer, &headers, "DELETE /api/kill-switch") {
+    if let Err(r) = authorize(&s.admin, peer, &headers, "DELETE /api/kill-switch") {
         return r.into_response();
     }
     let off = crate::coordination::KillSwitch {
@@ -501,34 +501,39 @@ pub async fn watch_status(s: AppState, every: std::time::Duration, stop: Cancell
     }
 }
 
-async fn readiness(s: &AppState) -> (bool, Value) {
-    let v = s.runner.view();
+/// What readiness is judged from, gathered from the live parts by [`readiness`].
+#[derive(Debug, Clone, Default)]
+struct ReadinessFacts {
+    /// The tick loop runs and shutdown has not begun.
+    scheduler_running: bool,
+    /// No backpressure cooldown.
+    not_in_cooldown: bool,
+    /// The coordination backend answers (or why not).
+    coordination: Option<String>,
+    /// LLM breakers that are open.
+    open_llm_breakers: Vec<String>,
+    /// A 401/402 from the provider, not yet followed by a success.
+    auth_error: Option<String>,
+    /// The spent budget window, if any.
+    budget_spent: Option<&'static str>,
+    /// `agents.fallback: rules`.
+    fallback_rules: bool,
+    /// Backends with a health check of their own (`opencode`), and its result.
+    probes: Vec<(&'static str, Result<(), String>)>,
+}
+
+/// Readiness from its facts: `(ready, body)`. Pure, so every combination is testable.
+fn judge(f: &ReadinessFacts) -> (bool, Value) {
     let mut reasons = serde_json::Map::new();
-    let coord_ok = match s.coord.ping().await {
-        Ok(()) => v.coordination_error.is_none(),
-        Err(e) => {
-            reasons.insert("coordination_connected".into(), json!(e.to_string()));
-            false
-        }
-    };
-    if let Some(e) = &v.coordination_error {
+    let mut degraded = serde_json::Map::new();
+    if let Some(e) = &f.coordination {
         reasons.insert("coordination_connected".into(), json!(e));
     }
-    let open: Vec<String> = s
-        .breakers
-        .iter()
-        .filter(|b| b.name().starts_with("llm_") && b.state() == BreakerState::Open)
-        .map(|b| b.name().to_string())
-        .collect();
-    let mut degraded = serde_json::Map::new();
     // With the rules fallback serving, an LLM incident degrades the signals but the service
     // is up: the dashboard and SSE must stay in the load balancer. Without one, nothing can be
     // produced, and the probe says so.
-    let llm_problem = |key: &str,
-                       why: String,
-                       reasons: &mut serde_json::Map<String, Value>,
-                       degraded: &mut serde_json::Map<String, Value>| {
-        if s.fallback_rules {
+    let mut llm_problem = |key: &str, why: String| {
+        if f.fallback_rules {
             degraded.insert(
                 key.into(),
                 json!(format!("{why}; the rules fallback is serving")),
@@ -537,54 +542,45 @@ async fn readiness(s: &AppState) -> (bool, Value) {
             reasons.insert(key.into(), json!(why));
         }
     };
-    if !open.is_empty() {
+    if !f.open_llm_breakers.is_empty() {
         llm_problem(
             "circuit_breaker_closed",
-            format!("open: {}", open.join(", ")),
-            &mut reasons,
-            &mut degraded,
+            format!("open: {}", f.open_llm_breakers.join(", ")),
         );
     }
-    let auth = s.llm_health.auth_error();
-    if let Some(a) = &auth {
-        reasons.insert("llm_credentials_valid".into(), json!(a));
-    }
-    let spent = s.budget.exhausted(chrono::Utc::now());
-    if let Some(w) = spent {
+    if let Some(w) = f.budget_spent {
         llm_problem(
             "llm_budget_available",
-            format!("the token budget for this {} is spent", w.as_str()),
-            &mut reasons,
-            &mut degraded,
+            format!("the token budget for this {w} is spent"),
         );
     }
-    let mut checks = json!({
-        "scheduler_running": v.ticking && !v.shutting_down,
-        "circuit_breaker_closed": open.is_empty() || s.fallback_rules,
-        "not_in_cooldown": v.cooldown_cycles_remaining == 0,
-        "coordination_connected": coord_ok,
-        "llm_credentials_valid": auth.is_none(),
-        "llm_budget_available": spent.is_none() || s.fallback_rules,
-    });
-    for p in &s.probes {
-        let r = p.health().await;
-        if let Err(e) = &r {
-            reasons.insert(format!("{}_healthy", p.backend()), json!(e));
-        }
-        checks[format!("{}_healthy", p.backend())] = json!(r.is_ok());
+    if let Some(a) = &f.auth_error {
+        reasons.insert("llm_credentials_valid".into(), json!(a));
     }
-    let ok = checks
-        .as_object()
-        .is_some_and(|m| m.values().all(|v| v.as_bool() == Some(true)));
-    let failing: Vec<&String> = checks
+    let mut checks = json!({
+        "scheduler_running": f.scheduler_running,
+        "circuit_breaker_closed": f.open_llm_breakers.is_empty() || f.fallback_rules,
+        "not_in_cooldown": f.not_in_cooldown,
+        "coordination_connected": f.coordination.is_none(),
+        "llm_credentials_valid": f.auth_error.is_none(),
+        "llm_budget_available": f.budget_spent.is_none() || f.fallback_rules,
+    });
+    for (backend, r) in &f.probes {
+        if let Err(e) = r {
+            reasons.insert(format!("{backend}_healthy"), json!(e));
+        }
+        checks[format!("{backend}_healthy")] = json!(r.is_ok());
+    }
+    let failing: Vec<String> = checks
         .as_object()
         .map(|m| {
             m.iter()
                 .filter(|(_, v)| v.as_bool() != Some(true))
-                .map(|(k, _)| k)
+                .map(|(k, _)| k.clone())
                 .collect()
         })
         .unwrap_or_default();
+    let ok = failing.is_empty();
     (
         ok,
         json!({
@@ -596,6 +592,33 @@ async fn readiness(s: &AppState) -> (bool, Value) {
             "degraded_reasons": degraded,
         }),
     )
+}
+
+async fn readiness(s: &AppState) -> (bool, Value) {
+    let v = s.runner.view();
+    let coordination = match s.coord.ping().await {
+        Ok(()) => v.coordination_error.clone(),
+        Err(e) => Some(e.to_string()),
+    };
+    let mut probes = vec![];
+    for p in &s.probes {
+        probes.push((p.backend(), p.health().await));
+    }
+    judge(&ReadinessFacts {
+        scheduler_running: v.ticking && !v.shutting_down,
+        not_in_cooldown: v.cooldown_cycles_remaining == 0,
+        coordination,
+        open_llm_breakers: s
+            .breakers
+            .iter()
+            .filter(|b| b.name().starts_with("llm_") && b.state() == BreakerState::Open)
+            .map(|b| b.name().to_string())
+            .collect(),
+        auth_error: s.llm_health.auth_error(),
+        budget_spent: s.budget.exhausted(chrono::Utc::now()).map(|w| w.as_str()),
+        fallback_rules: s.fallback_rules,
+        probes,
+    })
 }
 
 async fn ready(State(s): State<AppState>) -> Response {
@@ -808,6 +831,184 @@ async fn cycles(State(s): State<AppState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_as_a_table() {
+        let healthy = ReadinessFacts {
+            scheduler_running: true,
+            not_in_cooldown: true,
+            ..Default::default()
+        };
+        let open = vec!["llm_openrouter".to_string()];
+        // (facts, ready, degraded, failing checks)
+        let table: Vec<(ReadinessFacts, bool, bool, Vec<&str>)> = vec![
+            (healthy.clone(), true, false, vec![]),
+            (
+                ReadinessFacts {
+                    scheduler_running: false,
+                    ..healthy.clone()
+                },
+                false,
+                false,
+                vec!["scheduler_running"],
+            ),
+            (
+                ReadinessFacts {
+                    not_in_cooldown: false,
+                    ..healthy.clone()
+                },
+                false,
+                false,
+                vec!["not_in_cooldown"],
+            ),
+            (
+                ReadinessFacts {
+                    coordination: Some("redis down".into()),
+                    ..healthy.clone()
+                },
+                false,
+                false,
+                vec!["coordination_connected"],
+            ),
+            // An LLM incident without a fallback: not ready.
+            (
+                ReadinessFacts {
+                    open_llm_breakers: open.clone(),
+                    ..healthy.clone()
+                },
+                false,
+                false,
+                vec!["circuit_breaker_closed"],
+            ),
+            (
+                ReadinessFacts {
+                    budget_spent: Some("hour"),
+                    ..healthy.clone()
+                },
+                false,
+                false,
+                vec!["llm_budget_available"],
+            ),
+            // With the rules fallback: degraded, still ready.
+            (
+                ReadinessFacts {
+                    open_llm_breakers: open.clone(),
+                    fallback_rules: true,
+                    ..healthy.clone()
+                },
+                true,
+                true,
+                vec![],
+            ),
+            (
+                ReadinessFacts {
+                    budget_spent: Some("day"),
+                    fallback_rules: true,
+                    ..healthy.clone()
+                },
+                true,
+                true,
+                vec![],
+            ),
+            // A rejected key is not something a fallback hides.
+            (
+                ReadinessFacts {
+                    auth_error: Some("401".into()),
+                    fallback_rules: true,
+                    ..healthy.clone()
+                },
+                false,
+                false,
+                vec!["llm_credentials_valid"],
+            ),
+            (
+                ReadinessFacts {
+                    probes: vec![("opencode", Err("down".into()))],
+                    ..healthy.clone()
+                },
+                false,
+                false,
+                vec!["opencode_healthy"],
+            ),
+            (
+                ReadinessFacts {
+                    probes: vec![("opencode", Ok(()))],
+                    ..healthy.clone()
+                },
+                true,
+                false,
+                vec![],
+            ),
+        ];
+        for (i, (facts, ready, degraded, failing)) in table.into_iter().enumerate() {
+            let (ok, body) = judge(&facts);
+            assert_eq!(ok, ready, "row {i}: {body}");
+            assert_eq!(body["degraded"], degraded, "row {i}: {body}");
+            assert_eq!(body["failing"], json!(failing), "row {i}: {body}");
+            for key in failing {
+                assert!(
+                    body["reasons"].get(key).is_some()
+                        || key == "scheduler_running"
+                        || key == "not_in_cooldown",
+                    "row {i}: no reason for {key}: {body}"
+                );
+            }
+            if degraded {
+                assert!(
+                    !body["degraded_reasons"]
+                        .as_object()
+                        .expect("map")
+                        .is_empty()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn who_may_call_the_admin_endpoints() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let remote: SocketAddr = "10.1.2.3:5000".parse().expect("addr");
+        let access = |token: &str, loopback: bool| AdminAccess {
+            token: crate::config::Secret::new(token),
+            loopback,
+        };
+        let bearer = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {t}").parse().expect("header"),
+            );
+            h
+        };
+        let none = HeaderMap::new();
+        // (token configured, admin_loopback, peer, headers, expected)
+        let table: Vec<(&str, bool, SocketAddr, HeaderMap, Result<&str, u16>)> = vec![
+            // A token is configured: it is required from everyone, loopback included.
+            ("s3cret", true, local, none.clone(), Err(401)),
+            ("s3cret", true, local, bearer("wrong"), Err(401)),
+            ("s3cret", true, local, bearer("s3cret"), Ok("token")),
+            ("s3cret", false, remote, bearer("s3cret"), Ok("token")),
+            ("s3cret", true, remote, none.clone(), Err(401)),
+            ("s3cret", true, remote, bearer("s3cre"), Err(401)),
+            // No token: loopback only, and only when allowed.
+            ("", true, local, none.clone(), Ok("loopback")),
+            ("", true, local, bearer("anything"), Ok("loopback")),
+            ("", true, remote, none.clone(), Err(403)),
+            ("", false, local, none.clone(), Err(403)),
+            ("", false, remote, bearer("anything"), Err(403)),
+        ];
+        for (i, (token, loopback, peer, headers, want)) in table.into_iter().enumerate() {
+            let got =
+                authorize(&access(token, loopback), peer, &headers, "test").map_err(|r| match r {
+                    Refusal::Unauthorized(_) => 401,
+                    Refusal::Forbidden => 403,
+                });
+            assert_eq!(
+                got, want,
+                "row {i}: token {token:?}, loopback {loopback}, peer {peer}"
+            );
+        }
+    }
 
     #[test]
     fn only_a_well_formed_kill_switch_request_is_taken() {
