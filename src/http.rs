@@ -981,8 +981,9 @@ mod tests {
             h
         };
         let none = HeaderMap::new();
-        // (token configured, admin_loopback, peer, headers, expected)
-        let table: Vec<(&str, bool, SocketAddr, HeaderMap, Result<&str, u16>)> = vec![
+        /// (token configured, admin_loopback, peer, headers, expected: how admitted or the status)
+        type Row = (&'static str, bool, SocketAddr, HeaderMap, Result<&'static str, u16>);
+        let table: Vec<Row> = vec![
             // A token is configured: it is required from everyone, loopback included.
             ("s3cret", true, local, none.clone(), Err(401)),
             ("s3cret", true, local, bearer("wrong"), Err(401)),
