@@ -644,6 +644,53 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_lock_lost_mid_symbol_stops_the_work_and_publishes_nothing_more() {
+        // A takes 60 s; its lock (TTL 90 s) is extended every 30 s. At 10 s another instance
+        // takes it over (our heartbeat is missing, as after a long pause of this process):
+        // the extension at 30 s fails and A stops there, B is unaffected.
+        let store = MemoryStore::new();
+        let (c, _, publisher) = setup(&[("A/USD", 60_000), ("B/USD", 10)], store.clone());
+        let thief = MemoryCoordination::new(store.clone(), "thief", timing());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            thief.heartbeat().await.unwrap();
+            assert_eq!(
+                thief.acquire_lock("A/USD").await.unwrap(),
+                LockOutcome::Recovered(crate::coordination::StaleReason::HeartbeatMissing)
+            );
+        });
+        let t0 = Instant::now();
+        let r = c
+            .run_cycle(&plan(2, 120_000, 200_000), &CancellationToken::new())
+            .await;
+        let a = r
+            .results
+            .iter()
+            .find(|(s, _)| s == "A/USD")
+            .map(|(_, r)| r.clone());
+        assert!(
+            matches!(
+                a,
+                Some(SymbolResult::Failed {
+                    reason: "lock_lost",
+                    ..
+                })
+            ),
+            "{a:?}"
+        );
+        assert_eq!(Instant::now().duration_since(t0), Duration::from_secs(30));
+        assert_eq!(r.ok(), 1, "B completed");
+        let published: Vec<String> = publisher.latest().into_iter().map(|m| m.symbol).collect();
+        assert!(
+            !published.contains(&"A/USD".to_string()),
+            "A published after losing its lock"
+        );
+        // Its lock is the thief's now, untouched by A's release.
+        let thief = MemoryCoordination::new(store, "thief", timing());
+        assert_eq!(thief.held_locks().await.unwrap(), vec!["A/USD".to_string()]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn shutdown_cancels_in_flight_and_releases_locks() {
         let store = MemoryStore::new();
         let (c, _, _) = setup(&[("A/USD", 10_000), ("B/USD", 10)], store.clone());

@@ -982,7 +982,13 @@ mod tests {
         };
         let none = HeaderMap::new();
         /// (token configured, admin_loopback, peer, headers, expected: how admitted or the status)
-        type Row = (&'static str, bool, SocketAddr, HeaderMap, Result<&'static str, u16>);
+        type Row = (
+            &'static str,
+            bool,
+            SocketAddr,
+            HeaderMap,
+            Result<&'static str, u16>,
+        );
         let table: Vec<Row> = vec![
             // A token is configured: it is required from everyone, loopback included.
             ("s3cret", true, local, none.clone(), Err(401)),

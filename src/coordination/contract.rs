@@ -40,6 +40,7 @@ where
     lock_exclusion_under_contention(make().await).await;
     release_by_non_owner_is_a_no_op(make().await).await;
     takeover_only_when_stale(make().await).await;
+    a_live_owners_old_lock_is_never_taken(make().await).await;
     extend_only_own_lock(make().await).await;
     lease_once_per_cycle(make().await).await;
     claims_once_per_symbol(make().await).await;
@@ -153,6 +154,29 @@ pub async fn takeover_only_when_stale<C: Coordination>((a, b): (C, C)) {
     assert!(!ok(a.extend_lock("SOL/USD").await).await);
     assert!(!ok(a.release_lock("SOL/USD").await).await);
     assert!(ok(b.release_lock("SOL/USD").await).await);
+}
+
+/// However old, a lock whose owner keeps its heartbeat (and its lock) alive is never taken
+/// over: a takeover would run the symbol twice (issue 10).
+pub async fn a_live_owners_old_lock_is_never_taken<C: Coordination>((a, b): (C, C)) {
+    ok(a.heartbeat().await).await;
+    ok(b.heartbeat().await).await;
+    assert_eq!(
+        ok(a.acquire_lock("AVAX/USD").await).await,
+        LockOutcome::Acquired
+    );
+    // Past the stale threshold (6 s), the owner beating and extending all along.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        ok(a.heartbeat().await).await;
+        ok(b.heartbeat().await).await;
+        assert!(ok(a.extend_lock("AVAX/USD").await).await);
+    }
+    assert_eq!(
+        ok(b.acquire_lock("AVAX/USD").await).await,
+        LockOutcome::Held
+    );
+    assert!(ok(a.release_lock("AVAX/USD").await).await);
 }
 
 /// Only the owner extends.

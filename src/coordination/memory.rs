@@ -85,18 +85,17 @@ impl Coordination for MemoryCoordination {
             acquired_at: now,
             expires_at: now + self.timing.ttl,
         };
+        // As in Redis: a live owner's lock is never taken over, however old; a dead owner's
+        // is, and the reason says whether it had also outlived the stale threshold.
         let outcome = match st.locks.get(symbol) {
             None => LockOutcome::Acquired,
             Some(l) if l.expires_at <= now => LockOutcome::Acquired,
+            Some(l) if l.owner == self.instance_id => LockOutcome::Held,
+            Some(l) if Self::heartbeat_alive(&st, &l.owner, now) => LockOutcome::Held,
             Some(l) if now.duration_since(l.acquired_at) > self.timing.stale_after => {
                 LockOutcome::Recovered(StaleReason::Age)
             }
-            Some(l)
-                if l.owner != self.instance_id && !Self::heartbeat_alive(&st, &l.owner, now) =>
-            {
-                LockOutcome::Recovered(StaleReason::HeartbeatMissing)
-            }
-            Some(_) => LockOutcome::Held,
+            Some(_) => LockOutcome::Recovered(StaleReason::HeartbeatMissing),
         };
         if outcome != LockOutcome::Held {
             st.locks.insert(symbol.to_string(), fresh);
