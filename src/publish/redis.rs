@@ -66,6 +66,8 @@ pub struct RedisSink {
     max_len: u64,
     cap: usize,
     outbox: Mutex<VecDeque<Pending>>,
+    /// Messages dropped from a full outbox since start (also `outbox_dropped_total`).
+    dropped: std::sync::atomic::AtomicU64,
     wake: Notify,
     drained: Notify,
 }
@@ -94,6 +96,7 @@ impl RedisSink {
             max_len,
             cap: outbox_max.max(1),
             outbox: Mutex::new(VecDeque::new()),
+            dropped: std::sync::atomic::AtomicU64::new(0),
             wake: Notify::new(),
             drained: Notify::new(),
         })
@@ -106,6 +109,11 @@ impl RedisSink {
     /// Messages waiting.
     pub fn depth(&self) -> usize {
         self.outbox().len()
+    }
+
+    /// Messages dropped from a full outbox since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Delivers until `stop` fires (then returns; `flush` delivers what is left).
@@ -243,6 +251,8 @@ impl Sink for RedisSink {
             let mut ob = self.outbox();
             if ob.len() >= self.cap {
                 ob.pop_front();
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 metrics::counter!(names::OUTBOX_DROPPED).increment(1);
                 tracing::warn!(cap = self.cap, "outbox full: dropped the oldest message");
             }

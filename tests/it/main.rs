@@ -21,6 +21,7 @@ mod once_mode;
 mod opencode;
 mod real_latency;
 mod redis_coordination;
+mod redis_sink;
 mod replicas;
 mod scheduling;
 mod shutdown;

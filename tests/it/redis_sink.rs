@@ -1,0 +1,95 @@
+//! The Redis sink's outbox on a real Redis: overflow while Redis is down, and a delivery whose
+//! outcome was unknown (it landed, but the answer never came back) retried without a duplicate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use autonomous_runner::coordination::redis::connect;
+use autonomous_runner::pipeline::{Stage, StageMessage};
+use autonomous_runner::publish::Sink;
+use autonomous_runner::publish::redis::RedisSink;
+use autonomous_runner::resilience::{Breaker, BreakerMode, BreakerSettings};
+use tokio_util::sync::CancellationToken;
+
+use crate::redis_server::RedisServer;
+
+fn breaker() -> Breaker {
+    // Never opens: these tests are about the outbox, not the breaker.
+    Breaker::new(
+        "redis",
+        BreakerSettings {
+            failure_threshold: 1_000,
+            recovery_timeout: Duration::from_secs(1),
+            half_open_max_calls: 1,
+            success_threshold: 1,
+            mode: BreakerMode::Normal,
+        },
+    )
+}
+
+fn message(n: usize) -> StageMessage {
+    StageMessage::new(
+        Stage::Dashboard,
+        "ETH/USD",
+        &format!("2026-11-28T10:{n:02}:00Z"),
+        &format!("signal-{n}"),
+        serde_json::json!({"symbol": "ETH/USD", "n": n}),
+        1,
+        "rules",
+    )
+}
+
+/// `payload.n` of every dashboard-stream entry, in order.
+async fn stream_ns(redis: &RedisServer) -> Vec<u64> {
+    redis
+        .stream("stream:dashboard-signals")
+        .await
+        .iter()
+        .map(|(_, env)| env["payload"]["n"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_full_outbox_drops_the_oldest_counts_them_and_delivers_the_rest_in_order() {
+    let mut redis = RedisServer::start().await;
+    let sink = RedisSink::new(connect(&redis.url()).unwrap(), breaker(), "", 1000, 3);
+    redis.stop();
+    for n in 1..=5 {
+        sink.publish(&message(n)).await;
+    }
+    assert_eq!(sink.depth(), 3);
+    assert_eq!(sink.dropped(), 2);
+    redis.restart().await;
+    sink.flush(Duration::from_secs(20)).await;
+    assert_eq!(sink.depth(), 0);
+    assert_eq!(stream_ns(&redis).await, vec![3, 4, 5], "the newest three, in order");
+}
+
+#[tokio::test]
+async fn a_delivery_whose_outcome_was_unknown_is_retried_without_a_duplicate() {
+    let redis = RedisServer::start().await;
+    let sink = RedisSink::new(connect(&redis.url()).unwrap(), breaker(), "", 1000, 100);
+    let stop = CancellationToken::new();
+    let deliverer = tokio::spawn(Arc::clone(&sink).run(stop.clone()));
+    // Redis holds writes for 3 s: the sink's request times out after 2 s (outcome unknown),
+    // and the held write is applied when the pause ends — the message did land.
+    let mut admin = redis.conn().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    sink.publish(&message(1)).await;
+    sink.publish(&message(2)).await;
+    // The retry finds both messages already in the stream and adds neither again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sink.depth() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let _ = deliverer.await;
+    assert_eq!(stream_ns(&redis).await, vec![1, 2], "each message exactly once");
+}
