@@ -117,3 +117,48 @@ async fn calls_fail_fast_while_redis_is_down_and_recover() {
     }
     assert!(!a.breaker().is_open());
 }
+
+/// Redis down: the shared rate limiter falls back to a local limiter (the limit shared by the
+/// live replicas it last saw), never to unlimited and never to nothing.
+#[tokio::test]
+async fn the_shared_rate_limiter_falls_back_to_a_local_share_while_redis_is_down() {
+    use autonomous_runner::coordination::redis::RedisRateLimiter;
+    use autonomous_runner::resilience::rate_limit::AgentRateLimiter;
+    let mut redis = RedisServer::start().await;
+    let breaker = Breaker::new(
+        "redis",
+        BreakerSettings {
+            failure_threshold: 1,
+            recovery_timeout: Duration::from_secs(60),
+            half_open_max_calls: 1,
+            success_threshold: 1,
+            mode: BreakerMode::Normal,
+        },
+    );
+    // 600 a minute, bursts of 1: one call every ~0.1 s.
+    let limiter = RedisRateLimiter::new(
+        connect(&redis.url()).unwrap(),
+        breaker.clone(),
+        "",
+        600,
+        1,
+        Duration::from_secs(30),
+    );
+    redis.stop();
+    let start = tokio::time::Instant::now();
+    let window = Duration::from_secs(2);
+    let mut admitted = 0;
+    while tokio::time::Instant::now() < start + window {
+        if limiter.acquire_before(start + window).await.is_ok() {
+            admitted += 1;
+        } else {
+            break;
+        }
+    }
+    assert!(breaker.is_open(), "Redis failures opened the breaker");
+    // 2 s at one call per ~0.1 s (plus the first at once): about 20, never unlimited, never 0.
+    assert!(
+        (10..=25).contains(&admitted),
+        "{admitted} calls admitted in 2 s"
+    );
+}

@@ -62,7 +62,11 @@ async fn a_full_outbox_drops_the_oldest_counts_them_and_delivers_the_rest_in_ord
     redis.restart().await;
     sink.flush(Duration::from_secs(20)).await;
     assert_eq!(sink.depth(), 0);
-    assert_eq!(stream_ns(&redis).await, vec![3, 4, 5], "the newest three, in order");
+    assert_eq!(
+        stream_ns(&redis).await,
+        vec![3, 4, 5],
+        "the newest three, in order"
+    );
 }
 
 #[tokio::test]
@@ -91,5 +95,9 @@ async fn a_delivery_whose_outcome_was_unknown_is_retried_without_a_duplicate() {
     }
     stop.cancel();
     let _ = deliverer.await;
-    assert_eq!(stream_ns(&redis).await, vec![1, 2], "each message exactly once");
+    assert_eq!(
+        stream_ns(&redis).await,
+        vec![1, 2],
+        "each message exactly once"
+    );
 }
