@@ -66,6 +66,19 @@ pub async fn lock_exclusion_under_contention<C: Coordination + 'static>((a, b): 
         .iter()
         .map(|s| s.to_string())
         .collect();
+    // Both stay alive throughout, as running processes do (heartbeats live 2 s here, and
+    // the contention can take longer on a loaded machine): a takeover would be a bug.
+    let beating = tokio_util::sync::CancellationToken::new();
+    let beat = {
+        let (a, b, stop) = (a.clone(), b.clone(), beating.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = a.heartbeat().await;
+                let _ = b.heartbeat().await;
+            }
+        })
+    };
     let occupancy: Arc<Vec<AtomicU32>> =
         Arc::new((0..symbols.len()).map(|_| AtomicU32::new(0)).collect());
     let violations = Arc::new(AtomicU32::new(0));
@@ -100,6 +113,8 @@ pub async fn lock_exclusion_under_contention<C: Coordination + 'static>((a, b): 
             panic!("contender panicked: {e}");
         }
     }
+    beating.cancel();
+    let _ = beat.await;
     assert_eq!(
         violations.load(Ordering::SeqCst),
         0,
