@@ -39,7 +39,8 @@ pub struct CycleSummary {
     pub failures: Vec<SymbolFailure>,
     /// Pool limit used.
     pub concurrency: usize,
-    /// Per-symbol deadline used.
+    /// Deadline of one agent call used (`timeouts.symbol_timeout_seconds`, possibly
+    /// extended); the field keeps its name in `/api/cycles`.
     pub symbol_timeout_seconds: f64,
     /// Whether the whole-cycle deadline cut symbols off.
     pub hit_cycle_deadline: bool,
