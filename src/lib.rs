@@ -310,19 +310,34 @@ impl App {
         log_listening(&listener);
         let background = CancellationToken::new();
         let http_stop = http_state.streams_stop.clone();
+        // Every background task is tracked and joined at shutdown; those that do not stop in
+        // time are named in a warning.
+        let tracker = tokio_util::task::TaskTracker::new();
+        let mut named: Vec<(&'static str, tokio::task::JoinHandle<()>)> = vec![];
         // `POST /shutdown` stops the process like SIGTERM.
-        let (admin, external) = (http_state.shutdown_request.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = admin.cancelled() => external.cancel(),
-                _ = external.cancelled() => {}
-            }
-        });
-        let upkeep_handle = http_state.metrics.clone();
-        tokio::spawn(http::watch_status(
-            http_state.clone(),
-            Duration::from_secs(5),
+        let (admin, external, bg) = (
+            http_state.shutdown_request.clone(),
+            shutdown.clone(),
             background.clone(),
+        );
+        named.push((
+            "admin shutdown bridge",
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = admin.cancelled() => external.cancel(),
+                    _ = external.cancelled() => {}
+                    _ = bg.cancelled() => {}
+                }
+            }),
+        ));
+        let upkeep_handle = http_state.metrics.clone();
+        named.push((
+            "status watcher",
+            tracker.spawn(http::watch_status(
+                http_state.clone(),
+                Duration::from_secs(5),
+                background.clone(),
+            )),
         ));
         let server = tokio::spawn(http::serve(
             listener,
@@ -335,19 +350,25 @@ impl App {
         // scrape they would pile up, so fold them regularly whether or not anyone scrapes.
         let metrics = upkeep_handle;
         let upkeep_stop = background.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = upkeep_stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+        named.push((
+            "metrics upkeep",
+            tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = upkeep_stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+                    }
                 }
-            }
-        });
+            }),
+        ));
         let deliverer = sink
             .as_ref()
             .map(|s| tokio::spawn(s.clone().run(background.clone())));
         if let Some((client, breaker)) = redis_watch {
-            tokio::spawn(watch_redis_recovery(client, breaker, background.clone()));
+            named.push((
+                "Redis recovery watcher",
+                tracker.spawn(watch_redis_recovery(client, breaker, background.clone())),
+            ));
         }
         // With Redis, SSE serves every replica's signals: follow the dashboard stream.
         let follower = tokio::spawn(publisher.hub().clone().follow_redis(background.clone()));
@@ -371,6 +392,8 @@ impl App {
                 deliverer,
                 follower,
                 transports,
+                tracker,
+                named,
             },
         )
     }
@@ -415,6 +438,9 @@ struct Services {
     deliverer: Option<tokio::task::JoinHandle<()>>,
     follower: tokio::task::JoinHandle<()>,
     transports: Vec<Arc<dyn agents::llm::Transport>>,
+    /// The other background tasks, with their names for the overrun warning.
+    tracker: tokio_util::task::TaskTracker,
+    named: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
 }
 
 impl Services {
@@ -432,8 +458,26 @@ impl Services {
             deliverer,
             follower,
             transports,
+            tracker,
+            named,
         } = self;
         background.cancel();
+        // They all stop on `background`; a second is plenty, and a task still running after
+        // it is a bug worth a line in the log.
+        tracker.close();
+        if tokio::time::timeout(Duration::from_secs(1), tracker.wait())
+            .await
+            .is_err()
+        {
+            for (name, h) in &named {
+                if !h.is_finished() {
+                    tracing::warn!(
+                        task = name,
+                        "background task did not stop within 1 s of shutdown"
+                    );
+                }
+            }
+        }
         let _ = follower.await;
         let _ = heartbeat.await;
         if let Some(d) = deliverer {

@@ -45,6 +45,11 @@ async fn sigterm_lets_in_flight_symbols_finish_and_exits_0() {
         !p.logs_matching(|l| l["message"] == "graceful shutdown complete")
             .is_empty()
     );
+    // Every background task stopped with the service.
+    assert!(
+        p.logs_matching(|l| l["message"] == "background task did not stop within 1 s of shutdown")
+            .is_empty()
+    );
     // No tick after the signal started a cycle.
     let starts = p.logs_matching(|l| l["message"] == "cycle started");
     assert_eq!(starts.len(), 1, "{starts:?}");
