@@ -769,20 +769,21 @@ async fn latest(
     };
     // Per symbol, the newest cycle's furthest stage: this replica's own messages, and — with
     // Redis — every replica's dashboard messages, so a load-balanced client sees everything.
-    let mut best: std::collections::BTreeMap<String, (String, u8, Value)> = Default::default();
-    let mut offer = |symbol: String, cycle: String, rank: u8, entry: Value| {
+    use crate::pipeline::Stage;
+    let mut best: std::collections::BTreeMap<String, (String, Stage, Value)> = Default::default();
+    let mut offer = |symbol: String, cycle: String, stage: Stage, entry: Value| {
         let newer = best
             .get(&symbol)
-            .is_none_or(|(c, r, _)| (cycle.as_str(), rank) > (c.as_str(), *r));
+            .is_none_or(|(c, st, _)| crate::pipeline::supersedes(&cycle, stage, c, *st));
         if newer {
-            best.insert(symbol, (cycle, rank, entry));
+            best.insert(symbol, (cycle, stage, entry));
         }
     };
     for m in s.publisher.latest() {
         offer(
             m.symbol.clone(),
             m.cycle_id.clone(),
-            m.stage as u8,
+            m.stage,
             latest_entry(m.stage.as_str(), &m.envelope),
         );
     }
@@ -799,7 +800,7 @@ async fn latest(
             offer(
                 symbol,
                 cycle,
-                crate::pipeline::Stage::Dashboard as u8,
+                Stage::Dashboard,
                 latest_entry("report", &env),
             );
         }

@@ -73,6 +73,13 @@ impl Stage {
     }
 }
 
+/// The "latest per symbol" rule, in one place (the publisher's memory and the API's merge of
+/// every replica's messages): a newer cycle wins; within a cycle, the further stage wins.
+/// Cycle ids are RFC 3339 UTC with whole seconds, so they order as text.
+pub fn supersedes(cycle: &str, stage: Stage, than_cycle: &str, than_stage: Stage) -> bool {
+    (cycle, stage) >= (than_cycle, than_stage)
+}
+
 /// BUY, SELL or HOLD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]

@@ -124,10 +124,8 @@ impl Publisher {
             let mut latest = lock(&self.latest);
             let replace = match latest.get(&msg.symbol) {
                 None => true,
-                // A newer cycle always wins; within a cycle, a later stage wins.
                 Some(cur) => {
-                    msg.cycle_id > cur.cycle_id
-                        || (msg.cycle_id == cur.cycle_id && msg.stage >= cur.stage)
+                    crate::pipeline::supersedes(&msg.cycle_id, msg.stage, &cur.cycle_id, cur.stage)
                 }
             };
             if replace {
