@@ -20,10 +20,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use autonomous_runner::agents::testing::{self, Timed};
+use autonomous_runner::agents::testing::Timed;
 use autonomous_runner::coordination::LockTiming;
 use autonomous_runner::coordination::memory::{MemoryCoordination, MemoryStore};
 use autonomous_runner::coordinator::{Coordinator, CyclePlan};
+use autonomous_runner::pipeline::testing;
 use autonomous_runner::publish::Publisher;
 use autonomous_runner::schedule::CycleId;
 use rand::SeedableRng;

@@ -456,9 +456,10 @@ impl End {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::testing::{self, Timed};
+    use crate::agents::testing::Timed;
     use crate::coordination::LockTiming;
     use crate::coordination::memory::{MemoryCoordination, MemoryStore};
+    use crate::pipeline::testing;
     use crate::publish::Publisher;
     use std::collections::HashMap;
 

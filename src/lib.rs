@@ -25,8 +25,8 @@ pub mod config;
 pub mod coordination;
 pub mod coordinator;
 pub mod http;
-mod http_sse;
 pub mod market;
+pub mod model;
 pub mod pipeline;
 pub mod publish;
 pub mod resilience;
@@ -575,4 +575,86 @@ fn spawn_heartbeat(
             }
         }
     })
+}
+
+/// The module graph runs one way: a module imports only from its own layer or those below
+/// (see `docs/ARCHITECTURE.md`). Checked over every `crate::` path in the sources, test
+/// modules and test support left out (tests may reach anywhere).
+#[cfg(test)]
+mod layering {
+    /// Each top-level module's layer, top to bottom as the data flows.
+    const LAYERS: &[(&str, u8)] = &[
+        ("lib", 5),
+        ("main", 5),
+        ("http", 4),
+        ("runner", 3),
+        ("coordinator", 2),
+        ("pipeline", 2),
+        ("agents", 1),
+        ("publish", 1),
+        ("coordination", 1),
+        ("market", 1),
+        ("model", 0),
+        ("resilience", 0),
+        ("schedule", 0),
+        ("config", 0),
+        ("telemetry", 0),
+    ];
+
+    fn layer(module: &str) -> Option<u8> {
+        LAYERS.iter().find(|(m, _)| *m == module).map(|(_, l)| *l)
+    }
+
+    /// `(file, imported module)` for every `crate::x` path above the file's own layer.
+    fn upward_imports() -> Vec<(String, String)> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![];
+        let mut dirs = vec![root.clone()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).expect("src is readable").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    files.push(p);
+                }
+            }
+        }
+        let mut bad = vec![];
+        for f in files {
+            let rel = f
+                .strip_prefix(&root)
+                .expect("under src")
+                .to_string_lossy()
+                .to_string();
+            // Test support is compiled for tests only; it may wire layers together.
+            if rel.ends_with("testing.rs") || rel.ends_with("contract.rs") {
+                continue;
+            }
+            let top = rel.split(['/', '.']).next().unwrap_or_default().to_string();
+            let own = layer(&top).unwrap_or_else(|| panic!("{rel}: module {top} has no layer"));
+            let text = std::fs::read_to_string(&f).expect("readable");
+            // Unit tests sit at the end of a file, after `#[cfg(test)]`.
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (i, _) in code.match_indices("crate::") {
+                let name: String = code[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if let Some(l) = layer(&name)
+                    && l > own
+                {
+                    bad.push((rel.clone(), name));
+                }
+            }
+        }
+        bad.sort();
+        bad.dedup();
+        bad
+    }
+
+    #[test]
+    fn no_module_imports_from_a_layer_above_it() {
+        assert_eq!(upward_imports(), Vec::<(String, String)>::new());
+    }
 }

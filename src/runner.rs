@@ -737,9 +737,10 @@ async fn execute_cycle(ctx: CycleCtx, plan: CyclePlan, period: Duration) -> Cycl
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::testing::{self, Timed};
+    use crate::agents::testing::Timed;
     use crate::coordination::LockTiming;
     use crate::coordination::memory::{MemoryCoordination, MemoryStore};
+    use crate::pipeline::testing;
     use crate::resilience::BreakerMode;
     use chrono::TimeZone;
 

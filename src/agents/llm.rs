@@ -35,7 +35,7 @@ use super::{
     Agent, AgentError, Answer, CallLimits, SignalDraft, SignalRequest, validate_advice,
     validate_summary,
 };
-use crate::pipeline::{Action, Advice, AdvisedSignal, ScoredSignal, Stage, StrategyVerdict};
+use crate::model::{Action, Advice, AdvisedSignal, ScoredSignal, Stage, StrategyVerdict};
 use crate::resilience::rate_limit::AgentRateLimiter;
 use crate::resilience::{Backoff, Breaker, CallLatencies, HedgeBudget, Permit, retry_until};
 use crate::telemetry::names;

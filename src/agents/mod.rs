@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::market::{Candle, MarketError};
-use crate::pipeline::{
+use crate::model::{
     Action, Advice, AdvisedSignal, MarketContext, ScoredSignal, StrategyVerdict, TopStrategy,
 };
 
@@ -72,7 +72,7 @@ impl CallLimits {
     }
 }
 
-/// The signal agent's answer: the part of a [`Signal`](crate::pipeline::Signal) that an
+/// The signal agent's answer: the part of a [`Signal`](crate::model::Signal) that an
 /// agent decides (ids, times and market context are the runner's; the strategy counts are
 /// derived from the breakdown).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

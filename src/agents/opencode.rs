@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::AgentError;
 use super::llm::{LlmReply, LlmRequest, Transport, Usage};
 use crate::config::Secret;
-use crate::pipeline::Stage;
+use crate::model::Stage;
 
 /// Largest answer read.
 const MAX_BODY: usize = 4 << 20;

@@ -20,7 +20,7 @@
 use serde_json::{Map, Value};
 
 use super::{MAX_REASONING_CHARS, MAX_SUMMARY_CHARS, SignalDraft};
-use crate::pipeline::{Action, Advice, StrategyVerdict, TopStrategy};
+use crate::model::{Action, Advice, StrategyVerdict, TopStrategy};
 
 /// Ends a text that was cut to its limit, so a reader sees it was cut.
 pub const TRUNCATION_MARK: &str = " […]";
@@ -303,7 +303,7 @@ pub fn signal(symbol: &str, v: &Value) -> Result<Checked<SignalDraft>, String> {
     };
     r.absorb(t);
     // The counts: derived, never trusted; a disagreement is reported as a repair.
-    let derived = crate::pipeline::Tally::of(&breakdown);
+    let derived = crate::model::Tally::of(&breakdown);
     for (key, want) in [
         ("strategies_analyzed", derived.analyzed),
         ("strategies_bullish", derived.bullish),
@@ -425,7 +425,7 @@ mod tests {
     fn a_clean_answer_is_accepted_and_its_counts_derived() {
         let c = signal("ETH/USD", &good()).expect("accepted");
         assert_eq!(c.outcome(), Outcome::Accepted);
-        let t = crate::pipeline::Tally::of(&c.value.strategy_breakdown);
+        let t = crate::model::Tally::of(&c.value.strategy_breakdown);
         assert_eq!((t.analyzed, t.bullish, t.bearish, t.neutral), (3, 2, 0, 1));
         // Counts that agree with the breakdown are no repair.
         let mut a = good();

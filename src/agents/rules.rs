@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{Agent, AgentError, Answer, CallLimits, SignalDraft, SignalRequest};
 use crate::market::{Candle, MIN_CANDLES, MarketError};
-use crate::pipeline::{
+use crate::model::{
     Action, Advice, AdvisedSignal, Regime, ScoredSignal, StrategyVerdict, TopStrategy,
 };
 
@@ -540,7 +540,7 @@ mod tests {
         .expect("ok");
         d.validate().expect("valid");
         assert_eq!(d.action, Action::Buy, "{d:?}");
-        let t = crate::pipeline::Tally::of(&d.strategy_breakdown);
+        let t = crate::model::Tally::of(&d.strategy_breakdown);
         assert!(t.bullish >= 2);
         assert_eq!(t.analyzed, STRATEGIES.len() as u32);
         assert_eq!(d.top_strategy.signal, Action::Buy);
@@ -569,7 +569,7 @@ mod tests {
         assert_eq!(momentum(&c), Action::Sell);
         assert_eq!(rsi_reversal(&c), Action::Buy);
         assert!(
-            crate::pipeline::Tally::of(&d.strategy_breakdown).bearish >= 2,
+            crate::model::Tally::of(&d.strategy_breakdown).bearish >= 2,
             "{d:?}"
         );
         assert_ne!(d.action, Action::Buy, "{d:?}");

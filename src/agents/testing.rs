@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::rules::Rules;
 use super::{Agent, AgentError, Answer, CallLimits, SignalDraft, SignalRequest};
-use crate::pipeline::{Advice, AdvisedSignal, ScoredSignal};
+use crate::model::{Advice, AdvisedSignal, ScoredSignal};
 
 /// Rules with a scripted signal latency per symbol.
 #[derive(Debug, Default)]
@@ -109,25 +109,5 @@ impl Agent for Timed {
         _limits: CallLimits,
     ) -> Result<Answer<String>, AgentError> {
         Ok(Answer::rules(Rules::summary(a)))
-    }
-}
-
-/// A pipeline on the simulated market whose every stage is `agent`, publishing to `publisher`
-/// (advice from a score of 70, 120 candles, 30 s expiry grace: the defaults).
-pub fn pipeline(
-    agent: std::sync::Arc<Timed>,
-    publisher: std::sync::Arc<crate::publish::Publisher>,
-) -> crate::pipeline::PipelineContext {
-    crate::pipeline::PipelineContext {
-        market: std::sync::Arc::new(crate::market::simulated::Simulated::new()),
-        agents: super::StageAgents {
-            signal: agent.clone(),
-            advise: agent.clone(),
-            report: agent,
-        },
-        publisher,
-        candles: 120,
-        advise_min_score: 70.0,
-        expiry_grace: Duration::from_secs(30),
     }
 }

@@ -11,7 +11,7 @@ pub mod simulated;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::pipeline::MarketContext;
+use crate::model::MarketContext;
 
 /// One 1-minute candle.
 #[derive(Debug, Clone, Copy, PartialEq)]

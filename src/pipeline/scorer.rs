@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::types::{Action, OpportunityFactors, Regime, ScoredSignal, Signal, Tier};
+use crate::model::{Action, OpportunityFactors, Regime, ScoredSignal, Signal, Tier};
 
 /// Expected return when the signal carries none.
 pub const DEFAULT_EXPECTED_RETURN: f64 = 0.01;

@@ -8,11 +8,11 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use super::scorer::score_signal;
-use super::types::*;
 use crate::agents::{
     AgentError, CallLimits, SignalRequest, StageAgents, validate_advice, validate_summary,
 };
 use crate::market::{MarketSource, summarize};
+use crate::model::*;
 use crate::publish::Publisher;
 use crate::schedule::CycleId;
 use crate::telemetry::names;

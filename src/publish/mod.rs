@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::pipeline::{Stage, StageMessage};
+use crate::model::{Stage, StageMessage};
 use hub::Hub;
 
 /// A finished (or skipped) tick, as `/api/cycles` shows it.
@@ -125,7 +125,7 @@ impl Publisher {
             let replace = match latest.get(&msg.symbol) {
                 None => true,
                 Some(cur) => {
-                    crate::pipeline::supersedes(&msg.cycle_id, msg.stage, &cur.cycle_id, cur.stage)
+                    crate::model::supersedes(&msg.cycle_id, msg.stage, &cur.cycle_id, cur.stage)
                 }
             };
             if replace {

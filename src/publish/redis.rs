@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Sink;
-use crate::pipeline::StageMessage;
+use crate::model::StageMessage;
 use crate::resilience::{Backoff, Breaker};
 use crate::telemetry::names;
 

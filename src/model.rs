@@ -1,4 +1,6 @@
-//! Stage payloads (DESIGN.md §3) and the envelope every published message travels in.
+//! The leaf data types every layer shares: the stage vocabulary, the stage payloads (signal,
+//! score, advice, report), the envelope every published message travels in, and the ids.
+//! It imports nothing of the app but the cycle id's clock type, so any module may use it.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

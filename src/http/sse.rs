@@ -21,7 +21,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::http::AppState;
+use super::AppState;
 use crate::publish::hub::{Cursor, HubEvent};
 use crate::telemetry::names;
 

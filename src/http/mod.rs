@@ -2,6 +2,9 @@
 //! views; it never drives the runner (except the admin endpoints, behind a guard).
 //!
 //! The server takes its listener and its shutdown future as arguments, so tests bind port 0.
+//! [`sse`] serves the signal stream.
+
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,7 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/signals/latest", get(latest))
         .route("/api/cycles", get(cycles))
-        .route("/api/signals/stream", get(crate::http_sse::stream))
+        .route("/api/signals/stream", get(sse::stream))
         .route("/assets/dashboard.js", get(dashboard_js))
         .route("/assets/dashboard.css", get(dashboard_css))
         .route("/shutdown", post(shutdown))
@@ -229,9 +232,9 @@ pub async fn serve(
 /// The dashboard: static assets compiled into the binary (no build step). The content
 /// security policy forbids inline and foreign scripts, so even text that slipped into markup
 /// could not run; the page itself only ever sets `textContent`.
-const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
-const DASHBOARD_JS: &str = include_str!("../assets/dashboard.js");
-const DASHBOARD_CSS: &str = include_str!("../assets/dashboard.css");
+const DASHBOARD_HTML: &str = include_str!("../../assets/dashboard.html");
+const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("../../assets/dashboard.css");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 async fn index() -> impl IntoResponse {
