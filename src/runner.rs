@@ -59,6 +59,18 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// Every reason, for series that exist at zero from the start.
+    pub const ALL: [SkipReason; 8] = [
+        SkipReason::Overlap,
+        SkipReason::KillSwitch,
+        SkipReason::Backpressure,
+        SkipReason::HighLatency,
+        SkipReason::CircuitOpen,
+        SkipReason::LeaseHeldElsewhere,
+        SkipReason::CoordinationUnavailable,
+        SkipReason::ShuttingDown,
+    ];
+
     /// Whether a `once` run that skipped for this reason still did its job (another
     /// replica has the tick, or generation is paused on purpose): exit 0.
     pub fn is_benign(self) -> bool {
@@ -268,6 +280,10 @@ impl Runner {
         );
         let demand = initial_demand(cfg);
         let params = adaptive.params(&demand);
+        // Dashboards and alerts see every skip reason at zero before the first skip.
+        for r in SkipReason::ALL {
+            metrics::counter!(names::CYCLES_SKIPPED, "reason" => r.as_str()).increment(0);
+        }
         metrics::gauge!(names::ADAPTIVE_BATCH_SIZE).set(params.concurrency as f64);
         let state = SharedState(Arc::new(Mutex::new(RunnerState {
             adaptive,
