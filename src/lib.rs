@@ -1,22 +1,24 @@
 //! autonomous-runner: runs the Signal → Score → Advise → Report agent pipeline for every
 //! active symbol on a cron schedule and publishes the results.
 //!
-//! Layout (see `docs/ARCHITECTURE.md` for the data flow):
+//! Layout, top layer first; a module imports only from its own layer or below (the
+//! `layering` test checks it; `docs/ARCHITECTURE.md` has the data flow):
 //!
-//! | module | owns |
-//! |---|---|
-//! | [`config`] | typed config, YAML + `${VAR:-default}`, env overrides, validation |
-//! | [`schedule`] | cron → ticks, the tick's identity [`schedule::CycleId`], the clock |
-//! | [`runner`] | the tick loop, gates, cycle lease, overlap/missed-tick policy, shutdown |
-//! | [`coordinator`] | one cycle: the bounded pool, deadlines, locks, results |
-//! | [`pipeline`] | stage types, the scorer, one symbol through every stage |
-//! | [`agents`] | the agent trait and its backends |
-//! | [`market`] | candle sources |
-//! | [`coordination`] | locks, heartbeat, lease, kill switch (memory backend) |
-//! | [`resilience`] | breaker, latency/adaptive, backpressure, rate limiter, retry |
-//! | [`publish`] | the in-process bus, latest signals, cycle history |
-//! | [`http`] | health, metrics, JSON API |
-//! | [`telemetry`] | logging and metric names |
+//! | layer | module | owns |
+//! |---|---|---|
+//! | 4 | [`http`] | health, metrics, JSON API, SSE ([`http::sse`]), dashboard, admin |
+//! | 3 | [`runner`] | the tick loop, gates, cycle lease, overlap/missed-tick policy, shutdown |
+//! | 2 | [`coordinator`] | one cycle: the bounded pool, deadlines, locks, results |
+//! | 2 | [`pipeline`] | the scorer, one symbol through every stage |
+//! | 1 | [`agents`] | the agent trait and its backends |
+//! | 1 | [`publish`] | the in-process bus, latest signals, cycle history, the Redis sink |
+//! | 1 | [`coordination`] | locks, heartbeat, lease, kill switch (memory and Redis backends) |
+//! | 1 | [`market`] | candle sources |
+//! | 0 | [`model`] | the shared data types: stages, payloads, envelope, ids |
+//! | 0 | [`resilience`] | breaker, per-call latency and the gate, hedging, backpressure, rate limiter, retry |
+//! | 0 | [`schedule`] | cron → ticks, the tick's identity [`schedule::CycleId`], the clock |
+//! | 0 | [`config`] | typed config, YAML + `${VAR:-default}`, env overrides, validation |
+//! | 0 | [`telemetry`] | logging (non-blocking, redacting) and metric names |
 //!
 //! [`App`] wires them: `App::build(cfg).await?.run_until_stopped(shutdown)`.
 

@@ -6,7 +6,7 @@
 //! - timeout, 5xx, transport → a breaker failure, retried with backoff within the deadline;
 //! - 429 → every caller pauses for `Retry-After` (the shared limiter), not a breaker failure;
 //! - 400/401/402/403 → no retry, one log line, counted; 401/402 also flip readiness;
-//! - an answer is read by [`repair`](super::repair): derived fields derived, slips repaired,
+//! - an answer is read by [`repair`]: derived fields derived, slips repaired,
 //!   the untrustworthy rejected with a reason (`invalid_output`), never clamped or defaulted;
 //!   every outcome counted (`agent_outputs_total{stage,outcome}`).
 //!
