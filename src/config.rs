@@ -1337,36 +1337,6 @@ impl Config {
             ("retry.delay_seconds", c.retry.delay_seconds, HOUR),
             ("retry.max_delay_seconds", c.retry.max_delay_seconds, HOUR),
             (
-                "circuit_breaker.llm_service.failure_threshold",
-                f64::from(c.circuit_breaker.llm_service.failure_threshold),
-                100_000.0,
-            ),
-            (
-                "circuit_breaker.llm_service.recovery_timeout_seconds",
-                c.circuit_breaker.llm_service.recovery_timeout_seconds,
-                DAY,
-            ),
-            (
-                "circuit_breaker.llm_service.half_open_max_calls",
-                f64::from(c.circuit_breaker.llm_service.half_open_max_calls),
-                1_000.0,
-            ),
-            (
-                "circuit_breaker.redis.failure_threshold",
-                f64::from(c.circuit_breaker.redis.failure_threshold),
-                100_000.0,
-            ),
-            (
-                "circuit_breaker.redis.recovery_timeout_seconds",
-                c.circuit_breaker.redis.recovery_timeout_seconds,
-                DAY,
-            ),
-            (
-                "circuit_breaker.redis.half_open_max_calls",
-                f64::from(c.circuit_breaker.redis.half_open_max_calls),
-                1_000.0,
-            ),
-            (
                 "adaptive.latency_window_size",
                 c.adaptive.latency_window_size as f64,
                 100_000.0,
@@ -1449,6 +1419,31 @@ impl Config {
                     format!("{r}.{key}"),
                     format!("must be ≤ {max}, got {value}"),
                 );
+            }
+        }
+        for (name, b) in [
+            ("llm_service", &c.circuit_breaker.llm_service),
+            ("redis", &c.circuit_breaker.redis),
+        ] {
+            for (key, value, max) in [
+                (
+                    "failure_threshold",
+                    f64::from(b.failure_threshold),
+                    100_000.0,
+                ),
+                ("recovery_timeout_seconds", b.recovery_timeout_seconds, DAY),
+                (
+                    "half_open_max_calls",
+                    f64::from(b.half_open_max_calls),
+                    1_000.0,
+                ),
+            ] {
+                if value > max {
+                    v.bad(
+                        format!("{r}.circuit_breaker.{name}.{key}"),
+                        format!("must be ≤ {max}, got {value}"),
+                    );
+                }
             }
         }
         for (name, s) in [

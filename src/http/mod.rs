@@ -382,14 +382,19 @@ async fn shutdown(
     }
 }
 
+/// 503 with the coordination backend's error (it names the operation, never a secret).
+fn unavailable(e: &crate::coordination::CoordError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
 async fn kill_switch_get(State(s): State<AppState>) -> Response {
     match s.coord.kill_switch().await {
         Ok(ks) => axum::Json(json!({"kill_switch": ks})).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => unavailable(&e),
     }
 }
 
@@ -421,11 +426,7 @@ async fn kill_switch_on(
             s.publisher.status(json!({"kill_switch": ks}));
             axum::Json(json!({"kill_switch": ks})).into_response()
         }
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => unavailable(&e),
     }
 }
 
@@ -449,11 +450,7 @@ async fn kill_switch_off(
             s.publisher.status(json!({"kill_switch": null}));
             axum::Json(json!({"kill_switch": null})).into_response()
         }
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => unavailable(&e),
     }
 }
 
