@@ -84,186 +84,77 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// Builds every part from validated configuration and binds the HTTP listener.
+    /// Builds every part from validated configuration and binds the HTTP listener: one
+    /// builder per concern, each short (Redis, coordination, agents, the cycle, HTTP).
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         let cfg = Arc::new(cfg);
         let metrics = telemetry::metrics_handle();
-
         let timing = LockTiming {
             ttl: Duration::from_secs(cfg.locks.ttl_seconds),
             stale_after: Duration::from_secs(cfg.locks.stale_threshold_seconds),
             heartbeat_ttl: Duration::from_secs(cfg.heartbeat.ttl_seconds),
         };
-        let hub = Hub::new(
-            cfg.publish.replay_buffer,
-            match cfg.coordination.backend {
-                CoordinationBackend::Memory => None,
-                CoordinationBackend::Redis => Some((
-                    redis::Client::open(cfg.coordination.redis_url.expose())
-                        .map_err(|e| anyhow::anyhow!("coordination.redis_url: {:?}", e.kind()))?,
-                    format!(
-                        "{}{}",
-                        cfg.coordination.key_prefix,
-                        pipeline::Stage::Dashboard.stream()
-                    ),
-                )),
-            },
-        );
-        let mut sink: Option<Arc<RedisSink>> = None;
-        let mut redis_breaker: Option<Breaker> = None;
-        let mut redis_watch: Option<(redis::Client, Breaker)> = None;
-        let mut limiter: Arc<dyn AgentRateLimiter> = Arc::new(resilience::RateLimiter::new(
-            cfg.agents.requests_per_minute,
-            cfg.agents.burst,
-        ));
-        let coord: Arc<dyn Coordination> = match cfg.coordination.backend {
+        let redis = match cfg.coordination.backend {
             CoordinationBackend::Memory => {
                 if std::env::var_os("REDIS_URL").is_some() {
                     tracing::warn!(
                         "REDIS_URL is set but coordination.backend is memory: replicas will not coordinate"
                     );
                 }
-                Arc::new(MemoryCoordination::new(
-                    MemoryStore::new(),
-                    &cfg.instance_id,
-                    timing,
-                ))
+                None
             }
-            CoordinationBackend::Redis => {
-                let conn = coordination::redis::connect(cfg.coordination.redis_url.expose())
-                    .context("coordination.redis_url")?;
-                let status_hub = hub.clone();
-                let breaker = Breaker::new("redis", cfg.circuit_breaker.redis.settings()).with_transition_hook(
-                    move |name, state| {
-                        metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => name.to_string()).set(state.gauge());
-                        let status = serde_json::json!({"breaker": name, "state": state.as_str()});
-                        status_hub.push_local("status", std::sync::Arc::from(status.to_string()));
-                    },
-                );
-                metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => "redis").set(0.0);
-                // Replicas that share an LLM key share its rate limit.
-                limiter = Arc::new(RedisRateLimiter::new(
-                    conn.clone(),
-                    breaker.clone(),
-                    &cfg.coordination.key_prefix,
-                    cfg.agents.requests_per_minute,
-                    cfg.agents.burst,
-                    timing.heartbeat_ttl,
-                ));
-                redis_breaker = Some(breaker.clone());
-                redis_watch = redis::Client::open(cfg.coordination.redis_url.expose())
-                    .ok()
-                    .map(|c| (c, breaker.clone()));
-                sink = Some(RedisSink::new(
-                    conn.clone(),
-                    breaker.clone(),
-                    &cfg.coordination.key_prefix,
-                    cfg.publish.stream_max_len,
-                    cfg.publish.outbox_max,
-                ));
-                let rc = RedisCoordination::new(
-                    conn,
-                    breaker,
-                    &cfg.coordination.key_prefix,
-                    &cfg.instance_id,
-                    timing,
-                );
-                // Two live processes with one instance_id would vouch for each other's locks
-                // (and a graceful stop of one deleted the other's heartbeat): refuse.
-                let wait =
-                    Duration::from_secs(cfg.heartbeat.interval_seconds) + Duration::from_secs(1);
-                match rc.ensure_unique_identity(wait).await {
-                    Ok(()) => {}
-                    Err(e @ coordination::CoordError::DuplicateInstance { .. }) => {
-                        return Err(anyhow::anyhow!(e));
-                    }
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "cannot check that instance_id is unique (Redis unreachable); continuing"
-                    ),
-                }
-                Arc::new(rc)
-            }
+            CoordinationBackend::Redis => Some(RedisParts::connect(&cfg)?),
         };
-
+        let hub = Hub::new(
+            cfg.publish.replay_buffer,
+            redis.as_ref().map(|r| {
+                (
+                    r.client.clone(),
+                    format!(
+                        "{}{}",
+                        cfg.coordination.key_prefix,
+                        model::Stage::Dashboard.stream()
+                    ),
+                )
+            }),
+        );
+        // One path for status events: every breaker transition (LLM and Redis alike) sets
+        // its gauge and goes to the SSE stream through the hub.
+        let on_breaker = status_hook(hub.clone());
+        let redis_breaker = redis.as_ref().map(|_| {
+            let hook = on_breaker.clone();
+            Breaker::new("redis", cfg.circuit_breaker.redis.settings())
+                .with_transition_hook(move |name, state| hook(name, state))
+        });
+        let (coord, sink, limiter) =
+            build_coordination(&cfg, timing, redis.as_ref(), redis_breaker.as_ref()).await?;
         let publisher = Arc::new(Publisher::new(
-            hub.clone(),
+            hub,
             cfg.publish.history_cycles,
             sink.clone().map(|s| s as Arc<dyn publish::Sink>),
         ));
-        let status_pub = publisher.clone();
-        let on_breaker: resilience::TransitionHook = Arc::new(move |name, state| {
-            metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => name.to_string())
-                .set(state.gauge());
-            status_pub.status(serde_json::json!({"breaker": name, "state": state.as_str()}));
-        });
         let latencies = resilience::CallLatencies::new(
             cfg.adaptive.latency_window_size,
             Duration::from_secs(cfg.adaptive.latency_max_age_seconds),
         );
         let setup = agents::setup::build(&cfg, limiter, on_breaker, latencies.clone())
             .context("building the agents")?;
-        let breaker_names: Vec<String> = setup
+        let breakers: Vec<Breaker> = setup
             .breakers
             .iter()
-            .chain(redis_breaker.iter())
-            .map(|b| b.name().to_string())
+            .cloned()
+            .chain(redis_breaker.clone())
             .collect();
+        let breaker_names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
         telemetry::init_series(&cfg.symbols, &breaker_names);
-
-        let market: Arc<dyn MarketSource> = match cfg.market_data.source {
-            MarketKind::Simulated => Arc::new(market::simulated::Simulated::new()),
-            MarketKind::Coinbase => Arc::new(
-                market::coinbase::Coinbase::new(
-                    &cfg.market_data.coinbase_url,
-                    secs(cfg.market_data.request_timeout_seconds),
-                )
-                .context("building the coinbase client")?,
-            ),
-        };
-        let pipeline = Arc::new(PipelineContext {
-            market,
-            agents: setup.agents.clone(),
-            publisher: publisher.clone(),
-            candles: cfg.market_data.candles,
-            advise_min_score: cfg.pipeline.advise_min_score,
-            expiry_grace: Duration::from_secs(cfg.pipeline.expiry_grace_seconds),
-        });
-        let coordinator = Arc::new(Coordinator::new(
-            coord.clone(),
-            pipeline,
-            cfg.symbols.clone(),
-            timing.ttl,
-            cfg.coordination.work_sharing,
-            Duration::from_secs(cfg.locks.ttl_seconds),
-        ));
-        let runner = Runner::new(
-            &cfg,
-            Clock::System,
-            coord.clone(),
-            coordinator,
-            publisher.clone(),
-            setup.gate_breaker.clone(),
-            latencies,
-        )
-        .context("building the scheduler")?
-        .with_llm_health(setup.health.clone());
-
-        let ip: std::net::IpAddr = cfg.http.bind.parse().context("http.bind")?;
-        let addr = SocketAddr::new(ip, cfg.http.port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the HTTP server to {addr}"))?;
+        let runner = build_runner(&cfg, timing, &coord, &publisher, &setup, latencies)
+            .context("building the scheduler")?;
+        let listener = bind(&cfg).await?;
         let http_state = http::AppState {
             instance_id: cfg.instance_id.clone(),
             runner: runner.state(),
             publisher: publisher.clone(),
-            breakers: setup
-                .breakers
-                .iter()
-                .cloned()
-                .chain(redis_breaker)
-                .collect(),
+            breakers,
             llm_health: setup.health.clone(),
             budget: setup.budget.clone(),
             fallback_rules: cfg.agents.fallback == config::Fallback::Rules,
@@ -279,15 +170,15 @@ impl App {
             streams_stop: CancellationToken::new(),
         };
         Ok(App {
-            cfg,
             runner,
             coord,
             publisher,
             sink,
-            redis_watch,
+            redis_watch: redis.zip(redis_breaker).map(|(r, b)| (r.client, b)),
             transports: setup.probes.clone(),
             listener,
             http_state,
+            cfg,
         })
     }
 
@@ -515,6 +406,159 @@ impl Services {
             Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
         }
     }
+}
+
+/// The one Redis client of the process and the connection manager made from it. Everything
+/// that talks to Redis goes through this client: coordination, the rate limiter and the sink
+/// share the manager (behind the Redis breaker); the dashboard-stream follower and the
+/// recovery watcher open their own connections from it (a blocking XREAD must not stall the
+/// shared connection; a health check must not use the connection it is checking).
+struct RedisParts {
+    client: redis::Client,
+    conn: redis::aio::ConnectionManager,
+}
+
+impl RedisParts {
+    fn connect(cfg: &Config) -> anyhow::Result<Self> {
+        let client = redis::Client::open(cfg.coordination.redis_url.expose())
+            .map_err(|e| anyhow::anyhow!("coordination.redis_url: {:?}", e.kind()))?;
+        let conn =
+            coordination::redis::manager(client.clone()).context("coordination.redis_url")?;
+        Ok(Self { client, conn })
+    }
+}
+
+/// Breaker transitions: the state gauge, and a `status` event on the SSE stream.
+fn status_hook(hub: Arc<Hub>) -> resilience::TransitionHook {
+    Arc::new(move |name, state| {
+        metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => name.to_string())
+            .set(state.gauge());
+        let status = serde_json::json!({"breaker": name, "state": state.as_str()});
+        hub.push_local("status", Arc::from(status.to_string()));
+    })
+}
+
+/// Coordination, the sink and the agents' rate limiter: in memory, or all on Redis (where
+/// replicas that share an LLM key share its rate limit). With Redis, refuses to start next to
+/// a live process with the same `instance_id`.
+async fn build_coordination(
+    cfg: &Config,
+    timing: LockTiming,
+    redis: Option<&RedisParts>,
+    breaker: Option<&Breaker>,
+) -> anyhow::Result<(
+    Arc<dyn Coordination>,
+    Option<Arc<RedisSink>>,
+    Arc<dyn AgentRateLimiter>,
+)> {
+    let (Some(redis), Some(breaker)) = (redis, breaker) else {
+        return Ok((
+            Arc::new(MemoryCoordination::new(
+                MemoryStore::new(),
+                &cfg.instance_id,
+                timing,
+            )),
+            None,
+            Arc::new(resilience::RateLimiter::new(
+                cfg.agents.requests_per_minute,
+                cfg.agents.burst,
+            )),
+        ));
+    };
+    metrics::gauge!(names::CIRCUIT_BREAKER_STATE, "breaker" => "redis").set(0.0);
+    let prefix = &cfg.coordination.key_prefix;
+    let limiter = Arc::new(RedisRateLimiter::new(
+        redis.conn.clone(),
+        breaker.clone(),
+        prefix,
+        cfg.agents.requests_per_minute,
+        cfg.agents.burst,
+        timing.heartbeat_ttl,
+    ));
+    let sink = RedisSink::new(
+        redis.conn.clone(),
+        breaker.clone(),
+        prefix,
+        cfg.publish.stream_max_len,
+        cfg.publish.outbox_max,
+    );
+    let rc = RedisCoordination::new(
+        redis.conn.clone(),
+        breaker.clone(),
+        prefix,
+        &cfg.instance_id,
+        timing,
+    );
+    // Two live processes with one instance_id would vouch for each other's locks (and a
+    // graceful stop of one deleted the other's heartbeat): refuse.
+    let wait = Duration::from_secs(cfg.heartbeat.interval_seconds) + Duration::from_secs(1);
+    match rc.ensure_unique_identity(wait).await {
+        Ok(()) => {}
+        Err(e @ coordination::CoordError::DuplicateInstance { .. }) => {
+            return Err(anyhow::anyhow!(e));
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot check that instance_id is unique (Redis unreachable); continuing"
+        ),
+    }
+    Ok((Arc::new(rc), Some(sink), limiter))
+}
+
+/// The market source, the pipeline, the pool and the tick loop.
+fn build_runner(
+    cfg: &Config,
+    timing: LockTiming,
+    coord: &Arc<dyn Coordination>,
+    publisher: &Arc<Publisher>,
+    setup: &agents::setup::AgentSetup,
+    latencies: resilience::CallLatencies,
+) -> anyhow::Result<Runner> {
+    let market: Arc<dyn MarketSource> = match cfg.market_data.source {
+        MarketKind::Simulated => Arc::new(market::simulated::Simulated::new()),
+        MarketKind::Coinbase => Arc::new(
+            market::coinbase::Coinbase::new(
+                &cfg.market_data.coinbase_url,
+                secs(cfg.market_data.request_timeout_seconds),
+            )
+            .context("building the coinbase client")?,
+        ),
+    };
+    let pipeline = Arc::new(PipelineContext {
+        market,
+        agents: setup.agents.clone(),
+        publisher: publisher.clone(),
+        candles: cfg.market_data.candles,
+        advise_min_score: cfg.pipeline.advise_min_score,
+        expiry_grace: Duration::from_secs(cfg.pipeline.expiry_grace_seconds),
+    });
+    let coordinator = Arc::new(Coordinator::new(
+        coord.clone(),
+        pipeline,
+        cfg.symbols.clone(),
+        timing.ttl,
+        cfg.coordination.work_sharing,
+        Duration::from_secs(cfg.locks.ttl_seconds),
+    ));
+    Ok(Runner::new(
+        cfg,
+        Clock::System,
+        coord.clone(),
+        coordinator,
+        publisher.clone(),
+        setup.gate_breaker.clone(),
+        latencies,
+    )?
+    .with_llm_health(setup.health.clone()))
+}
+
+/// Binds the HTTP listener (`http.bind`, `http.port`; 0 picks a free port).
+async fn bind(cfg: &Config) -> anyhow::Result<TcpListener> {
+    let ip: std::net::IpAddr = cfg.http.bind.parse().context("http.bind")?;
+    let addr = SocketAddr::new(ip, cfg.http.port);
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the HTTP server to {addr}"))
 }
 
 fn log_listening(l: &TcpListener) {

@@ -112,6 +112,12 @@ fn manager_config() -> ConnectionManagerConfig {
 pub fn connect(url: &str) -> Result<ConnectionManager, CoordError> {
     let client = redis::Client::open(url)
         .map_err(|e| CoordError::Unavailable(format!("invalid Redis URL: {}", e.kind_str())))?;
+    manager(client)
+}
+
+/// A lazily-connecting, auto-reconnecting connection made from `client` (the process's one
+/// Redis client).
+pub fn manager(client: redis::Client) -> Result<ConnectionManager, CoordError> {
     ConnectionManager::new_lazy_with_config(client, manager_config()).map_err(|e| {
         CoordError::Unavailable(format!(
             "cannot create the Redis connection: {}",
