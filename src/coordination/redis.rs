@@ -1,4 +1,5 @@
-//! The Redis coordination backend (DESIGN.md §3 keys), for any number of replicas.
+//! The Redis coordination backend (the keys of the README's Redis table), for any number of
+//! replicas.
 //!
 //! Every operation touches a single key, so the same code runs on Redis Cluster. Every call
 //! goes through the Redis circuit breaker: while Redis is down calls fail fast with

@@ -1,4 +1,4 @@
-//! The TradeStream opportunity score (DESIGN.md §6): deterministic, no LLM, microseconds.
+//! The TradeStream opportunity score: deterministic, no LLM, microseconds.
 //!
 //! ```text
 //! score = 100 × (0.25·confidence + 0.30·min(rar / cap.max_return, 1) + 0.20·consensus

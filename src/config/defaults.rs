@@ -1,0 +1,196 @@
+//! The embedded defaults: the seed's values where the seed has one, and why where it does not.
+
+use super::*;
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            schedule: "*/1 * * * *".into(),
+            timezone: "UTC".into(),
+            instance_id: default_instance_id(),
+            symbols: DEFAULT_SYMBOLS.iter().map(|s| s.to_string()).collect(),
+            parallel: Parallel::default(),
+            timeouts: Timeouts::default(),
+            locks: Locks::default(),
+            heartbeat: Heartbeat::default(),
+            retry: Retry::default(),
+            circuit_breaker: CircuitBreakers::default(),
+            adaptive: Adaptive::default(),
+            graceful_shutdown: GracefulShutdown::default(),
+            coordination: Coordination::default(),
+            agents: Agents::default(),
+            market_data: MarketData::default(),
+            pipeline: Pipeline::default(),
+            publish: Publish::default(),
+            http: Http::default(),
+            postgres: Postgres::default(),
+        }
+    }
+}
+
+/// `HOSTNAME` (the pod name in Kubernetes) or `runner-1`, as in the seed's
+/// `${HOSTNAME:-runner-1}`.
+fn default_instance_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| "runner-1".to_string())
+}
+
+impl Default for Parallel {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 10,
+            min_concurrent: 3,
+            batch_delay_ms: 1000,
+        }
+    }
+}
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            symbol_timeout_seconds: 10.0,
+            symbol_timeout_max_seconds: 15.0,
+            total_timeout_seconds: 50.0,
+        }
+    }
+}
+impl Default for Locks {
+    fn default() -> Self {
+        Self {
+            ttl_seconds: 90,
+            stale_threshold_seconds: 120,
+            redis_key_prefix: "signal:lock:".into(),
+        }
+    }
+}
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            ttl_seconds: 30,
+            interval_seconds: 10,
+        }
+    }
+}
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            max_attempts: 2,
+            delay_seconds: 5.0,
+            max_delay_seconds: 30.0,
+            jitter: true,
+        }
+    }
+}
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        Self {
+            llm_service: BreakerConfig {
+                failure_threshold: 5,
+                recovery_timeout_seconds: 60.0,
+                half_open_max_calls: 3,
+                success_threshold: 2,
+                mode: BreakerMode::Normal,
+            },
+            redis: BreakerConfig {
+                failure_threshold: 3,
+                recovery_timeout_seconds: 30.0,
+                half_open_max_calls: 2,
+                success_threshold: 1,
+                mode: BreakerMode::Normal,
+            },
+        }
+    }
+}
+impl Default for Adaptive {
+    fn default() -> Self {
+        Self {
+            // Per-call samples: 20 symbols make ~50 calls a minute. The seed's 10 (set for a
+            // window of symbols) would make p95 the maximum of the last few seconds.
+            latency_window_size: 200,
+            p95_threshold_ms: 8000,
+            p99_threshold_ms: 9000,
+            backpressure_max_overruns: 3,
+            cooldown_cycles: 2,
+            max_consecutive_latency_skips: 1,
+            latency_max_age_seconds: 300,
+        }
+    }
+}
+impl Default for GracefulShutdown {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: 30.0,
+            drain_existing: true,
+        }
+    }
+}
+impl Default for Coordination {
+    fn default() -> Self {
+        Self {
+            backend: CoordinationBackend::Memory,
+            redis_url: Secret::new("redis://127.0.0.1:6379"),
+            key_prefix: String::new(),
+            work_sharing: false,
+        }
+    }
+}
+impl Default for Agents {
+    fn default() -> Self {
+        Self {
+            backend: AgentBackend::Rules,
+            requests_per_minute: 100,
+            burst: 10,
+            base_url: "https://openrouter.ai/api/v1".into(),
+            model: "openai/gpt-4o-mini".into(),
+            api_key: Secret::default(),
+            stages: Stages::default(),
+            fallback: Fallback::None,
+            budget: Budget::default(),
+            max_tokens: 1024,
+            hedge: Hedge::default(),
+            opencode: OpenCodeConfig::default(),
+        }
+    }
+}
+impl Default for MarketData {
+    fn default() -> Self {
+        Self {
+            source: MarketSource::Simulated,
+            coinbase_url: "https://api.exchange.coinbase.com".into(),
+            candles: 120,
+            request_timeout_seconds: 5.0,
+        }
+    }
+}
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self {
+            advise_min_score: 70.0,
+            report_mode: ReportMode::Agent,
+            expiry_grace_seconds: 30,
+        }
+    }
+}
+impl Default for Publish {
+    fn default() -> Self {
+        Self {
+            stream_max_len: 10_000,
+            outbox_max: 10_000,
+            history_cycles: 100,
+            replay_buffer: 1024,
+        }
+    }
+}
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            bind: "0.0.0.0".into(),
+            port: 8080,
+            admin_token: Secret::default(),
+            admin_loopback: true,
+            // 1,000 dashboard clients (the SSE benchmark) plus probes and API calls.
+            max_connections: 4096,
+        }
+    }
+}
