@@ -20,6 +20,20 @@ struct Driver {
     _profile: tempfile::TempDir,
 }
 
+impl Drop for Driver {
+    /// A test that failed before `quit` still takes its browser down: every process started
+    /// with this driver's own profile directory.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .args(["-f", "--"])
+            .arg(format!(
+                "--user-data-dir={}",
+                self._profile.path().display()
+            ))
+            .status();
+    }
+}
+
 impl Driver {
     async fn start() -> Driver {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -84,6 +98,16 @@ impl Driver {
             _child: child,
             _profile: profile,
         }
+    }
+
+    /// Ends the WebDriver session, which closes the browser. Killing chromedriver alone (its
+    /// `kill_on_drop`) would leave the headless Chromium running, ~1 GiB a test run.
+    async fn quit(&self) {
+        let _ = self
+            .http
+            .delete(format!("{}/session/{}", self.base, self.session))
+            .send()
+            .await;
     }
 
     async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
@@ -229,4 +253,5 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
         .js("return document.getElementById('conn').textContent")
         .await;
     assert_eq!(status, "live");
+    d.quit().await;
 }
