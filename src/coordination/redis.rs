@@ -448,38 +448,27 @@ impl Coordination for RedisCoordination {
                 return Ok(LockOutcome::Held);
             }
         };
-        if rec.token.as_deref() == Some(self.token.as_str()) {
+        // The outcome if the takeover below wins.
+        let outcome = if rec.token.as_deref() == Some(self.token.as_str()) {
             // Ours, left behind when a release could not reach Redis (an outage): we are not
             // running this symbol now (the coordinator takes a lock only to start it), so it
             // is simply re-taken rather than blocking the symbol until it expires.
-            let won: i64 = self
-                .script(
-                    "lock takeover",
-                    TAKEOVER,
-                    &key,
-                    &[&current, &value, &ttl.to_string()],
-                )
-                .await?;
-            if won == 1 {
-                tracing::info!(
-                    symbol,
-                    "re-took a lock of ours left from before a Redis outage"
-                );
-                self.held().insert(symbol.to_string(), value);
-                return Ok(LockOutcome::Acquired);
-            }
+            tracing::info!(
+                symbol,
+                "re-taking a lock of ours left from before a Redis outage"
+            );
+            LockOutcome::Acquired
+        } else if self.owner_alive(&rec).await? {
+            // A live owner's lock is never taken over, however old: it extends its lock while
+            // it works, and a takeover would run the symbol twice.
             return Ok(LockOutcome::Held);
-        }
-        // A live owner's lock is never taken over, however old: it extends its lock while it
-        // works, and a takeover would run the symbol twice.
-        if self.owner_alive(&rec).await? {
-            return Ok(LockOutcome::Held);
-        }
-        let age = Utc::now().timestamp_millis() as f64 / 1000.0 - rec.acquired_at;
-        let reason = if age > self.timing.stale_after.as_secs_f64() {
-            StaleReason::Age
         } else {
-            StaleReason::HeartbeatMissing
+            let age = Utc::now().timestamp_millis() as f64 / 1000.0 - rec.acquired_at;
+            LockOutcome::Recovered(if age > self.timing.stale_after.as_secs_f64() {
+                StaleReason::Age
+            } else {
+                StaleReason::HeartbeatMissing
+            })
         };
         let won: i64 = self
             .script(
@@ -491,7 +480,7 @@ impl Coordination for RedisCoordination {
             .await?;
         if won == 1 {
             self.held().insert(symbol.to_string(), value);
-            Ok(LockOutcome::Recovered(reason))
+            Ok(outcome)
         } else {
             Ok(LockOutcome::Held)
         }

@@ -401,7 +401,11 @@ async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_a
     p.wait_log(|l| l["message"] == "cycle started", Duration::from_secs(10))
         .await;
     // Every lock is taken; then Redis dies under them.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while redis.keys("signal:lock:*").await.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "locks never taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     redis.stop();
     p.wait_log(
         |l| l["message"] == "circuit breaker OPEN" && l["breaker"] == "redis",
