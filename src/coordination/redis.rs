@@ -450,9 +450,12 @@ impl Coordination for RedisCoordination {
         };
         // The outcome if the takeover below wins.
         let outcome = if rec.token.as_deref() == Some(self.token.as_str()) {
-            // Ours, left behind when a release could not reach Redis (an outage): we are not
-            // running this symbol now (the coordinator takes a lock only to start it), so it
-            // is simply re-taken rather than blocking the symbol until it expires.
+            if self.held().contains_key(symbol) {
+                // Ours and in use right now.
+                return Ok(LockOutcome::Held);
+            }
+            // Ours, left behind when a release could not reach Redis (an outage), and no
+            // longer in use: re-taken rather than blocking the symbol until it expires.
             tracing::info!(
                 symbol,
                 "re-taking a lock of ours left from before a Redis outage"
@@ -506,13 +509,14 @@ impl Coordination for RedisCoordination {
     }
 
     async fn release_lock(&self, symbol: &str) -> Result<bool, CoordError> {
-        let Some(value) = self.held().get(symbol).cloned() else {
+        // Forgotten first: if the release cannot reach Redis, the lock left there is a
+        // leftover (ours, not in use), which `acquire_lock` re-takes when the symbol next runs.
+        let Some(value) = self.held().remove(symbol) else {
             return Ok(false);
         };
         let r: i64 = self
             .script("lock release", RELEASE, &self.lock_key(symbol), &[&value])
             .await?;
-        self.held().remove(symbol);
         Ok(r == 1)
     }
 
