@@ -113,7 +113,7 @@ impl App {
                     format!(
                         "{}{}",
                         cfg.coordination.key_prefix,
-                        model::Stage::Dashboard.stream()
+                        model::Stage::Report.stream()
                     ),
                 )
             }),

@@ -11,74 +11,75 @@ use crate::schedule::CycleId;
 /// Namespace of the deterministic ids (UUID v5). Fixed forever: changing it changes every id.
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b1f_0c2e_9a57_4d0e_8f43_2b7c_5e19_a0d4);
 
-/// The four stages, which are also the four channels/streams.
+/// The four stages — signal, score, advise, report — everywhere: in code, labels, logs and the
+/// API. The Redis channel and stream names (raw, scored, validated, dashboard) are only names,
+/// kept as the outside contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
-    /// Stage 1: the signal.
-    Raw,
-    /// Stage 2: the scored signal.
-    Scored,
-    /// Stage 3: the advised signal.
-    Validated,
-    /// Stage 4: the report, what the dashboard shows.
-    Dashboard,
+    /// Stage 1: the signal (`channel:raw-signals`). The aliases read what versions before the
+    /// one stage vocabulary wrote (an outbox spool left by an older process).
+    #[serde(alias = "raw")]
+    Signal,
+    /// Stage 2: the scored signal (`channel:scored-signals`).
+    #[serde(alias = "scored")]
+    Score,
+    /// Stage 3: the advised signal (`channel:validated-signals`).
+    #[serde(alias = "validated")]
+    Advise,
+    /// Stage 4: the report, what the dashboard shows (`channel:dashboard-signals`).
+    #[serde(alias = "dashboard")]
+    Report,
 }
 
 impl Stage {
     /// Every stage in pipeline order.
-    pub const ALL: [Stage; 4] = [
-        Stage::Raw,
-        Stage::Scored,
-        Stage::Validated,
-        Stage::Dashboard,
-    ];
+    pub const ALL: [Stage; 4] = [Stage::Signal, Stage::Score, Stage::Advise, Stage::Report];
 
     /// Pub/sub channel name (without the key prefix).
     pub fn channel(self) -> &'static str {
         match self {
-            Stage::Raw => "channel:raw-signals",
-            Stage::Scored => "channel:scored-signals",
-            Stage::Validated => "channel:validated-signals",
-            Stage::Dashboard => "channel:dashboard-signals",
+            Stage::Signal => "channel:raw-signals",
+            Stage::Score => "channel:scored-signals",
+            Stage::Advise => "channel:validated-signals",
+            Stage::Report => "channel:dashboard-signals",
         }
     }
 
     /// Stream key (without the key prefix).
     pub fn stream(self) -> &'static str {
         match self {
-            Stage::Raw => "stream:raw-signals",
-            Stage::Scored => "stream:scored-signals",
-            Stage::Validated => "stream:validated-signals",
-            Stage::Dashboard => "stream:dashboard-signals",
+            Stage::Signal => "stream:raw-signals",
+            Stage::Score => "stream:scored-signals",
+            Stage::Advise => "stream:validated-signals",
+            Stage::Report => "stream:dashboard-signals",
         }
     }
 
     /// The agent that produces it (`source_agent` of the envelope, a metric label).
     pub fn agent(self) -> &'static str {
         match self {
-            Stage::Raw => "signal-generator",
-            Stage::Scored => "opportunity-scorer",
-            Stage::Validated => "portfolio-advisor",
-            Stage::Dashboard => "report-generator",
+            Stage::Signal => "signal-generator",
+            Stage::Score => "opportunity-scorer",
+            Stage::Advise => "portfolio-advisor",
+            Stage::Report => "report-generator",
         }
     }
 
     /// Short name for labels and logs.
     pub fn as_str(self) -> &'static str {
         match self {
-            Stage::Raw => "signal",
-            Stage::Scored => "score",
-            Stage::Validated => "advise",
-            Stage::Dashboard => "report",
+            Stage::Signal => "signal",
+            Stage::Score => "score",
+            Stage::Advise => "advise",
+            Stage::Report => "report",
         }
     }
 }
 
 /// The "latest per symbol" rule, in one place (the publisher's memory and the API's merge of
 /// every replica's messages): a newer cycle wins; within a cycle, the further stage wins.
-/// Cycle ids are RFC 3339 UTC with whole seconds, so they order as text.
-pub fn supersedes(cycle: &str, stage: Stage, than_cycle: &str, than_stage: Stage) -> bool {
+pub fn supersedes(cycle: CycleId, stage: Stage, than_cycle: CycleId, than_stage: Stage) -> bool {
     (cycle, stage) >= (than_cycle, than_stage)
 }
 
@@ -180,8 +181,8 @@ pub struct MarketContext {
 pub struct Signal {
     /// Deterministic from symbol + cycle id.
     pub signal_id: String,
-    /// The tick, RFC 3339.
-    pub cycle_id: String,
+    /// The tick (RFC 3339 in JSON).
+    pub cycle_id: CycleId,
     /// `BASE/QUOTE`.
     pub symbol: String,
     /// The call.
@@ -352,7 +353,7 @@ pub struct StageMessage {
     /// The symbol.
     pub symbol: String,
     /// The tick.
-    pub cycle_id: String,
+    pub cycle_id: CycleId,
     /// What is published.
     pub envelope: Envelope,
 }
@@ -362,7 +363,7 @@ impl StageMessage {
     pub fn new(
         stage: Stage,
         symbol: &str,
-        cycle_id: &str,
+        cycle_id: CycleId,
         signal_id: &str,
         payload: serde_json::Value,
         processing_time_ms: u64,
@@ -371,7 +372,7 @@ impl StageMessage {
         StageMessage {
             stage,
             symbol: symbol.to_string(),
-            cycle_id: cycle_id.to_string(),
+            cycle_id,
             envelope: Envelope {
                 message_id: message_id(stage, signal_id),
                 source_agent: stage.agent().to_string(),
@@ -401,7 +402,7 @@ mod tests {
         let a = signal_id("ETH/USD", &c);
         assert_eq!(a, signal_id("ETH/USD", &c));
         assert_ne!(a, signal_id("BTC/USD", &c));
-        assert_ne!(message_id(Stage::Raw, &a), message_id(Stage::Scored, &a));
-        assert_eq!(message_id(Stage::Raw, &a), message_id(Stage::Raw, &a));
+        assert_ne!(message_id(Stage::Signal, &a), message_id(Stage::Score, &a));
+        assert_eq!(message_id(Stage::Signal, &a), message_id(Stage::Signal, &a));
     }
 }

@@ -366,7 +366,7 @@ impl Runner {
         }
         let params = self.state.lock().params;
         self.publisher.record_cycle(CycleSummary {
-            cycle_id: cycle.to_string(),
+            cycle_id: *cycle,
             started_at: self.clock.now(),
             duration_seconds: 0.0,
             symbols_ok: 0,
@@ -614,7 +614,7 @@ impl Runner {
                 self.publisher
                     .cycles()
                     .into_iter()
-                    .find(|c| c.cycle_id == cycle.to_string())
+                    .find(|c| c.cycle_id == cycle)
             }
         };
         {
@@ -686,7 +686,7 @@ async fn execute_cycle(ctx: CycleCtx, plan: CyclePlan, period: Duration) -> Cycl
     let report: CycleReport = coordinator.run_cycle(&plan, &cancel).await;
     let duration = Instant::now().duration_since(t0);
     let summary = CycleSummary {
-        cycle_id: plan.cycle.to_string(),
+        cycle_id: plan.cycle,
         started_at,
         duration_seconds: duration.as_secs_f64(),
         symbols_ok: report.ok(),
@@ -847,7 +847,7 @@ mod tests {
         run_for(h.runner, Duration::from_secs(31)).await;
         let mut cycles = h.publisher.cycles();
         cycles.reverse();
-        let ids: Vec<String> = cycles.iter().map(|c| c.cycle_id.clone()).collect();
+        let ids: Vec<String> = cycles.iter().map(|c| c.cycle_id.to_string()).collect();
         assert_eq!(
             ids,
             [
@@ -866,7 +866,7 @@ mod tests {
             assert_eq!(
                 c.started_at
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                c.cycle_id
+                c.cycle_id.to_string()
             );
             assert_eq!(c.symbols_ok, 3);
         }
@@ -1034,7 +1034,7 @@ mod tests {
         let out = h.runner.run_once(CancellationToken::new()).await;
         match out {
             OnceOutcome::Ran(s) => {
-                assert_eq!(s.cycle_id, "2026-11-28T10:00:00Z");
+                assert_eq!(s.cycle_id.to_string(), "2026-11-28T10:00:00Z");
                 assert_eq!(s.symbols_ok, 3);
             }
             other => panic!("{other:?}"),

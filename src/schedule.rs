@@ -188,6 +188,36 @@ impl serde::Serialize for CycleId {
     }
 }
 
+/// Why text is not a cycle id.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("not a cycle id (RFC 3339 UTC time with whole seconds, e.g. 2026-11-28T10:01:00Z): {0:?}")]
+pub struct BadCycleId(String);
+
+impl FromStr for CycleId {
+    type Err = BadCycleId;
+
+    /// Reads what [`Display`](fmt::Display) writes. Any RFC 3339 offset is accepted and
+    /// normalised to UTC; a fractional second is refused, because ids that differ only in a
+    /// fraction would name the same tick twice.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use chrono::Timelike;
+        let t = DateTime::parse_from_rfc3339(s)
+            .map_err(|_| BadCycleId(s.to_string()))?
+            .with_timezone(&Utc);
+        if t.nanosecond() != 0 {
+            return Err(BadCycleId(s.to_string()));
+        }
+        Ok(CycleId(t))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CycleId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Wall-clock time as the scheduler sees it.
 ///
 /// In service the system clock is the truth (ticks belong to UTC boundaries, and replicas on
@@ -352,6 +382,32 @@ mod tests {
         assert_eq!(c.now(), at(10, 0, 1) + chrono::Duration::milliseconds(500));
         c.sleep_until(at(10, 1, 0)).await;
         assert_eq!(c.now(), at(10, 1, 0));
+    }
+
+    #[test]
+    fn cycle_id_reads_what_it_writes_and_refuses_the_rest() {
+        let c = CycleId::new(
+            Utc.with_ymd_and_hms(2026, 11, 28, 10, 1, 0)
+                .single()
+                .expect("valid"),
+        );
+        assert_eq!("2026-11-28T10:01:00Z".parse::<CycleId>(), Ok(c));
+        assert_eq!("2026-11-28T11:01:00+01:00".parse::<CycleId>(), Ok(c));
+        let json = serde_json::to_string(&c).expect("serialize");
+        assert_eq!(
+            serde_json::from_str::<CycleId>(&json).expect("round trip"),
+            c
+        );
+        for bad in [
+            "",
+            "c1",
+            "2026-11-28",
+            "2026-11-28T10:01:00.5Z",
+            "2026-13-28T10:01:00Z",
+        ] {
+            let e = bad.parse::<CycleId>().expect_err(bad);
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
     }
 
     #[test]

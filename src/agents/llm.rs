@@ -20,6 +20,8 @@
 //! so the budget is never overshot by calls in flight.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::schedule::CycleId;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -57,7 +59,7 @@ pub struct LlmRequest<'a> {
     /// The symbol (sessions are titled with it).
     pub symbol: &'a str,
     /// The tick.
-    pub cycle_id: &'a str,
+    pub cycle_id: CycleId,
     /// System prompt.
     pub system: &'static str,
     /// User prompt.
@@ -179,17 +181,17 @@ pub fn stage_schema(stage: Stage) -> &'static Value {
     static ADVICE: OnceLock<Value> = OnceLock::new();
     static REPORT: OnceLock<Value> = OnceLock::new();
     match stage {
-        Stage::Raw | Stage::Scored => SIGNAL.get_or_init(schema_of::<LlmSignal>),
-        Stage::Validated => ADVICE.get_or_init(schema_of::<Advice>),
-        Stage::Dashboard => REPORT.get_or_init(schema_of::<LlmReport>),
+        Stage::Signal | Stage::Score => SIGNAL.get_or_init(schema_of::<LlmSignal>),
+        Stage::Advise => ADVICE.get_or_init(schema_of::<Advice>),
+        Stage::Report => REPORT.get_or_init(schema_of::<LlmReport>),
     }
 }
 
 fn schema_name(stage: Stage) -> &'static str {
     match stage {
-        Stage::Raw | Stage::Scored => "signal",
-        Stage::Validated => "advice",
-        Stage::Dashboard => "report",
+        Stage::Signal | Stage::Score => "signal",
+        Stage::Advise => "advice",
+        Stage::Report => "report",
     }
 }
 
@@ -200,9 +202,9 @@ const REPORT_SYSTEM: &str = "You are report-generator. Write a 2–3 sentence pl
 /// System prompt of a stage.
 pub fn system_prompt(stage: Stage) -> &'static str {
     match stage {
-        Stage::Raw | Stage::Scored => SIGNAL_SYSTEM,
-        Stage::Validated => ADVISE_SYSTEM,
-        Stage::Dashboard => REPORT_SYSTEM,
+        Stage::Signal | Stage::Score => SIGNAL_SYSTEM,
+        Stage::Advise => ADVISE_SYSTEM,
+        Stage::Report => REPORT_SYSTEM,
     }
 }
 
@@ -601,7 +603,7 @@ impl LlmAgent {
         &self,
         stage: Stage,
         symbol: &str,
-        cycle_id: &str,
+        cycle_id: CycleId,
         user: String,
         limits: CallLimits,
         read: Read<'_, T>,
@@ -1002,7 +1004,7 @@ impl Agent for LlmAgent {
         let read = move |v: &Value| signal_from_answer(symbol, v);
         match self
             .ask(
-                Stage::Raw,
+                Stage::Signal,
                 req.symbol,
                 req.cycle_id,
                 signal_prompt(req),
@@ -1024,9 +1026,9 @@ impl Agent for LlmAgent {
         let s = &scored.signal;
         match self
             .ask(
-                Stage::Validated,
+                Stage::Advise,
                 &s.symbol,
-                &s.cycle_id,
+                s.cycle_id,
                 scored_prompt(scored),
                 limits,
                 &advice_from_answer,
@@ -1046,9 +1048,9 @@ impl Agent for LlmAgent {
         let s = &advised.scored.signal;
         match self
             .ask(
-                Stage::Dashboard,
+                Stage::Report,
                 &s.symbol,
-                &s.cycle_id,
+                s.cycle_id,
                 report_prompt(advised),
                 limits,
                 &summary_from_answer,
@@ -1081,7 +1083,7 @@ mod tests {
 
     #[test]
     fn schemas_come_from_the_types_and_are_strict() {
-        let s = stage_schema(Stage::Raw);
+        let s = stage_schema(Stage::Signal);
         let props = s["properties"].as_object().expect("properties");
         for k in [
             "symbol",
@@ -1099,12 +1101,12 @@ mod tests {
         let required = s["required"].as_array().expect("required");
         assert_eq!(required.len(), props.len(), "every field required");
         assert!(
-            stage_schema(Stage::Validated)["properties"]
+            stage_schema(Stage::Advise)["properties"]
                 .get("max_position_size")
                 .is_some()
         );
         assert!(
-            stage_schema(Stage::Dashboard)["properties"]
+            stage_schema(Stage::Report)["properties"]
                 .get("summary")
                 .is_some()
         );
@@ -1172,17 +1174,17 @@ mod tests {
     #[test]
     fn the_estimate_bounds_the_prompt_and_the_completion() {
         let req = LlmRequest {
-            stage: Stage::Dashboard,
+            stage: Stage::Report,
             symbol: "ETH/USD",
-            cycle_id: "c",
+            cycle_id: crate::schedule::CycleId::new(Utc::now()),
             system: "sys",
             user: "é".repeat(100),
             schema_name: "report",
-            schema: stage_schema(Stage::Dashboard),
+            schema: stage_schema(Stage::Report),
             model: "m",
             max_tokens: 512,
         };
-        let schema_len = stage_schema(Stage::Dashboard).to_string().len() as u64;
+        let schema_len = stage_schema(Stage::Report).to_string().len() as u64;
         // 3 + 200 bytes of prompt (é is two bytes), the schema, 64 of template, 512 completion.
         assert_eq!(token_estimate(&req), 3 + 200 + schema_len + 64 + 512);
     }
@@ -1261,13 +1263,13 @@ mod tests {
             per_call: Duration::from_secs(60),
         };
         let req = LlmRequest {
-            stage: Stage::Dashboard,
+            stage: Stage::Report,
             symbol: "ETH/USD",
-            cycle_id: "c",
+            cycle_id: crate::schedule::CycleId::new(Utc::now()),
             system: "s",
             user: "u".into(),
             schema_name: "report",
-            schema: stage_schema(Stage::Dashboard),
+            schema: stage_schema(Stage::Report),
             model: "m",
             max_tokens: 100,
         };

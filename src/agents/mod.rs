@@ -33,6 +33,7 @@ use crate::market::{Candle, MarketError};
 use crate::model::{
     Action, Advice, AdvisedSignal, MarketContext, ScoredSignal, StrategyVerdict, TopStrategy,
 };
+use crate::schedule::CycleId;
 
 /// Longest `reasoning` accepted.
 pub const MAX_REASONING_CHARS: usize = 2000;
@@ -44,8 +45,8 @@ pub const MAX_SUMMARY_CHARS: usize = 1200;
 pub struct SignalRequest<'a> {
     /// `BASE/QUOTE`.
     pub symbol: &'a str,
-    /// The tick (RFC 3339).
-    pub cycle_id: &'a str,
+    /// The tick.
+    pub cycle_id: CycleId,
     /// 1-minute candles, oldest first.
     pub candles: &'a [Candle],
     /// Their summary.

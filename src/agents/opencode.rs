@@ -108,9 +108,9 @@ impl OpenCode {
 
     fn agent(&self, stage: Stage) -> &str {
         match stage {
-            Stage::Raw | Stage::Scored => &self.agents.signal,
-            Stage::Validated => &self.agents.advise,
-            Stage::Dashboard => &self.agents.report,
+            Stage::Signal | Stage::Score => &self.agents.signal,
+            Stage::Advise => &self.agents.advise,
+            Stage::Report => &self.agents.report,
         }
     }
 

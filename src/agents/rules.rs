@@ -532,7 +532,7 @@ mod tests {
         let now = c[119].time;
         let d = Rules::analyse(&SignalRequest {
             symbol: "ETH/USD",
-            cycle_id: "x",
+            cycle_id: crate::schedule::CycleId::new(Utc::now()),
             candles: &c,
             context: &ctx,
             now,
@@ -557,7 +557,7 @@ mod tests {
         let ctx = summarize(&c);
         let d = Rules::analyse(&SignalRequest {
             symbol: "ETH/USD",
-            cycle_id: "x",
+            cycle_id: crate::schedule::CycleId::new(Utc::now()),
             candles: &c,
             context: &ctx,
             now: c[119].time,
@@ -597,7 +597,7 @@ mod tests {
         let ctx = summarize(&c);
         let e = Rules::analyse(&SignalRequest {
             symbol: "ETH/USD",
-            cycle_id: "x",
+            cycle_id: crate::schedule::CycleId::new(Utc::now()),
             candles: &c,
             context: &ctx,
             now: c[9].time,

@@ -26,6 +26,7 @@ use crate::coordination::Coordination;
 use crate::publish::Publisher;
 use crate::resilience::{Breaker, BreakerState};
 use crate::runner::SharedState;
+use crate::schedule::CycleId;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -770,11 +771,11 @@ async fn latest(
     // Per symbol, the newest cycle's furthest stage: this replica's own messages, and — with
     // Redis — every replica's dashboard messages, so a load-balanced client sees everything.
     use crate::pipeline::Stage;
-    let mut best: std::collections::BTreeMap<String, (String, Stage, Value)> = Default::default();
-    let mut offer = |symbol: String, cycle: String, stage: Stage, entry: Value| {
+    let mut best: std::collections::BTreeMap<String, (CycleId, Stage, Value)> = Default::default();
+    let mut offer = |symbol: String, cycle: CycleId, stage: Stage, entry: Value| {
         let newer = best
             .get(&symbol)
-            .is_none_or(|(c, st, _)| crate::pipeline::supersedes(&cycle, stage, c, *st));
+            .is_none_or(|(c, st, _)| crate::pipeline::supersedes(cycle, stage, *c, *st));
         if newer {
             best.insert(symbol, (cycle, stage, entry));
         }
@@ -782,26 +783,26 @@ async fn latest(
     for m in s.publisher.latest() {
         offer(
             m.symbol.clone(),
-            m.cycle_id.clone(),
+            m.cycle_id,
             m.stage,
             latest_entry(m.stage.as_str(), &m.envelope),
         );
     }
     for data in s.publisher.hub().latest_signals() {
-        if let Ok(env) = serde_json::from_str::<crate::pipeline::Envelope>(&data) {
-            let symbol = env.payload["symbol"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let cycle = env.payload["cycle_id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+        // Another replica's message is offered only when it names its symbol and tick; a
+        // message that does not (written by something else) cannot be placed, so it is left out.
+        if let Some((env, key)) = serde_json::from_str::<crate::pipeline::Envelope>(&data)
+            .ok()
+            .and_then(|env| {
+                let key = serde_json::from_value::<SignalKey>(env.payload.clone()).ok()?;
+                Some((env, key))
+            })
+        {
             offer(
-                symbol,
-                cycle,
-                Stage::Dashboard,
-                latest_entry("report", &env),
+                key.symbol,
+                key.cycle_id,
+                Stage::Report,
+                latest_entry(Stage::Report.as_str(), &env),
             );
         }
     }
@@ -823,6 +824,13 @@ async fn latest(
     let signals: Vec<Value> = page.into_iter().map(|(_, v)| v).collect();
     axum::Json(json!({ "signals": signals, "total": total, "next_cursor": next_cursor }))
         .into_response()
+}
+
+/// What places a message in the "latest per symbol" merge.
+#[derive(serde::Deserialize)]
+struct SignalKey {
+    symbol: String,
+    cycle_id: CycleId,
 }
 
 async fn cycles(State(s): State<AppState>) -> impl IntoResponse {

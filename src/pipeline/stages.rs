@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::scorer::score_signal;
 use crate::agents::{
-    AgentError, CallLimits, SignalRequest, StageAgents, validate_advice, validate_summary,
+    AgentError, Answer, CallLimits, SignalRequest, StageAgents, validate_advice, validate_summary,
 };
 use crate::market::{MarketSource, summarize};
 use crate::model::*;
@@ -62,25 +62,64 @@ pub struct StageFailure {
     pub error: AgentError,
 }
 
-fn timed_ms(start: Instant) -> u64 {
-    Instant::now().duration_since(start).as_millis() as u64
+/// One symbol's tick as its stages see it: every stage step goes through these three
+/// helpers — call the agent (timed), check its answer, publish the stage — so the four stages
+/// cannot drift apart in how they are timed, failed or published.
+struct Steps<'a> {
+    ctx: &'a PipelineContext,
+    symbol: &'a str,
+    cycle: CycleId,
+    signal_id: String,
 }
 
-fn agent_latency(stage: Stage, since: Instant) {
-    metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage.as_str())
-        .record(Instant::now().duration_since(since).as_secs_f64());
-}
+impl Steps<'_> {
+    /// Awaits `call`, the stage's agent, and records its latency (`llm_latency_seconds`).
+    async fn ask<T>(
+        &self,
+        stage: Stage,
+        call: impl std::future::Future<Output = Result<Answer<T>, AgentError>>,
+    ) -> Result<Answer<T>, StageFailure> {
+        let t = Instant::now();
+        let answer = call.await.map_err(|error| StageFailure { stage, error })?;
+        metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage.as_str())
+            .record(Instant::now().duration_since(t).as_secs_f64());
+        Ok(answer)
+    }
 
-async fn publish(ctx: &PipelineContext, msg: StageMessage) {
-    metrics::counter!(names::MESSAGES_PUBLISHED, "stage" => msg.stage.as_str()).increment(1);
-    ctx.publisher.publish(msg).await;
-}
+    /// The stage's answer checked after repair: a reason fails the symbol in `stage`.
+    fn check(stage: Stage, verdict: Result<(), String>) -> Result<(), StageFailure> {
+        verdict.map_err(|r| StageFailure {
+            stage,
+            error: AgentError::InvalidOutput(r),
+        })
+    }
 
-fn payload<T: serde::Serialize>(stage: Stage, v: &T) -> Result<serde_json::Value, StageFailure> {
-    serde_json::to_value(v).map_err(|e| StageFailure {
-        stage,
-        error: AgentError::InvalidOutput(e.to_string()),
-    })
+    /// Publishes `value` as `stage`'s message, timed from `since`.
+    async fn publish<T: serde::Serialize>(
+        &self,
+        stage: Stage,
+        value: &T,
+        since: Instant,
+        model: &str,
+    ) -> Result<(), StageFailure> {
+        let payload = serde_json::to_value(value).map_err(|e| StageFailure {
+            stage,
+            error: AgentError::InvalidOutput(e.to_string()),
+        })?;
+        let ms = Instant::now().duration_since(since).as_millis() as u64;
+        let msg = StageMessage::new(
+            stage,
+            self.symbol,
+            self.cycle,
+            &self.signal_id,
+            payload,
+            ms,
+            model,
+        );
+        metrics::counter!(names::MESSAGES_PUBLISHED, "stage" => stage.as_str()).increment(1);
+        self.ctx.publisher.publish(msg).await;
+        Ok(())
+    }
 }
 
 /// Runs `symbol` for `cycle` through Signal → Score → Advise → Report, publishing each stage.
@@ -93,9 +132,12 @@ pub async fn run_symbol(
     next_tick: DateTime<Utc>,
     limits: CallLimits,
 ) -> Result<SymbolOutcome, StageFailure> {
-    let cycle_id = cycle.to_string();
-    let sid = signal_id(symbol, cycle);
-    let fail = |stage| move |error| StageFailure { stage, error };
+    let steps = Steps {
+        ctx,
+        symbol,
+        cycle: *cycle,
+        signal_id: signal_id(symbol, cycle),
+    };
 
     // Stage 1: Signal.
     let t0 = Instant::now();
@@ -105,7 +147,7 @@ pub async fn run_symbol(
         .candles(symbol, now, ctx.candles)
         .await
         .map_err(|e| StageFailure {
-            stage: Stage::Raw,
+            stage: Stage::Signal,
             error: e.into(),
         })?;
     let context = summarize(&candles);
@@ -115,30 +157,22 @@ pub async fn run_symbol(
         .unwrap_or(now);
     let req = SignalRequest {
         symbol,
-        cycle_id: &cycle_id,
+        cycle_id: *cycle,
         candles: &candles,
         context: &context,
         now,
     };
-    let t_agent = Instant::now();
-    let answer = ctx
-        .agents
-        .signal
-        .signal(&req, limits)
-        .await
-        .map_err(fail(Stage::Raw))?;
-    agent_latency(Stage::Raw, t_agent);
+    let answer = steps
+        .ask(Stage::Signal, ctx.agents.signal.signal(&req, limits))
+        .await?;
     let draft = answer.value;
-    draft.validate().map_err(|r| StageFailure {
-        stage: Stage::Raw,
-        error: AgentError::InvalidOutput(r),
-    })?;
+    Steps::check(Stage::Signal, draft.validate())?;
     // The counts are derived from the breakdown, whoever produced it: a published signal
     // always agrees with itself.
     let tally = Tally::of(&draft.strategy_breakdown);
     let signal = Signal {
-        signal_id: sid.clone(),
-        cycle_id: cycle_id.clone(),
+        signal_id: steps.signal_id.clone(),
+        cycle_id: *cycle,
         symbol: symbol.to_string(),
         action: draft.action,
         confidence: draft.confidence,
@@ -158,74 +192,34 @@ pub async fn run_symbol(
     let action = signal.action;
     metrics::counter!(names::SIGNAL_GENERATION, "symbol" => symbol.to_string(), "action" => action.as_str())
         .increment(1);
-    let p = payload(Stage::Raw, &signal)?;
-    publish(
-        ctx,
-        StageMessage::new(
-            Stage::Raw,
-            symbol,
-            &cycle_id,
-            &sid,
-            p,
-            timed_ms(t0),
-            &answer.model,
-        ),
-    )
-    .await;
+    steps
+        .publish(Stage::Signal, &signal, t0, &answer.model)
+        .await?;
 
     // Stage 2: Score (deterministic).
     let t1 = Instant::now();
     let mut scored = score_signal(signal, Utc::now());
     let score = scored.opportunity_score;
-    let p = payload(Stage::Scored, &scored)?;
-    publish(
-        ctx,
-        StageMessage::new(
-            Stage::Scored,
-            symbol,
-            &cycle_id,
-            &sid,
-            p,
-            timed_ms(t1),
-            "deterministic",
-        ),
-    )
-    .await;
+    steps
+        .publish(Stage::Score, &scored, t1, "deterministic")
+        .await?;
 
     // Stage 3: Advise, only for promising scores.
     let advice = if score >= ctx.advise_min_score {
         let t2 = Instant::now();
-        let answer = ctx
-            .agents
-            .advise
-            .advise(&scored, limits)
-            .await
-            .map_err(fail(Stage::Validated))?;
-        agent_latency(Stage::Validated, t2);
+        let answer = steps
+            .ask(Stage::Advise, ctx.agents.advise.advise(&scored, limits))
+            .await?;
         let advice = answer.value;
         scored.signal.is_degraded |= answer.degraded;
-        validate_advice(&advice).map_err(|r| StageFailure {
-            stage: Stage::Validated,
-            error: AgentError::InvalidOutput(r),
-        })?;
+        Steps::check(Stage::Advise, validate_advice(&advice))?;
         let advised = AdvisedSignal {
             scored: scored.clone(),
             advice: Some(advice.clone()),
         };
-        let p = payload(Stage::Validated, &advised)?;
-        publish(
-            ctx,
-            StageMessage::new(
-                Stage::Validated,
-                symbol,
-                &cycle_id,
-                &sid,
-                p,
-                timed_ms(t2),
-                &answer.model,
-            ),
-        )
-        .await;
+        steps
+            .publish(Stage::Advise, &advised, t2, &answer.model)
+            .await?;
         Some(advice)
     } else {
         None
@@ -235,34 +229,16 @@ pub async fn run_symbol(
 
     // Stage 4: Report.
     let t3 = Instant::now();
-    let answer = ctx
-        .agents
-        .report
-        .report(&advised, limits)
-        .await
-        .map_err(fail(Stage::Dashboard))?;
-    agent_latency(Stage::Dashboard, t3);
+    let answer = steps
+        .ask(Stage::Report, ctx.agents.report.report(&advised, limits))
+        .await?;
     let summary = answer.value;
     advised.scored.signal.is_degraded |= answer.degraded;
-    validate_summary(&summary).map_err(|r| StageFailure {
-        stage: Stage::Dashboard,
-        error: AgentError::InvalidOutput(r),
-    })?;
+    Steps::check(Stage::Report, validate_summary(&summary))?;
     let report = ReportedSignal { advised, summary };
-    let p = payload(Stage::Dashboard, &report)?;
-    publish(
-        ctx,
-        StageMessage::new(
-            Stage::Dashboard,
-            symbol,
-            &cycle_id,
-            &sid,
-            p,
-            timed_ms(t3),
-            &answer.model,
-        ),
-    )
-    .await;
+    steps
+        .publish(Stage::Report, &report, t3, &answer.model)
+        .await?;
 
     Ok(SymbolOutcome {
         action,

@@ -16,13 +16,14 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::model::{Stage, StageMessage};
+use crate::schedule::CycleId;
 use hub::Hub;
 
 /// A finished (or skipped) tick, as `/api/cycles` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CycleSummary {
-    /// The tick (RFC 3339).
-    pub cycle_id: String,
+    /// The tick (RFC 3339 in JSON).
+    pub cycle_id: CycleId,
     /// When the runner started it (or decided to skip it).
     pub started_at: DateTime<Utc>,
     /// Wall time of the cycle; 0 when skipped.
@@ -72,7 +73,7 @@ pub trait Sink: Send + Sync {
 #[derive(Debug, Clone)]
 struct Latest {
     stage: Stage,
-    cycle_id: String,
+    cycle_id: CycleId,
     message: StageMessage,
 }
 
@@ -118,14 +119,14 @@ impl Publisher {
         &self.hub
     }
 
-    /// Publishes a stage message: latest-per-symbol, the sink, and (dashboard stage) the hub.
+    /// Publishes a stage message: latest-per-symbol, the sink, and (report stage) the hub.
     pub async fn publish(&self, msg: StageMessage) {
         {
             let mut latest = lock(&self.latest);
             let replace = match latest.get(&msg.symbol) {
                 None => true,
                 Some(cur) => {
-                    crate::model::supersedes(&msg.cycle_id, msg.stage, &cur.cycle_id, cur.stage)
+                    crate::model::supersedes(msg.cycle_id, msg.stage, cur.cycle_id, cur.stage)
                 }
             };
             if replace {
@@ -133,7 +134,7 @@ impl Publisher {
                     msg.symbol.clone(),
                     Latest {
                         stage: msg.stage,
-                        cycle_id: msg.cycle_id.clone(),
+                        cycle_id: msg.cycle_id,
                         message: msg.clone(),
                     },
                 );
@@ -144,7 +145,7 @@ impl Publisher {
         }
         // With Redis the hub reads signals back from the stream (every replica's); without,
         // it gets them here.
-        if msg.stage == Stage::Dashboard && !self.hub.follows_redis() {
+        if msg.stage == Stage::Report && !self.hub.follows_redis() {
             self.hub.push_local("signal", json_text(&msg.envelope));
         }
     }
@@ -194,7 +195,12 @@ impl Publisher {
 mod tests {
     use super::*;
 
-    fn msg(symbol: &str, cycle: &str, stage: Stage) -> StageMessage {
+    fn cycle(text: &str) -> CycleId {
+        text.parse().expect("a test cycle id")
+    }
+
+    fn msg(symbol: &str, cycle_id: &str, stage: Stage) -> StageMessage {
+        let cycle = cycle(cycle_id);
         StageMessage::new(
             stage,
             symbol,
@@ -209,19 +215,19 @@ mod tests {
     #[tokio::test]
     async fn latest_keeps_the_furthest_stage_of_the_newest_cycle() {
         let p = Publisher::new(Hub::new(100, None), 10, None);
-        p.publish(msg("ETH/USD", "2026-11-28T10:00:00Z", Stage::Dashboard))
+        p.publish(msg("ETH/USD", "2026-11-28T10:00:00Z", Stage::Report))
             .await;
-        p.publish(msg("ETH/USD", "2026-11-28T10:01:00Z", Stage::Raw))
+        p.publish(msg("ETH/USD", "2026-11-28T10:01:00Z", Stage::Signal))
             .await;
-        p.publish(msg("ETH/USD", "2026-11-28T10:01:00Z", Stage::Scored))
+        p.publish(msg("ETH/USD", "2026-11-28T10:01:00Z", Stage::Score))
             .await;
         // A late message of an older cycle does not replace it.
-        p.publish(msg("ETH/USD", "2026-11-28T10:00:00Z", Stage::Dashboard))
+        p.publish(msg("ETH/USD", "2026-11-28T10:00:00Z", Stage::Report))
             .await;
         let l = p.latest();
         assert_eq!(l.len(), 1);
-        assert_eq!(l[0].stage, Stage::Scored);
-        assert_eq!(l[0].cycle_id, "2026-11-28T10:01:00Z");
+        assert_eq!(l[0].stage, Stage::Score);
+        assert_eq!(l[0].cycle_id, cycle("2026-11-28T10:01:00Z"));
     }
 
     #[test]
@@ -229,7 +235,7 @@ mod tests {
         let p = Publisher::new(Hub::new(10, None), 2, None);
         for i in 0..3 {
             p.record_cycle(CycleSummary {
-                cycle_id: format!("c{i}"),
+                cycle_id: cycle(&format!("2026-11-28T10:0{i}:00Z")),
                 started_at: Utc::now(),
                 duration_seconds: 0.0,
                 symbols_ok: 0,
@@ -245,8 +251,8 @@ mod tests {
         }
         let c = p.cycles();
         assert_eq!(
-            c.iter().map(|c| c.cycle_id.as_str()).collect::<Vec<_>>(),
-            vec!["c2", "c1"]
+            c.iter().map(|c| c.cycle_id.to_string()).collect::<Vec<_>>(),
+            vec!["2026-11-28T10:02:00Z", "2026-11-28T10:01:00Z"]
         );
     }
 }

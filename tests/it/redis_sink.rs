@@ -29,9 +29,11 @@ fn breaker() -> Breaker {
 
 fn message(n: usize) -> StageMessage {
     StageMessage::new(
-        Stage::Dashboard,
+        Stage::Report,
         "ETH/USD",
-        &format!("2026-11-28T10:{n:02}:00Z"),
+        format!("2026-11-28T10:{n:02}:00Z")
+            .parse()
+            .expect("a cycle id"),
         &format!("signal-{n}"),
         serde_json::json!({"symbol": "ETH/USD", "n": n}),
         1,
