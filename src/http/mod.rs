@@ -658,7 +658,7 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({
         "status": if !ready { "unhealthy" } else if readiness["degraded"] == true { "degraded" } else { "healthy" },
         "instance_id": s.instance_id,
-        "last_cycle": v.last_cycle.as_ref().map(|c| c.cycle_id.clone()),
+        "last_cycle": v.last_cycle.as_ref().map(|c| c.cycle_id),
         "last_cycle_finished_at": v.last_cycle_finished_at,
         "last_cycle_duration_seconds": v.last_cycle.as_ref().map(|c| c.duration_seconds),
         "signals_last_cycle": v.last_cycle.as_ref().map(|c| c.symbols_ok),

@@ -179,7 +179,7 @@ impl Publisher {
     /// one when it ends, so recording order is not tick order).
     pub fn cycles(&self) -> Vec<CycleSummary> {
         let mut v: Vec<CycleSummary> = lock(&self.cycles).iter().cloned().collect();
-        v.sort_by(|a, b| b.cycle_id.cmp(&a.cycle_id));
+        v.sort_by_key(|c| std::cmp::Reverse(c.cycle_id));
         v
     }
 
