@@ -87,6 +87,12 @@ impl App {
     /// Builds every part from validated configuration and binds the HTTP listener: one
     /// builder per concern, each short (Redis, coordination, agents, the cycle, HTTP).
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        Self::build_with_clock(cfg, Clock::System).await
+    }
+
+    /// [`build`](Self::build) with the scheduler on `clock`: the in-process test harness
+    /// anchors wall time so its cycle ids are known in advance.
+    pub async fn build_with_clock(cfg: Config, clock: Clock) -> anyhow::Result<App> {
         let cfg = Arc::new(cfg);
         let metrics = telemetry::metrics_handle();
         let timing = LockTiming {
@@ -147,7 +153,7 @@ impl App {
             .collect();
         let breaker_names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
         telemetry::init_series(&cfg.symbols, &breaker_names);
-        let runner = build_runner(&cfg, timing, &coord, &publisher, &setup, latencies)
+        let runner = build_runner(&cfg, clock, timing, &coord, &publisher, &setup, latencies)
             .context("building the scheduler")?;
         let listener = bind(&cfg).await?;
         let http_state = http::AppState {
@@ -508,6 +514,7 @@ async fn build_coordination(
 /// The market source, the pipeline, the pool and the tick loop.
 fn build_runner(
     cfg: &Config,
+    clock: Clock,
     timing: LockTiming,
     coord: &Arc<dyn Coordination>,
     publisher: &Arc<Publisher>,
@@ -542,7 +549,7 @@ fn build_runner(
     ));
     Ok(Runner::new(
         cfg,
-        Clock::System,
+        clock,
         coord.clone(),
         coordinator,
         publisher.clone(),

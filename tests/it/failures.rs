@@ -1,32 +1,35 @@
 //! A slow symbol and a failing symbol never hold the others back.
+//!
+//! In process: its symbols are its own, so the process-wide metric series it reads are too.
 
 use std::time::Duration;
 
-use crate::helpers::{Proc, config, metric};
+use crate::app::spawn_app;
+use crate::helpers::{config, metric};
 use crate::market_server::{Behaviour, MarketServer};
 
 #[tokio::test]
 async fn slow_and_failing_symbols_never_block_the_others() {
     let market = MarketServer::start().await;
     market.set(
-        "SOL-USD",
+        "FSLOW-USD",
         Behaviour {
             delay: Duration::from_secs(30),
             status: None,
         },
     );
     market.set(
-        "DOGE-USD",
+        "FFAIL-USD",
         Behaviour {
             delay: Duration::ZERO,
             status: Some(503),
         },
     );
     let extra = format!(
-        "  symbols: [ETH/USD, BTC/USD, SOL/USD, DOGE/USD, LINK/USD]\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n    request_timeout_seconds: 0.5\n  timeouts:\n    symbol_timeout_seconds: 0.5\n    symbol_timeout_max_seconds: 0.5\n    total_timeout_seconds: 0.9\n",
+        "  symbols: [FA/USD, FB/USD, FSLOW/USD, FFAIL/USD, FC/USD]\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n    request_timeout_seconds: 0.5\n  timeouts:\n    symbol_timeout_seconds: 0.5\n    symbol_timeout_max_seconds: 0.5\n    total_timeout_seconds: 0.9\n",
         market.url
     );
-    let p = Proc::spawn("run", &config("* * * * * *", &extra), &[]).await;
+    let p = spawn_app(&config("* * * * * *", &extra)).await;
     let cycles = p
         .poll("/api/cycles", Duration::from_secs(30), |v| {
             v["cycles"]
@@ -62,8 +65,8 @@ async fn slow_and_failing_symbols_never_block_the_others() {
         assert_eq!(
             failures,
             vec![
-                ("DOGE/USD".to_string(), "market_data_5xx".to_string()),
-                ("SOL/USD".to_string(), "market_data_timeout".to_string())
+                ("FFAIL/USD".to_string(), "market_data_5xx".to_string()),
+                ("FSLOW/USD".to_string(), "market_data_timeout".to_string())
             ]
         );
     }
@@ -76,7 +79,7 @@ async fn slow_and_failing_symbols_never_block_the_others() {
         .to_string();
     let (_, latest) = p.get("/api/signals/latest").await;
     let signals = latest["signals"].as_array().unwrap();
-    for s in ["ETH/USD", "BTC/USD", "LINK/USD"] {
+    for s in ["FA/USD", "FB/USD", "FC/USD"] {
         let sig = signals
             .iter()
             .find(|x| x["symbol"] == s)
@@ -87,7 +90,7 @@ async fn slow_and_failing_symbols_never_block_the_others() {
     assert!(
         signals
             .iter()
-            .all(|x| x["symbol"] != "SOL/USD" && x["symbol"] != "DOGE/USD")
+            .all(|x| x["symbol"] != "FSLOW/USD" && x["symbol"] != "FFAIL/USD")
     );
     // Both failures are counted, each with its own reason.
     let (_, m) = p.get_text("/metrics").await;
@@ -96,7 +99,7 @@ async fn slow_and_failing_symbols_never_block_the_others() {
         metric(
             &m,
             name,
-            &[("symbol", "SOL/USD"), ("reason", "market_data_timeout")]
+            &[("symbol", "FSLOW/USD"), ("reason", "market_data_timeout")]
         ) >= 3.0,
         "{m}"
     );
@@ -104,8 +107,8 @@ async fn slow_and_failing_symbols_never_block_the_others() {
         metric(
             &m,
             name,
-            &[("symbol", "DOGE/USD"), ("reason", "market_data_5xx")]
+            &[("symbol", "FFAIL/USD"), ("reason", "market_data_5xx")]
         ) >= 3.0
     );
-    assert_eq!(metric(&m, name, &[("symbol", "ETH/USD")]), 0.0);
+    assert_eq!(metric(&m, name, &[("symbol", "FA/USD")]), 0.0);
 }

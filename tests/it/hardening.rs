@@ -7,6 +7,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+use crate::app::spawn_app;
 use crate::helpers::{Proc, binary, config, get_json, metric, write_config};
 use crate::llm_server::{LlmServer, Reply};
 
@@ -275,14 +276,10 @@ async fn an_idle_socket_flood_under_a_low_fd_limit_never_silences_the_probes() {
 #[tokio::test]
 async fn latest_signals_come_in_bounded_pages() {
     let symbols: Vec<String> = (0..25).map(|i| format!("P{i:02}/USD")).collect();
-    let p = Proc::spawn(
-        "run",
-        &config(
-            "*/2 * * * * *",
-            &format!("  symbols: [{}]\n", symbols.join(", ")),
-        ),
-        &[],
-    )
+    let p = spawn_app(&config(
+        "*/2 * * * * *",
+        &format!("  symbols: [{}]\n", symbols.join(", ")),
+    ))
     .await;
     p.poll("/api/signals/latest", Duration::from_secs(30), |v| {
         v["total"] == 25

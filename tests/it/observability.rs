@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::app::{AppOptions, anchored_now, spawn_app, spawn_app_with, unique_prefix};
 use crate::helpers::{Proc, config, get_json, metric};
 use crate::sse_client::SseClient;
 
@@ -131,12 +132,7 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_runner() {
-    let p = Proc::spawn(
-        "run",
-        &config("* * * * * *", "  symbols: [ETH/USD, BTC/USD]\n"),
-        &[],
-    )
-    .await;
+    let p = spawn_app(&config("* * * * * *", "  symbols: [ETH/USD, BTC/USD]\n")).await;
     let target = p.base.trim_start_matches("http://").to_string();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("prometheus.yml");
@@ -247,17 +243,12 @@ fn ids(evs: &[crate::sse_client::SseEvent]) -> Vec<String> {
 
 #[tokio::test]
 async fn sse_resume_delivers_exactly_what_was_missed_in_order() {
-    let p = Proc::spawn(
-        "run",
-        &config("* * * * * *", "  symbols: [ETH/USD, BTC/USD, SOL/USD]\n"),
-        &[],
-    )
+    let p = spawn_app(&config(
+        "* * * * * *",
+        "  symbols: [ETH/USD, BTC/USD, SOL/USD]\n",
+    ))
     .await;
-    p.wait_log(
-        |l| l["message"] == "cycle finished",
-        Duration::from_secs(10),
-    )
-    .await;
+    p.wait_cycles(1, Duration::from_secs(10)).await;
     let url = format!("{}/api/signals/stream", p.base);
     // A witness stays connected throughout.
     let witness = SseClient::connect(&url, None).await;
@@ -288,13 +279,8 @@ async fn sse_resume_delivers_exactly_what_was_missed_in_order() {
     let last = ids(&gone).last().cloned().unwrap();
     assert!(seen.len() >= 8);
     // Miss a few cycles.
-    let n = p.logs_matching(|l| l["message"] == "cycle finished").len();
-    p.wait_log_count(
-        |l| l["message"] == "cycle finished",
-        n + 3,
-        Duration::from_secs(15),
-    )
-    .await;
+    let n = p.run_cycles().await.len();
+    p.wait_cycles(n + 3, Duration::from_secs(15)).await;
     // Reconnect with Last-Event-ID.
     let back = SseClient::connect(&url, Some(&last)).await;
     let w = witness.snapshot();
@@ -350,31 +336,30 @@ async fn sse_on_replica_a_carries_signals_produced_by_replica_b() {
     );
     // A runs no tick of its own during the test (yearly schedule): whatever signals it serves
     // were produced by B.
-    let a = Proc::spawn(
-        "run",
-        &config("0 0 1 1 *", &extra),
-        &[("INSTANCE_ID", "replica-a")],
-    )
-    .await;
-    let b = Proc::spawn(
-        "run",
-        &config("* * * * * *", &extra),
-        &[("INSTANCE_ID", "replica-b")],
-    )
-    .await;
+    let (clock, prefix) = (anchored_now(), unique_prefix("sse-ab"));
+    let spawn = |schedule: &'static str, id: &'static str| {
+        spawn_app_with(
+            config(schedule, &extra),
+            AppOptions {
+                instance_id: Some(id.into()),
+                key_prefix: Some(prefix.clone()),
+                clock,
+                ..AppOptions::default()
+            },
+        )
+    };
+    let a = spawn("0 0 1 1 *", "replica-a").await;
+    let b = spawn("* * * * * *", "replica-b").await;
     let client = SseClient::connect(&format!("{}/api/signals/stream", a.base), None).await;
     // Wait until B has run some ticks of its own.
-    b.wait_log_count(
-        |l| l["message"] == "cycle finished",
-        2,
-        Duration::from_secs(30),
-    )
-    .await;
     let b_cycles: std::collections::BTreeSet<String> = b
-        .logs_matching(|l| l["message"] == "cycle finished")
+        .wait_cycles(2, Duration::from_secs(30))
+        .await
         .iter()
-        .map(|l| l["cycle_id"].as_str().unwrap().to_string())
+        .filter(|c| c["symbols_ok"].as_u64() > Some(0))
+        .map(|c| c["cycle_id"].as_str().unwrap().to_string())
         .collect();
+    assert!(!b_cycles.is_empty(), "B published");
     let evs = client
         .wait(Duration::from_secs(15), |e| {
             e.iter().any(|e| {
@@ -512,12 +497,7 @@ async fn admin_endpoints_need_loopback_or_the_token_and_never_leak_it() {
 #[tokio::test]
 async fn without_a_token_only_loopback_may_use_admin_endpoints() {
     // Loopback trusted (the default): allowed without a token.
-    let p = Proc::spawn(
-        "run",
-        &config("*/2 * * * * *", "  symbols: [ETH/USD]\n"),
-        &[],
-    )
-    .await;
+    let p = spawn_app(&config("*/2 * * * * *", "  symbols: [ETH/USD]\n")).await;
     let c = reqwest::Client::new();
     let ks = format!("{}/api/kill-switch", p.base);
     // Only a well-formed request turns it on (issue 10): not an empty body, an array, an
@@ -574,7 +554,7 @@ async fn without_a_token_only_loopback_may_use_admin_endpoints() {
     let cfg = config("*/2 * * * * *", "")
         .replace("  http:\n    bind: 127.0.0.1\n    port: 0\n", "")
         + "  symbols: [ETH/USD]\n  http:\n    bind: 127.0.0.1\n    port: 0\n    admin_loopback: false\n";
-    let q = Proc::spawn("run", &cfg, &[]).await;
+    let q = spawn_app(&cfg).await;
     assert_eq!(
         c.post(format!("{}/api/kill-switch", q.base))
             .send()
@@ -600,10 +580,12 @@ async fn a_configured_token_is_required_from_loopback_too() {
     // Issue 10: behind a same-host proxy every client is loopback; with a token configured,
     // loopback alone is not enough (admin_loopback is at its default, true).
     const TOKEN: &str = "admin-tok-loopback-is-not-enough";
-    let p = Proc::spawn(
-        "run",
-        &config("*/2 * * * * *", "  symbols: [ETH/USD]\n"),
-        &[("ADMIN_TOKEN", TOKEN)],
+    let p = spawn_app_with(
+        config("*/2 * * * * *", "  symbols: [ETH/USD]\n"),
+        AppOptions {
+            env: [("ADMIN_TOKEN".to_string(), TOKEN.to_string())].into(),
+            ..AppOptions::default()
+        },
     )
     .await;
     let c = reqwest::Client::new();
@@ -637,7 +619,7 @@ async fn a_kill_switch_set_by_hand_in_redis_reaches_the_stream_as_a_status_event
         "  symbols: [ETH/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n",
         redis.url()
     );
-    let p = Proc::spawn("run", &config("0 0 1 1 *", &extra), &[]).await;
+    let p = spawn_app(&config("0 0 1 1 *", &extra)).await;
     let client = SseClient::connect(&format!("{}/api/signals/stream", p.base), None).await;
     let mut c = redis.conn().await;
     let _: () = redis::cmd("SET")

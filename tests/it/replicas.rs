@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::app::{AppOptions, TestApp, anchored_now, spawn_app_with, unique_prefix};
 use crate::helpers::{Proc, config};
 use crate::market_server::{Behaviour, MarketServer};
 use crate::redis_server::RedisServer;
@@ -39,41 +40,87 @@ async fn counts(redis: &RedisServer, stream: &str) -> BTreeMap<(String, String),
     m
 }
 
-#[tokio::test]
-async fn three_replicas_run_every_tick_exactly_once() {
-    let redis = RedisServer::start().await;
-    let extra = redis_extra(&redis.url(), "", FIVE, "");
-    let mut procs = vec![];
-    for i in 0..3 {
-        procs.push(
-            Proc::spawn(
-                "run",
-                &config("* * * * * *", &extra),
-                &[("INSTANCE_ID", &format!("replica-{i}"))],
+/// Starts `n` in-process replicas of `yaml` on one clock and one key prefix.
+async fn replicas(yaml: &str, prefix: &str, name: &str, n: usize) -> Vec<TestApp> {
+    let clock = anchored_now();
+    let mut apps = vec![];
+    for i in 0..n {
+        apps.push(
+            spawn_app_with(
+                yaml,
+                AppOptions {
+                    instance_id: Some(format!("{name}-{i}")),
+                    key_prefix: Some(prefix.to_string()),
+                    clock,
+                    ..AppOptions::default()
+                },
             )
             .await,
         );
     }
-    // 60 ticks.
-    for p in &procs {
-        p.wait_log(|l| l["message"] == "runner started", Duration::from_secs(5))
-            .await;
+    apps
+}
+
+/// Waits until `stream` holds `ticks` distinct ticks whose every symbol (of `symbols`) is in.
+async fn wait_full_ticks(redis: &RedisServer, stream: &str, symbols: usize, ticks: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = counts(redis, stream).await;
+        let full = full_ticks(&c, symbols).len();
+        if full >= ticks {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {full} complete ticks in {stream}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(62)).await;
-    for p in &procs {
-        p.signal("TERM");
+}
+
+fn full_ticks(c: &BTreeMap<(String, String), usize>, symbols: usize) -> Vec<String> {
+    let ticks: BTreeSet<&String> = c.keys().map(|(t, _)| t).collect();
+    ticks
+        .into_iter()
+        .filter(|t| c.keys().filter(|(x, _)| x == *t).count() == symbols)
+        .cloned()
+        .collect()
+}
+
+/// Symbols a replica completed, by its own `/api/cycles`.
+async fn completed_by(app: &TestApp) -> u64 {
+    app.run_cycles()
+        .await
+        .iter()
+        .map(|c| c["symbols_ok"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test]
+async fn three_replicas_run_every_tick_exactly_once() {
+    let redis = RedisServer::start().await;
+    let prefix = unique_prefix("three");
+    let yaml = config("* * * * * *", &redis_extra(&redis.url(), "", FIVE, ""));
+    let apps = replicas(&yaml, &prefix, "replica", 3).await;
+    let stream = format!("{prefix}stream:raw-signals");
+    // Twenty complete ticks, waited for in Redis itself.
+    wait_full_ticks(&redis, &stream, 5, 20).await;
+    let mut done = vec![];
+    for a in &apps {
+        done.push(completed_by(a).await);
     }
-    for p in &mut procs {
-        assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
+    for a in apps {
+        a.stop().await.expect("clean stop");
     }
-    let c = counts(&redis, "stream:raw-signals").await;
+    let c = counts(&redis, &stream).await;
     let dup: Vec<_> = c.iter().filter(|(_, n)| **n != 1).collect();
     assert!(dup.is_empty(), "appeared more than once: {dup:?}");
-    // Every tick from the first to the last, each with all five symbols.
+    // Every tick from the first to the last, each with all five symbols (the last may have
+    // been cut by the stop: it counts only if whole).
     let ticks: BTreeSet<String> = c.keys().map(|(t, _)| t.clone()).collect();
     let parsed: Vec<chrono::DateTime<chrono::Utc>> =
         ticks.iter().map(|t| t.parse().unwrap()).collect();
-    assert!(parsed.len() >= 55, "only {} ticks", parsed.len());
+    assert!(parsed.len() >= 20, "only {} ticks", parsed.len());
     for w in parsed.windows(2) {
         assert_eq!(
             (w[1] - w[0]).num_seconds(),
@@ -83,21 +130,19 @@ async fn three_replicas_run_every_tick_exactly_once() {
             w[1]
         );
     }
+    let full = full_ticks(&c, 5);
+    let last = ticks.iter().next_back().cloned();
     for t in &ticks {
-        let n = c.keys().filter(|(tick, _)| tick == t).count();
-        assert_eq!(n, 5, "tick {t} has {n} symbols");
+        assert!(
+            full.contains(t) || Some(t) == last.as_ref(),
+            "tick {t} is not whole"
+        );
     }
     // All three replicas ran some ticks (the lease spreads them by who wakes first).
-    let mut runners = 0;
-    for p in &procs {
-        if !p
-            .logs_matching(|l| l["message"] == "cycle finished")
-            .is_empty()
-        {
-            runners += 1;
-        }
-    }
-    assert_eq!(runners, 3, "only {runners} replica(s) ever ran a tick");
+    assert!(
+        done.iter().all(|n| *n > 0),
+        "symbols completed per replica: {done:?}"
+    );
 }
 
 #[tokio::test]
@@ -292,53 +337,33 @@ fn completed_symbols(p: &Proc) -> BTreeSet<(String, String)> {
 #[tokio::test]
 async fn work_sharing_spreads_symbols_and_keeps_each_once() {
     let redis = RedisServer::start().await;
+    let prefix = unique_prefix("share");
     let symbols: Vec<String> = (0..30).map(|i| format!("S{i}/USD")).collect();
-    let extra = redis_extra(
-        &redis.url(),
-        "",
-        &symbols.join(", "),
-        "    work_sharing: true\n",
+    let yaml = config(
+        "* * * * * *",
+        &redis_extra(&redis.url(), "", &symbols.join(", "), "    work_sharing: true
+"),
     );
-    let mut procs = vec![];
-    for i in 0..3 {
-        procs.push(
-            Proc::spawn(
-                "run",
-                &config("* * * * * *", &extra),
-                &[("INSTANCE_ID", &format!("share-{i}"))],
-            )
-            .await,
-        );
+    let apps = replicas(&yaml, &prefix, "share", 3).await;
+    let stream = format!("{prefix}stream:raw-signals");
+    wait_full_ticks(&redis, &stream, 30, 18).await;
+    let mut done = vec![];
+    for a in apps {
+        done.push(completed_by(&a).await);
+        a.stop().await.expect("clean stop");
     }
-    tokio::time::sleep(Duration::from_secs(22)).await;
-    for p in &procs {
-        p.signal("TERM");
-    }
-    for p in &mut procs {
-        assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
-    }
-    let c = counts(&redis, "stream:raw-signals").await;
+    let c = counts(&redis, &stream).await;
     assert!(
         c.values().all(|n| *n == 1),
         "a (cycle, symbol) appeared twice"
     );
-    let ticks: BTreeSet<String> = c.keys().map(|(t, _)| t.clone()).collect();
-    // Ticks that every replica saw whole: all but possibly the first and last.
-    let full: Vec<&String> = ticks
-        .iter()
-        .filter(|t| c.keys().filter(|(x, _)| x == *t).count() == 30)
-        .collect();
-    assert!(full.len() >= 18, "only {} complete ticks", full.len());
+    assert!(full_ticks(&c, 30).len() >= 18);
+    // Each replica did a fair part of what it reported, of everything in the stream.
     let total: usize = c.len();
-    for p in &procs {
-        let mine: u64 = p
-            .logs_matching(|l| l["message"] == "cycle finished")
-            .iter()
-            .map(|l| l["ok"].as_u64().unwrap())
-            .sum();
+    for mine in &done {
         assert!(
-            mine as f64 >= 0.2 * total as f64,
-            "a replica did {mine} of {total}"
+            *mine as f64 >= 0.2 * total as f64,
+            "a replica did {mine} of {total} ({done:?})"
         );
     }
 }
@@ -346,34 +371,29 @@ async fn work_sharing_spreads_symbols_and_keeps_each_once() {
 #[tokio::test]
 async fn key_prefix_isolates_deployments() {
     let redis = RedisServer::start().await;
-    let a = Proc::spawn(
-        "run",
-        &config(
-            "* * * * * *",
-            &redis_extra(&redis.url(), "blue:", "ETH/USD, BTC/USD", ""),
-        ),
-        &[("INSTANCE_ID", "same")],
-    )
-    .await;
-    let b = Proc::spawn(
-        "run",
-        &config(
-            "* * * * * *",
-            &redis_extra(&redis.url(), "green:", "ETH/USD, BTC/USD", ""),
-        ),
-        &[("INSTANCE_ID", "same")],
-    )
-    .await;
-    a.wait_log(
-        |l| l["message"] == "cycle finished",
-        Duration::from_secs(10),
-    )
-    .await;
-    b.wait_log(
-        |l| l["message"] == "cycle finished",
-        Duration::from_secs(10),
-    )
-    .await;
+    let yaml = config(
+        "* * * * * *",
+        &redis_extra(&redis.url(), "", "ETH/USD, BTC/USD", ""),
+    );
+    // Two deployments with the same instance id, told apart only by their prefixes.
+    let clock = anchored_now();
+    let spawn = |prefix: &'static str| {
+        spawn_app_with(
+            &yaml,
+            AppOptions {
+                instance_id: Some("same".into()),
+                key_prefix: Some(prefix.into()),
+                clock,
+                ..AppOptions::default()
+            },
+        )
+    };
+    let a = spawn("blue:").await;
+    let b = spawn("green:").await;
+    a.wait_cycles(1, Duration::from_secs(10)).await;
+    b.wait_cycles(1, Duration::from_secs(10)).await;
+    a.stop().await.expect("clean stop");
+    b.stop().await.expect("clean stop");
     // Both ran the same ticks: each deployment has its own lease.
     let ca = counts(&redis, "blue:stream:raw-signals").await;
     let cb = counts(&redis, "green:stream:raw-signals").await;
@@ -403,19 +423,28 @@ async fn graceful_shutdown_releases_locks_and_deletes_the_heartbeat() {
         "  market_data:\n    source: coinbase\n    coinbase_url: {}\n  timeouts:\n    symbol_timeout_seconds: 50\n    symbol_timeout_max_seconds: 50\n    total_timeout_seconds: 55\n  graceful_shutdown:\n    timeout_seconds: 1\n",
         market.url
     );
-    let mut p = Proc::spawn(
-        "run",
+    let prefix = unique_prefix("leaver");
+    let app = spawn_app_with(
         &config("* * * * * *", &redis_extra(&redis.url(), "", FIVE, &more)),
-        &[("INSTANCE_ID", "leaver")],
+        AppOptions {
+            instance_id: Some("leaver".into()),
+            key_prefix: Some(prefix.clone()),
+            ..AppOptions::default()
+        },
     )
     .await;
-    wait_for_locks(&redis, 5).await;
+    let locks = format!("{prefix}signal:lock:*");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while redis.keys(&locks).await.len() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "locks never taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
-        redis.keys("runner:heartbeat:*").await,
-        vec!["runner:heartbeat:leaver"]
+        redis.keys(&format!("{prefix}runner:heartbeat:*")).await,
+        vec![format!("{prefix}runner:heartbeat:leaver")]
     );
-    p.signal("TERM");
-    assert_eq!(p.wait_exit(Duration::from_secs(20)).await, 0);
-    assert!(redis.keys("signal:lock:*").await.is_empty());
+    // Stopped mid-cycle (every symbol waits 30 s for candles; the grace is 1 s).
+    app.stop().await.expect("clean stop");
+    assert!(redis.keys("*signal:lock:*").await.is_empty());
     assert!(redis.keys("runner:heartbeat:*").await.is_empty());
 }

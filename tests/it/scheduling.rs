@@ -5,7 +5,8 @@ use std::time::Duration;
 use chrono::{DateTime, Timelike, Utc};
 use serde_json::Value;
 
-use crate::helpers::{Proc, config, metric};
+use crate::app::spawn_app;
+use crate::helpers::{config, metric};
 use crate::market_server::{Behaviour, MarketServer};
 
 fn run_cycles(cycles: &Value) -> Vec<Value> {
@@ -30,7 +31,7 @@ async fn five_second_schedule_aligns_ticks_and_skips_overlaps() {
         "  symbols: [ETH/USD, BTC/USD, SOL/USD]\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n  timeouts:\n    symbol_timeout_seconds: 10\n    symbol_timeout_max_seconds: 10\n    total_timeout_seconds: 20\n",
         market.url
     );
-    let p = Proc::spawn("run", &config("*/5 * * * * *", &extra), &[]).await;
+    let p = spawn_app(&config("*/5 * * * * *", &extra)).await;
     let cycles = p
         .poll("/api/cycles", Duration::from_secs(60), |v| {
             let all = v["cycles"].as_array().map(|a| a.len()).unwrap_or(0);
@@ -77,7 +78,7 @@ async fn five_second_schedule_aligns_ticks_and_skips_overlaps() {
             "the cycle really outlasted the period"
         );
     }
-    // The skipped ticks are counted.
+    // The skipped ticks are counted (the counter is process-wide: at least this test's).
     let (_, metrics) = p.get_text("/metrics").await;
     let overlap_skips = metric(
         &metrics,
