@@ -1,6 +1,6 @@
 //! Validation as its own step: every problem reported at once, each naming its key path;
-//! lower bounds beside the checks of each section, upper bounds in one table, and the keys
-//! that only make sense together.
+//! every numeric key's range declared once, on one line of one table; then the keys that only
+//! make sense together.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -53,17 +53,10 @@ impl Config {
             }
         }
 
+        for bound in self.numeric_bounds() {
+            bound.check(&mut v, r);
+        }
         let p = &self.parallel;
-        v.min(
-            format!("{r}.parallel.max_concurrent"),
-            p.max_concurrent as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.parallel.min_concurrent"),
-            p.min_concurrent as f64,
-            1.0,
-        );
         if p.min_concurrent > p.max_concurrent {
             v.bad(
                 format!("{r}.parallel.min_concurrent"),
@@ -73,20 +66,7 @@ impl Config {
                 ),
             );
         }
-
         let t = &self.timeouts;
-        v.positive(
-            format!("{r}.timeouts.symbol_timeout_seconds"),
-            t.symbol_timeout_seconds,
-        );
-        v.positive(
-            format!("{r}.timeouts.symbol_timeout_max_seconds"),
-            t.symbol_timeout_max_seconds,
-        );
-        v.positive(
-            format!("{r}.timeouts.total_timeout_seconds"),
-            t.total_timeout_seconds,
-        );
         if t.symbol_timeout_max_seconds.is_finite()
             && t.symbol_timeout_seconds.is_finite()
             && t.symbol_timeout_max_seconds < t.symbol_timeout_seconds
@@ -99,27 +79,6 @@ impl Config {
                 ),
             );
         }
-
-        v.min(
-            format!("{r}.locks.ttl_seconds"),
-            self.locks.ttl_seconds as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.locks.stale_threshold_seconds"),
-            self.locks.stale_threshold_seconds as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.heartbeat.ttl_seconds"),
-            self.heartbeat.ttl_seconds as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.heartbeat.interval_seconds"),
-            self.heartbeat.interval_seconds as f64,
-            1.0,
-        );
         if self.heartbeat.interval_seconds >= self.heartbeat.ttl_seconds {
             v.bad(
                 format!("{r}.heartbeat.interval_seconds"),
@@ -129,45 +88,13 @@ impl Config {
                 ),
             );
         }
-
-        v.min(
-            format!("{r}.retry.max_attempts"),
-            self.retry.max_attempts as f64,
-            1.0,
-        );
-        v.non_negative(format!("{r}.retry.delay_seconds"), self.retry.delay_seconds);
-        v.non_negative(
-            format!("{r}.retry.max_delay_seconds"),
-            self.retry.max_delay_seconds,
-        );
-
         for (name, b) in [
             ("llm_service", &self.circuit_breaker.llm_service),
             ("redis", &self.circuit_breaker.redis),
         ] {
-            let k = format!("{r}.circuit_breaker.{name}");
-            v.min(
-                format!("{k}.failure_threshold"),
-                b.failure_threshold as f64,
-                1.0,
-            );
-            v.positive(
-                format!("{k}.recovery_timeout_seconds"),
-                b.recovery_timeout_seconds,
-            );
-            v.min(
-                format!("{k}.half_open_max_calls"),
-                b.half_open_max_calls as f64,
-                1.0,
-            );
-            v.min(
-                format!("{k}.success_threshold"),
-                b.success_threshold as f64,
-                1.0,
-            );
             if b.success_threshold > b.half_open_max_calls {
                 v.bad(
-                    format!("{k}.success_threshold"),
+                    format!("{r}.circuit_breaker.{name}.success_threshold"),
                     format!(
                         "must be ≤ half_open_max_calls ({}), or the breaker can never close",
                         b.half_open_max_calls
@@ -175,38 +102,6 @@ impl Config {
                 );
             }
         }
-
-        let a = &self.adaptive;
-        v.min(
-            format!("{r}.adaptive.latency_window_size"),
-            a.latency_window_size as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.adaptive.p95_threshold_ms"),
-            a.p95_threshold_ms as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.adaptive.p99_threshold_ms"),
-            a.p99_threshold_ms as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.adaptive.backpressure_max_overruns"),
-            a.backpressure_max_overruns as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.adaptive.latency_max_age_seconds"),
-            a.latency_max_age_seconds as f64,
-            1.0,
-        );
-
-        v.non_negative(
-            format!("{r}.graceful_shutdown.timeout_seconds"),
-            self.graceful_shutdown.timeout_seconds,
-        );
 
         if self.coordination.backend == CoordinationBackend::Redis {
             let url = self.coordination.redis_url.expose();
@@ -232,12 +127,6 @@ impl Config {
             );
         }
 
-        v.min(
-            format!("{r}.agents.requests_per_minute"),
-            self.agents.requests_per_minute as f64,
-            1.0,
-        );
-        v.min(format!("{r}.agents.burst"), self.agents.burst as f64, 1.0);
         if self.agents.burst > self.agents.requests_per_minute {
             v.bad(
                 format!("{r}.agents.burst"),
@@ -246,28 +135,6 @@ impl Config {
                     self.agents.requests_per_minute
                 ),
             );
-        }
-        if !(1..=1_000_000).contains(&self.agents.max_tokens) {
-            v.bad(
-                format!("{r}.agents.max_tokens"),
-                format!("must be 1–1000000, got {}", self.agents.max_tokens),
-            );
-        }
-        let f = self.agents.hedge.max_extra_fraction;
-        if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
-            v.bad(
-                format!("{r}.agents.hedge.max_extra_fraction"),
-                format!("must be between 0 and 1, got {f}"),
-            );
-        }
-        for (name, s) in [
-            ("signal", &self.agents.stages.signal),
-            ("advise", &self.agents.stages.advise),
-            ("report", &self.agents.stages.report),
-        ] {
-            if let Some(t) = s.timeout_seconds {
-                v.positive(format!("{r}.agents.stages.{name}.timeout_seconds"), t);
-            }
         }
         if self.uses_backend(AgentBackend::Openrouter) && !is_http_url(&self.agents.base_url) {
             v.bad(
@@ -294,58 +161,9 @@ impl Config {
                 "must be an http:// or https:// URL",
             );
         }
-        v.min(
-            format!("{r}.market_data.candles"),
-            self.market_data.candles as f64,
-            40.0,
-        );
-        if self.market_data.candles > 300 {
-            v.bad(
-                format!("{r}.market_data.candles"),
-                "must be ≤ 300 (one candles request)",
-            );
-        }
-        v.positive(
-            format!("{r}.market_data.request_timeout_seconds"),
-            self.market_data.request_timeout_seconds,
-        );
 
-        let s = self.pipeline.advise_min_score;
-        if !(0.0..=100.0).contains(&s) {
-            v.bad(
-                format!("{r}.pipeline.advise_min_score"),
-                format!("must be within 0–100, got {s}"),
-            );
-        }
-        v.min(
-            format!("{r}.publish.stream_max_len"),
-            self.publish.stream_max_len as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.publish.outbox_max"),
-            self.publish.outbox_max as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.publish.history_cycles"),
-            self.publish.history_cycles as f64,
-            1.0,
-        );
-        v.min(
-            format!("{r}.publish.replay_buffer"),
-            self.publish.replay_buffer as f64,
-            1.0,
-        );
-
-        self.check_upper_bounds(&mut v, r);
         self.check_relations(&mut v, r);
 
-        v.min(
-            format!("{r}.http.max_connections"),
-            self.http.max_connections as f64,
-            1.0,
-        );
         if self.http.bind.parse::<IpAddr>().is_err() {
             v.bad(
                 format!("{r}.http.bind"),
@@ -360,182 +178,80 @@ impl Config {
         }
     }
 
-    /// Upper bounds, one line per key. A value past its bound is a typo or a unit mistake,
-    /// and some would not even survive the run time: a timeout of 1e30 s overflows a
-    /// `Duration` and became 0 (every call timed out at once), a buffer of 4e9 entries is
-    /// memory the process does not have.
-    fn check_upper_bounds(&self, v: &mut Validator, r: &str) {
+    /// Every numeric key with its bounds, one line each: the one place a key's range is
+    /// declared. Upper bounds matter as much as lower ones: a value past its bound is a typo or
+    /// a unit mistake, and some would not survive the run time — a timeout of 1e30 s
+    /// overflows a `Duration` and became 0 (every call timed out at once), a buffer of 4e9
+    /// entries is memory the process does not have.
+    fn numeric_bounds(&self) -> Vec<Bound> {
+        use Low::{Above, AtLeast};
         const DAY: f64 = 86_400.0;
         const HOUR: f64 = 3_600.0;
         let c = self;
-        let bounds: &[(&str, f64, f64)] = &[
-            ("symbols", c.symbols.len() as f64, 10_000.0),
-            (
-                "parallel.max_concurrent",
-                c.parallel.max_concurrent as f64,
-                1_000.0,
-            ),
-            (
-                "parallel.batch_delay_ms",
-                c.parallel.batch_delay_ms as f64,
-                60_000.0,
-            ),
-            (
-                "timeouts.symbol_timeout_seconds",
-                c.timeouts.symbol_timeout_seconds,
-                HOUR,
-            ),
-            (
-                "timeouts.symbol_timeout_max_seconds",
-                c.timeouts.symbol_timeout_max_seconds,
-                HOUR,
-            ),
-            (
-                "timeouts.total_timeout_seconds",
-                c.timeouts.total_timeout_seconds,
-                DAY,
-            ),
-            ("locks.ttl_seconds", c.locks.ttl_seconds as f64, DAY),
-            (
-                "locks.stale_threshold_seconds",
-                c.locks.stale_threshold_seconds as f64,
-                DAY,
-            ),
-            (
-                "heartbeat.ttl_seconds",
-                c.heartbeat.ttl_seconds as f64,
-                HOUR,
-            ),
-            (
-                "heartbeat.interval_seconds",
-                c.heartbeat.interval_seconds as f64,
-                HOUR,
-            ),
-            ("retry.max_attempts", f64::from(c.retry.max_attempts), 10.0),
-            ("retry.delay_seconds", c.retry.delay_seconds, HOUR),
-            ("retry.max_delay_seconds", c.retry.max_delay_seconds, HOUR),
-            (
-                "adaptive.latency_window_size",
-                c.adaptive.latency_window_size as f64,
-                100_000.0,
-            ),
-            (
-                "adaptive.p95_threshold_ms",
-                c.adaptive.p95_threshold_ms as f64,
-                HOUR * 1000.0,
-            ),
-            (
-                "adaptive.p99_threshold_ms",
-                c.adaptive.p99_threshold_ms as f64,
-                HOUR * 1000.0,
-            ),
-            (
-                "adaptive.backpressure_max_overruns",
-                f64::from(c.adaptive.backpressure_max_overruns),
-                1_000.0,
-            ),
-            (
-                "adaptive.cooldown_cycles",
-                f64::from(c.adaptive.cooldown_cycles),
-                1_000.0,
-            ),
-            (
-                "adaptive.max_consecutive_latency_skips",
-                f64::from(c.adaptive.max_consecutive_latency_skips),
-                1_000.0,
-            ),
-            (
-                "adaptive.latency_max_age_seconds",
-                c.adaptive.latency_max_age_seconds as f64,
-                DAY,
-            ),
-            (
-                "graceful_shutdown.timeout_seconds",
-                c.graceful_shutdown.timeout_seconds,
-                HOUR,
-            ),
-            (
-                "agents.requests_per_minute",
-                f64::from(c.agents.requests_per_minute),
-                1_000_000.0,
-            ),
-            (
-                "market_data.request_timeout_seconds",
-                c.market_data.request_timeout_seconds,
-                300.0,
-            ),
-            (
-                "pipeline.expiry_grace_seconds",
-                c.pipeline.expiry_grace_seconds as f64,
-                DAY,
-            ),
-            (
-                "publish.stream_max_len",
-                c.publish.stream_max_len as f64,
-                10_000_000.0,
-            ),
-            (
-                "publish.outbox_max",
-                c.publish.outbox_max as f64,
-                1_000_000.0,
-            ),
-            (
-                "publish.history_cycles",
-                c.publish.history_cycles as f64,
-                100_000.0,
-            ),
-            (
-                "publish.replay_buffer",
-                c.publish.replay_buffer as f64,
-                1_000_000.0,
-            ),
+        let (p, t, a) = (&c.parallel, &c.timeouts, &c.adaptive);
+        #[rustfmt::skip]
+        let mut b = vec![
+            // At least one symbol is its own check, with its own message.
+            Bound::new("symbols", c.symbols.len(), AtLeast(0.0), 10_000.0),
+            Bound::new("parallel.max_concurrent", p.max_concurrent, AtLeast(1.0), 1_000.0),
+            Bound::new("parallel.min_concurrent", p.min_concurrent, AtLeast(1.0), 1_000.0),
+            Bound::new("parallel.batch_delay_ms", p.batch_delay_ms, AtLeast(0.0), 60_000.0),
+            Bound::new("timeouts.symbol_timeout_seconds", t.symbol_timeout_seconds, Above(0.0), HOUR),
+            Bound::new("timeouts.symbol_timeout_max_seconds", t.symbol_timeout_max_seconds, Above(0.0), HOUR),
+            Bound::new("timeouts.total_timeout_seconds", t.total_timeout_seconds, Above(0.0), DAY),
+            Bound::new("locks.ttl_seconds", c.locks.ttl_seconds, AtLeast(1.0), DAY),
+            Bound::new("locks.stale_threshold_seconds", c.locks.stale_threshold_seconds, AtLeast(1.0), DAY),
+            Bound::new("heartbeat.ttl_seconds", c.heartbeat.ttl_seconds, AtLeast(1.0), HOUR),
+            Bound::new("heartbeat.interval_seconds", c.heartbeat.interval_seconds, AtLeast(1.0), HOUR),
+            Bound::new("retry.max_attempts", c.retry.max_attempts, AtLeast(1.0), 10.0),
+            Bound::new("retry.delay_seconds", c.retry.delay_seconds, AtLeast(0.0), HOUR),
+            Bound::new("retry.max_delay_seconds", c.retry.max_delay_seconds, AtLeast(0.0), HOUR),
+            Bound::new("adaptive.latency_window_size", a.latency_window_size, AtLeast(1.0), 100_000.0),
+            Bound::new("adaptive.p95_threshold_ms", a.p95_threshold_ms, AtLeast(1.0), HOUR * 1000.0),
+            Bound::new("adaptive.p99_threshold_ms", a.p99_threshold_ms, AtLeast(1.0), HOUR * 1000.0),
+            Bound::new("adaptive.backpressure_max_overruns", a.backpressure_max_overruns, AtLeast(1.0), 1_000.0),
+            Bound::new("adaptive.cooldown_cycles", a.cooldown_cycles, AtLeast(0.0), 1_000.0),
+            Bound::new("adaptive.max_consecutive_latency_skips", a.max_consecutive_latency_skips, AtLeast(0.0), 1_000.0),
+            Bound::new("adaptive.latency_max_age_seconds", a.latency_max_age_seconds, AtLeast(1.0), DAY),
+            Bound::new("graceful_shutdown.timeout_seconds", c.graceful_shutdown.timeout_seconds, AtLeast(0.0), HOUR),
+            Bound::new("agents.requests_per_minute", c.agents.requests_per_minute, AtLeast(1.0), 1_000_000.0),
+            Bound::new("agents.burst", c.agents.burst, AtLeast(1.0), 1_000_000.0),
+            Bound::new("agents.max_tokens", c.agents.max_tokens, AtLeast(1.0), 1_000_000.0),
+            Bound::new("agents.hedge.max_extra_fraction", c.agents.hedge.max_extra_fraction, AtLeast(0.0), 1.0),
+            Bound::new("market_data.candles", c.market_data.candles, AtLeast(40.0), 300.0),
+            Bound::new("market_data.request_timeout_seconds", c.market_data.request_timeout_seconds, Above(0.0), 300.0),
+            Bound::new("pipeline.advise_min_score", c.pipeline.advise_min_score, AtLeast(0.0), 100.0),
+            Bound::new("pipeline.expiry_grace_seconds", c.pipeline.expiry_grace_seconds, AtLeast(0.0), DAY),
+            Bound::new("publish.stream_max_len", c.publish.stream_max_len, AtLeast(1.0), 10_000_000.0),
+            Bound::new("publish.outbox_max", c.publish.outbox_max, AtLeast(1.0), 1_000_000.0),
+            Bound::new("publish.history_cycles", c.publish.history_cycles, AtLeast(1.0), 100_000.0),
+            Bound::new("publish.replay_buffer", c.publish.replay_buffer, AtLeast(1.0), 1_000_000.0),
+            Bound::new("http.max_connections", c.http.max_connections, AtLeast(1.0), 1_000_000.0),
         ];
-        for (key, value, max) in bounds {
-            // NaN is refused by the lower-bound checks; here only what is too large.
-            if *value > *max {
-                v.bad(
-                    format!("{r}.{key}"),
-                    format!("must be ≤ {max}, got {value}"),
-                );
-            }
-        }
-        for (name, b) in [
+        for (name, br) in [
             ("llm_service", &c.circuit_breaker.llm_service),
             ("redis", &c.circuit_breaker.redis),
         ] {
-            for (key, value, max) in [
-                (
-                    "failure_threshold",
-                    f64::from(b.failure_threshold),
-                    100_000.0,
-                ),
-                ("recovery_timeout_seconds", b.recovery_timeout_seconds, DAY),
-                (
-                    "half_open_max_calls",
-                    f64::from(b.half_open_max_calls),
-                    1_000.0,
-                ),
-            ] {
-                if value > max {
-                    v.bad(
-                        format!("{r}.circuit_breaker.{name}.{key}"),
-                        format!("must be ≤ {max}, got {value}"),
-                    );
-                }
-            }
+            let k = |key: &str| format!("circuit_breaker.{name}.{key}");
+            #[rustfmt::skip]
+            b.extend([
+                Bound::new(k("failure_threshold"), br.failure_threshold, AtLeast(1.0), 100_000.0),
+                Bound::new(k("recovery_timeout_seconds"), br.recovery_timeout_seconds, Above(0.0), DAY),
+                Bound::new(k("half_open_max_calls"), br.half_open_max_calls, AtLeast(1.0), 1_000.0),
+                Bound::new(k("success_threshold"), br.success_threshold, AtLeast(1.0), 1_000.0),
+            ]);
         }
-        for (name, s) in [
+        for (name, st) in [
             ("signal", &c.agents.stages.signal),
             ("advise", &c.agents.stages.advise),
             ("report", &c.agents.stages.report),
         ] {
-            if let Some(t) = s.timeout_seconds.filter(|t| *t > HOUR) {
-                v.bad(
-                    format!("{r}.agents.stages.{name}.timeout_seconds"),
-                    format!("must be ≤ {HOUR}, got {t}"),
-                );
+            if let Some(secs) = st.timeout_seconds {
+                let key = format!("agents.stages.{name}.timeout_seconds");
+                b.push(Bound::new(key, secs, Above(0.0), HOUR));
             }
         }
+        b
     }
 
     /// Keys that only make sense together.
@@ -608,22 +324,63 @@ impl Validator {
             message: message.into(),
         });
     }
-    fn min(&mut self, path: String, value: f64, min: f64) {
-        if value < min {
-            self.bad(path, format!("must be ≥ {min}, got {value}"));
+}
+
+/// The lower end of a key's range.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Low {
+    /// `value ≥ min`.
+    AtLeast(f64),
+    /// `value > min` (durations that must not be zero).
+    Above(f64),
+}
+
+/// One numeric key and its range; NaN and infinities are out of every range.
+#[derive(Debug)]
+pub(super) struct Bound {
+    key: String,
+    value: f64,
+    low: Low,
+    high: f64,
+}
+
+impl Bound {
+    fn new(key: impl Into<String>, value: impl Into<Number>, low: Low, high: f64) -> Self {
+        Bound {
+            key: key.into(),
+            value: value.into().0,
+            low,
+            high,
         }
     }
-    fn positive(&mut self, path: String, value: f64) {
-        if !(value.is_finite() && value > 0.0) {
-            self.bad(
-                path,
-                format!("must be a positive number of seconds, got {value}"),
-            );
-        }
-    }
-    fn non_negative(&mut self, path: String, value: f64) {
-        if !(value.is_finite() && value >= 0.0) {
-            self.bad(path, format!("must be ≥ 0 seconds, got {value}"));
+
+    /// Reports the value if it is outside its range (one issue per key, the nearer end named).
+    fn check(&self, v: &mut Validator, r: &str) {
+        let x = self.value;
+        let message = match self.low {
+            _ if x.is_nan() => Some(format!("must be a number, got {x}")),
+            Low::AtLeast(min) if x < min => Some(format!("must be ≥ {min}, got {x}")),
+            Low::Above(min) if x <= min => Some(format!("must be > {min}, got {x}")),
+            _ if x > self.high => Some(format!("must be ≤ {}, got {x}", self.high)),
+            _ => None,
+        };
+        if let Some(m) = message {
+            v.bad(format!("{r}.{}", self.key), m);
         }
     }
 }
+
+/// Any numeric config value as the f64 its bound is checked in (counts, sizes, seconds).
+pub(super) struct Number(f64);
+
+macro_rules! number_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Number {
+            #[allow(clippy::cast_precision_loss, clippy::cast_lossless)]
+            fn from(v: $t) -> Self {
+                Number(v as f64)
+            }
+        }
+    )*};
+}
+number_from!(u16, u32, u64, usize, f64);

@@ -76,7 +76,8 @@ pub async fn spawn_app(yaml: impl AsRef<str>) -> TestApp {
 /// says), then `options`.
 pub async fn spawn_app_with(yaml: impl AsRef<str>, options: AppOptions) -> TestApp {
     let mut cfg = Config::from_yaml(yaml.as_ref(), &options.env).expect("test config parses");
-    cfg.apply_env(&options.env).expect("test environment applies");
+    cfg.apply_env(&options.env)
+        .expect("test environment applies");
     cfg.http.bind = "127.0.0.1".into();
     cfg.http.port = 0;
     if let Some(id) = options.instance_id {
@@ -115,7 +116,12 @@ impl TestApp {
     }
 
     /// Polls `path` until `pred` holds on its JSON; panics with the last body after `timeout`.
-    pub async fn poll(&self, path: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn poll(
+        &self,
+        path: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (_, v) = self.get(path).await;

@@ -224,7 +224,10 @@ async fn rate_limit_holds_in_every_window_under_far_higher_demand() {
     for w in [1, 5, 10] {
         let w = Duration::from_secs(w);
         let (worst, allowed) = (max_in_any_window(&times, w), gcra_allows(240, 5, w));
-        assert!(worst <= allowed, "{worst} calls in one {w:?} window (GCRA allows {allowed})");
+        assert!(
+            worst <= allowed,
+            "{worst} calls in one {w:?} window (GCRA allows {allowed})"
+        );
     }
     assert!(was_limited, "demand really exceeded the limit");
 }

@@ -341,8 +341,13 @@ async fn work_sharing_spreads_symbols_and_keeps_each_once() {
     let symbols: Vec<String> = (0..30).map(|i| format!("S{i}/USD")).collect();
     let yaml = config(
         "* * * * * *",
-        &redis_extra(&redis.url(), "", &symbols.join(", "), "    work_sharing: true
-"),
+        &redis_extra(
+            &redis.url(),
+            "",
+            &symbols.join(", "),
+            "    work_sharing: true
+",
+        ),
     );
     let apps = replicas(&yaml, &prefix, "share", 3).await;
     let stream = format!("{prefix}stream:raw-signals");
