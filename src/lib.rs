@@ -26,6 +26,7 @@ pub mod agents;
 pub mod config;
 pub mod coordination;
 pub mod coordinator;
+pub mod history;
 pub mod http;
 pub mod market;
 pub mod model;
@@ -50,6 +51,8 @@ use crate::coordination::memory::{MemoryCoordination, MemoryStore};
 use crate::coordination::redis::{RedisCoordination, RedisRateLimiter};
 use crate::coordination::{Coordination, LockTiming};
 use crate::coordinator::Coordinator;
+use crate::history::HistoryStore;
+use crate::history::writer::HistoryWriter;
 use crate::market::MarketSource;
 use crate::pipeline::PipelineContext;
 use crate::publish::Publisher;
@@ -73,6 +76,9 @@ pub struct App {
     transports: Vec<Arc<dyn agents::llm::Transport>>,
     listener: TcpListener,
     http_state: http::AppState,
+    /// With the history on: the grader, ready to run.
+    grader: Option<history::grading::Grader>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for App {
@@ -134,11 +140,15 @@ impl App {
         });
         let (coord, sink, limiter) =
             build_coordination(&cfg, timing, redis.as_ref(), redis_breaker.as_ref()).await?;
-        let publisher = Arc::new(Publisher::new(
-            hub,
-            cfg.publish.history_cycles,
-            sink.clone().map(|s| s as Arc<dyn publish::Sink>),
-        ));
+        let history = build_history(&cfg).await?;
+        let publisher = Arc::new(
+            Publisher::new(
+                hub,
+                cfg.publish.history_cycles,
+                sink.clone().map(|s| s as Arc<dyn publish::Sink>),
+            )
+            .with_history(history.clone()),
+        );
         let latencies = resilience::CallLatencies::new(
             cfg.adaptive.latency_window_size,
             Duration::from_secs(cfg.adaptive.latency_max_age_seconds),
@@ -153,8 +163,17 @@ impl App {
             .collect();
         let breaker_names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
         telemetry::init_series(&cfg.symbols, &breaker_names);
-        let runner = build_runner(&cfg, clock, timing, &coord, &publisher, &setup, latencies)
-            .context("building the scheduler")?;
+        let market = build_market(&cfg)?;
+        let runner = build_runner(
+            &cfg,
+            clock,
+            market.clone(),
+            &coord,
+            &publisher,
+            &setup,
+            latencies,
+        )
+        .context("building the scheduler")?;
         let listener = bind(&cfg).await?;
         let http_state = http::AppState {
             instance_id: cfg.instance_id.clone(),
@@ -174,6 +193,7 @@ impl App {
             },
             shutdown_request: CancellationToken::new(),
             streams_stop: CancellationToken::new(),
+            market_source: market.name(),
         };
         Ok(App {
             runner,
@@ -184,6 +204,15 @@ impl App {
             transports: setup.probes.clone(),
             listener,
             http_state,
+            grader: history.as_ref().map(|w| {
+                history::grading::Grader::new(
+                    w.store().clone(),
+                    market,
+                    &cfg.history.grading.horizons_minutes,
+                    cfg.history.grading.threshold_pct,
+                )
+            }),
+            clock,
             cfg,
         })
     }
@@ -194,7 +223,7 @@ impl App {
     }
 
     /// Starts the HTTP server, the heartbeat and the outbox deliverer.
-    fn start(self, shutdown: &CancellationToken) -> (Runner, Services) {
+    async fn start(self, shutdown: &CancellationToken) -> (Runner, Services) {
         let App {
             cfg,
             runner,
@@ -205,6 +234,8 @@ impl App {
             transports,
             listener,
             http_state,
+            grader,
+            clock,
         } = self;
         log_listening(&listener);
         let background = CancellationToken::new();
@@ -230,10 +261,14 @@ impl App {
             }),
         ));
         let upkeep_handle = http_state.metrics.clone();
+        // The status before the server serves anyone: a change a client could cause or see
+        // after connecting is always a change from this.
+        let status = http::status_now(&http_state).await;
         named.push((
             "status watcher",
             tracker.spawn(http::watch_status(
                 http_state.clone(),
+                status,
                 Duration::from_secs(5),
                 background.clone(),
             )),
@@ -269,6 +304,24 @@ impl App {
                 tracker.spawn(watch_redis_recovery(client, breaker, background.clone())),
             ));
         }
+        if let Some(g) = grader {
+            named.push((
+                "grader",
+                tracker.spawn(g.run(
+                    clock,
+                    Duration::from_secs(cfg.history.grading.interval_seconds),
+                    Duration::from_secs(u64::from(cfg.history.retention_days) * 86_400),
+                    background.clone(),
+                )),
+            ));
+        }
+        // The history writer stops last of all (after the drain has published everything) and
+        // then writes what is queued, within two seconds.
+        let history_stop = CancellationToken::new();
+        let history_writer = publisher
+            .history()
+            .cloned()
+            .map(|w| tokio::spawn(w.run(history_stop.clone(), Duration::from_secs(2))));
         // With Redis, SSE serves every replica's signals: follow the dashboard stream.
         let follower = tokio::spawn(publisher.hub().clone().follow_redis(background.clone()));
         tracing::info!(
@@ -293,13 +346,15 @@ impl App {
                 transports,
                 tracker,
                 named,
+                history_stop,
+                history_writer,
             },
         )
     }
 
     /// Service mode: tick until `shutdown` fires, then drain, release, flush and return.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let (runner, services) = self.start(&shutdown);
+        let (runner, services) = self.start(&shutdown).await;
         // Readiness turns 503 the moment shutdown is requested, before the drain finishes.
         let state = runner.state();
         let shutdown_flag = shutdown.clone();
@@ -318,7 +373,7 @@ impl App {
 
     /// `once` mode: one cycle now, serving health probes while it runs.
     pub async fn run_once(self, shutdown: CancellationToken) -> anyhow::Result<OnceOutcome> {
-        let (mut runner, services) = self.start(&shutdown);
+        let (mut runner, services) = self.start(&shutdown).await;
         let outcome = runner.run_once(shutdown).await;
         services.finish().await;
         Ok(outcome)
@@ -340,6 +395,9 @@ struct Services {
     /// The other background tasks, with their names for the overrun warning.
     tracker: tokio_util::task::TaskTracker,
     named: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+    /// Stops the history writer once everything is published (it then writes its queue).
+    history_stop: CancellationToken,
+    history_writer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Services {
@@ -359,6 +417,8 @@ impl Services {
             transports,
             tracker,
             named,
+            history_stop,
+            history_writer,
         } = self;
         background.cancel();
         // They all stop on `background`; a second is plenty, and a task still running after
@@ -405,6 +465,10 @@ impl Services {
         publisher
             .flush(secs(cfg.graceful_shutdown.timeout_seconds).min(Duration::from_secs(10)))
             .await;
+        history_stop.cancel();
+        if let Some(w) = history_writer {
+            let _ = w.await;
+        }
         http_stop.cancel();
         match server.await {
             Ok(Ok(())) => {}
@@ -515,22 +579,12 @@ async fn build_coordination(
 fn build_runner(
     cfg: &Config,
     clock: Clock,
-    timing: LockTiming,
+    market: Arc<dyn MarketSource>,
     coord: &Arc<dyn Coordination>,
     publisher: &Arc<Publisher>,
     setup: &agents::setup::AgentSetup,
     latencies: resilience::CallLatencies,
 ) -> anyhow::Result<Runner> {
-    let market: Arc<dyn MarketSource> = match cfg.market_data.source {
-        MarketKind::Simulated => Arc::new(market::simulated::Simulated::new()),
-        MarketKind::Coinbase => Arc::new(
-            market::coinbase::Coinbase::new(
-                &cfg.market_data.coinbase_url,
-                secs(cfg.market_data.request_timeout_seconds),
-            )
-            .context("building the coinbase client")?,
-        ),
-    };
     let pipeline = Arc::new(PipelineContext {
         market,
         agents: setup.agents.clone(),
@@ -543,7 +597,7 @@ fn build_runner(
         coord.clone(),
         pipeline,
         cfg.symbols.clone(),
-        timing.ttl,
+        Duration::from_secs(cfg.locks.ttl_seconds),
         cfg.coordination.work_sharing,
         Duration::from_secs(cfg.locks.ttl_seconds),
     ));
@@ -557,6 +611,44 @@ fn build_runner(
         latencies,
     )?
     .with_llm_health(setup.health.clone()))
+}
+
+/// The market data source (`market_data.source`).
+fn build_market(cfg: &Config) -> anyhow::Result<Arc<dyn MarketSource>> {
+    Ok(match cfg.market_data.source {
+        MarketKind::Simulated => Arc::new(market::simulated::Simulated::new()),
+        MarketKind::Coinbase => Arc::new(
+            market::coinbase::Coinbase::new(
+                &cfg.market_data.coinbase_url,
+                secs(cfg.market_data.request_timeout_seconds),
+            )
+            .context("building the coinbase client")?,
+        ),
+    })
+}
+
+/// The history store and its writer (`history.*`): PostgreSQL when a URL is set, else the
+/// SQLite file. A database that cannot be opened or migrated stops the start with an error
+/// naming it (never the URL, which holds a password).
+async fn build_history(cfg: &Config) -> anyhow::Result<Option<Arc<HistoryWriter>>> {
+    let h = &cfg.history;
+    if !h.enabled {
+        return Ok(None);
+    }
+    let store: Arc<dyn HistoryStore> = match h.postgres_url(&cfg.postgres) {
+        Some(url) => Arc::new(
+            history::sql::SqlStore::postgres(url.expose())
+                .await
+                .context("opening the history database (PostgreSQL at history.url)")?,
+        ),
+        None => Arc::new(
+            history::sql::SqlStore::sqlite(std::path::Path::new(&h.path))
+                .await
+                .with_context(|| format!("opening the history database (SQLite at {})", h.path))?,
+        ),
+    };
+    tracing::info!(backend = store.backend(), "history store open");
+    Ok(Some(HistoryWriter::new(store, h.queue_max, h.batch_size)))
 }
 
 /// Binds the HTTP listener (`http.bind`, `http.port`; 0 picks a free port).
@@ -645,6 +737,7 @@ mod layering {
         ("pipeline", 2),
         ("agents", 1),
         ("publish", 1),
+        ("history", 1),
         ("coordination", 1),
         ("market", 1),
         ("model", 0),

@@ -94,6 +94,18 @@ pub mod names {
         BUILD_INFO = "build_info";
         /// Counter: log lines dropped because stderr was slow or its reader gone.
         LOG_LINES_DROPPED = "log_lines_dropped_total";
+        /// Counter: stage messages newly stored in the history (a re-publish adds none).
+        HISTORY_WRITTEN = "history_rows_written_total";
+        /// Counter {reason}: messages the history never stored (`queue_full`: the oldest, while the database was down too long; `unreadable`).
+        HISTORY_DROPPED = "history_dropped_total";
+        /// Gauge: messages waiting to be written to the history database.
+        HISTORY_QUEUE = "history_queue_depth";
+        /// Counter: history batches that failed to write (retried).
+        HISTORY_WRITE_FAILURES = "history_write_failures_total";
+        /// Counter {horizon, outcome}: (signal, horizon) grades recorded by this replica (`hit`, `miss`, `missing_price`).
+        SIGNALS_GRADED = "signals_graded_total";
+        /// Gauge {horizon}: share of the last 24 hours' graded signals that hit.
+        SIGNAL_HIT_RATE = "signal_hit_rate";
     }
 }
 

@@ -24,6 +24,7 @@ impl Default for Config {
             publish: Publish::default(),
             http: Http::default(),
             postgres: Postgres::default(),
+            history: History::default(),
         }
     }
 }
@@ -191,6 +192,29 @@ impl Default for Http {
             admin_loopback: true,
             // 1,000 dashboard clients (the SSE benchmark) plus probes and API calls.
             max_connections: 4096,
+        }
+    }
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "./data/history.sqlite".into(),
+            url: Secret::default(),
+            retention_days: 30,
+            queue_max: 100_000,
+            batch_size: 500,
+            grading: Grading::default(),
+        }
+    }
+}
+impl Default for Grading {
+    fn default() -> Self {
+        Self {
+            horizons_minutes: vec![5, 15, 60],
+            threshold_pct: 0.1,
+            interval_seconds: 30,
         }
     }
 }

@@ -49,7 +49,10 @@ impl Config {
             self.agents.api_key = Secret::new(v);
         }
         if let Some(v) = set("POSTGRES_URL") {
-            self.postgres.url = Secret::new(v);
+            self.history.url = Secret::new(v);
+        }
+        if let Some(v) = set("HISTORY_PATH") {
+            self.history.path = v;
         }
         if let Some(v) = set("INSTANCE_ID") {
             self.instance_id = v;

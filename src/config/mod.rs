@@ -137,8 +137,10 @@ pub struct Config {
     pub publish: Publish,
     /// The HTTP server.
     pub http: Http,
-    /// Optional PostgreSQL sink (reserved; the URL is accepted and kept secret).
+    /// The seed's spelling of the history database URL (`postgres.url`); `history.url` wins.
     pub postgres: Postgres,
+    /// Every published message stored, every signal graded.
+    pub history: History,
 }
 
 /// `parallel:`
@@ -545,12 +547,54 @@ pub struct Http {
     pub max_connections: usize,
 }
 
-/// `postgres:`
+/// `postgres:` — the seed's key, kept so its files load: `postgres.url` is the history
+/// database when `history.url` is not set.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Postgres {
-    /// Connection URL. Env `POSTGRES_URL`; never printed.
+    /// PostgreSQL URL of the history store; never printed.
     pub url: Secret,
+}
+
+/// `history:` — the signal history and its grading.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct History {
+    /// Store and grade at all. Default true.
+    pub enabled: bool,
+    /// The embedded SQLite file, used when no PostgreSQL URL is set (created with its
+    /// directory on first start). Env `HISTORY_PATH`. Default `./data/history.sqlite`.
+    pub path: String,
+    /// PostgreSQL URL (`postgres://…`); env `POSTGRES_URL`; never printed. Empty: SQLite.
+    pub url: Secret,
+    /// Rows older than this are deleted (hourly). Default 30.
+    pub retention_days: u32,
+    /// Messages waiting to be written while the database is slow or down; past it the oldest
+    /// are dropped and counted. Default 100,000 (about 80 minutes of 20 symbols).
+    pub queue_max: usize,
+    /// Messages written per transaction. Default 500.
+    pub batch_size: usize,
+    /// How signals are graded.
+    pub grading: Grading,
+}
+
+/// `history.grading:`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Grading {
+    /// Horizons after `data_as_of` at which each signal is graded. Default 5, 15, 60.
+    pub horizons_minutes: Vec<u32>,
+    /// A move within ± this (percent) is flat: HOLD hits, BUY and SELL miss. Default 0.1.
+    pub threshold_pct: f64,
+    /// How often due grades are looked for. Default 30.
+    pub interval_seconds: u64,
+}
+
+impl History {
+    /// The PostgreSQL URL in force (`history.url`, else the seed's `postgres.url`), if any.
+    pub fn postgres_url<'a>(&'a self, seed: &'a Postgres) -> Option<&'a Secret> {
+        [&self.url, &seed.url].into_iter().find(|u| !u.is_empty())
+    }
 }
 
 /// One problem, named by its key path (or the environment variable it came from).
@@ -675,13 +719,18 @@ impl Config {
             &self.http.admin_token,
             &self.coordination.redis_url,
             &self.postgres.url,
+            &self.history.url,
             &self.agents.opencode.password,
         ]
         .iter()
         .map(|s| s.expose().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-        for url in [&self.coordination.redis_url, &self.postgres.url] {
+        for url in [
+            &self.coordination.redis_url,
+            &self.postgres.url,
+            &self.history.url,
+        ] {
             // scheme://user:password@host — the password alone may appear in an error.
             if let Some((_, rest)) = url.expose().split_once("://")
                 && let Some((userinfo, _)) = rest.rsplit_once('@')

@@ -227,6 +227,11 @@ impl Config {
             Bound::new("publish.history_cycles", c.publish.history_cycles, AtLeast(1.0), 100_000.0),
             Bound::new("publish.replay_buffer", c.publish.replay_buffer, AtLeast(1.0), 1_000_000.0),
             Bound::new("http.max_connections", c.http.max_connections, AtLeast(1.0), 1_000_000.0),
+            Bound::new("history.retention_days", c.history.retention_days, AtLeast(1.0), 36_500.0),
+            Bound::new("history.queue_max", c.history.queue_max, AtLeast(1.0), 10_000_000.0),
+            Bound::new("history.batch_size", c.history.batch_size, AtLeast(1.0), 10_000.0),
+            Bound::new("history.grading.threshold_pct", c.history.grading.threshold_pct, AtLeast(0.0), 100.0),
+            Bound::new("history.grading.interval_seconds", c.history.grading.interval_seconds, AtLeast(1.0), 86_400.0),
         ];
         for (name, br) in [
             ("llm_service", &c.circuit_breaker.llm_service),
@@ -240,6 +245,10 @@ impl Config {
                 Bound::new(k("half_open_max_calls"), br.half_open_max_calls, AtLeast(1.0), 1_000.0),
                 Bound::new(k("success_threshold"), br.success_threshold, AtLeast(1.0), 1_000.0),
             ]);
+        }
+        for (i, m) in c.history.grading.horizons_minutes.iter().enumerate() {
+            let key = format!("history.grading.horizons_minutes[{i}]");
+            b.push(Bound::new(key, *m, AtLeast(1.0), 7.0 * 24.0 * 60.0));
         }
         for (name, st) in [
             ("signal", &c.agents.stages.signal),
@@ -280,6 +289,25 @@ impl Config {
                     "must be ≥ timeouts.total_timeout_seconds ({}): a symbol may hold its lock that long, got {}",
                     t.total_timeout_seconds, self.locks.stale_threshold_seconds
                 ),
+            );
+        }
+        if let Some(url) = self.history.postgres_url(&self.postgres) {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                // A secret: name the key and the expected form, never the value.
+                v.bad(
+                    format!("{r}.history.url"),
+                    "must start with postgres:// or postgresql:// (from history.url, postgres.url or POSTGRES_URL)",
+                );
+            }
+        }
+        if self.history.enabled && self.history.path.trim().is_empty() {
+            v.bad(format!("{r}.history.path"), "must name a file");
+        }
+        if self.history.grading.horizons_minutes.is_empty() {
+            v.bad(
+                format!("{r}.history.grading.horizons_minutes"),
+                "must list at least one horizon",
             );
         }
         if self.coordination.backend == CoordinationBackend::Redis

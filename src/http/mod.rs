@@ -4,6 +4,7 @@
 //! The server takes its listener and its shutdown future as arguments, so tests bind port 0.
 //! [`sse`] serves the signal stream.
 
+mod history;
 pub mod sse;
 
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub shutdown_request: CancellationToken,
     /// Open SSE streams end when this fires (the server is stopping).
     pub streams_stop: CancellationToken,
+    /// `market_data.source` (`simulated` is said wherever prices appear).
+    pub market_source: &'static str,
 }
 
 /// Who may call the admin endpoints.
@@ -81,6 +84,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/signals/latest", get(latest))
         .route("/api/cycles", get(cycles))
+        .route("/api/signals/history", get(history::history))
+        .route("/api/performance", get(history::performance))
         .route("/api/signals/stream", get(sse::stream))
         .route("/assets/dashboard.js", get(dashboard_js))
         .route("/assets/dashboard.css", get(dashboard_css))
@@ -482,24 +487,33 @@ async fn live(State(s): State<AppState>) -> Response {
 }
 
 /// Watches readiness and the kill switch every `every`, and puts a `status` event on the SSE
-/// stream whenever either changes (a Redis kill switch set by hand included), until `stop`.
-pub async fn watch_status(s: AppState, every: std::time::Duration, stop: CancellationToken) {
-    let mut last: Option<Value> = None;
+/// stream whenever either differs from the last seen (`first` at start: taken before the
+/// server serves anyone), a Redis kill switch set by hand included, until `stop`.
+pub async fn watch_status(
+    s: AppState,
+    first: Value,
+    every: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut last = first;
     loop {
-        let (_, r) = readiness(&s).await;
-        let ks = s.coord.kill_switch().await.ok().flatten();
-        let now = json!({"readiness": {"status": r["status"], "degraded": r["degraded"], "failing": r["failing"]}, "kill_switch": ks});
-        if last.as_ref() != Some(&now) {
-            if last.is_some() {
-                s.publisher.status(now.clone());
-            }
-            last = Some(now);
-        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+        let now = status_now(&s).await;
+        if now != last {
+            s.publisher.status(now.clone());
+            last = now;
+        }
     }
+}
+
+/// Readiness and the kill switch as a `status` event carries them.
+pub async fn status_now(s: &AppState) -> Value {
+    let (_, r) = readiness(s).await;
+    let ks = s.coord.kill_switch().await.ok().flatten();
+    json!({"readiness": {"status": r["status"], "degraded": r["degraded"], "failing": r["failing"]}, "kill_switch": ks})
 }
 
 /// What readiness is judged from, gathered from the live parts by [`readiness`].
@@ -664,6 +678,12 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
         "signals_last_cycle": v.last_cycle.as_ref().map(|c| c.symbols_ok),
         "cycle_running": v.cycle_running,
         "active_locks": active_locks,
+        "market_data": history::market_note(&s),
+        "history": s.publisher.history().map(|w| json!({
+            "backend": w.store().backend(),
+            "queued": w.queued(),
+            "writing": w.healthy(),
+        })),
         "circuit_breakers": breakers,
         "llm": {
             "tokens_total": s.llm_health.tokens_total(),

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::history::writer::HistoryWriter;
 use crate::model::{Stage, StageMessage};
 use crate::schedule::CycleId;
 use hub::Hub;
@@ -84,6 +85,7 @@ pub struct Publisher {
     cycles: Mutex<VecDeque<CycleSummary>>,
     cycles_cap: usize,
     sink: Option<Arc<dyn Sink>>,
+    history: Option<Arc<HistoryWriter>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -111,7 +113,19 @@ impl Publisher {
             cycles: Mutex::new(VecDeque::new()),
             cycles_cap: cycles_cap.max(1),
             sink,
+            history: None,
         }
+    }
+
+    /// Also stores every message in the history (off the publishing path).
+    pub fn with_history(mut self, writer: Option<Arc<HistoryWriter>>) -> Self {
+        self.history = writer;
+        self
+    }
+
+    /// The history writer, when the history is on.
+    pub fn history(&self) -> Option<&Arc<HistoryWriter>> {
+        self.history.as_ref()
     }
 
     /// The SSE hub.
@@ -139,6 +153,9 @@ impl Publisher {
                     },
                 );
             }
+        }
+        if let Some(history) = &self.history {
+            history.offer(&msg);
         }
         if let Some(sink) = &self.sink {
             sink.publish(&msg).await;

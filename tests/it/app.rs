@@ -65,6 +65,8 @@ pub struct TestApp {
     pub base: String,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Its history database's directory (a temp dir of its own).
+    _data: tempfile::TempDir,
 }
 
 /// Builds and starts the app described by `yaml` with default options.
@@ -86,6 +88,10 @@ pub async fn spawn_app_with(yaml: impl AsRef<str>, options: AppOptions) -> TestA
     if let Some(prefix) = options.key_prefix {
         cfg.coordination.key_prefix = prefix;
     }
+    let data = tempfile::tempdir().expect("tempdir");
+    if !options.env.contains_key("HISTORY_PATH") {
+        cfg.history.path = data.path().join("history.sqlite").display().to_string();
+    }
     cfg.validate().expect("test config is valid");
     let app = App::build_with_clock(cfg, options.clock)
         .await
@@ -97,6 +103,7 @@ pub async fn spawn_app_with(yaml: impl AsRef<str>, options: AppOptions) -> TestA
         base: format!("http://{addr}"),
         stop,
         task: Some(task),
+        _data: data,
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Proc {
     notify: Arc<Notify>,
     pub base: String,
     _config: Option<ConfigFile>,
+    /// Where its history database lives (a temp dir of its own, unless the test says).
+    _data: tempfile::TempDir,
 }
 
 impl Proc {
@@ -72,6 +74,9 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // The history database goes to a temp dir of this process, never into the checkout.
+        let data = tempfile::tempdir().expect("tempdir");
+        cmd.env("HISTORY_PATH", data.path().join("history.sqlite"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -99,6 +104,7 @@ impl Proc {
             notify,
             base: String::new(),
             _config: None,
+            _data: data,
         }
     }
 

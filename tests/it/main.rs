@@ -8,6 +8,7 @@ mod app;
 mod helpers;
 mod llm_server;
 mod market_server;
+mod postgres_server;
 mod redis_server;
 mod sse_client;
 
@@ -16,6 +17,7 @@ mod cli;
 mod deploy;
 mod failures;
 mod hardening;
+mod history;
 mod llm_agents;
 mod observability;
 mod once_mode;

@@ -1,0 +1,447 @@
+//! Grading signals against what the market did, and the scorecard.
+//!
+//! A signal priced at `data_as_of` (the close of its last candle) is graded at each horizon
+//! from the close of the candle ending at `data_as_of + horizon`: the return, and hit or miss —
+//! BUY hits when the return exceeds +threshold, SELL when it is below −threshold, HOLD when it
+//! stays within ±threshold. A price the source does not have is recorded as missing, never
+//! guessed; a source that is merely failing (timeout, 5xx) is asked again next round.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{DueSignal, Grade, GradedRow, HistoryError, HistoryStore};
+use crate::market::{MarketError, MarketSource};
+use crate::telemetry::names;
+
+/// Return and hit of a call: `then` → `after` with a flat band of ±`threshold` (a fraction).
+pub fn judge(action: &str, then: f64, after: f64, threshold: f64) -> (f64, bool) {
+    let r = (after - then) / then;
+    let hit = match action {
+        "BUY" => r > threshold,
+        "SELL" => r < -threshold,
+        _ => r.abs() <= threshold,
+    };
+    (r, hit)
+}
+
+/// Wilson score interval (95 %) of `hits` in `n`: honest at small counts, where the normal
+/// approximation gives intervals outside 0–1.
+pub fn wilson95(hits: u64, n: u64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let (n, p) = (n as f64, hits as f64 / n as f64);
+    let denom = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denom;
+    let half = z * ((p * (1.0 - p) / n) + z * z / (4.0 * n * n)).sqrt() / denom;
+    // At 0 or n hits the interval touches 0 or 1 exactly (the float formula misses by 1e-17).
+    let lo = if hits == 0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let hi = if hits as f64 == n {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
+    (lo, hi)
+}
+
+/// One confidence bucket of the calibration table.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CalibrationBucket {
+    /// `0.6-0.7`.
+    pub bucket: String,
+    /// Signals in it.
+    pub count: u64,
+    /// Their mean confidence.
+    pub mean_confidence: f64,
+    /// How often they hit.
+    pub hit_rate: f64,
+}
+
+/// One group of the scorecard.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GroupScore {
+    /// The group's key (a symbol, an action, …).
+    pub key: String,
+    /// Graded signals.
+    pub graded: u64,
+    /// Of which hits.
+    pub hits: u64,
+    /// hits ÷ graded.
+    pub hit_rate: f64,
+    /// Wilson 95 % interval of the hit rate.
+    pub hit_rate_ci95: [f64; 2],
+    /// Mean return (fraction).
+    pub mean_return: f64,
+    /// Median return (fraction).
+    pub median_return: f64,
+    /// Mean of (confidence − hit)²: 0 is perfect, 0.25 is a coin flip stated at 0.5.
+    pub brier: f64,
+    /// Confidence buckets against observed hit rate.
+    pub calibration: Vec<CalibrationBucket>,
+}
+
+/// The scorecard of `rows`, one entry per group in key order.
+pub fn scorecard(rows: &[GradedRow]) -> Vec<GroupScore> {
+    let mut groups: BTreeMap<&str, Vec<&GradedRow>> = BTreeMap::new();
+    for r in rows {
+        groups.entry(r.group.as_str()).or_default().push(r);
+    }
+    groups
+        .into_iter()
+        .map(|(key, rs)| {
+            let n = rs.len() as u64;
+            let hits = rs.iter().filter(|r| r.hit).count() as u64;
+            let mut returns: Vec<f64> = rs.iter().map(|r| r.return_fraction).collect();
+            returns.sort_by(f64::total_cmp);
+            let median = match returns.len() {
+                0 => 0.0,
+                m if m % 2 == 1 => returns[m / 2],
+                m => (returns[m / 2 - 1] + returns[m / 2]) / 2.0,
+            };
+            let brier = rs
+                .iter()
+                .map(|r| (r.confidence - f64::from(u8::from(r.hit))).powi(2))
+                .sum::<f64>()
+                / n as f64;
+            let mut buckets: BTreeMap<i64, (u64, u64, f64)> = BTreeMap::new();
+            for r in &rs {
+                let b = ((r.confidence * 10.0).floor() as i64).clamp(0, 9);
+                let e = buckets.entry(b).or_default();
+                e.0 += 1;
+                e.1 += u64::from(r.hit);
+                e.2 += r.confidence;
+            }
+            let (lo, hi) = wilson95(hits, n);
+            GroupScore {
+                key: key.to_string(),
+                graded: n,
+                hits,
+                hit_rate: hits as f64 / n as f64,
+                hit_rate_ci95: [lo, hi],
+                mean_return: returns.iter().sum::<f64>() / n as f64,
+                median_return: median,
+                brier,
+                calibration: buckets
+                    .into_iter()
+                    .map(|(b, (c, h, sum))| CalibrationBucket {
+                        bucket: format!("{:.1}-{:.1}", b as f64 / 10.0, (b + 1) as f64 / 10.0),
+                        count: c,
+                        mean_confidence: sum / c as f64,
+                        hit_rate: h as f64 / c as f64,
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// What the source says of the price at `at`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PriceAt {
+    /// The close of the candle ending at `at`.
+    Known(f64),
+    /// The source has no candle ending there (and will not get one).
+    Missing,
+    /// The source failed; ask again later.
+    Unavailable,
+}
+
+/// The close of the 1-minute candle that ends exactly at `at` (a whole minute).
+pub async fn price_at(market: &dyn MarketSource, symbol: &str, at: DateTime<Utc>) -> PriceAt {
+    match market.candles(symbol, at, 3).await {
+        Ok(candles) => candles
+            .iter()
+            .rev()
+            .find(|c| c.time + chrono::Duration::minutes(1) == at)
+            .map_or(PriceAt::Missing, |c| PriceAt::Known(c.close)),
+        Err(MarketError::TooFew { .. } | MarketError::Status { status: 404 }) => PriceAt::Missing,
+        Err(_) => PriceAt::Unavailable,
+    }
+}
+
+/// Grades due signals every `interval`, each (signal, horizon) once.
+pub struct Grader {
+    store: Arc<dyn HistoryStore>,
+    market: Arc<dyn MarketSource>,
+    horizons: Vec<i64>,
+    threshold: f64,
+    /// Per horizon: every signal priced before this has a grade (so the next round's scan
+    /// starts there). Starts at 0: the first round catches up on everything stored.
+    graded_through: HashMap<i64, i64>,
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Grades recorded by this replica.
+    pub graded: u64,
+    /// Recorded as missing a price.
+    pub missing: u64,
+    /// Left for a later round (the source failed).
+    pub deferred: u64,
+}
+
+/// Signals looked at per horizon per round.
+const ROUND_LIMIT: usize = 500;
+
+/// How late a message may reach the database and still be graded without a restart (the
+/// writer's queue holds far less than a day of messages).
+const LATE_ARRIVALS: i64 = 86_400;
+
+impl Grader {
+    /// A grader of `store`'s signals against `market` at `horizons_minutes`, with a flat band
+    /// of ±`threshold_pct` percent.
+    pub fn new(
+        store: Arc<dyn HistoryStore>,
+        market: Arc<dyn MarketSource>,
+        horizons_minutes: &[u32],
+        threshold_pct: f64,
+    ) -> Grader {
+        Grader {
+            store,
+            market,
+            horizons: horizons_minutes
+                .iter()
+                .map(|m| i64::from(*m) * 60)
+                .collect(),
+            threshold: threshold_pct / 100.0,
+            graded_through: HashMap::new(),
+        }
+    }
+
+    /// Grades what is due at `now`.
+    pub async fn round(&mut self, now: DateTime<Utc>) -> Result<Round, HistoryError> {
+        let mut out = Round::default();
+        for &h in &self.horizons.clone() {
+            let from = self.graded_through.get(&h).copied().unwrap_or(0);
+            let due = self
+                .store
+                .due(h, from..now.timestamp() - h + 1, ROUND_LIMIT)
+                .await?;
+            let mut first_deferred: Option<i64> = None;
+            for s in &due {
+                let Some(at) = Utc.timestamp_opt(s.data_as_of + h, 0).single() else {
+                    continue;
+                };
+                let price = price_at(self.market.as_ref(), &s.symbol, at).await;
+                let grade = match price {
+                    PriceAt::Unavailable => {
+                        out.deferred += 1;
+                        first_deferred.get_or_insert(s.data_as_of);
+                        continue;
+                    }
+                    PriceAt::Missing => self.grade(s, h, None, now),
+                    PriceAt::Known(p) => self.grade(s, h, Some(p), now),
+                };
+                if self.store.record_grade(&grade).await? {
+                    let outcome = match grade.hit {
+                        Some(true) => "hit",
+                        Some(false) => "miss",
+                        None => "missing_price",
+                    };
+                    let label = horizon_label(h);
+                    metrics::counter!(names::SIGNALS_GRADED, "horizon" => label, "outcome" => outcome)
+                        .increment(1);
+                    if grade.hit.is_some() {
+                        out.graded += 1;
+                    } else {
+                        out.missing += 1;
+                    }
+                }
+            }
+            // Everything before the first deferred signal (or, with a full page, before the
+            // last one looked at) is graded — of what is stored now. Messages still arrive
+            // late (the writer's backlog after a database outage, another replica's), so the
+            // next scan starts a day earlier than that: late arrivals are graded too.
+            let through = match (first_deferred, due.len() == ROUND_LIMIT) {
+                (Some(d), _) => d,
+                (None, true) => due.last().map_or(from, |s| s.data_as_of),
+                (None, false) => now.timestamp() - h + 1,
+            };
+            self.graded_through
+                .insert(h, (through - LATE_ARRIVALS).max(0));
+        }
+        Ok(out)
+    }
+
+    fn grade(&self, s: &DueSignal, h: i64, after: Option<f64>, now: DateTime<Utc>) -> Grade {
+        let judged = after
+            .filter(|_| s.price_then > 0.0)
+            .map(|p| judge(&s.action, s.price_then, p, self.threshold));
+        Grade {
+            signal: s.clone(),
+            horizon_seconds: h,
+            price_after: after,
+            return_fraction: judged.map(|j| j.0),
+            hit: judged.map(|j| j.1),
+            graded_at: now.timestamp(),
+        }
+    }
+
+    /// Sets `signal_hit_rate{horizon}` from the last 24 hours' grades.
+    pub async fn publish_hit_rates(&self, now: DateTime<Utc>) -> Result<(), HistoryError> {
+        for &h in &self.horizons {
+            let rows = self
+                .store
+                .graded(h, super::GroupBy::Action, now.timestamp() - 86_400)
+                .await?;
+            if !rows.is_empty() {
+                let hits = rows.iter().filter(|r| r.hit).count();
+                metrics::gauge!(names::SIGNAL_HIT_RATE, "horizon" => horizon_label(h))
+                    .set(hits as f64 / rows.len() as f64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Grades every `interval` until `stop`; also prunes past `retention` hourly.
+    pub async fn run(
+        mut self,
+        clock: crate::schedule::Clock,
+        interval: Duration,
+        retention: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut last_prune: Option<tokio::time::Instant> = None;
+        loop {
+            let now = clock.now();
+            match self.round(now).await {
+                Ok(r) if r.graded + r.missing > 0 => {
+                    tracing::info!(
+                        graded = r.graded,
+                        missing_price = r.missing,
+                        deferred = r.deferred,
+                        "signals graded"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "grading round failed; retrying next round"),
+            }
+            if let Err(e) = self.publish_hit_rates(now).await {
+                tracing::debug!(error = %e, "hit rates not updated");
+            }
+            if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                let before = now.timestamp() - retention.as_secs() as i64;
+                match self.store.prune(before).await {
+                    Ok(n) if n > 0 => tracing::info!(rows = n, "history pruned past retention"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "history prune failed"),
+                }
+                last_prune = Some(tokio::time::Instant::now());
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+/// `5m`, `15m`, `1h`, `90m` — a bounded label (the configured horizons).
+pub fn horizon_label(seconds: i64) -> String {
+    let m = seconds / 60;
+    if m % 60 == 0 {
+        format!("{}h", m / 60)
+    } else {
+        format!("{m}m")
+    }
+}
+
+/// Reads `5m`, `15m`, `1h`, or a bare number of minutes.
+pub fn parse_horizon(s: &str) -> Option<i64> {
+    let (n, unit) = match s.strip_suffix('h') {
+        Some(n) => (n, 3600),
+        None => (s.strip_suffix('m').unwrap_or(s), 60),
+    };
+    n.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0 && *n <= 7 * 24 * 60)
+        .map(|n| n * unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_judged_against_the_flat_band() {
+        let t = 0.001;
+        assert!(judge("BUY", 100.0, 100.2, t).1);
+        assert!(!judge("BUY", 100.0, 100.05, t).1, "inside the band");
+        assert!(judge("SELL", 100.0, 99.8, t).1);
+        assert!(!judge("SELL", 100.0, 100.2, t).1);
+        assert!(judge("HOLD", 100.0, 100.05, t).1);
+        assert!(!judge("HOLD", 100.0, 99.5, t).1);
+        let (r, _) = judge("BUY", 200.0, 210.0, t);
+        assert!((r - 0.05).abs() < 1e-12);
+    }
+
+    #[test]
+    fn wilson_interval_matches_known_values() {
+        // 8 of 10: the textbook interval is 0.4902–0.9433.
+        let (lo, hi) = wilson95(8, 10);
+        assert!(
+            (lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4,
+            "{lo} {hi}"
+        );
+        assert_eq!(wilson95(0, 0), (0.0, 1.0));
+        let (lo, hi) = wilson95(0, 5);
+        assert_eq!(lo, 0.0);
+        assert!(hi > 0.4 && hi < 0.5, "{hi}");
+    }
+
+    #[test]
+    fn scorecard_counts_rates_returns_brier_and_buckets() {
+        let row = |g: &str, c: f64, hit: bool, r: f64| GradedRow {
+            group: g.into(),
+            confidence: c,
+            hit,
+            return_fraction: r,
+        };
+        let rows = [
+            row("BUY", 0.9, true, 0.02),
+            row("BUY", 0.8, false, -0.01),
+            row("BUY", 0.65, true, 0.005),
+            row("SELL", 0.6, true, -0.003),
+        ];
+        let s = scorecard(&rows);
+        assert_eq!(s.len(), 2);
+        let buy = &s[0];
+        assert_eq!((buy.key.as_str(), buy.graded, buy.hits), ("BUY", 3, 2));
+        assert!((buy.hit_rate - 2.0 / 3.0).abs() < 1e-12);
+        assert!((buy.mean_return - 0.015 / 3.0).abs() < 1e-12);
+        assert_eq!(buy.median_return, 0.005);
+        let brier = ((0.1f64).powi(2) + (0.8f64).powi(2) + (0.35f64).powi(2)) / 3.0;
+        assert!((buy.brier - brier).abs() < 1e-12);
+        let buckets: Vec<(&str, u64)> = buy
+            .calibration
+            .iter()
+            .map(|b| (b.bucket.as_str(), b.count))
+            .collect();
+        assert_eq!(buckets, [("0.6-0.7", 1), ("0.8-0.9", 1), ("0.9-1.0", 1)]);
+        assert_eq!(s[1].median_return, -0.003);
+    }
+
+    #[test]
+    fn horizons_read_and_print_both_ways() {
+        assert_eq!(parse_horizon("5m"), Some(300));
+        assert_eq!(parse_horizon("1h"), Some(3600));
+        assert_eq!(parse_horizon("15"), Some(900));
+        for bad in ["", "0m", "-5m", "1d", "abc", "99999h"] {
+            assert_eq!(parse_horizon(bad), None, "{bad}");
+        }
+        assert_eq!(horizon_label(300), "5m");
+        assert_eq!(horizon_label(3600), "1h");
+        assert_eq!(horizon_label(5400), "90m");
+    }
+}

@@ -1,0 +1,312 @@
+//! The signal history: every published stage message stored once, every signal graded.
+//!
+//! - [`HistoryStore`] is what the service needs of a database; [`sql::SqlStore`] implements it
+//!   for SQLite (the embedded default, zero configuration) and PostgreSQL (`history.url` /
+//!   `POSTGRES_URL`) in one SQL dialect, with migrations embedded in the binary and run at start.
+//! - [`writer::HistoryWriter`] takes messages off the publishing path: a bounded queue, batched
+//!   idempotent inserts (keyed by `message_id`, so replicas and redeliveries never duplicate a
+//!   row), retried while the database is down, the oldest dropped and counted past the bound.
+//! - [`grading`] grades each signal at its horizons from the market source's prices, once per
+//!   (signal, horizon) across replicas (the table's key decides), and computes the scorecard.
+//!
+//! Schema and queries: `docs/HISTORY.md`.
+
+pub mod grading;
+pub mod sql;
+pub mod writer;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Stage, StageMessage};
+
+/// Why a history operation failed. The database URL is never part of the text.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// The database could not be reached or refused the statement.
+    #[error("history database ({backend}): {message}")]
+    Database {
+        /// `sqlite` or `postgres`.
+        backend: &'static str,
+        /// What went wrong (the driver's words, without the URL).
+        message: String,
+    },
+    /// The schema migrations failed at start.
+    #[error("history database ({backend}) migrations failed: {message}")]
+    Migration {
+        /// `sqlite` or `postgres`.
+        backend: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// A stored row does not read back (written by something else).
+    #[error("history row {id} unreadable: {message}")]
+    Corrupt {
+        /// The row's key.
+        id: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// One stage message as stored: the envelope plus the columns the queries filter and group by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Primary key: a re-publish of the same message is the same row.
+    pub message_id: String,
+    /// The signal the message belongs to.
+    pub signal_id: String,
+    /// Which stage.
+    pub stage: Stage,
+    /// The symbol.
+    pub symbol: String,
+    /// The tick, RFC 3339.
+    pub cycle_id: String,
+    /// The tick, Unix seconds.
+    pub cycle_at: i64,
+    /// When it was published, Unix milliseconds.
+    pub published_at_ms: i64,
+    /// BUY, SELL or HOLD.
+    pub action: String,
+    /// The signal's confidence.
+    pub confidence: f64,
+    /// HOT/GOOD/NEUTRAL/LOW from the score stage on.
+    pub tier: Option<String>,
+    /// `metadata.model_used`.
+    pub model: String,
+    /// The top strategy's name.
+    pub top_strategy: Option<String>,
+    /// The price the signal saw (`market_context.current_price`).
+    pub price: f64,
+    /// That price's time, Unix seconds.
+    pub data_as_of: i64,
+    /// Produced by a fallback.
+    pub is_degraded: bool,
+    /// The envelope JSON as published.
+    pub envelope: String,
+}
+
+/// The fields of any stage's payload that the history reads (every stage carries the
+/// signal's fields; later stages add theirs).
+#[derive(Deserialize)]
+struct PayloadView {
+    signal_id: String,
+    action: String,
+    confidence: f64,
+    #[serde(default)]
+    opportunity_tier: Option<String>,
+    #[serde(default)]
+    top_strategy: Option<TopStrategyView>,
+    market_context: PriceView,
+    data_as_of: DateTime<Utc>,
+    #[serde(default)]
+    is_degraded: bool,
+}
+
+#[derive(Deserialize)]
+struct TopStrategyView {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct PriceView {
+    current_price: f64,
+}
+
+impl Record {
+    /// The record of a message this process publishes. Fails only if the payload lacks the
+    /// signal's fields (a bug, reported rather than stored half).
+    pub fn from_message(msg: &StageMessage) -> Result<Record, String> {
+        let p: PayloadView = serde_json::from_value(msg.envelope.payload.clone())
+            .map_err(|e| format!("payload of {} is not a signal: {e}", msg.stage.as_str()))?;
+        let envelope = serde_json::to_string(&msg.envelope).map_err(|e| e.to_string())?;
+        Ok(Record {
+            message_id: msg.envelope.message_id.clone(),
+            signal_id: p.signal_id,
+            stage: msg.stage,
+            symbol: msg.symbol.clone(),
+            cycle_id: msg.cycle_id.to_string(),
+            cycle_at: msg.cycle_id.time().timestamp(),
+            published_at_ms: msg.envelope.timestamp.timestamp_millis(),
+            action: p.action,
+            confidence: p.confidence,
+            tier: p.opportunity_tier,
+            model: msg.envelope.metadata.model_used.clone(),
+            top_strategy: p.top_strategy.map(|t| t.name),
+            price: p.market_context.current_price,
+            data_as_of: p.data_as_of.timestamp(),
+            is_degraded: p.is_degraded,
+            envelope,
+        })
+    }
+}
+
+/// A page request of `/api/signals/history`: newest first.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Only this symbol.
+    pub symbol: Option<String>,
+    /// Only this stage.
+    pub stage: Option<Stage>,
+    /// Ticks at or after (Unix seconds).
+    pub since: Option<i64>,
+    /// Ticks before (Unix seconds).
+    pub until: Option<i64>,
+    /// Continue below this (cycle_at, message_id) — the previous page's last row.
+    pub after: Option<(i64, String)>,
+    /// Rows per page.
+    pub limit: usize,
+}
+
+/// One stored message as the API returns it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HistoryRow {
+    /// The stage.
+    pub stage: String,
+    /// The symbol.
+    pub symbol: String,
+    /// The tick.
+    pub cycle_id: String,
+    /// Its position for the next page.
+    #[serde(skip)]
+    pub key: (i64, String),
+    /// The envelope as published.
+    pub message: serde_json::Value,
+}
+
+/// A stage-1 signal whose grade at one horizon is due.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueSignal {
+    /// The signal.
+    pub signal_id: String,
+    /// The symbol.
+    pub symbol: String,
+    /// BUY, SELL or HOLD.
+    pub action: String,
+    /// Its confidence.
+    pub confidence: f64,
+    /// The score stage's tier (`NONE` when the signal never reached it).
+    pub tier: String,
+    /// `metadata.model_used` of the signal stage.
+    pub model: String,
+    /// Top strategy name (`NONE` when absent).
+    pub strategy: String,
+    /// The tick, Unix seconds.
+    pub cycle_at: i64,
+    /// The price the signal saw.
+    pub price_then: f64,
+    /// That price's time, Unix seconds.
+    pub data_as_of: i64,
+}
+
+/// A grade to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grade {
+    /// Which signal.
+    pub signal: DueSignal,
+    /// Which horizon, seconds.
+    pub horizon_seconds: i64,
+    /// The price at `data_as_of + horizon`, if the source had one.
+    pub price_after: Option<f64>,
+    /// `(after − then) / then`.
+    pub return_fraction: Option<f64>,
+    /// Whether the call was right; `None` when the price is missing.
+    pub hit: Option<bool>,
+    /// When it was graded, Unix seconds.
+    pub graded_at: i64,
+}
+
+/// What `/api/performance` groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// Per symbol.
+    Symbol,
+    /// BUY / SELL / HOLD.
+    Action,
+    /// The opportunity tier.
+    Tier,
+    /// rules / llm.
+    Backend,
+    /// The model.
+    Model,
+    /// The top strategy.
+    Strategy,
+}
+
+impl GroupBy {
+    /// Every value, for error messages.
+    pub const ALL: [GroupBy; 6] = [
+        GroupBy::Symbol,
+        GroupBy::Action,
+        GroupBy::Tier,
+        GroupBy::Backend,
+        GroupBy::Model,
+        GroupBy::Strategy,
+    ];
+
+    /// The query parameter's spelling, which is also the grades table's column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::Symbol => "symbol",
+            GroupBy::Action => "action",
+            GroupBy::Tier => "tier",
+            GroupBy::Backend => "backend",
+            GroupBy::Model => "model",
+            GroupBy::Strategy => "strategy",
+        }
+    }
+
+    /// Parses the query parameter.
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        GroupBy::ALL.into_iter().find(|g| g.as_str() == s)
+    }
+}
+
+/// One graded (signal, horizon) as the scorecard reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradedRow {
+    /// The group's key.
+    pub group: String,
+    /// The signal's confidence.
+    pub confidence: f64,
+    /// Hit or miss.
+    pub hit: bool,
+    /// The return.
+    pub return_fraction: f64,
+}
+
+/// What the service needs of a history database. One implementation serves SQLite and
+/// PostgreSQL; the contract suite (`tests/it/history.rs`) runs on both.
+#[async_trait::async_trait]
+pub trait HistoryStore: Send + Sync {
+    /// `sqlite` or `postgres` (labels, health).
+    fn backend(&self) -> &'static str;
+    /// Stores `batch`; a message already stored is skipped. Returns the rows added.
+    async fn insert(&self, batch: &[Record]) -> Result<u64, HistoryError>;
+    /// One page, newest first.
+    async fn page(&self, q: &HistoryQuery) -> Result<Vec<HistoryRow>, HistoryError>;
+    /// Up to `limit` stage-1 signals priced within `priced` (Unix seconds) without a grade at
+    /// `horizon_seconds`, oldest first. The grader narrows the range's start to what it has
+    /// graded through, so the scan does not walk the graded past every round.
+    async fn due(
+        &self,
+        horizon_seconds: i64,
+        priced: std::ops::Range<i64>,
+        limit: usize,
+    ) -> Result<Vec<DueSignal>, HistoryError>;
+    /// Records a grade unless one exists; `true` when this call recorded it.
+    async fn record_grade(&self, g: &Grade) -> Result<bool, HistoryError>;
+    /// Graded (not missing) rows of one horizon from `since`, with their group key.
+    async fn graded(
+        &self,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+    ) -> Result<Vec<GradedRow>, HistoryError>;
+    /// Grades of one horizon from `since` whose price was missing.
+    async fn missing_prices(&self, horizon_seconds: i64, since: i64) -> Result<u64, HistoryError>;
+    /// Deletes messages and grades of ticks before `before`; returns the rows deleted.
+    async fn prune(&self, before: i64) -> Result<u64, HistoryError>;
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<(), HistoryError>;
+}

@@ -1,0 +1,389 @@
+//! [`HistoryStore`] on SQLite or PostgreSQL through sqlx's `Any` driver: one SQL dialect
+//! (`$n` parameters, `ON CONFLICT … DO NOTHING`, integer times), so both backends run the
+//! same statements and the same contract suite.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use super::*;
+
+/// The schema, embedded in the binary and applied at start.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A history store on a connection pool.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: &'static str,
+}
+
+impl SqlStore {
+    /// Opens (creating the file and its directory) the SQLite database at `path` and runs the
+    /// migrations.
+    pub async fn sqlite(path: &Path) -> Result<SqlStore, HistoryError> {
+        let backend = "sqlite";
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| HistoryError::Database {
+                backend,
+                message: format!("cannot create {}: {e}", dir.display()),
+            })?;
+        }
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        // One writer at a time is SQLite's rule; WAL lets the API read while the writer
+        // writes, and the busy timeout turns a momentary lock into a short wait.
+        let pool = Self::pool(backend, &url, 4, |conn| {
+            Box::pin(async move {
+                sqlx::query("PRAGMA journal_mode = WAL")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA busy_timeout = 5000")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA synchronous = NORMAL")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+        .map_err(|e| HistoryError::Database {
+            backend,
+            message: format!("cannot open {}: {e}", path.display()),
+        })?;
+        Self::migrated(pool, backend).await
+    }
+
+    /// Connects to PostgreSQL at `url` and runs the migrations. Errors never carry the URL
+    /// (it holds a password).
+    pub async fn postgres(url: &str) -> Result<SqlStore, HistoryError> {
+        let backend = "postgres";
+        let pool = Self::pool(backend, url, 8, |_| Box::pin(async { Ok(()) }))
+            .await
+            .map_err(|e| HistoryError::Database {
+                backend,
+                message: describe(&e),
+            })?;
+        Self::migrated(pool, backend).await
+    }
+
+    async fn pool<F>(
+        _backend: &'static str,
+        url: &str,
+        max: u32,
+        after_connect: F,
+    ) -> Result<AnyPool, sqlx::Error>
+    where
+        F: for<'c> Fn(
+                &'c mut sqlx::AnyConnection,
+            ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        sqlx::any::install_default_drivers();
+        AnyPoolOptions::new()
+            .max_connections(max)
+            // A database that does not answer fails a statement in seconds, so the writer
+            // retries instead of hanging behind it.
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _meta| after_connect(conn))
+            .connect(url)
+            .await
+    }
+
+    async fn migrated(pool: AnyPool, backend: &'static str) -> Result<SqlStore, HistoryError> {
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| HistoryError::Migration {
+                backend,
+                message: e.to_string(),
+            })?;
+        Ok(SqlStore { pool, backend })
+    }
+
+    fn err(&self, e: sqlx::Error) -> HistoryError {
+        HistoryError::Database {
+            backend: self.backend,
+            message: describe(&e),
+        }
+    }
+}
+
+/// The driver's error in words without connection details.
+fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Configuration(_) => "the URL is not valid".to_string(),
+        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::Io(io) => format!("connection failed: {}", io.kind()),
+        sqlx::Error::PoolTimedOut => "no connection within 5 s (database down?)".to_string(),
+        other => other.to_string(),
+    }
+}
+
+const INSERT: &str = "INSERT INTO signal_messages \
+    (message_id, signal_id, stage, symbol, cycle_id, cycle_at, published_at_ms, action, \
+     confidence, tier, model, top_strategy, price, data_as_of, is_degraded, envelope) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+    ON CONFLICT (message_id) DO NOTHING";
+
+fn read_row(r: &AnyRow) -> Result<HistoryRow, HistoryError> {
+    let get = |e: sqlx::Error| HistoryError::Corrupt {
+        id: "?".into(),
+        message: e.to_string(),
+    };
+    let id: String = r.try_get("message_id").map_err(get)?;
+    let envelope: String = r.try_get("envelope").map_err(get)?;
+    let message = serde_json::from_str(&envelope).map_err(|e| HistoryError::Corrupt {
+        id: id.clone(),
+        message: format!("envelope is not JSON: {e}"),
+    })?;
+    Ok(HistoryRow {
+        stage: r.try_get("stage").map_err(get)?,
+        symbol: r.try_get("symbol").map_err(get)?,
+        cycle_id: r.try_get("cycle_id").map_err(get)?,
+        key: (r.try_get("cycle_at").map_err(get)?, id),
+        message,
+    })
+}
+
+#[async_trait::async_trait]
+impl HistoryStore for SqlStore {
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    async fn insert(&self, batch: &[Record]) -> Result<u64, HistoryError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let mut added = 0;
+        for r in batch {
+            let done = sqlx::query(INSERT)
+                .bind(&r.message_id)
+                .bind(&r.signal_id)
+                .bind(r.stage.as_str())
+                .bind(&r.symbol)
+                .bind(&r.cycle_id)
+                .bind(r.cycle_at)
+                .bind(r.published_at_ms)
+                .bind(&r.action)
+                .bind(r.confidence)
+                .bind(r.tier.clone())
+                .bind(&r.model)
+                .bind(r.top_strategy.clone())
+                .bind(r.price)
+                .bind(r.data_as_of)
+                .bind(i32::from(r.is_degraded))
+                .bind(&r.envelope)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+            added += done.rows_affected();
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(added)
+    }
+
+    async fn page(&self, q: &HistoryQuery) -> Result<Vec<HistoryRow>, HistoryError> {
+        // Keyset pagination on (cycle_at, message_id), newest first: every page is an index
+        // range scan, however deep. Absent filters are bound as values that admit everything.
+        let (after_at, after_id) = q
+            .after
+            .clone()
+            .unwrap_or((i64::MAX, String::from("\u{10FFFF}")));
+        let sql = format!(
+            "SELECT message_id, stage, symbol, cycle_id, cycle_at, envelope FROM signal_messages \
+             WHERE {} cycle_at >= $1 AND cycle_at < $2 \
+             AND (cycle_at < $3 OR (cycle_at = $3 AND message_id < $4)) {} \
+             ORDER BY cycle_at DESC, message_id DESC LIMIT $5",
+            if q.symbol.is_some() {
+                "symbol = $6 AND"
+            } else {
+                ""
+            },
+            match (q.stage, q.symbol.is_some()) {
+                (Some(_), true) => "AND stage = $7",
+                (Some(_), false) => "AND stage = $6",
+                (None, _) => "",
+            }
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(q.since.unwrap_or(i64::MIN))
+            .bind(q.until.unwrap_or(i64::MAX))
+            .bind(after_at)
+            .bind(after_id)
+            .bind(q.limit as i64);
+        if let Some(s) = &q.symbol {
+            query = query.bind(s.clone());
+        }
+        if let Some(st) = q.stage {
+            query = query.bind(st.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(|e| self.err(e))?;
+        rows.iter().map(read_row).collect()
+    }
+
+    async fn due(
+        &self,
+        horizon_seconds: i64,
+        priced: std::ops::Range<i64>,
+        limit: usize,
+    ) -> Result<Vec<DueSignal>, HistoryError> {
+        let rows = sqlx::query(
+            "SELECT s.signal_id, s.symbol, s.action, s.confidence, s.model, s.top_strategy, \
+                    s.cycle_at, s.price, s.data_as_of, sc.tier AS score_tier \
+             FROM signal_messages s \
+             LEFT JOIN signal_messages sc ON sc.signal_id = s.signal_id AND sc.stage = 'score' \
+             WHERE s.stage = 'signal' AND s.data_as_of < $1 AND s.data_as_of >= $4 \
+               AND NOT EXISTS (SELECT 1 FROM signal_grades g \
+                               WHERE g.signal_id = s.signal_id AND g.horizon_seconds = $2) \
+             ORDER BY s.data_as_of LIMIT $3",
+        )
+        .bind(priced.end)
+        .bind(horizon_seconds)
+        .bind(limit as i64)
+        .bind(priced.start)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(|r| {
+                let get = |e: sqlx::Error| HistoryError::Corrupt {
+                    id: "due signal".into(),
+                    message: e.to_string(),
+                };
+                Ok(DueSignal {
+                    signal_id: r.try_get("signal_id").map_err(get)?,
+                    symbol: r.try_get("symbol").map_err(get)?,
+                    action: r.try_get("action").map_err(get)?,
+                    confidence: r.try_get("confidence").map_err(get)?,
+                    tier: r
+                        .try_get::<Option<String>, _>("score_tier")
+                        .map_err(get)?
+                        .unwrap_or_else(|| "NONE".into()),
+                    model: r.try_get("model").map_err(get)?,
+                    strategy: r
+                        .try_get::<Option<String>, _>("top_strategy")
+                        .map_err(get)?
+                        .unwrap_or_else(|| "NONE".into()),
+                    cycle_at: r.try_get("cycle_at").map_err(get)?,
+                    price_then: r.try_get("price").map_err(get)?,
+                    data_as_of: r.try_get("data_as_of").map_err(get)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_grade(&self, g: &Grade) -> Result<bool, HistoryError> {
+        let s = &g.signal;
+        let bucket = ((s.confidence * 10.0).floor() as i64).clamp(0, 9);
+        let backend = if s.model == "rules" { "rules" } else { "llm" };
+        let status = if g.hit.is_some() {
+            "graded"
+        } else {
+            "missing_price"
+        };
+        let done = sqlx::query(
+            "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
+                confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
+                price_after, return_fraction, hit, status, graded_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+             ON CONFLICT (signal_id, horizon_seconds) DO NOTHING",
+        )
+        .bind(&s.signal_id)
+        .bind(g.horizon_seconds)
+        .bind(&s.symbol)
+        .bind(&s.action)
+        .bind(s.confidence)
+        .bind(bucket)
+        .bind(&s.tier)
+        .bind(backend)
+        .bind(&s.model)
+        .bind(&s.strategy)
+        .bind(s.cycle_at)
+        .bind(s.price_then)
+        .bind(g.price_after)
+        .bind(g.return_fraction)
+        .bind(g.hit.map(i32::from))
+        .bind(status)
+        .bind(g.graded_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn graded(
+        &self,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+    ) -> Result<Vec<GradedRow>, HistoryError> {
+        // The column name comes from a closed enum, never from the request.
+        let sql = format!(
+            "SELECT {} AS grp, confidence, hit, return_fraction FROM signal_grades \
+             WHERE horizon_seconds = $1 AND status = 'graded' AND cycle_at >= $2",
+            group_by.as_str()
+        );
+        let rows = sqlx::query(&sql)
+            .bind(horizon_seconds)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(|r| {
+                let get = |e: sqlx::Error| HistoryError::Corrupt {
+                    id: "grade".into(),
+                    message: e.to_string(),
+                };
+                Ok(GradedRow {
+                    group: r.try_get("grp").map_err(get)?,
+                    confidence: r.try_get("confidence").map_err(get)?,
+                    hit: r.try_get::<i32, _>("hit").map_err(get)? == 1,
+                    return_fraction: r.try_get("return_fraction").map_err(get)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn missing_prices(&self, horizon_seconds: i64, since: i64) -> Result<u64, HistoryError> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n FROM signal_grades \
+             WHERE horizon_seconds = $1 AND status = 'missing_price' AND cycle_at >= $2",
+        )
+        .bind(horizon_seconds)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        let n: i64 = r.try_get("n").map_err(|e| self.err(e))?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn prune(&self, before: i64) -> Result<u64, HistoryError> {
+        let mut n = 0;
+        for sql in [
+            "DELETE FROM signal_grades WHERE cycle_at < $1",
+            "DELETE FROM signal_messages WHERE cycle_at < $1",
+        ] {
+            n += sqlx::query(sql)
+                .bind(before)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?
+                .rows_affected();
+        }
+        Ok(n)
+    }
+
+    async fn ping(&self) -> Result<(), HistoryError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+}

@@ -1,0 +1,408 @@
+//! The history store's contract on SQLite and on a real PostgreSQL, grading against a scripted
+//! market, grading by several replicas at once, and the writer across a database outage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use autonomous_runner::history::grading::{Grader, scorecard, wilson95};
+use autonomous_runner::history::sql::SqlStore;
+use autonomous_runner::history::writer::HistoryWriter;
+use autonomous_runner::history::{GroupBy, HistoryQuery, HistoryStore};
+use autonomous_runner::market::{Candle, MarketError, MarketSource};
+use autonomous_runner::model::{Stage, StageMessage};
+use autonomous_runner::schedule::CycleId;
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::json;
+
+use crate::postgres_server::PostgresServer;
+
+/// 2026-11-28 10:00 UTC plus `minutes`.
+fn at(minutes: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0)
+        .single()
+        .unwrap()
+        + chrono::Duration::minutes(minutes)
+}
+
+/// A stage message of `symbol` for the tick at minute `m`, priced at `price` a minute earlier.
+fn message(
+    symbol: &str,
+    m: i64,
+    stage: Stage,
+    action: &str,
+    confidence: f64,
+    price: f64,
+) -> StageMessage {
+    let cycle = CycleId::new(at(m));
+    let sid = autonomous_runner::model::signal_id(symbol, &cycle);
+    let mut payload = json!({
+        "signal_id": sid,
+        "cycle_id": cycle.to_string(),
+        "symbol": symbol,
+        "action": action,
+        "confidence": confidence,
+        "top_strategy": {"name": "RSI", "score": 0.6, "signal": action, "parameters": {}},
+        "market_context": {"current_price": price, "price_change_1h": 0.0, "volume_ratio": 1.0, "volatility_1h": 0.01},
+        "data_as_of": at(m).to_rfc3339(),
+        "is_degraded": false,
+    });
+    if stage != Stage::Signal {
+        payload["opportunity_tier"] = json!("GOOD");
+    }
+    StageMessage::new(stage, symbol, cycle, &sid, payload, 5, "rules")
+}
+
+fn records(msgs: &[StageMessage]) -> Vec<autonomous_runner::history::Record> {
+    msgs.iter()
+        .map(|m| autonomous_runner::history::Record::from_message(m).expect("a signal payload"))
+        .collect()
+}
+
+async fn sqlite() -> (tempfile::TempDir, Arc<dyn HistoryStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqlStore::sqlite(&dir.path().join("nested/dir/h.sqlite"))
+        .await
+        .expect("sqlite opens");
+    (dir, Arc::new(store))
+}
+
+async fn postgres(pg: &PostgresServer) -> Arc<dyn HistoryStore> {
+    Arc::new(SqlStore::postgres(&pg.url()).await.expect("postgres opens"))
+}
+
+/// What every backend must do.
+async fn contract(store: Arc<dyn HistoryStore>) {
+    // Idempotent by message_id: the same messages twice add nothing the second time.
+    let msgs: Vec<StageMessage> = (0..3)
+        .flat_map(|m| {
+            ["ETH/USD", "BTC/USD"].into_iter().flat_map(move |s| {
+                [Stage::Signal, Stage::Score].map(|st| message(s, m, st, "BUY", 0.7, 100.0))
+            })
+        })
+        .collect();
+    assert_eq!(store.insert(&records(&msgs)).await.unwrap(), 12);
+    assert_eq!(
+        store.insert(&records(&msgs[..5])).await.unwrap(),
+        0,
+        "replicas and redeliveries never duplicate"
+    );
+
+    // Pages: newest tick first, continued below the previous page's last row.
+    let mut seen = vec![];
+    let mut q = HistoryQuery {
+        limit: 5,
+        ..HistoryQuery::default()
+    };
+    loop {
+        let page = store.page(&q).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        seen.extend(page.iter().map(|r| r.key.clone()));
+        q.after = page.last().map(|r| r.key.clone());
+    }
+    assert_eq!(seen.len(), 12);
+    assert!(
+        seen.windows(2).all(|w| w[0] > w[1]),
+        "strictly newest first, none twice"
+    );
+    let eth = store
+        .page(&HistoryQuery {
+            symbol: Some("ETH/USD".into()),
+            stage: Some(Stage::Score),
+            limit: 100,
+            ..HistoryQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(eth.len(), 3);
+    assert!(
+        eth.iter()
+            .all(|r| r.symbol == "ETH/USD" && r.stage == "score")
+    );
+    assert_eq!(
+        eth[0].message["payload"]["opportunity_tier"], "GOOD",
+        "the envelope as published"
+    );
+    let window = store
+        .page(&HistoryQuery {
+            since: Some(at(1).timestamp()),
+            until: Some(at(2).timestamp()),
+            limit: 100,
+            ..HistoryQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(window.len(), 4, "one tick of two symbols, two stages");
+
+    // Due grades: stage-1 signals priced before the bound, without a grade at that horizon.
+    let due = store.due(300, 0..at(2).timestamp(), 100).await.unwrap();
+    assert_eq!(
+        due.len(),
+        4,
+        "ticks 0 and 1, two symbols, the signal stage only"
+    );
+    assert!(
+        due.iter()
+            .all(|d| d.tier == "GOOD" && d.strategy == "RSI" && d.price_then == 100.0)
+    );
+    let g = autonomous_runner::history::Grade {
+        signal: due[0].clone(),
+        horizon_seconds: 300,
+        price_after: Some(101.0),
+        return_fraction: Some(0.01),
+        hit: Some(true),
+        graded_at: at(10).timestamp(),
+    };
+    assert!(store.record_grade(&g).await.unwrap());
+    assert!(
+        !store.record_grade(&g).await.unwrap(),
+        "a (signal, horizon) is graded once"
+    );
+    let other_horizon = autonomous_runner::history::Grade {
+        horizon_seconds: 900,
+        ..g.clone()
+    };
+    assert!(store.record_grade(&other_horizon).await.unwrap());
+    let missing = autonomous_runner::history::Grade {
+        signal: due[1].clone(),
+        price_after: None,
+        return_fraction: None,
+        hit: None,
+        ..g.clone()
+    };
+    assert!(store.record_grade(&missing).await.unwrap());
+    assert_eq!(
+        store
+            .due(300, 0..at(2).timestamp(), 100)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let rows = store.graded(300, GroupBy::Symbol, 0).await.unwrap();
+    assert_eq!(rows.len(), 1, "a missing price is not a graded row");
+    assert_eq!(rows[0].group, due[0].symbol);
+    assert_eq!(store.missing_prices(300, 0).await.unwrap(), 1);
+    let by_tier = store.graded(300, GroupBy::Tier, 0).await.unwrap();
+    assert_eq!(by_tier[0].group, "GOOD");
+
+    // Retention: everything of ticks before minute 1 goes, grades included.
+    let deleted = store.prune(at(1).timestamp()).await.unwrap();
+    assert!(deleted >= 4, "{deleted}");
+    let left = store
+        .page(&HistoryQuery {
+            limit: 100,
+            ..HistoryQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 8);
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_contract_holds_on_sqlite() {
+    let (_dir, store) = sqlite().await;
+    assert_eq!(store.backend(), "sqlite");
+    contract(store).await;
+}
+
+#[tokio::test]
+async fn the_contract_holds_on_postgres() {
+    let pg = PostgresServer::start().await;
+    let store = postgres(&pg).await;
+    assert_eq!(store.backend(), "postgres");
+    contract(store).await;
+    // Migrations run again at every start without harm.
+    contract_reopens(&pg).await;
+}
+
+async fn contract_reopens(pg: &PostgresServer) {
+    let again = postgres(pg).await;
+    assert_eq!(
+        again
+            .page(&HistoryQuery {
+                limit: 100,
+                ..HistoryQuery::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        8
+    );
+}
+
+/// Candles with known closes: minute `m` after 10:00 closes at `closes[m]`.
+struct Scripted {
+    closes: Vec<f64>,
+}
+
+#[async_trait::async_trait]
+impl MarketSource for Scripted {
+    async fn candles(
+        &self,
+        _symbol: &str,
+        now: DateTime<Utc>,
+        count: usize,
+    ) -> Result<Vec<Candle>, MarketError> {
+        // Candle m covers [m, m+1): closed by `now` when m < end.
+        let end = (now - at(0))
+            .num_minutes()
+            .clamp(0, self.closes.len() as i64);
+        let out: Vec<Candle> = ((end - count as i64).max(0)..end)
+            .map(|m| {
+                let c = self.closes[m as usize];
+                Candle {
+                    time: at(m),
+                    open: c,
+                    high: c,
+                    low: c,
+                    close: c,
+                    volume: 1.0,
+                }
+            })
+            .collect();
+        Ok(out)
+    }
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+}
+
+#[tokio::test]
+async fn grades_against_a_scripted_market_are_exact() {
+    let (_dir, store) = sqlite().await;
+    // Prices: 100 at minute 0, then as scripted; the 5-minute horizon of a signal priced at
+    // minute m reads the close of the candle ending at m + 5 (minute m + 4's close).
+    let mut closes = vec![100.0; 20];
+    closes[4] = 101.0; // +1 %   for signals priced at minute 0
+    closes[5] = 99.0; //  −1 %   for minute 1
+    closes[6] = 100.05; // +0.05 % for minute 2 (inside the 0.1 % band)
+    let market: Arc<dyn MarketSource> = Arc::new(Scripted { closes });
+    let signals = [
+        message("AAA/USD", 0, Stage::Signal, "BUY", 0.9, 100.0), // +1 %: hit
+        message("AAA/USD", 1, Stage::Signal, "BUY", 0.6, 100.0), // −1 %: miss
+        message("AAA/USD", 2, Stage::Signal, "HOLD", 0.7, 100.0), // flat: hit
+        message("BBB/USD", 1, Stage::Signal, "SELL", 0.8, 100.0), // −1 %: hit
+        message("BBB/USD", 2, Stage::Signal, "SELL", 0.5, 100.0), // flat: miss
+        message("CCC/USD", 30, Stage::Signal, "BUY", 0.5, 100.0), // no candle at 35: missing
+    ];
+    store.insert(&records(&signals)).await.unwrap();
+    let mut grader = Grader::new(store.clone(), market, &[5], 0.1);
+    let round = grader.round(at(40)).await.unwrap();
+    assert_eq!((round.graded, round.missing, round.deferred), (5, 1, 0));
+    assert_eq!(grader.round(at(41)).await.unwrap().graded, 0, "graded once");
+
+    let rows = store.graded(300, GroupBy::Action, 0).await.unwrap();
+    let card = scorecard(&rows);
+    let buy = card.iter().find(|g| g.key == "BUY").unwrap();
+    assert_eq!((buy.graded, buy.hits), (2, 1));
+    assert!((buy.mean_return - 0.0).abs() < 1e-12, "+1 % and −1 %");
+    assert!((buy.brier - ((0.9f64 - 1.0).powi(2) + 0.6f64.powi(2)) / 2.0).abs() < 1e-12);
+    let (lo, hi) = wilson95(1, 2);
+    assert_eq!(buy.hit_rate_ci95, [lo, hi]);
+    let sell = card.iter().find(|g| g.key == "SELL").unwrap();
+    assert_eq!((sell.graded, sell.hits), (2, 1));
+    assert!((sell.median_return - (-0.01 + 0.0005) / 2.0).abs() < 1e-12);
+    let hold = card.iter().find(|g| g.key == "HOLD").unwrap();
+    assert_eq!((hold.graded, hold.hits), (1, 1));
+    assert!((hold.mean_return - 0.0005).abs() < 1e-12);
+    assert_eq!(
+        store.missing_prices(300, 0).await.unwrap(),
+        1,
+        "recorded as missing, never guessed"
+    );
+}
+
+#[tokio::test]
+async fn three_graders_on_one_postgres_grade_each_signal_once() {
+    let pg = PostgresServer::start().await;
+    let store = postgres(&pg).await;
+    let msgs: Vec<StageMessage> = (0..10)
+        .flat_map(|m| {
+            (0..6).map(move |s| message(&format!("S{s}/USD"), m, Stage::Signal, "BUY", 0.7, 100.0))
+        })
+        .collect();
+    // Three replicas store the same messages: one row each.
+    for _ in 0..3 {
+        store.insert(&records(&msgs)).await.unwrap();
+    }
+    let market: Arc<dyn MarketSource> = Arc::new(Scripted {
+        closes: vec![100.0; 120],
+    });
+    let rounds = futures::future::join_all((0..3).map(|_| {
+        let (store, market) = (store.clone(), market.clone());
+        async move {
+            let mut g = Grader::new(store, market, &[5, 15], 0.1);
+            g.round(at(60)).await.unwrap()
+        }
+    }))
+    .await;
+    let recorded: u64 = rounds.iter().map(|r| r.graded + r.missing).sum();
+    assert_eq!(
+        recorded,
+        60 * 2,
+        "each (signal, horizon) recorded by exactly one grader: {rounds:?}"
+    );
+    for h in [300, 900] {
+        assert_eq!(store.graded(h, GroupBy::Symbol, 0).await.unwrap().len(), 60);
+    }
+    let page = store
+        .page(&HistoryQuery {
+            limit: 1000,
+            ..HistoryQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 60, "no duplicate rows");
+}
+
+#[tokio::test]
+async fn the_writer_keeps_everything_across_a_postgres_outage() {
+    let mut pg = PostgresServer::start().await;
+    let store = postgres(&pg).await;
+    let writer = HistoryWriter::new(store.clone(), 10_000, 50);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(writer.clone().run(stop.clone(), Duration::from_secs(2)));
+    let batch = |from: i64| -> Vec<StageMessage> {
+        (from..from + 5)
+            .flat_map(|m| Stage::ALL.map(|st| message("ETH/USD", m, st, "HOLD", 0.6, 100.0)))
+            .collect()
+    };
+    for m in batch(0) {
+        writer.offer(&m);
+    }
+    wait(|| writer.queued() == 0, "the first messages written").await;
+    pg.stop();
+    // Published while the database is down: queued, never lost.
+    for m in batch(5) {
+        writer.offer(&m);
+    }
+    wait(|| !writer.healthy(), "the writer noticed the outage").await;
+    assert!(writer.queued() > 0);
+    pg.restart().await;
+    wait(
+        || writer.queued() == 0 && writer.healthy(),
+        "the backlog written after recovery",
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let all = store
+        .page(&HistoryQuery {
+            limit: 1000,
+            ..HistoryQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 40, "every message of both batches, once");
+}
+
+async fn wait(cond: impl Fn() -> bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
