@@ -1,12 +1,15 @@
 // autonomous-runner dashboard. Everything the server sends is data, shown with textContent
 // only — agent text can never become markup or script here (and the page's CSP forbids
-// inline and foreign scripts besides).
+// inline and foreign scripts besides). Times are shown in UTC, labelled, like the cycles.
 "use strict";
 
-const rows = new Map();          // symbol -> { tr, signal }
+const rows = new Map();          // symbol -> { tr, detail, signal }
 let lastEventId = null;
 let backoff = 1000;              // ms, doubles up to 30 s after each failed connection
 let source = null;
+let simulated = false;
+let chart = null;
+let calib = null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -23,32 +26,83 @@ function age(ts) {
   return s < 90 ? s + " s" : Math.round(s / 60) + " min";
 }
 
+// HH:MM:SS of an RFC 3339 time, in UTC.
+function utc(ts) {
+  const d = new Date(ts);
+  return isNaN(d) ? "" : d.toISOString().slice(11, 19);
+}
+
+function price(p) {
+  const v = p && p.market_context && p.market_context.current_price;
+  if (typeof v !== "number") return "";
+  return (v >= 100 ? v.toFixed(2) : v.toPrecision(5)) + (simulated ? " (sim)" : "");
+}
+
+function pct(v) {
+  return typeof v === "number" ? (v * 100).toFixed(2) + " %" : "";
+}
+
+// The summary and the strategy breakdown, shown on demand under the row.
+function detailRow(p) {
+  const tr = document.createElement("tr");
+  tr.className = "detail";
+  tr.hidden = true;
+  const td = document.createElement("td");
+  td.colSpan = 8;
+  const summary = document.createElement("p");
+  summary.className = "summary";
+  summary.textContent = String(p.summary || p.reasoning || "");
+  td.appendChild(summary);
+  const list = document.createElement("ul");
+  list.className = "breakdown";
+  for (const v of Array.isArray(p.strategy_breakdown) ? p.strategy_breakdown : []) {
+    const li = document.createElement("li");
+    li.textContent = String(v.name) + ": " + String(v.signal) + " (" + Number(v.score).toFixed(2) + ")";
+    li.className = String(v.signal);
+    list.appendChild(li);
+  }
+  td.appendChild(list);
+  tr.appendChild(td);
+  return tr;
+}
+
 function renderSignal(envelope) {
   const p = envelope && envelope.payload;
   if (!p || typeof p.symbol !== "string") return;
-  let entry = rows.get(p.symbol);
+  const entry = rows.get(p.symbol);
+  if (entry && entry.signal.cycle_id > p.cycle_id) return; // an older tick arriving late
   const tr = document.createElement("tr");
   tr.dataset.symbol = p.symbol;
-  cell(tr, p.symbol);
+  const sym = cell(tr, p.symbol, "symbol");
+  sym.title = "show the chart";
+  sym.addEventListener("click", (e) => { e.stopPropagation(); selectSymbol(p.symbol); });
   cell(tr, String(p.action), String(p.action));
   cell(tr, typeof p.confidence === "number" ? (p.confidence * 100).toFixed(0) + " %" : "", "num");
+  cell(tr, price(p), "num price");
   cell(tr, typeof p.opportunity_score === "number" ? p.opportunity_score.toFixed(1) : "", "num");
   cell(tr, String(p.opportunity_tier || ""), String(p.opportunity_tier || ""));
-  cell(tr, String(p.summary || ""), "summary");
   cell(tr, age(p.timestamp), "num age");
-  cell(tr, p.expires_at ? new Date(p.expires_at).toLocaleTimeString() : "", "num");
+  cell(tr, p.expires_at ? utc(p.expires_at) : "", "num");
   if (p.is_degraded) tr.title = "degraded: produced by the rules fallback";
+  const detail = detailRow(p);
+  tr.addEventListener("click", () => { detail.hidden = !detail.hidden; });
   const body = $("signals").tBodies[0];
   if (entry) {
+    detail.hidden = entry.detail.hidden;
     body.replaceChild(tr, entry.tr);
+    body.replaceChild(detail, entry.detail);
   } else {
     // Keep rows sorted by symbol.
     const after = [...rows.keys()].filter((s) => s > p.symbol).sort()[0];
-    body.insertBefore(tr, after ? rows.get(after).tr : null);
+    const before = after ? rows.get(after).tr : null;
+    body.insertBefore(tr, before);
+    body.insertBefore(detail, before);
   }
   tr.classList.add("fresh");
-  rows.set(p.symbol, { tr, signal: p });
+  rows.set(p.symbol, { tr, detail, signal: p });
   $("count").textContent = rows.size + " symbols";
+  $("notice").hidden = true;
+  addSymbolOption(p.symbol);
 }
 
 function renderCycles(cycles) {
@@ -56,7 +110,7 @@ function renderCycles(cycles) {
   body.textContent = "";
   for (const c of cycles.slice(0, 10)) {
     const tr = document.createElement("tr");
-    cell(tr, c.cycle_id);
+    cell(tr, String(c.cycle_id).replace("T", " ").replace("Z", ""));
     cell(tr, c.skipped_reason ? "" : Number(c.duration_seconds).toFixed(2) + " s", "num");
     cell(tr, c.skipped_reason ? "" : String(c.symbols_ok), "num");
     cell(tr, c.skipped_reason ? "" : String(c.symbols_failed), "num");
@@ -87,6 +141,9 @@ async function refreshStatus() {
     pill($("ready"), d.readiness && d.readiness.status === "ready" ? "ready" : "not ready", d.readiness && d.readiness.status === "ready" ? "ok" : "bad");
     const ks = d.kill_switch;
     pill($("killswitch"), ks ? "kill switch ON: " + (ks.reason || "") : "kill switch off", ks ? "bad" : "ok");
+    const m = d.market_data || {};
+    simulated = !!m.simulated;
+    pill($("market"), m.simulated ? "market data: SIMULATED prices" : "market data: " + String(m.source || "?"), m.simulated ? "warn" : "ok");
     const box = $("breakers");
     box.textContent = "";
     for (const [name, b] of Object.entries(d.circuit_breakers || {})) {
@@ -94,10 +151,171 @@ async function refreshStatus() {
       pill(span, name + ": " + b.state, b.state === "closed" ? "ok" : b.state === "open" ? "bad" : "warn");
       box.appendChild(span);
     }
+    if (rows.size === 0) {
+      const n = $("notice");
+      n.hidden = false;
+      n.textContent = d.next_tick
+        ? "No signals yet: the first tick is at " + utc(d.next_tick) + " UTC."
+        : "No signals yet.";
+    }
   } catch (e) {
     pill($("ready"), "status unavailable", "warn");
   }
 }
+
+// ---- the symbol view: price with the signals as markers and their outcomes ----
+
+function addSymbolOption(symbol) {
+  const pick = $("symbol-pick");
+  if ([...pick.options].some((o) => o.value === symbol)) return;
+  const o = document.createElement("option");
+  o.value = symbol;
+  o.textContent = symbol;
+  const after = [...pick.options].find((x) => x.value > symbol);
+  pick.insertBefore(o, after || null);
+  if (pick.options.length === 1) selectSymbol(symbol);
+}
+
+function selectSymbol(symbol) {
+  $("symbol-pick").value = symbol;
+  loadChart();
+}
+
+// Marker of one signal: filled when it hit at the first graded horizon, hollow when it
+// missed, grey until graded.
+function outcome(row) {
+  const g = row.grades || {};
+  for (const h of ["5m", "15m", "1h"]) {
+    if (g[h] && typeof g[h].hit === "boolean") return g[h].hit ? "hit" : "miss";
+  }
+  return "pending";
+}
+
+async function loadChart() {
+  const symbol = $("symbol-pick").value;
+  if (!symbol || typeof uPlot === "undefined") return;
+  let data;
+  try {
+    const r = await fetch("/api/signals/history?stage=signal&limit=500&symbol=" + encodeURIComponent(symbol));
+    if (!r.ok) { $("chart-note").textContent = "history unavailable"; return; }
+    data = (await r.json()).signals || [];
+  } catch (e) { return; }
+  data.reverse(); // oldest first
+  const xs = [], prices = [], buys = [], sells = [], kinds = [];
+  for (const row of data) {
+    const p = row.message && row.message.payload;
+    if (!p || !p.market_context) continue;
+    xs.push(Date.parse(p.data_as_of) / 1000);
+    prices.push(p.market_context.current_price);
+    buys.push(p.action === "BUY" ? p.market_context.current_price : null);
+    sells.push(p.action === "SELL" ? p.market_context.current_price : null);
+    kinds.push(outcome(row));
+  }
+  $("chart-note").textContent = xs.length + " signals" + (simulated ? " — simulated prices" : "");
+  const marker = (color, key) => ({
+    label: key, stroke: color, width: 0,
+    paths: () => null,
+    points: {
+      show: true, size: 9, stroke: color,
+      fill: (u, si) => color,
+    },
+  });
+  const opts = {
+    width: Math.min(960, document.body.clientWidth - 40), height: 280,
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
+    series: [
+      {},
+      { label: symbol + (simulated ? " (simulated)" : ""), stroke: "#4b6584", width: 1.5 },
+      marker("#2e7d32", "BUY"),
+      marker("#c62828", "SELL"),
+    ],
+    hooks: {
+      // Outcomes: a hollow ring marks a miss, a grey ring a signal not graded yet.
+      draw: [(u) => {
+        const ctx = u.ctx;
+        ctx.save();
+        for (let i = 0; i < xs.length; i++) {
+          if (kinds[i] === "hit" || (buys[i] === null && sells[i] === null)) continue;
+          const x = u.valToPos(xs[i], "x", true), y = u.valToPos(prices[i], "y", true);
+          ctx.beginPath();
+          ctx.arc(x, y, 4, 0, 2 * Math.PI);
+          ctx.fillStyle = kinds[i] === "miss" ? "#fff" : "#bbb";
+          ctx.fill();
+        }
+        ctx.restore();
+      }],
+    },
+  };
+  const el = $("chart");
+  el.textContent = "";
+  chart = new uPlot(opts, [xs, prices, buys, sells], el);
+  el.dataset.signals = String(xs.length);
+  el.dataset.markers = String(buys.filter((v) => v !== null).length + sells.filter((v) => v !== null).length);
+}
+
+// ---- the scorecard and the calibration chart ----
+
+async function loadScorecard() {
+  const h = $("horizon").value, g = $("group-by").value;
+  let d;
+  try {
+    const r = await fetch("/api/performance?horizon=" + encodeURIComponent(h) + "&group_by=" + encodeURIComponent(g));
+    if (!r.ok) { $("score-note").textContent = "history unavailable"; return; }
+    d = await r.json();
+  } catch (e) { return; }
+  const body = $("scorecard").tBodies[0];
+  body.textContent = "";
+  for (const s of d.groups || []) {
+    const tr = document.createElement("tr");
+    cell(tr, String(s.key));
+    cell(tr, String(s.graded), "num");
+    cell(tr, pct(s.hit_rate), "num");
+    cell(tr, pct(s.hit_rate_ci95[0]) + " – " + pct(s.hit_rate_ci95[1]), "num");
+    cell(tr, pct(s.mean_return), "num");
+    cell(tr, pct(s.median_return), "num");
+    cell(tr, Number(s.brier).toFixed(3), "num");
+    body.appendChild(tr);
+  }
+  $("score-note").textContent = d.graded + " graded since " + utc(d.since) + " UTC" +
+    (d.missing_price ? ", " + d.missing_price + " without a price" : "") +
+    (d.market_data && d.market_data.simulated ? " — against simulated prices" : "");
+  $("scorecard").dataset.groups = String((d.groups || []).length);
+  drawCalibration(d.groups || []);
+}
+
+function drawCalibration(groups) {
+  // All groups together: per confidence bucket, the observed hit rate.
+  const buckets = new Map();
+  for (const g of groups) {
+    for (const b of g.calibration || []) {
+      const e = buckets.get(b.bucket) || { n: 0, hits: 0, conf: 0 };
+      e.n += b.count; e.hits += b.hit_rate * b.count; e.conf += b.mean_confidence * b.count;
+      buckets.set(b.bucket, e);
+    }
+  }
+  const keys = [...buckets.keys()].sort();
+  const xs = keys.map((k) => buckets.get(k).conf / buckets.get(k).n);
+  const ys = keys.map((k) => buckets.get(k).hits / buckets.get(k).n);
+  const el = $("calibration");
+  el.textContent = "";
+  el.dataset.buckets = String(keys.length);
+  if (typeof uPlot === "undefined" || xs.length === 0) {
+    el.textContent = "Nothing graded yet.";
+    return;
+  }
+  calib = new uPlot({
+    width: 360, height: 240, mode: 1,
+    scales: { x: { time: false, range: [0, 1] }, y: { range: [0, 1] } },
+    series: [
+      {},
+      { label: "observed hit rate", stroke: "#4b6584", width: 1.5, points: { show: true, size: 7 } },
+      { label: "perfect", stroke: "#aaa", dash: [4, 4], points: { show: false } },
+    ],
+    axes: [{ label: "stated confidence" }, { label: "hit rate" }],
+  }, [xs, ys, xs], el);
+}
+
+// ---- the live stream ----
 
 function connect() {
   const url = "/api/signals/stream" + (lastEventId ? "?last_event_id=" + encodeURIComponent(lastEventId) : "");
@@ -110,6 +328,9 @@ function connect() {
   source.addEventListener("cycle", (ev) => {
     if (ev.lastEventId) lastEventId = ev.lastEventId;
     try { addCycle(JSON.parse(ev.data)); } catch (e) { /* ignore */ }
+    // A tick ended: new signals to chart, maybe new grades to count.
+    loadChart();
+    loadScorecard();
   });
   source.addEventListener("status", (ev) => {
     if (ev.lastEventId) lastEventId = ev.lastEventId;
@@ -134,9 +355,28 @@ function tick() {
   }
 }
 
+// What exists already is shown first (a page opened between ticks is never empty), then the
+// stream keeps it current.
+async function loadLatest() {
+  let cursor = null;
+  for (let page = 0; page < 20; page++) {
+    const r = await fetch("/api/signals/latest?limit=500" + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+    if (!r.ok) return;
+    const d = await r.json();
+    for (const s of d.signals || []) renderSignal({ payload: s });
+    cursor = d.next_cursor;
+    if (!cursor) return;
+  }
+}
+
 async function start() {
+  await refreshStatus();
+  try { await loadLatest(); } catch (e) { /* the stream fills it */ }
   try { renderCycles(cycles = (await (await fetch("/api/cycles")).json()).cycles || []); } catch (e) { /* later */ }
-  refreshStatus();
+  $("symbol-pick").addEventListener("change", loadChart);
+  $("horizon").addEventListener("change", loadScorecard);
+  $("group-by").addEventListener("change", loadScorecard);
+  loadScorecard();
   connect();
   setInterval(tick, 1000);
   setInterval(refreshStatus, 15000);

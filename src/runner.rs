@@ -122,6 +122,8 @@ pub struct RunnerState {
     shutting_down: bool,
     kill_switch: Option<KillSwitch>,
     coordination_error: Option<String>,
+    /// The tick the loop is waiting for (the dashboard says when the first signals come).
+    next_tick: Option<DateTime<Utc>>,
     /// When the tick loop last moved (woke for a tick, or started).
     last_progress: Instant,
     /// The loop is stalled once it has not moved for this long: two schedule periods plus
@@ -163,6 +165,8 @@ pub struct StatusView {
     pub kill_switch: Option<KillSwitch>,
     /// Last coordination error, if the backend is failing.
     pub coordination_error: Option<String>,
+    /// The next tick the scheduler waits for.
+    pub next_tick: Option<DateTime<Utc>>,
 }
 
 /// Shared, lockable runner state.
@@ -195,6 +199,7 @@ impl SharedState {
             cooldown_cycles_remaining: s.backpressure.cooldown_remaining(),
             kill_switch: s.kill_switch.clone(),
             coordination_error: s.coordination_error.clone(),
+            next_tick: s.next_tick,
         }
     }
 
@@ -298,6 +303,7 @@ impl Runner {
             shutting_down: false,
             kill_switch: None,
             coordination_error: None,
+            next_tick: None,
             last_progress: Instant::now(),
             stall_after: None,
         })));
@@ -517,6 +523,7 @@ impl Runner {
                 );
                 break;
             };
+            self.state.lock().next_tick = Some(next);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.clock.sleep_until(next) => {}

@@ -172,6 +172,20 @@ pub struct HistoryRow {
     pub key: (i64, String),
     /// The envelope as published.
     pub message: serde_json::Value,
+    /// Signal-stage rows: the grades so far, by horizon (`5m` …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grades: Option<std::collections::BTreeMap<String, GradeView>>,
+}
+
+/// A grade as the history API shows it beside its signal.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GradeView {
+    /// Hit or miss; absent when the price was missing.
+    pub hit: Option<bool>,
+    /// The return at the horizon.
+    pub return_fraction: Option<f64>,
+    /// The price at the horizon.
+    pub price_after: Option<f64>,
 }
 
 /// A stage-1 signal whose grade at one horizon is due.
@@ -294,6 +308,11 @@ pub trait HistoryStore: Send + Sync {
         priced: std::ops::Range<i64>,
         limit: usize,
     ) -> Result<Vec<DueSignal>, HistoryError>;
+    /// The grades of these signals: (signal_id, horizon_seconds, grade).
+    async fn grades_of(
+        &self,
+        signal_ids: &[String],
+    ) -> Result<Vec<(String, i64, GradeView)>, HistoryError>;
     /// Records a grade unless one exists; `true` when this call recorded it.
     async fn record_grade(&self, g: &Grade) -> Result<bool, HistoryError>;
     /// Graded (not missing) rows of one horizon from `since`, with their group key.

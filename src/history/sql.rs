@@ -147,6 +147,7 @@ fn read_row(r: &AnyRow) -> Result<HistoryRow, HistoryError> {
         cycle_id: r.try_get("cycle_id").map_err(get)?,
         key: (r.try_get("cycle_at").map_err(get)?, id),
         message,
+        grades: None,
     })
 }
 
@@ -272,6 +273,48 @@ impl HistoryStore for SqlStore {
                     price_then: r.try_get("price").map_err(get)?,
                     data_as_of: r.try_get("data_as_of").map_err(get)?,
                 })
+            })
+            .collect()
+    }
+
+    async fn grades_of(
+        &self,
+        signal_ids: &[String],
+    ) -> Result<Vec<(String, i64, GradeView)>, HistoryError> {
+        if signal_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let marks: Vec<String> = (1..=signal_ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT signal_id, horizon_seconds, hit, return_fraction, price_after \
+             FROM signal_grades WHERE signal_id IN ({})",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in signal_ids {
+            q = q.bind(id.clone());
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(|r| {
+                let get = |e: sqlx::Error| HistoryError::Corrupt {
+                    id: "grade".into(),
+                    message: e.to_string(),
+                };
+                Ok((
+                    r.try_get("signal_id").map_err(get)?,
+                    r.try_get::<i64, _>("horizon_seconds")
+                        .or_else(|_| r.try_get::<i32, _>("horizon_seconds").map(i64::from))
+                        .map_err(get)?,
+                    GradeView {
+                        hit: r
+                            .try_get::<Option<i32>, _>("hit")
+                            .map_err(get)?
+                            .map(|h| h == 1),
+                        return_fraction: r.try_get("return_fraction").map_err(get)?,
+                        price_after: r.try_get("price_after").map_err(get)?,
+                    },
+                ))
             })
             .collect()
     }

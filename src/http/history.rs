@@ -146,6 +146,36 @@ pub(super) async fn history(
             } else {
                 None
             };
+            // Each signal-stage row carries its grades (one query for the page).
+            let ids: Vec<String> = rows
+                .iter()
+                .filter(|r| r.stage == Stage::Signal.as_str())
+                .filter_map(|r| {
+                    r.message["payload"]["signal_id"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .collect();
+            match store.grades_of(&ids).await {
+                Ok(grades) => {
+                    for r in rows
+                        .iter_mut()
+                        .filter(|r| r.stage == Stage::Signal.as_str())
+                    {
+                        let id = r.message["payload"]["signal_id"]
+                            .as_str()
+                            .unwrap_or_default();
+                        r.grades = Some(
+                            grades
+                                .iter()
+                                .filter(|(sid, _, _)| sid == id)
+                                .map(|(_, h, g)| (horizon_label(*h), g.clone()))
+                                .collect(),
+                        );
+                    }
+                }
+                Err(e) => return unavailable(e.to_string()),
+            }
             axum::Json(json!({ "signals": rows, "next_cursor": next_cursor })).into_response()
         }
         Err(e) => unavailable(e.to_string()),

@@ -87,8 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/signals/history", get(history::history))
         .route("/api/performance", get(history::performance))
         .route("/api/signals/stream", get(sse::stream))
-        .route("/assets/dashboard.js", get(dashboard_js))
-        .route("/assets/dashboard.css", get(dashboard_css))
+        .route("/assets/{name}", get(asset))
         .route("/shutdown", post(shutdown))
         .route(
             "/api/kill-switch",
@@ -239,8 +238,30 @@ pub async fn serve(
 /// security policy forbids inline and foreign scripts, so even text that slipped into markup
 /// could not run; the page itself only ever sets `textContent`.
 const DASHBOARD_HTML: &str = include_str!("../../assets/dashboard.html");
-const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
-const DASHBOARD_CSS: &str = include_str!("../../assets/dashboard.css");
+/// Every other file the page loads, by the name it is served under. uPlot (MIT, its licence
+/// beside it in `assets/vendor/`) draws the charts: vendored, never fetched from a CDN.
+const ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/dashboard.js"),
+    ),
+    (
+        "dashboard.css",
+        "text/css; charset=utf-8",
+        include_str!("../../assets/dashboard.css"),
+    ),
+    (
+        "uplot.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/vendor/uplot-1.6.32.min.js"),
+    ),
+    (
+        "uplot.css",
+        "text/css; charset=utf-8",
+        include_str!("../../assets/vendor/uplot-1.6.32.min.css"),
+    ),
+];
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 async fn index() -> impl IntoResponse {
@@ -255,24 +276,18 @@ async fn index() -> impl IntoResponse {
     )
 }
 
-async fn dashboard_js() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        DASHBOARD_JS,
-    )
-}
-
-async fn dashboard_css() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        DASHBOARD_CSS,
-    )
+async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    match ASSETS.iter().find(|(n, _, _)| *n == name) {
+        Some((_, content_type, body)) => (
+            [
+                (header::CONTENT_TYPE, *content_type),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            *body,
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 /// Equal-time comparison, so a wrong token's timing says nothing about the right one.
@@ -677,6 +692,7 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
         "last_cycle_duration_seconds": v.last_cycle.as_ref().map(|c| c.duration_seconds),
         "signals_last_cycle": v.last_cycle.as_ref().map(|c| c.symbols_ok),
         "cycle_running": v.cycle_running,
+        "next_tick": v.next_tick,
         "active_locks": active_locks,
         "market_data": history::market_note(&s),
         "history": s.publisher.history().map(|w| json!({

@@ -209,7 +209,7 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
     let d = Driver::start().await;
     d.goto(&p.base).await;
     d.wait_js(
-        "return document.querySelectorAll('#signals tbody tr').length",
+        "return document.querySelectorAll('#signals tbody tr:not(.detail)').length",
         Duration::from_secs(20),
         |v| v == 20,
     )
@@ -218,14 +218,46 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
     let row = d
         .js(
             "const tr = document.querySelector('#signals tbody tr[data-symbol=\"ETH/USD\"]');\
-             return { summary: tr.querySelector('td.summary').textContent,\
-                      action: tr.children[1].textContent, tier: tr.children[4].textContent,\
+             return { summary: tr.nextElementSibling.querySelector('.summary').textContent,\
+                      detail_hidden: tr.nextElementSibling.hidden,\
+                      action: tr.children[1].textContent, tier: tr.children[5].textContent,\
+                      price: tr.querySelector('td.price').textContent,\
+                      market: document.getElementById('market').textContent,\
                       imgs: document.querySelectorAll('#signals img').length,\
                       scripts: document.querySelectorAll('#signals script').length,\
                       xss: typeof window.__xss };",
         )
         .await;
     assert_eq!(row["summary"], XSS, "agent text is shown literally");
+    assert_eq!(row["detail_hidden"], true, "the summary is shown on demand");
+    assert!(
+        row["price"].as_str().unwrap().ends_with("(sim)"),
+        "a price column, marked simulated: {row}"
+    );
+    assert!(
+        row["market"].as_str().unwrap().contains("SIMULATED"),
+        "{row}"
+    );
+    // A click opens the summary and the strategy breakdown.
+    let opened = d
+        .js("const tr = document.querySelector('#signals tbody tr[data-symbol=\"ETH/USD\"]'); tr.click();\
+             return { hidden: tr.nextElementSibling.hidden, strategies: tr.nextElementSibling.querySelectorAll('li').length };")
+        .await;
+    assert_eq!(opened["hidden"], false);
+    assert!(opened["strategies"].as_u64().unwrap() >= 3, "{opened}");
+    // The symbol view: a uPlot chart of the first symbol with its signals as markers.
+    let chart = d
+        .wait_js(
+            "const c = document.getElementById('chart'); return { canvas: c.querySelectorAll('canvas').length, signals: Number(c.dataset.signals || 0), markers: Number(c.dataset.markers || 0) };",
+            Duration::from_secs(20),
+            |v| v["signals"].as_u64().unwrap_or(0) >= 1,
+        )
+        .await;
+    assert_eq!(chart["canvas"], 1, "{chart}");
+    assert_eq!(
+        chart["markers"], chart["signals"],
+        "every BUY is a marker: {chart}"
+    );
     assert_eq!(row["imgs"], 0);
     assert_eq!(row["scripts"], 0);
     assert_eq!(row["xss"], "undefined", "no injected script ran");
@@ -238,7 +270,7 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
     report_everywhere(&llm, "Second cycle: fresh values.");
     let v = d
         .wait_js(
-            "return { s: document.querySelector('#signals tbody tr[data-symbol=\"ETH/USD\"] td.summary').textContent, m: window.__marker };",
+            "return { s: document.querySelector('#signals tbody tr[data-symbol=\"ETH/USD\"]').nextElementSibling.querySelector('.summary').textContent, m: window.__marker };",
             Duration::from_secs(20),
             |v| v["s"] == "Second cycle: fresh values.",
         )
@@ -253,5 +285,53 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
         .js("return document.getElementById('conn').textContent")
         .await;
     assert_eq!(status, "live");
+
+    // The scorecard updates live: grades recorded in the history (here by the test, as a
+    // grader of another replica would) appear after the next tick without a reload.
+    assert_eq!(
+        d.js("return document.querySelectorAll('#scorecard tbody tr').length")
+            .await,
+        0
+    );
+    let store = autonomous_runner::history::sql::SqlStore::sqlite(&p.history_path())
+        .await
+        .expect("the app's history");
+    use autonomous_runner::history::HistoryStore;
+    let due = store
+        .due(900, 0..chrono::Utc::now().timestamp() + 1, 5)
+        .await
+        .unwrap();
+    assert!(!due.is_empty(), "signals are in the history");
+    for (i, s) in due.iter().enumerate() {
+        let hit = i % 2 == 0;
+        store
+            .record_grade(&autonomous_runner::history::Grade {
+                signal: s.clone(),
+                horizon_seconds: 900,
+                price_after: Some(s.price_then * if hit { 1.01 } else { 0.99 }),
+                return_fraction: Some(if hit { 0.01 } else { -0.01 }),
+                hit: Some(hit),
+                graded_at: chrono::Utc::now().timestamp(),
+            })
+            .await
+            .unwrap();
+    }
+    let card = d
+        .wait_js(
+            "return { rows: document.querySelectorAll('#scorecard tbody tr').length, buckets: Number(document.getElementById('calibration').dataset.buckets || 0), canvas: document.querySelectorAll('#calibration canvas').length, m: window.__marker };",
+            Duration::from_secs(20),
+            |v| v["rows"].as_u64().unwrap_or(0) >= 1,
+        )
+        .await;
+    assert_eq!(card["m"], 42, "same page, no reload");
+    assert!(
+        card["buckets"].as_u64().unwrap() >= 1 && card["canvas"] == 1,
+        "{card}"
+    );
+    assert_eq!(d.js("return typeof window.__xss").await, "undefined");
+    d.screenshot(
+        &std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-scorecard.png"),
+    )
+    .await;
     d.quit().await;
 }
