@@ -14,7 +14,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{DueSignal, Grade, GradedRow, HistoryError, HistoryStore};
+use super::{BucketSums, DueSignal, Grade, GradedRow, GroupBy, HistoryError, HistoryStore};
 use crate::market::{MarketError, MarketSource};
 use crate::telemetry::names;
 
@@ -90,59 +90,116 @@ pub struct GroupScore {
     pub calibration: Vec<CalibrationBucket>,
 }
 
-/// The scorecard of `rows`, one entry per group in key order.
-pub fn scorecard(rows: &[GradedRow]) -> Vec<GroupScore> {
-    let mut groups: BTreeMap<&str, Vec<&GradedRow>> = BTreeMap::new();
-    for r in rows {
-        groups.entry(r.group.as_str()).or_default().push(r);
+/// The scorecard from per-(group, bucket) sums and each group's median, one entry per group
+/// in key order. The database does the summing (`HistoryStore::sums`), so the answer costs the
+/// same however many rows there are.
+pub fn score_groups(sums: &[BucketSums], medians: &BTreeMap<String, f64>) -> Vec<GroupScore> {
+    let mut groups: BTreeMap<&str, Vec<&BucketSums>> = BTreeMap::new();
+    for b in sums {
+        groups.entry(b.group.as_str()).or_default().push(b);
     }
     groups
         .into_iter()
-        .map(|(key, rs)| {
-            let n = rs.len() as u64;
-            let hits = rs.iter().filter(|r| r.hit).count() as u64;
-            let mut returns: Vec<f64> = rs.iter().map(|r| r.return_fraction).collect();
-            returns.sort_by(f64::total_cmp);
-            let median = match returns.len() {
-                0 => 0.0,
-                m if m % 2 == 1 => returns[m / 2],
-                m => (returns[m / 2 - 1] + returns[m / 2]) / 2.0,
-            };
-            let brier = rs
-                .iter()
-                .map(|r| (r.confidence - f64::from(u8::from(r.hit))).powi(2))
-                .sum::<f64>()
-                / n as f64;
-            let mut buckets: BTreeMap<i64, (u64, u64, f64)> = BTreeMap::new();
-            for r in &rs {
-                let b = ((r.confidence * 10.0).floor() as i64).clamp(0, 9);
-                let e = buckets.entry(b).or_default();
-                e.0 += 1;
-                e.1 += u64::from(r.hit);
-                e.2 += r.confidence;
+        .filter_map(|(key, bs)| {
+            let n: u64 = bs.iter().map(|b| b.n).sum();
+            if n == 0 {
+                return None;
             }
+            let hits: u64 = bs.iter().map(|b| b.hits).sum();
             let (lo, hi) = wilson95(hits, n);
-            GroupScore {
+            let nf = n as f64;
+            Some(GroupScore {
                 key: key.to_string(),
                 graded: n,
                 hits,
-                hit_rate: hits as f64 / n as f64,
+                hit_rate: hits as f64 / nf,
                 hit_rate_ci95: [lo, hi],
-                mean_return: returns.iter().sum::<f64>() / n as f64,
-                median_return: median,
-                brier,
-                calibration: buckets
-                    .into_iter()
-                    .map(|(b, (c, h, sum))| CalibrationBucket {
-                        bucket: format!("{:.1}-{:.1}", b as f64 / 10.0, (b + 1) as f64 / 10.0),
-                        count: c,
-                        mean_confidence: sum / c as f64,
-                        hit_rate: h as f64 / c as f64,
+                mean_return: bs.iter().map(|b| b.returns).sum::<f64>() / nf,
+                median_return: medians.get(key).copied().unwrap_or(0.0),
+                brier: bs.iter().map(|b| b.squared_error).sum::<f64>() / nf,
+                calibration: bs
+                    .iter()
+                    .filter(|b| b.n > 0)
+                    .map(|b| CalibrationBucket {
+                        bucket: format!(
+                            "{:.1}-{:.1}",
+                            b.bucket as f64 / 10.0,
+                            (b.bucket + 1) as f64 / 10.0
+                        ),
+                        count: b.n,
+                        mean_confidence: b.confidence / b.n as f64,
+                        hit_rate: b.hits as f64 / b.n as f64,
                     })
                     .collect(),
-            }
+            })
         })
         .collect()
+}
+
+/// The scorecard of one horizon from `since`, grouped by `group_by`, read from `store`.
+pub async fn scorecard_of(
+    store: &dyn HistoryStore,
+    horizon_seconds: i64,
+    group_by: GroupBy,
+    since: i64,
+) -> Result<Vec<GroupScore>, HistoryError> {
+    let sums = store.sums(horizon_seconds, group_by, since).await?;
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for b in &sums {
+        *counts.entry(b.group.clone()).or_default() += b.n;
+    }
+    let mut medians = BTreeMap::new();
+    for (group, n) in counts {
+        let m = store
+            .median(horizon_seconds, group_by, since, &group, n)
+            .await?;
+        medians.insert(group, m);
+    }
+    Ok(score_groups(&sums, &medians))
+}
+
+/// The scorecard of individual rows (the reference the database's sums are checked against).
+pub fn scorecard(rows: &[GradedRow]) -> Vec<GroupScore> {
+    let mut sums: BTreeMap<(String, i64), BucketSums> = BTreeMap::new();
+    let mut returns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in rows {
+        let bucket = ((r.confidence * 10.0).floor() as i64).clamp(0, 9);
+        let hit = f64::from(u8::from(r.hit));
+        let e = sums
+            .entry((r.group.clone(), bucket))
+            .or_insert_with(|| BucketSums {
+                group: r.group.clone(),
+                bucket,
+                n: 0,
+                hits: 0,
+                confidence: 0.0,
+                returns: 0.0,
+                squared_error: 0.0,
+            });
+        e.n += 1;
+        e.hits += u64::from(r.hit);
+        e.confidence += r.confidence;
+        e.returns += r.return_fraction;
+        e.squared_error += (r.confidence - hit).powi(2);
+        returns
+            .entry(r.group.clone())
+            .or_default()
+            .push(r.return_fraction);
+    }
+    let medians = returns
+        .into_iter()
+        .map(|(g, mut v)| {
+            v.sort_by(f64::total_cmp);
+            let m = v.len();
+            let median = if m % 2 == 1 {
+                v[m / 2]
+            } else {
+                (v[m / 2 - 1] + v[m / 2]) / 2.0
+            };
+            (g, median)
+        })
+        .collect();
+    score_groups(&sums.into_values().collect::<Vec<_>>(), &medians)
 }
 
 /// What the source says of the price at `at`.
@@ -291,14 +348,15 @@ impl Grader {
     /// Sets `signal_hit_rate{horizon}` from the last 24 hours' grades.
     pub async fn publish_hit_rates(&self, now: DateTime<Utc>) -> Result<(), HistoryError> {
         for &h in &self.horizons {
-            let rows = self
+            let sums = self
                 .store
-                .graded(h, super::GroupBy::Action, now.timestamp() - 86_400)
+                .sums(h, GroupBy::Action, now.timestamp() - 86_400)
                 .await?;
-            if !rows.is_empty() {
-                let hits = rows.iter().filter(|r| r.hit).count();
+            let n: u64 = sums.iter().map(|b| b.n).sum();
+            if n > 0 {
+                let hits: u64 = sums.iter().map(|b| b.hits).sum();
                 metrics::gauge!(names::SIGNAL_HIT_RATE, "horizon" => horizon_label(h))
-                    .set(hits as f64 / rows.len() as f64);
+                    .set(hits as f64 / n as f64);
             }
         }
         Ok(())

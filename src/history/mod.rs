@@ -289,6 +289,26 @@ pub struct GradedRow {
     pub return_fraction: f64,
 }
 
+/// One (group, confidence bucket) of graded rows, summed in the database: the scorecard is
+/// computed from these without moving the rows themselves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketSums {
+    /// The group's key.
+    pub group: String,
+    /// `floor(confidence × 10)`, 0–9.
+    pub bucket: i64,
+    /// Rows.
+    pub n: u64,
+    /// Of which hits.
+    pub hits: u64,
+    /// Σ confidence.
+    pub confidence: f64,
+    /// Σ return.
+    pub returns: f64,
+    /// Σ (confidence − hit)².
+    pub squared_error: f64,
+}
+
 /// What the service needs of a history database. One implementation serves SQLite and
 /// PostgreSQL; the contract suite (`tests/it/history.rs`) runs on both.
 #[async_trait::async_trait]
@@ -322,6 +342,22 @@ pub trait HistoryStore: Send + Sync {
         group_by: GroupBy,
         since: i64,
     ) -> Result<Vec<GradedRow>, HistoryError>;
+    /// The graded rows of one horizon from `since`, summed per (group, confidence bucket).
+    async fn sums(
+        &self,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+    ) -> Result<Vec<BucketSums>, HistoryError>;
+    /// The median return of one group (of `n` graded rows, as `sums` counted them).
+    async fn median(
+        &self,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+        group: &str,
+        n: u64,
+    ) -> Result<f64, HistoryError>;
     /// Grades of one horizon from `since` whose price was missing.
     async fn missing_prices(&self, horizon_seconds: i64, since: i64) -> Result<u64, HistoryError>;
     /// Deletes messages and grades of ticks before `before`; returns the rows deleted.

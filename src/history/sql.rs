@@ -392,6 +392,86 @@ impl HistoryStore for SqlStore {
             .collect()
     }
 
+    async fn sums(
+        &self,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+    ) -> Result<Vec<BucketSums>, HistoryError> {
+        // One pass over the horizon's index range; the column comes from a closed enum.
+        let sql = format!(
+            "SELECT {} AS grp, confidence_bucket AS b, COUNT(*) AS n, SUM(hit) AS hits, \
+                    SUM(confidence) AS conf, SUM(return_fraction) AS ret, \
+                    SUM((confidence - hit) * (confidence - hit)) AS sq \
+             FROM signal_grades \
+             WHERE horizon_seconds = $1 AND status = 'graded' AND cycle_at >= $2 \
+             GROUP BY grp, b ORDER BY grp, b",
+            group_by.as_str()
+        );
+        let rows = sqlx::query(&sql)
+            .bind(horizon_seconds)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(|r| {
+                let get = |e: sqlx::Error| HistoryError::Corrupt {
+                    id: "scorecard".into(),
+                    message: e.to_string(),
+                };
+                let int = |name: &str| -> Result<i64, HistoryError> {
+                    r.try_get::<i64, _>(name)
+                        .or_else(|_| r.try_get::<i32, _>(name).map(i64::from))
+                        .map_err(get)
+                };
+                Ok(BucketSums {
+                    group: r.try_get("grp").map_err(get)?,
+                    bucket: int("b")?,
+                    n: int("n")?.max(0) as u64,
+                    hits: int("hits")?.max(0) as u64,
+                    confidence: r.try_get("conf").map_err(get)?,
+                    returns: r.try_get("ret").map_err(get)?,
+                    squared_error: r.try_get("sq").map_err(get)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn median(
+        &self,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+        group: &str,
+        n: u64,
+    ) -> Result<f64, HistoryError> {
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let sql = format!(
+            "SELECT return_fraction FROM signal_grades \
+             WHERE horizon_seconds = $1 AND status = 'graded' AND cycle_at >= $2 AND {} = $3 \
+             ORDER BY return_fraction LIMIT $4 OFFSET $5",
+            group_by.as_str()
+        );
+        let take = if n % 2 == 0 { 2 } else { 1 };
+        let rows = sqlx::query(&sql)
+            .bind(horizon_seconds)
+            .bind(since)
+            .bind(group.to_string())
+            .bind(take)
+            .bind(((n - 1) / 2) as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        let v: Vec<f64> = rows
+            .iter()
+            .filter_map(|r| r.try_get::<f64, _>("return_fraction").ok())
+            .collect();
+        Ok(v.iter().sum::<f64>() / v.len().max(1) as f64)
+    }
+
     async fn missing_prices(&self, horizon_seconds: i64, since: i64) -> Result<u64, HistoryError> {
         let r = sqlx::query(
             "SELECT COUNT(*) AS n FROM signal_grades \

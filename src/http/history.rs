@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{AppState, bad_request};
-use crate::history::grading::{horizon_label, parse_horizon, scorecard};
+use crate::history::grading::{horizon_label, parse_horizon, scorecard_of};
 use crate::history::{GroupBy, HistoryQuery, HistoryStore};
 use crate::model::Stage;
 
@@ -221,18 +221,18 @@ pub(super) async fn performance(
         Ok(t) => t.unwrap_or_else(|| chrono::Utc::now().timestamp() - 7 * 86_400),
         Err(r) => return r.into_response(),
     };
-    let rows = match store.graded(horizon, group_by, since).await {
-        Ok(r) => r,
+    let groups = match scorecard_of(store.as_ref(), horizon, group_by, since).await {
+        Ok(g) => g,
         Err(e) => return unavailable(e.to_string()),
     };
     let missing = store.missing_prices(horizon, since).await.unwrap_or(0);
-    let groups = scorecard(&rows);
+    let graded: u64 = groups.iter().map(|g| g.graded).sum();
     let since_text = chrono::DateTime::from_timestamp(since, 0).map(|t| t.to_rfc3339());
     axum::Json(json!({
         "horizon": horizon_label(horizon),
         "group_by": group_by.as_str(),
         "since": since_text,
-        "graded": rows.len(),
+        "graded": graded,
         "missing_price": missing,
         "groups": groups,
         "market_data": market_note(&s),

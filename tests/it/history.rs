@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use autonomous_runner::history::grading::{Grader, scorecard, wilson95};
+use autonomous_runner::history::grading::{Grader, GroupScore, scorecard, scorecard_of, wilson95};
 use autonomous_runner::history::sql::SqlStore;
 use autonomous_runner::history::writer::HistoryWriter;
 use autonomous_runner::history::{GroupBy, HistoryQuery, HistoryStore};
@@ -184,6 +184,12 @@ async fn contract(store: Arc<dyn HistoryStore>) {
     assert_eq!(rows.len(), 1, "a missing price is not a graded row");
     assert_eq!(rows[0].group, due[0].symbol);
     assert_eq!(store.missing_prices(300, 0).await.unwrap(), 1);
+    same_scores(
+        &scorecard_of(store.as_ref(), 300, GroupBy::Symbol, 0)
+            .await
+            .unwrap(),
+        &scorecard(&rows),
+    );
     let by_tier = store.graded(300, GroupBy::Tier, 0).await.unwrap();
     assert_eq!(by_tier[0].group, "GOOD");
 
@@ -296,6 +302,13 @@ async fn grades_against_a_scripted_market_are_exact() {
 
     let rows = store.graded(300, GroupBy::Action, 0).await.unwrap();
     let card = scorecard(&rows);
+    // What the API serves (summed in the database) is what the rows say.
+    same_scores(
+        &scorecard_of(store.as_ref(), 300, GroupBy::Action, 0)
+            .await
+            .unwrap(),
+        &card,
+    );
     let buy = card.iter().find(|g| g.key == "BUY").unwrap();
     assert_eq!((buy.graded, buy.hits), (2, 1));
     assert!((buy.mean_return - 0.0).abs() < 1e-12, "+1 % and −1 %");
@@ -404,5 +417,89 @@ async fn wait(cond: impl Fn() -> bool, what: &str) {
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The database's sums and the row-by-row reference agree (to rounding of the sums' order).
+fn same_scores(db: &[GroupScore], reference: &[GroupScore]) {
+    assert_eq!(db.len(), reference.len(), "{db:?} vs {reference:?}");
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    for (a, b) in db.iter().zip(reference) {
+        assert_eq!((&a.key, a.graded, a.hits), (&b.key, b.graded, b.hits));
+        assert!(
+            close(a.mean_return, b.mean_return) && close(a.median_return, b.median_return),
+            "{a:?} vs {b:?}"
+        );
+        assert!(
+            close(a.brier, b.brier) && close(a.hit_rate_ci95[0], b.hit_rate_ci95[0]),
+            "{a:?} vs {b:?}"
+        );
+        assert_eq!(a.calibration.len(), b.calibration.len());
+        for (x, y) in a.calibration.iter().zip(&b.calibration) {
+            assert_eq!((&x.bucket, x.count), (&y.bucket, y.count));
+            assert!(close(x.mean_confidence, y.mean_confidence) && close(x.hit_rate, y.hit_rate));
+        }
+    }
+}
+
+/// The hot queries are served by the schema's indexes on PostgreSQL, on tables of the size a
+/// month of service leaves.
+#[tokio::test]
+async fn postgres_plans_use_the_indexes() {
+    let pg = PostgresServer::start().await;
+    let _store = postgres(&pg).await; // runs the migrations
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    // A month of 20 symbols' ticks, four stages each, and their grades: the planner decides
+    // on statistics, so the table must look like one in service.
+    for sql in [
+        "INSERT INTO signal_messages SELECT 'm' || i, 's' || (i / 4), \
+           (ARRAY['signal','score','advise','report'])[i % 4 + 1], 'SYM' || (i / 4 % 20) || '/USD', 'c', \
+           (i / 80) * 60, 0, 'BUY', 0.5, NULL, 'rules', NULL, 100, (i / 80) * 60, 0, '{}' \
+         FROM generate_series(0, 199999) AS i",
+        "INSERT INTO signal_grades SELECT 's' || i, h, 'SYM' || (i % 20) || '/USD', 'BUY', 0.5, 5, 'GOOD', 'rules', 'rules', \
+           'RSI', (i / 20) * 60, 100, 101, 0.01, 1, 'graded', 0 \
+         FROM generate_series(0, 49999) AS i, (VALUES (300), (900), (3600)) AS hs(h)",
+        "ANALYZE",
+    ] {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    for (what, sql, index) in [
+        (
+            "a symbol's history page",
+            "SELECT message_id FROM signal_messages WHERE symbol = 'ETH/USD' AND cycle_at >= 0 AND cycle_at < 9999999999 \
+             AND (cycle_at < 9999999999 OR (cycle_at = 9999999999 AND message_id < 'z')) ORDER BY cycle_at DESC, message_id DESC LIMIT 101",
+            "signal_messages_symbol_time",
+        ),
+        (
+            "the history page",
+            "SELECT message_id FROM signal_messages WHERE cycle_at >= 0 AND cycle_at < 9999999999 \
+             AND (cycle_at < 9999999999 OR (cycle_at = 9999999999 AND message_id < 'z')) ORDER BY cycle_at DESC, message_id DESC LIMIT 101",
+            "signal_messages_time",
+        ),
+        (
+            "due grades",
+            "SELECT s.signal_id FROM signal_messages s WHERE s.stage = 'signal' AND s.data_as_of < 2000000 AND s.data_as_of >= 1990000 \
+             AND NOT EXISTS (SELECT 1 FROM signal_grades g WHERE g.signal_id = s.signal_id AND g.horizon_seconds = 300) ORDER BY s.data_as_of LIMIT 500",
+            "signal_messages_due",
+        ),
+        (
+            "the scorecard's sums",
+            "SELECT symbol, confidence_bucket, COUNT(*) FROM signal_grades WHERE horizon_seconds = 300 AND status = 'graded' AND cycle_at >= 112000 GROUP BY symbol, confidence_bucket",
+            // Either grades index (by horizon, or by time): whichever the planner finds narrower.
+            "signal_grades_",
+        ),
+    ] {
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {sql}"))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains(index), "{what} does not use {index}:\n{plan}");
+        assert!(!plan.contains("Seq Scan"), "{what} scans a table:\n{plan}");
     }
 }
