@@ -455,7 +455,7 @@ impl HistoryStore for SqlStore {
              ORDER BY return_fraction LIMIT $4 OFFSET $5",
             group_by.as_str()
         );
-        let take = if n % 2 == 0 { 2 } else { 1 };
+        let take = if n.is_multiple_of(2) { 2 } else { 1 };
         let rows = sqlx::query(&sql)
             .bind(horizon_seconds)
             .bind(since)
