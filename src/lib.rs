@@ -648,6 +648,7 @@ async fn build_history(cfg: &Config) -> anyhow::Result<Option<Arc<HistoryWriter>
         ),
     };
     tracing::info!(backend = store.backend(), "history store open");
+    history::init_series(&h.grading.horizons_minutes);
     Ok(Some(HistoryWriter::new(store, h.queue_max, h.batch_size)))
 }
 

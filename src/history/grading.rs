@@ -144,17 +144,7 @@ pub async fn scorecard_of(
     since: i64,
 ) -> Result<Vec<GroupScore>, HistoryError> {
     let sums = store.sums(horizon_seconds, group_by, since).await?;
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    for b in &sums {
-        *counts.entry(b.group.clone()).or_default() += b.n;
-    }
-    let mut medians = BTreeMap::new();
-    for (group, n) in counts {
-        let m = store
-            .median(horizon_seconds, group_by, since, &group, n)
-            .await?;
-        medians.insert(group, m);
-    }
+    let medians = store.medians(horizon_seconds, group_by, since).await?;
     Ok(score_groups(&sums, &medians))
 }
 

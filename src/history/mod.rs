@@ -13,12 +13,33 @@
 
 pub mod grading;
 pub mod sql;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod writer;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Stage, StageMessage};
+
+/// Creates the history's series at zero (a rate over a counter that does not exist yet is
+/// no rate at all). The hit-rate gauge appears with the first grades: a 0 would be a claim.
+pub fn init_series(horizons_minutes: &[u32]) {
+    use crate::telemetry::names::*;
+    metrics::counter!(HISTORY_WRITTEN).absolute(0);
+    metrics::counter!(HISTORY_WRITE_FAILURES).absolute(0);
+    for reason in ["queue_full", "unreadable"] {
+        metrics::counter!(HISTORY_DROPPED, "reason" => reason).absolute(0);
+    }
+    metrics::gauge!(HISTORY_QUEUE).set(0.0);
+    for m in horizons_minutes {
+        let horizon = grading::horizon_label(i64::from(*m) * 60);
+        for outcome in ["hit", "miss", "missing_price"] {
+            metrics::counter!(SIGNALS_GRADED, "horizon" => horizon.clone(), "outcome" => outcome)
+                .absolute(0);
+        }
+    }
+}
 
 /// Why a history operation failed. The database URL is never part of the text.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +138,8 @@ impl Record {
     /// The record of a message this process publishes. Fails only if the payload lacks the
     /// signal's fields (a bug, reported rather than stored half).
     pub fn from_message(msg: &StageMessage) -> Result<Record, String> {
-        let p: PayloadView = serde_json::from_value(msg.envelope.payload.clone())
+        // Read in place: no copy of the payload.
+        let p = PayloadView::deserialize(&msg.envelope.payload)
             .map_err(|e| format!("payload of {} is not a signal: {e}", msg.stage.as_str()))?;
         let envelope = serde_json::to_string(&msg.envelope).map_err(|e| e.to_string())?;
         Ok(Record {
@@ -342,26 +364,29 @@ pub trait HistoryStore: Send + Sync {
         group_by: GroupBy,
         since: i64,
     ) -> Result<Vec<GradedRow>, HistoryError>;
-    /// The graded rows of one horizon from `since`, summed per (group, confidence bucket).
+    /// The graded rows of one horizon from the UTC day of `since`, summed per (group,
+    /// confidence bucket) — read from the running sums kept as grades are recorded.
     async fn sums(
         &self,
         horizon_seconds: i64,
         group_by: GroupBy,
         since: i64,
     ) -> Result<Vec<BucketSums>, HistoryError>;
-    /// The median return of one group (of `n` graded rows, as `sums` counted them).
-    async fn median(
+    /// Each group's median return (exact to the basis point).
+    async fn medians(
         &self,
         horizon_seconds: i64,
         group_by: GroupBy,
         since: i64,
-        group: &str,
-        n: u64,
-    ) -> Result<f64, HistoryError>;
+    ) -> Result<std::collections::BTreeMap<String, f64>, HistoryError>;
     /// Grades of one horizon from `since` whose price was missing.
     async fn missing_prices(&self, horizon_seconds: i64, since: i64) -> Result<u64, HistoryError>;
     /// Deletes messages and grades of ticks before `before`; returns the rows deleted.
     async fn prune(&self, before: i64) -> Result<u64, HistoryError>;
+    /// Recomputes the scorecard's running sums from the grades themselves (after an upgrade,
+    /// or grades written by other means). One transaction: readers see the old sums or the
+    /// new, never a half.
+    async fn rebuild_sums(&self) -> Result<(), HistoryError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), HistoryError>;
 }

@@ -2,6 +2,7 @@
 //! (`$n` parameters, `ON CONFLICT … DO NOTHING`, integer times), so both backends run the
 //! same statements and the same contract suite.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -102,7 +103,34 @@ impl SqlStore {
                 backend,
                 message: e.to_string(),
             })?;
-        Ok(SqlStore { pool, backend })
+        let store = SqlStore { pool, backend };
+        // Grades recorded before the running sums existed (an upgrade) are summed once.
+        let sums: i64 = store
+            .count("SELECT COUNT(*) AS n FROM signal_grade_sums")
+            .await?;
+        let grades: i64 = store
+            .count("SELECT COUNT(*) AS n FROM signal_grades WHERE status = 'graded'")
+            .await?;
+        if sums == 0 && grades > 0 {
+            tracing::info!(grades, "summing the stored grades for the scorecard");
+            HistoryStore::rebuild_sums(&store).await?;
+        }
+        Ok(store)
+    }
+
+    async fn count(&self, sql: &str) -> Result<i64, HistoryError> {
+        let r = sqlx::query(sql)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        int(&r, "n").map_err(|e| self.corrupt(e))
+    }
+
+    fn corrupt(&self, e: sqlx::Error) -> HistoryError {
+        HistoryError::Corrupt {
+            id: format!("{} row", self.backend),
+            message: e.to_string(),
+        }
     }
 
     fn err(&self, e: sqlx::Error) -> HistoryError {
@@ -124,11 +152,86 @@ fn describe(e: &sqlx::Error) -> String {
     }
 }
 
-const INSERT: &str = "INSERT INTO signal_messages \
-    (message_id, signal_id, stage, symbol, cycle_id, cycle_at, published_at_ms, action, \
-     confidence, tier, model, top_strategy, price, data_as_of, is_degraded, envelope) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-    ON CONFLICT (message_id) DO NOTHING";
+const SUMS_UPSERT: &str = "INSERT INTO signal_grade_sums \
+    (horizon_seconds, day, group_by, group_key, confidence_bucket, n, hits, confidence, returns, squared_error) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+    ON CONFLICT (horizon_seconds, group_by, day, group_key, confidence_bucket) DO UPDATE SET \
+    n = signal_grade_sums.n + excluded.n, hits = signal_grade_sums.hits + excluded.hits, \
+    confidence = signal_grade_sums.confidence + excluded.confidence, \
+    returns = signal_grade_sums.returns + excluded.returns, \
+    squared_error = signal_grade_sums.squared_error + excluded.squared_error";
+
+const RETURNS_UPSERT: &str = "INSERT INTO signal_grade_returns \
+    (horizon_seconds, day, group_by, group_key, return_bp, n) VALUES ($1, $2, $3, $4, $5, $6) \
+    ON CONFLICT (horizon_seconds, group_by, day, group_key, return_bp) DO UPDATE SET \
+    n = signal_grade_returns.n + excluded.n";
+
+/// `floor(confidence × 10)`, 0–9.
+fn confidence_bucket(confidence: f64) -> i64 {
+    ((confidence * 10.0).floor() as i64).clamp(0, 9)
+}
+
+/// `rules` for the rules agent (and its fallback), `llm` for any model.
+fn backend_of(model: &str) -> &'static str {
+    if model == "rules" { "rules" } else { "llm" }
+}
+
+/// A return in whole basis points (±100 % at most: a move beyond is recorded at the edge).
+fn return_bp(r: f64) -> i64 {
+    ((r * 10_000.0).round() as i64).clamp(-10_000, 10_000)
+}
+
+/// The median of `(value, count)` pairs in value order.
+fn median_of_histogram(h: &[(i64, u64)]) -> f64 {
+    let total: u64 = h.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        return 0.0;
+    }
+    // The values at 0-based ranks (total−1)/2 and total/2 (the same one for an odd total).
+    let at = |rank: u64| {
+        let mut seen = 0;
+        for (v, n) in h {
+            seen += n;
+            if seen > rank {
+                return *v as f64;
+            }
+        }
+        0.0
+    };
+    (at((total - 1) / 2) + at(total / 2)) / 2.0
+}
+
+/// An integer column, whichever width the backend returns it in.
+fn int(r: &AnyRow, name: &str) -> Result<i64, sqlx::Error> {
+    r.try_get::<i64, _>(name)
+        .or_else(|_| r.try_get::<i32, _>(name).map(i64::from))
+}
+
+/// Columns of one stored message, in bind order.
+const COLUMNS: usize = 16;
+
+/// Rows per INSERT statement: one statement carries many rows (far less per-row overhead than
+/// a statement each), within both backends' parameter limits (SQLite 32,766, PostgreSQL 65,535).
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// `INSERT … VALUES ($1 … $16), ($17 …) … ON CONFLICT DO NOTHING` for `rows` rows.
+fn insert_sql(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let marks: Vec<String> = (1..=COLUMNS)
+                .map(|c| format!("${}", r * COLUMNS + c))
+                .collect();
+            format!("({})", marks.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO signal_messages \
+         (message_id, signal_id, stage, symbol, cycle_id, cycle_at, published_at_ms, action, \
+          confidence, tier, model, top_strategy, price, data_as_of, is_degraded, envelope) \
+         VALUES {} ON CONFLICT (message_id) DO NOTHING",
+        values.join(", ")
+    )
+}
 
 fn read_row(r: &AnyRow) -> Result<HistoryRow, HistoryError> {
     let get = |e: sqlx::Error| HistoryError::Corrupt {
@@ -160,27 +263,29 @@ impl HistoryStore for SqlStore {
     async fn insert(&self, batch: &[Record]) -> Result<u64, HistoryError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
         let mut added = 0;
-        for r in batch {
-            let done = sqlx::query(INSERT)
-                .bind(&r.message_id)
-                .bind(&r.signal_id)
-                .bind(r.stage.as_str())
-                .bind(&r.symbol)
-                .bind(&r.cycle_id)
-                .bind(r.cycle_at)
-                .bind(r.published_at_ms)
-                .bind(&r.action)
-                .bind(r.confidence)
-                .bind(r.tier.clone())
-                .bind(&r.model)
-                .bind(r.top_strategy.clone())
-                .bind(r.price)
-                .bind(r.data_as_of)
-                .bind(i32::from(r.is_degraded))
-                .bind(&r.envelope)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
+        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+            let sql = insert_sql(chunk.len());
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(&r.message_id)
+                    .bind(&r.signal_id)
+                    .bind(r.stage.as_str())
+                    .bind(&r.symbol)
+                    .bind(&r.cycle_id)
+                    .bind(r.cycle_at)
+                    .bind(r.published_at_ms)
+                    .bind(&r.action)
+                    .bind(r.confidence)
+                    .bind(r.tier.clone())
+                    .bind(&r.model)
+                    .bind(r.top_strategy.clone())
+                    .bind(r.price)
+                    .bind(r.data_as_of)
+                    .bind(i32::from(r.is_degraded))
+                    .bind(&r.envelope);
+            }
+            let done = q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
             added += done.rows_affected();
         }
         tx.commit().await.map_err(|e| self.err(e))?;
@@ -321,13 +426,16 @@ impl HistoryStore for SqlStore {
 
     async fn record_grade(&self, g: &Grade) -> Result<bool, HistoryError> {
         let s = &g.signal;
-        let bucket = ((s.confidence * 10.0).floor() as i64).clamp(0, 9);
-        let backend = if s.model == "rules" { "rules" } else { "llm" };
+        let bucket = confidence_bucket(s.confidence);
+        let backend = backend_of(&s.model);
         let status = if g.hit.is_some() {
             "graded"
         } else {
             "missing_price"
         };
+        // The grade and its share of the running sums commit together: a sum never counts a
+        // grade that is not there, nor misses one that is.
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
         let done = sqlx::query(
             "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
                 confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
@@ -352,10 +460,50 @@ impl HistoryStore for SqlStore {
         .bind(g.hit.map(i32::from))
         .bind(status)
         .bind(g.graded_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
-        Ok(done.rows_affected() == 1)
+        let recorded = done.rows_affected() == 1;
+        if let (true, Some(hit), Some(ret)) = (recorded, g.hit, g.return_fraction) {
+            let hit = f64::from(u8::from(hit));
+            let keys = [
+                (GroupBy::Symbol, s.symbol.as_str()),
+                (GroupBy::Action, s.action.as_str()),
+                (GroupBy::Tier, s.tier.as_str()),
+                (GroupBy::Backend, backend),
+                (GroupBy::Model, s.model.as_str()),
+                (GroupBy::Strategy, s.strategy.as_str()),
+            ];
+            let day = s.cycle_at.div_euclid(86_400);
+            for (group_by, key) in keys {
+                sqlx::query(SUMS_UPSERT)
+                    .bind(g.horizon_seconds)
+                    .bind(day)
+                    .bind(group_by.as_str())
+                    .bind(key)
+                    .bind(bucket)
+                    .bind(1i64)
+                    .bind(hit as i64)
+                    .bind(s.confidence)
+                    .bind(ret)
+                    .bind((s.confidence - hit).powi(2))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                sqlx::query(RETURNS_UPSERT)
+                    .bind(g.horizon_seconds)
+                    .bind(day)
+                    .bind(group_by.as_str())
+                    .bind(key)
+                    .bind(return_bp(ret))
+                    .bind(1i64)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(recorded)
     }
 
     async fn graded(
@@ -398,78 +546,66 @@ impl HistoryStore for SqlStore {
         group_by: GroupBy,
         since: i64,
     ) -> Result<Vec<BucketSums>, HistoryError> {
-        // One pass over the horizon's index range; the column comes from a closed enum.
-        let sql = format!(
-            "SELECT {} AS grp, confidence_bucket AS b, COUNT(*) AS n, SUM(hit) AS hits, \
-                    SUM(confidence) AS conf, SUM(return_fraction) AS ret, \
-                    SUM((confidence - hit) * (confidence - hit)) AS sq \
-             FROM signal_grades \
-             WHERE horizon_seconds = $1 AND status = 'graded' AND cycle_at >= $2 \
-             GROUP BY grp, b ORDER BY grp, b",
-            group_by.as_str()
-        );
-        let rows = sqlx::query(&sql)
-            .bind(horizon_seconds)
-            .bind(since)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        let rows = sqlx::query(
+            // SUM of a BIGINT is NUMERIC on PostgreSQL, which the Any driver cannot read.
+            "SELECT group_key, confidence_bucket, CAST(SUM(n) AS BIGINT) AS n, \
+                    CAST(SUM(hits) AS BIGINT) AS hits, \
+                    SUM(confidence) AS conf, SUM(returns) AS ret, SUM(squared_error) AS sq \
+             FROM signal_grade_sums \
+             WHERE horizon_seconds = $1 AND group_by = $2 AND day >= $3 \
+             GROUP BY group_key, confidence_bucket ORDER BY group_key, confidence_bucket",
+        )
+        .bind(horizon_seconds)
+        .bind(group_by.as_str())
+        .bind(since.div_euclid(86_400))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
         rows.iter()
             .map(|r| {
-                let get = |e: sqlx::Error| HistoryError::Corrupt {
-                    id: "scorecard".into(),
-                    message: e.to_string(),
-                };
-                let int = |name: &str| -> Result<i64, HistoryError> {
-                    r.try_get::<i64, _>(name)
-                        .or_else(|_| r.try_get::<i32, _>(name).map(i64::from))
-                        .map_err(get)
-                };
                 Ok(BucketSums {
-                    group: r.try_get("grp").map_err(get)?,
-                    bucket: int("b")?,
-                    n: int("n")?.max(0) as u64,
-                    hits: int("hits")?.max(0) as u64,
-                    confidence: r.try_get("conf").map_err(get)?,
-                    returns: r.try_get("ret").map_err(get)?,
-                    squared_error: r.try_get("sq").map_err(get)?,
+                    group: r.try_get("group_key").map_err(|e| self.corrupt(e))?,
+                    bucket: int(r, "confidence_bucket").map_err(|e| self.corrupt(e))?,
+                    n: int(r, "n").map_err(|e| self.corrupt(e))?.max(0) as u64,
+                    hits: int(r, "hits").map_err(|e| self.corrupt(e))?.max(0) as u64,
+                    confidence: r.try_get("conf").map_err(|e| self.corrupt(e))?,
+                    returns: r.try_get("ret").map_err(|e| self.corrupt(e))?,
+                    squared_error: r.try_get("sq").map_err(|e| self.corrupt(e))?,
                 })
             })
             .collect()
     }
 
-    async fn median(
+    async fn medians(
         &self,
         horizon_seconds: i64,
         group_by: GroupBy,
         since: i64,
-        group: &str,
-        n: u64,
-    ) -> Result<f64, HistoryError> {
-        if n == 0 {
-            return Ok(0.0);
+    ) -> Result<BTreeMap<String, f64>, HistoryError> {
+        // Each group's returns by basis point, in order: the median is where the running count
+        // crosses the middle (the mean of the two middle values for an even count).
+        let rows = sqlx::query(
+            "SELECT group_key, return_bp, CAST(SUM(n) AS BIGINT) AS n FROM signal_grade_returns \
+             WHERE horizon_seconds = $1 AND group_by = $2 AND day >= $3 \
+             GROUP BY group_key, return_bp ORDER BY group_key, return_bp",
+        )
+        .bind(horizon_seconds)
+        .bind(group_by.as_str())
+        .bind(since.div_euclid(86_400))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        let mut hist: BTreeMap<String, Vec<(i64, u64)>> = BTreeMap::new();
+        for r in &rows {
+            let key: String = r.try_get("group_key").map_err(|e| self.corrupt(e))?;
+            let bp = int(r, "return_bp").map_err(|e| self.corrupt(e))?;
+            let n = int(r, "n").map_err(|e| self.corrupt(e))?.max(0) as u64;
+            hist.entry(key).or_default().push((bp, n));
         }
-        let sql = format!(
-            "SELECT return_fraction FROM signal_grades \
-             WHERE horizon_seconds = $1 AND status = 'graded' AND cycle_at >= $2 AND {} = $3 \
-             ORDER BY return_fraction LIMIT $4 OFFSET $5",
-            group_by.as_str()
-        );
-        let take = if n.is_multiple_of(2) { 2 } else { 1 };
-        let rows = sqlx::query(&sql)
-            .bind(horizon_seconds)
-            .bind(since)
-            .bind(group.to_string())
-            .bind(take)
-            .bind(((n - 1) / 2) as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
-        let v: Vec<f64> = rows
-            .iter()
-            .filter_map(|r| r.try_get::<f64, _>("return_fraction").ok())
-            .collect();
-        Ok(v.iter().sum::<f64>() / v.len().max(1) as f64)
+        Ok(hist
+            .into_iter()
+            .map(|(k, h)| (k, median_of_histogram(&h) / 10_000.0))
+            .collect())
     }
 
     async fn missing_prices(&self, horizon_seconds: i64, since: i64) -> Result<u64, HistoryError> {
@@ -488,18 +624,71 @@ impl HistoryStore for SqlStore {
 
     async fn prune(&self, before: i64) -> Result<u64, HistoryError> {
         let mut n = 0;
-        for sql in [
-            "DELETE FROM signal_grades WHERE cycle_at < $1",
-            "DELETE FROM signal_messages WHERE cycle_at < $1",
+        // The sums go by whole days: a day is dropped once all of it is past retention.
+        for (sql, bound) in [
+            ("DELETE FROM signal_grades WHERE cycle_at < $1", before),
+            ("DELETE FROM signal_messages WHERE cycle_at < $1", before),
+            (
+                "DELETE FROM signal_grade_sums WHERE day < $1",
+                before.div_euclid(86_400),
+            ),
+            (
+                "DELETE FROM signal_grade_returns WHERE day < $1",
+                before.div_euclid(86_400),
+            ),
         ] {
             n += sqlx::query(sql)
-                .bind(before)
+                .bind(bound)
                 .execute(&self.pool)
                 .await
                 .map_err(|e| self.err(e))?
                 .rows_affected();
         }
         Ok(n)
+    }
+
+    async fn rebuild_sums(&self) -> Result<(), HistoryError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        for sql in [
+            "DELETE FROM signal_grade_sums",
+            "DELETE FROM signal_grade_returns",
+        ] {
+            sqlx::query(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        for g in GroupBy::ALL {
+            // `g` comes from a closed enum: its name is also the grades table's column.
+            let col = g.as_str();
+            let sums = format!(
+                "INSERT INTO signal_grade_sums (horizon_seconds, day, group_by, group_key, \
+                    confidence_bucket, n, hits, confidence, returns, squared_error) \
+                 SELECT horizon_seconds, cycle_at / 86400, '{col}', {col}, confidence_bucket, \
+                    COUNT(*), SUM(hit), SUM(confidence), SUM(return_fraction), \
+                    SUM((confidence - hit) * (confidence - hit)) \
+                 FROM signal_grades WHERE status = 'graded' \
+                 GROUP BY horizon_seconds, cycle_at / 86400, {col}, confidence_bucket"
+            );
+            let returns = format!(
+                "INSERT INTO signal_grade_returns (horizon_seconds, day, group_by, group_key, \
+                    return_bp, n) \
+                 SELECT horizon_seconds, cycle_at / 86400, '{col}', {col}, bp, COUNT(*) FROM ( \
+                   SELECT horizon_seconds, cycle_at, {col}, \
+                     CASE WHEN return_fraction >= 1 THEN 10000 \
+                          WHEN return_fraction <= -1 THEN -10000 \
+                          ELSE CAST(ROUND(return_fraction * 10000) AS BIGINT) END AS bp \
+                   FROM signal_grades WHERE status = 'graded') AS r \
+                 GROUP BY horizon_seconds, cycle_at / 86400, {col}, bp"
+            );
+            for sql in [sums, returns] {
+                sqlx::query(&sql)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().await.map_err(|e| self.err(e))
     }
 
     async fn ping(&self) -> Result<(), HistoryError> {

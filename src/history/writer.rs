@@ -21,7 +21,8 @@ use crate::telemetry::names;
 /// The queue in front of the database and the task that drains it.
 pub struct HistoryWriter {
     store: Arc<dyn HistoryStore>,
-    queue: Mutex<VecDeque<Record>>,
+    /// Messages as published; made into rows by the writer, off the publishing path.
+    queue: Mutex<VecDeque<Arc<StageMessage>>>,
     max: usize,
     batch: usize,
     wake: Notify,
@@ -55,23 +56,15 @@ impl HistoryWriter {
         &self.store
     }
 
-    /// Queues `msg` for the database; never blocks.
-    pub fn offer(&self, msg: &StageMessage) {
-        let record = match Record::from_message(msg) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "message not stored in the history");
-                metrics::counter!(names::HISTORY_DROPPED, "reason" => "unreadable").increment(1);
-                return;
-            }
-        };
+    /// Queues `msg` for the database; never blocks, does no work beyond the push.
+    pub fn offer(&self, msg: Arc<StageMessage>) {
         let len = {
             let mut q = self.lock();
             if q.len() == self.max {
                 q.pop_front();
                 metrics::counter!(names::HISTORY_DROPPED, "reason" => "queue_full").increment(1);
             }
-            q.push_back(record);
+            q.push_back(msg);
             q.len()
         };
         metrics::gauge!(names::HISTORY_QUEUE).set(len as f64);
@@ -89,13 +82,13 @@ impl HistoryWriter {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<StageMessage>>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes one batch if there is one; `Ok(0)` when the queue is empty.
     async fn write_batch(&self) -> Result<usize, super::HistoryError> {
-        let batch: Vec<Record> = {
+        let batch: Vec<Arc<StageMessage>> = {
             let mut q = self.lock();
             let n = q.len().min(self.batch);
             q.drain(..n).collect()
@@ -103,7 +96,19 @@ impl HistoryWriter {
         if batch.is_empty() {
             return Ok(0);
         }
-        match self.store.insert(&batch).await {
+        let records: Vec<Record> = batch
+            .iter()
+            .filter_map(|m| match Record::from_message(m) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "message not stored in the history");
+                    metrics::counter!(names::HISTORY_DROPPED, "reason" => "unreadable")
+                        .increment(1);
+                    None
+                }
+            })
+            .collect();
+        match self.store.insert(&records).await {
             Ok(added) => {
                 metrics::counter!(names::HISTORY_WRITTEN).increment(added);
                 metrics::gauge!(names::HISTORY_QUEUE).set(self.queued() as f64);

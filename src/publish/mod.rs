@@ -75,7 +75,7 @@ pub trait Sink: Send + Sync {
 struct Latest {
     stage: Stage,
     cycle_id: CycleId,
-    message: StageMessage,
+    message: Arc<StageMessage>,
 }
 
 /// The publisher.
@@ -135,6 +135,8 @@ impl Publisher {
 
     /// Publishes a stage message: latest-per-symbol, the sink, and (report stage) the hub.
     pub async fn publish(&self, msg: StageMessage) {
+        // Shared, not copied, by the latest-per-symbol map and the history queue.
+        let msg = Arc::new(msg);
         {
             let mut latest = lock(&self.latest);
             let replace = match latest.get(&msg.symbol) {
@@ -149,13 +151,13 @@ impl Publisher {
                     Latest {
                         stage: msg.stage,
                         cycle_id: msg.cycle_id,
-                        message: msg.clone(),
+                        message: Arc::clone(&msg),
                     },
                 );
             }
         }
         if let Some(history) = &self.history {
-            history.offer(&msg);
+            history.offer(Arc::clone(&msg));
         }
         if let Some(sink) = &self.sink {
             sink.publish(&msg).await;
@@ -188,7 +190,7 @@ impl Publisher {
     pub fn latest(&self) -> Vec<StageMessage> {
         lock(&self.latest)
             .values()
-            .map(|l| l.message.clone())
+            .map(|l| StageMessage::clone(&l.message))
             .collect()
     }
 

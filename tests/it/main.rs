@@ -8,7 +8,6 @@ mod app;
 mod helpers;
 mod llm_server;
 mod market_server;
-mod postgres_server;
 mod redis_server;
 mod sse_client;
 

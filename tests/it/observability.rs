@@ -30,6 +30,14 @@ const DESIGN_NAMES: &[&str] = &[
     "cycle_duration_seconds",
     "symbol_processing_duration_seconds",
     "llm_latency_seconds",
+    // Added by this project.
+    "agent_call_duration_seconds",
+    "agent_outputs_total",
+    "agent_hedges_total",
+    "signals_graded_total",
+    "history_rows_written_total",
+    "history_dropped_total",
+    "history_queue_depth",
 ];
 
 #[tokio::test]
@@ -120,6 +128,20 @@ async fn metrics_parse_and_hold_every_design_name_after_one_cycle() {
         ) >= 1.0
     );
     assert_eq!(metric(&text, "autonomous_runner_build_info", &[]), 1.0);
+    // The history writes this process's messages (3 symbols × at least signal, score, report)
+    // off the publishing path: waited for, not assumed at the first scrape.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, t) = p.get_text("/metrics").await;
+        if metric(&t, "autonomous_runner_history_rows_written_total", &[]) >= 9.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the history never wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn free_port() -> u16 {

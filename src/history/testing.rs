@@ -1,12 +1,16 @@
-//! A real PostgreSQL server of the test's own: Debian's `postgresql` binaries, `initdb` into a
-//! temp dir, started on a free port with its socket in that dir, stoppable and restartable.
-//! (The server that may be running on this machine is never used.)
+//! A real PostgreSQL server of a test's (or a benchmark's) own: Debian's `postgresql`
+//! binaries, `initdb` into a temp dir, started on a free port with its socket in that dir,
+//! stoppable and restartable. The server that may be running on the machine is never used.
+//! Tests and the `test-support` feature only.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// A PostgreSQL server in a temp dir.
 pub struct PostgresServer {
+    /// Its port on 127.0.0.1.
     pub port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -53,6 +57,7 @@ fn is_root() -> bool {
 }
 
 impl PostgresServer {
+    /// `initdb` and start; waits until it answers queries.
     pub async fn start() -> PostgresServer {
         let dir = tempfile::tempdir().expect("tempdir");
         if is_root() {
