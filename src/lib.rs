@@ -140,7 +140,8 @@ impl App {
         });
         let (coord, sink, limiter) =
             build_coordination(&cfg, timing, redis.as_ref(), redis_breaker.as_ref()).await?;
-        let history = build_history(&cfg).await?;
+        let runner_state = Arc::new(std::sync::OnceLock::new());
+        let history = build_history(&cfg, runner_state.clone()).await?;
         let publisher = Arc::new(
             Publisher::new(
                 hub,
@@ -174,6 +175,7 @@ impl App {
             latencies,
         )
         .context("building the scheduler")?;
+        let _ = runner_state.set(runner.state());
         let listener = bind(&cfg).await?;
         let http_state = http::AppState {
             instance_id: cfg.instance_id.clone(),
@@ -630,7 +632,10 @@ fn build_market(cfg: &Config) -> anyhow::Result<Arc<dyn MarketSource>> {
 /// The history store and its writer (`history.*`): PostgreSQL when a URL is set, else the
 /// SQLite file. A database that cannot be opened or migrated stops the start with an error
 /// naming it (never the URL, which holds a password).
-async fn build_history(cfg: &Config) -> anyhow::Result<Option<Arc<HistoryWriter>>> {
+async fn build_history(
+    cfg: &Config,
+    runner: Arc<std::sync::OnceLock<runner::SharedState>>,
+) -> anyhow::Result<Option<Arc<HistoryWriter>>> {
     let h = &cfg.history;
     if !h.enabled {
         return Ok(None);
@@ -649,7 +654,16 @@ async fn build_history(cfg: &Config) -> anyhow::Result<Option<Arc<HistoryWriter>
     };
     tracing::info!(backend = store.backend(), "history store open");
     history::init_series(&h.grading.horizons_minutes);
-    Ok(Some(HistoryWriter::new(store, h.queue_max, h.batch_size)))
+    // The runner is built after the publisher that feeds this writer; it is known by the time
+    // the first cycle runs.
+    let busy: history::writer::Busy =
+        Arc::new(move || runner.get().is_some_and(|r| r.cycle_running()));
+    Ok(Some(HistoryWriter::holding_back_for(
+        store,
+        h.queue_max,
+        h.batch_size,
+        busy,
+    )))
 }
 
 /// Binds the HTTP listener (`http.bind`, `http.port`; 0 picks a free port).

@@ -178,6 +178,11 @@ impl SharedState {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a cycle is running now (cheap: the history writer asks often).
+    pub fn cycle_running(&self) -> bool {
+        self.lock().cycle_running
+    }
+
     /// A snapshot.
     pub fn view(&self) -> StatusView {
         let s = self.lock();

@@ -5,6 +5,11 @@
 //! first) and wakes the writer. The writer takes up to `batch_size` at a time and inserts them
 //! in one transaction; on failure the batch goes back to the front and the writer retries with
 //! a growing pause, so a database outage delays rows but loses none within the bound.
+//!
+//! While a cycle runs the writer waits (up to [`MAX_DEFER`] for the oldest queued message):
+//! a cycle that is busy computing has the CPU to itself and the history is written in the gap
+//! before the next tick; a cycle that is mostly waiting on a model is written during, once the
+//! wait is over.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,21 +17,29 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{HistoryStore, Record};
 use crate::model::StageMessage;
 use crate::telemetry::names;
 
+/// Longest the writer holds back for a running cycle.
+pub const MAX_DEFER: Duration = Duration::from_secs(10);
+
+/// Whether a cycle is running now (the writer holds back while it is).
+pub type Busy = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// The queue in front of the database and the task that drains it.
 pub struct HistoryWriter {
     store: Arc<dyn HistoryStore>,
     /// Messages as published; made into rows by the writer, off the publishing path.
-    queue: Mutex<VecDeque<Arc<StageMessage>>>,
+    queue: Mutex<VecDeque<(Instant, Arc<StageMessage>)>>,
     max: usize,
     batch: usize,
     wake: Notify,
     healthy: AtomicBool,
+    busy: Option<Busy>,
 }
 
 impl std::fmt::Debug for HistoryWriter {
@@ -48,7 +61,32 @@ impl HistoryWriter {
             batch: batch.max(1),
             wake: Notify::new(),
             healthy: AtomicBool::new(true),
+            busy: None,
         })
+    }
+
+    /// The same writer, holding back while `busy` says a cycle runs.
+    pub fn holding_back_for(
+        store: Arc<dyn HistoryStore>,
+        max: usize,
+        batch: usize,
+        busy: Busy,
+    ) -> Arc<HistoryWriter> {
+        let mut w = Self::new(store, max, batch);
+        if let Some(w) = Arc::get_mut(&mut w) {
+            w.busy = Some(busy);
+        }
+        w
+    }
+
+    /// Whether to wait for the running cycle: one runs, and the oldest queued message has
+    /// waited less than [`MAX_DEFER`].
+    fn holding_back(&self) -> bool {
+        let oldest = self.lock().front().map(|(t, _)| *t);
+        match (&self.busy, oldest) {
+            (Some(busy), Some(t)) => busy() && t.elapsed() < MAX_DEFER,
+            _ => false,
+        }
     }
 
     /// The store it writes to.
@@ -64,7 +102,7 @@ impl HistoryWriter {
                 q.pop_front();
                 metrics::counter!(names::HISTORY_DROPPED, "reason" => "queue_full").increment(1);
             }
-            q.push_back(msg);
+            q.push_back((Instant::now(), msg));
             q.len()
         };
         metrics::gauge!(names::HISTORY_QUEUE).set(len as f64);
@@ -82,13 +120,13 @@ impl HistoryWriter {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<StageMessage>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Arc<StageMessage>)>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes one batch if there is one; `Ok(0)` when the queue is empty.
     async fn write_batch(&self) -> Result<usize, super::HistoryError> {
-        let batch: Vec<Arc<StageMessage>> = {
+        let batch: Vec<(Instant, Arc<StageMessage>)> = {
             let mut q = self.lock();
             let n = q.len().min(self.batch);
             q.drain(..n).collect()
@@ -98,7 +136,7 @@ impl HistoryWriter {
         }
         let records: Vec<Record> = batch
             .iter()
-            .filter_map(|m| match Record::from_message(m) {
+            .filter_map(|(_, m)| match Record::from_message(m) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::error!(error = %e, "message not stored in the history");
@@ -134,6 +172,12 @@ impl HistoryWriter {
     pub async fn run(self: Arc<Self>, stop: CancellationToken, flush_budget: Duration) {
         let mut pause = Duration::from_millis(500);
         loop {
+            if self.holding_back() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                }
+            }
             match self.write_batch().await {
                 Ok(0) => {
                     tokio::select! {

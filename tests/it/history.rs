@@ -591,3 +591,109 @@ async fn a_postgres_outage_stalls_no_cycle_and_loses_no_message() {
         "{stored} stored of {published} published"
     );
 }
+
+/// `/api/signals/history` pages through everything stored, newest first, and refuses bad
+/// parameters by name; `/api/performance` answers with its fields and refuses the same way;
+/// with the history off both say so with a 503.
+#[tokio::test]
+async fn the_history_and_performance_apis_page_validate_and_explain_themselves() {
+    let yaml = crate::helpers::config(
+        "* * * * * *",
+        "  symbols: [ETH/USD, BTC/USD]\n  pipeline:\n    advise_min_score: 0\n",
+    );
+    let app = crate::app::spawn_app(&yaml).await;
+    app.wait_cycles(3, Duration::from_secs(30)).await;
+    app.poll("/health/detailed", Duration::from_secs(10), |d| {
+        d["history"]["queued"] == 0
+    })
+    .await;
+    let (_, all) = app.get("/api/signals/history?limit=1000").await;
+    let total = all["signals"].as_array().unwrap().len();
+    assert!(total >= 24, "3 ticks × 2 symbols × 4 stages: {total}");
+    // Pages of 5 give the same rows in the same order, each once.
+    let mut paged = vec![];
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/signals/history?limit=5&cursor={c}"),
+            None => "/api/signals/history?limit=5".to_string(),
+        };
+        let (code, page) = app.get(&path).await;
+        assert_eq!(code, 200, "{page}");
+        let rows = page["signals"].as_array().unwrap();
+        assert!(rows.len() <= 5);
+        paged.extend(rows.iter().map(|r| r["message"]["message_id"].clone()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+        if paged.len() >= total {
+            break;
+        }
+    }
+    let first: Vec<_> = all["signals"].as_array().unwrap()[..paged.len()]
+        .iter()
+        .map(|r| r["message"]["message_id"].clone())
+        .collect();
+    assert_eq!(paged, first);
+    let (_, eth) = app
+        .get("/api/signals/history?symbol=ETH%2FUSD&stage=signal")
+        .await;
+    let eth = eth["signals"].as_array().unwrap();
+    assert!(eth.len() >= 3);
+    assert!(
+        eth.iter()
+            .all(|r| r["symbol"] == "ETH/USD" && r["stage"] == "signal")
+    );
+    assert!(
+        eth.iter().all(|r| r["grades"].is_object()),
+        "signal rows carry their grades"
+    );
+    for (query, param) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("stage=raw", "stage"),
+        ("symbol=eth", "symbol"),
+        ("since=yesterday", "since"),
+        ("until=2026-13-01T00:00:00Z", "until"),
+        ("cursor=nonsense", "cursor"),
+        ("colour=red", "query"),
+    ] {
+        let (code, body) = app.get(&format!("/api/signals/history?{query}")).await;
+        assert_eq!(code, 400, "{query}");
+        assert_eq!(body["parameter"], param, "{query}: {body}");
+    }
+    let (code, perf) = app.get("/api/performance?horizon=5m&group_by=tier").await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        (perf["horizon"].as_str(), perf["group_by"].as_str()),
+        (Some("5m"), Some("tier"))
+    );
+    assert_eq!(perf["market_data"]["simulated"], true);
+    assert!(perf["groups"].is_array() && perf["missing_price"].is_u64());
+    for (query, param) in [
+        ("horizon=5x", "horizon"),
+        ("horizon=0m", "horizon"),
+        ("group_by=colour", "group_by"),
+        ("since=soon", "since"),
+    ] {
+        let (code, body) = app.get(&format!("/api/performance?{query}")).await;
+        assert_eq!(code, 400, "{query}");
+        assert_eq!(body["parameter"], param, "{query}: {body}");
+    }
+    app.stop().await.unwrap();
+
+    let off = crate::app::spawn_app(crate::helpers::config(
+        "0 0 1 1 *",
+        "  symbols: [ETH/USD]\n  history:\n    enabled: false\n",
+    ))
+    .await;
+    for path in ["/api/signals/history", "/api/performance"] {
+        let (code, body) = off.get(path).await;
+        assert_eq!(code, 503, "{path}");
+        assert!(
+            body["error"].as_str().unwrap().contains("history.enabled"),
+            "{body}"
+        );
+    }
+}
