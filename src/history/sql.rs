@@ -235,7 +235,7 @@ fn insert_sql(rows: usize) -> String {
 
 fn read_row(r: &AnyRow) -> Result<HistoryRow, HistoryError> {
     let get = |e: sqlx::Error| HistoryError::Corrupt {
-        id: "?".into(),
+        id: "message".into(),
         message: e.to_string(),
     };
     let id: String = r.try_get("message_id").map_err(get)?;
@@ -356,10 +356,7 @@ impl HistoryStore for SqlStore {
         .map_err(|e| self.err(e))?;
         rows.iter()
             .map(|r| {
-                let get = |e: sqlx::Error| HistoryError::Corrupt {
-                    id: "due signal".into(),
-                    message: e.to_string(),
-                };
+                let get = |e: sqlx::Error| self.corrupt(e);
                 Ok(DueSignal {
                     signal_id: r.try_get("signal_id").map_err(get)?,
                     symbol: r.try_get("symbol").map_err(get)?,
@@ -402,10 +399,7 @@ impl HistoryStore for SqlStore {
         let rows = q.fetch_all(&self.pool).await.map_err(|e| self.err(e))?;
         rows.iter()
             .map(|r| {
-                let get = |e: sqlx::Error| HistoryError::Corrupt {
-                    id: "grade".into(),
-                    message: e.to_string(),
-                };
+                let get = |e: sqlx::Error| self.corrupt(e);
                 Ok((
                     r.try_get("signal_id").map_err(get)?,
                     r.try_get::<i64, _>("horizon_seconds")
@@ -526,10 +520,7 @@ impl HistoryStore for SqlStore {
             .map_err(|e| self.err(e))?;
         rows.iter()
             .map(|r| {
-                let get = |e: sqlx::Error| HistoryError::Corrupt {
-                    id: "grade".into(),
-                    message: e.to_string(),
-                };
+                let get = |e: sqlx::Error| self.corrupt(e);
                 Ok(GradedRow {
                     group: r.try_get("grp").map_err(get)?,
                     confidence: r.try_get("confidence").map_err(get)?,
