@@ -58,8 +58,9 @@ async fn sigterm_lets_in_flight_symbols_finish_and_exits_0() {
 #[tokio::test]
 async fn grace_exhausted_cancels_in_flight_symbols_and_logs_them() {
     let market = MarketServer::start().await;
+    // The work would take a minute; the grace period is 1 s.
     market.set_default(Behaviour {
-        delay: Duration::from_secs(5),
+        delay: Duration::from_secs(60),
         status: None,
     });
     let mut p = Proc::spawn(
@@ -70,12 +71,10 @@ async fn grace_exhausted_cancels_in_flight_symbols_and_logs_them() {
     .await;
     p.wait_log(|l| l["message"] == "cycle started", Duration::from_secs(10))
         .await;
-    let sent = tokio::time::Instant::now();
     p.signal("TERM");
-    assert_eq!(p.wait_exit(Duration::from_secs(20)).await, 0);
-    let took = tokio::time::Instant::now().duration_since(sent);
-    // The work needed 5 s; exiting well before proves it was cut off at the grace period.
-    assert!(took < Duration::from_millis(4500), "exit took {took:?}");
+    // Exiting at all before the minute of work is over proves it was cut off at the grace
+    // period (an event to wait for, not a duration to assert).
+    assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
     assert!(
         !p.logs_matching(
             |l| l["message"] == "shutdown grace period exhausted, cancelling in-flight symbols"
