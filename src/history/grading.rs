@@ -203,15 +203,29 @@ pub enum PriceAt {
     Unavailable,
 }
 
-/// The close of the 1-minute candle that ends exactly at `at` (a whole minute).
-pub async fn price_at(market: &dyn MarketSource, symbol: &str, at: DateTime<Utc>) -> PriceAt {
+/// How long after its time a candle may still appear (exchanges publish the last minute late):
+/// until then an absent candle is asked for again, after it the price is recorded as missing.
+pub const CANDLE_GRACE: chrono::Duration = chrono::Duration::minutes(10);
+
+/// The close of the 1-minute candle that ends exactly at `at` (a whole minute), asked at `now`.
+pub async fn price_at(
+    market: &dyn MarketSource,
+    symbol: &str,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> PriceAt {
+    let absent = if now - at < CANDLE_GRACE {
+        PriceAt::Unavailable
+    } else {
+        PriceAt::Missing
+    };
     match market.candles(symbol, at, 3).await {
         Ok(candles) => candles
             .iter()
             .rev()
             .find(|c| c.time + chrono::Duration::minutes(1) == at)
-            .map_or(PriceAt::Missing, |c| PriceAt::Known(c.close)),
-        Err(MarketError::TooFew { .. } | MarketError::Status { status: 404 }) => PriceAt::Missing,
+            .map_or(absent, |c| PriceAt::Known(c.close)),
+        Err(MarketError::TooFew { .. } | MarketError::Status { status: 404 }) => absent,
         Err(_) => PriceAt::Unavailable,
     }
 }
@@ -280,7 +294,7 @@ impl Grader {
                 let Some(at) = Utc.timestamp_opt(s.data_as_of + h, 0).single() else {
                     continue;
                 };
-                let price = price_at(self.market.as_ref(), &s.symbol, at).await;
+                let price = price_at(self.market.as_ref(), &s.symbol, at, now).await;
                 let grade = match price {
                     PriceAt::Unavailable => {
                         out.deferred += 1;

@@ -114,8 +114,8 @@ impl HistoryWriter {
         self.lock().len()
     }
 
-    /// Whether the last write succeeded (readiness reports it; it does not gate readiness,
-    /// since signals are still published without the history).
+    /// Whether the last write succeeded (`/health/detailed` reports it; it does not gate
+    /// readiness, since signals are still published without the history).
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }

@@ -293,12 +293,21 @@ async fn grades_against_a_scripted_market_are_exact() {
         message("BBB/USD", 1, Stage::Signal, "SELL", 0.8, 100.0), // −1 %: hit
         message("BBB/USD", 2, Stage::Signal, "SELL", 0.5, 100.0), // flat: miss
         message("CCC/USD", 30, Stage::Signal, "BUY", 0.5, 100.0), // no candle at 35: missing
+        message("DDD/USD", 42, Stage::Signal, "BUY", 0.5, 100.0), // due at 47: too recent to call missing
     ];
     store.insert(&records(&signals)).await.unwrap();
     let mut grader = Grader::new(store.clone(), market, &[5], 0.1);
-    let round = grader.round(at(40)).await.unwrap();
-    assert_eq!((round.graded, round.missing, round.deferred), (5, 1, 0));
-    assert_eq!(grader.round(at(41)).await.unwrap().graded, 0, "graded once");
+    // At minute 50 the candle ending at 35 is 15 minutes overdue (missing); the one ending at
+    // 47 only 3 (asked again later).
+    let round = grader.round(at(50)).await.unwrap();
+    assert_eq!((round.graded, round.missing, round.deferred), (5, 1, 1));
+    let again = grader.round(at(51)).await.unwrap();
+    assert_eq!((again.graded, again.missing), (0, 0), "graded once");
+    assert_eq!(
+        grader.round(at(58)).await.unwrap().missing,
+        1,
+        "missing once overdue"
+    );
 
     let rows = store.graded(300, GroupBy::Action, 0).await.unwrap();
     let card = scorecard(&rows);
@@ -330,7 +339,7 @@ async fn grades_against_a_scripted_market_are_exact() {
     assert!((hold.mean_return - 0.0005).abs() < 1e-12);
     assert_eq!(
         store.missing_prices(300, 0).await.unwrap(),
-        1,
+        2,
         "recorded as missing, never guessed"
     );
 }
