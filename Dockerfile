@@ -4,7 +4,9 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # The manifest names the bench targets, so their sources come along (only the binary is built).
-COPY Cargo.toml Cargo.lock clippy.toml rustfmt.toml ./
+COPY Cargo.toml Cargo.lock clippy.toml rustfmt.toml build.rs ./
+# The history schema is compiled into the binary (sqlx::migrate!).
+COPY migrations ./migrations
 COPY src ./src
 COPY assets ./assets
 COPY benches ./benches
