@@ -35,7 +35,7 @@ impl SqlStore {
         let url = format!("sqlite://{}?mode=rwc", path.display());
         // One writer at a time is SQLite's rule; WAL lets the API read while the writer
         // writes, and the busy timeout turns a momentary lock into a short wait.
-        let pool = Self::pool(backend, &url, 4, |conn| {
+        let pool = Self::pool(&url, 4, |conn| {
             Box::pin(async move {
                 sqlx::query("PRAGMA journal_mode = WAL")
                     .execute(&mut *conn)
@@ -61,7 +61,7 @@ impl SqlStore {
     /// (it holds a password).
     pub async fn postgres(url: &str) -> Result<SqlStore, HistoryError> {
         let backend = "postgres";
-        let pool = Self::pool(backend, url, 8, |_| Box::pin(async { Ok(()) }))
+        let pool = Self::pool(url, 8, |_| Box::pin(async { Ok(()) }))
             .await
             .map_err(|e| HistoryError::Database {
                 backend,
@@ -70,12 +70,7 @@ impl SqlStore {
         Self::migrated(pool, backend).await
     }
 
-    async fn pool<F>(
-        _backend: &'static str,
-        url: &str,
-        max: u32,
-        after_connect: F,
-    ) -> Result<AnyPool, sqlx::Error>
+    async fn pool<F>(url: &str, max: u32, after_connect: F) -> Result<AnyPool, sqlx::Error>
     where
         F: for<'c> Fn(
                 &'c mut sqlx::AnyConnection,

@@ -129,18 +129,7 @@ impl TestApp {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (_, v) = self.get(path).await;
-            if pred(&v) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{path} never satisfied the condition within {timeout:?}; last: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::helpers::poll_json(&self.base, path, timeout, pred).await
     }
 
     /// The ticks in `/api/cycles` that ran (not skipped), oldest first.

@@ -215,17 +215,29 @@ impl Proc {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (_, v) = self.get(path).await;
-            if pred(&v) {
-                return v;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("{path} never satisfied the condition within {timeout:?}; last: {v}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        poll_json(&self.base, path, timeout, pred).await
+    }
+}
+
+/// GETs `base` + `path` until `pred` holds on its JSON; panics with the last body after
+/// `timeout`. The one polling loop of both harnesses (the binary and the in-process app).
+pub async fn poll_json(
+    base: &str,
+    path: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (_, v) = get_json(&format!("{base}{path}")).await;
+        if pred(&v) {
+            return v;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never satisfied the condition within {timeout:?}; last: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
