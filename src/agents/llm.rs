@@ -19,6 +19,7 @@
 //! Tokens: a call reserves its worst case in the budget before it is sent and settles after,
 //! so the budget is never overshot by calls in flight.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::schedule::CycleId;
@@ -478,6 +479,18 @@ impl TokenBudget {
 pub struct LlmHealth {
     auth_error: Mutex<Option<String>>,
     tokens_total: AtomicU64,
+    /// This process's own tallies: the Prometheus recorder is process-wide, but an operator
+    /// comparing replicas (and a test running several apps in one process) wants each one's.
+    tallies: Mutex<Tallies>,
+}
+
+/// Counts since start, by bounded labels only.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Tallies {
+    /// Model answers by stage and outcome (`ok`, `repaired`, `rejected`).
+    pub outputs: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Requests by how they ended (`ok`, `timeout`, `rate_limited`, `refused`, …).
+    pub requests: BTreeMap<&'static str, u64>,
 }
 
 impl LlmHealth {
@@ -494,6 +507,28 @@ impl LlmHealth {
     /// Tokens used since start (per-cycle figures are differences of this).
     pub fn tokens_total(&self) -> u64 {
         self.tokens_total.load(Ordering::Relaxed)
+    }
+    /// This process's answers and requests since start.
+    pub fn tallies(&self) -> Tallies {
+        self.tallies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    fn count_output(&self, stage: &'static str, outcome: &'static str) {
+        metrics::counter!(names::AGENT_OUTPUTS, "stage" => stage, "outcome" => outcome)
+            .increment(1);
+        let mut t = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
+        *t.outputs
+            .entry(stage)
+            .or_default()
+            .entry(outcome)
+            .or_default() += 1;
+    }
+    fn count_request(&self, stage: &'static str, outcome: &'static str) {
+        metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => outcome).increment(1);
+        let mut t = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
+        *t.requests.entry(outcome).or_default() += 1;
     }
 }
 
@@ -692,21 +727,19 @@ impl LlmAgent {
             Ok(c) => c.outcome(),
             Err(_) => Outcome::Rejected,
         };
-        metrics::counter!(names::AGENT_OUTPUTS, "stage" => stage, "outcome" => outcome.as_str())
-            .increment(1);
+        self.shared.health.count_output(stage, outcome.as_str());
         match r {
             Ok(c) => {
                 if !c.repairs.is_empty() {
                     tracing::info!(stage, symbol = req.symbol, repairs = %c.repairs.join("; "), "model answer repaired");
                 }
-                metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => "ok")
-                    .increment(1);
+                self.shared.health.count_request(stage, "ok");
                 Ok(c)
             }
             Err(reason) => {
                 tracing::warn!(stage, symbol = req.symbol, reason = %reason, "model answer rejected");
                 let e = AgentError::InvalidOutput(reason);
-                metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => outcome_label(&e)).increment(1);
+                self.shared.health.count_request(stage, outcome_label(&e));
                 Err(e)
             }
         }
@@ -743,13 +776,13 @@ impl LlmAgent {
                 // An answer the transport could not even read as JSON (prose, a fence, HTML,
                 // an oversized or empty body): rejected like any other.
                 tracing::warn!(stage, reason = %reason, "model answer rejected");
-                metrics::counter!(names::AGENT_OUTPUTS, "stage" => stage, "outcome" => Outcome::Rejected.as_str())
-                    .increment(1);
+                self.shared
+                    .health
+                    .count_output(stage, Outcome::Rejected.as_str());
             }
             _ => {}
         }
-        metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => outcome_label(e))
-            .increment(1);
+        self.shared.health.count_request(stage, outcome_label(e));
     }
 
     /// Takes a backup request's slot, budget and hedge credit, all or nothing.

@@ -677,6 +677,7 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
                     "mode": snap.mode,
                     "failure_count": snap.failure_count,
                     "total_failures": snap.total_failures,
+                    "times_opened": snap.times_opened,
                     "seconds_since_last_failure": snap.seconds_since_last_failure,
                 }),
             )
@@ -701,6 +702,10 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
             "writing": w.healthy(),
         })),
         "circuit_breakers": breakers,
+        "dashboard_stream": {
+            "follows_redis": s.publisher.hub().follows_redis(),
+            "follow_failures": s.publisher.hub().follow_failures(),
+        },
         "llm": {
             "tokens_total": s.llm_health.tokens_total(),
             "budget": {
@@ -711,6 +716,7 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
                 "exhausted": s.budget.exhausted(chrono::Utc::now()).map(|w| w.as_str()),
             },
             "credentials_error": s.llm_health.auth_error(),
+            "since_start": s.llm_health.tallies(),
         },
         "adaptive": {
             "current_batch_size": v.current_batch_size,

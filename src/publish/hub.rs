@@ -99,6 +99,9 @@ pub struct Hub {
     state: Mutex<State>,
     /// `Some` in redis mode: where signals come from and gaps are filled from.
     redis: Option<RedisSource>,
+    /// Times following the stream failed since start (the warning is rate-limited; this is
+    /// not), shown in `/health/detailed`.
+    follow_failures: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -147,6 +150,7 @@ impl Hub {
                 latest: BTreeMap::new(),
             }),
             redis: redis.map(|(client, key)| RedisSource { client, key }),
+            follow_failures: Default::default(),
         })
     }
 
@@ -157,6 +161,12 @@ impl Hub {
     /// Whether signals come from Redis.
     pub fn follows_redis(&self) -> bool {
         self.redis.is_some()
+    }
+
+    /// How often following the Redis stream failed since start.
+    pub fn follow_failures(&self) -> u64 {
+        self.follow_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn id_of(&self, c: &Cursor) -> String {
@@ -322,6 +332,8 @@ impl Hub {
             };
             if let Err(e) = r {
                 failures += 1;
+                self.follow_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, "following the dashboard stream failed; retrying");
                 }

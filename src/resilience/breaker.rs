@@ -88,6 +88,7 @@ struct Inner {
     state: BreakerState,
     consecutive_failures: u32,
     total_failures: u64,
+    times_opened: u64,
     opened_at: Option<Instant>,
     last_failure: Option<Instant>,
     /// HALF_OPEN bookkeeping: probes admitted in this half-open period (in flight or done).
@@ -110,6 +111,9 @@ pub struct BreakerSnapshot {
     pub failure_count: u32,
     /// Failures since start.
     pub total_failures: u64,
+    /// Transitions to OPEN since start: a breaker that flaps shows here even when each scrape
+    /// happens to find it closed.
+    pub times_opened: u64,
     /// Seconds since the last failure, if any.
     pub seconds_since_last_failure: Option<f64>,
 }
@@ -145,6 +149,7 @@ impl Breaker {
                 state: BreakerState::Closed,
                 consecutive_failures: 0,
                 total_failures: 0,
+                times_opened: 0,
                 opened_at: None,
                 last_failure: None,
                 probes_admitted: 0,
@@ -186,6 +191,7 @@ impl Breaker {
         match to {
             BreakerState::Open => {
                 inner.opened_at = Some(now);
+                inner.times_opened += 1;
                 tracing::warn!(breaker = %self.name, failures = inner.consecutive_failures, "circuit breaker OPEN");
             }
             BreakerState::HalfOpen => {
@@ -304,6 +310,7 @@ impl Breaker {
             mode: self.settings.mode,
             failure_count: inner.consecutive_failures,
             total_failures: inner.total_failures,
+            times_opened: inner.times_opened,
             seconds_since_last_failure: inner
                 .last_failure
                 .map(|t| now.duration_since(t).as_secs_f64()),

@@ -3,9 +3,10 @@
 //! returns its address and a handle that stops it the way SIGTERM does.
 //!
 //! Tests that use it assert on what users see — the HTTP API and the Redis contents — never on
-//! log text. Whole-binary tests ([`crate::helpers::Proc`]) remain for what only a process can
-//! show: the CLI, signals, exit codes, a SIGKILL, metrics (the recorder is process-wide, so
-//! in-process apps running in parallel would count into one another's series).
+//! log text. Counts come from the app's own view in `/health/detailed`, not `/metrics`: the
+//! recorder is process-wide, so in-process apps running in parallel would count into one
+//! another's series. Whole-binary tests ([`crate::helpers::Proc`]) remain for what only a
+//! process can show: the CLI, `once` mode, signals, exit codes, a SIGKILL, the logs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,6 +109,11 @@ pub async fn spawn_app_with(yaml: impl AsRef<str>, options: AppOptions) -> TestA
 }
 
 impl TestApp {
+    /// Its SQLite history database (when the test did not set `HISTORY_PATH` itself).
+    pub fn history_path(&self) -> std::path::PathBuf {
+        self._data.path().join("history.sqlite")
+    }
+
     /// GET `path`: status and JSON body (`Null` when the body is not JSON).
     pub async fn get(&self, path: &str) -> (u16, Value) {
         crate::helpers::get_json(&format!("{}{path}", self.base)).await

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Proc, config};
+use crate::app::spawn_app;
+use crate::helpers::config;
 use crate::llm_server::{LlmServer, Reply};
 
 const XSS: &str =
@@ -199,11 +200,12 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
         "  agents:\n    backend: openrouter\n    base_url: {}\n    requests_per_minute: 1000\n    burst: 200\n  pipeline:\n    advise_min_score: 100\n",
         llm.url
     );
-    let p = Proc::spawn("run", &config("*/3 * * * * *", &extra), &[]).await;
-    p.wait_log(
-        |l| l["message"] == "cycle finished" && l["ok"] == 20,
-        Duration::from_secs(30),
-    )
+    let p = spawn_app(config("*/3 * * * * *", &extra)).await;
+    p.poll("/api/cycles", Duration::from_secs(30), |c| {
+        c["cycles"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t["symbols_ok"] == 20))
+    })
     .await;
 
     let d = Driver::start().await;

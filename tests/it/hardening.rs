@@ -7,7 +7,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::app::spawn_app;
+use crate::app::{AppOptions, spawn_app, spawn_app_with, unique_prefix};
 use crate::helpers::{Proc, binary, config, get_json, metric, write_config};
 use crate::llm_server::{LlmServer, Reply};
 
@@ -327,9 +327,8 @@ async fn latest_signals_come_in_bounded_pages() {
     }
 }
 
-/// On a healthy Redis the dashboard-stream follower never reports a failure (its XREAD
-/// BLOCK used to be cut short by the client's 500 ms response timeout, a warning every
-/// ~45 s).
+/// On a healthy Redis the dashboard-stream follower never fails (its XREAD BLOCK used to be
+/// cut short by the client's 500 ms response timeout, a failure every ~45 s).
 #[tokio::test]
 async fn the_dashboard_stream_follower_is_quiet_on_a_healthy_redis() {
     let redis = crate::redis_server::RedisServer::start().await;
@@ -337,19 +336,20 @@ async fn the_dashboard_stream_follower_is_quiet_on_a_healthy_redis() {
         "  symbols: [ETH/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n",
         redis.url()
     );
-    let p = Proc::spawn("run", &config("*/2 * * * * *", &extra), &[]).await;
-    // Long enough for several idle XREAD BLOCKs (5 s each) to end normally.
-    p.wait_log_count(
-        |l| l["message"] == "cycle finished",
-        6,
-        Duration::from_secs(30),
+    let app = spawn_app_with(
+        config("*/2 * * * * *", &extra),
+        AppOptions {
+            key_prefix: Some(unique_prefix("follower")),
+            ..AppOptions::default()
+        },
     )
     .await;
-    assert!(
-        p.logs_matching(|l| l["message"] == "following the dashboard stream failed; retrying")
-            .is_empty()
-    );
-    let (_, latest) = p.get("/api/signals/latest").await;
+    // Long enough for several idle XREAD BLOCKs (5 s each) to end normally.
+    app.wait_cycles(6, Duration::from_secs(30)).await;
+    let (_, d) = app.get("/health/detailed").await;
+    assert_eq!(d["dashboard_stream"]["follows_redis"], true, "{d}");
+    assert_eq!(d["dashboard_stream"]["follow_failures"], 0, "{d}");
+    let (_, latest) = app.get("/api/signals/latest").await;
     assert_eq!(latest["total"], 1);
 }
 
@@ -359,24 +359,11 @@ fn redis_cfg(url: &str, symbols: &str, more: &str) -> String {
     )
 }
 
-/// Logs of the redis breaker's transitions, in order.
-fn redis_transitions(p: &Proc) -> Vec<String> {
-    p.logs_matching(|l| {
-        l["breaker"] == "redis"
-            && l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("circuit breaker "))
-    })
-    .iter()
-    .map(|l| l["message"].as_str().unwrap_or("").to_string())
-    .collect()
-}
-
 /// Redis comes back while the breaker is open: a health check on a fresh connection sees it
-/// within a second and lets the breaker probe at once (not after the rest of its 30 s), the
+/// within a second and lets the breaker probe at once (not after its recovery timeout), the
 /// first probe succeeds (it gets a second try on a fresh connection), so the breaker closes
-/// without opening again — and
-/// the locks this replica held when Redis died are re-taken at once, not left to expire.
+/// without opening again — and the locks this replica held when Redis died are re-taken at
+/// once, not left to expire.
 #[tokio::test]
 async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_are_ours() {
     let market = crate::market_server::MarketServer::start().await;
@@ -390,61 +377,65 @@ async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_a
         &redis.url(),
         "ETH/USD, BTC/USD, SOL/USD",
         &format!(
-            "  market_data:\n    source: coinbase\n    coinbase_url: {}\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 5\n      recovery_timeout_seconds: 60\n    redis:\n      failure_threshold: 1\n      recovery_timeout_seconds: 30\n",
+            "  market_data:\n    source: coinbase\n    coinbase_url: {}\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 5\n      recovery_timeout_seconds: 60\n    redis:\n      failure_threshold: 1\n      recovery_timeout_seconds: 3600\n",
             market.url
         ),
     );
-    let p = Proc::spawn("run", &config("*/5 * * * * *", &extra), &[]).await;
-    p.wait_log(|l| l["message"] == "cycle started", Duration::from_secs(10))
-        .await;
+    let prefix = unique_prefix("probe");
+    let app = spawn_app_with(
+        config("*/5 * * * * *", &extra),
+        AppOptions {
+            key_prefix: Some(prefix.clone()),
+            ..AppOptions::default()
+        },
+    )
+    .await;
     // Every lock is taken; then Redis dies under them.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while redis.keys("signal:lock:*").await.len() < 3 {
+    let locks = format!("{prefix}signal:lock:*");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while redis.keys(&locks).await.len() < 3 {
         assert!(tokio::time::Instant::now() < deadline, "locks never taken");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     redis.stop();
-    p.wait_log(
-        |l| l["message"] == "circuit breaker OPEN" && l["breaker"] == "redis",
-        Duration::from_secs(20),
-    )
-    .await;
+    let breaker = |d: &Value| d["circuit_breakers"]["redis"].clone();
+    let d = app
+        .poll("/health/detailed", Duration::from_secs(20), |d| {
+            breaker(d)["state"] == "open"
+        })
+        .await;
+    let opened = breaker(&d)["times_opened"].as_u64().unwrap();
     // Down a few seconds more (the client's own reconnect attempts give up), then back while
-    // the breaker is still open: its recovery timeout is 30 s.
+    // the breaker is still open: its recovery timeout is an hour.
     tokio::time::sleep(Duration::from_secs(3)).await;
     redis.restart().await;
     assert_eq!(
-        redis.keys("signal:lock:*").await.len(),
+        redis.keys(&locks).await.len(),
         3,
         "the locks held when Redis died survived its restart"
     );
-    let before = redis_transitions(&p).len();
-    // Closed well before the 30 s recovery timeout: the out-of-band health check saw Redis
-    // answer and let the breaker probe at once, and the probe succeeded.
-    p.wait_log(
-        |l| l["message"] == "circuit breaker CLOSED, recovered" && l["breaker"] == "redis",
-        Duration::from_secs(20),
-    )
-    .await;
-    assert!(
-        !p.logs_matching(|l| l["message"] == "Redis answers again; probing it now")
-            .is_empty()
-    );
-    let after: Vec<String> = redis_transitions(&p)[before..].to_vec();
-    assert!(
-        !after.iter().any(|m| m == "circuit breaker OPEN"),
-        "the breaker opened again after Redis was back: {after:?}"
+    // Closed long before the hour is up: only the out-of-band health check, seeing Redis
+    // answer, can have let the breaker probe.
+    let d = app
+        .poll("/health/detailed", Duration::from_secs(20), |d| {
+            breaker(d)["state"] == "closed"
+        })
+        .await;
+    assert_eq!(
+        breaker(&d)["times_opened"].as_u64().unwrap(),
+        opened,
+        "the breaker opened again after Redis was back: {d}"
     );
     // The next cycle runs every symbol: the locks left from the outage were ours.
-    let done = |l: &Value| l["message"] == "cycle finished" && l["ok"] == 3;
-    let before = p.logs_matching(done).len();
-    p.wait_log_count(done, before + 1, Duration::from_secs(20))
-        .await;
-    assert!(
-        p.logs_matching(|l| l["message"] == "symbol still locked by a live owner, skipping")
-            .is_empty(),
-        "a lock of ours blocked its symbol after the outage"
+    let seen = app.run_cycles().await.len();
+    let cycles = app.wait_cycles(seen + 1, Duration::from_secs(20)).await;
+    let last = cycles.last().unwrap();
+    assert_eq!(
+        last["symbols_ok"], 3,
+        "a lock of ours blocked its symbol: {last}"
     );
+    let (_, d) = app.get("/health/detailed").await;
+    assert_eq!(breaker(&d)["times_opened"].as_u64().unwrap(), opened, "{d}");
 }
 
 /// A second process with the same `instance_id` refuses to start, naming the id; the first

@@ -108,11 +108,6 @@ impl Proc {
         }
     }
 
-    /// Its SQLite history database (when the test did not set `HISTORY_PATH` itself).
-    pub fn history_path(&self) -> PathBuf {
-        self._data.path().join("history.sqlite")
-    }
-
     /// The first log line matching `pred`, waiting up to `timeout` for it.
     pub async fn wait_log(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;

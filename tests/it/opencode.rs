@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::helpers::{Proc, config, metric};
+use crate::app::spawn_app;
+use crate::helpers::{Proc, config};
 use crate::llm_server::{LlmServer, Reply};
 
 /// `OPENCODE_BIN`, or where `scripts/test` installs it.
@@ -209,24 +210,22 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
         &symbols.join(", "),
         "  retry:\n    max_attempts: 1\n  parallel:\n    max_concurrent: 14\n  timeouts:\n    symbol_timeout_seconds: 30\n    symbol_timeout_max_seconds: 30\n    total_timeout_seconds: 45\n",
     );
-    let p = Proc::spawn("run", &config("*/30 * * * * *", &cfg), &[]).await;
-    p.wait_log(
-        |l| l["message"] == "cycle finished",
-        Duration::from_secs(120),
-    )
-    .await;
-    let (_, m) = p.get_text("/metrics").await;
+    let p = spawn_app(config("*/30 * * * * *", &cfg)).await;
+    let cycle = p.wait_cycles(1, Duration::from_secs(120)).await[0].clone();
     let (_, latest) = p.get("/api/signals/latest").await;
+    let failure = |s: &str| {
+        cycle["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["symbol"] == s)
+            .cloned()
+    };
     use crate::llm_agents::Expect;
     for (s, _, expect) in &cases {
-        let counted = metric(
-            &m,
-            "autonomous_runner_signal_generation_skipped_total",
-            &[("symbol", s)],
-        );
         let expect = *expect;
         if expect == Expect::Repaired {
-            assert_eq!(counted, 0.0, "{s} should be repaired");
+            assert!(failure(s).is_none(), "{s} should be repaired: {cycle}");
             let sig = latest["signals"]
                 .as_array()
                 .unwrap()
@@ -234,7 +233,7 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
                 .find(|x| x["symbol"] == *s);
             assert!(sig.is_some(), "{s} not published");
         } else if expect == Expect::Verbatim {
-            assert_eq!(counted, 0.0, "{s} should be accepted");
+            assert!(failure(s).is_none(), "{s} should be accepted: {cycle}");
             let sig = latest["signals"]
                 .as_array()
                 .unwrap()
@@ -246,17 +245,19 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
                 "kept verbatim as text"
             );
         } else {
-            assert!(counted >= 1.0, "{s} was neither rejected nor counted");
+            assert!(failure(s).is_some(), "{s} was neither rejected nor counted");
         }
     }
     // The rejected answers that reach `info.structured` (H0 an unknown action, H1/H2 a
     // confidence out of range, H4 a missing field, H5 the wrong symbol) are rejected by the
     // runner and say so; the rest never get past OpenCode (prose, fences, broken bodies end
     // as timeouts). H6 and H12 are repaired now, no longer rejected.
-    let invalid = metric(
-        &m,
-        "autonomous_runner_signal_generation_skipped_total",
-        &[("reason", "invalid_output")],
-    );
-    assert!(invalid >= 5.0, "{invalid} invalid_output");
+    let invalid = cycle["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["reason"] == "invalid_output")
+        .count();
+    assert!(invalid >= 5, "{invalid} invalid_output: {cycle}");
+    p.stop().await.expect("a clean stop");
 }
