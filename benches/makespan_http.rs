@@ -81,6 +81,8 @@ async fn run(cycles: usize) {
         latencies: CallLatencies::new(200, Duration::from_secs(300)),
         hedge: None,
         max_tokens: 1024,
+        tools: None,
+        max_tool_rounds: 3,
     });
     let transport = Arc::new(OpenRouter::new(&llm.url, Secret::default()).expect("client"));
     let signal: Arc<dyn Agent> = Arc::new(LlmAgent::new(

@@ -6,10 +6,11 @@
 //!
 //! | layer | module | owns |
 //! |---|---|---|
-//! | 4 | [`http`] | health, metrics, JSON API, SSE ([`http::sse`]), dashboard, admin |
+//! | 4 | [`http`] | health, metrics, JSON API, SSE ([`http::sse`]), MCP ([`http::mcp`]), dashboard, admin |
 //! | 3 | [`runner`] | the tick loop, gates, cycle lease, overlap/missed-tick policy, shutdown |
 //! | 2 | [`coordinator`] | one cycle: the bounded pool, deadlines, locks, results |
 //! | 2 | [`pipeline`] | the scorer, one symbol through every stage |
+//! | 2 | [`tools`] | the agents' read-only tools (market data, strategies, past decisions) |
 //! | 1 | [`agents`] | the agent trait and its backends |
 //! | 1 | [`publish`] | the in-process bus, latest signals, cycle history, the Redis sink |
 //! | 1 | [`coordination`] | locks, heartbeat, lease, kill switch (memory and Redis backends) |
@@ -36,6 +37,7 @@ pub mod resilience;
 pub mod runner;
 pub mod schedule;
 pub mod telemetry;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,8 +156,22 @@ impl App {
             cfg.adaptive.latency_window_size,
             Duration::from_secs(cfg.adaptive.latency_max_age_seconds),
         );
-        let setup = agents::setup::build(&cfg, limiter, on_breaker, latencies.clone())
-            .context("building the agents")?;
+        let market = build_market(&cfg)?;
+        // The agents' tools: served at /mcp, and run in process for `agents.tools: mcp`.
+        let tools = Arc::new(tools::Toolbox::new(
+            market.clone(),
+            history.as_ref().map(|w| w.store().clone()),
+            &cfg.symbols,
+            clock,
+        ));
+        let setup = agents::setup::build(
+            &cfg,
+            limiter,
+            on_breaker,
+            latencies.clone(),
+            tools.clone() as Arc<dyn agents::llm::ToolRunner>,
+        )
+        .context("building the agents")?;
         let breakers: Vec<Breaker> = setup
             .breakers
             .iter()
@@ -164,7 +180,6 @@ impl App {
             .collect();
         let breaker_names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
         telemetry::init_series(&cfg.symbols, &breaker_names);
-        let market = build_market(&cfg)?;
         let runner = build_runner(
             &cfg,
             clock,
@@ -196,6 +211,7 @@ impl App {
             shutdown_request: CancellationToken::new(),
             streams_stop: CancellationToken::new(),
             market_source: market.name(),
+            tools: Some(tools),
         };
         Ok(App {
             runner,
@@ -750,6 +766,7 @@ mod layering {
         ("runner", 3),
         ("coordinator", 2),
         ("pipeline", 2),
+        ("tools", 2),
         ("agents", 1),
         ("publish", 1),
         ("history", 1),

@@ -314,6 +314,10 @@ pub struct Metadata {
     pub processing_time_ms: u64,
     /// `rules`, or the LLM model name.
     pub model_used: String,
+    /// The tools the agent called for this stage (`agents.tools: mcp`), in first-use order;
+    /// absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools_used: Vec<String>,
 }
 
 /// Every published message: `{message_id, source_agent, timestamp, payload, metadata}`.
@@ -381,9 +385,16 @@ impl StageMessage {
                 metadata: Metadata {
                     processing_time_ms,
                     model_used: model_used.to_string(),
+                    tools_used: vec![],
                 },
             },
         }
+    }
+
+    /// Records the tools the agent called for it.
+    pub fn with_tools_used(mut self, tools: Vec<String>) -> Self {
+        self.envelope.metadata.tools_used = tools;
+        self
     }
 }
 

@@ -64,6 +64,10 @@ pub mod names {
         AGENT_CALL_DURATION_SECONDS = "agent_call_duration_seconds";
         /// Counter {stage, outcome}: model answers read, by outcome (`accepted`, `repaired`, `rejected`).
         AGENT_OUTPUTS = "agent_outputs_total";
+        /// Counter {tool, outcome}: agent tool calls (MCP or in-process), by outcome (`ok` or the error code in lower case, e.g. `invalid_symbol`).
+        MCP_TOOL_CALLS = "mcp_tool_calls_total";
+        /// Histogram {tool}: one tool call's time, cached answers included.
+        MCP_TOOL_DURATION_SECONDS = "mcp_tool_duration_seconds";
         /// Counter {stage, outcome}: backup requests sent for stragglers (`won`: the backup's answer was used; `lost`: it was not).
         AGENT_HEDGES = "agent_hedges_total";
         /// Counter {stage}: stage messages published.

@@ -73,15 +73,59 @@ pub struct LlmRequest<'a> {
     pub model: &'a str,
     /// Completion tokens allowed.
     pub max_tokens: u32,
+    /// Function definitions the model may call (`agents.tools: mcp`); empty: none.
+    pub tools: &'a [Value],
+    /// The tool rounds so far: each round's assistant message and the tool results, in
+    /// order, sent after the system and user messages.
+    pub conversation: Vec<Value>,
 }
 
 /// A model's structured answer.
 #[derive(Debug, Clone)]
 pub struct LlmReply {
-    /// The parsed JSON (not yet checked against the schema).
+    /// The parsed JSON (not yet checked against the schema); `Null` when the model asked for
+    /// tools instead.
     pub json: Value,
     /// Tokens used.
     pub usage: Usage,
+    /// Tool calls the model asked for (only when it was offered tools).
+    pub tool_calls: Vec<ToolCall>,
+    /// The assistant message that asked for them, to send back with their results.
+    pub assistant: Value,
+}
+
+impl LlmReply {
+    /// A plain answer.
+    pub fn answer(json: Value, usage: Usage) -> Self {
+        LlmReply {
+            json,
+            usage,
+            tool_calls: vec![],
+            assistant: Value::Null,
+        }
+    }
+}
+
+/// One function call a model asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The provider's id of the call (echoed with its result).
+    pub id: String,
+    /// The tool's name.
+    pub name: String,
+    /// Its arguments, as the model wrote them (JSON text, possibly invalid).
+    pub arguments: String,
+}
+
+/// Tools a model may call, run in process (`agents.tools: mcp`): the same tools the MCP
+/// server offers, implemented above this layer and handed in.
+#[async_trait]
+pub trait ToolRunner: Send + Sync {
+    /// OpenAI-style function definitions:
+    /// `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    fn functions(&self) -> Vec<Value>;
+    /// Runs one call. `Err` carries the coded error body the model is shown.
+    async fn run(&self, name: &str, arguments: &Value) -> Result<Value, Value>;
 }
 
 /// Moves one request to a model and back. Implementations classify failures into
@@ -96,6 +140,11 @@ pub trait Transport: Send + Sync {
     async fn health(&self) -> Result<(), String>;
     /// Waits (up to `timeout`) for background work such as session clean-ups (shutdown).
     async fn drain(&self, _timeout: Duration) {}
+    /// Whether requests may carry function definitions for in-process tools (OpenCode
+    /// reaches the tools itself, over MCP).
+    fn takes_tools(&self) -> bool {
+        false
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -553,6 +602,10 @@ pub struct LlmShared {
     pub hedge: Option<Arc<HedgeBudget>>,
     /// Completion tokens allowed per call (sent as `max_tokens`, reserved in the budget).
     pub max_tokens: u32,
+    /// Tools offered to models of transports that take them (`agents.tools: mcp`).
+    pub tools: Option<Arc<dyn ToolRunner>>,
+    /// Tool rounds one stage call may use before it must answer (`agents.max_tool_rounds`).
+    pub max_tool_rounds: u32,
 }
 
 impl std::fmt::Debug for LlmShared {
@@ -603,8 +656,17 @@ type Read<'a, T> = &'a (dyn Fn(&Value) -> Result<Checked<T>, String> + Sync);
 /// covers at least one byte), the schema (which providers add to the prompt), a margin for
 /// the chat template, and the completion limit.
 pub fn token_estimate(req: &LlmRequest<'_>) -> u64 {
-    let prompt = req.system.len() + req.user.len() + req.schema.to_string().len();
+    let tools: usize = req.tools.iter().map(|t| t.to_string().len()).sum();
+    let conversation: usize = req.conversation.iter().map(|m| m.to_string().len()).sum();
+    let prompt =
+        req.system.len() + req.user.len() + req.schema.to_string().len() + tools + conversation;
     prompt as u64 + 64 + u64::from(req.max_tokens)
+}
+
+/// What one request came back with: the stage's answer, or a request for tools.
+enum Step<T> {
+    Answer(Checked<T>),
+    Tools(LlmReply),
 }
 
 /// Which of two identical requests a result came from.
@@ -648,7 +710,11 @@ impl LlmAgent {
             None => limits.per_call,
         };
         let limits = CallLimits { per_call, ..limits };
-        let req = LlmRequest {
+        let functions = match &self.shared.tools {
+            Some(t) if self.transport.takes_tools() => t.functions(),
+            _ => vec![],
+        };
+        let mut req = LlmRequest {
             stage,
             symbol,
             cycle_id,
@@ -658,25 +724,80 @@ impl LlmAgent {
             schema: stage_schema(stage),
             model: &self.model,
             max_tokens: self.shared.max_tokens,
+            tools: &functions,
+            conversation: vec![],
         };
         let backoff = self.shared.backoff;
-        let checked = retry_until(
-            self.shared.max_attempts,
-            limits.until,
-            |e: &AgentError, n| match e {
-                // The limiter already holds everyone until Retry-After: retry at once.
-                AgentError::RateLimited { .. } => Some(Duration::ZERO),
-                e if e.is_retryable() => Some(backoff.delay(n)),
-                _ => None,
-            },
-            |_| self.attempt(&req, limits, read),
-        )
-        .await?;
-        Ok(Answer {
-            value: checked.value,
-            model: self.model.clone(),
-            degraded: false,
-        })
+        let mut tools_used: Vec<String> = vec![];
+        let mut round = 0;
+        loop {
+            // Each round is a request like any other: budget, rate limit, breaker, retries,
+            // all within the stage's deadline.
+            let step = retry_until(
+                self.shared.max_attempts,
+                limits.until,
+                |e: &AgentError, n| match e {
+                    // The limiter already holds everyone until Retry-After: retry at once.
+                    AgentError::RateLimited { .. } => Some(Duration::ZERO),
+                    e if e.is_retryable() => Some(backoff.delay(n)),
+                    _ => None,
+                },
+                |_| self.attempt(&req, limits, read),
+            )
+            .await?;
+            let reply = match step {
+                Step::Answer(checked) => {
+                    return Ok(Answer {
+                        value: checked.value,
+                        model: self.model.clone(),
+                        degraded: false,
+                        tools_used,
+                    });
+                }
+                Step::Tools(reply) => reply,
+            };
+            round += 1;
+            if round > self.shared.max_tool_rounds {
+                return Err(AgentError::InvalidOutput(format!(
+                    "the model still asked for tools after {} rounds (agents.max_tool_rounds); no answer",
+                    self.shared.max_tool_rounds
+                )));
+            }
+            let Some(runner) = &self.shared.tools else {
+                return Err(AgentError::InvalidOutput(
+                    "answered with a tool call instead of JSON content".into(),
+                ));
+            };
+            req.conversation.push(reply.assistant.clone());
+            for call in &reply.tool_calls {
+                let result = match serde_json::from_str::<Value>(&call.arguments) {
+                    // A call the deadline cuts short ends the stage like a slow model would.
+                    Ok(args) => {
+                        match tokio::time::timeout_at(limits.until, runner.run(&call.name, &args))
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => return Err(AgentError::Timeout),
+                        }
+                    }
+                    Err(e) => Err(
+                        json!({"error": {"code": "INVALID_ARGUMENTS", "message": format!("arguments are not JSON: {e}")}}),
+                    ),
+                };
+                tracing::debug!(stage = stage.as_str(), symbol, tool = %call.name, ok = result.is_ok(), "model tool call");
+                if !tools_used.contains(&call.name) && tools_used.len() < 16 {
+                    tools_used.push(call.name.chars().take(64).collect());
+                }
+                let content = match result {
+                    Ok(v) | Err(v) => v.to_string(),
+                };
+                req.conversation.push(json!({
+                    "role": "tool",
+                    "tool_call_id": call.id,
+                    "content": content,
+                }));
+            }
+        }
     }
 
     /// One request, timed: answers and timeouts are latency samples (a fast refusal says
@@ -711,7 +832,7 @@ impl LlmAgent {
         req: &LlmRequest<'_>,
         reply: &LlmReply,
         read: Read<'_, T>,
-    ) -> Result<Checked<T>, AgentError> {
+    ) -> Result<Step<T>, AgentError> {
         let stage = req.stage.as_str();
         let used = reply.usage.input + reply.usage.output;
         self.shared
@@ -722,6 +843,10 @@ impl LlmAgent {
             .increment(reply.usage.input);
         metrics::counter!(names::LLM_TOKENS, "stage" => stage, "kind" => "output")
             .increment(reply.usage.output);
+        if !reply.tool_calls.is_empty() {
+            self.shared.health.count_request(stage, "ok");
+            return Ok(Step::Tools(reply.clone()));
+        }
         let r = read(&reply.json);
         let outcome = match &r {
             Ok(c) => c.outcome(),
@@ -734,7 +859,7 @@ impl LlmAgent {
                     tracing::info!(stage, symbol = req.symbol, repairs = %c.repairs.join("; "), "model answer repaired");
                 }
                 self.shared.health.count_request(stage, "ok");
-                Ok(c)
+                Ok(Step::Answer(c))
             }
             Err(reason) => {
                 tracing::warn!(stage, symbol = req.symbol, reason = %reason, "model answer rejected");
@@ -814,7 +939,7 @@ impl LlmAgent {
         req: &LlmRequest<'_>,
         limits: CallLimits,
         read: Read<'_, T>,
-    ) -> Result<Checked<T>, AgentError> {
+    ) -> Result<Step<T>, AgentError> {
         let stage = req.stage.as_str();
         let estimate = token_estimate(req);
         let reservation = self
@@ -913,7 +1038,7 @@ impl LlmAgent {
         let (mut primary_done, mut backup_done) = (false, false);
         let mut used_by: [Option<u64>; 2] = [None, None];
         let mut last_err: Option<AgentError> = None;
-        let mut winner: Option<(Leg, Checked<T>)> = None;
+        let mut winner: Option<(Leg, Step<T>)> = None;
         while winner.is_none() && !(primary_done && backup_done) {
             let (leg, r) = tokio::select! {
                 r = primary.as_mut(), if !primary_done => { primary_done = true; (Leg::Primary, r) }
@@ -967,11 +1092,7 @@ impl LlmAgent {
     /// The breaker learns from the attempt's result: an answer (even an unreadable one) means
     /// the service is up; timeouts, 5xx and transport errors count against it; 429s and
     /// refusals prove nothing either way.
-    fn finish<T>(
-        &self,
-        permit: Permit,
-        out: Result<Checked<T>, AgentError>,
-    ) -> Result<Checked<T>, AgentError> {
+    fn finish<T>(&self, permit: Permit, out: Result<T, AgentError>) -> Result<T, AgentError> {
         match &out {
             Ok(_) | Err(AgentError::InvalidOutput(_)) => {
                 permit.success();
@@ -994,6 +1115,7 @@ fn degraded<T>(value: T) -> Answer<T> {
         value,
         model: "rules".into(),
         degraded: true,
+        tools_used: vec![],
     }
 }
 
@@ -1216,6 +1338,8 @@ mod tests {
             schema: stage_schema(Stage::Report),
             model: "m",
             max_tokens: 512,
+            tools: &[],
+            conversation: vec![],
         };
         let schema_len = stage_schema(Stage::Report).to_string().len() as u64;
         // 3 + 200 bytes of prompt (é is two bytes), the schema, 64 of template, 512 completion.
@@ -1244,13 +1368,13 @@ mod tests {
                 .pop_front()
                 .unwrap_or(self.default);
             tokio::time::sleep(d).await;
-            Ok(LlmReply {
-                json: json!({"summary": "Fine."}),
-                usage: Usage {
+            Ok(LlmReply::answer(
+                json!({"summary": "Fine."}),
+                Usage {
                     input: 10,
                     output: 5,
                 },
-            })
+            ))
         }
         async fn health(&self) -> Result<(), String> {
             Ok(())
@@ -1275,6 +1399,8 @@ mod tests {
             latencies: CallLatencies::new(200, Duration::from_secs(3600)),
             hedge,
             max_tokens: 100,
+            tools: None,
+            max_tool_rounds: 3,
         });
         let breaker = Breaker::new(
             "llm_scripted",
@@ -1305,8 +1431,13 @@ mod tests {
             schema: stage_schema(Stage::Report),
             model: "m",
             max_tokens: 100,
+            tools: &[],
+            conversation: vec![],
         };
-        agent.attempt(&req, limits, &summary_from_answer).await
+        match agent.attempt(&req, limits, &summary_from_answer).await? {
+            Step::Answer(c) => Ok(c),
+            Step::Tools(_) => Err(AgentError::InvalidOutput("tool call".into())),
+        }
     }
 
     #[tokio::test(start_paused = true)]

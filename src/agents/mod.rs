@@ -256,6 +256,9 @@ pub struct Answer<T> {
     pub model: String,
     /// Produced by the rules fallback instead of the configured agent.
     pub degraded: bool,
+    /// The tools the model called on its way to this answer, in first-use order
+    /// (`metadata.tools_used`).
+    pub tools_used: Vec<String>,
 }
 
 impl<T> Answer<T> {
@@ -265,6 +268,7 @@ impl<T> Answer<T> {
             value,
             model: "rules".into(),
             degraded: false,
+            tools_used: vec![],
         }
     }
 }

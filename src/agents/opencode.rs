@@ -295,7 +295,7 @@ pub fn parse_message(body: &[u8]) -> Result<LlmReply, AgentError> {
         output: info["tokens"]["output"].as_u64().unwrap_or(0)
             + info["tokens"]["reasoning"].as_u64().unwrap_or(0),
     };
-    Ok(LlmReply { json, usage })
+    Ok(LlmReply::answer(json, usage))
 }
 
 #[async_trait]

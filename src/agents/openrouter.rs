@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::AgentError;
-use super::llm::{LlmReply, LlmRequest, Transport, Usage, strict_json};
+use super::llm::{LlmReply, LlmRequest, ToolCall, Transport, Usage, strict_json};
 use crate::config::Secret;
 
 /// Largest answer read (a structured stage answer is a few KB).
@@ -94,7 +94,9 @@ fn classify(status: u16, body: &Value, retry_after_header: Option<Duration>) -> 
 }
 
 /// Reads a chat-completions answer body into the stage's JSON and the usage.
-pub fn parse_completion(body: &[u8]) -> Result<LlmReply, AgentError> {
+/// `offered_tools`: the request carried function definitions, so a tool call is a step of
+/// the conversation rather than a wrong answer.
+pub fn parse_completion(body: &[u8], offered_tools: bool) -> Result<LlmReply, AgentError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(AgentError::InvalidOutput("empty answer body".into()));
     }
@@ -109,6 +111,13 @@ pub fn parse_completion(body: &[u8]) -> Result<LlmReply, AgentError> {
         return Err(classify(code, &v, None));
     }
     let msg = &v["choices"][0]["message"];
+    let usage = Usage {
+        input: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+        output: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+    };
+    if offered_tools && msg["tool_calls"].as_array().is_some_and(|c| !c.is_empty()) {
+        return tool_calls(msg, usage);
+    }
     let content = match &msg["content"] {
         Value::String(s) => s.as_str(),
         Value::Null if msg["tool_calls"].is_array() => {
@@ -123,11 +132,50 @@ pub fn parse_completion(body: &[u8]) -> Result<LlmReply, AgentError> {
         }
     };
     let json = strict_json(content)?;
-    let usage = Usage {
-        input: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
-        output: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
-    };
-    Ok(LlmReply { json, usage })
+    Ok(LlmReply::answer(json, usage))
+}
+
+/// Most tool calls one answer may carry: a model asking for more is not gathering data.
+const MAX_TOOL_CALLS: usize = 16;
+
+/// Reads the tool calls of an assistant message.
+fn tool_calls(msg: &Value, usage: Usage) -> Result<LlmReply, AgentError> {
+    let calls = msg["tool_calls"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if calls.len() > MAX_TOOL_CALLS {
+        return Err(AgentError::InvalidOutput(format!(
+            "asked for {} tool calls at once; at most {MAX_TOOL_CALLS}",
+            calls.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(calls.len());
+    for (i, c) in calls.iter().enumerate() {
+        let field = |f: &str| -> Result<String, AgentError> {
+            let v = if f == "id" {
+                &c["id"]
+            } else {
+                &c["function"][f]
+            };
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| AgentError::InvalidOutput(format!("tool_calls[{i}] has no {f}")))
+        };
+        out.push(ToolCall {
+            id: field("id")?,
+            name: field("name")?,
+            arguments: field("arguments")?,
+        });
+    }
+    // Sent back as the model wrote it, tool calls only (some providers refuse extra fields).
+    let assistant = json!({"role": "assistant", "content": msg["content"], "tool_calls": calls});
+    Ok(LlmReply {
+        json: Value::Null,
+        usage,
+        tool_calls: out,
+        assistant,
+    })
 }
 
 #[async_trait]
@@ -137,12 +185,14 @@ impl Transport for OpenRouter {
     }
 
     async fn call(&self, req: &LlmRequest<'_>, deadline: Instant) -> Result<LlmReply, AgentError> {
-        let body = json!({
+        let mut messages = vec![
+            json!({"role": "system", "content": req.system}),
+            json!({"role": "user", "content": req.user}),
+        ];
+        messages.extend(req.conversation.iter().cloned());
+        let mut body = json!({
             "model": req.model,
-            "messages": [
-                {"role": "system", "content": req.system},
-                {"role": "user", "content": req.user},
-            ],
+            "messages": messages,
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {"name": req.schema_name, "strict": true, "schema": req.schema},
@@ -150,6 +200,10 @@ impl Transport for OpenRouter {
             "temperature": 0,
             "max_tokens": req.max_tokens,
         });
+        if !req.tools.is_empty() {
+            body["tools"] = json!(req.tools);
+            body["tool_choice"] = json!("auto");
+        }
         let timeout = deadline.saturating_duration_since(Instant::now());
         let mut rb = self
             .http
@@ -195,7 +249,11 @@ impl Transport for OpenRouter {
             let v: Value = serde_json::from_slice(&buf).unwrap_or(Value::Null);
             return Err(classify(status, &v, retry_after));
         }
-        parse_completion(&buf)
+        parse_completion(&buf, !req.tools.is_empty())
+    }
+
+    fn takes_tools(&self) -> bool {
+        true
     }
 
     async fn health(&self) -> Result<(), String> {
@@ -237,15 +295,18 @@ mod tests {
             matches!(classify(401, &json!({"error":{"message":"bad key"}}), None), AgentError::Refused { status: 401, ref message } if message == "bad key")
         );
         // An error inside a 200 body.
-        let e = parse_completion(br#"{"error":{"code":502,"message":"provider down"}}"#)
-            .expect_err("error");
+        let e = parse_completion(
+            br#"{"error":{"code":502,"message":"provider down"}}"#,
+            false,
+        )
+        .expect_err("error");
         assert!(matches!(e, AgentError::Upstream { status: 502 }));
     }
 
     #[test]
     fn completion_parsing() {
         let ok = br#"{"choices":[{"message":{"content":"{\"summary\":\"x\"}"}}],"usage":{"prompt_tokens":12,"completion_tokens":3}}"#;
-        let r = parse_completion(ok).expect("ok");
+        let r = parse_completion(ok, false).expect("ok");
         assert_eq!(r.json["summary"], "x");
         assert_eq!(
             r.usage,
@@ -262,7 +323,10 @@ mod tests {
             br#"{"choices":[{"message":{"content":"Sure! {\"a\":1}"}}]}"#,
         ] {
             assert!(
-                matches!(parse_completion(bad), Err(AgentError::InvalidOutput(_))),
+                matches!(
+                    parse_completion(bad, false),
+                    Err(AgentError::InvalidOutput(_))
+                ),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::llm::{LlmAgent, LlmHealth, LlmShared, TokenBudget, Transport};
+use super::llm::{LlmAgent, LlmHealth, LlmShared, TokenBudget, ToolRunner, Transport};
 use super::opencode::{OpenCode, OpenCodeAgents};
 use super::openrouter::OpenRouter;
 use super::rules::Rules;
 use super::{Agent, AgentError, StageAgents};
-use crate::config::{AgentBackend, Config, Fallback, ReportMode, StageConfig, secs};
+use crate::config::{AgentBackend, Config, Fallback, ReportMode, StageConfig, ToolsMode, secs};
 use crate::resilience::rate_limit::AgentRateLimiter;
 use crate::resilience::{Backoff, Breaker, CallLatencies, HedgeBudget, TransitionHook};
 
@@ -49,12 +49,13 @@ fn backend_name(b: AgentBackend) -> &'static str {
 
 /// Builds the agents. `on_breaker` is called on every LLM breaker transition.
 /// `latencies` is the per-call window every LLM agent records into (the runner's gate reads
-/// it).
+/// it). `tools` are offered to the OpenAI-compatible backend's models with `agents.tools: mcp`.
 pub fn build(
     cfg: &Config,
     limiter: Arc<dyn AgentRateLimiter>,
     on_breaker: TransitionHook,
     latencies: CallLatencies,
+    tools: Arc<dyn ToolRunner>,
 ) -> Result<AgentSetup, AgentError> {
     let a = &cfg.agents;
     let health = Arc::new(LlmHealth::default());
@@ -80,6 +81,8 @@ pub fn build(
             .enabled
             .then(|| Arc::new(HedgeBudget::new(a.hedge.max_extra_fraction, 20.0))),
         max_tokens: a.max_tokens,
+        tools: (a.tools == ToolsMode::Mcp).then_some(tools),
+        max_tool_rounds: a.max_tool_rounds,
     });
     let mut transports: BTreeMap<&'static str, (Arc<dyn Transport>, Breaker)> = BTreeMap::new();
     let mut probes: Vec<Arc<dyn Transport>> = vec![];

@@ -149,6 +149,8 @@ impl Default for Agents {
             fallback: Fallback::None,
             budget: Budget::default(),
             max_tokens: 1024,
+            tools: ToolsMode::Prompt,
+            max_tool_rounds: 3,
             hedge: Hedge::default(),
             opencode: OpenCodeConfig::default(),
         }

@@ -324,6 +324,17 @@ pub enum AgentBackend {
     Opencode,
 }
 
+/// `agents.tools:`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolsMode {
+    /// The prompt carries a compact snapshot; no tool calls.
+    #[default]
+    Prompt,
+    /// The model may also call the runner's tools (market data, strategies, past decisions).
+    Mcp,
+}
+
 /// `agents:`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -349,6 +360,12 @@ pub struct Agents {
     pub budget: Budget,
     /// Completion tokens allowed per call (sent as `max_tokens`; reserved in the budget).
     pub max_tokens: u32,
+    /// How the OpenAI-compatible backend's models get their data: `prompt` (a snapshot in
+    /// the prompt only) or `mcp` (also the runner's tools, as function calls it runs in
+    /// process). OpenCode agents reach the tools through `/mcp` whatever this says.
+    pub tools: ToolsMode,
+    /// Tool rounds one stage call may use before the model must answer (with `tools: mcp`).
+    pub max_tool_rounds: u32,
     /// Backup requests for straggling calls.
     pub hedge: Hedge,
     /// The OpenCode server and its agents.

@@ -217,6 +217,7 @@ impl Config {
             Bound::new("agents.requests_per_minute", c.agents.requests_per_minute, AtLeast(1.0), 1_000_000.0),
             Bound::new("agents.burst", c.agents.burst, AtLeast(1.0), 1_000_000.0),
             Bound::new("agents.max_tokens", c.agents.max_tokens, AtLeast(1.0), 1_000_000.0),
+            Bound::new("agents.max_tool_rounds", c.agents.max_tool_rounds, AtLeast(1.0), 10.0),
             Bound::new("agents.hedge.max_extra_fraction", c.agents.hedge.max_extra_fraction, AtLeast(0.0), 1.0),
             Bound::new("market_data.candles", c.market_data.candles, AtLeast(40.0), 300.0),
             Bound::new("market_data.request_timeout_seconds", c.market_data.request_timeout_seconds, Above(0.0), 300.0),

@@ -5,6 +5,7 @@
 //! [`sse`] serves the signal stream.
 
 mod history;
+pub mod mcp;
 pub mod sse;
 
 use std::net::SocketAddr;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub streams_stop: CancellationToken,
     /// `market_data.source` (`simulated` is said wherever prices appear).
     pub market_source: &'static str,
+    /// The agents' tools, served at `/mcp` (`None`: `mcp.enabled` is false).
+    pub tools: Option<Arc<crate::tools::Toolbox>>,
 }
 
 /// Who may call the admin endpoints.
@@ -75,6 +78,18 @@ pub struct AdminAccess {
 
 /// The router.
 pub fn router(state: AppState) -> Router {
+    let mcp = match &state.tools {
+        Some(tools) => Router::new()
+            .route_service(
+                "/mcp",
+                mcp::service(tools.clone(), &state.admin, state.streams_stop.clone()),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                state.admin.clone(),
+                mcp::guard,
+            )),
+        None => Router::new(),
+    };
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
@@ -96,6 +111,7 @@ pub fn router(state: AppState) -> Router {
                 .get(kill_switch_get),
         )
         .with_state(state)
+        .merge(mcp)
 }
 
 /// How long a client may take to send a request's headers — counted from the connection's

@@ -101,6 +101,7 @@ impl Steps<'_> {
         value: &T,
         since: Instant,
         model: &str,
+        tools_used: &[String],
     ) -> Result<(), StageFailure> {
         let payload = serde_json::to_value(value).map_err(|e| StageFailure {
             stage,
@@ -115,7 +116,8 @@ impl Steps<'_> {
             payload,
             ms,
             model,
-        );
+        )
+        .with_tools_used(tools_used.to_vec());
         metrics::counter!(names::MESSAGES_PUBLISHED, "stage" => stage.as_str()).increment(1);
         self.ctx.publisher.publish(msg).await;
         Ok(())
@@ -193,7 +195,13 @@ pub async fn run_symbol(
     metrics::counter!(names::SIGNAL_GENERATION, "symbol" => symbol.to_string(), "action" => action.as_str())
         .increment(1);
     steps
-        .publish(Stage::Signal, &signal, t0, &answer.model)
+        .publish(
+            Stage::Signal,
+            &signal,
+            t0,
+            &answer.model,
+            &answer.tools_used,
+        )
         .await?;
 
     // Stage 2: Score (deterministic).
@@ -201,7 +209,7 @@ pub async fn run_symbol(
     let mut scored = score_signal(signal, Utc::now());
     let score = scored.opportunity_score;
     steps
-        .publish(Stage::Score, &scored, t1, "deterministic")
+        .publish(Stage::Score, &scored, t1, "deterministic", &[])
         .await?;
 
     // Stage 3: Advise, only for promising scores.
@@ -218,7 +226,13 @@ pub async fn run_symbol(
             advice: Some(advice.clone()),
         };
         steps
-            .publish(Stage::Advise, &advised, t2, &answer.model)
+            .publish(
+                Stage::Advise,
+                &advised,
+                t2,
+                &answer.model,
+                &answer.tools_used,
+            )
             .await?;
         Some(advice)
     } else {
@@ -237,7 +251,13 @@ pub async fn run_symbol(
     Steps::check(Stage::Report, validate_summary(&summary))?;
     let report = ReportedSignal { advised, summary };
     steps
-        .publish(Stage::Report, &report, t3, &answer.model)
+        .publish(
+            Stage::Report,
+            &report,
+            t3,
+            &answer.model,
+            &answer.tools_used,
+        )
         .await?;
 
     Ok(SymbolOutcome {
