@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use schemars::JsonSchema;
@@ -27,6 +26,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
 use crate::agents::rules;
 use crate::history::grading::{horizon_label, parse_horizon, scorecard_of};
@@ -280,13 +280,15 @@ fn definitions() -> Vec<ToolDef> {
 
 /// A cache entry: concurrent identical calls share one computation.
 type Cell = Arc<OnceCell<Arc<Value>>>;
+/// A symbol's candles of the minute, fetched once however many tools need them.
+type CandleCell = Arc<OnceCell<Arc<Vec<Candle>>>>;
 
 /// Answers of the current minute.
 #[derive(Default)]
 struct Cache {
     minute: Option<DateTime<Utc>>,
     answers: HashMap<String, Cell>,
-    candles: HashMap<(String, usize), Arc<OnceCell<Arc<Vec<Candle>>>>>,
+    candles: HashMap<(String, usize), CandleCell>,
 }
 
 /// The tools, their data sources and their cache.
@@ -311,6 +313,13 @@ impl std::fmt::Debug for Toolbox {
 fn read<A: DeserializeOwned>(args: &Value) -> Result<A, ToolError> {
     // An absent `arguments` is an empty object (MCP clients may omit it).
     let args = if args.is_null() { &json!({}) } else { args };
+    // serde would read an array positionally into a struct; tool arguments are named.
+    if !args.is_object() {
+        return Err(ToolError::new(
+            "INVALID_ARGUMENTS",
+            "arguments must be a JSON object of named fields",
+        ));
+    }
     serde_path_to_error::deserialize(args).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
@@ -914,4 +923,170 @@ fn known_code(code: &str) -> &'static str {
         .find(|c| **c == code)
         .copied()
         .unwrap_or("UNAVAILABLE")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The simulated market, counting fetches.
+    struct Counting {
+        inner: crate::market::simulated::Simulated,
+        fetches: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl MarketSource for Counting {
+        async fn candles(
+            &self,
+            symbol: &str,
+            now: DateTime<Utc>,
+            count: usize,
+        ) -> Result<Vec<Candle>, crate::market::MarketError> {
+            self.fetches.fetch_add(1, Ordering::Relaxed);
+            self.inner.candles(symbol, now, count).await
+        }
+        fn name(&self) -> &'static str {
+            "simulated"
+        }
+    }
+
+    fn toolbox() -> (Arc<Counting>, Arc<Toolbox>) {
+        let market = Arc::new(Counting {
+            inner: crate::market::simulated::Simulated::new(),
+            fetches: AtomicUsize::new(0),
+        });
+        let clock = Clock::anchored(
+            DateTime::parse_from_rfc3339("2026-11-29T10:00:30Z")
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_default(),
+        );
+        let tools = Arc::new(Toolbox::new(
+            market.clone(),
+            None,
+            &["ETH/USD".to_string()],
+            clock,
+        ));
+        (market, tools)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn twenty_agents_asking_the_same_question_cost_one_fetch() {
+        let (market, tools) = toolbox();
+        let args = json!({"symbol": "ETH/USD"});
+        let answers =
+            futures::future::join_all((0..20).map(|_| tools.call("get_strategy_consensus", &args)))
+                .await;
+        assert!(answers.iter().all(|a| a.is_ok()));
+        assert!(answers.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(market.fetches.load(Ordering::Relaxed), 1);
+        // Other tools over the same candles reuse them; a new minute fetches again.
+        tools
+            .call("get_top_strategies", &args)
+            .await
+            .expect("answers");
+        assert_eq!(market.fetches.load(Ordering::Relaxed), 1);
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        tools
+            .call("get_strategy_consensus", &args)
+            .await
+            .expect("answers");
+        assert_eq!(market.fetches.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_name_what_was_wrong_and_are_cached_too() {
+        let (market, tools) = toolbox();
+        let cases = [
+            (
+                "get_candles",
+                json!({"symbol": "ETH/USD", "limit": 0}),
+                "INVALID_ARGUMENTS",
+                "limit",
+            ),
+            (
+                "get_candles",
+                json!({"symbol": "ETH/USD", "limit": 501}),
+                "LIMIT_EXCEEDED",
+                "500",
+            ),
+            (
+                "get_candles",
+                json!({"symbol": "ETH/USD", "timeframe": "1h", "limit": 25}),
+                "LIMIT_EXCEEDED",
+                "1440",
+            ),
+            (
+                "get_candles",
+                json!({"symbol": "ETH/USD", "limit": "9"}),
+                "INVALID_ARGUMENTS",
+                "limit",
+            ),
+            (
+                "get_candles",
+                json!({"symbol": "ETH/USD", "sql": "1"}),
+                "INVALID_ARGUMENTS",
+                "sql",
+            ),
+            ("get_candles", json!([1, 2]), "INVALID_ARGUMENTS", "object"),
+            (
+                "get_current_price",
+                json!({}),
+                "INVALID_ARGUMENTS",
+                "symbol",
+            ),
+            (
+                "get_current_price",
+                json!({"symbol": "eth/usd"}),
+                "INVALID_SYMBOL",
+                "eth/usd",
+            ),
+            (
+                "get_recent_decisions",
+                json!({"symbol": "ETH/USD"}),
+                "HISTORY_DISABLED",
+                "history",
+            ),
+        ];
+        for (tool, args, code, says) in cases {
+            let e = tools.call(tool, &args).await.expect_err(tool);
+            assert_eq!(e.code, code, "{tool} {args}: {e}");
+            assert!(e.message.contains(says), "{tool} {args}: {e}");
+        }
+        // None of them needed the market.
+        assert_eq!(market.fetches.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn candles_aggregate_to_whole_aligned_buckets() {
+        let (_, tools) = toolbox();
+        let one = tools
+            .call("get_candles", &json!({"symbol": "ETH/USD", "limit": 15}))
+            .await
+            .expect("1m");
+        let five = tools
+            .call(
+                "get_candles",
+                &json!({"symbol": "ETH/USD", "timeframe": "5m", "limit": 3}),
+            )
+            .await
+            .expect("5m");
+        let ones = one["candles"].as_array().expect("candles");
+        let fives = five["candles"].as_array().expect("candles");
+        assert_eq!((ones.len(), fives.len()), (15, 3));
+        // The clock is 10:00:30, so the newest closed minute is 09:59 and the newest whole
+        // 5-minute bucket 09:55–09:59: the three buckets are the fifteen minutes.
+        assert_eq!(fives[2]["time"], "2026-11-29T09:55:00+00:00");
+        for (b, chunk) in fives.iter().zip(ones.chunks(5)) {
+            assert_eq!(b["time"], chunk[0]["time"]);
+            assert_eq!(b["open"], chunk[0]["open"]);
+            assert_eq!(b["close"], chunk[4]["close"]);
+            let high = chunk
+                .iter()
+                .map(|c| c["high"].as_f64().unwrap_or(f64::NAN))
+                .fold(f64::MIN, f64::max);
+            assert_eq!(b["high"].as_f64(), Some(high));
+        }
+    }
 }

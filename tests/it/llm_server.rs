@@ -35,6 +35,13 @@ pub enum Reply {
     RawBody(String),
     /// Never answers (until the client gives up).
     Hang,
+    /// Asks for these tool calls `(name, arguments)` until the conversation holds `rounds`
+    /// rounds of them, then gives the valid answer (a model gathering data first);
+    /// `usize::MAX` rounds is a model that never stops asking.
+    CallTools {
+        calls: Vec<(String, Value)>,
+        rounds: usize,
+    },
     /// 401 whose error message echoes the request's Authorization header (some providers do).
     #[allow(dead_code)]
     EchoAuth401,
@@ -257,6 +264,67 @@ pub fn valid_answer(stage: &str, symbol: &str) -> Value {
     }
 }
 
+/// Tool-call rounds already in a request's conversation (assistant messages with tool calls,
+/// other than the final StructuredOutput).
+fn tool_rounds(body: &Value) -> usize {
+    body["messages"].as_array().map_or(0, |m| {
+        m.iter()
+            .filter(|m| {
+                m["role"] == "assistant"
+                    && m["tool_calls"].as_array().is_some_and(|c| {
+                        !c.is_empty()
+                            && c.iter()
+                                .all(|c| c["function"]["name"] != "StructuredOutput")
+                    })
+            })
+            .count()
+    })
+}
+
+/// An answer asking for `calls`, as a whole completion or streamed.
+fn tool_calls_answer(calls: &[(String, Value)], stream: bool, usage: (u64, u64)) -> Response {
+    let listed: Vec<Value> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, (name, args))| {
+            json!({"index": i, "id": format!("call_t{i}"), "type": "function",
+                   "function": {"name": name, "arguments": args.to_string()}})
+        })
+        .collect();
+    let message = json!({"role": "assistant", "content": null, "tool_calls": listed});
+    let usage_json = json!({"prompt_tokens": usage.0, "completion_tokens": usage.1, "total_tokens": usage.0 + usage.1});
+    if !stream {
+        return axum::Json(json!({
+            "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "test-model",
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+            "usage": usage_json,
+        }))
+        .into_response();
+    }
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "test-model",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let events = [
+        chunk(
+            json!({"role": "assistant", "tool_calls": listed}),
+            Value::Null,
+        ),
+        chunk(json!({}), json!("tool_calls")),
+        json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "test-model", "choices": [], "usage": usage_json}),
+    ];
+    let mut body = String::new();
+    for e in events {
+        body.push_str(&format!("data: {e}\n\n"));
+    }
+    body.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 fn chat_completion(content: Option<&str>, tool_args: Option<&str>, usage: (u64, u64)) -> Value {
     let message = match tool_args {
         Some(args) => json!({"role": "assistant", "content": null, "tool_calls": [{
@@ -421,6 +489,13 @@ async fn completions(
         Reply::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        Reply::CallTools { calls, rounds } => {
+            if tool_rounds(&body) < rounds {
+                tool_calls_answer(&calls, stream, usage)
+            } else {
+                answer(&valid())
+            }
         }
     }
 }

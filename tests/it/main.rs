@@ -18,6 +18,7 @@ mod failures;
 mod hardening;
 mod history;
 mod llm_agents;
+mod mcp;
 mod observability;
 mod once_mode;
 mod opencode;

@@ -1,0 +1,339 @@
+//! The agents' tools: the OpenAI-compatible backend running a model's tool calls in process
+//! (`agents.tools: mcp`), `/mcp` to an independent MCP client (the official Python SDK), and
+//! hostile arguments through both.
+
+use std::time::Duration;
+
+use autonomous_runner::market::MarketSource;
+use serde_json::{Value, json};
+
+use crate::app::{TestApp, spawn_app};
+use crate::helpers::config;
+use crate::llm_server::{LlmServer, Reply};
+
+/// The runner's answer to one tool call, from the conversation the model was sent back.
+fn tool_results(body: &Value) -> Vec<Value> {
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| serde_json::from_str(m["content"].as_str().unwrap()).unwrap())
+        .collect()
+}
+
+/// The close of the candle starting at `as_of`, straight from the market source.
+async fn simulated_close(symbol: &str, as_of: &str) -> f64 {
+    let t = chrono::DateTime::parse_from_rfc3339(as_of)
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let c = autonomous_runner::market::simulated::Simulated::new()
+        .candles(symbol, t + chrono::Duration::seconds(60), 1)
+        .await
+        .unwrap();
+    assert_eq!(c[0].time, t);
+    c[0].close
+}
+
+fn signal_of<'a>(latest: &'a Value, symbol: &str) -> Option<&'a Value> {
+    latest["signals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["symbol"] == symbol)
+}
+
+async fn history_signal(app: &TestApp, symbol: &str) -> Value {
+    let path = format!(
+        "/api/signals/history?stage=signal&symbol={}",
+        symbol.replace('/', "%2F")
+    );
+    let v = app
+        .poll(&path, Duration::from_secs(20), |v| {
+            v["signals"].as_array().is_some_and(|r| !r.is_empty())
+        })
+        .await;
+    v["signals"][0]["message"].clone()
+}
+
+#[tokio::test]
+async fn the_openai_backend_runs_tool_rounds_in_process_and_stops_a_looping_model() {
+    let llm = LlmServer::start().await;
+    // Two rounds of data gathering, then the answer.
+    llm.always_for(
+        "TOOL/USD",
+        "signal",
+        Reply::CallTools {
+            calls: vec![
+                ("get_current_price".into(), json!({"symbol": "TOOL/USD"})),
+                (
+                    "get_strategy_consensus".into(),
+                    json!({"symbol": "TOOL/USD"}),
+                ),
+            ],
+            rounds: 2,
+        },
+    );
+    // A model that never stops asking.
+    llm.always_for(
+        "LOOP/USD",
+        "signal",
+        Reply::CallTools {
+            calls: vec![(
+                "get_candles".into(),
+                json!({"symbol": "LOOP/USD", "limit": 5}),
+            )],
+            rounds: usize::MAX,
+        },
+    );
+    // Hostile arguments: each refused with a code, and the model still answers after.
+    llm.always_for(
+        "HOST/USD",
+        "signal",
+        Reply::CallTools {
+            calls: vec![
+                ("get_candles".into(), json!({"symbol": "NOPE/USD"})),
+                (
+                    "get_candles".into(),
+                    json!({"symbol": "HOST/USD", "limit": 4_000_000_000u64}),
+                ),
+                (
+                    "get_candles".into(),
+                    json!({"symbol": "HOST/USD", "limit": 500, "offset": 4_000_000_000u64}),
+                ),
+                ("get_volatility".into(), json!({"symbol": 5})),
+                (
+                    "get_volatility".into(),
+                    json!({"symbol": "HOST/USD", "timeframe": "7y"}),
+                ),
+                (
+                    "get_top_strategies".into(),
+                    json!({"symbol": "HOST/USD", "metric": "vibes"}),
+                ),
+                (
+                    "get_strategy_signal".into(),
+                    json!({"symbol": "HOST/USD", "strategy_id": "x".repeat(10_000)}),
+                ),
+                (
+                    "get_signal_performance".into(),
+                    json!({"symbol": "HOST/USD", "horizon": "forever"}),
+                ),
+                ("drop_tables".into(), json!({})),
+            ],
+            rounds: 1,
+        },
+    );
+    let yaml = config(
+        "*/5 * * * * *",
+        &format!(
+            "  symbols: [TOOL/USD, LOOP/USD, HOST/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n    tools: mcp\n    max_tool_rounds: 3\n    requests_per_minute: 1000\n    burst: 100\n  pipeline:\n    advise_min_score: 100\n  retry:\n    max_attempts: 1\n",
+            llm.url
+        ),
+    );
+    let app = spawn_app(yaml).await;
+    let cycle = app.wait_cycles(1, Duration::from_secs(30)).await[0].clone();
+
+    // The two-round conversation: three requests, the tools offered in each, the results of
+    // round one in the second and of both rounds in the third.
+    let asked: Vec<_> = llm
+        .received()
+        .into_iter()
+        .filter(|r| r.symbol == "TOOL/USD" && r.stage == "signal")
+        .collect();
+    assert_eq!(asked.len(), 3, "two tool rounds and the answer");
+    for r in &asked {
+        let names: Vec<&str> = r.body["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["function"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names.len(), 8, "{names:?}");
+        assert!(names.contains(&"get_recent_decisions"), "{names:?}");
+    }
+    let results = tool_results(&asked[1].body);
+    assert_eq!(results.len(), 2);
+    let price = &results[0];
+    assert_eq!(price["symbol"], "TOOL/USD");
+    assert_eq!(price["simulated"], true);
+    let expected = simulated_close("TOOL/USD", price["as_of"].as_str().unwrap()).await;
+    assert_eq!(price["price"].as_f64().unwrap(), expected, "{price}");
+    let consensus = &results[1];
+    let votes = ["bullish", "bearish", "neutral"]
+        .iter()
+        .map(|k| consensus[k].as_u64().unwrap())
+        .sum::<u64>();
+    assert!(votes >= 3, "{consensus}");
+    assert_eq!(tool_results(&asked[2].body).len(), 4);
+
+    // The published signal says which tools its agent used.
+    let (_, latest) = app.get("/api/signals/latest").await;
+    assert!(signal_of(&latest, "TOOL/USD").is_some(), "{cycle}");
+    let stored = history_signal(&app, "TOOL/USD").await;
+    assert_eq!(
+        stored["metadata"]["tools_used"],
+        json!(["get_current_price", "get_strategy_consensus"]),
+        "{stored}"
+    );
+
+    // The looping model: stopped after three rounds — a fourth request that still asked for
+    // tools ends the symbol, with the reason.
+    let failure = cycle["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["symbol"] == "LOOP/USD")
+        .cloned()
+        .unwrap_or_else(|| panic!("LOOP/USD did not fail: {cycle}"));
+    assert_eq!(failure["reason"], "invalid_output", "{failure}");
+    let loops: Vec<_> = llm
+        .received()
+        .into_iter()
+        .filter(|r| r.symbol == "LOOP/USD" && r.stage == "signal")
+        .collect();
+    assert!(loops.len() >= 4, "{} requests", loops.len());
+    let rounds: Vec<usize> = loops.iter().map(|r| tool_results(&r.body).len()).collect();
+    assert_eq!(rounds[..4], [0, 1, 2, 3], "{rounds:?}");
+    // No fifth round: the next request (if any) is the next cycle's first.
+    assert!(rounds.get(4).is_none_or(|n| *n == 0), "{rounds:?}");
+
+    // Hostile arguments: every call refused with its code, the symbol still published.
+    let hostile = llm
+        .received()
+        .into_iter()
+        .find(|r| r.symbol == "HOST/USD" && r.stage == "signal" && tool_results(&r.body).len() == 9)
+        .expect("the model got its refusals back");
+    let codes: Vec<String> = tool_results(&hostile.body)
+        .iter()
+        .map(|r| r["error"]["code"].as_str().unwrap_or("none").to_string())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "INVALID_SYMBOL",
+            "LIMIT_EXCEEDED",
+            "LIMIT_EXCEEDED",
+            "INVALID_ARGUMENTS",
+            "INVALID_TIMEFRAME",
+            "INVALID_METRIC",
+            "UNKNOWN_STRATEGY",
+            "INVALID_HORIZON",
+            "UNKNOWN_TOOL",
+        ]
+    );
+    for r in tool_results(&hostile.body) {
+        assert!(
+            r.to_string().len() < 1_000,
+            "a refusal stays short, whatever the argument: {r}"
+        );
+    }
+    assert!(signal_of(&latest, "HOST/USD").is_some(), "{cycle}");
+    // The service carried on: the next cycle runs.
+    app.wait_cycles(2, Duration::from_secs(20)).await;
+    app.stop().await.expect("clean stop");
+}
+
+/// `.test-tools/py`'s Python, with the official MCP SDK (installed by `scripts/test`).
+fn python() -> std::path::PathBuf {
+    std::env::var_os("MCP_PYTHON")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".test-tools/py/bin/python")
+        })
+}
+
+#[tokio::test]
+async fn an_independent_mcp_client_lists_and_calls_every_tool() {
+    let yaml = config("*/2 * * * * *", "  symbols: [ETH/USD, BTC/USD]\n");
+    let app = spawn_app(yaml).await;
+    // Something in the history to ask about.
+    history_signal(&app, "ETH/USD").await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_client.py");
+    let out = tokio::process::Command::new(python())
+        .arg(&script)
+        .arg(format!("{}/mcp", app.base))
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the client prints JSON");
+
+    // Every tool listed, each with an object schema that requires what it must.
+    let tools = report["tools"].as_object().unwrap();
+    assert_eq!(tools.len(), 8, "{report}");
+    for (name, schema) in tools {
+        assert_eq!(schema["type"], "object", "{name}");
+        assert!(
+            schema["required"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!("symbol"))),
+            "{name}: {schema}"
+        );
+    }
+    // Each call answered, and the answers agree with the market source and the history.
+    let calls = &report["calls"];
+    for (name, r) in calls.as_object().unwrap() {
+        assert_eq!(r["is_error"], false, "{name}: {r}");
+    }
+    let price = &calls["get_current_price"]["result"];
+    let expected = simulated_close("ETH/USD", price["as_of"].as_str().unwrap()).await;
+    assert_eq!(price["price"].as_f64().unwrap(), expected);
+    let candles = calls["get_candles"]["result"]["candles"]
+        .as_array()
+        .unwrap();
+    assert_eq!(candles.len(), 5);
+    for c in candles {
+        let expected = simulated_close("ETH/USD", c["time"].as_str().unwrap()).await;
+        assert_eq!(c["close"].as_f64().unwrap(), expected, "{c}");
+    }
+    let decisions = calls["get_recent_decisions"]["result"]["decisions"]
+        .as_array()
+        .unwrap();
+    let (_, page) = app
+        .get("/api/signals/history?stage=signal&symbol=ETH%2FUSD&limit=1")
+        .await;
+    assert!(!decisions.is_empty());
+    // Newest first, and nothing the history does not hold: the client's newest is at most the
+    // newest stored now (cycles went on meanwhile), and every one is a BUY/SELL/HOLD call.
+    assert!(decisions[0]["cycle_id"].as_str() <= page["signals"][0]["cycle_id"].as_str());
+    for d in decisions {
+        assert!(
+            ["BUY", "SELL", "HOLD"].contains(&d["action"].as_str().unwrap_or("")),
+            "{d}"
+        );
+    }
+    // No grades yet (the first horizon is 5 minutes away): a coded NO_DATA, not a crash.
+    assert_eq!(
+        report["refusals"]["get_signal_performance"]["code"], "NO_DATA",
+        "{report}"
+    );
+    // Hostile arguments through the SDK: coded refusals.
+    for (what, code) in [
+        ("unknown_symbol", "INVALID_SYMBOL"),
+        ("huge_limit", "LIMIT_EXCEEDED"),
+        ("wrong_type", "INVALID_ARGUMENTS"),
+        ("unknown_field", "INVALID_ARGUMENTS"),
+        ("unknown_tool", "UNKNOWN_TOOL"),
+    ] {
+        assert_eq!(report["refusals"][what]["code"], code, "{what}: {report}");
+    }
+    // An oversized body is refused before it is read whole, and the service is unaffected.
+    let big = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "get_candles", "arguments": {"symbol": "x".repeat(200_000)}}});
+    let r = reqwest::Client::new()
+        .post(format!("{}/mcp", app.base))
+        .header("accept", "application/json, text/event-stream")
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let (code, _) = app.get("/health/ready").await;
+    assert_eq!(code, 200);
+    app.stop().await.expect("clean stop");
+}
