@@ -281,6 +281,24 @@ fn tool_rounds(body: &Value) -> usize {
     })
 }
 
+/// The text of the last tool result in a request's conversation.
+fn last_tool_result(body: &Value) -> Option<String> {
+    let m = body["messages"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "tool")?;
+    Some(match &m["content"] {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    })
+}
+
 /// An answer asking for `calls`, as a whole completion or streamed.
 fn tool_calls_answer(calls: &[(String, Value)], stream: bool, usage: (u64, u64)) -> Response {
     let listed: Vec<Value> = calls
@@ -494,7 +512,13 @@ async fn completions(
             if tool_rounds(&body) < rounds {
                 tool_calls_answer(&calls, stream, usage)
             } else {
-                answer(&valid())
+                // A model that read its tools' answers says what it saw.
+                let mut v = valid();
+                if let Some(data) = last_tool_result(&body) {
+                    let said: String = data.chars().take(1500).collect();
+                    v["reasoning"] = json!(format!("{symbol}: the tools said {said}"));
+                }
+                answer(&v)
             }
         }
     }

@@ -47,8 +47,18 @@ pub struct OpenCodeServer {
 }
 
 impl OpenCodeServer {
-    /// Serves this repository's `agents/opencode` project (a copy), its model the test LLM.
+    /// Serves this repository's `agents/opencode` project (a copy), its model the test LLM,
+    /// without the runner's MCP tools.
     pub async fn start(llm: &LlmServer) -> OpenCodeServer {
+        Self::start_with(llm, None, None).await
+    }
+
+    /// As [`start`](Self::start), on `port` (0: any) and with the runner's tools at `mcp_url`.
+    pub async fn start_with(
+        llm: &LlmServer,
+        port: Option<u16>,
+        mcp_url: Option<&str>,
+    ) -> OpenCodeServer {
         let home = tempfile::tempdir().expect("tempdir");
         let project = home.path().join("project");
         copy_dir(
@@ -63,11 +73,16 @@ impl OpenCodeServer {
                 "npm": "@ai-sdk/openai-compatible",
                 "options": {"baseURL": llm.url},
                 "models": {"test-model": {"tool_call": true, "temperature": true, "limit": {"context": 128000, "output": 4096}}}
-            }}
+            }},
+            "mcp": {"runner": match mcp_url {
+                Some(url) => json!({"type": "remote", "url": url, "enabled": true, "oauth": false}),
+                None => json!({"type": "remote", "url": "http://127.0.0.1:9/mcp", "enabled": false}),
+            }},
         });
+        let port = port.unwrap_or(0).to_string();
         let h = home.path();
         let mut cmd = Command::new(opencode_bin());
-        cmd.args(["serve", "--port", "0", "--hostname", "127.0.0.1"])
+        cmd.args(["serve", "--port", &port, "--hostname", "127.0.0.1"])
             .current_dir(&project)
             .env("HOME", h)
             .env("XDG_CONFIG_HOME", h.join("config"))
@@ -260,4 +275,91 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
         .count();
     assert!(invalid >= 5, "{invalid} invalid_output: {cycle}");
     p.stop().await.expect("a clean stop");
+}
+
+/// An OpenCode agent calls the runner's `/mcp`: the model (scripted) asks for
+/// `runner_get_current_price`, OpenCode calls the runner's tool, the model reads the answer
+/// and its published reasoning carries the runner's price.
+#[tokio::test]
+async fn an_opencode_agent_calls_the_runners_tools_over_mcp() {
+    let llm = LlmServer::start().await;
+    llm.always_for(
+        "ETH/USD",
+        "signal",
+        Reply::CallTools {
+            calls: vec![(
+                "runner_get_current_price".into(),
+                json!({"symbol": "ETH/USD"}),
+            )],
+            rounds: 1,
+        },
+    );
+    // OpenCode's port first: the runner is configured with it, and OpenCode with the runner's
+    // /mcp, so the runner starts first and its first cycles may find OpenCode not up yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let cfg = extra(
+        &format!("http://127.0.0.1:{port}"),
+        "ETH/USD",
+        "  retry:\n    max_attempts: 1\n  timeouts:\n    symbol_timeout_seconds: 25\n    symbol_timeout_max_seconds: 25\n    total_timeout_seconds: 28\n",
+    );
+    let app = spawn_app(config("*/30 * * * * *", &cfg)).await;
+    let _oc =
+        OpenCodeServer::start_with(&llm, Some(port), Some(&format!("{}/mcp", app.base))).await;
+    let cycles = app
+        .poll("/api/cycles", Duration::from_secs(150), |c| {
+            c["cycles"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|t| t["symbols_ok"] == 1))
+        })
+        .await;
+    assert!(!cycles["cycles"].as_array().unwrap().is_empty());
+    // The model was sent the runner's answer…
+    let asked: Vec<_> = llm
+        .received()
+        .into_iter()
+        .filter(|r| r.symbol == "ETH/USD" && r.stage == "signal")
+        .collect();
+    let offered: Vec<String> = asked[0].body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        offered.contains(&"runner_get_current_price".to_string())
+            && offered.contains(&"runner_get_recent_decisions".to_string()),
+        "the signal agent is offered the runner's tools: {offered:?}"
+    );
+    assert!(
+        !offered
+            .iter()
+            .any(|t| t == "bash" || t == "edit" || t == "write"),
+        "{offered:?}"
+    );
+    // …and its published answer carries the price the runner's tool gave.
+    let (_, latest) = app.get("/api/signals/latest").await;
+    let sig = latest["signals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["symbol"] == "ETH/USD")
+        .cloned()
+        .expect("published");
+    let reasoning = sig["reasoning"].as_str().unwrap();
+    assert!(reasoning.contains("the tools said"), "{reasoning}");
+    let said: Value = serde_json::from_str(
+        reasoning
+            .split("the tools said ")
+            .nth(1)
+            .unwrap_or("")
+            .trim(),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {reasoning}"));
+    assert_eq!(said["symbol"], "ETH/USD", "{said}");
+    assert!(said["price"].as_f64().unwrap_or(0.0) > 0.0, "{said}");
+    assert_eq!(said["simulated"], true, "{said}");
+    app.stop().await.expect("clean stop");
 }
