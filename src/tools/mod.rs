@@ -406,8 +406,15 @@ impl Toolbox {
         symbols: &[String],
         clock: Clock,
     ) -> Self {
+        let defs = definitions();
+        // Every tool's series exists from the start, so a rate over it is defined before the
+        // first call (an increment by zero never resets what another instance counted).
+        for d in &defs {
+            metrics::counter!(names::MCP_TOOL_CALLS, "tool" => d.name, "outcome" => "ok")
+                .increment(0);
+        }
         Toolbox {
-            defs: definitions(),
+            defs,
             market,
             history,
             symbols: symbols.iter().cloned().collect(),

@@ -14,6 +14,7 @@ use crate::sse_client::SseClient;
 const DESIGN_NAMES: &[&str] = &[
     "signal_generation_total",
     "signal_generation_skipped_total",
+    "mcp_tool_calls_total",
     "cycle_failures_total",
     "cycles_skipped_circuit_open_total",
     "cycles_skipped_high_latency_total",
