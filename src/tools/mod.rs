@@ -1,7 +1,7 @@
 //! The agents' own tools: market data, the rules strategies and past decisions, read-only.
 //!
 //! One [`Toolbox`] serves two callers with the same definitions and the same answers:
-//! - the MCP server at `/mcp` ([`crate::http`]), which OpenCode agents (or any MCP client)
+//! - the MCP server at `/mcp` (the HTTP layer serves it), which OpenCode agents (or any MCP client)
 //!   reach over Streamable HTTP;
 //! - the OpenAI-compatible backend with `agents.tools: mcp`, which gives the model these tools
 //!   as function definitions and runs its calls in process
@@ -52,6 +52,8 @@ const VOLATILITY_CANDLES: usize = 60;
 /// Answers kept per minute before the cache stops adding (hostile callers varying their
 /// arguments cannot grow it without bound).
 const CACHE_MAX: usize = 4096;
+/// Longest arguments (as JSON text) whose answer is cached.
+const CACHE_KEY_MAX: usize = 512;
 
 /// Why a tool call failed: a stable code a model (or a person) can act on, and what exactly
 /// was wrong.
@@ -498,7 +500,9 @@ impl Toolbox {
             let mut c = self.cache(minute);
             match c.answers.get(&key) {
                 Some(cell) => Some(cell.clone()),
-                None if c.answers.len() < CACHE_MAX => {
+                // Real arguments are a few dozen bytes; a huge one is answered (refused,
+                // mostly) but not kept, so the cache stays small whatever callers send.
+                None if c.answers.len() < CACHE_MAX && key.len() <= CACHE_KEY_MAX => {
                     let cell: Cell = Arc::default();
                     c.answers.insert(key, cell.clone());
                     Some(cell)
