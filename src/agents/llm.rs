@@ -536,7 +536,7 @@ pub struct LlmHealth {
 /// Counts since start, by bounded labels only.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Tallies {
-    /// Model answers by stage and outcome (`ok`, `repaired`, `rejected`).
+    /// Model answers by stage and outcome (`accepted`, `repaired`, `rejected`).
     pub outputs: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Requests by how they ended (`ok`, `timeout`, `rate_limited`, `refused`, …).
     pub requests: BTreeMap<&'static str, u64>,
@@ -758,6 +758,10 @@ impl LlmAgent {
             };
             round += 1;
             if round > self.shared.max_tool_rounds {
+                // Counted as the answer it stands in for: a rejected one.
+                self.shared
+                    .health
+                    .count_output(stage.as_str(), Outcome::Rejected.as_str());
                 return Err(AgentError::InvalidOutput(format!(
                     "the model still asked for tools after {} rounds (agents.max_tool_rounds); no answer",
                     self.shared.max_tool_rounds
