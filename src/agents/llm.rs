@@ -121,9 +121,9 @@ pub struct ToolCall {
 /// server offers, implemented above this layer and handed in.
 #[async_trait]
 pub trait ToolRunner: Send + Sync {
-    /// OpenAI-style function definitions:
+    /// OpenAI-style function definitions, made once:
     /// `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
-    fn functions(&self) -> Vec<Value>;
+    fn functions(&self) -> &[Value];
     /// Runs one call. `Err` carries the coded error body the model is shown.
     async fn run(&self, name: &str, arguments: &Value) -> Result<Value, Value>;
 }
@@ -710,9 +710,9 @@ impl LlmAgent {
             None => limits.per_call,
         };
         let limits = CallLimits { per_call, ..limits };
-        let functions = match &self.shared.tools {
+        let functions: &[Value] = match &self.shared.tools {
             Some(t) if self.transport.takes_tools() => t.functions(),
-            _ => vec![],
+            _ => &[],
         };
         let mut req = LlmRequest {
             stage,
@@ -724,7 +724,7 @@ impl LlmAgent {
             schema: stage_schema(stage),
             model: &self.model,
             max_tokens: self.shared.max_tokens,
-            tools: &functions,
+            tools: functions,
             conversation: vec![],
         };
         let backoff = self.shared.backoff;

@@ -281,7 +281,9 @@ fn definitions() -> Vec<ToolDef> {
 }
 
 /// A cache entry: concurrent identical calls share one computation.
-type Cell = Arc<OnceCell<Arc<Value>>>;
+type Cell = Arc<OnceCell<Answer>>;
+/// An answer or a refusal, as cached.
+type Answer = Result<Arc<Value>, ToolError>;
 /// A symbol's candles of the minute, fetched once however many tools need them.
 type CandleCell = Arc<OnceCell<Arc<Vec<Candle>>>>;
 
@@ -296,6 +298,8 @@ struct Cache {
 /// The tools, their data sources and their cache.
 pub struct Toolbox {
     defs: Vec<ToolDef>,
+    /// `defs` as OpenAI function definitions, for the in-process path.
+    functions: Vec<Value>,
     market: Arc<dyn MarketSource>,
     history: Option<Arc<dyn HistoryStore>>,
     symbols: BTreeSet<String>,
@@ -415,8 +419,19 @@ impl Toolbox {
             metrics::counter!(names::MCP_TOOL_CALLS, "tool" => d.name, "outcome" => "ok")
                 .increment(0);
         }
+        let functions = defs
+            .iter()
+            .map(|d| {
+                json!({"type": "function", "function": {
+                    "name": d.name,
+                    "description": d.description,
+                    "parameters": d.input_schema,
+                }})
+            })
+            .collect();
         Toolbox {
             defs,
+            functions,
             market,
             history,
             symbols: symbols.iter().cloned().collect(),
@@ -510,25 +525,19 @@ impl Toolbox {
                 None => None,
             }
         };
+        // The cell keeps answers and refusals alike (the same arguments are refused the same
+        // way); the outer error, which the cell does not keep, is an unavailable source, worth
+        // asking again.
         let compute = || async {
             match self.run(tool, args, minute).await {
-                Ok(v) => Ok(Arc::new(v)),
-                // Refusals are as cacheable as answers (the same arguments are refused the
-                // same way); only an unavailable source is worth asking again.
-                Err(e) if !e.transient() => Ok(Arc::new(e.to_json())),
+                Ok(v) => Ok(Ok(Arc::new(v))),
+                Err(e) if !e.transient() => Ok(Err(e)),
                 Err(e) => Err(e),
             }
         };
-        let v = match cell {
+        match cell {
             Some(cell) => cell.get_or_try_init(compute).await?.clone(),
             None => compute().await?,
-        };
-        match v.get("error") {
-            Some(e) if v.as_object().is_some_and(|o| o.len() == 1) => Err(ToolError {
-                code: known_code(e["code"].as_str().unwrap_or("UNAVAILABLE")),
-                message: e["message"].as_str().unwrap_or_default().to_string(),
-            }),
-            _ => Ok(v),
         }
     }
 
@@ -893,17 +902,8 @@ impl Toolbox {
 
 #[async_trait::async_trait]
 impl crate::agents::llm::ToolRunner for Toolbox {
-    fn functions(&self) -> Vec<Value> {
-        self.defs
-            .iter()
-            .map(|d| {
-                json!({"type": "function", "function": {
-                    "name": d.name,
-                    "description": d.description,
-                    "parameters": d.input_schema,
-                }})
-            })
-            .collect()
+    fn functions(&self) -> &[Value] {
+        &self.functions
     }
 
     async fn run(&self, name: &str, arguments: &Value) -> Result<Value, Value> {
@@ -912,28 +912,6 @@ impl crate::agents::llm::ToolRunner for Toolbox {
             .map(|v| v.as_ref().clone())
             .map_err(|e| e.to_json())
     }
-}
-
-/// A code read back from a cached refusal, as the `'static` string it was made from.
-fn known_code(code: &str) -> &'static str {
-    const CODES: [&str; 11] = [
-        "UNKNOWN_TOOL",
-        "INVALID_ARGUMENTS",
-        "INVALID_SYMBOL",
-        "INVALID_TIMEFRAME",
-        "INVALID_HORIZON",
-        "INVALID_METRIC",
-        "UNKNOWN_STRATEGY",
-        "LIMIT_EXCEEDED",
-        "NO_DATA",
-        "HISTORY_DISABLED",
-        "UNAVAILABLE",
-    ];
-    CODES
-        .iter()
-        .find(|c| **c == code)
-        .copied()
-        .unwrap_or("UNAVAILABLE")
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::app::spawn_app;
-use crate::helpers::{config, metric};
+use crate::helpers::{config, metric, of_symbol};
 use crate::market_server::{Behaviour, MarketServer};
 
 #[tokio::test]
@@ -78,20 +78,13 @@ async fn slow_and_failing_symbols_never_block_the_others() {
         .unwrap()
         .to_string();
     let (_, latest) = p.get("/api/signals/latest").await;
-    let signals = latest["signals"].as_array().unwrap();
     for s in ["FA/USD", "FB/USD", "FC/USD"] {
-        let sig = signals
-            .iter()
-            .find(|x| x["symbol"] == s)
-            .unwrap_or_else(|| panic!("{s} missing"));
+        let sig = of_symbol(&latest["signals"], s).unwrap_or_else(|| panic!("{s} missing"));
         assert_eq!(sig["stage"], "report");
         assert!(sig["cycle_id"].as_str().unwrap() >= newest.as_str());
     }
-    assert!(
-        signals
-            .iter()
-            .all(|x| x["symbol"] != "FSLOW/USD" && x["symbol"] != "FFAIL/USD")
-    );
+    assert!(of_symbol(&latest["signals"], "FSLOW/USD").is_none());
+    assert!(of_symbol(&latest["signals"], "FFAIL/USD").is_none());
     // Both failures are counted, each with its own reason.
     let (_, m) = p.get_text("/metrics").await;
     let name = "autonomous_runner_signal_generation_skipped_total";

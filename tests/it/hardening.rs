@@ -392,11 +392,7 @@ async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_a
     .await;
     // Every lock is taken; then Redis dies under them.
     let locks = format!("{prefix}signal:lock:*");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while redis.keys(&locks).await.len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "locks never taken");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    redis.wait_keys(&locks, 3, Duration::from_secs(15)).await;
     redis.stop();
     let breaker = |d: &Value| d["circuit_breakers"]["redis"].clone();
     let d = app

@@ -257,6 +257,15 @@ pub fn config(schedule: &str, extra: &str) -> String {
 /// Panics when no series of `name` exists at all: a renamed or never-registered metric must
 /// fail the test, not read as 0. (A label combination with no series of its own sums to 0:
 /// "ETH/USD was never skipped for invalid_output" is a real zero.)
+/// The entry for `symbol` in a JSON array of per-symbol objects (`signals` of
+/// `/api/signals/latest`, `failures` of a cycle).
+pub fn of_symbol(list: &Value, symbol: &str) -> Option<Value> {
+    list.as_array()?
+        .iter()
+        .find(|x| x["symbol"] == symbol)
+        .cloned()
+}
+
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let series: Vec<&str> = text
         .lines()

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::app::{AppOptions, TestApp, anchored_now, spawn_app, spawn_app_with, unique_prefix};
-use crate::helpers::{Proc, config, metric};
+use crate::helpers::{Proc, config, metric, of_symbol};
 use crate::llm_server::{LlmServer, Reply, valid_answer};
 
 const KEY: &str = "sk-or-v1-THIS-KEY-MUST-NEVER-BE-LOGGED-0123456789";
@@ -406,22 +406,8 @@ async fn hostile_answers_are_rejected_repaired_or_kept_as_text() {
     let app = spawn_app(config("*/2 * * * * *", &extra)).await;
     let cycle = app.wait_cycles(1, Duration::from_secs(30)).await[0].clone();
     let (_, latest) = app.get("/api/signals/latest").await;
-    let published = |s: &str| {
-        latest["signals"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["symbol"] == s)
-            .cloned()
-    };
-    let failure = |s: &str| {
-        cycle["failures"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["symbol"] == s)
-            .cloned()
-    };
+    let published = |s: &str| of_symbol(&latest["signals"], s);
+    let failure = |s: &str| of_symbol(&cycle["failures"], s);
     for (s, _, expect) in &cases {
         match expect {
             Expect::Rejected => {

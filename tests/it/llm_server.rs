@@ -214,6 +214,20 @@ fn stage_of(schema: Option<&Value>) -> &'static str {
     }
 }
 
+/// A message's text: its content string, or its text parts joined.
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
 /// The symbol named in the last user message (`Symbol: ETH/USD`).
 fn symbol_of(body: &Value) -> String {
     let text: String = body["messages"]
@@ -221,15 +235,7 @@ fn symbol_of(body: &Value) -> String {
         .map(|m| {
             m.iter()
                 .filter(|m| m["role"] == "user")
-                .map(|m| match &m["content"] {
-                    Value::String(s) => s.clone(),
-                    Value::Array(parts) => parts
-                        .iter()
-                        .filter_map(|p| p["text"].as_str())
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    _ => String::new(),
-                })
+                .map(|m| text_of(&m["content"]))
                 .collect::<Vec<_>>()
                 .join("\n")
         })
@@ -288,15 +294,7 @@ fn last_tool_result(body: &Value) -> Option<String> {
         .iter()
         .rev()
         .find(|m| m["role"] == "tool")?;
-    Some(match &m["content"] {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p["text"].as_str())
-            .collect::<Vec<_>>()
-            .join(" "),
-        other => other.to_string(),
-    })
+    Some(text_of(&m["content"]))
 }
 
 /// An answer asking for `calls`, as a whole completion or streamed.
@@ -331,16 +329,7 @@ fn tool_calls_answer(calls: &[(String, Value)], stream: bool, usage: (u64, u64))
         chunk(json!({}), json!("tool_calls")),
         json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "test-model", "choices": [], "usage": usage_json}),
     ];
-    let mut body = String::new();
-    for e in events {
-        body.push_str(&format!("data: {e}\n\n"));
-    }
-    body.push_str("data: [DONE]\n\n");
-    Response::builder()
-        .status(200)
-        .header("content-type", "text/event-stream")
-        .body(Body::from(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    sse_response(&events)
 }
 
 fn chat_completion(content: Option<&str>, tool_args: Option<&str>, usage: (u64, u64)) -> Value {
@@ -355,6 +344,20 @@ fn chat_completion(content: Option<&str>, tool_args: Option<&str>, usage: (u64, 
         "choices": [{"index": 0, "message": message, "finish_reason": if tool_args.is_some() { "tool_calls" } else { "stop" }}],
         "usage": {"prompt_tokens": usage.0, "completion_tokens": usage.1, "total_tokens": usage.0 + usage.1}
     })
+}
+
+/// Chunks as a chat-completions stream: one `data:` event each, then `[DONE]`.
+fn sse_response(events: &[Value]) -> Response {
+    let mut body = String::new();
+    for e in events {
+        body.push_str(&format!("data: {e}\n\n"));
+    }
+    body.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// The same answer as server-sent chunks (OpenCode streams).
@@ -383,16 +386,7 @@ fn streamed(content: Option<&str>, tool_args: Option<&str>, usage: (u64, u64)) -
     }
     events.push(json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "test-model", "choices": [],
                        "usage": {"prompt_tokens": usage.0, "completion_tokens": usage.1, "total_tokens": usage.0 + usage.1}}));
-    let mut body = String::new();
-    for e in events {
-        body.push_str(&format!("data: {e}\n\n"));
-    }
-    body.push_str("data: [DONE]\n\n");
-    Response::builder()
-        .status(200)
-        .header("content-type", "text/event-stream")
-        .body(Body::from(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    sse_response(&events)
 }
 
 async fn completions(

@@ -8,7 +8,7 @@ use autonomous_runner::market::MarketSource;
 use serde_json::{Value, json};
 
 use crate::app::{TestApp, spawn_app};
-use crate::helpers::config;
+use crate::helpers::{config, of_symbol};
 use crate::llm_server::{LlmServer, Reply};
 
 /// The runner's answer to one tool call, from the conversation the model was sent back.
@@ -33,14 +33,6 @@ async fn simulated_close(symbol: &str, as_of: &str) -> f64 {
         .unwrap();
     assert_eq!(c[0].time, t);
     c[0].close
-}
-
-fn signal_of<'a>(latest: &'a Value, symbol: &str) -> Option<&'a Value> {
-    latest["signals"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["symbol"] == symbol)
 }
 
 async fn history_signal(app: &TestApp, symbol: &str) -> Value {
@@ -168,7 +160,10 @@ async fn the_openai_backend_runs_tool_rounds_in_process_and_stops_a_looping_mode
 
     // The published signal says which tools its agent used.
     let (_, latest) = app.get("/api/signals/latest").await;
-    assert!(signal_of(&latest, "TOOL/USD").is_some(), "{cycle}");
+    assert!(
+        of_symbol(&latest["signals"], "TOOL/USD").is_some(),
+        "{cycle}"
+    );
     let stored = history_signal(&app, "TOOL/USD").await;
     assert_eq!(
         stored["metadata"]["tools_used"],
@@ -178,12 +173,7 @@ async fn the_openai_backend_runs_tool_rounds_in_process_and_stops_a_looping_mode
 
     // The looping model: stopped after three rounds — a fourth request that still asked for
     // tools ends the symbol, with the reason.
-    let failure = cycle["failures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["symbol"] == "LOOP/USD")
-        .cloned()
+    let failure = of_symbol(&cycle["failures"], "LOOP/USD")
         .unwrap_or_else(|| panic!("LOOP/USD did not fail: {cycle}"));
     assert_eq!(failure["reason"], "invalid_output", "{failure}");
     let loops: Vec<_> = llm
@@ -227,7 +217,10 @@ async fn the_openai_backend_runs_tool_rounds_in_process_and_stops_a_looping_mode
             "a refusal stays short, whatever the argument: {r}"
         );
     }
-    assert!(signal_of(&latest, "HOST/USD").is_some(), "{cycle}");
+    assert!(
+        of_symbol(&latest["signals"], "HOST/USD").is_some(),
+        "{cycle}"
+    );
     // The service carried on: the next cycle runs.
     app.wait_cycles(2, Duration::from_secs(20)).await;
     app.stop().await.expect("clean stop");

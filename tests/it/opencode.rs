@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::app::spawn_app;
-use crate::helpers::{Proc, config};
+use crate::helpers::{Proc, config, of_symbol};
 use crate::llm_server::{LlmServer, Reply};
 
 /// `OPENCODE_BIN`, or where `scripts/test` installs it.
@@ -228,33 +228,17 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
     let p = spawn_app(config("*/30 * * * * *", &cfg)).await;
     let cycle = p.wait_cycles(1, Duration::from_secs(120)).await[0].clone();
     let (_, latest) = p.get("/api/signals/latest").await;
-    let failure = |s: &str| {
-        cycle["failures"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["symbol"] == s)
-            .cloned()
-    };
+    let failure = |s: &str| of_symbol(&cycle["failures"], s);
     use crate::llm_agents::Expect;
     for (s, _, expect) in &cases {
         let expect = *expect;
         if expect == Expect::Repaired {
             assert!(failure(s).is_none(), "{s} should be repaired: {cycle}");
-            let sig = latest["signals"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["symbol"] == *s);
+            let sig = of_symbol(&latest["signals"], s);
             assert!(sig.is_some(), "{s} not published");
         } else if expect == Expect::Verbatim {
             assert!(failure(s).is_none(), "{s} should be accepted: {cycle}");
-            let sig = latest["signals"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["symbol"] == *s)
-                .expect("published");
+            let sig = of_symbol(&latest["signals"], s).expect("published");
             assert!(
                 sig["reasoning"].as_str().unwrap().contains("<script>"),
                 "kept verbatim as text"
@@ -308,14 +292,12 @@ async fn an_opencode_agent_calls_the_runners_tools_over_mcp() {
     let app = spawn_app(config("*/30 * * * * *", &cfg)).await;
     let _oc =
         OpenCodeServer::start_with(&llm, Some(port), Some(&format!("{}/mcp", app.base))).await;
-    let cycles = app
-        .poll("/api/cycles", Duration::from_secs(150), |c| {
-            c["cycles"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|t| t["symbols_ok"] == 1))
-        })
-        .await;
-    assert!(!cycles["cycles"].as_array().unwrap().is_empty());
+    app.poll("/api/cycles", Duration::from_secs(150), |c| {
+        c["cycles"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t["symbols_ok"] == 1))
+    })
+    .await;
     // The model was sent the runner's answer…
     let asked: Vec<_> = llm
         .received()
@@ -341,13 +323,7 @@ async fn an_opencode_agent_calls_the_runners_tools_over_mcp() {
     );
     // …and its published answer carries the price the runner's tool gave.
     let (_, latest) = app.get("/api/signals/latest").await;
-    let sig = latest["signals"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["symbol"] == "ETH/USD")
-        .cloned()
-        .expect("published");
+    let sig = of_symbol(&latest["signals"], "ETH/USD").expect("published");
     let reasoning = sig["reasoning"].as_str().unwrap();
     assert!(reasoning.contains("the tools said"), "{reasoning}");
     let said: Value = serde_json::from_str(

@@ -133,6 +133,19 @@ impl RedisServer {
         k.sort();
         k
     }
+
+    /// Waits until at least `n` keys match `pattern` (locks being taken, say); panics after
+    /// `timeout`.
+    pub async fn wait_keys(&self, pattern: &str, n: usize, timeout: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.keys(pattern).await.len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} keys match {pattern} after {timeout:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for RedisServer {

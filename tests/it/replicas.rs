@@ -19,11 +19,9 @@ const FIVE: &str = "ETH/USD, BTC/USD, SOL/USD, DOGE/USD, LINK/USD";
 
 /// Waits (up to 10 s) until `n` symbol locks exist.
 async fn wait_for_locks(redis: &RedisServer, n: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while redis.keys("signal:lock:*").await.len() < n {
-        assert!(tokio::time::Instant::now() < deadline, "locks never taken");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    redis
+        .wait_keys("signal:lock:*", n, Duration::from_secs(10))
+        .await;
 }
 
 /// (cycle_id, symbol) → number of entries in the stream.
@@ -459,11 +457,7 @@ async fn graceful_shutdown_releases_locks_and_deletes_the_heartbeat() {
     )
     .await;
     let locks = format!("{prefix}signal:lock:*");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while redis.keys(&locks).await.len() < 5 {
-        assert!(tokio::time::Instant::now() < deadline, "locks never taken");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    redis.wait_keys(&locks, 5, Duration::from_secs(10)).await;
     assert_eq!(
         redis.keys(&format!("{prefix}runner:heartbeat:*")).await,
         vec![format!("{prefix}runner:heartbeat:leaver")]
