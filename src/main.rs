@@ -49,10 +49,13 @@ struct ConfigArg {
     /// YAML configuration file; without it the embedded defaults are used.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
+    /// HTTP port (overrides `http.port` and `PORT`; 0 picks a free one).
+    #[arg(long, short = 'p', value_name = "PORT")]
+    port: Option<u16>,
 }
 
 fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
-    Config::load(arg.config.as_deref(), &ProcessEnv).map_err(|e| {
+    let mut cfg = Config::load(arg.config.as_deref(), &ProcessEnv).map_err(|e| {
         match &e {
             ConfigError::Invalid(issues) => {
                 for i in issues {
@@ -62,7 +65,11 @@ fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
             other => eprintln!("{other}"),
         }
         ExitCode::from(EXIT_CONFIG)
-    })
+    })?;
+    if let Some(port) = arg.port {
+        cfg.http.port = port;
+    }
+    Ok(cfg)
 }
 
 /// Cancels the token on the first SIGTERM or SIGINT.

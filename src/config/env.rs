@@ -63,6 +63,15 @@ impl Config {
         if let Some(v) = set("ADMIN_TOKEN") {
             self.http.admin_token = Secret::new(v);
         }
+        if let Some(v) = set("PORT") {
+            match v.trim().parse::<u16>() {
+                Ok(n) => self.http.port = n,
+                Err(_) => issues.push(ConfigIssue {
+                    path: "PORT".into(),
+                    message: format!("must be a port number from 0 to 65535, got {v:?}"),
+                }),
+            }
+        }
         if let Some(v) = set("SIGNAL_FREQUENCY_MINUTES") {
             match v.trim().parse::<u32>() {
                 Ok(n) if (1..=59).contains(&n) => self.schedule = format!("*/{n} * * * *"),

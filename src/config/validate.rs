@@ -142,6 +142,18 @@ impl Config {
                 "must be an http:// or https:// URL",
             );
         }
+        // OpenRouter itself refuses every call without a key: better said at start than as a
+        // 401 on the first tick. Other OpenAI-compatible servers (a local model) may need none.
+        if self.uses_backend(AgentBackend::Openrouter)
+            && self.agents.api_key.is_empty()
+            && self.agents.base_url.contains("openrouter.ai")
+        {
+            v.bad(
+                format!("{r}.agents.api_key"),
+                "agents.backend is openrouter at openrouter.ai but no API key is set \
+                 (set OPENROUTER_API_KEY, or use agents.backend: rules)",
+            );
+        }
         if self.uses_backend(AgentBackend::Opencode) && !is_http_url(&self.agents.opencode.url) {
             v.bad(
                 format!("{r}.agents.opencode.url"),

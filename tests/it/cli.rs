@@ -58,6 +58,16 @@ fn check_config_rejects_each_bad_input_with_exit_2_naming_the_key() {
             "autonomous_runner:\n  timeouts:\n    total_timeout_seconds: -3\n",
             "autonomous_runner.timeouts.total_timeout_seconds:",
         ),
+        (
+            "a step past its field",
+            "autonomous_runner:\n  schedule: \"*/61 * * * *\"\n",
+            "autonomous_runner.schedule:",
+        ),
+        (
+            "OpenRouter without a key",
+            "autonomous_runner:\n  agents:\n    backend: openrouter\n",
+            "autonomous_runner.agents.api_key:",
+        ),
     ];
     for (name, yaml, key) in cases {
         let (code, stdout, stderr) = check_config(yaml, &[]);
@@ -71,6 +81,44 @@ fn check_config_rejects_each_bad_input_with_exit_2_naming_the_key() {
             "{name}: nothing on stdout for a bad config"
         );
     }
+}
+
+/// The port comes from `--port`, else `PORT`, else the config; a bad `PORT` is refused.
+#[test]
+fn the_port_is_set_by_flag_or_environment() {
+    let port_of = |args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(binary())
+            .arg("check-config")
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .expect("run check-config");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let port = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("port: "))
+            .map(str::to_string);
+        (
+            out.status.code(),
+            port,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(port_of(&[], &[]).1.as_deref(), Some("8080"));
+    assert_eq!(port_of(&[], &[("PORT", "9191")]).1.as_deref(), Some("9191"));
+    assert_eq!(
+        port_of(&["--port", "7000"], &[("PORT", "9191")])
+            .1
+            .as_deref(),
+        Some("7000")
+    );
+    let (code, _, stderr) = port_of(&[], &[("PORT", "eighty")]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.starts_with("PORT: must be a port number"),
+        "{stderr}"
+    );
 }
 
 #[test]

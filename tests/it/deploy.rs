@@ -19,6 +19,7 @@ fn the_configmap_config_passes_check_config() {
         .args(["check-config", "--config", f.path.to_str().unwrap()])
         .env_clear()
         .env("REDIS_URL", "redis://redis:6379")
+        .env("OPENROUTER_API_KEY", "sk-or-test")
         .env("HOSTNAME", "autonomous-runner-abc")
         .output()
         .unwrap();
