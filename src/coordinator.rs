@@ -132,6 +132,8 @@ pub struct Coordinator {
     claim_ttl: Duration,
     /// EWMA of each symbol's processing time (seconds), for the dispatch order.
     expected: std::sync::Mutex<std::collections::HashMap<String, f64>>,
+    /// `parallel.batch_delay_ms`: at most a pool's worth of symbols start per this much time.
+    batch_delay: Duration,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -167,7 +169,17 @@ impl Coordinator {
             work_sharing,
             claim_ttl,
             expected: Default::default(),
+            batch_delay: Duration::ZERO,
         }
+    }
+
+    /// Spaces the dispatches so that at most a pool's worth of symbols start per
+    /// `batch_delay` (`parallel.batch_delay_ms`): the seed's "a batch, then a pause" as a
+    /// steady rate, without the barrier that idles the pool behind a batch's slowest symbol.
+    /// It smooths the burst a provider sees at the top of every tick. Zero: no spacing.
+    pub fn with_batch_delay(mut self, batch_delay: Duration) -> Self {
+        self.batch_delay = batch_delay;
+        self
     }
 
     /// The configured symbols.
@@ -214,15 +226,26 @@ impl Coordinator {
         let mut tasks = tokio::task::JoinSet::new();
         let mut results: Vec<Option<(String, SymbolResult)>> = vec![None; self.symbols.len()];
         let mut order = self.dispatch_order().into_iter();
-        // Dispatch: take a permit, then spawn the symbol with it. A symbol that gets no permit
-        // before the cycle ends (deadline or shutdown) is recorded as such, never started.
+        let spacing = self.batch_delay / u32::try_from(plan.concurrency.max(1)).unwrap_or(u32::MAX);
+        let mut next_start: Option<Instant> = None;
+        // Dispatch: take a permit (no sooner than the spacing allows), then spawn the symbol
+        // with it. A symbol that gets no permit before the cycle ends (deadline or shutdown)
+        // is recorded as such, never started.
         while let Some(idx) = order.next() {
             let permit = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => Err("shutdown"),
                 _ = tokio::time::sleep_until(plan.cycle_deadline) => Err("cycle_deadline"),
-                p = sem.clone().acquire_owned() => p.map_err(|_| "internal_error"),
+                p = async {
+                    if let Some(at) = next_start {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    sem.clone().acquire_owned().await
+                } => p.map_err(|_| "internal_error"),
             };
+            if !spacing.is_zero() {
+                next_start = Some(Instant::now() + spacing);
+            }
             let permit = match permit {
                 Ok(p) => p,
                 Err(reason) => {
@@ -427,7 +450,9 @@ impl SymbolJob {
         }
         metrics::gauge!(names::ACTIVE_LOCKS).decrement(1.0);
         metrics::gauge!(names::SYMBOLS_PROCESSING).decrement(1.0);
-        metrics::histogram!(names::SYMBOL_PROCESSING_DURATION_SECONDS)
+        // Labelled by symbol (bounded by the configured symbols): which symbol is slow is
+        // what an operator looking at this asks first.
+        metrics::histogram!(names::SYMBOL_PROCESSING_DURATION_SECONDS, "symbol" => symbol.to_string())
             .record(Instant::now().duration_since(start).as_secs_f64());
         result
     }
@@ -530,6 +555,36 @@ mod tests {
         assert_eq!(started["B/USD"], Duration::ZERO);
         assert_eq!(started["C/USD"], Duration::from_secs(1));
         assert_eq!(started["D/USD"], Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batch_delay_spaces_the_starts_and_keeps_the_pool_full() {
+        // Pool of 2, batch delay 1 s: a start every 500 ms at most, whatever the pool allows.
+        let (c, agent, _) = setup(
+            &[
+                ("A/USD", 100),
+                ("B/USD", 100),
+                ("C/USD", 100),
+                ("D/USD", 3000),
+            ],
+            MemoryStore::new(),
+        );
+        let c = c.with_batch_delay(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let r = c
+            .run_cycle(&plan(2, 10_000, 60_000), &CancellationToken::new())
+            .await;
+        assert_eq!(r.ok(), 4);
+        let mut starts: Vec<Duration> = agent
+            .started()
+            .iter()
+            .map(|(_, t)| t.duration_since(t0))
+            .collect();
+        starts.sort();
+        assert_eq!(
+            starts,
+            [0, 500, 1000, 1500].map(Duration::from_millis).to_vec()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -576,7 +576,8 @@ async fn build_coordination(
         prefix,
         &cfg.instance_id,
         timing,
-    );
+    )
+    .with_lock_prefix(&cfg.locks.redis_key_prefix);
     // Two live processes with one instance_id would vouch for each other's locks (and a
     // graceful stop of one deleted the other's heartbeat): refuse.
     let wait = Duration::from_secs(cfg.heartbeat.interval_seconds) + Duration::from_secs(1);
@@ -611,14 +612,17 @@ fn build_runner(
         advise_min_score: cfg.pipeline.advise_min_score,
         expiry_grace: Duration::from_secs(cfg.pipeline.expiry_grace_seconds),
     });
-    let coordinator = Arc::new(Coordinator::new(
-        coord.clone(),
-        pipeline,
-        cfg.symbols.clone(),
-        Duration::from_secs(cfg.locks.ttl_seconds),
-        cfg.coordination.work_sharing,
-        Duration::from_secs(cfg.locks.ttl_seconds),
-    ));
+    let coordinator = Arc::new(
+        Coordinator::new(
+            coord.clone(),
+            pipeline,
+            cfg.symbols.clone(),
+            Duration::from_secs(cfg.locks.ttl_seconds),
+            cfg.coordination.work_sharing,
+            Duration::from_secs(cfg.locks.ttl_seconds),
+        )
+        .with_batch_delay(Duration::from_millis(cfg.parallel.batch_delay_ms)),
+    );
     Ok(Runner::new(
         cfg,
         clock,

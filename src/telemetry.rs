@@ -56,7 +56,7 @@ pub mod names {
         LAST_CYCLE_TIMESTAMP_SECONDS = "last_cycle_timestamp_seconds";
         /// Histogram: cycle wall time.
         CYCLE_DURATION_SECONDS = "cycle_duration_seconds";
-        /// Histogram: one symbol's pipeline wall time.
+        /// Histogram {symbol}: one symbol's pipeline wall time.
         SYMBOL_PROCESSING_DURATION_SECONDS = "symbol_processing_duration_seconds";
         /// Histogram {stage}: agent call latency (any backend; retries included).
         LLM_LATENCY_SECONDS = "llm_latency_seconds";

@@ -43,7 +43,7 @@ impl Default for Parallel {
         Self {
             max_concurrent: 10,
             min_concurrent: 3,
-            batch_delay_ms: 1000,
+            batch_delay_ms: 0,
         }
     }
 }

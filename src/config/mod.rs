@@ -151,7 +151,9 @@ pub struct Parallel {
     pub max_concurrent: usize,
     /// The floor the limit is halved to during high latency.
     pub min_concurrent: usize,
-    /// Accepted for compatibility with the seed's file; the pool has no batches, so unused.
+    /// At most `max_concurrent` symbols start per this many milliseconds: dispatches are
+    /// spaced by `batch_delay_ms / concurrency` (the seed's pause between batches as a steady
+    /// rate; the pool has no batch barrier). 0 (the default): no spacing.
     pub batch_delay_ms: u64,
 }
 
@@ -177,8 +179,8 @@ pub struct Locks {
     pub ttl_seconds: u64,
     /// A lock older than this is stale and may be taken over.
     pub stale_threshold_seconds: u64,
-    /// Accepted for compatibility with the seed's file; keys are fixed by the contract
-    /// (`signal:lock:{symbol}`) under `coordination.key_prefix`.
+    /// Lock keys are `{coordination.key_prefix}{redis_key_prefix}{symbol}` (default
+    /// `signal:lock:`).
     pub redis_key_prefix: String,
 }
 

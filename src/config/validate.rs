@@ -126,6 +126,13 @@ impl Config {
                 "must be printable ASCII without spaces",
             );
         }
+        let lp = &self.locks.redis_key_prefix;
+        if lp.is_empty() || !lp.chars().all(|c| c.is_ascii_graphic()) {
+            v.bad(
+                format!("{r}.locks.redis_key_prefix"),
+                "must be non-empty printable ASCII without spaces (lock keys are {key_prefix}{redis_key_prefix}{symbol})",
+            );
+        }
 
         if self.agents.burst > self.agents.requests_per_minute {
             v.bad(

@@ -7,7 +7,7 @@
 //!
 //! | key | written by |
 //! |---|---|
-//! | `signal:lock:{symbol}` | `acquire_lock` (SET NX EX; stale takeover and release are owner-checked Lua) |
+//! | `signal:lock:{symbol}` (`locks.redis_key_prefix`) | `acquire_lock` (SET NX EX; stale takeover and release are owner-checked Lua) |
 //! | `runner:heartbeat:{id}` | `heartbeat` (SET EX; `{timestamp, pid, token}`) |
 //! | `runner:instances` | `heartbeat` (ZSET of id → last beat, to count live replicas with one key) |
 //! | `runner:cycle:{cycle_id}` | `try_cycle_lease` (SET NX EX) |
@@ -149,6 +149,8 @@ pub struct RedisCoordination {
     token: String,
     /// Locks we hold: symbol → the exact value we wrote (owner checks compare it).
     held: Mutex<HashMap<String, String>>,
+    /// `locks.redis_key_prefix`: what comes between the key prefix and the symbol.
+    lock_prefix: String,
 }
 
 impl std::fmt::Debug for RedisCoordination {
@@ -177,7 +179,15 @@ impl RedisCoordination {
             timing,
             token: process_token(),
             held: Mutex::new(HashMap::new()),
+            lock_prefix: "signal:lock:".into(),
         }
+    }
+
+    /// Lock keys `{prefix}{lock_prefix}{symbol}` instead of `{prefix}signal:lock:{symbol}`
+    /// (`locks.redis_key_prefix`).
+    pub fn with_lock_prefix(mut self, lock_prefix: &str) -> Self {
+        self.lock_prefix = lock_prefix.to_string();
+        self
     }
 
     /// Refuses to start next to a live process with the same `instance_id`: if a heartbeat
@@ -252,7 +262,7 @@ impl RedisCoordination {
     }
 
     fn lock_key(&self, symbol: &str) -> String {
-        self.key(&format!("signal:lock:{symbol}"))
+        self.key(&format!("{}{symbol}", self.lock_prefix))
     }
 
     fn heartbeat_key(&self, id: &str) -> String {

@@ -88,6 +88,30 @@ async fn lock_records_follow_the_seed_shape_and_malformed_ones_are_left_alone() 
     assert!(heartbeat.is_some());
 }
 
+/// `locks.redis_key_prefix` names the lock keys (under the key prefix); every lock operation
+/// uses it, and replicas configured alike exclude each other through it.
+#[tokio::test]
+async fn the_lock_key_prefix_names_the_lock_keys() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis.url(), "dep:", "a").with_lock_prefix("locks/");
+    let b = instance(&redis.url(), "dep:", "b").with_lock_prefix("locks/");
+    a.heartbeat().await.unwrap();
+    b.heartbeat().await.unwrap();
+    assert_eq!(
+        a.acquire_lock("ETH/USD").await.unwrap(),
+        LockOutcome::Acquired
+    );
+    assert_eq!(redis.keys("dep:locks/*").await, vec!["dep:locks/ETH/USD"]);
+    assert!(redis.keys("dep:signal:lock:*").await.is_empty());
+    assert_eq!(b.acquire_lock("ETH/USD").await.unwrap(), LockOutcome::Held);
+    a.release_lock("ETH/USD").await.unwrap();
+    assert!(redis.keys("dep:locks/*").await.is_empty());
+    assert_eq!(
+        b.acquire_lock("ETH/USD").await.unwrap(),
+        LockOutcome::Acquired
+    );
+}
+
 #[tokio::test]
 async fn calls_fail_fast_while_redis_is_down_and_recover() {
     let mut redis = RedisServer::start().await;
