@@ -290,6 +290,9 @@ impl Runner {
         );
         let demand = initial_demand(cfg);
         let params = adaptive.params(&demand);
+        // Until a cycle completes, the "last cycle" is the start: the delayed-signals alert
+        // then also fires for a deployment that never completes one (no series, no alert).
+        metrics::gauge!(names::LAST_CYCLE_TIMESTAMP_SECONDS).set(clock.now().timestamp() as f64);
         // Dashboards and alerts see every skip reason at zero before the first skip.
         for r in SkipReason::ALL {
             metrics::counter!(names::CYCLES_SKIPPED, "reason" => r.as_str()).increment(0);

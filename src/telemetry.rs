@@ -52,7 +52,7 @@ pub mod names {
         ADAPTIVE_BATCH_SIZE = "adaptive_batch_size";
         /// Gauge: p95 of recent agent-call latencies, milliseconds (the seed's name).
         CURRENT_P95_LATENCY_MS = "current_p95_latency_ms";
-        /// Gauge: Unix time of the last completed cycle.
+        /// Gauge: Unix time of the last completed cycle (the start time until one completes).
         LAST_CYCLE_TIMESTAMP_SECONDS = "last_cycle_timestamp_seconds";
         /// Histogram: cycle wall time.
         CYCLE_DURATION_SECONDS = "cycle_duration_seconds";
