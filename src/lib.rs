@@ -376,16 +376,23 @@ impl App {
         // Readiness turns 503 the moment shutdown is requested, before the drain finishes.
         let state = runner.state();
         let shutdown_flag = shutdown.clone();
+        let requested = Arc::new(std::sync::OnceLock::new());
+        let requested_at = requested.clone();
         let mark = tokio::spawn(async move {
             shutdown_flag.cancelled().await;
+            let _ = requested_at.set(Instant::now());
             state.set_shutting_down();
             tracing::info!("shutdown requested: no new ticks");
         });
-        // `run` returns after draining the in-flight cycle.
+        // `run` returns after draining the in-flight cycle (at most the grace period).
         runner.run(shutdown.clone()).await;
         mark.abort();
-        services.finish().await;
-        tracing::info!("graceful shutdown complete");
+        let since = requested.get().copied().unwrap_or_else(Instant::now);
+        services.finish(since).await;
+        tracing::info!(
+            took_s = since.elapsed().as_secs_f64(),
+            "graceful shutdown complete"
+        );
         Ok(())
     }
 
@@ -393,7 +400,7 @@ impl App {
     pub async fn run_once(self, shutdown: CancellationToken) -> anyhow::Result<OnceOutcome> {
         let (mut runner, services) = self.start(&shutdown).await;
         let outcome = runner.run_once(shutdown).await;
-        services.finish().await;
+        services.finish(Instant::now()).await;
         Ok(outcome)
     }
 }
@@ -420,8 +427,13 @@ struct Services {
 
 impl Services {
     /// After the last cycle: release anything still held, delete the heartbeat, flush the
-    /// outbox, stop the HTTP server.
-    async fn finish(self) {
+    /// outbox (spooling what cannot reach Redis), write the history, stop the HTTP server.
+    ///
+    /// One budget for all of it: from `since` (the shutdown request) to
+    /// `graceful_shutdown.timeout_seconds` + [`SHUTDOWN_SLACK`]. The drain took what it
+    /// needed of the grace period; each step here gets what is left, with a share kept back
+    /// for the steps after it, so a dead dependency cannot push the exit past the promise.
+    async fn finish(self, since: Instant) {
         let Services {
             cfg,
             coord,
@@ -438,6 +450,14 @@ impl Services {
             history_stop,
             history_writer,
         } = self;
+        let deadline = since + secs(cfg.graceful_shutdown.timeout_seconds) + SHUTDOWN_SLACK;
+        // What the last steps need: spool and history writes, the HTTP server's stop.
+        const RESERVE: Duration = Duration::from_millis(1500);
+        let left = |keep: Duration| {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(keep)
+        };
         background.cancel();
         // They all stop on `background`; a second is plenty, and a task still running after
         // it is a bug worth a line in the log.
@@ -460,41 +480,58 @@ impl Services {
         if let Some(d) = deliverer {
             let _ = d.await;
         }
-        match coord.held_locks().await {
-            Ok(held) => {
-                for s in held {
-                    match coord.release_lock(&s).await {
-                        Ok(_) => tracing::info!(symbol = %s, "released lock at shutdown"),
-                        Err(e) => {
-                            tracing::warn!(symbol = %s, error = %e, "could not release lock; it will expire")
+        let release = async {
+            match coord.held_locks().await {
+                Ok(held) => {
+                    for s in held {
+                        match coord.release_lock(&s).await {
+                            Ok(_) => tracing::info!(symbol = %s, "released lock at shutdown"),
+                            Err(e) => {
+                                tracing::warn!(symbol = %s, error = %e, "could not release lock; it will expire")
+                            }
                         }
                     }
                 }
+                Err(e) => tracing::warn!(error = %e, "could not list held locks"),
             }
-            Err(e) => tracing::warn!(error = %e, "could not list held locks"),
-        }
-        match coord.remove_heartbeat().await {
-            Ok(()) => tracing::info!("heartbeat deleted"),
-            Err(e) => tracing::warn!(error = %e, "could not delete the heartbeat; it will expire"),
+            match coord.remove_heartbeat().await {
+                Ok(()) => tracing::info!("heartbeat deleted"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not delete the heartbeat; it will expire")
+                }
+            }
+        };
+        // Locks and the heartbeat expire by themselves: a share of the budget, not all of it.
+        if tokio::time::timeout(left(RESERVE * 3).min(Duration::from_secs(3)), release)
+            .await
+            .is_err()
+        {
+            tracing::warn!("lock release at shutdown cut short; the rest will expire");
         }
         for t in &transports {
-            t.drain(Duration::from_secs(5)).await;
+            t.drain(left(RESERVE * 2).min(Duration::from_secs(5))).await;
         }
-        publisher
-            .flush(secs(cfg.graceful_shutdown.timeout_seconds).min(Duration::from_secs(10)))
-            .await;
+        // Whatever cannot reach Redis by then goes to the spool.
+        publisher.flush(left(RESERVE)).await;
         history_stop.cancel();
-        if let Some(w) = history_writer {
-            let _ = w.await;
+        if let Some(w) = history_writer
+            && tokio::time::timeout(left(RESERVE / 3), w).await.is_err()
+        {
+            tracing::warn!("the history writer did not finish within the shutdown budget");
         }
         http_stop.cancel();
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
-            Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+        match tokio::time::timeout(left(Duration::ZERO), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
+            Err(_) => tracing::warn!("HTTP server did not stop within the shutdown budget"),
         }
     }
 }
+
+/// What the steps after the drain may add to `graceful_shutdown.timeout_seconds`: from the
+/// shutdown request to exit is at most the grace period plus this.
+pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
 
 /// The one Redis client of the process and the connection manager made from it. Everything
 /// that talks to Redis goes through this client: coordination, the rate limiter and the sink
@@ -570,6 +607,9 @@ async fn build_coordination(
         cfg.publish.stream_max_len,
         cfg.publish.outbox_max,
     );
+    if let Some(path) = cfg.spool_path() {
+        sink.with_spool(path);
+    }
     let rc = RedisCoordination::new(
         redis.conn.clone(),
         breaker.clone(),

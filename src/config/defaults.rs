@@ -182,6 +182,7 @@ impl Default for Publish {
             outbox_max: 10_000,
             history_cycles: 100,
             replay_buffer: 1024,
+            spool_path: None,
         }
     }
 }

@@ -547,6 +547,26 @@ pub struct Publish {
     pub history_cycles: usize,
     /// Stage messages kept in memory for SSE replay.
     pub replay_buffer: usize,
+    /// Where outbox messages that could not reach Redis by the end of a shutdown are written,
+    /// to be delivered at the next start. Default: `outbox-spool.jsonl` beside
+    /// `history.path`; empty: no spool (they are lost, and counted).
+    pub spool_path: Option<String>,
+}
+
+impl Config {
+    /// The outbox spool file, if any (see [`Publish::spool_path`]).
+    pub fn spool_path(&self) -> Option<std::path::PathBuf> {
+        match &self.publish.spool_path {
+            Some(p) if p.is_empty() => None,
+            Some(p) => Some(p.into()),
+            None => Some(
+                std::path::Path::new(&self.history.path)
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join("outbox-spool.jsonl"),
+            ),
+        }
+    }
 }
 
 /// `http:`

@@ -10,6 +10,7 @@
 //!   stream's newest entries, and skips it if it is there.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,16 +46,28 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'message', ARGV[2])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1";
 
+/// Appends `text` to the file at `path`.
+fn append(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
 /// Messages per round trip.
 const BATCH: usize = 128;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Pending {
     stream: String,
     channel: String,
     message_id: String,
     body: Arc<str>,
     /// A delivery of this message may have reached Redis already.
+    #[serde(default)]
     uncertain: bool,
 }
 
@@ -70,6 +83,8 @@ pub struct RedisSink {
     dropped: std::sync::atomic::AtomicU64,
     wake: Notify,
     drained: Notify,
+    /// Where what is left at shutdown waits for the next start (`publish.spool_path`).
+    spool: std::sync::OnceLock<PathBuf>,
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -99,7 +114,108 @@ impl RedisSink {
             dropped: std::sync::atomic::AtomicU64::new(0),
             wake: Notify::new(),
             drained: Notify::new(),
+            spool: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Spools to `path`: what a previous run left there is queued first (and the file
+    /// removed), and what this run cannot deliver by the end of its shutdown is written there.
+    /// Returns how many messages were restored. A line that cannot be read is kept in
+    /// `{path}.rejected` with a warning naming it, never dropped silently.
+    pub fn with_spool(&self, path: PathBuf) -> usize {
+        let restored = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let mut good = VecDeque::new();
+                let mut bad = String::new();
+                for (n, line) in text
+                    .lines()
+                    .enumerate()
+                    .filter(|(_, l)| !l.trim().is_empty())
+                {
+                    match serde_json::from_str::<Pending>(line) {
+                        // It may have been delivered in the last moments before the spool was
+                        // written: look before adding.
+                        Ok(p) => good.push_back(Pending {
+                            uncertain: true,
+                            ..p
+                        }),
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), line = n + 1, error = %e, "unreadable outbox spool line; kept aside");
+                            bad.push_str(line);
+                            bad.push('\n');
+                        }
+                    }
+                }
+                if !bad.is_empty() {
+                    let aside = path.with_extension("jsonl.rejected");
+                    if let Err(e) = append(&aside, &bad) {
+                        tracing::error!(path = %aside.display(), error = %e, "cannot keep the unreadable spool lines");
+                    }
+                }
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove the outbox spool; its messages may be delivered again (they are looked for before being added)");
+                }
+                let n = good.len();
+                let mut ob = self.outbox();
+                for p in good.into_iter().rev() {
+                    ob.push_front(p);
+                }
+                metrics::gauge!(names::OUTBOX_DEPTH).set(ob.len() as f64);
+                n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the outbox spool; left in place");
+                0
+            }
+        };
+        if restored > 0 {
+            tracing::info!(path = %path.display(), messages = restored, "outbox restored from the spool of the last run");
+            self.wake.notify_one();
+        }
+        let _ = self.spool.set(path);
+        restored
+    }
+
+    /// Writes what is left in the outbox to the spool (replacing the file atomically).
+    fn write_spool(&self) {
+        let left: Vec<Pending> = self.outbox().iter().cloned().collect();
+        let Some(path) = self.spool.get() else {
+            tracing::warn!(
+                left = left.len(),
+                "outbox not empty at shutdown and no spool configured; those messages are lost"
+            );
+            return;
+        };
+        let mut text = String::new();
+        for p in &left {
+            match serde_json::to_string(p) {
+                Ok(line) => {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                Err(e) => tracing::error!(error = %e, "cannot serialise an outbox message"),
+            }
+        }
+        let tmp = path.with_extension("jsonl.tmp");
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        match written {
+            Ok(()) => tracing::warn!(
+                left = left.len(),
+                path = %path.display(),
+                "Redis unreachable at shutdown: outbox written to the spool, delivered at the next start"
+            ),
+            Err(e) => tracing::error!(
+                left = left.len(),
+                path = %path.display(),
+                error = %e,
+                "cannot write the outbox spool; those messages are lost"
+            ),
+        }
     }
 
     fn outbox(&self) -> MutexGuard<'_, VecDeque<Pending>> {
@@ -266,21 +382,22 @@ impl Sink for RedisSink {
         let deadline = tokio::time::Instant::now() + timeout;
         while self.depth() > 0 {
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    left = self.depth(),
-                    "outbox not empty at shutdown; those messages are lost with the process"
-                );
+                self.write_spool();
                 return;
             }
-            match self.deliver_batch().await {
-                Ok(()) => {}
-                Err(e) => {
+            // A batch cut off by the deadline may have reached Redis: spooled messages are
+            // looked for before they are added again.
+            match tokio::time::timeout_at(deadline, self.deliver_batch()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "flush: Redis publish failed");
                     tokio::time::sleep(
-                        Duration::from_millis(200).min(deadline - tokio::time::Instant::now()),
+                        Duration::from_millis(200)
+                            .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
                     )
                     .await;
                 }
+                Err(_) => {}
             }
         }
     }

@@ -103,3 +103,34 @@ async fn a_delivery_whose_outcome_was_unknown_is_retried_without_a_duplicate() {
         "each message exactly once"
     );
 }
+
+/// The spool round trip: a flush that cannot reach Redis writes the outbox to the spool; a
+/// new sink queues it first (in order, before its own messages) and delivers it once; a line
+/// someone else broke is kept aside in `.rejected`, not dropped and not fatal.
+#[tokio::test]
+async fn the_spool_carries_the_outbox_to_the_next_sink_in_order() {
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("outbox-spool.jsonl");
+    let first = RedisSink::new(connect(&redis.url()).unwrap(), breaker(), "", 1000, 100);
+    assert_eq!(first.with_spool(spool.clone()), 0, "nothing to restore yet");
+    redis.stop();
+    for n in 1..=3 {
+        first.publish(&message(n)).await;
+    }
+    first.flush(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(&spool).expect("spooled");
+    assert_eq!(text.lines().count(), 3);
+    std::fs::write(&spool, format!("{text}{{\"not\": \"a message\"}}\n")).unwrap();
+
+    redis.restart().await;
+    let second = RedisSink::new(connect(&redis.url()).unwrap(), breaker(), "", 1000, 100);
+    assert_eq!(second.with_spool(spool.clone()), 3);
+    assert!(!spool.exists());
+    let aside = std::fs::read_to_string(dir.path().join("outbox-spool.jsonl.rejected")).unwrap();
+    assert_eq!(aside, "{\"not\": \"a message\"}\n");
+    second.publish(&message(4)).await;
+    second.flush(Duration::from_secs(20)).await;
+    assert_eq!(second.depth(), 0);
+    assert_eq!(stream_ns(&redis).await, vec![1, 2, 3, 4]);
+}

@@ -93,3 +93,111 @@ async fn grace_exhausted_cancels_in_flight_symbols_and_logs_them() {
             .is_empty()
     );
 }
+
+/// Redis dies under a cycle; the cycle's messages wait in the outbox; SIGTERM. The process
+/// exits within grace + 5 s (its own measure), writing what it could not deliver to the spool
+/// beside its history; the next start, with Redis back, delivers each of those messages once.
+#[tokio::test]
+async fn redis_down_at_sigterm_spools_the_outbox_and_the_next_start_delivers_it() {
+    let market = MarketServer::start().await;
+    // Symbols take 2 s, so Redis can die while they run.
+    market.set_default(Behaviour {
+        delay: Duration::from_secs(2),
+        status: None,
+    });
+    let mut redis = crate::redis_server::RedisServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let history = data.path().join("history.sqlite");
+    let spool = data.path().join("outbox-spool.jsonl");
+    let grace = 3.0;
+    let yaml = config(
+        "*/5 * * * * *",
+        &format!(
+            "{}  coordination:\n    backend: redis\n    redis_url: {}\n",
+            extra(&market.url, grace).replace(
+                "[ETH/USD, BTC/USD, SOL/USD, DOGE/USD]",
+                "[ETH/USD, BTC/USD]"
+            ),
+            redis.url()
+        ),
+    );
+    let history_env = history.to_str().unwrap();
+    let mut p = Proc::spawn(
+        "run",
+        &yaml,
+        &[("HISTORY_PATH", history_env), ("INSTANCE_ID", "first")],
+    )
+    .await;
+    p.wait_log(|l| l["message"] == "cycle started", Duration::from_secs(15))
+        .await;
+    redis
+        .wait_keys("signal:lock:*", 2, Duration::from_secs(10))
+        .await;
+    redis.stop();
+    // The symbols finish and publish into the outbox, which cannot deliver.
+    p.wait_log(
+        |l| l["message"] == "cycle finished" && l["ok"] == 2,
+        Duration::from_secs(20),
+    )
+    .await;
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
+    let done = p
+        .wait_log(
+            |l| l["message"] == "graceful shutdown complete",
+            Duration::from_secs(1),
+        )
+        .await;
+    let took = done["took_s"].as_f64().unwrap();
+    assert!(took <= grace + 5.0, "shutdown took {took} s");
+    let text = std::fs::read_to_string(&spool).expect("the outbox was spooled");
+    let spooled: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["message_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Signal, score and report of both symbols at least (advise is conditional).
+    assert!(spooled.len() >= 6, "{} spooled", spooled.len());
+
+    // Redis back (empty: it keeps nothing on disk); the next start delivers the spool.
+    redis.restart().await;
+    let second = Proc::spawn(
+        "run",
+        &yaml,
+        &[("HISTORY_PATH", history_env), ("INSTANCE_ID", "second")],
+    )
+    .await;
+    let stages = [
+        "stream:raw-signals",
+        "stream:scored-signals",
+        "stream:validated-signals",
+        "stream:dashboard-signals",
+    ];
+    let delivered = |all: &[(String, serde_json::Value)], id: &str| {
+        all.iter().filter(|(_, v)| v["message_id"] == id).count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut all = vec![];
+        for s in stages {
+            all.extend(redis.stream(s).await);
+        }
+        if spooled.iter().all(|id| delivered(&all, id) >= 1) {
+            for id in &spooled {
+                assert_eq!(delivered(&all, id), 1, "{id} delivered more than once");
+            }
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spooled messages not delivered: {} of {}",
+            spooled.iter().filter(|id| delivered(&all, id) >= 1).count(),
+            spooled.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!spool.exists(), "the spool is removed once read");
+    drop(second);
+}
