@@ -398,9 +398,19 @@ impl App {
 
     /// `once` mode: one cycle now, serving health probes while it runs.
     pub async fn run_once(self, shutdown: CancellationToken) -> anyhow::Result<OnceOutcome> {
+        let push = (!self.cfg.metrics.pushgateway_url.is_empty()).then(|| {
+            (
+                self.cfg.metrics.pushgateway_url.clone(),
+                self.cfg.instance_id.clone(),
+                self.http_state.metrics.clone(),
+            )
+        });
         let (mut runner, services) = self.start(&shutdown).await;
         let outcome = runner.run_once(shutdown).await;
         services.finish(Instant::now()).await;
+        if let Some((url, instance, metrics)) = push {
+            telemetry::push_metrics(&url, &instance, metrics.render()).await;
+        }
         Ok(outcome)
     }
 }

@@ -332,6 +332,48 @@ impl<W: std::io::Write> std::io::Write for RedactingWriter<W> {
     }
 }
 
+/// Pushes `text` (the Prometheus exposition) to the Pushgateway at `base`, replacing the group
+/// `job="autonomous-runner", instance=<instance>`: a `once` pod ends before any scrape. A
+/// failure is logged (naming the host, never credentials in the URL) and does not change the
+/// run's outcome.
+pub async fn push_metrics(base: &str, instance: &str, text: String) {
+    let host = reqwest::Url::parse(base)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    let url = format!(
+        "{}/metrics/job/autonomous-runner/instance/{}",
+        base.trim_end_matches('/'),
+        // A path segment: the id is [A-Za-z0-9._-] in practice, anything else is escaped.
+        instance
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            })
+            .collect::<String>()
+    );
+    let r = reqwest::Client::new()
+        .put(url)
+        .timeout(std::time::Duration::from_secs(5))
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(text)
+        .send()
+        .await;
+    match r {
+        Ok(resp) if resp.status().is_success() => {
+            tracing::info!(pushgateway = %host, "metrics pushed");
+        }
+        Ok(resp) => {
+            tracing::warn!(pushgateway = %host, status = resp.status().as_u16(), "the Pushgateway refused the metrics");
+        }
+        Err(e) => {
+            tracing::warn!(pushgateway = %host, error = %e.without_url(), "cannot push the metrics");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

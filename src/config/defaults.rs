@@ -25,6 +25,7 @@ impl Default for Config {
             http: Http::default(),
             postgres: Postgres::default(),
             history: History::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -63,6 +63,9 @@ impl Config {
         if let Some(v) = set("ADMIN_TOKEN") {
             self.http.admin_token = Secret::new(v);
         }
+        if let Some(v) = set("PUSHGATEWAY_URL") {
+            self.metrics.pushgateway_url = v;
+        }
         if let Some(v) = set("PORT") {
             match v.trim().parse::<u16>() {
                 Ok(n) => self.http.port = n,

@@ -141,6 +141,18 @@ pub struct Config {
     pub postgres: Postgres,
     /// Every published message stored, every signal graded.
     pub history: History,
+    /// Where metrics go besides `/metrics`.
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics:`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// A Prometheus Pushgateway (`http://pushgateway:9091`): each `once` run pushes its
+    /// metrics there as it ends (a CronJob pod lives too briefly to be scraped). Env
+    /// `PUSHGATEWAY_URL`. Empty: no push.
+    pub pushgateway_url: String,
 }
 
 /// `parallel:`

@@ -174,6 +174,13 @@ impl Config {
                 "provider_id and model_id are set together or not at all",
             );
         }
+        let push = &self.metrics.pushgateway_url;
+        if !push.is_empty() && !is_http_url(push) {
+            v.bad(
+                format!("{r}.metrics.pushgateway_url"),
+                "must be an http:// or https:// URL (or empty: no push)",
+            );
+        }
         if !is_http_url(&self.market_data.coinbase_url) {
             v.bad(
                 format!("{r}.market_data.coinbase_url"),

@@ -112,3 +112,65 @@ async fn once_honours_sigterm_within_the_grace_period() {
         2
     );
 }
+
+/// A `once` run pushes its metrics to a Pushgateway (Debian's `prometheus-pushgateway`) as it
+/// ends, grouped by job and instance: the cycle it ran is there after the pod is gone.
+#[tokio::test]
+async fn once_pushes_its_metrics_to_the_pushgateway() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let _gateway = tokio::process::Command::new("prometheus-pushgateway")
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus-pushgateway (scripts/test installs it)");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !reqwest::get(format!("{url}/-/ready"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Pushgateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut p = Proc::spawn(
+        "once",
+        &config(YEARLY, "  symbols: [ETH/USD, BTC/USD]\n"),
+        &[("INSTANCE_ID", "cron-7"), ("PUSHGATEWAY_URL", url.as_str())],
+    )
+    .await;
+    assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
+    p.wait_log(|l| l["message"] == "metrics pushed", Duration::from_secs(1))
+        .await;
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let group = [("instance", "cron-7"), ("job", "autonomous-runner")];
+    assert_eq!(
+        crate::helpers::metric(&text, "autonomous_runner_cycles_total", &group),
+        1.0
+    );
+    for symbol in ["ETH/USD", "BTC/USD"] {
+        let produced: f64 = ["BUY", "SELL", "HOLD"]
+            .iter()
+            .map(|a| {
+                crate::helpers::metric(
+                    &text,
+                    "autonomous_runner_signal_generation_total",
+                    &[group[0], group[1], ("symbol", symbol), ("action", a)],
+                )
+            })
+            .sum();
+        assert_eq!(produced, 1.0, "{symbol}");
+    }
+}
