@@ -696,6 +696,23 @@ fn build_market(cfg: &Config) -> anyhow::Result<Arc<dyn MarketSource>> {
             )
             .context("building the coinbase client")?,
         ),
+        MarketKind::Influxdb => {
+            let ix = &cfg.market_data.influxdb;
+            Arc::new(
+                market::influxdb::Influx::new(
+                    market::influxdb::InfluxSettings {
+                        url: ix.url.clone(),
+                        database: ix.database.clone(),
+                        measurement: ix.measurement.clone(),
+                        symbol_tag: ix.symbol_tag.clone(),
+                        token: ix.token.clone(),
+                        max_staleness: Duration::from_secs(ix.max_staleness_seconds),
+                    },
+                    secs(cfg.market_data.request_timeout_seconds),
+                )
+                .context("building the InfluxDB client")?,
+            )
+        }
     })
 }
 

@@ -164,6 +164,20 @@ impl Default for MarketData {
             coinbase_url: "https://api.exchange.coinbase.com".into(),
             candles: 120,
             request_timeout_seconds: 5.0,
+            influxdb: InfluxConfig::default(),
+        }
+    }
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8086".into(),
+            database: "tradestream".into(),
+            measurement: "candles".into(),
+            symbol_tag: "symbol".into(),
+            token: Secret::default(),
+            max_staleness_seconds: 180,
         }
     }
 }

@@ -63,6 +63,12 @@ impl Config {
         if let Some(v) = set("ADMIN_TOKEN") {
             self.http.admin_token = Secret::new(v);
         }
+        if let Some(v) = set("INFLUXDB_URL") {
+            self.market_data.influxdb.url = v;
+        }
+        if let Some(v) = set("INFLUXDB_TOKEN") {
+            self.market_data.influxdb.token = Secret::new(v);
+        }
         if let Some(v) = set("PUSHGATEWAY_URL") {
             self.metrics.pushgateway_url = v;
         }

@@ -509,6 +509,8 @@ pub enum MarketSource {
     Simulated,
     /// Coinbase Exchange public candles.
     Coinbase,
+    /// An InfluxDB measurement of 1-minute candles (TradeStream keeps its candles there).
+    Influxdb,
 }
 
 /// `market_data:`
@@ -523,6 +525,29 @@ pub struct MarketData {
     pub candles: usize,
     /// HTTP timeout of one candles request.
     pub request_timeout_seconds: f64,
+    /// The InfluxDB source (`source: influxdb`).
+    pub influxdb: InfluxConfig,
+}
+
+/// `market_data.influxdb:` 1-minute candles in an InfluxDB measurement, one series per symbol
+/// (a tag), fields `open`, `high`, `low`, `close`, `volume`, time = the minute's start; read
+/// over the HTTP query API (`/query`, InfluxQL: InfluxDB 1.x, or 2.x's 1.x-compatible API).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InfluxConfig {
+    /// Base URL. Env `INFLUXDB_URL`.
+    pub url: String,
+    /// The database (2.x: the bucket mapped to it).
+    pub database: String,
+    /// The measurement holding the candles.
+    pub measurement: String,
+    /// The tag naming the symbol (values like `BTC/USD`).
+    pub symbol_tag: String,
+    /// API token, sent as `Authorization: Token …`. Env `INFLUXDB_TOKEN`; never printed.
+    pub token: Secret,
+    /// A newest candle older than this (seconds) makes the symbol fail as stale rather than
+    /// be analysed on old prices.
+    pub max_staleness_seconds: u64,
 }
 
 /// How the report stage is produced.
@@ -772,6 +797,7 @@ impl Config {
             &self.postgres.url,
             &self.history.url,
             &self.agents.opencode.password,
+            &self.market_data.influxdb.token,
         ]
         .iter()
         .map(|s| s.expose().to_string())

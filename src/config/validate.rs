@@ -174,6 +174,27 @@ impl Config {
                 "provider_id and model_id are set together or not at all",
             );
         }
+        let ix = &self.market_data.influxdb;
+        if self.market_data.source == crate::config::MarketSource::Influxdb {
+            if !is_http_url(&ix.url) {
+                v.bad(
+                    format!("{r}.market_data.influxdb.url"),
+                    "must be an http:// or https:// URL (or set INFLUXDB_URL)",
+                );
+            }
+            for (key, value) in [
+                ("database", &ix.database),
+                ("measurement", &ix.measurement),
+                ("symbol_tag", &ix.symbol_tag),
+            ] {
+                if value.is_empty() || value.contains(['"', '\\', '\n']) {
+                    v.bad(
+                        format!("{r}.market_data.influxdb.{key}"),
+                        "must be non-empty, without quotes, backslashes or newlines",
+                    );
+                }
+            }
+        }
         let push = &self.metrics.pushgateway_url;
         if !push.is_empty() && !is_http_url(push) {
             v.bad(
@@ -247,6 +268,7 @@ impl Config {
             Bound::new("agents.hedge.max_extra_fraction", c.agents.hedge.max_extra_fraction, AtLeast(0.0), 1.0),
             Bound::new("market_data.candles", c.market_data.candles, AtLeast(40.0), 300.0),
             Bound::new("market_data.request_timeout_seconds", c.market_data.request_timeout_seconds, Above(0.0), 300.0),
+            Bound::new("market_data.influxdb.max_staleness_seconds", c.market_data.influxdb.max_staleness_seconds, AtLeast(60.0), 86_400.0),
             Bound::new("pipeline.advise_min_score", c.pipeline.advise_min_score, AtLeast(0.0), 100.0),
             Bound::new("pipeline.expiry_grace_seconds", c.pipeline.expiry_grace_seconds, AtLeast(0.0), DAY),
             Bound::new("publish.stream_max_len", c.publish.stream_max_len, AtLeast(1.0), 10_000_000.0),

@@ -2,10 +2,12 @@
 //!
 //! - [`simulated`]: a deterministic random walk per symbol with volatility clustering.
 //! - [`coinbase`]: Coinbase Exchange's public 1-minute candles.
+//! - [`influxdb`]: 1-minute candles kept in an InfluxDB measurement.
 //!
 //! [`summarize`] turns candles into the `market_context` every signal carries.
 
 pub mod coinbase;
+pub mod influxdb;
 pub mod simulated;
 
 use async_trait::async_trait;
@@ -48,6 +50,12 @@ pub enum MarketError {
     /// The answer was not the expected shape.
     #[error("market data answer malformed: {0}")]
     Malformed(String),
+    /// The newest candle is too old: whatever feeds the source has stopped.
+    #[error("market data is stale: the newest candle is {age_seconds} s old")]
+    Stale {
+        /// Age of the newest candle.
+        age_seconds: u64,
+    },
     /// Not enough candles to analyse.
     #[error("market data has {got} candles, need at least {need}")]
     TooFew {
@@ -68,6 +76,7 @@ impl MarketError {
             MarketError::Timeout => "market_data_timeout",
             MarketError::Malformed(_) => "market_data_malformed",
             MarketError::TooFew { .. } => "market_data_insufficient",
+            MarketError::Stale { .. } => "market_data_stale",
         }
     }
 }

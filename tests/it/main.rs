@@ -17,6 +17,7 @@ mod deploy;
 mod failures;
 mod hardening;
 mod history;
+mod influxdb;
 mod llm_agents;
 mod mcp;
 mod observability;
