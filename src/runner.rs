@@ -596,6 +596,86 @@ impl Runner {
     /// `once` mode: the tick at or before now, through the gates that make sense without
     /// history (kill switch, lease), then the cycle, to the end.
     pub async fn run_once(&mut self, shutdown: CancellationToken) -> OnceOutcome {
+        self.restore_gates().await;
+        let outcome = self.run_once_inner(shutdown).await;
+        self.save_gates().await;
+        outcome
+    }
+
+    /// Takes on the gate state the previous `once` run left in Redis, so consecutive
+    /// CronJob pods behave like one long-running service: an open LLM breaker stays open
+    /// for the rest of its recovery timeout, the latency window keeps its samples, the
+    /// backpressure counter its overruns.
+    async fn restore_gates(&mut self) {
+        if !self.coord.remembers() {
+            tracing::info!(
+                "once with memory coordination: no memory between runs (the LLM breaker, the latency window and the backpressure counter start afresh; use Redis coordination to carry them)"
+            );
+            return;
+        }
+        let raw = match self.coord.load_memo().await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the previous run's gate state; starting afresh");
+                return;
+            }
+        };
+        let memo: GateMemo = match serde_json::from_str(&raw) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable gate state in Redis (runner:gates); starting afresh");
+                return;
+            }
+        };
+        let elapsed = (self.clock.now() - memo.saved_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        if let (Some(b), Some(m)) = (&self.llm_breaker, &memo.llm_breaker) {
+            b.restore(m, elapsed);
+        }
+        let mut st = self.state.lock();
+        st.adaptive.latencies().restore(&memo.latencies, elapsed);
+        st.backpressure.restore(memo.backpressure);
+        tracing::info!(
+            saved_s_ago = elapsed.as_secs(),
+            latency_samples = memo.latencies.len(),
+            breaker = memo
+                .llm_breaker
+                .as_ref()
+                .map_or("none", |m| m.state.as_str()),
+            "gate state of the previous run restored"
+        );
+    }
+
+    /// Leaves this run's gate state for the next (kept a day).
+    async fn save_gates(&self) {
+        if !self.coord.remembers() {
+            return;
+        }
+        let memo = {
+            let st = self.state.lock();
+            GateMemo {
+                saved_at: self.clock.now(),
+                llm_breaker: self.llm_breaker.as_ref().map(Breaker::memo),
+                latencies: st.adaptive.latencies().memo(),
+                backpressure: st.backpressure.memo(),
+            }
+        };
+        let saved = match serde_json::to_string(&memo) {
+            Ok(text) => self
+                .coord
+                .save_memo(&text, Duration::from_secs(86_400))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, "cannot leave the gate state for the next run");
+        }
+    }
+
+    async fn run_once_inner(&mut self, shutdown: CancellationToken) -> OnceOutcome {
         let now = self.clock.now();
         let tick = self.schedule.latest_at_or_before(now).unwrap_or(now);
         let cycle = CycleId::new(tick);
@@ -642,6 +722,15 @@ impl Runner {
             None => OnceOutcome::Skipped(SkipReason::ShuttingDown),
         }
     }
+}
+
+/// The gates' state one `once` run leaves the next (Redis key `runner:gates`).
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct GateMemo {
+    saved_at: DateTime<Utc>,
+    llm_breaker: Option<crate::resilience::BreakerMemo>,
+    latencies: Vec<crate::resilience::latency::LatencyMemo>,
+    backpressure: (u32, u32),
 }
 
 /// What a tick asks for before anything was observed: one call per LLM stage (the advise

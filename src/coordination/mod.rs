@@ -130,6 +130,19 @@ pub trait Coordination: Send + Sync {
     async fn set_kill_switch(&self, ks: &KillSwitch) -> Result<(), CoordError>;
     /// Whether the backend answers (readiness).
     async fn ping(&self) -> Result<(), CoordError>;
+    /// Whether [`save_memo`](Self::save_memo) outlives the process (Redis does; memory
+    /// does not).
+    fn remembers(&self) -> bool {
+        false
+    }
+    /// The runner's gate state a previous `once` run left, if any.
+    async fn load_memo(&self) -> Result<Option<String>, CoordError> {
+        Ok(None)
+    }
+    /// Leaves the runner's gate state for the next `once` run (kept for `ttl`).
+    async fn save_memo(&self, _memo: &str, _ttl: Duration) -> Result<(), CoordError> {
+        Ok(())
+    }
 }
 
 /// Lock timing shared by the backends.

@@ -673,6 +673,32 @@ impl Coordination for RedisCoordination {
         let _: String = self.call("ping", &redis::cmd("PING")).await?;
         Ok(())
     }
+
+    fn remembers(&self) -> bool {
+        true
+    }
+
+    async fn load_memo(&self) -> Result<Option<String>, CoordError> {
+        self.call(
+            "gate memo read",
+            redis::cmd("GET").arg(self.key("runner:gates")),
+        )
+        .await
+    }
+
+    async fn save_memo(&self, memo: &str, ttl: Duration) -> Result<(), CoordError> {
+        let _: () = self
+            .call(
+                "gate memo write",
+                redis::cmd("SET")
+                    .arg(self.key("runner:gates"))
+                    .arg(memo)
+                    .arg("EX")
+                    .arg(ttl.as_secs().max(1)),
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 /// GCRA in one key, on Redis's clock. KEYS[1] the key; ARGV: emission interval (ms),

@@ -69,6 +69,17 @@ impl Backpressure {
         self.cooldown_remaining
     }
 
+    /// `(consecutive overruns, cooldown ticks left)`, for the next process.
+    pub fn memo(&self) -> (u32, u32) {
+        (self.consecutive_overruns, self.cooldown_remaining)
+    }
+
+    /// Takes on what a previous process left (bounded by this one's settings).
+    pub fn restore(&mut self, (overruns, cooldown): (u32, u32)) {
+        self.consecutive_overruns = overruns.min(self.max_overruns);
+        self.cooldown_remaining = cooldown.min(self.cooldown_period);
+    }
+
     /// Cooldowns started since the process began.
     pub fn cooldowns_entered(&self) -> u64 {
         self.cooldowns_entered

@@ -41,7 +41,7 @@ pub enum BreakerMode {
 }
 
 /// The externally visible state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     /// Calls flow.
@@ -116,6 +116,18 @@ pub struct BreakerSnapshot {
     pub times_opened: u64,
     /// Seconds since the last failure, if any.
     pub seconds_since_last_failure: Option<f64>,
+}
+
+/// What a breaker carries from one process to the next (CronJob mode): its state, the
+/// failures counted towards opening, and how long it has been open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BreakerMemo {
+    /// The state (half-open is carried as open: the next process probes afresh).
+    pub state: BreakerState,
+    /// Consecutive failures counted in CLOSED.
+    pub consecutive_failures: u32,
+    /// Seconds since it opened (open only).
+    pub open_for_seconds: Option<f64>,
 }
 
 /// Called with the breaker's name and new state on every transition.
@@ -297,6 +309,47 @@ impl Breaker {
                 inner.state
             }
         }
+    }
+
+    /// Its state for the next process.
+    pub fn memo(&self) -> BreakerMemo {
+        let now = Instant::now();
+        let inner = self.lock();
+        let open = inner.state != BreakerState::Closed;
+        BreakerMemo {
+            state: if open {
+                BreakerState::Open
+            } else {
+                BreakerState::Closed
+            },
+            consecutive_failures: inner.consecutive_failures,
+            open_for_seconds: open.then(|| {
+                inner
+                    .opened_at
+                    .map_or(0.0, |t| now.duration_since(t).as_secs_f64())
+            }),
+        }
+    }
+
+    /// Takes on the state a previous process left, `elapsed` ago: an open breaker stays open
+    /// for what is left of its recovery timeout (then probes as usual).
+    pub fn restore(&self, memo: &BreakerMemo, elapsed: Duration) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.consecutive_failures = memo.consecutive_failures;
+        if memo.state == BreakerState::Closed {
+            return;
+        }
+        let open_for = Duration::from_secs_f64(memo.open_for_seconds.unwrap_or(0.0).max(0.0))
+            .saturating_add(elapsed);
+        // Before the clock's origin (a young process): as long ago as the clock allows.
+        let opened = now.checked_sub(open_for).unwrap_or_else(|| {
+            now.checked_sub(self.settings.recovery_timeout)
+                .unwrap_or(now)
+        });
+        self.transition(&mut inner, BreakerState::Open, now);
+        inner.opened_at = Some(opened);
+        self.refresh(&mut inner, now);
     }
 
     /// A view for health endpoints.

@@ -52,10 +52,15 @@ impl LatencyTracker {
 
     /// Adds one observation.
     pub fn record(&mut self, latency: Duration) {
+        self.record_at(Instant::now(), latency);
+    }
+
+    /// Adds one observation made at `at` (samples are added oldest first).
+    fn record_at(&mut self, at: Instant, latency: Duration) {
         if self.samples.len() == self.window {
             self.samples.pop_front();
         }
-        self.samples.push_back((Instant::now(), latency));
+        self.samples.push_back((at, latency));
     }
 
     fn expire(&mut self) {
@@ -191,6 +196,65 @@ impl CallLatencies {
             mean: w.all.mean(),
             p95: w.all.p95(),
             p99: w.all.p99(),
+        }
+    }
+}
+
+/// One latency sample carried to the next process.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LatencyMemo {
+    /// The stage.
+    pub stage: String,
+    /// The call's time (ms).
+    pub ms: f64,
+    /// Its age (s) when saved.
+    pub age_seconds: f64,
+}
+
+impl CallLatencies {
+    /// The live samples of every stage, for the next process.
+    pub fn memo(&self) -> Vec<LatencyMemo> {
+        let now = Instant::now();
+        let w = self.lock();
+        let mut out = vec![];
+        for (stage, t) in &w.by_stage {
+            for (at, d) in &t.samples {
+                out.push(LatencyMemo {
+                    stage: stage.to_string(),
+                    ms: d.as_secs_f64() * 1000.0,
+                    age_seconds: now.duration_since(*at).as_secs_f64(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Takes on the samples a previous process left `elapsed` ago, oldest first, each with
+    /// its age (expired ones fall out as usual). Unknown stages are ignored.
+    pub fn restore(&self, samples: &[LatencyMemo], elapsed: Duration) {
+        const STAGES: [&str; 4] = ["signal", "score", "advise", "report"];
+        let now = Instant::now();
+        let mut sorted: Vec<&LatencyMemo> = samples.iter().collect();
+        sorted.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
+        let mut w = self.lock();
+        let (window, max_age) = (w.window, w.max_age);
+        for m in sorted {
+            let Some(stage) = STAGES.iter().find(|s| **s == m.stage) else {
+                continue;
+            };
+            if !(m.ms.is_finite() && m.ms >= 0.0 && m.age_seconds.is_finite()) {
+                continue;
+            }
+            let age = Duration::from_secs_f64(m.age_seconds.max(0.0)).saturating_add(elapsed);
+            let Some(at) = now.checked_sub(age) else {
+                continue;
+            };
+            let d = Duration::from_secs_f64(m.ms / 1000.0);
+            w.all.record_at(at, d);
+            w.by_stage
+                .entry(stage)
+                .or_insert_with(|| LatencyTracker::new(window, max_age))
+                .record_at(at, d);
         }
     }
 }
@@ -683,5 +747,43 @@ mod tests {
             assert!(skipped < 10, "runner locked itself out");
         }
         assert_eq!(skipped, 6);
+    }
+}
+
+#[cfg(test)]
+mod memo_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn samples_carry_over_with_their_age_and_expire_on_time() {
+        // The paused clock starts far from its origin only after time has passed.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let a = CallLatencies::new(200, Duration::from_secs(300));
+        for ms in [100, 200, 300] {
+            a.record("signal", Duration::from_millis(ms));
+            tokio::time::advance(Duration::from_secs(60)).await;
+        }
+        a.record("report", Duration::from_millis(50));
+        let memo = a.memo();
+        assert_eq!(memo.len(), 4);
+        // The next process, 30 s later: every sample is back, with its age.
+        let b = CallLatencies::new(200, Duration::from_secs(300));
+        let mut junk = memo.clone();
+        junk.push(LatencyMemo {
+            stage: "nonsense".into(),
+            ms: 1.0,
+            age_seconds: 0.0,
+        });
+        junk.push(LatencyMemo {
+            stage: "signal".into(),
+            ms: f64::NAN,
+            age_seconds: 0.0,
+        });
+        b.restore(&junk, Duration::from_secs(30));
+        assert_eq!(b.summary().samples, 4, "the two bad samples are ignored");
+        assert_eq!(b.summary().p95, a.summary().p95);
+        // The oldest signal sample was 180 s old, now 210 s: it expires after 90 s more.
+        tokio::time::advance(Duration::from_secs(91)).await;
+        assert_eq!(b.summary().samples, 3);
     }
 }

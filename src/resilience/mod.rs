@@ -20,7 +20,8 @@ pub mod retry;
 
 pub use backpressure::Backpressure;
 pub use breaker::{
-    Breaker, BreakerMode, BreakerSettings, BreakerState, Permit, Rejected, TransitionHook,
+    Breaker, BreakerMemo, BreakerMode, BreakerSettings, BreakerState, Permit, Rejected,
+    TransitionHook,
 };
 pub use hedge::HedgeBudget;
 pub use latency::{AdaptivePolicy, CallLatencies, LatencyTracker};

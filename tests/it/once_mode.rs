@@ -174,3 +174,66 @@ async fn once_pushes_its_metrics_to_the_pushgateway() {
         assert_eq!(produced, 1.0, "{symbol}");
     }
 }
+
+/// CronJob mode remembers with Redis: the first `once` opens the LLM breaker (the model
+/// answers 503), the next pod starts with it open — it skips the tick without calling the
+/// model, as a long-running service would until the recovery timeout. With memory
+/// coordination a `once` says it has no memory.
+#[tokio::test]
+async fn consecutive_once_runs_share_the_gates_through_redis() {
+    let redis = RedisServer::start().await;
+    let llm = crate::llm_server::LlmServer::start().await;
+    llm.set_default(Some(crate::llm_server::Reply::Status(503, None)));
+    let extra = format!(
+        "  symbols: [ETH/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n  agents:\n    backend: openrouter\n    base_url: {}\n  retry:\n    max_attempts: 1\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 1\n      recovery_timeout_seconds: 600\n",
+        redis.url(),
+        llm.url
+    );
+    // Every second a tick of its own: each pod takes its own lease.
+    let yaml = config("* * * * * *", &extra);
+    let mut first = Proc::spawn("once", &yaml, &[("INSTANCE_ID", "pod-1")]).await;
+    assert_eq!(first.wait_exit(Duration::from_secs(30)).await, 0);
+    let asked = llm.received().len();
+    assert!(asked >= 1, "the first pod asked the model");
+    assert_eq!(redis.keys("runner:gates").await, vec!["runner:gates"]);
+
+    let mut second = Proc::spawn("once", &yaml, &[("INSTANCE_ID", "pod-2")]).await;
+    assert_ne!(second.wait_exit(Duration::from_secs(30)).await, 0);
+    second
+        .wait_log(
+            |l| l["message"] == "gate state of the previous run restored" && l["breaker"] == "open",
+            Duration::from_secs(1),
+        )
+        .await;
+    let skipped = second
+        .wait_log(
+            |l| l["message"] == "once: the cycle could not run",
+            Duration::from_secs(1),
+        )
+        .await;
+    assert_eq!(skipped["reason"], "circuit_open");
+    assert_eq!(
+        llm.received().len(),
+        asked,
+        "the second pod never called the model"
+    );
+
+    // Memory coordination: said, not pretended.
+    let mut alone = Proc::spawn(
+        "once",
+        &config("* * * * * *", "  symbols: [ETH/USD]\n"),
+        &[],
+    )
+    .await;
+    assert_eq!(alone.wait_exit(Duration::from_secs(30)).await, 0);
+    alone
+        .wait_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("once with memory coordination: no memory"))
+            },
+            Duration::from_secs(1),
+        )
+        .await;
+}
