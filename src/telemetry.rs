@@ -148,8 +148,24 @@ pub fn init_series(symbols: &[String], breakers: &[String]) {
         TICKS_MISSED,
         CYCLES,
         LOG_LINES_DROPPED,
+        SSE_CLIENTS_DROPPED,
+        OUTBOX_DROPPED,
     ] {
         metrics::counter!(n).absolute(0);
+    }
+    // Gauges read as "nothing yet" at zero. Not the hit rate: 0 would read as "always wrong"
+    // before anything was graded, so it appears with the first grade.
+    for g in [SSE_CLIENTS, LLM_TOKENS_LAST_CYCLE] {
+        metrics::gauge!(g).set(0.0);
+    }
+    for stage in ["signal", "score", "advise", "report"] {
+        metrics::counter!(MESSAGES_PUBLISHED, "stage" => stage).absolute(0);
+    }
+    for outcome in ["won", "held_elsewhere"] {
+        metrics::counter!(LEASE, "outcome" => outcome).absolute(0);
+    }
+    for window in ["hour", "day"] {
+        metrics::counter!(LLM_BUDGET_EXHAUSTED, "window" => window).absolute(0);
     }
     for stage in ["signal", "advise", "report"] {
         for outcome in ["accepted", "repaired", "rejected"] {
