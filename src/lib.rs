@@ -37,6 +37,8 @@ pub mod resilience;
 pub mod runner;
 pub mod schedule;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod tools;
 
 use std::net::SocketAddr;

@@ -416,4 +416,27 @@ mod tests {
         assert_ne!(message_id(Stage::Signal, &a), message_id(Stage::Score, &a));
         assert_eq!(message_id(Stage::Signal, &a), message_id(Stage::Signal, &a));
     }
+
+    /// The ids are a contract across versions: deduplication compares them with what is
+    /// already in the Redis streams, the spool and the history, so a change of the namespace
+    /// or of the hashed text would make every re-publish look new. Pinned to values computed
+    /// independently (Python's `uuid.uuid5` with the same namespace and text).
+    #[test]
+    fn ids_are_pinned_across_versions() {
+        let c = CycleId::new(
+            Utc.with_ymd_and_hms(2026, 1, 15, 10, 30, 0)
+                .single()
+                .expect("t"),
+        );
+        let sid = signal_id("ETH/USD", &c);
+        assert_eq!(sid, "db83fba0-169d-50ea-957e-50aef61d9e13");
+        for (stage, id) in [
+            (Stage::Signal, "603c4a96-dd20-5407-9fee-8b83856ce4be"),
+            (Stage::Score, "ca8908b3-2df9-5f09-adf3-1a00c02e27c1"),
+            (Stage::Advise, "9e431137-79eb-5e1f-bd92-e4c7351d9d67"),
+            (Stage::Report, "856b6988-01dd-511e-bf75-a287642b5f79"),
+        ] {
+            assert_eq!(message_id(stage, &sid), id, "{stage:?}");
+        }
+    }
 }

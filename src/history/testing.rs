@@ -17,10 +17,7 @@ pub struct PostgresServer {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+use crate::testing::free_port;
 
 /// The newest installed PostgreSQL's `bin` directory.
 fn bin_dir() -> PathBuf {
@@ -113,28 +110,26 @@ impl PostgresServer {
             .spawn()
             .expect("postgres");
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                // Accepting connections is not yet accepting queries; ask until it answers.
-                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&self.url())
-                    .await
-                    && sqlx::query("SELECT 1").execute(&pool).await.is_ok()
-                {
-                    return;
+        let url = self.url();
+        // Accepting connections is not yet accepting queries; ask until it answers.
+        crate::testing::eventually(
+            format!("postgres on port {} to answer a query", self.port),
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move {
+                    let pool = sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect(&url)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let r = sqlx::query("SELECT 1").execute(&pool).await;
+                    pool.close().await;
+                    r.map(|_| ()).map_err(|e| e.to_string())
                 }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "postgres did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            },
+        )
+        .await;
     }
 
     /// Stops the server (fast shutdown: connections are cut).

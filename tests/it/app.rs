@@ -121,11 +121,7 @@ impl TestApp {
 
     /// GET `path`: status and body text.
     pub async fn get_text(&self, path: &str) -> (u16, String) {
-        let r = reqwest::get(format!("{}{path}", self.base))
-            .await
-            .expect("GET");
-        let code = r.status().as_u16();
-        (code, r.text().await.unwrap_or_default())
+        crate::helpers::get_text(&format!("{}{path}", self.base)).await
     }
 
     /// Polls `path` until `pred` holds on its JSON; panics with the last body after `timeout`.
@@ -154,19 +150,19 @@ impl TestApp {
 
     /// Waits until at least `n` cycles have run.
     pub async fn wait_cycles(&self, n: usize, timeout: Duration) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
+        crate::helpers::eventually(format!("{n} cycles to run"), timeout, || async {
             let c = self.run_cycles().await;
             if c.len() >= n {
-                return c;
+                Ok(c)
+            } else {
+                Err(format!(
+                    "{} ran; the last: {}",
+                    c.len(),
+                    c.last().cloned().unwrap_or_default()
+                ))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {} cycles ran within {timeout:?}",
-                c.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// Stops it as SIGTERM does (no new ticks, drain, release, flush) and returns how

@@ -51,21 +51,25 @@ impl Driver {
             .expect("chromedriver (scripts/test installs chromium-driver)");
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = http.get(format!("{base}/status")).send().await
-                && r.json::<Value>()
+        crate::helpers::eventually("chromedriver to be ready", Duration::from_secs(30), || {
+            let (http, url) = (http.clone(), format!("{base}/status"));
+            async move {
+                let v: Value = http
+                    .get(&url)
+                    .send()
                     .await
-                    .is_ok_and(|v| v["value"]["ready"] == true)
-            {
-                break;
+                    .map_err(|e| crate::helpers::error_chain(&e))?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if v["value"]["ready"] == true {
+                    Ok(())
+                } else {
+                    Err(v.to_string())
+                }
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "chromedriver did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await;
         let profile = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
@@ -141,18 +145,11 @@ impl Driver {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
+        crate::helpers::eventually(format!("the page to satisfy {script}"), timeout, || async {
             let v = self.js(script).await;
-            if pred(&v) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "page never satisfied {script}; last {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            if pred(&v) { Ok(v) } else { Err(v.to_string()) }
+        })
+        .await
     }
 
     async fn screenshot(&self, path: &std::path::Path) {

@@ -8,14 +8,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::app::{AppOptions, spawn_app, spawn_app_with, unique_prefix};
-use crate::helpers::{Proc, binary, config, get_json, metric, write_config};
+use crate::helpers::{
+    Proc, binary, config, eventually, free_port, get_json, metric, wait_http_ok, write_config,
+};
 use crate::llm_server::{LlmServer, Reply};
-
-/// A port that was free a moment ago.
-async fn free_port() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
-}
 
 /// Cycles run so far, from the API.
 async fn cycles_run(base: &str) -> usize {
@@ -27,17 +23,13 @@ async fn cycles_run(base: &str) -> usize {
 
 /// Waits until at least `n` cycles have run.
 async fn wait_cycles(base: &str, n: usize, timeout: Duration) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if cycles_run(base).await >= n {
-            return;
+    eventually(format!("{n} cycles to run"), timeout, || async {
+        match cycles_run(base).await {
+            c if c >= n => Ok(()),
+            c => Err(format!("{c} ran")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "fewer than {n} cycles within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await
 }
 
 /// The runner keeps ticking when its log pipe is closed (its reader gone) or stalled (a
@@ -46,7 +38,7 @@ async fn wait_cycles(base: &str, n: usize, timeout: Duration) {
 #[tokio::test]
 async fn a_closed_or_stalled_log_pipe_never_freezes_the_service() {
     for closed in [true, false] {
-        let port = free_port().await;
+        let port = free_port();
         let cfg = write_config(
             &config("* * * * * *", "  symbols: [ETH/USD, BTC/USD]\n")
                 .replace("port: 0", &format!("port: {port}")),
@@ -175,7 +167,7 @@ async fn a_key_echoed_by_the_provider_is_redacted_everywhere() {
 #[tokio::test]
 async fn an_idle_socket_flood_under_a_low_fd_limit_never_silences_the_probes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let port = free_port().await;
+    let port = free_port();
     let cfg = write_config(
         &config("*/2 * * * * *", "  symbols: [ETH/USD]\n")
             .replace("port: 0", &format!("port: {port}")),
@@ -197,14 +189,8 @@ async fn an_idle_socket_flood_under_a_low_fd_limit_never_silences_the_probes() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while get_json(&format!("{base}/health/live")).await.0 != 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "runner did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Until the child has bound its port the connection is refused: waited for, not failed on.
+    wait_http_ok(&base, "/health/live", Duration::from_secs(30)).await;
     let addr = format!("127.0.0.1:{port}");
     let mut flood = Vec::new();
     for i in 0..300 {
@@ -401,9 +387,13 @@ async fn after_a_redis_outage_the_first_probe_closes_the_breaker_and_our_locks_a
         })
         .await;
     let opened = breaker(&d)["times_opened"].as_u64().unwrap();
-    // Down a few seconds more (the client's own reconnect attempts give up), then back while
-    // the breaker is still open: its recovery timeout is an hour.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Down until the app's own out-of-band check has seen it gone (readiness says so; the
+    // client's reconnect attempts have failed), then back while the breaker is still open:
+    // its recovery timeout is an hour.
+    app.poll("/health/ready", Duration::from_secs(20), |r| {
+        r["checks"]["coordination_connected"] == false
+    })
+    .await;
     redis.restart().await;
     assert_eq!(
         redis.keys(&locks).await.len(),

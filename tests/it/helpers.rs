@@ -1,4 +1,6 @@
-//! Spawning the runner binary with a config, reading its JSON logs, talking to its HTTP API.
+//! Spawning the runner binary with a config, reading its JSON logs, talking to its HTTP API,
+//! and the waits every test uses: [`eventually`] (poll until a deadline, then say what was
+//! awaited and what was last seen) and [`free_port`], both from the library's test support.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -10,9 +12,15 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 
-/// The built binary.
+pub use autonomous_runner::testing::{eventually, free_port};
+
+/// The runner binary: the one cargo built beside this test, or `AUTONOMOUS_RUNNER_BIN` when
+/// set (to rerun a copied test binary against its own copy of the runner while the tree is
+/// rebuilt).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_autonomous-runner"))
+    std::env::var_os("AUTONOMOUS_RUNNER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_autonomous-runner")))
 }
 
 /// A YAML config file in its own temp dir.
@@ -35,6 +43,10 @@ pub struct Proc {
     /// Raw stderr lines that were not JSON (startup errors).
     pub raw: Arc<Mutex<Vec<String>>>,
     notify: Arc<Notify>,
+    /// The stderr reader: it ends when the process has closed its stderr (exited).
+    reader: Option<tokio::task::JoinHandle<()>>,
+    /// Set by the reader at end of file: nothing more will be logged.
+    eof: Arc<std::sync::atomic::AtomicBool>,
     pub base: String,
     _config: Option<ConfigFile>,
     /// Where its history database lives (a temp dir of its own, unless the test says).
@@ -85,8 +97,9 @@ impl Proc {
         let raw = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(Notify::new());
         let stderr = child.stderr.take().expect("stderr");
-        let (l2, r2, n2) = (logs.clone(), raw.clone(), notify.clone());
-        tokio::spawn(async move {
+        let eof = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (l2, r2, n2, e2) = (logs.clone(), raw.clone(), notify.clone(), eof.clone());
+        let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 match serde_json::from_str::<Value>(&line) {
@@ -95,6 +108,7 @@ impl Proc {
                 }
                 n2.notify_waiters();
             }
+            e2.store(true, std::sync::atomic::Ordering::SeqCst);
             n2.notify_waiters();
         });
         Proc {
@@ -102,23 +116,58 @@ impl Proc {
             logs,
             raw,
             notify,
+            reader: Some(reader),
+            eof,
             base: String::new(),
             _config: None,
             _data: data,
         }
     }
 
-    /// The first log line matching `pred`, waiting up to `timeout` for it.
+    /// The first log line matching `pred`, waiting up to `timeout` for it (or until the
+    /// process has closed its stderr, when no such line can come any more).
     pub async fn wait_log(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+        self.wait_lines(
+            |l| l.iter().find(|l| pred(l)).cloned(),
+            "a matching log line",
+            timeout,
+        )
+        .await
+    }
+
+    /// Waits until at least `n` log lines match `pred`.
+    pub async fn wait_log_count(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) {
+        self.wait_lines(
+            |l| (l.iter().filter(|l| pred(l)).count() >= n).then_some(()),
+            &format!("{n} matching log lines"),
+            timeout,
+        )
+        .await
+    }
+
+    /// Waits, woken by every new line, until `found` finds something in the lines so far;
+    /// panics with the last lines when `timeout` passes or the process has stopped logging.
+    async fn wait_lines<T>(
+        &self,
+        found: impl Fn(&[Value]) -> Option<T>,
+        what: &str,
+        timeout: Duration,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.notify.notified();
-            if let Some(v) = self.logs.lock().unwrap().iter().find(|l| pred(l)).cloned() {
+            if let Some(v) = found(&self.logs.lock().unwrap()) {
                 return v;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let ended = self.eof.load(std::sync::atomic::Ordering::SeqCst);
+            if ended || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let why = if ended {
+                    "the process closed its stderr first".to_string()
+                } else {
+                    format!("not within {timeout:?}")
+                };
                 panic!(
-                    "log line not seen within {timeout:?}; last lines: {:#?}\nraw: {:?}",
+                    "waited for {what}: {why}; last lines: {:#?}\nraw: {:?}",
                     self.logs
                         .lock()
                         .unwrap()
@@ -128,20 +177,6 @@ impl Proc {
                         .collect::<Vec<_>>(),
                     self.raw.lock().unwrap()
                 );
-            }
-        }
-    }
-
-    /// Waits until at least `n` log lines match `pred`.
-    pub async fn wait_log_count(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.notify.notified();
-            if self.logs.lock().unwrap().iter().filter(|l| pred(l)).count() >= n {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("fewer than {n} matching log lines within {timeout:?}");
             }
         }
     }
@@ -164,11 +199,7 @@ impl Proc {
 
     /// GET a text path.
     pub async fn get_text(&self, path: &str) -> (u16, String) {
-        let r = reqwest::get(format!("{}{path}", self.base))
-            .await
-            .expect("GET");
-        let code = r.status().as_u16();
-        (code, r.text().await.expect("body"))
+        get_text(&format!("{}{path}", self.base)).await
     }
 
     /// Sends a signal by name (`TERM`, `INT`, `KILL`).
@@ -185,21 +216,12 @@ impl Proc {
     pub async fn wait_exit(&mut self, timeout: Duration) -> i32 {
         let st = tokio::time::timeout(timeout, self.child.wait())
             .await
-            .expect("process exits in time")
+            .unwrap_or_else(|_| panic!("the process did not exit within {timeout:?}"))
             .expect("wait");
-        // Let the log reader drain the last lines.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                let n = self.notify.notified();
-                if tokio::time::timeout(Duration::from_millis(200), n)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        })
-        .await;
+        // The reader ends at the end of stderr, once it has every last line.
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+        }
         st.code().unwrap_or(-1)
     }
 
@@ -214,33 +236,94 @@ impl Proc {
     }
 }
 
-/// GETs `base` + `path` until `pred` holds on its JSON; panics with the last body after
-/// `timeout`. The one polling loop of both harnesses (the binary and the in-process app).
+/// GETs `base` + `path` until `pred` holds on its JSON; panics with the last answer (or the
+/// connection error) after `timeout`. A server that is not listening yet is waited for. The
+/// one polling loop of both harnesses (the binary and the in-process app).
 pub async fn poll_json(
     base: &str,
     path: &str,
     timeout: Duration,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let (_, v) = get_json(&format!("{base}{path}")).await;
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path} never satisfied the condition within {timeout:?}; last: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let url = format!("{base}{path}");
+    eventually(
+        format!("{path} to satisfy the condition"),
+        timeout,
+        || async {
+            let (code, v) = try_get_json(&url).await?;
+            if pred(&v) {
+                Ok(v)
+            } else {
+                Err(format!("HTTP {code}: {v}"))
+            }
+        },
+    )
+    .await
 }
 
-pub async fn get_json(url: &str) -> (u16, Value) {
-    let r = reqwest::get(url).await.expect("GET");
+/// Waits until `base` + `path` answers 200 (the server has bound its port and is serving).
+pub async fn wait_http_ok(base: &str, path: &str, timeout: Duration) {
+    let url = format!("{base}{path}");
+    eventually(format!("{url} to answer 200"), timeout, || async {
+        match try_get_json(&url).await? {
+            (200, _) => Ok(()),
+            (code, v) => Err(format!("HTTP {code}: {v}")),
+        }
+    })
+    .await
+}
+
+/// One client for every test request: a stalled server fails the request (after 30 s) instead
+/// of hanging the test.
+fn client() -> &'static reqwest::Client {
+    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client")
+    })
+}
+
+/// GET `url`: its status and JSON body (`Null` when the body is not JSON), or the transport
+/// error with its cause (connection refused, reset, timeout) for a wait to report.
+pub async fn try_get_json(url: &str) -> Result<(u16, Value), String> {
+    let r = client()
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
     let code = r.status().as_u16();
-    let v = r.json::<Value>().await.unwrap_or(Value::Null);
-    (code, v)
+    Ok((code, r.json::<Value>().await.unwrap_or(Value::Null)))
+}
+
+/// GET `url` on a server that is known to be up: a transport error fails the test, naming it.
+pub async fn get_json(url: &str) -> (u16, Value) {
+    try_get_json(url).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// GET `url` as text, on a server that is known to be up.
+pub async fn get_text(url: &str) -> (u16, String) {
+    let r = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {}", error_chain(&e)));
+    let code = r.status().as_u16();
+    (code, r.text().await.unwrap_or_default())
+}
+
+/// An error and its sources, `a: b: c` (reqwest's top error alone says only "error sending
+/// request").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Base YAML: memory coordination, rules agents, test-friendly timings; `extra` is appended

@@ -434,11 +434,14 @@ async fn the_writer_keeps_everything_across_a_postgres_outage() {
 }
 
 async fn wait(cond: impl Fn() -> bool, what: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::helpers::eventually(what, Duration::from_secs(60), || async {
+        if cond() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await
 }
 
 /// The database's sums and the row-by-row reference agree (to rounding of the sums' order).

@@ -8,14 +8,7 @@ use std::time::Duration;
 use chrono::{DurationRound, TimeDelta, Utc};
 
 use crate::app::spawn_app;
-use crate::helpers::{config, of_symbol};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use crate::helpers::{config, free_port, of_symbol};
 
 /// An `influxd` of the test's own.
 struct InfluxServer {
@@ -47,17 +40,7 @@ impl InfluxServer {
             .spawn()
             .expect("influxd (scripts/test installs Debian's influxdb)");
         let url = format!("http://127.0.0.1:{http}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !reqwest::get(format!("{url}/ping"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "influxd did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until_pingable(&url).await;
         let s = InfluxServer {
             url,
             _child: child,
@@ -152,4 +135,24 @@ async fn candles_come_from_influxdb_and_stale_or_missing_ones_fail_their_symbol(
     assert_eq!(detailed["market_data"]["source"], "influxdb");
     assert_eq!(detailed["market_data"]["simulated"], false);
     app.stop().await.expect("clean stop");
+}
+
+/// influxd's `/ping` answers 204 when it is up.
+async fn wait_until_pingable(url: &str) {
+    let ping = format!("{url}/ping");
+    crate::helpers::eventually(
+        "influxd to answer /ping",
+        Duration::from_secs(30),
+        || async {
+            let r = reqwest::get(&ping)
+                .await
+                .map_err(|e| crate::helpers::error_chain(&e))?;
+            if r.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("HTTP {}", r.status()))
+            }
+        },
+    )
+    .await
 }

@@ -185,15 +185,13 @@ fn gcra_allows(per_minute: u32, burst: u32, w: Duration) -> usize {
 
 /// Waits until the test LLM server has received `n` requests.
 async fn wait_requests(llm: &LlmServer, n: usize, timeout: Duration) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while llm.received().len() < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {n} requests within {timeout:?}",
-            llm.received().len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::helpers::eventually(format!("{n} LLM requests"), timeout, || async {
+        match llm.received().len() {
+            got if got >= n => Ok(()),
+            got => Err(format!("{got} received")),
+        }
+    })
+    .await
 }
 
 /// Whether any ran cycle of `app` lost a symbol to the rate limit (demand really exceeded it).

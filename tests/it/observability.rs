@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::app::{AppOptions, anchored_now, spawn_app, spawn_app_with, unique_prefix};
-use crate::helpers::{Proc, config, get_json, metric};
+use crate::helpers::{Proc, config, eventually, free_port, get_json, metric};
 use crate::sse_client::SseClient;
 
 /// The metric names DESIGN.md §3 promises.
@@ -131,26 +131,18 @@ async fn metrics_parse_and_hold_every_design_name_after_one_cycle() {
     assert_eq!(metric(&text, "autonomous_runner_build_info", &[]), 1.0);
     // The history writes this process's messages (3 symbols × at least signal, score, report)
     // off the publishing path: waited for, not assumed at the first scrape.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, t) = p.get_text("/metrics").await;
-        if metric(&t, "autonomous_runner_history_rows_written_total", &[]) >= 9.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the history never wrote"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    eventually(
+        "9 history rows written",
+        Duration::from_secs(10),
+        || async {
+            let (_, t) = p.get_text("/metrics").await;
+            match metric(&t, "autonomous_runner_history_rows_written_total", &[]) {
+                n if n >= 9.0 => Ok(()),
+                n => Err(format!("{n} written")),
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -188,33 +180,29 @@ async fn a_real_prometheus_scrapes_the_runner() {
                 .and_then(|s| s.parse::<f64>().ok())
         }
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let first = loop {
-        if query("up{job=\"runner\"}").await == Some(1.0)
-            && let Some(c) = query("autonomous_runner_cycles_total{job=\"runner\"}").await
-        {
-            break c;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "Prometheus never saw the target up"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = query("autonomous_runner_cycles_total{job=\"runner\"}")
-            .await
-            .unwrap_or(0.0);
-        if now > first {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "cycle counter never moved in Prometheus"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let first = eventually(
+        "Prometheus to see the target up with a cycle count",
+        Duration::from_secs(60),
+        || async {
+            let up = query("up{job=\"runner\"}").await;
+            match query("autonomous_runner_cycles_total{job=\"runner\"}").await {
+                Some(c) if up == Some(1.0) => Ok(c),
+                c => Err(format!("up {up:?}, cycles_total {c:?}")),
+            }
+        },
+    )
+    .await;
+    eventually(
+        "the cycle counter to move in Prometheus",
+        Duration::from_secs(30),
+        || async {
+            match query("autonomous_runner_cycles_total{job=\"runner\"}").await {
+                Some(now) if now > first => Ok(()),
+                now => Err(format!("{now:?}, first {first}")),
+            }
+        },
+    )
+    .await;
     let last = query("autonomous_runner_last_cycle_timestamp_seconds{job=\"runner\"}")
         .await
         .unwrap_or(0.0);

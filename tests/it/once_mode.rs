@@ -117,10 +117,7 @@ async fn once_honours_sigterm_within_the_grace_period() {
 /// ends, grouped by job and instance: the cycle it ran is there after the pod is gone.
 #[tokio::test]
 async fn once_pushes_its_metrics_to_the_pushgateway() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = crate::helpers::free_port();
     let _gateway = tokio::process::Command::new("prometheus-pushgateway")
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(std::process::Stdio::null())
@@ -129,17 +126,7 @@ async fn once_pushes_its_metrics_to_the_pushgateway() {
         .spawn()
         .expect("prometheus-pushgateway (scripts/test installs it)");
     let url = format!("http://127.0.0.1:{port}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !reqwest::get(format!("{url}/-/ready"))
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the Pushgateway did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::helpers::wait_http_ok(&url, "/-/ready", Duration::from_secs(30)).await;
     let mut p = Proc::spawn(
         "once",
         &config(YEARLY, "  symbols: [ETH/USD, BTC/USD]\n"),

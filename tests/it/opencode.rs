@@ -170,18 +170,13 @@ async fn a_cycle_runs_through_opencode_and_a_stalled_symbol_is_aborted_and_delet
     );
     // Every session was deleted, the stalled one included (cleanup runs just after the
     // deadline; allow it a moment).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = oc.sessions().await;
-        if left.is_empty() {
-            break;
+    crate::helpers::eventually("every session deleted", Duration::from_secs(10), || async {
+        match oc.sessions().await {
+            left if left.is_empty() => Ok(()),
+            left => Err(format!("sessions left: {left:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "sessions left: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     // OpenCode asked the model through StructuredOutput with our schemas, titled per symbol.
     let got = llm.received();
     let structured: Vec<_> = got.iter().filter(|r| r.stage != "other").collect();

@@ -11,10 +11,7 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+use autonomous_runner::testing::{eventually, free_port};
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
@@ -59,20 +56,23 @@ impl RedisServer {
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
         self.child = Some(child);
-        // Ready when it answers PING.
+        // Ready when it answers PING (an append-only file may take a moment to load).
         let client = redis::Client::open(self.url()).expect("url");
-        for _ in 0..200 {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
+        eventually(
+            format!("redis-server on port {} to answer PING", self.port),
+            Duration::from_secs(30),
+            || async {
+                let mut c = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                redis::cmd("PING")
                     .query_async::<String>(&mut c)
                     .await
-                    .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("redis-server on port {} did not come up", self.port);
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
     }
 
     /// Kills the server (connections drop at once).
@@ -137,14 +137,13 @@ impl RedisServer {
     /// Waits until at least `n` keys match `pattern` (locks being taken, say); panics after
     /// `timeout`.
     pub async fn wait_keys(&self, pattern: &str, n: usize, timeout: std::time::Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.keys(pattern).await.len() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fewer than {n} keys match {pattern} after {timeout:?}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        eventually(format!("{n} keys matching {pattern}"), timeout, || async {
+            match self.keys(pattern).await {
+                k if k.len() >= n => Ok(()),
+                k => Err(format!("{k:?}")),
+            }
+        })
+        .await
     }
 }
 

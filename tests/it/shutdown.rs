@@ -178,25 +178,25 @@ async fn redis_down_at_sigterm_spools_the_outbox_and_the_next_start_delivers_it(
     let delivered = |all: &[(String, serde_json::Value)], id: &str| {
         all.iter().filter(|(_, v)| v["message_id"] == id).count()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut all = vec![];
-        for s in stages {
-            all.extend(redis.stream(s).await);
-        }
-        if spooled.iter().all(|id| delivered(&all, id) >= 1) {
-            for id in &spooled {
-                assert_eq!(delivered(&all, id), 1, "{id} delivered more than once");
+    let all = crate::helpers::eventually(
+        "every spooled message in the streams",
+        Duration::from_secs(20),
+        || async {
+            let mut all = vec![];
+            for s in stages {
+                all.extend(redis.stream(s).await);
             }
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "spooled messages not delivered: {} of {}",
-            spooled.iter().filter(|id| delivered(&all, id) >= 1).count(),
-            spooled.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+            let seen = spooled.iter().filter(|id| delivered(&all, id) >= 1).count();
+            if seen == spooled.len() {
+                Ok(all)
+            } else {
+                Err(format!("{seen} of {} delivered", spooled.len()))
+            }
+        },
+    )
+    .await;
+    for id in &spooled {
+        assert_eq!(delivered(&all, id), 1, "{id} delivered more than once");
     }
     assert!(!spool.exists(), "the spool is removed once read");
     drop(second);

@@ -71,19 +71,19 @@ impl SseClient {
         timeout: Duration,
         pred: impl Fn(&[SseEvent]) -> bool,
     ) -> Vec<SseEvent> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
+        crate::helpers::eventually("the SSE condition", timeout, || async {
             let evs = self.snapshot();
             if pred(&evs) {
-                return evs;
+                Ok(evs)
+            } else {
+                Err(format!(
+                    "{} events so far, the last: {:?}",
+                    evs.len(),
+                    evs.last()
+                ))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "SSE condition not met; {} events so far",
-                evs.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Disconnects.
