@@ -56,6 +56,10 @@ pub enum SymbolResult {
         stage: &'static str,
         /// Whether it counts as a latency sample (a timeout does: it says "slow").
         latency: Option<Duration>,
+        /// What happened, for people: the first cause among its attempts (an HTTP status
+        /// with the start of the body, "connection refused to host:port", "no answer within
+        /// 10 s"), redacted and at most [`MAX_ERROR_CHARS`] characters.
+        error: Option<String>,
     },
     /// Not attempted.
     Skipped {
@@ -100,10 +104,16 @@ impl CycleReport {
         self.results
             .iter()
             .filter_map(|(s, r)| match r {
-                SymbolResult::Failed { reason, stage, .. } => Some(SymbolFailure {
+                SymbolResult::Failed {
+                    reason,
+                    stage,
+                    error,
+                    ..
+                } => Some(SymbolFailure {
                     symbol: s.clone(),
                     reason: reason.to_string(),
                     stage: stage.to_string(),
+                    error: error.clone(),
                 }),
                 _ => None,
             })
@@ -252,7 +262,8 @@ impl Coordinator {
                     for i in std::iter::once(idx).chain(order.by_ref()) {
                         let symbol = &self.symbols[i];
                         tracing::warn!(symbol = %symbol, reason, "cycle ended before the symbol got a pool slot");
-                        results[i] = Some((symbol.clone(), failed(symbol, reason, "queued", None)));
+                        results[i] =
+                            Some((symbol.clone(), failed(symbol, reason, "queued", None, None)));
                     }
                     break;
                 }
@@ -293,6 +304,7 @@ impl Coordinator {
                             reason: "internal_error",
                             stage: "none",
                             latency: None,
+                            error: Some("the symbol's task ended without a result".into()),
                         },
                     )
                 })
@@ -336,17 +348,28 @@ fn skipped(symbol: &str, reason: &'static str) -> SymbolResult {
     SymbolResult::Skipped { reason }
 }
 
+/// Longest cause kept with a failure: enough for a status, a host:port and the start of an
+/// error body; short enough for `/api/cycles` and a log line.
+pub const MAX_ERROR_CHARS: usize = 400;
+
 fn failed(
     symbol: &str,
     reason: &'static str,
     stage: &'static str,
     latency: Option<Duration>,
+    error: Option<String>,
 ) -> SymbolResult {
     metrics::counter!(names::SIGNAL_GENERATION_SKIPPED, "symbol" => symbol.to_string(), "reason" => reason).increment(1);
     SymbolResult::Failed {
         reason,
         stage,
         latency,
+        error: error.map(|e| {
+            crate::telemetry::redact(&e)
+                .chars()
+                .take(MAX_ERROR_CHARS)
+                .collect()
+        }),
     }
 }
 
@@ -371,7 +394,13 @@ impl SymbolJob {
                 }
                 Err(e) => {
                     tracing::warn!(symbol, error = %e, "cannot claim symbol");
-                    return failed(symbol, "coordination_unavailable", "lock", None);
+                    return failed(
+                        symbol,
+                        "coordination_unavailable",
+                        "lock",
+                        None,
+                        Some(e.to_string()),
+                    );
                 }
             }
         }
@@ -389,7 +418,13 @@ impl SymbolJob {
             }
             Err(e) => {
                 tracing::warn!(symbol, error = %e, "cannot take symbol lock");
-                return failed(symbol, "coordination_unavailable", "lock", None);
+                return failed(
+                    symbol,
+                    "coordination_unavailable",
+                    "lock",
+                    None,
+                    Some(e.to_string()),
+                );
             }
         }
         metrics::gauge!(names::ACTIVE_LOCKS).increment(1.0);
@@ -428,14 +463,15 @@ impl SymbolJob {
                     "symbol completed");
                     End::Done(SymbolResult::Completed { latency: Instant::now().duration_since(start) })
                 }
-                Ok(Err(f)) if matches!(f.error, crate::agents::AgentError::Timeout)
+                Ok(Err(f)) if f.error.is_timeout()
                     && Instant::now() >= plan.cycle_deadline => End::CycleDeadline,
                 Ok(Err(f)) => {
-                    tracing::warn!(symbol, stage = f.stage.as_str(), reason = f.error.reason(), error = %f.error, "symbol failed");
+                    let cause = f.cause();
+                    tracing::warn!(symbol, cycle_id = %plan.cycle, stage = f.stage.as_str(), reason = f.error.reason(), error = %cause, "symbol failed");
                     // A timeout says "slow": it feeds the dispatch order like a completion.
-                    let latency = matches!(f.error, crate::agents::AgentError::Timeout)
+                    let latency = f.error.is_timeout()
                         .then(|| Instant::now().duration_since(start));
-                    End::Done(failed(symbol, f.error.reason(), f.stage.as_str(), latency))
+                    End::Done(failed(symbol, f.error.reason(), f.stage.as_str(), latency, Some(cause)))
                 }
                 Err(_) => End::CycleDeadline,
             },
@@ -464,15 +500,33 @@ impl End {
             End::Done(r) => r,
             End::CycleDeadline => {
                 tracing::warn!(symbol, "cancelled at the cycle deadline");
-                failed(symbol, "cycle_deadline", "pipeline", None)
+                failed(
+                    symbol,
+                    "cycle_deadline",
+                    "pipeline",
+                    None,
+                    Some("the cycle deadline passed first".into()),
+                )
             }
             End::Shutdown => {
                 tracing::warn!(symbol, "cancelled by shutdown");
-                failed(symbol, "shutdown", "pipeline", None)
+                failed(
+                    symbol,
+                    "shutdown",
+                    "pipeline",
+                    None,
+                    Some("cancelled by shutdown".into()),
+                )
             }
             End::LockLost => {
                 tracing::warn!(symbol, "lost the symbol lock, work stopped");
-                failed(symbol, "lock_lost", "pipeline", None)
+                failed(
+                    symbol,
+                    "lock_lost",
+                    "pipeline",
+                    None,
+                    Some("the symbol lock was lost; work stopped".into()),
+                )
             }
         }
     }

@@ -38,6 +38,7 @@ use super::{
     Agent, AgentError, Answer, CallLimits, SignalDraft, SignalRequest, validate_advice,
     validate_summary,
 };
+use crate::config::StructuredOutput;
 use crate::model::{Action, Advice, AdvisedSignal, ScoredSignal, Stage, StrategyVerdict};
 use crate::resilience::rate_limit::AgentRateLimiter;
 use crate::resilience::{Backoff, Breaker, CallLatencies, HedgeBudget, Permit, retry_until};
@@ -78,6 +79,8 @@ pub struct LlmRequest<'a> {
     /// The tool rounds so far: each round's assistant message and the tool results, in
     /// order, sent after the system and user messages.
     pub conversation: Vec<Value>,
+    /// How the endpoint is asked for JSON (the OpenAI-compatible transport reads it).
+    pub structured: StructuredOutput,
 }
 
 /// A model's structured answer.
@@ -531,6 +534,26 @@ pub struct LlmHealth {
     /// This process's own tallies: the Prometheus recorder is process-wide, but an operator
     /// comparing replicas (and a test running several apps in one process) wants each one's.
     tallies: Mutex<Tallies>,
+    /// The last failed request per backend: what an operator asks first when symbols fail.
+    last_errors: Mutex<BTreeMap<&'static str, LastError>>,
+}
+
+/// The last failed request of a backend, as `/health/detailed` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LastError {
+    /// When it came back.
+    pub at: DateTime<Utc>,
+    /// The stage (`signal`, `advice`, `report`).
+    pub stage: &'static str,
+    /// The symbol asked about.
+    pub symbol: String,
+    /// The tick.
+    pub cycle_id: String,
+    /// Bounded reason (`timeout`, `llm_5xx`, `llm_unreachable`, …).
+    pub reason: &'static str,
+    /// What happened, redacted: the status and the start of the body, the refused
+    /// `host:port`, the time limit that passed.
+    pub error: String,
 }
 
 /// Counts since start, by bounded labels only.
@@ -556,6 +579,19 @@ impl LlmHealth {
     /// Tokens used since start (per-cycle figures are differences of this).
     pub fn tokens_total(&self) -> u64 {
         self.tokens_total.load(Ordering::Relaxed)
+    }
+    /// The last failed request of each backend.
+    pub fn last_errors(&self) -> BTreeMap<&'static str, LastError> {
+        self.last_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    fn set_last_error(&self, backend: &'static str, e: LastError) {
+        self.last_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(backend, e);
     }
     /// This process's answers and requests since start.
     pub fn tallies(&self) -> Tallies {
@@ -623,6 +659,7 @@ pub struct LlmAgent {
     stage_timeout: Option<Duration>,
     breaker: Breaker,
     shared: Arc<LlmShared>,
+    structured: StructuredOutput,
 }
 
 impl std::fmt::Debug for LlmAgent {
@@ -636,13 +673,13 @@ impl std::fmt::Debug for LlmAgent {
 
 fn outcome_label(e: &AgentError) -> &'static str {
     match e {
-        AgentError::Timeout => "timeout",
+        AgentError::Timeout(_) => "timeout",
         AgentError::Transport(_) => "transport",
         AgentError::Upstream { .. } => "error_5xx",
         AgentError::RateLimited { .. } => "rate_limited",
         AgentError::Refused { .. } => "refused",
         AgentError::InvalidOutput(_) => "invalid_output",
-        AgentError::CircuitOpen => "circuit_open",
+        AgentError::CircuitOpen(_) => "circuit_open",
         AgentError::RateLimitWait => "rate_limit_wait",
         AgentError::BudgetExhausted(_) => "budget_exhausted",
         AgentError::MarketData(_) => "market_data",
@@ -691,7 +728,14 @@ impl LlmAgent {
             stage_timeout,
             breaker,
             shared,
+            structured: StructuredOutput::Auto,
         }
+    }
+
+    /// How this stage asks the endpoint for JSON (`agents.structured_output`, or the stage's).
+    pub fn with_structured_output(mut self, mode: StructuredOutput) -> Self {
+        self.structured = mode;
+        self
     }
 
     /// One structured call with the whole discipline: retries within the stage's time, each
@@ -714,6 +758,12 @@ impl LlmAgent {
             Some(t) if self.transport.takes_tools() => t.functions(),
             _ => &[],
         };
+        // The schema in the prompt in every mode: an endpoint that takes no `response_format`
+        // (or ignores it) still tells the model what to write.
+        let user = format!(
+            "{user}\n\nAnswer with exactly one JSON object, no prose and no code fence, that follows this JSON Schema:\n{}",
+            stage_schema(stage)
+        );
         let mut req = LlmRequest {
             stage,
             symbol,
@@ -726,6 +776,7 @@ impl LlmAgent {
             max_tokens: self.shared.max_tokens,
             tools: functions,
             conversation: vec![],
+            structured: self.structured,
         };
         let backoff = self.shared.backoff;
         let mut tools_used: Vec<String> = vec![];
@@ -733,6 +784,7 @@ impl LlmAgent {
         loop {
             // Each round is a request like any other: budget, rate limit, breaker, retries,
             // all within the stage's deadline.
+            let first_failure: Mutex<Option<AgentError>> = Mutex::new(None);
             let step = retry_until(
                 self.shared.max_attempts,
                 limits.until,
@@ -742,9 +794,29 @@ impl LlmAgent {
                     e if e.is_retryable() => Some(backoff.delay(n)),
                     _ => None,
                 },
-                |_| self.attempt(&req, limits, read),
+                |_| async {
+                    let r = self.attempt(&req, limits, read).await;
+                    if let Err(e) = &r {
+                        let mut first = first_failure.lock().unwrap_or_else(|p| p.into_inner());
+                        if first.is_none() && !e.is_consequence() {
+                            *first = Some(e.clone());
+                        }
+                    }
+                    r
+                },
             )
-            .await?;
+            .await
+            .map_err(|last| {
+                // A symbol whose retry found the breaker open (or no rate-limit slot) failed
+                // because of what its earlier attempt met: say that, not "circuit open".
+                let first = first_failure
+                    .into_inner()
+                    .unwrap_or_else(|p| p.into_inner());
+                match first {
+                    Some(cause) if last.is_consequence() => cause,
+                    _ => last,
+                }
+            })?;
             let reply = match step {
                 Step::Answer(checked) => {
                     return Ok(Answer {
@@ -781,7 +853,7 @@ impl LlmAgent {
                             .await
                         {
                             Ok(r) => r,
-                            Err(_) => return Err(AgentError::Timeout),
+                            Err(_) => return Err(AgentError::Timeout(None)),
                         }
                     }
                     Err(e) => Err(
@@ -815,12 +887,20 @@ impl LlmAgent {
         let t0 = Instant::now();
         let r = match tokio::time::timeout_at(deadline, self.transport.call(req, deadline)).await {
             Ok(r) => r,
-            Err(_) => Err(AgentError::Timeout),
+            Err(_) => Err(AgentError::Timeout(None)),
         };
         // A timeout is a sample only when it was the call's own: one cut short by the cycle
         // deadline would understate how slow the model is.
         let own_timeout = deadline < limits.until;
-        if r.is_ok() || (matches!(r, Err(AgentError::Timeout)) && own_timeout) {
+        // Said with the time it had: "no answer within 10 s" tells an operator which limit
+        // to look at; "timed out" does not.
+        let r = match r {
+            Err(AgentError::Timeout(None)) => Err(AgentError::Timeout(Some(
+                deadline.saturating_duration_since(t0),
+            ))),
+            r => r,
+        };
+        if r.is_ok() || (matches!(r, Err(AgentError::Timeout(_))) && own_timeout) {
             let took = Instant::now().duration_since(t0);
             let stage = req.stage.as_str();
             self.shared.latencies.record(stage, took);
@@ -868,6 +948,7 @@ impl LlmAgent {
             Err(reason) => {
                 tracing::warn!(stage, symbol = req.symbol, reason = %reason, "model answer rejected");
                 let e = AgentError::InvalidOutput(reason);
+                self.remember_error(req, &e);
                 self.shared.health.count_request(stage, outcome_label(&e));
                 Err(e)
             }
@@ -876,7 +957,9 @@ impl LlmAgent {
 
     /// What a failed request means beyond its own result: a 429 pauses everyone, a refusal
     /// of the key flips readiness; every failed request is counted once by what came back.
-    fn on_request_error(&self, stage: &'static str, e: &AgentError) {
+    fn on_request_error(&self, req: &LlmRequest<'_>, e: &AgentError) {
+        let stage = req.stage.as_str();
+        self.remember_error(req, e);
         match e {
             AgentError::RateLimited { retry_after } => {
                 let pause = retry_after.unwrap_or(Duration::from_secs(1));
@@ -912,6 +995,24 @@ impl LlmAgent {
             _ => {}
         }
         self.shared.health.count_request(stage, outcome_label(e));
+    }
+
+    /// Keeps `e` as the backend's last error, with the symbol and tick it was for.
+    fn remember_error(&self, req: &LlmRequest<'_>, e: &AgentError) {
+        self.shared.health.set_last_error(
+            self.transport.backend(),
+            LastError {
+                at: Utc::now(),
+                stage: schema_name(req.stage),
+                symbol: req.symbol.to_string(),
+                cycle_id: req.cycle_id.to_string(),
+                reason: e.reason(),
+                error: crate::telemetry::redact(&e.to_string())
+                    .chars()
+                    .take(super::MAX_BODY_EXCERPT + 100)
+                    .collect(),
+            },
+        );
     }
 
     /// Takes a backup request's slot, budget and hedge credit, all or nothing.
@@ -967,7 +1068,7 @@ impl LlmAgent {
             Err(_) => {
                 self.shared.budget.settle(reservation, 0, Utc::now());
                 metrics::counter!(names::CIRCUIT_BREAKER_REJECTED, "breaker" => self.breaker.name().to_string()).increment(1);
-                return Err(AgentError::CircuitOpen);
+                return Err(AgentError::CircuitOpen(self.breaker.opened_because()));
             }
         };
         self.shared.latencies.count_call();
@@ -1024,7 +1125,7 @@ impl LlmAgent {
                     (self.read_reply(req, &reply, read), used)
                 }
                 Err(e) => {
-                    self.on_request_error(stage, &e);
+                    self.on_request_error(req, &e);
                     (Err(e), 0)
                 }
             };
@@ -1058,7 +1159,7 @@ impl LlmAgent {
                     }
                 }
                 Err(e) => {
-                    self.on_request_error(stage, &e);
+                    self.on_request_error(req, &e);
                     used_by[idx] = Some(0);
                     last_err = Some(e);
                 }
@@ -1088,7 +1189,7 @@ impl LlmAgent {
         });
         let out = match winner {
             Some((_, c)) => Ok(c),
-            None => Err(last_err.unwrap_or(AgentError::Timeout)),
+            None => Err(last_err.unwrap_or(AgentError::Timeout(None))),
         };
         self.finish(permit, out)
     }
@@ -1102,7 +1203,7 @@ impl LlmAgent {
                 permit.success();
                 self.shared.health.set_auth_error(None);
             }
-            Err(e) if e.is_breaker_failure() => permit.failure(),
+            Err(e) if e.is_breaker_failure() => permit.failure_because(e.to_string()),
             Err(_) => drop(permit),
         }
         out
@@ -1110,7 +1211,10 @@ impl LlmAgent {
 
     fn fallback_applies(&self, e: &AgentError) -> bool {
         self.shared.fallback_rules
-            && matches!(e, AgentError::CircuitOpen | AgentError::BudgetExhausted(_))
+            && matches!(
+                e,
+                AgentError::CircuitOpen(_) | AgentError::BudgetExhausted(_)
+            )
     }
 }
 
@@ -1344,6 +1448,7 @@ mod tests {
             max_tokens: 512,
             tools: &[],
             conversation: vec![],
+            structured: StructuredOutput::Auto,
         };
         let schema_len = stage_schema(Stage::Report).to_string().len() as u64;
         // 3 + 200 bytes of prompt (é is two bytes), the schema, 64 of template, 512 completion.
@@ -1437,6 +1542,7 @@ mod tests {
             max_tokens: 100,
             tools: &[],
             conversation: vec![],
+            structured: StructuredOutput::Auto,
         };
         match agent.attempt(&req, limits, &summary_from_answer).await? {
             Step::Answer(c) => Ok(c),

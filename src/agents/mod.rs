@@ -165,19 +165,22 @@ pub fn validate_summary(s: &str) -> Result<(), String> {
 
 /// Why an agent call produced nothing usable. [`reason`](AgentError::reason) is the bounded
 /// metric label.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AgentError {
-    /// The deadline passed.
-    #[error("agent call timed out")]
-    Timeout,
-    /// Connection failed, reset, or similar.
+    /// The deadline passed; with the call's own time limit when it was that one.
+    #[error("{}", match .0 { Some(d) => format!("no answer within {}", secs_text(*d)), None => "agent call timed out".into() })]
+    Timeout(Option<std::time::Duration>),
+    /// Connection failed, reset, or similar: the text names the endpoint (`host:port`) and
+    /// the cause ("connection refused").
     #[error("agent transport error: {0}")]
     Transport(String),
     /// The provider answered 5xx.
-    #[error("agent provider answered HTTP {status}")]
+    #[error("agent provider answered HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
     Upstream {
         /// Status code.
         status: u16,
+        /// The start of the body (redacted), which usually says why; may be empty.
+        body: String,
     },
     /// The provider answered 429.
     #[error("agent provider rate-limited the call")]
@@ -196,9 +199,9 @@ pub enum AgentError {
     /// The answer broke the stage's schema or ranges.
     #[error("agent output rejected: {0}")]
     InvalidOutput(String),
-    /// The backend's circuit breaker is open.
-    #[error("circuit breaker open")]
-    CircuitOpen,
+    /// The backend's circuit breaker is open; with the failure that opened it, when known.
+    #[error("circuit breaker open{}", match .0 { Some(w) => format!(" (it opened after: {w})"), None => String::new() })]
+    CircuitOpen(Option<String>),
     /// No rate-limit slot before the deadline.
     #[error("no rate-limit slot before the deadline")]
     RateLimitWait,
@@ -210,17 +213,118 @@ pub enum AgentError {
     MarketData(#[from] MarketError),
 }
 
+/// Longest piece of an error body kept in an error: enough to say why, short enough for a
+/// log line and the cycle report.
+pub const MAX_BODY_EXCERPT: usize = 300;
+
+/// The start of an error body, for people: the provider's own message when the body is JSON
+/// with one (`error.message`, `message`, `detail`), else the text itself; whitespace folded,
+/// secrets redacted, at most [`MAX_BODY_EXCERPT`] characters.
+pub fn body_excerpt(body: &[u8]) -> String {
+    let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let from_json = v.as_ref().and_then(|v| {
+        [
+            v.pointer("/error/message"),
+            v.get("message"),
+            v.get("detail"),
+            v.pointer("/data/message"),
+            v.get("error"),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|m| m.as_str().map(str::to_string))
+    });
+    let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    crate::telemetry::redact(&folded)
+        .chars()
+        .take(MAX_BODY_EXCERPT)
+        .collect()
+}
+
+/// `host:port` of a URL (the port the scheme implies when it has none), or the URL's start
+/// when it does not parse.
+pub fn endpoint_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}:{}",
+            u.host_str().unwrap_or("?"),
+            u.port_or_known_default().unwrap_or(0)
+        ),
+        Err(_) => url.chars().take(60).collect(),
+    }
+}
+
+/// A failed HTTP exchange with an agent backend at `url`, with its cause: reqwest's own text
+/// is "error sending request" and the reason (refused, reset, DNS) is only in its sources.
+/// The URL's path and query never appear (they could carry a key), the host and port do.
+pub fn http_error(e: &reqwest::Error, url: &str) -> AgentError {
+    if e.is_timeout() {
+        return AgentError::Timeout(None);
+    }
+    let mut chain = vec![];
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        chain.push(c.to_string());
+        cur = c.source();
+    }
+    // The innermost source is the OS's or the TLS library's own words; reqwest's top-level
+    // text would repeat the URL.
+    let detail = chain.last().cloned().unwrap_or_else(|| "no detail".into());
+    let lower = chain.join(" ").to_lowercase();
+    let what = if lower.contains("refused") {
+        "connection refused"
+    } else if lower.contains("reset") {
+        "connection reset"
+    } else if lower.contains("dns") || lower.contains("resolve") || lower.contains("lookup") {
+        "cannot resolve"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else if e.is_body() || e.is_decode() {
+        "the answer broke off"
+    } else {
+        "request failed"
+    };
+    let detail = crate::telemetry::redact(&detail)
+        .chars()
+        .take(200)
+        .collect::<String>();
+    AgentError::Transport(format!("{what} to {} ({detail})", endpoint_of(url)))
+}
+
+/// `10 s`, `2.5 s`: a duration as people write it.
+fn secs_text(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
 impl AgentError {
+    /// Whether a deadline passed (the call's own or an outer one).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, AgentError::Timeout(_))
+    }
+
+    /// A consequence of earlier failures rather than a cause of its own: an open breaker or
+    /// no rate-limit slot in time. A symbol whose last attempt ended so is reported with the
+    /// attempt before it, which says what actually went wrong.
+    pub fn is_consequence(&self) -> bool {
+        matches!(self, AgentError::CircuitOpen(_) | AgentError::RateLimitWait)
+    }
+
     /// Bounded reason label.
     pub fn reason(&self) -> &'static str {
         match self {
-            AgentError::Timeout => "timeout",
+            AgentError::Timeout(_) => "timeout",
             AgentError::Transport(_) => "llm_unreachable",
             AgentError::Upstream { .. } => "llm_5xx",
             AgentError::RateLimited { .. } => "llm_rate_limited",
             AgentError::Refused { .. } => "llm_refused",
             AgentError::InvalidOutput(_) => "invalid_output",
-            AgentError::CircuitOpen => "circuit_open",
+            AgentError::CircuitOpen(_) => "circuit_open",
             AgentError::RateLimitWait => "rate_limit_wait",
             AgentError::BudgetExhausted(_) => "budget_exhausted",
             AgentError::MarketData(e) => e.reason(),
@@ -231,7 +335,7 @@ impl AgentError {
     pub fn is_breaker_failure(&self) -> bool {
         matches!(
             self,
-            AgentError::Timeout | AgentError::Transport(_) | AgentError::Upstream { .. }
+            AgentError::Timeout(_) | AgentError::Transport(_) | AgentError::Upstream { .. }
         )
     }
 
@@ -239,7 +343,7 @@ impl AgentError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            AgentError::Timeout
+            AgentError::Timeout(_)
                 | AgentError::Transport(_)
                 | AgentError::Upstream { .. }
                 | AgentError::RateLimited { .. }
@@ -439,8 +543,30 @@ mod tests {
 
     #[test]
     fn error_classes() {
-        assert!(AgentError::Timeout.is_breaker_failure());
-        assert!(AgentError::Upstream { status: 502 }.is_breaker_failure());
+        assert!(AgentError::Timeout(None).is_breaker_failure());
+        assert!(
+            AgentError::Upstream {
+                status: 502,
+                body: String::new()
+            }
+            .is_breaker_failure()
+        );
+        assert_eq!(
+            AgentError::Timeout(Some(std::time::Duration::from_secs(10))).to_string(),
+            "no answer within 10 s"
+        );
+        assert_eq!(
+            AgentError::Upstream {
+                status: 500,
+                body: "boom".into()
+            }
+            .to_string(),
+            "agent provider answered HTTP 500: boom"
+        );
+        assert_eq!(
+            AgentError::CircuitOpen(Some("no answer within 10 s".into())).to_string(),
+            "circuit breaker open (it opened after: no answer within 10 s)"
+        );
         assert!(!AgentError::RateLimited { retry_after: None }.is_breaker_failure());
         assert!(!AgentError::InvalidOutput("x".into()).is_breaker_failure());
         assert!(

@@ -82,14 +82,6 @@ impl std::fmt::Debug for OpenCode {
     }
 }
 
-fn transport_error(e: reqwest::Error) -> AgentError {
-    if e.is_timeout() {
-        AgentError::Timeout
-    } else {
-        AgentError::Transport(e.without_url().to_string())
-    }
-}
-
 impl OpenCode {
     /// A client of the server at `url` (e.g. `http://127.0.0.1:4096`).
     pub fn new(url: &str, password: Secret, agents: OpenCodeAgents) -> Result<Self, AgentError> {
@@ -124,11 +116,15 @@ impl OpenCode {
         }
     }
 
-    async fn read(resp: reqwest::Response) -> Result<(u16, Vec<u8>), AgentError> {
+    async fn read(&self, resp: reqwest::Response) -> Result<(u16, Vec<u8>), AgentError> {
         let status = resp.status().as_u16();
         let mut resp = resp;
         let mut buf = Vec::new();
-        while let Some(c) = resp.chunk().await.map_err(transport_error)? {
+        while let Some(c) = resp
+            .chunk()
+            .await
+            .map_err(|e| super::http_error(&e, &self.base))?
+        {
             if buf.len() + c.len() > MAX_BODY {
                 return Err(AgentError::InvalidOutput(format!(
                     "OpenCode answer larger than {MAX_BODY} bytes"
@@ -153,7 +149,10 @@ impl OpenCode {
             .take(200)
             .collect();
         match status {
-            500..=599 => AgentError::Upstream { status },
+            500..=599 => AgentError::Upstream {
+                status,
+                body: super::body_excerpt(body),
+            },
             _ => AgentError::Refused {
                 status,
                 message: msg,
@@ -169,8 +168,8 @@ impl OpenCode {
             .json(&body)
             .send()
             .await
-            .map_err(transport_error)?;
-        let (status, buf) = Self::read(resp).await?;
+            .map_err(|e| super::http_error(&e, &self.base))?;
+        let (status, buf) = self.read(resp).await?;
         if status != 200 {
             return Err(Self::status_error(status, &buf));
         }
@@ -197,8 +196,8 @@ impl OpenCode {
             .json(&body)
             .send()
             .await
-            .map_err(transport_error)?;
-        let (status, buf) = Self::read(resp).await?;
+            .map_err(|e| super::http_error(&e, &self.base))?;
+        let (status, buf) = self.read(resp).await?;
         if status != 200 {
             return Err(Self::status_error(status, &buf));
         }
@@ -245,14 +244,13 @@ pub fn parse_message(body: &[u8]) -> Result<LlmReply, AgentError> {
     let info = &v["info"];
     if let Some(err) = info.get("error").filter(|e| !e.is_null()) {
         let name = err["name"].as_str().unwrap_or("unknown");
-        let message: String = err["data"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .chars()
-            .take(200)
-            .collect();
+        let message: String =
+            crate::telemetry::redact(err["data"]["message"].as_str().unwrap_or(""))
+                .chars()
+                .take(200)
+                .collect();
         return Err(match name {
-            "MessageAbortedError" => AgentError::Timeout,
+            "MessageAbortedError" => AgentError::Timeout(None),
             "ProviderAuthError" => AgentError::Refused {
                 status: 401,
                 message,
@@ -264,7 +262,10 @@ pub fn parse_message(body: &[u8]) -> Result<LlmReply, AgentError> {
                     .unwrap_or(502);
                 match status {
                     429 => AgentError::RateLimited { retry_after: None },
-                    408 | 500..=599 => AgentError::Upstream { status },
+                    408 | 500..=599 => AgentError::Upstream {
+                        status,
+                        body: message,
+                    },
                     s => AgentError::Refused { status: s, message },
                 }
             }
@@ -273,7 +274,10 @@ pub fn parse_message(body: &[u8]) -> Result<LlmReply, AgentError> {
             }
             other => {
                 tracing::warn!(error = other, "OpenCode reported an unexpected error kind");
-                AgentError::Upstream { status: 502 }
+                AgentError::Upstream {
+                    status: 502,
+                    body: format!("OpenCode {other}: {message}"),
+                }
             }
         });
     }
@@ -307,7 +311,7 @@ impl Transport for OpenCode {
     async fn call(&self, req: &LlmRequest<'_>, deadline: Instant) -> Result<LlmReply, AgentError> {
         let id = tokio::time::timeout_at(deadline, self.create_session(req))
             .await
-            .map_err(|_| AgentError::Timeout)??;
+            .map_err(|_| AgentError::Timeout(None))??;
         let mut guard = SessionGuard {
             oc: self.clone(),
             id,
@@ -318,7 +322,7 @@ impl Transport for OpenCode {
         // At the deadline the guard (still armed) aborts and deletes the session.
         let reply = tokio::time::timeout_at(deadline, self.prompt(&guard.id, req))
             .await
-            .map_err(|_| AgentError::Timeout)?;
+            .map_err(|_| AgentError::Timeout(None))?;
         guard.armed = false;
         self.abort_and_delete(&guard.id, false).await;
         reply
@@ -379,12 +383,15 @@ mod tests {
         );
         let aborted =
             br#"{"info":{"error":{"name":"MessageAbortedError","data":{"message":"aborted"}}}}"#;
-        assert!(matches!(parse_message(aborted), Err(AgentError::Timeout)));
+        assert!(matches!(
+            parse_message(aborted),
+            Err(AgentError::Timeout(_))
+        ));
         let api =
             br#"{"info":{"error":{"name":"APIError","data":{"message":"busy","statusCode":503}}}}"#;
         assert!(matches!(
             parse_message(api),
-            Err(AgentError::Upstream { status: 503 })
+            Err(AgentError::Upstream { status: 503, .. })
         ));
         let rl = br#"{"info":{"error":{"name":"APIError","data":{"message":"slow down","statusCode":429}}}}"#;
         assert!(matches!(

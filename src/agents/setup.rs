@@ -146,13 +146,10 @@ pub fn build(
             .map(secs)
             .filter(|d| *d > Duration::ZERO);
         Ok((
-            Arc::new(LlmAgent::new(
-                t,
-                model,
-                timeout,
-                breaker.clone(),
-                shared.clone(),
-            )),
+            Arc::new(
+                LlmAgent::new(t, model, timeout, breaker.clone(), shared.clone())
+                    .with_structured_output(stage.structured_output.unwrap_or(a.structured_output)),
+            ),
             Some(breaker),
         ))
     };

@@ -92,7 +92,7 @@ impl Agent for Timed {
             l.record("signal", Instant::now().duration_since(t0));
         }
         if timed_out {
-            return Err(AgentError::Timeout);
+            return Err(AgentError::Timeout(None));
         }
         Rules::analyse(req).map(Answer::rules)
     }

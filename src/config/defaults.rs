@@ -152,6 +152,7 @@ impl Default for Agents {
             max_tokens: 1024,
             tools: ToolsMode::Prompt,
             max_tool_rounds: 3,
+            structured_output: StructuredOutput::Auto,
             hedge: Hedge::default(),
             opencode: OpenCodeConfig::default(),
         }

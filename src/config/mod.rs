@@ -349,6 +349,25 @@ pub enum ToolsMode {
     Mcp,
 }
 
+/// `agents.structured_output:` how an OpenAI-compatible endpoint is asked for JSON. Servers
+/// differ: OpenAI and OpenRouter take `response_format: {type: json_schema}`, llama.cpp's
+/// Python server only `{type: json_object, schema}`, some nothing at all. The schema is
+/// described in the prompt in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// `json_schema` first; when the endpoint refuses it, `json_object`, then `prompt` —
+    /// each step once, logged, and remembered for that endpoint.
+    #[default]
+    Auto,
+    /// `response_format: {type: json_schema, json_schema: {name, strict, schema}}`.
+    JsonSchema,
+    /// `response_format: {type: json_object, schema}` (the schema where llama.cpp reads it).
+    JsonObject,
+    /// No `response_format`: the prompt alone asks for the JSON.
+    Prompt,
+}
+
 /// `agents:`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -380,6 +399,8 @@ pub struct Agents {
     pub tools: ToolsMode,
     /// Tool rounds one stage call may use before the model must answer (with `tools: mcp`).
     pub max_tool_rounds: u32,
+    /// How the OpenAI-compatible backend asks for JSON (`auto` finds what the endpoint takes).
+    pub structured_output: StructuredOutput,
     /// Backup requests for straggling calls.
     pub hedge: Hedge,
     /// The OpenCode server and its agents.
@@ -499,6 +520,8 @@ pub struct StageConfig {
     pub model: Option<String>,
     /// Deadline of one agent call of this stage.
     pub timeout_seconds: Option<f64>,
+    /// How this stage asks for JSON (default: `agents.structured_output`).
+    pub structured_output: Option<StructuredOutput>,
 }
 
 /// Candle source.

@@ -695,6 +695,8 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
                     "total_failures": snap.total_failures,
                     "times_opened": snap.times_opened,
                     "seconds_since_last_failure": snap.seconds_since_last_failure,
+                    "last_failure": snap.last_failure,
+                    "opened_because": snap.opened_because,
                 }),
             )
         })
@@ -732,6 +734,7 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
                 "exhausted": s.budget.exhausted(chrono::Utc::now()).map(|w| w.as_str()),
             },
             "credentials_error": s.llm_health.auth_error(),
+            "last_errors": s.llm_health.last_errors(),
             "since_start": s.llm_health.tallies(),
         },
         "adaptive": {

@@ -33,7 +33,7 @@ pub struct Candle {
 }
 
 /// Why candles could not be had. Each variant maps to a bounded metric reason.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MarketError {
     /// The source answered with an HTTP error status.
     #[error("market data source answered HTTP {status}")]

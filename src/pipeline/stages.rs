@@ -62,6 +62,14 @@ pub struct StageFailure {
     pub error: AgentError,
 }
 
+impl StageFailure {
+    /// What happened, for people (the cycle report, the log line): the agent error's own
+    /// words, which name the status and body, the endpoint or the time limit.
+    pub fn cause(&self) -> String {
+        self.error.to_string()
+    }
+}
+
 /// One symbol's tick as its stages see it: every stage step goes through these three
 /// helpers — call the agent (timed), check its answer, publish the stage — so the four stages
 /// cannot drift apart in how they are timed, failed or published.

@@ -59,6 +59,10 @@ pub struct SymbolFailure {
     pub reason: String,
     /// The stage it failed in.
     pub stage: String,
+    /// What happened, for people (the first cause among its attempts, redacted); absent
+    /// where the reason says it all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Where stage messages go beyond the process (Redis). Returns once the message is handed

@@ -91,6 +91,11 @@ struct Inner {
     times_opened: u64,
     opened_at: Option<Instant>,
     last_failure: Option<Instant>,
+    /// What the last failure was, as the caller described it.
+    last_cause: Option<String>,
+    /// The failure that opened the breaker last (kept while it is open and after, until the
+    /// next opening): "circuit open" alone never says what happened.
+    opened_because: Option<String>,
     /// HALF_OPEN bookkeeping: probes admitted in this half-open period (in flight or done).
     probes_admitted: u32,
     probe_successes: u32,
@@ -116,6 +121,11 @@ pub struct BreakerSnapshot {
     pub times_opened: u64,
     /// Seconds since the last failure, if any.
     pub seconds_since_last_failure: Option<f64>,
+    /// What the last failure was (a timeout, an HTTP status with the body's start, a refused
+    /// connection), when the caller said.
+    pub last_failure: Option<String>,
+    /// The failure that opened it the last time, when the caller said.
+    pub opened_because: Option<String>,
 }
 
 /// What a breaker carries from one process to the next (CronJob mode): its state, the
@@ -164,6 +174,8 @@ impl Breaker {
                 times_opened: 0,
                 opened_at: None,
                 last_failure: None,
+                last_cause: None,
+                opened_because: None,
                 probes_admitted: 0,
                 probe_successes: 0,
                 generation: 0,
@@ -204,7 +216,13 @@ impl Breaker {
             BreakerState::Open => {
                 inner.opened_at = Some(now);
                 inner.times_opened += 1;
-                tracing::warn!(breaker = %self.name, failures = inner.consecutive_failures, "circuit breaker OPEN");
+                inner.opened_because = inner.last_cause.clone();
+                tracing::warn!(
+                    breaker = %self.name,
+                    failures = inner.consecutive_failures,
+                    cause = inner.last_cause.as_deref().unwrap_or("not said"),
+                    "circuit breaker OPEN"
+                );
             }
             BreakerState::HalfOpen => {
                 tracing::info!(breaker = %self.name, "circuit breaker HALF_OPEN, probing recovery");
@@ -367,15 +385,25 @@ impl Breaker {
             seconds_since_last_failure: inner
                 .last_failure
                 .map(|t| now.duration_since(t).as_secs_f64()),
+            last_failure: inner.last_cause.clone(),
+            opened_because: inner.opened_because.clone(),
         }
     }
 
-    fn record(&self, generation: u64, probe: bool, outcome: Option<bool>) {
+    /// Why the breaker opened the last time (the failure that tipped it), if said.
+    pub fn opened_because(&self) -> Option<String> {
+        self.lock().opened_because.clone()
+    }
+
+    fn record(&self, generation: u64, probe: bool, outcome: Option<bool>, cause: Option<String>) {
         let now = Instant::now();
         let mut inner = self.lock();
         if outcome == Some(false) {
             inner.total_failures += 1;
             inner.last_failure = Some(now);
+            if cause.is_some() {
+                inner.last_cause = cause;
+            }
         }
         if inner.generation != generation {
             // The breaker moved on since this call started (e.g. it opened while a slow call
@@ -430,14 +458,20 @@ impl Permit {
     /// The dependency answered properly.
     pub fn success(mut self) {
         if let Some(b) = self.breaker.take() {
-            b.record(self.generation, self.probe, Some(true));
+            b.record(self.generation, self.probe, Some(true), None);
         }
     }
 
     /// The dependency failed (timeout, 5xx, transport error).
-    pub fn failure(mut self) {
+    pub fn failure(self) {
+        self.failure_because(None::<String>);
+    }
+
+    /// The dependency failed, and this is what happened: kept as the breaker's last failure
+    /// and, when it is the one that opens it, as the reason it opened.
+    pub fn failure_because(mut self, cause: impl Into<Option<String>>) {
         if let Some(b) = self.breaker.take() {
-            b.record(self.generation, self.probe, Some(false));
+            b.record(self.generation, self.probe, Some(false), cause.into());
         }
     }
 }
@@ -445,7 +479,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(b) = self.breaker.take() {
-            b.record(self.generation, self.probe, None);
+            b.record(self.generation, self.probe, None, None);
         }
     }
 }
@@ -483,6 +517,37 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.try_acquire().err(), Some(Rejected::Open));
         assert!(b.is_open());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn it_says_which_failure_opened_it_and_keeps_that_through_later_ones() {
+        let b = Breaker::new("t", settings());
+        assert_eq!(b.opened_because(), None);
+        for cause in ["HTTP 500: a", "HTTP 500: b", "no answer within 10 s"] {
+            b.try_acquire()
+                .expect("closed")
+                .failure_because(cause.to_string());
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.opened_because().as_deref(), Some("no answer within 10 s"));
+        let snap = b.snapshot();
+        assert_eq!(snap.last_failure.as_deref(), Some("no answer within 10 s"));
+        // A failed probe reopens it with its own cause.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        b.try_acquire()
+            .expect("probe")
+            .failure_because("connection refused to 127.0.0.1:8000".to_string());
+        assert_eq!(
+            b.opened_because().as_deref(),
+            Some("connection refused to 127.0.0.1:8000")
+        );
+        // A failure reported without a cause keeps the last one said.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        b.try_acquire().expect("probe").failure();
+        assert_eq!(
+            b.snapshot().last_failure.as_deref(),
+            Some("connection refused to 127.0.0.1:8000")
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,6 +4,11 @@
 //!
 //! By default it answers every structured request with a valid answer for the stage it
 //! recognises from the schema (signal / advice / report) and the symbol named in the prompt.
+//!
+//! [`Quirks`] teach it what real local servers do that OpenAI does not, as seen with
+//! llama.cpp's Python server (`llama-cpp-python[server]`): `response_format: json_schema`
+//! refused with a 500 (it takes `{type: json_object, schema}`), an assistant message with
+//! `content: null` beside its tool calls refused with a 500, one request served at a time.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -27,6 +32,12 @@ pub enum Reply {
     Slow(Duration),
     /// An HTTP status with a JSON error body and optional `Retry-After`.
     Status(u16, Option<String>),
+    /// An HTTP status with exactly this body (a server that says why it failed).
+    #[allow(dead_code)]
+    StatusBody(u16, String),
+    /// The valid answer cut off halfway, `finish_reason: length` (a model at `max_tokens`).
+    #[allow(dead_code)]
+    Truncated,
     /// This exact JSON as the structured answer (content or tool-call arguments).
     Answer(Value),
     /// This raw text as the model's content (for prose, fences, broken JSON).
@@ -107,6 +118,29 @@ impl LatencyModel {
     }
 }
 
+/// Behaviours of real OpenAI-compatible servers that differ from OpenAI's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quirks {
+    /// `response_format.type: json_schema` → HTTP 500 naming the field (llama-cpp-python).
+    pub refuse_json_schema: bool,
+    /// An assistant message whose `content` is null → HTTP 500 (llama-cpp-python).
+    pub refuse_null_content: bool,
+    /// One request at a time: the others queue for it (one model, one context).
+    pub one_at_a_time: bool,
+}
+
+impl Quirks {
+    /// All of llama-cpp-python's.
+    #[allow(dead_code)]
+    pub fn llama_cpp() -> Self {
+        Quirks {
+            refuse_json_schema: true,
+            refuse_null_content: true,
+            one_at_a_time: true,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Script {
     /// Per `symbol|stage` (or per symbol): the reply for every request.
@@ -121,12 +155,20 @@ struct Script {
     latency: Option<LatencyModel>,
     /// Answers with these strategy counts instead of the right ones (a model that miscounts).
     miscount: bool,
+    quirks: Quirks,
 }
 
 #[derive(Clone)]
 pub struct LlmServer {
     pub url: String,
     script: Arc<Mutex<Script>>,
+}
+
+/// The handler's shared state: the script, and the one-at-a-time gate.
+#[derive(Clone)]
+struct Shared {
+    script: Arc<Mutex<Script>>,
+    serial: Arc<tokio::sync::Semaphore>,
 }
 
 impl LlmServer {
@@ -138,7 +180,10 @@ impl LlmServer {
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(completions))
             .route("/chat/completions", post(completions))
-            .with_state(script.clone());
+            .with_state(Shared {
+                script: script.clone(),
+                serial: Arc::new(tokio::sync::Semaphore::new(1)),
+            });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -182,6 +227,12 @@ impl LlmServer {
         self.with(|s| s.latency = m);
     }
 
+    /// Imitate these quirks of real servers from now on.
+    #[allow(dead_code)]
+    pub fn set_quirks(&self, q: Quirks) {
+        self.with(|s| s.quirks = q);
+    }
+
     /// Valid signal answers carry strategy counts that disagree with their breakdown.
     #[allow(dead_code)]
     pub fn set_miscount(&self, on: bool) {
@@ -193,9 +244,13 @@ impl LlmServer {
     }
 }
 
-/// Which stage a request is for, from its schema (response_format or the StructuredOutput tool).
+/// Which stage a request is for, from its schema (response_format as json_schema or as
+/// llama.cpp's json_object, or the StructuredOutput tool).
 fn schema_of(body: &Value) -> Option<&Value> {
     if let Some(s) = body.pointer("/response_format/json_schema/schema") {
+        return Some(s);
+    }
+    if let Some(s) = body.pointer("/response_format/schema") {
         return Some(s);
     }
     body["tools"]
@@ -205,13 +260,35 @@ fn schema_of(body: &Value) -> Option<&Value> {
         .map(|t| &t["function"]["parameters"])
 }
 
-fn stage_of(schema: Option<&Value>) -> &'static str {
+fn stage_of(schema: Option<&Value>, body: &Value) -> &'static str {
     match schema {
         Some(s) if s["properties"].get("action").is_some() => "signal",
         Some(s) if s["properties"].get("max_position_size").is_some() => "advice",
         Some(s) if s["properties"].get("summary").is_some() => "report",
-        _ => "other",
+        // No format at all (`structured_output: prompt`): the system prompt says who asks.
+        _ => {
+            let system = text_of(&body["messages"][0]["content"]);
+            if system.starts_with("You are signal-generator") {
+                "signal"
+            } else if system.starts_with("You are portfolio-advisor") {
+                "advice"
+            } else if system.starts_with("You are report-generator") {
+                "report"
+            } else {
+                "other"
+            }
+        }
     }
+}
+
+/// The 500 llama-cpp-python answers for a field it cannot take (its error handler wraps the
+/// request model's validation error).
+fn llama_cpp_500(message: &str) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(json!({"error": {"message": message, "type": "internal_server_error"}})),
+    )
+        .into_response()
 }
 
 /// A message's text: its content string, or its text parts joined.
@@ -390,19 +467,43 @@ fn streamed(content: Option<&str>, tool_args: Option<&str>, usage: (u64, u64)) -
 }
 
 async fn completions(
-    State(script): State<Arc<Mutex<Script>>>,
+    State(shared): State<Shared>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    let script = shared.script.clone();
+    let quirks = script.lock().unwrap().quirks;
+    // One at a time: a queued request waits here, its client's deadline running.
+    let _turn = if quirks.one_at_a_time {
+        shared.serial.clone().acquire_owned().await.ok()
+    } else {
+        None
+    };
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let schema = schema_of(&body);
-    let stage = stage_of(schema).to_string();
+    let stage = stage_of(schema, &body).to_string();
     let symbol = symbol_of(&body);
     let tool_mode = body["tools"].as_array().is_some_and(|t| {
         t.iter()
             .any(|t| t["function"]["name"] == "StructuredOutput")
     });
     let stream = body["stream"] == true;
+    let refusal = if quirks.refuse_json_schema && body["response_format"]["type"] == "json_schema" {
+        Some(
+            "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n  Input should be 'text' or 'json_object' [type=literal_error, input_value='json_schema']",
+        )
+    } else if quirks.refuse_null_content
+        && body["messages"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["role"] == "assistant" && m["content"].is_null())
+        })
+    {
+        Some(
+            "1 validation error for CreateChatCompletionRequest\nmessages.2.assistant.content\n  Input should be a valid string [type=string_type, input_value=None]",
+        )
+    } else {
+        None
+    };
     let (reply, usage, latency, miscount) = {
         let mut s = script.lock().unwrap();
         s.received.push(Received {
@@ -412,6 +513,10 @@ async fn completions(
             stage: stage.clone(),
             symbol: symbol.clone(),
         });
+        if let Some(why) = refusal {
+            drop(s);
+            return llama_cpp_500(why);
+        }
         let r = s
             .next
             .pop_front()
@@ -478,6 +583,18 @@ async fn completions(
                 json!({"error": {"code": code, "message": format!("scripted {code}")}}).to_string(),
             ))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+        Reply::StatusBody(code, text) => Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(text))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        Reply::Truncated => {
+            let full = valid().to_string();
+            let half: String = full.chars().take(full.chars().count() / 2).collect();
+            let mut v = chat_completion(Some(&half), None, usage);
+            v["choices"][0]["finish_reason"] = json!("length");
+            axum::Json(v).into_response()
         }
         Reply::Answer(v) => answer(&v),
         Reply::Content(text) => respond(&text),

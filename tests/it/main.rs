@@ -19,6 +19,7 @@ mod hardening;
 mod history;
 mod influxdb;
 mod llm_agents;
+mod llm_causes;
 mod mcp;
 mod observability;
 mod once_mode;

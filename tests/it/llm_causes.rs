@@ -1,0 +1,196 @@
+//! When the model endpoint fails, the failure keeps its cause: a dead URL names the refused
+//! `host:port`, a 500 the start of its body, a cut-off answer says it was truncated, and an
+//! open breaker says what opened it — in `/api/cycles` and in `/health/detailed`. And an
+//! endpoint that behaves like llama.cpp's server (no `json_schema`, no `content: null`, one
+//! request at a time) is served by `structured_output: auto` without any setting.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::app::spawn_app;
+use crate::helpers::{config, free_port, of_symbol};
+use crate::llm_server::{LlmServer, Quirks, Reply};
+
+fn llm_yaml(url: &str, symbols: &str, agents_more: &str, more: &str) -> String {
+    config(
+        "*/2 * * * * *",
+        &format!(
+            "  symbols: [{symbols}]\n  agents:\n    backend: openrouter\n    base_url: {url}\n    model: test/model-x\n    requests_per_minute: 1000\n    burst: 100\n{agents_more}  retry:\n    max_attempts: 1\n{more}"
+        ),
+    )
+}
+
+/// The first ran cycle's failure for `symbol`, waited for.
+async fn first_failure(app: &crate::app::TestApp, symbol: &str) -> Value {
+    let cycles = app.wait_cycles(1, Duration::from_secs(30)).await;
+    of_symbol(&cycles[0]["failures"], symbol)
+        .unwrap_or_else(|| panic!("{symbol} did not fail: {}", cycles[0]))
+}
+
+#[tokio::test]
+async fn a_dead_url_names_the_refused_host_and_port() {
+    let port = free_port();
+    let app = spawn_app(llm_yaml(
+        &format!("http://127.0.0.1:{port}/v1"),
+        "ETH/USD",
+        "",
+        "",
+    ))
+    .await;
+    let f = first_failure(&app, "ETH/USD").await;
+    assert_eq!(f["reason"], "llm_unreachable", "{f}");
+    let want = format!("connection refused to 127.0.0.1:{port}");
+    assert!(f["error"].as_str().unwrap().contains(&want), "{f}");
+    let (_, d) = app.get("/health/detailed").await;
+    let last = &d["llm"]["last_errors"]["openrouter"];
+    assert_eq!(last["symbol"], "ETH/USD", "{d}");
+    assert_eq!(last["stage"], "signal");
+    assert_eq!(last["reason"], "llm_unreachable");
+    assert!(last["error"].as_str().unwrap().contains(&want), "{last}");
+}
+
+#[tokio::test]
+async fn a_500_keeps_its_body_and_the_breaker_says_what_opened_it() {
+    let llm = LlmServer::start().await;
+    llm.set_default(Some(Reply::StatusBody(
+        500,
+        r#"{"error":{"message":"model 'llama-3' is not loaded","type":"server_error"}}"#.into(),
+    )));
+    // One failure opens the breaker, for an hour; one symbol at a time, so the second symbol
+    // of the tick meets it open.
+    let app = spawn_app(llm_yaml(
+        &llm.url,
+        "ETH/USD, BTC/USD",
+        "",
+        "  parallel:\n    max_concurrent: 1\n    min_concurrent: 1\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 1\n      recovery_timeout_seconds: 3600\n",
+    ))
+    .await;
+    let cycles = app.wait_cycles(1, Duration::from_secs(30)).await;
+    let failures = &cycles[0]["failures"];
+    let f = failures[0].clone();
+    assert_eq!(f["reason"], "llm_5xx", "{f}");
+    assert_eq!(
+        f["error"],
+        "agent provider answered HTTP 500: model 'llama-3' is not loaded"
+    );
+    let second = failures[1].clone();
+    assert_eq!(second["reason"], "circuit_open", "{second}");
+    assert_eq!(
+        second["error"],
+        "circuit breaker open (it opened after: agent provider answered HTTP 500: model 'llama-3' is not loaded)"
+    );
+    let (_, d) = app.get("/health/detailed").await;
+    let b = &d["circuit_breakers"]["llm_openrouter"];
+    assert_eq!(b["state"], "open", "{d}");
+    assert_eq!(
+        b["opened_because"],
+        "agent provider answered HTTP 500: model 'llama-3' is not loaded"
+    );
+    assert_eq!(
+        d["llm"]["last_errors"]["openrouter"]["error"],
+        "agent provider answered HTTP 500: model 'llama-3' is not loaded"
+    );
+    assert_eq!(
+        llm.received().len(),
+        1,
+        "the open breaker sent nothing more"
+    );
+}
+
+#[tokio::test]
+async fn a_cut_off_answer_is_reported_as_truncated() {
+    let llm = LlmServer::start().await;
+    llm.set_default(Some(Reply::Truncated));
+    let app = spawn_app(llm_yaml(&llm.url, "ETH/USD", "", "")).await;
+    let f = first_failure(&app, "ETH/USD").await;
+    assert_eq!(f["reason"], "invalid_output", "{f}");
+    assert!(
+        f["error"]
+            .as_str()
+            .unwrap()
+            .contains("truncated: the answer hit the completion limit"),
+        "{f}"
+    );
+}
+
+/// A server with llama-cpp-python's habits, the runner on its defaults for the format: the
+/// first `json_schema` request is refused, every later one is `json_object` with the schema,
+/// and every symbol is published; the schema is in the prompt too.
+#[tokio::test]
+async fn auto_finds_the_format_a_llama_cpp_like_server_takes() {
+    let llm = LlmServer::start().await;
+    llm.set_quirks(Quirks::llama_cpp());
+    let app = spawn_app(llm_yaml(
+        &llm.url,
+        "ETH/USD, BTC/USD, SOL/USD",
+        "",
+        "  pipeline:\n    advise_min_score: 0\n",
+    ))
+    .await;
+    let cycles = app.wait_cycles(2, Duration::from_secs(30)).await;
+    for c in &cycles {
+        assert_eq!(c["symbols_ok"], 3, "{c}");
+    }
+    let got = llm.received();
+    let kind = |r: &crate::llm_server::Received| {
+        r.body["response_format"]["type"]
+            .as_str()
+            .unwrap_or("none")
+            .to_string()
+    };
+    let refused = got.iter().filter(|r| kind(r) == "json_schema").count();
+    // Only calls already on their way when the first refusal came back used json_schema.
+    assert!((1..=3).contains(&refused), "{refused} json_schema requests");
+    let first_object = got
+        .iter()
+        .position(|r| kind(r) == "json_object")
+        .expect("fell back to json_object");
+    assert!(
+        got[first_object..].iter().all(|r| kind(r) == "json_object"),
+        "once stepped down, it stays down"
+    );
+    for r in &got {
+        let user = r.body["messages"][1]["content"].as_str().unwrap_or("");
+        assert!(
+            user.contains("JSON Schema"),
+            "the schema is described in the prompt"
+        );
+    }
+    let (_, latest) = app.get("/api/signals/latest").await;
+    assert_eq!(latest["total"], 3);
+}
+
+/// Tools mode against the same server: the assistant message that asked for tools goes back
+/// with string content (null is refused), and the symbol is published.
+#[tokio::test]
+async fn tool_rounds_work_on_a_server_that_refuses_null_content() {
+    let llm = LlmServer::start().await;
+    llm.set_quirks(Quirks::llama_cpp());
+    llm.set_default(Some(Reply::CallTools {
+        calls: vec![(
+            "get_current_price".into(),
+            serde_json::json!({"symbol": "ETH/USD"}),
+        )],
+        rounds: 1,
+    }));
+    let app = spawn_app(llm_yaml(
+        &llm.url,
+        "ETH/USD",
+        "    tools: mcp\n    structured_output: json_object\n",
+        "",
+    ))
+    .await;
+    let cycles = app.wait_cycles(1, Duration::from_secs(30)).await;
+    assert_eq!(cycles[0]["symbols_ok"], 1, "{}", cycles[0]);
+    let back = llm
+        .received()
+        .into_iter()
+        .find_map(|r| {
+            r.body["messages"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["role"] == "assistant").cloned())
+        })
+        .expect("a tool round was sent back");
+    assert_eq!(back["content"], "", "{back}");
+}
