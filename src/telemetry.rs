@@ -70,6 +70,8 @@ pub mod names {
         MCP_TOOL_DURATION_SECONDS = "mcp_tool_duration_seconds";
         /// Counter {stage, outcome}: backup requests sent for stragglers (`won`: the backup's answer was used; `lost`: it was not).
         AGENT_HEDGES = "agent_hedges_total";
+        /// Counter {stage, outcome}: follow-up turns that showed a model the errors of its rejected answer (`fixed`: the next answer was good; `still_invalid`: it was not; `failed`: the follow-up request itself failed).
+        AGENT_REPROMPTS = "agent_reprompts_total";
         /// Counter {stage}: stage messages published.
         MESSAGES_PUBLISHED = "messages_published_total";
         /// Gauge: kill switch active (1) or not (0).
@@ -173,6 +175,9 @@ pub fn init_series(symbols: &[String], breakers: &[String]) {
         }
         for outcome in ["won", "lost"] {
             metrics::counter!(AGENT_HEDGES, "stage" => stage, "outcome" => outcome).absolute(0);
+        }
+        for outcome in ["fixed", "still_invalid", "failed"] {
+            metrics::counter!(AGENT_REPROMPTS, "stage" => stage, "outcome" => outcome).absolute(0);
         }
     }
     for reason in ["age", "heartbeat_missing"] {

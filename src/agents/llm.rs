@@ -563,6 +563,9 @@ pub struct Tallies {
     pub outputs: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Requests by how they ended (`ok`, `timeout`, `rate_limited`, `refused`, …).
     pub requests: BTreeMap<&'static str, u64>,
+    /// Follow-up turns after a rejected answer, by outcome (`fixed`, `still_invalid`,
+    /// `failed`).
+    pub reprompts: BTreeMap<&'static str, u64>,
 }
 
 impl LlmHealth {
@@ -609,6 +612,10 @@ impl LlmHealth {
             .or_default()
             .entry(outcome)
             .or_default() += 1;
+    }
+    fn count_reprompt(&self, outcome: &'static str) {
+        let mut t = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
+        *t.reprompts.entry(outcome).or_default() += 1;
     }
     fn count_request(&self, stage: &'static str, outcome: &'static str) {
         metrics::counter!(names::LLM_REQUESTS, "stage" => stage, "outcome" => outcome).increment(1);
@@ -700,6 +707,13 @@ pub fn token_estimate(req: &LlmRequest<'_>) -> u64 {
     prompt as u64 + 64 + u64::from(req.max_tokens)
 }
 
+/// The follow-up turn after a rejected answer: what was wrong, and what to do.
+fn reprompt_text(reason: &str) -> String {
+    format!(
+        "Your answer was rejected: {reason}. Answer again with exactly one corrected JSON object that follows the schema, and nothing else."
+    )
+}
+
 /// What one request came back with: the stage's answer, or a request for tools.
 enum Step<T> {
     Answer(Checked<T>),
@@ -781,6 +795,18 @@ impl LlmAgent {
         let backoff = self.shared.backoff;
         let mut tools_used: Vec<String> = vec![];
         let mut round = 0;
+        // One follow-up turn per stage call shows the model what was wrong with an answer
+        // that was rejected; the answer it rejected is kept here by the reader.
+        let mut reprompted = false;
+        let rejected: Mutex<Option<Value>> = Mutex::new(None);
+        let tracked = |v: &Value| {
+            let r = read(v);
+            if r.is_err() {
+                *rejected.lock().unwrap_or_else(|p| p.into_inner()) = Some(v.clone());
+            }
+            r
+        };
+        let read: Read<'_, T> = &tracked;
         loop {
             // Each round is a request like any other: budget, rate limit, breaker, retries,
             // all within the stage's deadline.
@@ -816,7 +842,41 @@ impl LlmAgent {
                     Some(cause) if last.is_consequence() => cause,
                     _ => last,
                 }
-            })?;
+            });
+            let stage_name = stage.as_str();
+            let step = match step {
+                Ok(step) => step,
+                Err(AgentError::InvalidOutput(reason)) if !reprompted => {
+                    // Said back once, with the exact errors, under the same budget, rate
+                    // limit and deadline as any request.
+                    reprompted = true;
+                    tracing::info!(stage = stage_name, symbol, cycle_id = %cycle_id, reason = %reason, "model answer rejected; asking once more with its errors");
+                    let previous = rejected.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(v) = previous {
+                        req.conversation
+                            .push(json!({"role": "assistant", "content": v.to_string()}));
+                    }
+                    req.conversation
+                        .push(json!({"role": "user", "content": reprompt_text(&reason)}));
+                    continue;
+                }
+                Err(e) => {
+                    if reprompted {
+                        let outcome = if matches!(e, AgentError::InvalidOutput(_)) {
+                            "still_invalid"
+                        } else {
+                            "failed"
+                        };
+                        metrics::counter!(names::AGENT_REPROMPTS, "stage" => stage_name, "outcome" => outcome).increment(1);
+                        self.shared.health.count_reprompt(outcome);
+                    }
+                    return Err(e);
+                }
+            };
+            if reprompted && matches!(step, Step::Answer(_)) {
+                metrics::counter!(names::AGENT_REPROMPTS, "stage" => stage_name, "outcome" => "fixed").increment(1);
+                self.shared.health.count_reprompt("fixed");
+            }
             let reply = match step {
                 Step::Answer(checked) => {
                     return Ok(Answer {

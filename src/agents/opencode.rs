@@ -182,9 +182,18 @@ impl OpenCode {
     }
 
     async fn prompt(&self, id: &str, req: &LlmRequest<'_>) -> Result<LlmReply, AgentError> {
+        // A fresh session per call: a follow-up turn (the errors of a rejected answer) rides
+        // along with the prompt instead of as a second message.
+        let mut text = req.user.clone();
+        for m in req.conversation.iter().filter(|m| m["role"] == "user") {
+            if let Some(t) = m["content"].as_str() {
+                text.push_str("\n\n");
+                text.push_str(t);
+            }
+        }
         let mut body = json!({
             "agent": self.agent(req.stage),
-            "parts": [{"type": "text", "text": req.user}],
+            "parts": [{"type": "text", "text": text}],
             "format": {"type": "json_schema", "schema": req.schema, "retryCount": 1},
         });
         if !self.agents.provider_id.is_empty() {

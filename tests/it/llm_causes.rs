@@ -194,3 +194,66 @@ async fn tool_rounds_work_on_a_server_that_refuses_null_content() {
         .expect("a tool round was sent back");
     assert_eq!(back["content"], "", "{back}");
 }
+
+/// An answer that breaks the schema gets one follow-up turn with its exact errors: the model
+/// sees its own answer and what was wrong, and its corrected answer is published; one that is
+/// still wrong fails the symbol after exactly two requests.
+#[tokio::test]
+async fn a_rejected_answer_is_shown_its_errors_once() {
+    let llm = LlmServer::start().await;
+    let mut bad = crate::llm_server::valid_answer("signal", "ETH/USD");
+    bad["confidence"] = serde_json::json!(1.2);
+    // ETH/USD: wrong once, then right. BTC/USD: wrong every time.
+    llm.next_for("ETH/USD", "signal", vec![Reply::Answer(bad.clone())]);
+    let mut bad_btc = crate::llm_server::valid_answer("signal", "BTC/USD");
+    bad_btc["confidence"] = serde_json::json!(1.2);
+    llm.always_for("BTC/USD", "signal", Reply::Answer(bad_btc));
+    let app = spawn_app(llm_yaml(
+        &llm.url,
+        "ETH/USD, BTC/USD",
+        "",
+        "  parallel:\n    max_concurrent: 1\n    min_concurrent: 1\n",
+    ))
+    .await;
+    let cycles = app.wait_cycles(1, Duration::from_secs(30)).await;
+    let c = &cycles[0];
+    assert_eq!(c["symbols_ok"], 1, "{c}");
+    let f = of_symbol(&c["failures"], "BTC/USD").expect("BTC/USD failed");
+    assert_eq!(f["reason"], "invalid_output");
+    assert!(f["error"].as_str().unwrap().contains("confidence"), "{f}");
+    let signal_requests = |symbol: &str| -> Vec<Value> {
+        llm.received()
+            .into_iter()
+            .filter(|r| r.symbol == symbol && r.stage == "signal")
+            .filter(|r| {
+                r.body["messages"][1]["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("Cycle: {}", c["cycle_id"].as_str().unwrap()))
+            })
+            .map(|r| r.body)
+            .collect()
+    };
+    let eth = signal_requests("ETH/USD");
+    assert_eq!(eth.len(), 2, "the answer and one follow-up");
+    let follow = eth[1]["messages"].as_array().unwrap();
+    assert_eq!(follow[2]["role"], "assistant");
+    let shown: Value = serde_json::from_str(follow[2]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(shown["confidence"], 1.2, "the model sees its own answer");
+    assert_eq!(follow[3]["role"], "user");
+    let told = follow[3]["content"].as_str().unwrap();
+    assert!(told.starts_with("Your answer was rejected: "), "{told}");
+    assert!(told.contains("confidence"), "{told}");
+    assert_eq!(
+        signal_requests("BTC/USD").len(),
+        2,
+        "one follow-up, no more"
+    );
+    let (_, latest) = app.get("/api/signals/latest").await;
+    let eth_signal = of_symbol(&latest["signals"], "ETH/USD").expect("published");
+    assert_eq!(eth_signal["confidence"], 0.9, "the corrected answer");
+    let (_, d) = app.get("/health/detailed").await;
+    let r = &d["llm"]["since_start"]["reprompts"];
+    assert_eq!(r["fixed"], 1, "{d}");
+    assert_eq!(r["still_invalid"], 1, "{d}");
+}

@@ -149,6 +149,8 @@ struct Script {
     default: Option<Reply>,
     /// Global queue, used before anything else.
     next: VecDeque<Reply>,
+    /// Per `symbol|stage` queues, used before `always`.
+    next_for: HashMap<String, VecDeque<Reply>>,
     usage: (u64, u64),
     received: Vec<Received>,
     /// Delays (and disturbs) every default valid answer.
@@ -204,6 +206,17 @@ impl LlmServer {
     /// Every request of `stage` (`signal`, `advice`, `report`) for `symbol` gets `r`.
     pub fn always_for(&self, symbol: &str, stage: &str, r: Reply) {
         self.with(|s| s.always.insert(format!("{symbol}|{stage}"), r));
+    }
+
+    /// The next requests of `stage` for `symbol` get these, in order (then the usual).
+    #[allow(dead_code)]
+    pub fn next_for(&self, symbol: &str, stage: &str, rs: Vec<Reply>) {
+        self.with(|s| {
+            s.next_for
+                .entry(format!("{symbol}|{stage}"))
+                .or_default()
+                .extend(rs)
+        });
     }
 
     /// The next requests (any symbol) get these, in order.
@@ -517,10 +530,12 @@ async fn completions(
             drop(s);
             return llama_cpp_500(why);
         }
+        let key = format!("{symbol}|{stage}");
         let r = s
             .next
             .pop_front()
-            .or_else(|| s.always.get(&format!("{symbol}|{stage}")).cloned())
+            .or_else(|| s.next_for.get_mut(&key).and_then(VecDeque::pop_front))
+            .or_else(|| s.always.get(&key).cloned())
             .or_else(|| s.always.get(&symbol).cloned())
             .or_else(|| s.default.clone())
             .unwrap_or(Reply::Valid);

@@ -35,6 +35,7 @@ const DESIGN_NAMES: &[&str] = &[
     "agent_call_duration_seconds",
     "agent_outputs_total",
     "agent_hedges_total",
+    "agent_reprompts_total",
     "signals_graded_total",
     "history_rows_written_total",
     "history_dropped_total",
