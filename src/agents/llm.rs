@@ -153,35 +153,22 @@ pub trait Transport: Send + Sync {
 // ---------------------------------------------------------------------------------------------
 // Answers as the model must give them (the schemas are generated from these types).
 
-/// The signal stage's answer: only what the model must judge. The strategy counts are not
-/// asked for (the runner derives them from the breakdown; models miscount).
+/// The signal stage's answer: the model's judgment and nothing the runner already holds.
+/// The symbol, the strategy breakdown and its counts, the top strategy's score and
+/// parameters, the market context and the ids are filled by the runner: a model asked to
+/// copy them miscopies them (scores of 1.2, empty names, the symbol as "USD"), and every
+/// copied token costs time.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlmSignal {
-    /// Must be the symbol asked about.
-    pub symbol: String,
     /// BUY, SELL or HOLD.
     pub action: Action,
-    /// 0–1.
+    /// The probability, 0–1, that the call is right.
     pub confidence: f64,
-    /// Why, at most 2000 characters.
+    /// Why, in at most 2000 characters.
     pub reasoning: String,
-    /// The strategy that weighed most.
-    pub top_strategy: LlmTopStrategy,
-    /// Every strategy's verdict.
-    pub strategy_breakdown: Vec<StrategyVerdict>,
-}
-
-/// The top strategy in a model's answer.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LlmTopStrategy {
-    /// Name.
-    pub name: String,
-    /// Hit rate or weight, 0–1.
-    pub score: f64,
-    /// Its direction.
-    pub signal: Action,
+    /// The strategies the call relies on, most important first.
+    pub strategies: Vec<String>,
 }
 
 /// The report stage's answer.
@@ -190,6 +177,15 @@ pub struct LlmTopStrategy {
 pub struct LlmReport {
     /// Two or three sentences for the dashboard.
     pub summary: String,
+}
+
+/// The signal schema: [`LlmSignal`]'s, with `strategies` an enum of the runner's strategy
+/// names (a model picks, it does not spell).
+fn signal_schema() -> Value {
+    let mut v = schema_of::<LlmSignal>();
+    v["properties"]["strategies"]["items"] =
+        json!({"type": "string", "enum": super::rules::strategy_names()});
+    v
 }
 
 fn schema_of<T: schemars::JsonSchema>() -> Value {
@@ -234,7 +230,7 @@ pub fn stage_schema(stage: Stage) -> &'static Value {
     static ADVICE: OnceLock<Value> = OnceLock::new();
     static REPORT: OnceLock<Value> = OnceLock::new();
     match stage {
-        Stage::Signal | Stage::Score => SIGNAL.get_or_init(schema_of::<LlmSignal>),
+        Stage::Signal | Stage::Score => SIGNAL.get_or_init(signal_schema),
         Stage::Advise => ADVICE.get_or_init(schema_of::<Advice>),
         Stage::Report => REPORT.get_or_init(schema_of::<LlmReport>),
     }
@@ -248,7 +244,7 @@ fn schema_name(stage: Stage) -> &'static str {
     }
 }
 
-const SIGNAL_SYSTEM: &str = "You are signal-generator, a crypto market analyst. You receive one symbol's market snapshot (price, 1-hour change, volatility, volume) and the verdicts of classic technical strategies computed from its 1-minute candles. Weigh them and decide BUY, SELL or HOLD with a calibrated confidence between 0 and 1. Answer only with the JSON object the schema describes, for exactly the symbol you were given; keep the reasoning under 2000 characters.";
+const SIGNAL_SYSTEM: &str = "You are signal-generator, a crypto market analyst. You receive one symbol's market snapshot (price, 1-hour change, volatility, volume) and the verdicts of classic technical strategies computed from its 1-minute candles. Weigh them and decide BUY, SELL or HOLD with a calibrated confidence between 0 and 1 (the probability that the call is right), and name the strategies your call relies on, most important first. Answer only with the JSON object the schema describes; keep the reasoning under 2000 characters.";
 const ADVISE_SYSTEM: &str = "You are portfolio-advisor, a risk manager. You receive a scored trading signal. Decide whether it is valid to act on, the largest position as a fraction of the portfolio (0 to 1; 0 when not valid), and the concrete risks. Answer only with the JSON object the schema describes.";
 const REPORT_SYSTEM: &str = "You are report-generator. Write a 2–3 sentence plain-text summary of a trading signal for a dashboard: the call, its confidence and opportunity score, the main reason, and the advisor's view if any. Answer only with the JSON object the schema describes.";
 
@@ -261,10 +257,11 @@ pub fn system_prompt(stage: Stage) -> &'static str {
     }
 }
 
-/// The signal prompt: everything the model needs, without tools.
-pub fn signal_prompt(req: &SignalRequest<'_>) -> String {
-    let verdicts: Vec<Value> = super::rules::evaluate(req.candles)
-        .into_iter()
+/// The signal prompt: everything the model needs, without tools; `verdicts` are the
+/// strategies the runner evaluated on these candles.
+pub fn signal_prompt(req: &SignalRequest<'_>, verdicts: &[(StrategyVerdict, Value)]) -> String {
+    let verdicts: Vec<Value> = verdicts
+        .iter()
         .map(|(v, params)| json!({"strategy": v.name, "signal": v.signal, "hit_rate": round4(v.score), "parameters": params}))
         .collect();
     let recent: Vec<Value> = req
@@ -1287,9 +1284,12 @@ fn degraded<T>(value: T) -> Answer<T> {
     }
 }
 
-/// Reads and checks a model's signal answer for `symbol`.
-pub fn signal_from_answer(symbol: &str, v: &Value) -> Result<Checked<SignalDraft>, String> {
-    let c = repair::signal(symbol, v)?;
+/// Reads and checks a model's signal answer against the strategies the runner evaluated.
+pub fn signal_from_answer(
+    v: &Value,
+    verdicts: &[(StrategyVerdict, Value)],
+) -> Result<Checked<SignalDraft>, String> {
+    let c = repair::judgment(v, verdicts)?;
     c.value.validate()?;
     Ok(c)
 }
@@ -1323,14 +1323,15 @@ impl Agent for LlmAgent {
         req: &SignalRequest<'_>,
         limits: CallLimits,
     ) -> Result<Answer<SignalDraft>, AgentError> {
-        let symbol = req.symbol;
-        let read = move |v: &Value| signal_from_answer(symbol, v);
+        // Evaluated once: the prompt shows them, the reader fills the signal from them.
+        let verdicts = super::rules::evaluate(req.candles);
+        let read = |v: &Value| signal_from_answer(v, &verdicts);
         match self
             .ask(
                 Stage::Signal,
                 req.symbol,
                 req.cycle_id,
-                signal_prompt(req),
+                signal_prompt(req, &verdicts),
                 limits,
                 &read,
             )
@@ -1408,18 +1409,23 @@ mod tests {
     fn schemas_come_from_the_types_and_are_strict() {
         let s = stage_schema(Stage::Signal);
         let props = s["properties"].as_object().expect("properties");
-        for k in [
-            "symbol",
-            "action",
-            "confidence",
-            "reasoning",
-            "top_strategy",
-            "strategy_breakdown",
-        ] {
-            assert!(props.contains_key(k), "{k}");
-        }
+        // Only the judgment: what the runner holds is not asked for.
+        let keys: Vec<&str> = props.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["action", "confidence", "reasoning", "strategies"]);
         assert_eq!(s["additionalProperties"], false);
         assert_eq!(props["action"]["enum"], json!(["BUY", "SELL", "HOLD"]));
+        assert_eq!(
+            props["strategies"]["items"]["enum"],
+            json!([
+                "rsi_reversal",
+                "macd_cross",
+                "bollinger_bounce",
+                "ema_trend",
+                "volume_breakout",
+                "momentum"
+            ]),
+            "a model picks the strategies' names from the runner's"
+        );
         assert!(!s.to_string().contains("$ref"), "subschemas inlined");
         let required = s["required"].as_array().expect("required");
         assert_eq!(required.len(), props.len(), "every field required");

@@ -24,8 +24,6 @@ use crate::model::{Action, Advice, StrategyVerdict, TopStrategy};
 
 /// Ends a text that was cut to its limit, so a reader sees it was cut.
 pub const TRUNCATION_MARK: &str = " […]";
-/// Longest strategy name.
-const MAX_NAME_CHARS: usize = 100;
 /// Most strategies in a breakdown: more is not a slip but a model that lost the plot.
 const MAX_STRATEGIES: usize = 64;
 /// Most risk warnings kept.
@@ -203,10 +201,6 @@ impl<'a> Reader<'a> {
             .as_array()
             .ok_or_else(|| format!("{} is not an array", self.name(key)))
     }
-
-    fn absorb(&mut self, other: Reader<'_>) {
-        self.repairs.extend(other.repairs);
-    }
 }
 
 /// A number that is finite and within [0, 1], or why not.
@@ -237,96 +231,123 @@ pub fn truncate(s: String, max: usize) -> (String, Option<usize>) {
     (out, Some(n))
 }
 
-/// The signal stage's answer for `symbol`.
-pub fn signal(symbol: &str, v: &Value) -> Result<Checked<SignalDraft>, String> {
+/// Fields of the signal the runner fills itself. A model that still sends them (an older
+/// prompt, an agent with its own instructions) is not wrong about its judgment: they are
+/// ignored, each noted as a repair, never trusted.
+const RUNNER_FILLED: &[&str] = &[
+    "symbol",
+    "top_strategy",
+    "strategy_breakdown",
+    "strategies_analyzed",
+    "strategies_bullish",
+    "strategies_bearish",
+    "strategies_neutral",
+    "market_context",
+];
+
+/// The signal stage's answer: the model's judgment only (action, confidence, reasoning, the
+/// strategies it relied on, by name). Everything else comes from what the runner computed,
+/// `verdicts` (each strategy's verdict and parameters): the breakdown is all of them, the
+/// top strategy the first one the model relied on (else the best-scoring one that agrees
+/// with its action, else the best-scoring one).
+pub fn judgment(
+    v: &Value,
+    verdicts: &[(StrategyVerdict, Value)],
+) -> Result<Checked<SignalDraft>, String> {
     const KNOWN: &[&str] = &[
-        "symbol",
         "action",
         "confidence",
         "reasoning",
+        "strategies",
+        "symbol",
         "top_strategy",
         "strategy_breakdown",
-        // Derived by the runner; a model may still send them.
         "strategies_analyzed",
         "strategies_bullish",
         "strategies_bearish",
         "strategies_neutral",
+        "market_context",
     ];
     let mut r = Reader::new(v, KNOWN, "")?;
-    let said = r.string("symbol")?;
-    if said != symbol {
-        if said.eq_ignore_ascii_case(symbol) {
-            r.repairs.push(format!("normalised symbol {said:?}"));
-        } else {
-            return Err(format!(
-                "the answer is for {:?}, asked about {symbol:?}",
-                said.chars().take(40).collect::<String>()
-            ));
+    for key in RUNNER_FILLED {
+        if r.obj.contains_key(*key) {
+            r.repairs
+                .push(format!("ignored {key}: the runner fills it"));
         }
     }
     let action = r.action("action")?;
     let confidence = r.unit("confidence")?;
     let reasoning = r.text("reasoning", MAX_REASONING_CHARS)?;
-    let items = r.array("strategy_breakdown")?;
-    if items.len() > MAX_STRATEGIES {
-        return Err(format!(
-            "strategy_breakdown has {} entries, at most {MAX_STRATEGIES}",
-            items.len()
-        ));
-    }
-    let mut breakdown = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let mut s = Reader::new(
-            item,
-            &["name", "signal", "score"],
-            &format!("strategy_breakdown[{i}]"),
-        )?;
-        let verdict = StrategyVerdict {
-            name: s.text("name", MAX_NAME_CHARS)?,
-            signal: s.action("signal")?,
-            score: s.unit("score")?,
-        };
-        r.absorb(s);
-        breakdown.push(verdict);
-    }
-    let top = r.get("top_strategy")?;
-    let mut t = Reader::new(
-        top,
-        &["name", "score", "signal", "parameters"],
-        "top_strategy",
-    )?;
-    let top_strategy = TopStrategy {
-        name: t.text("name", MAX_NAME_CHARS)?,
-        score: t.unit("score")?,
-        signal: t.action("signal")?,
-        parameters: Map::new(),
-    };
-    r.absorb(t);
-    // The counts: derived, never trusted; a disagreement is reported as a repair.
-    let derived = crate::model::Tally::of(&breakdown);
-    for (key, want) in [
-        ("strategies_analyzed", derived.analyzed),
-        ("strategies_bullish", derived.bullish),
-        ("strategies_bearish", derived.bearish),
-        ("strategies_neutral", derived.neutral),
-    ] {
-        if let Some(given) = r.obj.get(key)
-            && given.as_u64() != Some(u64::from(want))
-        {
-            r.repairs.push(format!(
-                "{key} {given} replaced by {want}, counted from strategy_breakdown"
+    let mut relied: Vec<usize> = vec![];
+    if let Some(list) = r.obj.get("strategies").filter(|v| !v.is_null()) {
+        let items = list
+            .as_array()
+            .ok_or_else(|| "strategies is not a list of names".to_string())?;
+        if items.len() > MAX_STRATEGIES {
+            return Err(format!(
+                "strategies has {} entries, at most {MAX_STRATEGIES}",
+                items.len()
             ));
         }
+        for (n, item) in items.iter().enumerate() {
+            let Some(name) = item.as_str() else {
+                return Err(format!("strategies[{n}] is not a name"));
+            };
+            let wanted = name.trim();
+            match verdicts
+                .iter()
+                .position(|(v, _)| v.name.eq_ignore_ascii_case(wanted))
+            {
+                Some(i) if relied.contains(&i) => {
+                    r.repairs
+                        .push(format!("dropped repeated strategy {wanted:?}"));
+                }
+                Some(i) => {
+                    if verdicts[i].0.name != name {
+                        r.repairs.push(format!("normalised strategy name {name:?}"));
+                    }
+                    relied.push(i);
+                }
+                None => r.repairs.push(format!(
+                    "dropped unknown strategy {:?}",
+                    wanted.chars().take(40).collect::<String>()
+                )),
+            }
+        }
     }
-    let draft = SignalDraft {
-        action,
-        confidence,
-        reasoning,
-        top_strategy,
-        strategy_breakdown: breakdown,
+    let best = |agreeing: bool| {
+        verdicts
+            .iter()
+            .enumerate()
+            .filter(|(_, (v, _))| !agreeing || v.signal == action)
+            .max_by(|a, b| a.1.0.score.total_cmp(&b.1.0.score))
+            .map(|(i, _)| i)
+    };
+    let top = relied
+        .first()
+        .copied()
+        .or_else(|| best(true))
+        .or_else(|| best(false));
+    let top_strategy = match top {
+        Some(i) => {
+            let (v, params) = &verdicts[i];
+            TopStrategy {
+                name: v.name.clone(),
+                score: v.score,
+                signal: v.signal,
+                parameters: params.as_object().cloned().unwrap_or_default(),
+            }
+        }
+        None => return Err("no strategy was evaluated".into()),
     };
     Ok(Checked {
-        value: draft,
+        value: SignalDraft {
+            action,
+            confidence,
+            reasoning,
+            top_strategy,
+            strategy_breakdown: verdicts.iter().map(|(v, _)| v.clone()).collect(),
+        },
         repairs: r.repairs,
     })
 }
@@ -404,15 +425,29 @@ mod tests {
 
     fn good() -> Value {
         json!({
-            "symbol": "ETH/USD", "action": "BUY", "confidence": 0.7,
+            "action": "BUY", "confidence": 0.7,
             "reasoning": "Trend and momentum agree.",
-            "top_strategy": {"name": "ema_trend", "score": 0.8, "signal": "BUY"},
-            "strategy_breakdown": [
-                {"name": "ema_trend", "signal": "BUY", "score": 0.8},
-                {"name": "momentum", "signal": "BUY", "score": 0.7},
-                {"name": "rsi", "signal": "HOLD", "score": 0.5}
-            ]
+            "strategies": ["momentum", "ema_trend"]
         })
+    }
+
+    /// What the runner computed: three strategies, their verdicts and parameters.
+    fn verdicts() -> Vec<(StrategyVerdict, Value)> {
+        let v = |name: &str, signal, score| {
+            (
+                StrategyVerdict {
+                    name: name.into(),
+                    signal,
+                    score,
+                },
+                json!({"period": 14}),
+            )
+        };
+        vec![
+            v("ema_trend", Action::Buy, 0.8),
+            v("momentum", Action::Buy, 0.6),
+            v("rsi_reversal", Action::Hold, 0.9),
+        ]
     }
 
     fn with(k: &str, v: Value) -> Value {
@@ -421,21 +456,29 @@ mod tests {
         a
     }
 
+    fn read(v: &Value) -> Result<Checked<SignalDraft>, String> {
+        judgment(v, &verdicts())
+    }
+
     #[test]
-    fn a_clean_answer_is_accepted_and_its_counts_derived() {
-        let c = signal("ETH/USD", &good()).expect("accepted");
-        assert_eq!(c.outcome(), Outcome::Accepted);
-        let t = crate::model::Tally::of(&c.value.strategy_breakdown);
-        assert_eq!((t.analyzed, t.bullish, t.bearish, t.neutral), (3, 2, 0, 1));
-        // Counts that agree with the breakdown are no repair.
+    fn the_runner_fills_the_breakdown_and_the_top_strategy_from_what_it_computed() {
+        let c = read(&good()).expect("accepted");
+        assert_eq!(c.outcome(), Outcome::Accepted, "{:?}", c.repairs);
+        assert_eq!(c.value.strategy_breakdown.len(), 3);
+        // The first strategy the model relied on, with the runner's score and parameters.
+        assert_eq!(c.value.top_strategy.name, "momentum");
+        assert_eq!(c.value.top_strategy.score, 0.6);
+        assert_eq!(c.value.top_strategy.parameters["period"], 14);
+        // None named: the best-scoring strategy that agrees with the action (not the best
+        // overall, which says HOLD).
         let mut a = good();
-        a["strategies_analyzed"] = json!(3);
-        a["strategies_bullish"] = json!(2);
-        a["strategies_bearish"] = json!(0);
-        a["strategies_neutral"] = json!(1);
+        a.as_object_mut().expect("obj").remove("strategies");
+        let c = read(&a).expect("accepted");
+        assert_eq!(c.value.top_strategy.name, "ema_trend");
+        let c = read(&with("action", json!("SELL"))).expect("accepted");
         assert_eq!(
-            signal("ETH/USD", &a).expect("ok").outcome(),
-            Outcome::Accepted
+            c.value.top_strategy.name, "momentum",
+            "still the one relied on"
         );
     }
 
@@ -444,26 +487,44 @@ mod tests {
         let cases: Vec<(Value, &str)> = vec![
             (
                 with("strategies_analyzed", json!(0)),
-                "strategies_analyzed 0 replaced by 3",
+                "ignored strategies_analyzed: the runner fills it",
             ),
             (
-                with("strategies_bullish", json!(7)),
-                "strategies_bullish 7 replaced by 2",
+                with("symbol", json!("USD")),
+                "ignored symbol: the runner fills it",
+            ),
+            (
+                with(
+                    "strategy_breakdown",
+                    json!([{"name": "", "signal": "BUY", "score": 2}]),
+                ),
+                "ignored strategy_breakdown",
             ),
             (
                 with("reasoning", json!("  padded  ")),
                 "trimmed whitespace around reasoning",
             ),
             (with("action", json!("buy")), "normalised action"),
-            (with("symbol", json!("eth/usd")), "normalised symbol"),
             (
                 with("reasoning", json!("x".repeat(2500))),
                 "truncated reasoning from 2500 to 2000",
             ),
             (with("mood", json!("bullish")), "dropped unknown field mood"),
+            (
+                with("strategies", json!(["Momentum"])),
+                "normalised strategy name \"Momentum\"",
+            ),
+            (
+                with("strategies", json!(["momentum", "astrology"])),
+                "dropped unknown strategy \"astrology\"",
+            ),
+            (
+                with("strategies", json!(["momentum", "momentum"])),
+                "dropped repeated strategy",
+            ),
         ];
         for (answer, needle) in cases {
-            let c = signal("ETH/USD", &answer).unwrap_or_else(|e| panic!("{needle}: {e}"));
+            let c = read(&answer).unwrap_or_else(|e| panic!("{needle}: {e}"));
             assert_eq!(c.outcome(), Outcome::Repaired, "{needle}");
             assert!(
                 c.repairs.iter().any(|r| r.contains(needle)),
@@ -471,7 +532,7 @@ mod tests {
                 c.repairs
             );
         }
-        let long = signal("ETH/USD", &with("reasoning", json!("y".repeat(2500)))).expect("ok");
+        let long = read(&with("reasoning", json!("y".repeat(2500)))).expect("ok");
         assert_eq!(long.value.reasoning.chars().count(), MAX_REASONING_CHARS);
         assert!(long.value.reasoning.ends_with(TRUNCATION_MARK));
     }
@@ -500,37 +561,24 @@ mod tests {
                 with("confidence", json!("0.7")),
                 "confidence is not a number",
             ),
-            (with("symbol", json!("BTC/USD")), "asked about \"ETH/USD\""),
             (no_reasoning, "reasoning is missing"),
             (with("reasoning", json!("   ")), "reasoning is empty"),
             (json!([1, 2]), "not a JSON object"),
             (
-                with(
-                    "strategy_breakdown",
-                    json!([{"name": "a", "signal": "UP", "score": 0.5}]),
-                ),
-                "strategy_breakdown[0].signal",
+                with("strategies", json!("momentum")),
+                "strategies is not a list",
             ),
             (
-                with(
-                    "top_strategy",
-                    json!({"name": "a", "signal": "BUY", "score": 2}),
-                ),
-                "top_strategy.score 2 is outside",
+                with("strategies", json!([1])),
+                "strategies[0] is not a name",
             ),
             (
-                with(
-                    "strategy_breakdown",
-                    Value::Array(vec![
-                        json!({"name": "a", "signal": "BUY", "score": 0.5});
-                        65
-                    ]),
-                ),
+                with("strategies", Value::Array(vec![json!("momentum"); 65])),
                 "at most 64",
             ),
         ];
         for (answer, needle) in cases {
-            let e = signal("ETH/USD", &answer).expect_err(needle);
+            let e = read(&answer).expect_err(needle);
             assert!(e.contains(needle), "{needle}: {e}");
         }
     }

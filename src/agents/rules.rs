@@ -212,6 +212,11 @@ const STRATEGIES: &[Strategy] = &[
     },
 ];
 
+/// The strategies' names, in evaluation order (the enum a model picks from).
+pub fn strategy_names() -> Vec<&'static str> {
+    STRATEGIES.iter().map(|s| s.name).collect()
+}
+
 /// Hit rate of a strategy over the last `HIT_WINDOW` candles; 0.5 when it never signalled.
 fn hit_rate(s: &Strategy, c: &[Candle]) -> f64 {
     let n = c.len();

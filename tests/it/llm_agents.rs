@@ -331,10 +331,12 @@ pub fn hostile_cases() -> Vec<(&'static str, Reply, Expect)> {
             Reply::Answer(without("H4/USD", "reasoning")),
             Rejected,
         ),
+        // The symbol is the runner's: a model that still sends one, even a wrong one, is not
+        // trusted with it (ignored, a repair), and its judgment is kept.
         (
             "H5/USD",
             Reply::Answer(with("H5/USD", "symbol", json!("BTC/USD"))),
-            Rejected,
+            Repaired,
         ),
         (
             "H6/USD",
@@ -472,7 +474,12 @@ async fn miscounted_strategies_are_repaired_and_the_signal_agrees_with_its_break
         assert_eq!(s["strategies_bullish"], n("BUY"));
         assert_eq!(s["strategies_bearish"], n("SELL"));
         assert_eq!(s["strategies_neutral"], n("HOLD"));
-        assert_eq!(s["strategies_analyzed"], 3, "not the model's 0");
+        // The runner's six strategies, not the model's 0.
+        assert_eq!(
+            s["strategies_analyzed"],
+            autonomous_runner::agents::rules::strategy_names().len(),
+            "not the model's 0"
+        );
     }
     let (_, m) = p.get_text("/metrics").await;
     assert!(

@@ -243,16 +243,16 @@ async fn hostile_answers_through_opencode_are_rejected_or_kept_as_text() {
         }
     }
     // The rejected answers that reach `info.structured` (H0 an unknown action, H1/H2 a
-    // confidence out of range, H4 a missing field, H5 the wrong symbol) are rejected by the
-    // runner and say so; the rest never get past OpenCode (prose, fences, broken bodies end
-    // as timeouts). H6 and H12 are repaired now, no longer rejected.
+    // confidence out of range, H4 a missing field) are rejected by the runner and say so; the
+    // rest never get past OpenCode (prose, fences, broken bodies end as timeouts). H6 and
+    // H12 are repaired, and so is H5 (a symbol is the runner's, never the model's).
     let invalid = cycle["failures"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|f| f["reason"] == "invalid_output")
         .count();
-    assert!(invalid >= 5, "{invalid} invalid_output: {cycle}");
+    assert!(invalid >= 4, "{invalid} invalid_output: {cycle}");
     p.stop().await.expect("a clean stop");
 }
 
