@@ -165,6 +165,7 @@ async fn run(cycles: usize) {
                 concurrency: LIMIT,
                 call_timeout: Duration::from_secs(120),
                 cycle_deadline: Instant::now() + Duration::from_secs(600),
+                shed: 0,
             };
             let t0 = Instant::now();
             let r = coordinator

@@ -150,6 +150,7 @@ async fn run_workload(workload: Workload, cycles: usize, seed: u64) {
             concurrency: LIMIT,
             call_timeout: Duration::from_secs(120),
             cycle_deadline: Instant::now() + Duration::from_secs(600),
+            shed: 0,
         };
         let t0 = Instant::now();
         let report = coordinator

@@ -137,6 +137,7 @@ async fn run(port: u16, cycles: usize) {
             concurrency: CONCURRENCY,
             call_timeout: Duration::from_secs(60),
             cycle_deadline: Instant::now() + Duration::from_secs(600),
+            shed: 0,
         }
     };
     // Warm-up: the simulated market builds each symbol's history on first use.

@@ -38,6 +38,9 @@ pub struct CyclePlan {
     pub call_timeout: Duration,
     /// Whole-cycle deadline.
     pub cycle_deadline: Instant,
+    /// Symbols left out for capacity: the last ones of the configured order (the order is
+    /// the priority), skipped with reason `capacity` without being started.
+    pub shed: usize,
 }
 
 /// How one symbol ended.
@@ -98,6 +101,19 @@ impl CycleReport {
             .iter()
             .filter(|(_, r)| matches!(r, SymbolResult::Skipped { .. }))
             .count() as u32
+    }
+    /// Symbols not attempted, with why (`capacity`, `locked`, `claimed_elsewhere`).
+    pub fn skips(&self) -> Vec<crate::publish::SymbolSkip> {
+        self.results
+            .iter()
+            .filter_map(|(s, r)| match r {
+                SymbolResult::Skipped { reason } => Some(crate::publish::SymbolSkip {
+                    symbol: s.clone(),
+                    reason: reason.to_string(),
+                }),
+                _ => None,
+            })
+            .collect()
     }
     /// Failures for the summary.
     pub fn failures(&self) -> Vec<SymbolFailure> {
@@ -235,7 +251,19 @@ impl Coordinator {
         let sem = Arc::new(Semaphore::new(plan.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
         let mut results: Vec<Option<(String, SymbolResult)>> = vec![None; self.symbols.len()];
-        let mut order = self.dispatch_order().into_iter();
+        let keep = self.symbols.len().saturating_sub(plan.shed);
+        if plan.shed > 0 {
+            tracing::warn!(cycle_id = %plan.cycle, shed = plan.shed, kept = keep, "the tick's work cannot all fit its deadline at the endpoint's capacity; leaving out the last symbols");
+        }
+        for (i, symbol) in self.symbols.iter().enumerate().skip(keep) {
+            results[i] = Some((symbol.clone(), skipped(symbol, "capacity")));
+        }
+        let mut order = self
+            .dispatch_order()
+            .into_iter()
+            .filter(|i| *i < keep)
+            .collect::<Vec<_>>()
+            .into_iter();
         let spacing = self.batch_delay / u32::try_from(plan.concurrency.max(1)).unwrap_or(u32::MAX);
         let mut next_start: Option<Instant> = None;
         // Dispatch: take a permit (no sooner than the spacing allows), then spawn the symbol
@@ -578,6 +606,7 @@ mod tests {
             concurrency,
             call_timeout: Duration::from_millis(call_timeout_ms),
             cycle_deadline: Instant::now() + Duration::from_millis(cycle_ms),
+            shed: 0,
         }
     }
 

@@ -203,6 +203,7 @@ impl App {
             budget: setup.budget.clone(),
             fallback_rules: cfg.agents.fallback == config::Fallback::Rules,
             probes: setup.probes.clone(),
+            endpoint_limits: setup.concurrency.clone(),
             coord: coord.clone(),
             metrics,
             started: Instant::now(),
@@ -684,7 +685,8 @@ fn build_runner(
         setup.gate_breaker.clone(),
         latencies,
     )?
-    .with_llm_health(setup.health.clone()))
+    .with_llm_health(setup.health.clone())
+    .with_endpoint_limits(setup.concurrency.values().cloned().collect()))
 }
 
 /// The market data source (`market_data.source`).

@@ -417,6 +417,25 @@ mod tests {
         assert_eq!(message_id(Stage::Signal, &a), message_id(Stage::Signal, &a));
     }
 
+    /// A price read back from JSON is the number that was written: serde_json's default
+    /// parser can be one ulp off (seen: 3128.6920037608274 read as 3128.692003760827, which
+    /// failed an exact comparison of an MCP client's answer); `float_roundtrip` is on.
+    #[test]
+    fn prices_survive_a_json_round_trip_exactly() {
+        for x in [
+            3128.6920037608274_f64,
+            96_612.123_456_789,
+            0.362_118_004_5,
+            1e-9,
+        ] {
+            let text = serde_json::to_string(&x).expect("json");
+            let back: f64 = serde_json::from_str(&text).expect("parse");
+            assert_eq!(back.to_bits(), x.to_bits(), "{text}");
+        }
+        let v: serde_json::Value = serde_json::from_str("3128.6920037608274").expect("parse");
+        assert_eq!(v.as_f64(), Some(3128.6920037608274));
+    }
+
     /// The ids are a contract across versions: deduplication compares them with what is
     /// already in the Redis streams, the spool and the history, so a change of the namespace
     /// or of the hashed text would make every re-publish look new. Pinned to values computed

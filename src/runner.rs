@@ -245,6 +245,9 @@ pub struct Runner {
     publisher: Arc<Publisher>,
     llm_breaker: Option<Breaker>,
     llm_health: Option<Arc<crate::agents::llm::LlmHealth>>,
+    /// The agents' endpoints' learned in-flight limits: a tick's work is predicted at the
+    /// tightest of them.
+    endpoint_limits: Vec<crate::resilience::ConcurrencyLimit>,
     state: SharedState,
     total_timeout: Duration,
     shutdown_grace: Duration,
@@ -323,6 +326,7 @@ impl Runner {
             publisher,
             llm_breaker,
             llm_health: None,
+            endpoint_limits: vec![],
             state,
             total_timeout: cfg.total_timeout(),
             shutdown_grace: cfg.shutdown_grace(),
@@ -337,6 +341,23 @@ impl Runner {
     pub fn with_llm_health(mut self, h: Arc<crate::agents::llm::LlmHealth>) -> Self {
         self.llm_health = Some(h);
         self
+    }
+
+    /// The agents' endpoints' in-flight limits, read at every tick's plan.
+    pub fn with_endpoint_limits(
+        mut self,
+        limits: Vec<crate::resilience::ConcurrencyLimit>,
+    ) -> Self {
+        self.endpoint_limits = limits;
+        self
+    }
+
+    /// The tightest endpoint limit now, if any.
+    fn endpoint_limit(&self) -> Option<usize> {
+        self.endpoint_limits
+            .iter()
+            .map(crate::resilience::ConcurrencyLimit::limit)
+            .min()
     }
 
     /// The state the HTTP server reads.
@@ -388,6 +409,7 @@ impl Runner {
             symbols_skipped: 0,
             skipped_reason: Some(reason.as_str().to_string()),
             failures: vec![],
+            skipped: vec![],
             concurrency: params.concurrency,
             symbol_timeout_seconds: params.call_timeout.as_secs_f64(),
             hit_cycle_deadline: false,
@@ -415,10 +437,12 @@ impl Runner {
             }
         }
         if with_history {
+            let endpoint_limit = self.endpoint_limit();
             let mut st = self.state.lock();
             if !st.backpressure.should_run_cycle() {
                 return Some(SkipReason::Backpressure);
             }
+            st.demand.endpoint_limit = endpoint_limit;
             let demand = st.demand;
             match st.adaptive.decide(&demand) {
                 GateDecision::Skip { .. } => return Some(SkipReason::HighLatency),
@@ -451,9 +475,11 @@ impl Runner {
     /// The plan of a cycle. `decided`: the gate already chose the parameters (service
     /// mode); otherwise (`once`) they are computed now.
     fn plan(&self, cycle: CycleId, decided: bool) -> CyclePlan {
+        let endpoint_limit = self.endpoint_limit();
         let params = {
             let mut st = self.state.lock();
             if !decided {
+                st.demand.endpoint_limit = endpoint_limit;
                 st.params = st.adaptive.params(&st.demand);
             }
             st.params
@@ -469,6 +495,7 @@ impl Runner {
             concurrency: params.concurrency,
             call_timeout: params.call_timeout,
             cycle_deadline: Instant::now() + self.total_timeout,
+            shed: params.shed,
         }
     }
 
@@ -759,6 +786,7 @@ fn initial_demand(cfg: &Config) -> Demand {
             )
         }),
         deadline: cfg.total_timeout(),
+        endpoint_limit: None,
     }
 }
 
@@ -798,6 +826,7 @@ async fn execute_cycle(ctx: CycleCtx, plan: CyclePlan, period: Duration) -> Cycl
         symbols_skipped: report.skipped(),
         skipped_reason: None,
         failures: report.failures(),
+        skipped: report.skips(),
         concurrency: plan.concurrency,
         symbol_timeout_seconds: plan.call_timeout.as_secs_f64(),
         hit_cycle_deadline: report.hit_cycle_deadline,
@@ -1053,11 +1082,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn latency_gate_skips_work_that_cannot_fit_and_recovers_in_the_loop() {
+    async fn latency_gate_sheds_what_cannot_fit_and_recovers_in_the_loop() {
         // 9 symbols, 3 at a time, calls time out at 10 s (the model stalls), cycle deadline
-        // 25 s: three waves need 30 s. The gate skips the next tick (p99 10 s > 9 s and
-        // 9 × 10 s / 3 > 25 s), the tick after runs as a probe; the model has recovered by
-        // then, so every tick after it runs too.
+        // 25 s: three waves need 30 s. The next tick does not start them all to time out:
+        // it runs the symbols that fit (two waves) and leaves the last ones out for
+        // capacity. The model recovers; as fast samples replace the slow ones, every symbol
+        // runs again.
         let mut c = cfg("*/30 * * * * *");
         c.symbols = (0..9).map(|i| format!("S{i}/USD")).collect();
         c.parallel.max_concurrent = 3;
@@ -1072,24 +1102,26 @@ mod tests {
         // 10:00:30 runs slow (until :55). The model recovers at 10:01:10.
         tokio::time::sleep(Duration::from_secs(70)).await;
         agent.set_default(Duration::from_millis(200));
-        tokio::time::sleep(Duration::from_secs(90)).await;
+        tokio::time::sleep(Duration::from_secs(300)).await;
         stop.cancel();
         task.await.unwrap();
         let mut cycles = h.publisher.cycles();
         cycles.reverse();
-        let reasons: Vec<Option<String>> =
-            cycles.iter().map(|c| c.skipped_reason.clone()).collect();
-        // 10:00:30 slow; 10:01:00 skipped; 10:01:30 probe; 10:02:00 and 10:02:30 normal.
-        assert_eq!(
-            reasons,
-            vec![None, Some("high_latency".into()), None, None, None]
+        assert!(
+            cycles.iter().all(|c| c.skipped_reason.is_none()),
+            "no whole tick is skipped while some of its work fits"
         );
         assert_eq!(
             cycles[0].symbols_ok, 0,
             "every call of the slow cycle timed out"
         );
         assert!(cycles[0].hit_cycle_deadline);
-        for c in &cycles[2..] {
+        // 10:01:00: the last symbols are left out up front, the rest are started.
+        assert!(cycles[1].symbols_skipped > 0, "{:?}", cycles[1]);
+        assert!(cycles[1].symbols_skipped < 9, "{:?}", cycles[1]);
+        assert!(!cycles[1].hit_cycle_deadline, "{:?}", cycles[1]);
+        // Recovered: the last ticks run every symbol.
+        for c in &cycles[cycles.len() - 2..] {
             assert_eq!(c.symbols_ok, 9, "{}", c.cycle_id);
         }
     }

@@ -72,6 +72,8 @@ pub mod names {
         AGENT_HEDGES = "agent_hedges_total";
         /// Counter {stage, outcome}: follow-up turns that showed a model the errors of its rejected answer (`fixed`: the next answer was good; `still_invalid`: it was not; `failed`: the follow-up request itself failed).
         AGENT_REPROMPTS = "agent_reprompts_total";
+        /// Gauge {backend}: requests the backend's endpoint is sent at once, learned from its latency.
+        LLM_CONCURRENCY_LIMIT = "llm_concurrency_limit";
         /// Counter {stage}: stage messages published.
         MESSAGES_PUBLISHED = "messages_published_total";
         /// Gauge: kill switch active (1) or not (0).

@@ -41,7 +41,10 @@ use super::{
 use crate::config::StructuredOutput;
 use crate::model::{Action, Advice, AdvisedSignal, ScoredSignal, Stage, StrategyVerdict};
 use crate::resilience::rate_limit::AgentRateLimiter;
-use crate::resilience::{Backoff, Breaker, CallLatencies, HedgeBudget, Permit, retry_until};
+use crate::resilience::{
+    Backoff, Breaker, CallEnd, CallLatencies, ConcurrencyLimit, HedgeBudget, Permit, Slot,
+    retry_until,
+};
 use crate::telemetry::names;
 
 /// Token counts of one call.
@@ -664,6 +667,8 @@ pub struct LlmAgent {
     breaker: Breaker,
     shared: Arc<LlmShared>,
     structured: StructuredOutput,
+    /// The endpoint's learned in-flight limit (shared by the stages of one backend).
+    concurrency: Option<ConcurrencyLimit>,
 }
 
 impl std::fmt::Debug for LlmAgent {
@@ -684,6 +689,7 @@ fn outcome_label(e: &AgentError) -> &'static str {
         AgentError::Refused { .. } => "refused",
         AgentError::InvalidOutput(_) => "invalid_output",
         AgentError::CircuitOpen(_) => "circuit_open",
+        AgentError::NoCapacity(_) => "capacity",
         AgentError::RateLimitWait => "rate_limit_wait",
         AgentError::BudgetExhausted(_) => "budget_exhausted",
         AgentError::MarketData(_) => "market_data",
@@ -740,7 +746,15 @@ impl LlmAgent {
             breaker,
             shared,
             structured: StructuredOutput::Auto,
+            concurrency: None,
         }
+    }
+
+    /// Requests to this agent's endpoint wait for a slot of `limit` (learned from latency)
+    /// before they go out.
+    pub fn with_concurrency_limit(mut self, limit: ConcurrencyLimit) -> Self {
+        self.concurrency = Some(limit);
+        self
     }
 
     /// How this stage asks the endpoint for JSON (`agents.structured_output`, or the stage's).
@@ -940,6 +954,7 @@ impl LlmAgent {
         req: &LlmRequest<'_>,
         limits: CallLimits,
         deadline: Instant,
+        slot: Option<Slot>,
     ) -> Result<LlmReply, AgentError> {
         let t0 = Instant::now();
         let r = match tokio::time::timeout_at(deadline, self.transport.call(req, deadline)).await {
@@ -957,6 +972,17 @@ impl LlmAgent {
             ))),
             r => r,
         };
+        if let Some(slot) = slot {
+            // What the endpoint's in-flight limit learns: an answer and how long it took of
+            // the time it had; its own timeout; anything else says nothing about capacity.
+            slot.finish(match &r {
+                Ok(_) => CallEnd::Answered {
+                    took: Instant::now().duration_since(t0),
+                },
+                Err(AgentError::Timeout(_)) if own_timeout => CallEnd::TimedOut,
+                Err(_) => CallEnd::Neutral,
+            });
+        }
         if r.is_ok() || (matches!(r, Err(AgentError::Timeout(_))) && own_timeout) {
             let took = Instant::now().duration_since(t0);
             let stage = req.stage.as_str();
@@ -1073,8 +1099,13 @@ impl LlmAgent {
     }
 
     /// Takes a backup request's slot, budget and hedge credit, all or nothing.
-    async fn try_start_backup(&self, estimate: u64) -> Option<Reservation> {
+    async fn try_start_backup(&self, estimate: u64) -> Option<(Reservation, Option<Slot>)> {
         let hedge = self.shared.hedge.as_ref()?;
+        // A backup to an endpoint already at its limit would only queue behind the primary.
+        let slot = match &self.concurrency {
+            Some(c) => Some(c.try_acquire()?),
+            None => None,
+        };
         if !hedge.try_take() {
             return None;
         }
@@ -1084,7 +1115,7 @@ impl LlmAgent {
         };
         // A slot now or not at all: a backup that waits for the limiter is no longer early.
         match self.shared.limiter.acquire_before(Instant::now()).await {
-            Ok(_) => Some(r),
+            Ok(_) => Some((r, slot)),
             Err(_) => {
                 self.shared.budget.settle(r, 0, Utc::now());
                 hedge.refund();
@@ -1120,6 +1151,18 @@ impl LlmAgent {
             }
         };
         metrics::histogram!(names::RATE_LIMIT_WAIT_SECONDS).record(waited.as_secs_f64());
+        // A place among the requests the endpoint is sent at once, waited for here — where
+        // no per-call deadline runs — rather than in the server's queue, where it would.
+        let slot = match &self.concurrency {
+            Some(c) => match c.acquire_before(limits.until).await {
+                Some(s) => Some(s),
+                None => {
+                    self.shared.budget.settle(reservation, 0, Utc::now());
+                    return Err(AgentError::NoCapacity(c.limit()));
+                }
+            },
+            None => None,
+        };
         let permit = match self.breaker.try_acquire() {
             Ok(p) => p,
             Err(_) => {
@@ -1144,9 +1187,10 @@ impl LlmAgent {
             .map(|p95| started + p95)
             .filter(|at| *at < deadline);
 
-        let primary = self.timed_call(req, limits, deadline);
+        let primary = self.timed_call(req, limits, deadline, slot);
         tokio::pin!(primary);
         let mut backup_reservation: Option<Reservation> = None;
+        let mut backup_slot: Option<Slot> = None;
         let first = match hedge_at {
             None => Some(primary.as_mut().await),
             Some(at) => tokio::select! {
@@ -1154,7 +1198,10 @@ impl LlmAgent {
                 biased;
                 r = primary.as_mut() => Some(r),
                 _ = tokio::time::sleep_until(at) => {
-                    backup_reservation = self.try_start_backup(estimate).await;
+                    if let Some((r, s)) = self.try_start_backup(estimate).await {
+                        backup_reservation = Some(r);
+                        backup_slot = s;
+                    }
                     if backup_reservation.is_none() {
                         Some(primary.as_mut().await)
                     } else {
@@ -1183,7 +1230,10 @@ impl LlmAgent {
                 }
                 Err(e) => {
                     self.on_request_error(req, &e);
-                    (Err(e), 0)
+                    // A call given up on was still being worked on: the endpoint spent what
+                    // was reserved for it, as far as anyone can tell.
+                    let spent = if e.is_timeout() { estimate } else { 0 };
+                    (Err(e), spent)
                 }
             };
             settle_all(reservations, &|_| used);
@@ -1194,7 +1244,7 @@ impl LlmAgent {
         let backup_sent = std::sync::atomic::AtomicBool::new(false);
         let backup = async {
             backup_sent.store(true, Ordering::Relaxed);
-            self.timed_call(req, limits, deadline).await
+            self.timed_call(req, limits, deadline, backup_slot).await
         };
         tokio::pin!(backup);
         let (mut primary_done, mut backup_done) = (false, false);
@@ -1217,7 +1267,7 @@ impl LlmAgent {
                 }
                 Err(e) => {
                     self.on_request_error(req, &e);
-                    used_by[idx] = Some(0);
+                    used_by[idx] = Some(if e.is_timeout() { estimate } else { 0 });
                     last_err = Some(e);
                 }
             }

@@ -202,6 +202,12 @@ pub enum AgentError {
     /// The backend's circuit breaker is open; with the failure that opened it, when known.
     #[error("circuit breaker open{}", match .0 { Some(w) => format!(" (it opened after: {w})"), None => String::new() })]
     CircuitOpen(Option<String>),
+    /// No place among the requests the endpoint is sent at once before the deadline (its
+    /// learned in-flight limit, given).
+    #[error(
+        "the endpoint was busy with {0} requests (its learned in-flight limit) until the deadline"
+    )]
+    NoCapacity(usize),
     /// No rate-limit slot before the deadline.
     #[error("no rate-limit slot before the deadline")]
     RateLimitWait,
@@ -312,7 +318,10 @@ impl AgentError {
     /// no rate-limit slot in time. A symbol whose last attempt ended so is reported with the
     /// attempt before it, which says what actually went wrong.
     pub fn is_consequence(&self) -> bool {
-        matches!(self, AgentError::CircuitOpen(_) | AgentError::RateLimitWait)
+        matches!(
+            self,
+            AgentError::CircuitOpen(_) | AgentError::RateLimitWait | AgentError::NoCapacity(_)
+        )
     }
 
     /// Bounded reason label.
@@ -325,6 +334,7 @@ impl AgentError {
             AgentError::Refused { .. } => "llm_refused",
             AgentError::InvalidOutput(_) => "invalid_output",
             AgentError::CircuitOpen(_) => "circuit_open",
+            AgentError::NoCapacity(_) => "capacity",
             AgentError::RateLimitWait => "rate_limit_wait",
             AgentError::BudgetExhausted(_) => "budget_exhausted",
             AgentError::MarketData(e) => e.reason(),

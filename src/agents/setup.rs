@@ -12,7 +12,9 @@ use super::rules::Rules;
 use super::{Agent, AgentError, StageAgents};
 use crate::config::{AgentBackend, Config, Fallback, ReportMode, StageConfig, ToolsMode, secs};
 use crate::resilience::rate_limit::AgentRateLimiter;
-use crate::resilience::{Backoff, Breaker, CallLatencies, HedgeBudget, TransitionHook};
+use crate::resilience::{
+    Backoff, Breaker, CallLatencies, ConcurrencyLimit, HedgeBudget, TransitionHook,
+};
 
 /// Everything the runner and the HTTP server need to know about the agents.
 pub struct AgentSetup {
@@ -29,6 +31,8 @@ pub struct AgentSetup {
     pub budget: Arc<TokenBudget>,
     /// Backends whose own health readiness checks (`opencode`).
     pub probes: Vec<Arc<dyn Transport>>,
+    /// Each LLM backend's learned in-flight limit, by backend name.
+    pub concurrency: BTreeMap<&'static str, ConcurrencyLimit>,
 }
 
 impl std::fmt::Debug for AgentSetup {
@@ -84,7 +88,16 @@ pub fn build(
         tools: (a.tools == ToolsMode::Mcp).then_some(tools),
         max_tool_rounds: a.max_tool_rounds,
     });
-    let mut transports: BTreeMap<&'static str, (Arc<dyn Transport>, Breaker)> = BTreeMap::new();
+    let mut transports: BTreeMap<&'static str, (Arc<dyn Transport>, Breaker, ConcurrencyLimit)> =
+        BTreeMap::new();
+    // At most the pool's worth of requests at once, plus room for the backup requests of
+    // hedging; the limit learns down from there when the endpoint cannot take that many.
+    let hedge_room = if a.hedge.enabled {
+        ((cfg.parallel.max_concurrent as f64 * a.hedge.max_extra_fraction).ceil() as usize).max(1)
+    } else {
+        0
+    };
+    let max_in_flight = cfg.parallel.max_concurrent.max(1) + hedge_room;
     let mut probes: Vec<Arc<dyn Transport>> = vec![];
     let rules: Arc<dyn Agent> = Arc::new(Rules);
 
@@ -128,9 +141,9 @@ pub fn build(
                 cfg.circuit_breaker.llm_service.settings(),
             )
             .with_transition_hook(move |n, s| hook(n, s));
-            transports.insert(name, (t, breaker));
+            transports.insert(name, (t, breaker, ConcurrencyLimit::new(max_in_flight)));
         }
-        let (t, breaker) = transports
+        let (t, breaker, limit) = transports
             .get(name)
             .cloned()
             .ok_or_else(|| AgentError::Transport("no transport".into()))?;
@@ -148,7 +161,8 @@ pub fn build(
         Ok((
             Arc::new(
                 LlmAgent::new(t, model, timeout, breaker.clone(), shared.clone())
-                    .with_structured_output(stage.structured_output.unwrap_or(a.structured_output)),
+                    .with_structured_output(stage.structured_output.unwrap_or(a.structured_output))
+                    .with_concurrency_limit(limit),
             ),
             Some(breaker),
         ))
@@ -159,7 +173,11 @@ pub fn build(
         &a.stages.report,
         cfg.pipeline.report_mode == ReportMode::Template,
     )?;
-    let breakers = transports.values().map(|(_, b)| b.clone()).collect();
+    let breakers = transports.values().map(|(_, b, _)| b.clone()).collect();
+    let concurrency = transports
+        .iter()
+        .map(|(name, (_, _, l))| (*name, l.clone()))
+        .collect();
     let gate_breaker = if a.fallback == Fallback::Rules {
         None
     } else {
@@ -176,5 +194,6 @@ pub fn build(
         health,
         budget,
         probes,
+        concurrency,
     })
 }

@@ -49,6 +49,9 @@ pub struct AppState {
     pub fallback_rules: bool,
     /// Backends whose own health counts for readiness (OpenCode).
     pub probes: Vec<Arc<dyn Transport>>,
+    /// Each LLM backend's learned in-flight limit.
+    pub endpoint_limits:
+        std::collections::BTreeMap<&'static str, crate::resilience::ConcurrencyLimit>,
     /// Coordination (active locks, ping).
     pub coord: Arc<dyn Coordination>,
     /// `/metrics`.
@@ -735,6 +738,8 @@ async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
             },
             "credentials_error": s.llm_health.auth_error(),
             "last_errors": s.llm_health.last_errors(),
+            // Requests each endpoint is sent at once, as learned from its latency.
+            "concurrency": s.endpoint_limits.iter().map(|(b, l)| (b.to_string(), json!({"limit": l.limit(), "in_flight": l.in_flight()}))).collect::<serde_json::Map<String, Value>>(),
             "since_start": s.llm_health.tallies(),
         },
         "adaptive": {
@@ -765,6 +770,10 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     for b in &s.breakers {
         metrics::gauge!(crate::telemetry::names::CIRCUIT_BREAKER_STATE, "breaker" => b.name().to_string())
             .set(b.state().gauge());
+    }
+    for (backend, l) in &s.endpoint_limits {
+        metrics::gauge!(crate::telemetry::names::LLM_CONCURRENCY_LIMIT, "backend" => *backend)
+            .set(l.limit() as f64);
     }
     (
         [(

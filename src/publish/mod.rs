@@ -39,6 +39,9 @@ pub struct CycleSummary {
     pub skipped_reason: Option<String>,
     /// Each failed symbol with its reason.
     pub failures: Vec<SymbolFailure>,
+    /// Each symbol not attempted, with its reason (`capacity`: left out up front because
+    /// the tick's work could not all fit its deadline; `locked`; `claimed_elsewhere`).
+    pub skipped: Vec<SymbolSkip>,
     /// Pool limit used.
     pub concurrency: usize,
     /// Deadline of one agent call used (`timeouts.symbol_timeout_seconds`, possibly
@@ -48,6 +51,15 @@ pub struct CycleSummary {
     pub hit_cycle_deadline: bool,
     /// LLM tokens the cycle used.
     pub tokens_used: u64,
+}
+
+/// One symbol a cycle did not attempt.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SymbolSkip {
+    /// The symbol.
+    pub symbol: String,
+    /// Bounded reason.
+    pub reason: String,
 }
 
 /// One failed symbol in a summary.
@@ -266,6 +278,7 @@ mod tests {
                 symbols_skipped: 0,
                 skipped_reason: None,
                 failures: vec![],
+                skipped: vec![],
                 concurrency: 1,
                 symbol_timeout_seconds: 1.0,
                 hit_cycle_deadline: false,

@@ -302,6 +302,9 @@ pub struct Demand {
     pub rate: Option<(Duration, u32)>,
     /// The cycle deadline.
     pub deadline: Duration,
+    /// Requests the agents' endpoint takes at once (its learned in-flight limit); the pool
+    /// is no faster than that. `None`: no such limit.
+    pub endpoint_limit: Option<usize>,
 }
 
 /// What the adaptive policy decided for one cycle.
@@ -315,6 +318,9 @@ pub struct CycleParams {
     pub high_latency: bool,
     /// Predicted makespan at `concurrency` (zero without evidence).
     pub predicted: Duration,
+    /// Symbols to leave out of the tick for capacity (the last ones of the configured
+    /// order): the rest fit the deadline, all of them would not.
+    pub shed: usize,
 }
 
 /// The gate's verdict for a tick.
@@ -341,6 +347,8 @@ pub fn predict_makespan(s: &LatencySummary, demand: &Demand, c: usize) -> Durati
         demand.calls_per_symbol,
         s.mean.as_secs_f64(),
     );
+    // Symbols make one call at a time, so the endpoint's in-flight limit caps the pool.
+    let c = demand.endpoint_limit.map_or(c, |l| c.min(l.max(1)));
     let spread = n * k * m / c.max(1) as f64;
     let chain = k * m;
     let rate = demand.rate.map_or(0.0, |(interval, burst)| {
@@ -348,6 +356,29 @@ pub fn predict_makespan(s: &LatencySummary, demand: &Demand, c: usize) -> Durati
     });
     let straggler = (s.p95.as_secs_f64() - m).max(0.0);
     Duration::try_from_secs_f64(spread.max(chain).max(rate) + straggler).unwrap_or(Duration::MAX)
+}
+
+/// How many of `demand`'s symbols fit its deadline at concurrency `c`: all of them without
+/// evidence, else the most whose predicted makespan is within the deadline (0 when not even
+/// one symbol's chain of calls fits).
+pub fn symbols_that_fit(s: &LatencySummary, demand: &Demand, c: usize) -> usize {
+    let fits = |n: usize| {
+        let d = Demand {
+            symbols: n,
+            ..*demand
+        };
+        predict_makespan(s, &d, c) <= demand.deadline
+    };
+    if fits(demand.symbols) {
+        return demand.symbols;
+    }
+    // The prediction grows with n: the largest n that fits, by bisection.
+    let (mut lo, mut hi) = (0, demand.symbols);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    lo
 }
 
 /// High-latency mode needs evidence too: two slow calls at start-up are not a trend.
@@ -421,11 +452,25 @@ impl AdaptivePolicy {
         } else {
             max
         };
+        // What cannot fit is left out up front, whole symbols from the end of the list,
+        // rather than started and timed out together (which opens the breaker and publishes
+        // nothing).
+        let fit = symbols_that_fit(&s, demand, concurrency).max(1);
+        let shed = demand.symbols.saturating_sub(fit);
+        let predicted = predict_makespan(
+            &s,
+            &Demand {
+                symbols: demand.symbols - shed,
+                ..*demand
+            },
+            concurrency,
+        );
         CycleParams {
             concurrency,
             call_timeout: self.call_timeout(high),
             high_latency: high,
-            predicted: predict_makespan(&s, demand, concurrency),
+            predicted,
+            shed,
         }
     }
 
@@ -434,8 +479,13 @@ impl AdaptivePolicy {
     /// (the tick after that runs and refreshes the window).
     pub fn decide(&mut self, demand: &Demand) -> GateDecision {
         let s = self.latencies.summary();
-        let at_max = predict_makespan(&s, demand, self.settings.max_concurrent.max(1));
-        let cannot_fit = s.p99 > self.settings.p99_threshold && at_max > demand.deadline;
+        let max = self.settings.max_concurrent.max(1);
+        let at_max = predict_makespan(&s, demand, max);
+        // Shedding serves a tick whose work partly fits; the tick is skipped only when not
+        // even one symbol's chain of calls fits the deadline.
+        let cannot_fit = s.p99 > self.settings.p99_threshold
+            && at_max > demand.deadline
+            && symbols_that_fit(&s, demand, max) == 0;
         if cannot_fit && self.consecutive_skips < self.settings.max_consecutive_skips {
             self.consecutive_skips += 1;
             tracing::warn!(
@@ -493,6 +543,7 @@ mod tests {
             calls_per_symbol: 3.0,
             rate: None,
             deadline: secs(50),
+            endpoint_limit: None,
         }
     }
 
@@ -681,26 +732,61 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn work_that_cannot_fit_is_skipped_but_never_more_than_allowed_in_a_row() {
-        // Every call takes 12 s: 20 × 3 × 12 / 10 = 72 s > 50 s, p99 12 s > 9 s.
-        let mut p = policy_with(&[secs(12); 50]);
+    async fn work_of_which_nothing_fits_is_skipped_but_never_more_than_allowed_in_a_row() {
+        // Every call takes 20 s: not even one symbol's chain of three (60 s) fits 50 s.
+        let mut p = policy_with(&[secs(20); 50]);
         let decisions: Vec<bool> = (0..6)
             .map(|_| matches!(p.decide(&demand()), GateDecision::Skip { .. }))
             .collect();
         assert_eq!(decisions, vec![true, false, true, false, true, false]);
         match p.decide(&demand()) {
             GateDecision::Skip { predicted, p99 } => {
-                assert_eq!(predicted, secs(72));
-                assert_eq!(p99, secs(12));
+                // 20 × 3 × 20 s over 10 slots.
+                assert_eq!(predicted, secs(120));
+                assert_eq!(p99, secs(20));
             }
             other => panic!("{other:?}"),
         }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_rate_limit_that_cannot_let_the_calls_out_in_time_skips() {
+    async fn work_that_partly_fits_sheds_the_last_symbols_instead_of_timing_all_out() {
+        // Every call takes 12 s: 20 × 3 × 12 / 10 = 72 s > 50 s; 13 symbols (46.8 s) fit.
+        let mut p = policy_with(&[secs(12); 50]);
+        for _ in 0..3 {
+            match p.decide(&demand()) {
+                GateDecision::Run(c) => {
+                    assert_eq!(c.shed, 7);
+                    assert!(c.predicted <= secs(50), "{:?}", c.predicted);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A server that takes one request at a time: the pool is no faster than that.
+        let d = Demand {
+            endpoint_limit: Some(1),
+            calls_per_symbol: 2.0,
+            ..demand()
+        };
+        let mut p = policy_with(&[secs(4); 50]);
+        match p.decide(&d) {
+            // 2 × 4 s a symbol, one at a time: 6 symbols in 48 s.
+            GateDecision::Run(c) => assert_eq!(c.shed, 14),
+            other => panic!("{other:?}"),
+        }
+        // Without evidence nothing is shed.
+        let mut p = policy_with(&[secs(12); 2]);
+        match p.decide(&demand()) {
+            GateDecision::Run(c) => assert_eq!(c.shed, 0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_that_cannot_let_every_call_out_in_time_sheds() {
         // Calls are quick (p99 9.5 s only because of a few slow ones) but 60 calls at one
-        // every 2 s after a burst of 10 need 100 s.
+        // every 2 s after a burst of 10 need 100 s: the symbols whose calls get out in time
+        // run, the rest are left out.
         let mut samples = vec![ms(1000); 95];
         samples.extend([ms(9500); 5]);
         let mut p = policy_with(&samples);
@@ -708,14 +794,23 @@ mod tests {
             rate: Some((secs(2), 10)),
             ..demand()
         };
-        assert!(matches!(p.decide(&d), GateDecision::Skip { .. }));
-        // Without the limit the same latencies run.
-        assert!(matches!(p.decide(&demand()), GateDecision::Run(_)));
+        match p.decide(&d) {
+            GateDecision::Run(c) => {
+                assert!(c.shed > 0 && c.shed < 20, "{c:?}");
+                assert!(c.predicted <= secs(50), "{c:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without the limit the same latencies run whole.
+        match p.decide(&demand()) {
+            GateDecision::Run(c) => assert_eq!(c.shed, 0),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_probe_decides_what_follows() {
-        let mut p = policy_with(&[secs(12); 50]);
+        let mut p = policy_with(&[secs(20); 50]);
         assert!(matches!(p.decide(&demand()), GateDecision::Skip { .. }));
         assert!(matches!(p.decide(&demand()), GateDecision::Run(_)), "probe");
         // The probe's calls were fast: with the window refilled, ticks run at full speed.
@@ -736,7 +831,7 @@ mod tests {
         s.max_consecutive_skips = 1000;
         let l = CallLatencies::new(200, secs(300));
         for _ in 0..50 {
-            l.record("signal", secs(12));
+            l.record("signal", secs(20));
         }
         let mut p = AdaptivePolicy::new(s, l);
         let mut skipped = 0;

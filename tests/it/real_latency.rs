@@ -109,34 +109,57 @@ async fn every_tick_runs_under_a_real_models_latency_and_the_gate_acts_only_on_o
     assert!((2.0..=3.5).contains(&cps), "{cps} calls per symbol");
 
     // Phase 2: overloaded. Each call takes ~1.2 s: 20 symbols × ~3 calls over 5 slots need
-    // ~14 s of an 8 s deadline. Once the window has seen it, the gate skips ticks.
+    // ~14 s of an 8 s deadline. Once the window has seen it, ticks run the symbols that fit
+    // and leave the last ones out up front (`capacity`) instead of timing them all out.
     llm.set_latency(Some(LatencyModel::lognormal(
         Duration::from_millis(1200),
         Duration::from_millis(1400),
     )));
     let start = healthy.len();
+    // (The first such tick may still overrun: its window mixed fast and slow samples.)
+    let left_out = |t: &Value| {
+        t["skipped"].as_array().map_or(0, |s| {
+            s.iter().filter(|s| s["reason"] == "capacity").count() as u64
+        })
+    };
+    let served = |t: &Value| {
+        let shed = left_out(t);
+        shed > 0
+            && shed < 20
+            && t["skipped_reason"].is_null()
+            && t["symbols_ok"].as_u64().unwrap_or(0) + shed >= 19
+    };
     let overloaded = p
         .poll("/api/cycles", Duration::from_secs(120), |c| {
-            c["cycles"].as_array().is_some_and(|a| {
-                a.iter()
-                    .take(a.len() - start)
-                    .any(|t| t["skipped_reason"] == "high_latency")
-            })
+            c["cycles"]
+                .as_array()
+                .is_some_and(|a| a.iter().take(a.len() - start).any(&served))
         })
         .await;
-    assert!(!overloaded["cycles"].as_array().unwrap().is_empty());
+    assert!(
+        overloaded["cycles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["skipped_reason"] != "high_latency"),
+        "no whole tick skipped while part of its work fits"
+    );
 
-    // Phase 3: the model recovers; the probe tick sees it and ticks run again.
+    // Phase 3: the model recovers; fast samples replace the slow ones and ticks run whole.
     llm.set_latency(Some(LatencyModel::lognormal(
         Duration::from_millis(250),
         Duration::from_millis(600),
     )));
-    let seen = ticks(&p).await.len();
-    let after = wait_ticks(&p, seen, 4, Duration::from_secs(60)).await;
-    let last: Vec<&Value> = after.iter().rev().take(2).collect();
-    for t in last {
-        assert!(t["skipped_reason"].is_null(), "not recovered: {t}");
-        assert!(t["symbols_ok"].as_u64().unwrap() >= 19, "{t}");
-    }
+    // Fast samples replace the slow ones within a few ticks.
+    let recovered = p
+        .poll("/api/cycles", Duration::from_secs(180), |c| {
+            c["cycles"].as_array().is_some_and(|a| {
+                a.iter().take(2).all(|t| {
+                    t["skipped_reason"].is_null() && t["symbols_ok"].as_u64().unwrap_or(0) >= 19
+                })
+            })
+        })
+        .await;
+    assert!(!recovered["cycles"].as_array().unwrap().is_empty());
     p.stop().await.expect("a clean stop");
 }

@@ -1,0 +1,354 @@
+//! How many requests one endpoint is sent at once, learned from its latency: an AIMD limit
+//! in the manner of Netflix's concurrency-limits (`AIMDLimit`).
+//!
+//! **Why.** A hosted provider serves many calls in parallel; a local server (llama.cpp,
+//! Ollama on one GPU) serves one at a time and queues the rest. Sent ten calls at once, such
+//! a server makes the tenth wait for nine others: its latency is queueing, each call's
+//! deadline is eaten by the ones before it, the abandoned work keeps the server busy, and
+//! the retries time out too. The pool's size says nothing about that; the endpoint's answers
+//! do.
+//!
+//! **The rule.** What tells a server that queues apart from one that does not is whether a
+//! call's latency grows with the calls in flight beside it. Each answer is filed by how busy
+//! the endpoint was when it was sent — at most half the limit in flight ("quiet") or more
+//! ("busy") — into two moving averages. Busy calls taking over 1.5 × as long as quiet ones
+//! say the endpoint queues: the limit shrinks by a tenth. Otherwise it grows by `1/limit`
+//! (about one per round of calls) up to its maximum. A call that timed out shrinks it by a
+//! quarter (AIMD on drops, as TCP and Netflix's `AIMDLimit` do). A serial server settles at
+//! one or two in flight; a parallel provider — however slow, heavy-tailed or tightly timed
+//! out — stays at the maximum, since sending it less would only publish less.
+//!
+//! Pure apart from tokio's clock and `Notify`, so the tests run on a paused clock.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Busy calls this much slower than quiet ones mean the endpoint queues.
+const QUEUEING_RATIO: f64 = 1.5;
+/// Weight of one answer in the quiet and busy averages.
+const EWMA_WEIGHT: f64 = 0.2;
+
+#[derive(Debug)]
+struct State {
+    limit: f64,
+    in_flight: usize,
+    max: usize,
+    /// Mean latency (s) of answers sent with at most half the limit in flight.
+    quiet: Option<f64>,
+    /// Mean latency (s) of answers sent with more.
+    busy: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Mutex<State>,
+    freed: Notify,
+}
+
+/// The adaptive in-flight limit of one endpoint; clones share it.
+#[derive(Debug, Clone)]
+pub struct ConcurrencyLimit(Arc<Inner>);
+
+/// How a call that held a slot ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CallEnd {
+    /// An answer (of any content) after `took`.
+    Answered {
+        /// Its latency.
+        took: Duration,
+    },
+    /// It ran out of its own time limit.
+    TimedOut,
+    /// It ended for reasons that say nothing about the endpoint's capacity (cancelled, a
+    /// refused connection, a 429): the slot is given back, the limit left alone.
+    Neutral,
+}
+
+/// One request's place among those in flight; give it back with [`Slot::finish`] (dropping
+/// it counts as [`CallEnd::Neutral`]).
+#[derive(Debug)]
+#[must_use = "finish the slot with how the call ended"]
+pub struct Slot {
+    limit: Option<ConcurrencyLimit>,
+    /// Sent with more than half the limit in flight (itself included).
+    busy: bool,
+}
+
+impl ConcurrencyLimit {
+    /// A limit that starts at (and never exceeds) `max`, never below one.
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        ConcurrencyLimit(Arc::new(Inner {
+            state: Mutex::new(State {
+                limit: max as f64,
+                in_flight: 0,
+                max,
+                quiet: None,
+                busy: None,
+            }),
+            freed: Notify::new(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Requests that may be in flight now (whole).
+    pub fn limit(&self) -> usize {
+        let st = self.lock();
+        (st.limit.floor() as usize).clamp(1, st.max)
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// A slot as soon as one is free, or `None` if none frees up before `until`.
+    pub async fn acquire_before(&self, until: Instant) -> Option<Slot> {
+        loop {
+            let freed = self.0.freed.notified();
+            if let Some(s) = self.try_acquire() {
+                return Some(s);
+            }
+            if tokio::time::timeout_at(until, freed).await.is_err() {
+                return self.try_acquire();
+            }
+        }
+    }
+
+    /// A slot now, or `None` when the limit is reached.
+    pub fn try_acquire(&self) -> Option<Slot> {
+        let mut st = self.lock();
+        let limit = (st.limit.floor() as usize).clamp(1, st.max);
+        if st.in_flight >= limit {
+            return None;
+        }
+        st.in_flight += 1;
+        let busy = st.in_flight as f64 > (st.limit / 2.0).max(1.0);
+        Some(Slot {
+            limit: Some(self.clone()),
+            busy,
+        })
+    }
+
+    fn finish(&self, end: CallEnd, busy: bool) {
+        {
+            let mut st = self.lock();
+            st.in_flight = st.in_flight.saturating_sub(1);
+            let max = st.max as f64;
+            match end {
+                CallEnd::Answered { took } => {
+                    let t = took.as_secs_f64();
+                    let avg = if busy { &mut st.busy } else { &mut st.quiet };
+                    *avg = Some(avg.map_or(t, |a| a + EWMA_WEIGHT * (t - a)));
+                    let queues = matches!(
+                        (st.quiet, st.busy),
+                        (Some(q), Some(b)) if b > q * QUEUEING_RATIO
+                    );
+                    st.limit = if queues {
+                        (st.limit * 0.9).max(1.0)
+                    } else {
+                        (st.limit + 1.0 / st.limit.max(1.0)).min(max)
+                    };
+                }
+                CallEnd::TimedOut => st.limit = (st.limit * 0.75).max(1.0),
+                CallEnd::Neutral => {}
+            }
+        }
+        // A freed slot, and perhaps a grown limit: let every waiter look again.
+        self.0.freed.notify_waiters();
+    }
+}
+
+impl Slot {
+    /// Gives the slot back, teaching the limit how the call went.
+    pub fn finish(mut self, end: CallEnd) {
+        if let Some(l) = self.limit.take() {
+            l.finish(end, self.busy);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(l) = self.limit.take() {
+            l.finish(CallEnd::Neutral, self.busy);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that serves one request at a time, `service` each, FIFO, and ten clients
+    /// that each send a call, wait for its answer and send the next, under `limit`, for ten
+    /// minutes of (paused) time; returns the most requests in flight at once in the last
+    /// five minutes, and the calls answered and timed out in them.
+    async fn serial_server_run(
+        limit: &ConcurrencyLimit,
+        service: Duration,
+    ) -> (usize, usize, usize) {
+        serial_server(Some(limit), service).await
+    }
+
+    async fn serial_server(
+        limit: Option<&ConcurrencyLimit>,
+        service: Duration,
+    ) -> (usize, usize, usize) {
+        let server = Arc::new(tokio::sync::Mutex::new(()));
+        let allowed = Duration::from_secs(10);
+        let start = Instant::now();
+        // (peak in flight, answered, timed out), counted in the second five minutes.
+        let tally = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (limit, server, tally, in_flight) = (
+                limit.cloned(),
+                server.clone(),
+                tally.clone(),
+                in_flight.clone(),
+            );
+            tasks.spawn(async move {
+                loop {
+                    let slot = match &limit {
+                        Some(l) => Some(
+                            l.acquire_before(Instant::now() + Duration::from_secs(3600))
+                                .await
+                                .expect("a slot within the hour"),
+                        ),
+                        None => None,
+                    };
+                    let now = 1 + in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let counting = Instant::now().duration_since(start) > Duration::from_secs(300);
+                    let sent = Instant::now();
+                    // The server works on a request until it is done, whether or not its
+                    // client still waits (as real servers do).
+                    let job = {
+                        let server = server.clone();
+                        tokio::spawn(async move {
+                            let _turn = server.lock().await;
+                            tokio::time::sleep(service).await;
+                        })
+                    };
+                    let served = tokio::time::timeout(allowed, job).await;
+                    in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    let took = Instant::now().duration_since(sent);
+                    if counting {
+                        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                        t.0 = t.0.max(now);
+                        if served.is_ok() {
+                            t.1 += 1;
+                        } else {
+                            t.2 += 1;
+                        }
+                    }
+                    if let Some(slot) = slot {
+                        slot.finish(match served {
+                            Ok(_) => CallEnd::Answered { took },
+                            Err(_) => CallEnd::TimedOut,
+                        });
+                    }
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        tasks.abort_all();
+        *tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_serves_one_at_a_time_is_sent_no_more_than_it_answers_in_time() {
+        // 4 s a call, 10 s allowed: two wait behind the one being served at most.
+        let limit = ConcurrencyLimit::new(10);
+        assert_eq!(limit.limit(), 10);
+        let (peak, answered, timed_out) = serial_server_run(&limit, Duration::from_secs(4)).await;
+        assert!(
+            peak <= 3,
+            "{peak} in flight at once for a serial server with 4 s calls under 10 s"
+        );
+        assert!(
+            timed_out * 5 <= answered,
+            "{timed_out} timed out, {answered} answered"
+        );
+        // Without the limit, ten at once: nearly every call times out.
+        let (_, answered, timed_out) = serial_server(None, Duration::from_secs(4)).await;
+        assert!(
+            timed_out > answered,
+            "{timed_out} timed out, {answered} answered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parallel_provider_keeps_the_whole_pool() {
+        let limit = ConcurrencyLimit::new(10);
+        // Start low (as after an incident) and let answers grow it back.
+        for _ in 0..20 {
+            limit.try_acquire().expect("slot").finish(CallEnd::TimedOut);
+        }
+        assert_eq!(limit.limit(), 1);
+        // A provider that answers in 2–9 s however many calls are in flight (heavy-tailed,
+        // slow for everyone), with a timeout now and then: calls go out as the limit allows.
+        let mut held: Vec<Slot> = vec![];
+        for i in 0..2000u64 {
+            while let Some(s) = limit.try_acquire() {
+                held.push(s);
+            }
+            let slot = held.remove((i as usize * 7) % held.len());
+            if i % 50 == 0 {
+                slot.finish(CallEnd::TimedOut);
+            } else {
+                let took = Duration::from_millis(2000 + (i * 7919) % 7000);
+                slot.finish(CallEnd::Answered { took });
+            }
+        }
+        assert!(
+            limit.limit() >= 8,
+            "a parallel provider kept {}",
+            limit.limit()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_get_a_slot_when_one_is_freed_and_give_up_at_their_deadline() {
+        let limit = ConcurrencyLimit::new(1);
+        let held = limit.try_acquire().expect("the only slot");
+        assert!(limit.try_acquire().is_none());
+        let l2 = limit.clone();
+        let waiter = tokio::spawn(async move {
+            l2.acquire_before(Instant::now() + Duration::from_secs(5))
+                .await
+                .is_some()
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+        assert!(
+            waiter.await.expect("task"),
+            "the freed slot went to the waiter"
+        );
+        // Nobody frees the slot: a waiter gives up at its deadline, not before.
+        let _held = limit.try_acquire();
+        let t0 = Instant::now();
+        let r = limit
+            .acquire_before(Instant::now() + Duration::from_secs(3))
+            .await;
+        assert!(r.is_none());
+        assert_eq!(Instant::now().duration_since(t0), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn neutral_ends_leave_the_limit_alone() {
+        let limit = ConcurrencyLimit::new(4);
+        for _ in 0..10 {
+            drop(limit.try_acquire().expect("slot"));
+        }
+        assert_eq!(limit.limit(), 4);
+        assert_eq!(limit.in_flight(), 0);
+    }
+}
