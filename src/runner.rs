@@ -248,6 +248,8 @@ pub struct Runner {
     /// The agents' endpoints' learned in-flight limits: a tick's work is predicted at the
     /// tightest of them.
     endpoint_limits: Vec<crate::resilience::ConcurrencyLimit>,
+    /// `parallel.max_concurrent`.
+    pool: usize,
     state: SharedState,
     total_timeout: Duration,
     shutdown_grace: Duration,
@@ -327,6 +329,7 @@ impl Runner {
             llm_breaker,
             llm_health: None,
             endpoint_limits: vec![],
+            pool: cfg.parallel.max_concurrent.max(1),
             state,
             total_timeout: cfg.total_timeout(),
             shutdown_grace: cfg.shutdown_grace(),
@@ -352,12 +355,15 @@ impl Runner {
         self
     }
 
-    /// The tightest endpoint limit now, if any.
-    fn endpoint_limit(&self) -> Option<usize> {
-        self.endpoint_limits
-            .iter()
-            .map(crate::resilience::ConcurrencyLimit::limit)
-            .min()
+    /// The tightest endpoint limit now, and — when that endpoint queues (its limit is below
+    /// the pool) — how long one of its calls takes alone.
+    fn endpoint_capacity(&self, pool: usize) -> (Option<usize>, Option<Duration>) {
+        let tightest = self.endpoint_limits.iter().min_by_key(|l| l.limit());
+        match tightest {
+            Some(l) if l.limit() < pool => (Some(l.limit()), l.quiet_latency()),
+            Some(l) => (Some(l.limit()), None),
+            None => (None, None),
+        }
     }
 
     /// The state the HTTP server reads.
@@ -437,12 +443,13 @@ impl Runner {
             }
         }
         if with_history {
-            let endpoint_limit = self.endpoint_limit();
+            let (endpoint_limit, endpoint_call) = self.endpoint_capacity(self.pool);
             let mut st = self.state.lock();
             if !st.backpressure.should_run_cycle() {
                 return Some(SkipReason::Backpressure);
             }
             st.demand.endpoint_limit = endpoint_limit;
+            st.demand.endpoint_call = endpoint_call;
             let demand = st.demand;
             match st.adaptive.decide(&demand) {
                 GateDecision::Skip { .. } => return Some(SkipReason::HighLatency),
@@ -475,11 +482,12 @@ impl Runner {
     /// The plan of a cycle. `decided`: the gate already chose the parameters (service
     /// mode); otherwise (`once`) they are computed now.
     fn plan(&self, cycle: CycleId, decided: bool) -> CyclePlan {
-        let endpoint_limit = self.endpoint_limit();
+        let (endpoint_limit, endpoint_call) = self.endpoint_capacity(self.pool);
         let params = {
             let mut st = self.state.lock();
             if !decided {
                 st.demand.endpoint_limit = endpoint_limit;
+                st.demand.endpoint_call = endpoint_call;
                 st.params = st.adaptive.params(&st.demand);
             }
             st.params
@@ -787,6 +795,7 @@ fn initial_demand(cfg: &Config) -> Demand {
         }),
         deadline: cfg.total_timeout(),
         endpoint_limit: None,
+        endpoint_call: None,
     }
 }
 

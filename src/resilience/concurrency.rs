@@ -9,10 +9,11 @@
 //! do.
 //!
 //! **The rule.** What tells a server that queues apart from one that does not is whether a
-//! call's latency grows with the calls in flight beside it. Each answer is filed by how busy
-//! the endpoint was when it was sent — at most half the limit in flight ("quiet") or more
-//! ("busy") — into two moving averages. Busy calls taking over 1.5 × as long as quiet ones
-//! say the endpoint queues: the limit shrinks by a tenth. Otherwise it grows by `1/limit`
+//! call's latency grows with the calls in flight beside it. Each answer is filed by whether
+//! it was sent alone ("quiet": the first call of every tick is) or beside others ("busy")
+//! into two moving averages. Busy calls taking over 1.5 × as long as quiet ones say the
+//! endpoint queues: the limit shrinks in proportion (by a tenth to a half; the quiet average
+//! needs three answers first, so one lucky fast call is no evidence). Otherwise it grows by `1/limit`
 //! (about one per round of calls) up to its maximum. A call that timed out shrinks it by a
 //! quarter (AIMD on drops, as TCP and Netflix's `AIMDLimit` do). A serial server settles at
 //! one or two in flight; a parallel provider — however slow, heavy-tailed or tightly timed
@@ -30,15 +31,19 @@ use tokio::time::Instant;
 const QUEUEING_RATIO: f64 = 1.5;
 /// Weight of one answer in the quiet and busy averages.
 const EWMA_WEIGHT: f64 = 0.2;
+/// Answers sent alone before their average is trusted.
+const MIN_QUIET: u32 = 3;
 
 #[derive(Debug)]
 struct State {
     limit: f64,
     in_flight: usize,
     max: usize,
-    /// Mean latency (s) of answers sent with at most half the limit in flight.
+    /// Mean latency (s) of answers sent alone.
     quiet: Option<f64>,
-    /// Mean latency (s) of answers sent with more.
+    /// How many answers were sent alone.
+    quiet_count: u32,
+    /// Mean latency (s) of answers sent beside others.
     busy: Option<f64>,
 }
 
@@ -73,7 +78,7 @@ pub enum CallEnd {
 #[must_use = "finish the slot with how the call ended"]
 pub struct Slot {
     limit: Option<ConcurrencyLimit>,
-    /// Sent with more than half the limit in flight (itself included).
+    /// Sent beside other requests in flight.
     busy: bool,
 }
 
@@ -87,6 +92,7 @@ impl ConcurrencyLimit {
                 in_flight: 0,
                 max,
                 quiet: None,
+                quiet_count: 0,
                 busy: None,
             }),
             freed: Notify::new(),
@@ -101,6 +107,15 @@ impl ConcurrencyLimit {
     pub fn limit(&self) -> usize {
         let st = self.lock();
         (st.limit.floor() as usize).clamp(1, st.max)
+    }
+
+    /// How long a call takes when it is sent alone (the endpoint's own time for one call,
+    /// without queueing), once three such answers were seen.
+    pub fn quiet_latency(&self) -> Option<Duration> {
+        let st = self.lock();
+        st.quiet
+            .filter(|_| st.quiet_count >= MIN_QUIET)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
     }
 
     /// Requests in flight now.
@@ -129,7 +144,7 @@ impl ConcurrencyLimit {
             return None;
         }
         st.in_flight += 1;
-        let busy = st.in_flight as f64 > (st.limit / 2.0).max(1.0);
+        let busy = st.in_flight > 1;
         Some(Slot {
             limit: Some(self.clone()),
             busy,
@@ -144,16 +159,20 @@ impl ConcurrencyLimit {
             match end {
                 CallEnd::Answered { took } => {
                     let t = took.as_secs_f64();
+                    if !busy {
+                        st.quiet_count = st.quiet_count.saturating_add(1);
+                    }
                     let avg = if busy { &mut st.busy } else { &mut st.quiet };
                     *avg = Some(avg.map_or(t, |a| a + EWMA_WEIGHT * (t - a)));
-                    let queues = matches!(
-                        (st.quiet, st.busy),
-                        (Some(q), Some(b)) if b > q * QUEUEING_RATIO
-                    );
-                    st.limit = if queues {
-                        (st.limit * 0.9).max(1.0)
-                    } else {
-                        (st.limit + 1.0 / st.limit.max(1.0)).min(max)
+                    let quiet = st.quiet.filter(|_| st.quiet_count >= MIN_QUIET);
+                    st.limit = match (quiet, st.busy) {
+                        // Queueing: shrink in proportion to how much slower busy calls are
+                        // (a server that makes the third call wait for two others is cut by
+                        // half at once, not a tenth at a time), by a tenth at least.
+                        (Some(q), Some(b)) if b > q * QUEUEING_RATIO => {
+                            (st.limit * (QUEUEING_RATIO * q / b).clamp(0.5, 0.9)).max(1.0)
+                        }
+                        _ => (st.limit + 1.0 / st.limit.max(1.0)).min(max),
                     };
                 }
                 CallEnd::TimedOut => st.limit = (st.limit * 0.75).max(1.0),
@@ -194,12 +213,13 @@ mod tests {
         limit: &ConcurrencyLimit,
         service: Duration,
     ) -> (usize, usize, usize) {
-        serial_server(Some(limit), service).await
+        serial_server(Some(limit), service, 10).await
     }
 
     async fn serial_server(
         limit: Option<&ConcurrencyLimit>,
         service: Duration,
+        clients: usize,
     ) -> (usize, usize, usize) {
         let server = Arc::new(tokio::sync::Mutex::new(()));
         let allowed = Duration::from_secs(10);
@@ -208,7 +228,7 @@ mod tests {
         let tally = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
         let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..10 {
+        for _ in 0..clients {
             let (limit, server, tally, in_flight) = (
                 limit.cloned(),
                 server.clone(),
@@ -278,10 +298,52 @@ mod tests {
             "{timed_out} timed out, {answered} answered"
         );
         // Without the limit, ten at once: nearly every call times out.
-        let (_, answered, timed_out) = serial_server(None, Duration::from_secs(4)).await;
+        let (_, answered, timed_out) = serial_server(None, Duration::from_secs(4), 10).await;
         assert!(
             timed_out > answered,
             "{timed_out} timed out, {answered} answered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_symbols_a_tick_on_a_serial_server_learn_to_take_turns() {
+        // Every 30 s three symbols each send a call, 3 s of work for a server that serves one
+        // at a time; nothing times out (9 s < 10 s), so only latency shows the queue: the
+        // first call of a tick goes alone, the others wait behind it.
+        let limit = ConcurrencyLimit::new(11);
+        let server = Arc::new(tokio::sync::Mutex::new(()));
+        let mut peaks = vec![];
+        for _tick in 0..20 {
+            let at = Instant::now();
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..3 {
+                let (limit, server) = (limit.clone(), server.clone());
+                calls.spawn(async move {
+                    let slot = limit
+                        .acquire_before(Instant::now() + Duration::from_secs(30))
+                        .await
+                        .expect("a slot");
+                    let peak = limit.in_flight();
+                    let sent = Instant::now();
+                    let _turn = server.lock().await;
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    slot.finish(CallEnd::Answered {
+                        took: Instant::now().duration_since(sent),
+                    });
+                    peak
+                });
+            }
+            let mut peak = 0;
+            while let Some(p) = calls.join_next().await {
+                peak = peak.max(p.expect("call"));
+            }
+            peaks.push(peak);
+            tokio::time::sleep_until(at + Duration::from_secs(30)).await;
+        }
+        assert_eq!(peaks[0], 3, "all three at once before anything was learned");
+        assert!(
+            peaks[10..].iter().all(|p| *p <= 2),
+            "in flight at once, tick by tick: {peaks:?}"
         );
     }
 

@@ -305,6 +305,10 @@ pub struct Demand {
     /// Requests the agents' endpoint takes at once (its learned in-flight limit); the pool
     /// is no faster than that. `None`: no such limit.
     pub endpoint_limit: Option<usize>,
+    /// With an endpoint that queues (a limit below the pool): how long one of its calls
+    /// takes sent alone. The window's mean was measured while calls queued at the endpoint;
+    /// once they queue in the runner instead, a call takes this long.
+    pub endpoint_call: Option<Duration>,
 }
 
 /// What the adaptive policy decided for one cycle.
@@ -345,7 +349,7 @@ pub fn predict_makespan(s: &LatencySummary, demand: &Demand, c: usize) -> Durati
     let (n, k, m) = (
         demand.symbols as f64,
         demand.calls_per_symbol,
-        s.mean.as_secs_f64(),
+        demand.endpoint_call.unwrap_or(s.mean).as_secs_f64(),
     );
     // Symbols make one call at a time, so the endpoint's in-flight limit caps the pool.
     let c = demand.endpoint_limit.map_or(c, |l| c.min(l.max(1)));
@@ -354,7 +358,8 @@ pub fn predict_makespan(s: &LatencySummary, demand: &Demand, c: usize) -> Durati
     let rate = demand.rate.map_or(0.0, |(interval, burst)| {
         (n * k - f64::from(burst)).max(0.0) * interval.as_secs_f64()
     });
-    let straggler = (s.p95.as_secs_f64() - m).max(0.0);
+    // The window's own spread: a straggler exceeds the mean by what the slow calls do.
+    let straggler = (s.p95.as_secs_f64() - s.mean.as_secs_f64()).max(0.0);
     Duration::try_from_secs_f64(spread.max(chain).max(rate) + straggler).unwrap_or(Duration::MAX)
 }
 
@@ -544,6 +549,7 @@ mod tests {
             rate: None,
             deadline: secs(50),
             endpoint_limit: None,
+            endpoint_call: None,
         }
     }
 
@@ -771,6 +777,17 @@ mod tests {
         let mut p = policy_with(&[secs(4); 50]);
         match p.decide(&d) {
             // 2 × 4 s a symbol, one at a time: 6 symbols in 48 s.
+            GateDecision::Run(c) => assert_eq!(c.shed, 14),
+            other => panic!("{other:?}"),
+        }
+        // The window saw 12 s calls while they queued at that server; one call alone takes
+        // 4 s there, and once they queue in the runner that is what each costs.
+        let mut p = policy_with(&[secs(12); 50]);
+        let queued_there = Demand {
+            endpoint_call: Some(secs(4)),
+            ..d
+        };
+        match p.decide(&queued_there) {
             GateDecision::Run(c) => assert_eq!(c.shed, 14),
             other => panic!("{other:?}"),
         }

@@ -299,7 +299,9 @@ fn stage_of(schema: Option<&Value>, body: &Value) -> &'static str {
 fn llama_cpp_500(message: &str) -> Response {
     (
         StatusCode::INTERNAL_SERVER_ERROR,
-        axum::Json(json!({"error": {"message": message, "type": "internal_server_error"}})),
+        axum::Json(
+            json!({"error": {"message": message, "type": "internal_server_error", "param": null, "code": null}}),
+        ),
     )
         .into_response()
 }
@@ -498,7 +500,8 @@ async fn completions(
     let stream = body["stream"] == true;
     let refusal = if quirks.refuse_json_schema && body["response_format"]["type"] == "json_schema" {
         Some(
-            "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n  Input should be 'text' or 'json_object' [type=literal_error, input_value='json_schema']",
+            // As llama-cpp-python 0.3.36 words it (its route handler's wrapped validation error).
+            "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', 'ctx': {'expected': \"'text' or 'json_object'\"}}",
         )
     } else if quirks.refuse_null_content
         && body["messages"].as_array().is_some_and(|m| {
@@ -507,7 +510,7 @@ async fn completions(
         })
     {
         Some(
-            "1 validation error for CreateChatCompletionRequest\nmessages.2.assistant.content\n  Input should be a valid string [type=string_type, input_value=None]",
+            "7 validation errors:\n  {'type': 'string_type', 'loc': ('body', 'messages', 2, 'ChatCompletionRequestAssistantMessage', 'content'), 'msg': 'Input should be a valid string', 'input': None}",
         )
     } else {
         None

@@ -25,6 +25,7 @@ mod observability;
 mod once_mode;
 mod opencode;
 mod real_latency;
+mod real_model;
 mod redis_coordination;
 mod redis_sink;
 mod replicas;
