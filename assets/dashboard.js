@@ -115,9 +115,14 @@ function renderCycles(cycles) {
     cell(tr, c.skipped_reason ? "" : String(c.symbols_ok), "num");
     cell(tr, c.skipped_reason ? "" : String(c.symbols_failed), "num");
     cell(tr, c.skipped_reason ? "" : String(c.symbols_skipped), "num");
-    const note = c.skipped_reason
-      ? "skipped: " + c.skipped_reason
-      : (c.failures || []).map((f) => f.symbol + " " + f.reason).join(", ");
+    // Each failure with what happened (the first cause among its attempts), and the symbols
+    // left out up front because the tick's work could not all fit.
+    const causes = (c.failures || []).map(
+      (f) => f.symbol + " " + f.reason + (f.error ? ": " + f.error : ""),
+    );
+    const shed = (c.skipped || []).filter((s) => s.reason === "capacity").map((s) => s.symbol);
+    if (shed.length) causes.push("left out for capacity: " + shed.join(", "));
+    const note = c.skipped_reason ? "skipped: " + c.skipped_reason : causes.join("; ");
     cell(tr, note);
     body.appendChild(tr);
   }

@@ -275,10 +275,14 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
         )
         .await;
     assert_eq!(v["m"], 42, "same page, no reload");
-    let cycles = d
-        .js("return document.querySelectorAll('#cycles tbody tr').length")
-        .await;
-    assert!(cycles.as_u64().unwrap_or(0) >= 2, "cycle list updated live");
+    // The second cycle's row arrives with its `cycle` event, which may come after that
+    // cycle's signals: waited for, not read once.
+    d.wait_js(
+        "return document.querySelectorAll('#cycles tbody tr').length",
+        Duration::from_secs(20),
+        |v| v.as_u64().unwrap_or(0) >= 2,
+    )
+    .await;
     assert_eq!(d.js("return typeof window.__xss").await, "undefined");
     let status = d
         .js("return document.getElementById('conn').textContent")
