@@ -168,7 +168,7 @@ impl App {
         ));
         let setup = agents::setup::build(
             &cfg,
-            limiter,
+            limiter.clone(),
             on_breaker,
             latencies.clone(),
             tools.clone() as Arc<dyn agents::llm::ToolRunner>,
@@ -182,6 +182,22 @@ impl App {
             .collect();
         let breaker_names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
         telemetry::init_series(&cfg.symbols, &breaker_names);
+        // OpenCode's model requests come back through the runner when its opencode.json
+        // points its provider at /llm/v1: same rate limit, same budget, an allowance a call.
+        let gateway = match &setup.opencode_sessions {
+            Some(sessions) => Some(Arc::new(
+                http::gateway::Gateway::new(
+                    sessions.clone(),
+                    limiter.clone(),
+                    setup.budget.clone(),
+                    &cfg.agents.base_url,
+                    cfg.agents.api_key.clone(),
+                    cfg.agents.max_tokens,
+                )
+                .map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        };
         let runner = build_runner(
             &cfg,
             clock,
@@ -215,6 +231,7 @@ impl App {
             streams_stop: CancellationToken::new(),
             market_source: market.name(),
             tools: Some(tools),
+            gateway,
         };
         Ok(App {
             runner,

@@ -68,6 +68,8 @@ pub mod names {
         MCP_TOOL_CALLS = "mcp_tool_calls_total";
         /// Histogram {tool}: one tool call's time, cached answers included.
         MCP_TOOL_DURATION_SECONDS = "mcp_tool_duration_seconds";
+        /// Counter {outcome}: OpenCode's model requests at the runner's gateway (`forwarded`, `over_allowance`, `rate_limited`, `budget_exhausted`, `unknown_session`, `upstream_unreachable`).
+        OPENCODE_MODEL_REQUESTS = "opencode_model_requests_total";
         /// Counter {stage, outcome}: backup requests sent for stragglers (`won`: the backup's answer was used; `lost`: it was not).
         AGENT_HEDGES = "agent_hedges_total";
         /// Counter {stage, outcome}: follow-up turns that showed a model the errors of its rejected answer (`fixed`: the next answer was good; `still_invalid`: it was not; `failed`: the follow-up request itself failed).
@@ -170,6 +172,16 @@ pub fn init_series(symbols: &[String], breakers: &[String]) {
     }
     for window in ["hour", "day"] {
         metrics::counter!(LLM_BUDGET_EXHAUSTED, "window" => window).absolute(0);
+    }
+    for outcome in [
+        "forwarded",
+        "over_allowance",
+        "rate_limited",
+        "budget_exhausted",
+        "unknown_session",
+        "upstream_unreachable",
+    ] {
+        metrics::counter!(OPENCODE_MODEL_REQUESTS, "outcome" => outcome).absolute(0);
     }
     for stage in ["signal", "advise", "report"] {
         for outcome in ["accepted", "repaired", "rejected"] {

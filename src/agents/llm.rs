@@ -669,6 +669,10 @@ pub struct LlmAgent {
     structured: StructuredOutput,
     /// The endpoint's learned in-flight limit (shared by the stages of one backend).
     concurrency: Option<ConcurrencyLimit>,
+    /// The function definitions this stage's model is offered (a subset of the runner's
+    /// tools; empty: none), and their names, the only calls it may make.
+    functions: Vec<Value>,
+    offered: Vec<String>,
 }
 
 impl std::fmt::Debug for LlmAgent {
@@ -747,7 +751,33 @@ impl LlmAgent {
             shared,
             structured: StructuredOutput::Auto,
             concurrency: None,
+            functions: vec![],
+            offered: vec![],
         }
+    }
+
+    /// Offers this stage's model the runner's tools named in `names` (of those the shared
+    /// [`ToolRunner`] defines; with no runner, none). Names it does not define are left out.
+    pub fn with_tools(mut self, names: &[String]) -> Self {
+        let Some(runner) = &self.shared.tools else {
+            return self;
+        };
+        self.functions = runner
+            .functions()
+            .iter()
+            .filter(|f| {
+                f["function"]["name"]
+                    .as_str()
+                    .is_some_and(|n| names.iter().any(|x| x == n))
+            })
+            .cloned()
+            .collect();
+        self.offered = self
+            .functions
+            .iter()
+            .filter_map(|f| f["function"]["name"].as_str().map(str::to_string))
+            .collect();
+        self
     }
 
     /// Requests to this agent's endpoint wait for a slot of `limit` (learned from latency)
@@ -779,9 +809,10 @@ impl LlmAgent {
             None => limits.per_call,
         };
         let limits = CallLimits { per_call, ..limits };
-        let functions: &[Value] = match &self.shared.tools {
-            Some(t) if self.transport.takes_tools() => t.functions(),
-            _ => &[],
+        let functions: &[Value] = if self.transport.takes_tools() {
+            &self.functions
+        } else {
+            &[]
         };
         // The schema in the prompt in every mode: an endpoint that takes no `response_format`
         // (or ignores it) still tells the model what to write.
@@ -917,7 +948,21 @@ impl LlmAgent {
             };
             req.conversation.push(reply.assistant.clone());
             for call in &reply.tool_calls {
-                let result = match serde_json::from_str::<Value>(&call.arguments) {
+                let parsed = if self.offered.contains(&call.name) {
+                    serde_json::from_str::<Value>(&call.arguments).map_err(|e| {
+                        json!({"error": {"code": "INVALID_ARGUMENTS", "message": format!("arguments are not JSON: {e}")}})
+                    })
+                } else {
+                    // Only what was offered runs: a model that guesses another tool's name
+                    // is told what it may call, as any other refused call is.
+                    Err(json!({"error": {"code": "UNKNOWN_TOOL", "message": format!(
+                        "{:?} is not offered to the {} stage; it may call {}",
+                        call.name.chars().take(64).collect::<String>(),
+                        stage.as_str(),
+                        if self.offered.is_empty() { "none".to_string() } else { self.offered.join(", ") }
+                    )}}))
+                };
+                let result = match parsed {
                     // A call the deadline cuts short ends the stage like a slow model would.
                     Ok(args) => {
                         match tokio::time::timeout_at(limits.until, runner.run(&call.name, &args))
@@ -927,12 +972,15 @@ impl LlmAgent {
                             Err(_) => return Err(AgentError::Timeout(None)),
                         }
                     }
-                    Err(e) => Err(
-                        json!({"error": {"code": "INVALID_ARGUMENTS", "message": format!("arguments are not JSON: {e}")}}),
-                    ),
+                    Err(refusal) => Err(refusal),
                 };
                 tracing::debug!(stage = stage.as_str(), symbol, tool = %call.name, ok = result.is_ok(), "model tool call");
-                if !tools_used.contains(&call.name) && tools_used.len() < 16 {
+                // What ran, not what was asked for: a name the stage was not offered is the
+                // model's guess, and a guess is not a source of the signal.
+                if self.offered.contains(&call.name)
+                    && !tools_used.contains(&call.name)
+                    && tools_used.len() < 16
+                {
                     tools_used.push(call.name.chars().take(64).collect());
                 }
                 let content = match result {

@@ -4,8 +4,16 @@
 //! title-generation call), prompted with the stage's agent and `format: json_schema`. OpenCode
 //! implements that as a `StructuredOutput` tool call and does **not** check the arguments
 //! against the schema, so `info.structured` is validated here like any other answer. At the
-//! deadline the session is aborted; it is always deleted afterwards. OpenCode retries LLM
-//! errors itself, so the runner's own deadline is what bounds a call.
+//! deadline the session is aborted; it is always deleted afterwards.
+//!
+//! OpenCode retries model errors itself (up to five times per step, each after a backoff, and
+//! its HTTP client retries again beneath that): against a failing endpoint twenty parallel
+//! sessions send hundreds of requests that no limit of the runner's sees. So every session
+//! this transport opens is entered in a [`SessionLedger`] with an allowance of model requests,
+//! and the shipped `opencode.json` sends OpenCode's model requests through the runner's model
+//! gateway (`/llm/v1`, in `http::gateway`), which finds each request's session by the
+//! `X-Session-Id` header OpenCode sets, forwards it while the allowance lasts, and charges
+//! every request after a session's first to the rate limit and the token budget.
 
 use std::time::Duration;
 
@@ -36,6 +44,127 @@ pub struct OpenCodeAgents {
     pub model_id: String,
 }
 
+/// The model requests each open session of the runner's has sent through the gateway.
+/// Cloned handles share one ledger.
+#[derive(Clone, Debug)]
+pub struct SessionLedger {
+    sessions: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Ledger>>>,
+    allowance: u32,
+}
+
+/// One session's entry.
+#[derive(Debug, Clone)]
+struct Ledger {
+    symbol: String,
+    stage: &'static str,
+    forwarded: u32,
+    /// The status the model endpoint gave the session's last request.
+    last_status: Option<u16>,
+}
+
+/// What the gateway may do with a model request of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Send it on. `first`: the session's first request, covered by the slot and the budget
+    /// reservation the runner's own call already took.
+    Forward {
+        /// The session's first model request.
+        first: bool,
+        /// The symbol and stage the session works for (for logs).
+        symbol: String,
+        /// The stage.
+        stage: &'static str,
+    },
+    /// The session has used its allowance: refused, so no retry loop can outspend it.
+    OverAllowance {
+        /// The allowance.
+        allowance: u32,
+        /// What the endpoint answered the last request (the cause a refusal passes on).
+        last_status: Option<u16>,
+        /// The symbol.
+        symbol: String,
+        /// The stage.
+        stage: &'static str,
+    },
+    /// Not a session this runner opened (or one already closed).
+    Unknown,
+}
+
+impl SessionLedger {
+    /// A ledger allowing each session `allowance` model requests
+    /// (`agents.opencode.max_model_requests`).
+    pub fn new(allowance: u32) -> Self {
+        Self {
+            sessions: Default::default(),
+            allowance: allowance.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Ledger>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enters a session the runner just created.
+    pub fn open(&self, id: &str, symbol: &str, stage: &'static str) {
+        self.lock().insert(
+            id.to_string(),
+            Ledger {
+                symbol: symbol.to_string(),
+                stage,
+                forwarded: 0,
+                last_status: None,
+            },
+        );
+    }
+
+    /// Removes a session; returns how many model requests it sent.
+    pub fn close(&self, id: &str) -> Option<u32> {
+        self.lock().remove(id).map(|l| l.forwarded)
+    }
+
+    /// Decides on one model request of session `id`, counting it when it may go.
+    pub fn admit(&self, id: &str) -> Admission {
+        let mut sessions = self.lock();
+        let Some(l) = sessions.get_mut(id) else {
+            return Admission::Unknown;
+        };
+        if l.forwarded >= self.allowance {
+            return Admission::OverAllowance {
+                allowance: self.allowance,
+                last_status: l.last_status,
+                symbol: l.symbol.clone(),
+                stage: l.stage,
+            };
+        }
+        l.forwarded += 1;
+        Admission::Forward {
+            first: l.forwarded == 1,
+            symbol: l.symbol.clone(),
+            stage: l.stage,
+        }
+    }
+
+    /// Hands back a request that was admitted but never sent (the rate limit or the budget
+    /// refused it at the gateway), so it does not use up the allowance.
+    pub fn refund(&self, id: &str) {
+        if let Some(l) = self.lock().get_mut(id) {
+            l.forwarded = l.forwarded.saturating_sub(1);
+        }
+    }
+
+    /// Records what the endpoint answered a session's request.
+    pub fn note_status(&self, id: &str, status: u16) {
+        if let Some(l) = self.lock().get_mut(id) {
+            l.last_status = Some(status);
+        }
+    }
+
+    /// Sessions open now.
+    pub fn open_sessions(&self) -> usize {
+        self.lock().len()
+    }
+}
+
 /// The transport.
 #[derive(Clone)]
 pub struct OpenCode {
@@ -45,6 +174,8 @@ pub struct OpenCode {
     agents: OpenCodeAgents,
     /// Session clean-ups still running (a call dropped at its deadline cleans up after it).
     cleanups: tokio_util::task::TaskTracker,
+    /// The sessions open now and the model requests each has sent through the gateway.
+    ledger: SessionLedger,
 }
 
 /// Aborts and deletes its session when dropped while armed: whether the call ended at our own
@@ -65,6 +196,8 @@ impl Drop for SessionGuard {
         }
         tracing::warn!(symbol = %self.symbol, stage = self.stage, session = %self.id, "OpenCode call passed its deadline; aborting the session");
         let (oc, id) = (self.oc.clone(), std::mem::take(&mut self.id));
+        // The session may send nothing more through the gateway, whatever its abort does.
+        oc.ledger.close(&id);
         // Drop cannot wait; the tracker lets shutdown wait for the clean-up instead.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let tracker = oc.cleanups.clone();
@@ -84,7 +217,12 @@ impl std::fmt::Debug for OpenCode {
 
 impl OpenCode {
     /// A client of the server at `url` (e.g. `http://127.0.0.1:4096`).
-    pub fn new(url: &str, password: Secret, agents: OpenCodeAgents) -> Result<Self, AgentError> {
+    pub fn new(
+        url: &str,
+        password: Secret,
+        agents: OpenCodeAgents,
+        ledger: SessionLedger,
+    ) -> Result<Self, AgentError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .build()
@@ -95,6 +233,7 @@ impl OpenCode {
             password,
             agents,
             cleanups: tokio_util::task::TaskTracker::new(),
+            ledger,
         })
     }
 
@@ -321,6 +460,7 @@ impl Transport for OpenCode {
         let id = tokio::time::timeout_at(deadline, self.create_session(req))
             .await
             .map_err(|_| AgentError::Timeout(None))??;
+        self.ledger.open(&id, req.symbol, req.stage.as_str());
         let mut guard = SessionGuard {
             oc: self.clone(),
             id,
@@ -333,6 +473,14 @@ impl Transport for OpenCode {
             .await
             .map_err(|_| AgentError::Timeout(None))?;
         guard.armed = false;
+        if let Some(n) = self.ledger.close(&guard.id) {
+            tracing::debug!(
+                symbol = req.symbol,
+                stage = req.stage.as_str(),
+                model_requests = n,
+                "OpenCode call ended"
+            );
+        }
         self.abort_and_delete(&guard.id, false).await;
         reply
     }
@@ -377,6 +525,46 @@ impl Transport for OpenCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_may_send_its_allowance_and_no_more() {
+        let l = SessionLedger::new(3);
+        assert_eq!(l.admit("ses_x"), Admission::Unknown);
+        l.open("ses_x", "ETH/USD", "signal");
+        let first = l.admit("ses_x");
+        assert!(
+            matches!(first, Admission::Forward { first: true, .. }),
+            "{first:?}"
+        );
+        assert!(matches!(
+            l.admit("ses_x"),
+            Admission::Forward { first: false, .. }
+        ));
+        // A request refused at the gateway (rate limit) is handed back.
+        assert!(matches!(
+            l.admit("ses_x"),
+            Admission::Forward { first: false, .. }
+        ));
+        l.refund("ses_x");
+        assert!(matches!(
+            l.admit("ses_x"),
+            Admission::Forward { first: false, .. }
+        ));
+        l.note_status("ses_x", 500);
+        for _ in 0..100 {
+            assert!(matches!(
+                l.admit("ses_x"),
+                Admission::OverAllowance {
+                    allowance: 3,
+                    last_status: Some(500),
+                    ..
+                }
+            ));
+        }
+        assert_eq!(l.close("ses_x"), Some(3));
+        assert_eq!(l.admit("ses_x"), Admission::Unknown);
+        assert_eq!(l.open_sessions(), 0);
+    }
 
     #[test]
     fn message_parsing() {

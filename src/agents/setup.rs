@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::llm::{LlmAgent, LlmHealth, LlmShared, TokenBudget, ToolRunner, Transport};
-use super::opencode::{OpenCode, OpenCodeAgents};
+use super::opencode::{OpenCode, OpenCodeAgents, SessionLedger};
 use super::openrouter::OpenRouter;
 use super::rules::Rules;
 use super::{Agent, AgentError, StageAgents};
 use crate::config::{AgentBackend, Config, Fallback, ReportMode, StageConfig, ToolsMode, secs};
+use crate::model::Stage;
 use crate::resilience::rate_limit::AgentRateLimiter;
 use crate::resilience::{
     Backoff, Breaker, CallLatencies, ConcurrencyLimit, HedgeBudget, TransitionHook,
@@ -33,6 +34,9 @@ pub struct AgentSetup {
     pub probes: Vec<Arc<dyn Transport>>,
     /// Each LLM backend's learned in-flight limit, by backend name.
     pub concurrency: BTreeMap<&'static str, ConcurrencyLimit>,
+    /// The OpenCode sessions open now and their model-request allowances, read by the model
+    /// gateway (`None`: no stage uses OpenCode).
+    pub opencode_sessions: Option<SessionLedger>,
 }
 
 impl std::fmt::Debug for AgentSetup {
@@ -99,9 +103,11 @@ pub fn build(
     };
     let max_in_flight = cfg.parallel.max_concurrent.max(1) + hedge_room;
     let mut probes: Vec<Arc<dyn Transport>> = vec![];
+    let mut opencode_sessions: Option<SessionLedger> = None;
     let rules: Arc<dyn Agent> = Arc::new(Rules);
 
-    let mut make = |stage: &StageConfig,
+    let mut make = |kind: Stage,
+                    stage: &StageConfig,
                     forced_rules: bool|
      -> Result<(Arc<dyn Agent>, Option<Breaker>), AgentError> {
         let backend = if forced_rules {
@@ -120,6 +126,8 @@ pub fn build(
                 }
                 _ => {
                     let oc = &a.opencode;
+                    let ledger = SessionLedger::new(oc.max_model_requests);
+                    opencode_sessions = Some(ledger.clone());
                     let t: Arc<dyn Transport> = Arc::new(OpenCode::new(
                         &oc.url,
                         oc.password.clone(),
@@ -130,6 +138,7 @@ pub fn build(
                             provider_id: oc.provider_id.clone(),
                             model_id: oc.model_id.clone(),
                         },
+                        ledger,
                     )?);
                     probes.push(t.clone());
                     t
@@ -162,14 +171,16 @@ pub fn build(
             Arc::new(
                 LlmAgent::new(t, model, timeout, breaker.clone(), shared.clone())
                     .with_structured_output(stage.structured_output.unwrap_or(a.structured_output))
-                    .with_concurrency_limit(limit),
+                    .with_concurrency_limit(limit)
+                    .with_tools(&a.stage_tools(kind)),
             ),
             Some(breaker),
         ))
     };
-    let (signal, signal_breaker) = make(&a.stages.signal, false)?;
-    let (advise, _) = make(&a.stages.advise, false)?;
+    let (signal, signal_breaker) = make(Stage::Signal, &a.stages.signal, false)?;
+    let (advise, _) = make(Stage::Advise, &a.stages.advise, false)?;
     let (report, _) = make(
+        Stage::Report,
         &a.stages.report,
         cfg.pipeline.report_mode == ReportMode::Template,
     )?;
@@ -195,5 +206,6 @@ pub fn build(
         budget,
         probes,
         concurrency,
+        opencode_sessions,
     })
 }

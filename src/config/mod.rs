@@ -462,6 +462,11 @@ pub struct OpenCodeConfig {
     pub model_id: String,
     /// `OPENCODE_SERVER_PASSWORD` of the server (env `OPENCODE_SERVER_PASSWORD`); never printed.
     pub password: Secret,
+    /// Model requests one stage call's session may send through the runner's model gateway
+    /// (`/llm/v1`) — its steps, tool rounds and OpenCode's own retries together; past it the
+    /// gateway refuses, so no retry loop can run away. Default 10 (the signal agent's 8 steps
+    /// and two retries).
+    pub max_model_requests: u32,
 }
 
 /// `agents.opencode.agents:`
@@ -494,6 +499,7 @@ impl Default for OpenCodeConfig {
             provider_id: String::new(),
             model_id: String::new(),
             password: Secret::default(),
+            max_model_requests: 10,
         }
     }
 }
@@ -522,6 +528,66 @@ pub struct StageConfig {
     pub timeout_seconds: Option<f64>,
     /// How this stage asks for JSON (default: `agents.structured_output`).
     pub structured_output: Option<StructuredOutput>,
+    /// The runner's tools this stage's model is offered with `agents.tools: mcp` (names of
+    /// [`TOOL_NAMES`]; default [`default_stage_tools`]). Every definition costs prompt
+    /// tokens on every call, so a stage gets only what it can use.
+    pub tools: Option<Vec<String>>,
+}
+
+/// The runner's tools, by name (the `tools` module defines them; a test there keeps the two
+/// lists equal, so configuration can be checked without building the toolbox).
+pub const TOOL_NAMES: [&str; 8] = [
+    "get_candles",
+    "get_current_price",
+    "get_volatility",
+    "get_top_strategies",
+    "get_strategy_signal",
+    "get_strategy_consensus",
+    "get_recent_decisions",
+    "get_signal_performance",
+];
+
+/// The tools a stage's model is offered unless `agents.stages.<stage>.tools` says otherwise.
+/// The prompt already carries the price, the market context and every strategy's verdict,
+/// so the signal stage gets what it cannot see there (a longer price history, volatility,
+/// how past signals turned out), the advise stage what sizes a position, and the report
+/// stage, which only words what it is given, nothing.
+pub fn default_stage_tools(stage: crate::model::Stage) -> &'static [&'static str] {
+    use crate::model::Stage;
+    match stage {
+        Stage::Signal => &["get_candles", "get_volatility", "get_signal_performance"],
+        Stage::Advise => &[
+            "get_volatility",
+            "get_recent_decisions",
+            "get_signal_performance",
+        ],
+        _ => &[],
+    }
+}
+
+impl Agents {
+    /// One stage's overrides (`Score` has none: the runner scores).
+    pub fn stage(&self, stage: crate::model::Stage) -> Option<&StageConfig> {
+        use crate::model::Stage;
+        match stage {
+            Stage::Signal => Some(&self.stages.signal),
+            Stage::Advise => Some(&self.stages.advise),
+            Stage::Report => Some(&self.stages.report),
+            _ => None,
+        }
+    }
+
+    /// The tools `stage`'s model is offered (with `agents.tools: mcp`): the stage's list,
+    /// else its default.
+    pub fn stage_tools(&self, stage: crate::model::Stage) -> Vec<String> {
+        match self.stage(stage).and_then(|s| s.tools.as_ref()) {
+            Some(names) => names.clone(),
+            None => default_stage_tools(stage)
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
 }
 
 /// Candle source.
@@ -932,6 +998,36 @@ mod tests {
         assert_eq!(c.circuit_breaker.redis.failure_threshold, 3);
         let c = Config::from_yaml(text, &env(&[])).expect("parses");
         assert_eq!(c.instance_id, "runner-1");
+    }
+
+    #[test]
+    fn stage_tools_are_checked_by_name_and_default_per_stage() {
+        let got = issues(
+            "autonomous_runner:\n  agents:\n    stages:\n      advise:\n        tools: [get_volatility, get_volatilty, get_volatility]\n",
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with("autonomous_runner.agents.stages.advise.tools[1]: \"get_volatilty\" is not a tool; the tools are get_candles,"),
+            "{got:?}"
+        );
+        assert_eq!(
+            got[1],
+            "autonomous_runner.agents.stages.advise.tools[2]: \"get_volatility\" is listed twice"
+        );
+        let c = Config::from_yaml(
+            "autonomous_runner:\n  agents:\n    stages:\n      report:\n        tools: [get_candles]\n",
+            &env(&[]),
+        )
+        .expect("parses");
+        assert_eq!(
+            c.agents.stage_tools(crate::model::Stage::Report),
+            ["get_candles"]
+        );
+        assert_eq!(
+            c.agents.stage_tools(crate::model::Stage::Signal),
+            default_stage_tools(crate::model::Stage::Signal)
+        );
+        assert!(c.agents.stage_tools(crate::model::Stage::Score).is_empty());
     }
 
     #[test]

@@ -265,6 +265,7 @@ impl Config {
             Bound::new("agents.burst", c.agents.burst, AtLeast(1.0), 1_000_000.0),
             Bound::new("agents.max_tokens", c.agents.max_tokens, AtLeast(1.0), 1_000_000.0),
             Bound::new("agents.max_tool_rounds", c.agents.max_tool_rounds, AtLeast(1.0), 10.0),
+            Bound::new("agents.opencode.max_model_requests", c.agents.opencode.max_model_requests, AtLeast(1.0), 1_000.0),
             Bound::new("agents.hedge.max_extra_fraction", c.agents.hedge.max_extra_fraction, AtLeast(0.0), 1.0),
             Bound::new("market_data.candles", c.market_data.candles, AtLeast(40.0), 300.0),
             Bound::new("market_data.request_timeout_seconds", c.market_data.request_timeout_seconds, Above(0.0), 300.0),
@@ -358,6 +359,27 @@ impl Config {
                 format!("{r}.history.grading.horizons_minutes"),
                 "must list at least one horizon",
             );
+        }
+        for (name, st) in [
+            ("signal", &self.agents.stages.signal),
+            ("advise", &self.agents.stages.advise),
+            ("report", &self.agents.stages.report),
+        ] {
+            let mut seen = BTreeSet::new();
+            for (i, tool) in st.tools.iter().flatten().enumerate() {
+                let key = format!("{r}.agents.stages.{name}.tools[{i}]");
+                if !TOOL_NAMES.contains(&tool.as_str()) {
+                    v.bad(
+                        key,
+                        format!(
+                            "{tool:?} is not a tool; the tools are {}",
+                            TOOL_NAMES.join(", ")
+                        ),
+                    );
+                } else if !seen.insert(tool.as_str()) {
+                    v.bad(key, format!("{tool:?} is listed twice"));
+                }
+            }
         }
         if self.coordination.backend == CoordinationBackend::Redis
             && let Err(e) = redis::Client::open(self.coordination.redis_url.expose())

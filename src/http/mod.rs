@@ -4,6 +4,7 @@
 //! The server takes its listener and its shutdown future as arguments, so tests bind port 0.
 //! [`sse`] serves the signal stream.
 
+pub mod gateway;
 mod history;
 pub mod mcp;
 pub mod sse;
@@ -68,6 +69,9 @@ pub struct AppState {
     pub market_source: &'static str,
     /// The agents' tools, served at `/mcp` (`None`: `mcp.enabled` is false).
     pub tools: Option<Arc<crate::tools::Toolbox>>,
+    /// The model gateway for OpenCode, at `/llm/v1/chat/completions` (`None`: no stage uses
+    /// OpenCode).
+    pub gateway: Option<Arc<gateway::Gateway>>,
 }
 
 /// Who may call the admin endpoints.
@@ -93,6 +97,18 @@ pub fn router(state: AppState) -> Router {
             )),
         None => Router::new(),
     };
+    // The same access rule as /mcp: OpenCode runs beside the runner (loopback) or presents
+    // the admin token as its provider's API key.
+    let gateway = match &state.gateway {
+        Some(g) => Router::new()
+            .route("/llm/v1/chat/completions", post(gateway::chat_completions))
+            .with_state(g.clone())
+            .layer(axum::middleware::from_fn_with_state(
+                state.admin.clone(),
+                gateway_guard,
+            )),
+        None => Router::new(),
+    };
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
@@ -115,6 +131,20 @@ pub fn router(state: AppState) -> Router {
         )
         .with_state(state)
         .merge(mcp)
+        .merge(gateway)
+}
+
+/// Admits a model-gateway request under the admin access rule.
+async fn gateway_guard(
+    State(admin): State<AdminAccess>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(&admin, peer, req.headers(), "/llm/v1") {
+        Ok(_) => next.run(req).await,
+        Err(refusal) => refusal.into_response(),
+    }
 }
 
 /// How long a client may take to send a request's headers — counted from the connection's

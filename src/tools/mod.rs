@@ -92,8 +92,11 @@ impl ToolError {
 pub struct ToolDef {
     /// The tool's name.
     pub name: &'static str,
-    /// What it answers, for the model.
+    /// What it answers, in full (MCP clients show it to people too).
     pub description: &'static str,
+    /// What it answers and what its arguments take, in one short line: the form offered to
+    /// a model on every call (`agents.tools: mcp`), where every word is a prompt token.
+    pub brief: &'static str,
     /// JSON Schema of its arguments (an object schema).
     pub input_schema: serde_json::Map<String, Value>,
 }
@@ -224,7 +227,11 @@ struct PerformanceArgs {
 
 /// The tools: name, description, argument type.
 fn definitions() -> Vec<ToolDef> {
-    fn def<A: JsonSchema>(name: &'static str, description: &'static str) -> ToolDef {
+    fn def<A: JsonSchema>(
+        name: &'static str,
+        description: &'static str,
+        brief: &'static str,
+    ) -> ToolDef {
         let schema = schemars::generate::SchemaSettings::draft2020_12()
             .with(|s| s.inline_subschemas = true)
             .into_generator()
@@ -241,6 +248,7 @@ fn definitions() -> Vec<ToolDef> {
         ToolDef {
             name,
             description,
+            brief,
             input_schema,
         }
     }
@@ -248,36 +256,64 @@ fn definitions() -> Vec<ToolDef> {
         def::<CandlesArgs>(
             "get_candles",
             "OHLCV candles of a symbol from the configured market source, oldest first, newest last.",
+            "OHLCV candles, oldest first. timeframe 1m|5m|15m|1h, limit 1-500, offset skips the newest.",
         ),
         def::<SymbolArgs>(
             "get_current_price",
             "The latest close of a symbol, its change over the last hour, and when it was taken.",
+            "Latest close, 1-hour change, and its time.",
         ),
         def::<VolatilityArgs>(
             "get_volatility",
             "Volatility of a symbol: standard deviation of candle returns over the last 60 candles of the timeframe, and the 1-hour volatility.",
+            "Stdev of returns over 60 candles of timeframe 1m|5m|15m|1h, and 1-hour volatility.",
         ),
         def::<TopStrategiesArgs>(
             "get_top_strategies",
             "The rules strategies ranked for a symbol, each with its current verdict (BUY/SELL/HOLD), its live hit rate and its parameters.",
+            "Strategies ranked by metric hit_rate|graded_hit_rate, with verdict and parameters; limit 1-10.",
         ),
         def::<StrategySignalArgs>(
             "get_strategy_signal",
             "One strategy's current verdict on a symbol, with its hit rate and parameters.",
+            "One strategy's verdict, hit rate and parameters.",
         ),
         def::<SymbolArgs>(
             "get_strategy_consensus",
             "How the strategies vote on a symbol now: bullish, bearish and neutral counts, the consensus action and the rules agent's confidence for it.",
+            "Bullish/bearish/neutral counts, consensus action and confidence.",
         ),
         def::<DecisionsArgs>(
             "get_recent_decisions",
             "This service's most recent signals for a symbol, newest first, each with how it was graded so far (hit or miss at each horizon).",
+            "This service's latest signals, newest first, with their grades; limit 1-50.",
         ),
         def::<PerformanceArgs>(
             "get_signal_performance",
             "How this service's signals for a symbol have turned out over the last 7 days at one horizon: hit rate with its 95% interval, mean and median return, Brier score.",
+            "This service's 7-day record at horizon 5m|15m|1h: hit rate, returns, Brier score.",
         ),
     ]
+}
+
+/// A tool as a model is offered it: the brief line, and the argument schema without the
+/// per-field prose (the brief says what the fields take). Measured with SmolLM2's tokenizer
+/// in docs/BENCHMARKS.md: the full definitions of all eight tools cost every call about
+/// four times the prompt tokens of a stage's compact three.
+fn model_function(d: &ToolDef) -> Value {
+    let mut parameters = d.input_schema.clone();
+    if let Some(Value::Object(props)) = parameters.get_mut("properties") {
+        for p in props.values_mut() {
+            if let Value::Object(p) = p {
+                p.remove("description");
+            }
+        }
+    }
+    json!({"type": "function", "function": {
+        "name": d.name,
+        "description": d.brief,
+        "parameters": parameters,
+    }})
 }
 
 /// A cache entry: concurrent identical calls share one computation.
@@ -419,16 +455,7 @@ impl Toolbox {
             metrics::counter!(names::MCP_TOOL_CALLS, "tool" => d.name, "outcome" => "ok")
                 .increment(0);
         }
-        let functions = defs
-            .iter()
-            .map(|d| {
-                json!({"type": "function", "function": {
-                    "name": d.name,
-                    "description": d.description,
-                    "parameters": d.input_schema,
-                }})
-            })
-            .collect();
+        let functions = defs.iter().map(model_function).collect();
         Toolbox {
             defs,
             functions,
@@ -958,6 +985,45 @@ mod tests {
             clock,
         ));
         (market, tools)
+    }
+
+    #[test]
+    fn the_configurable_names_are_the_defined_tools() {
+        let names: Vec<&str> = definitions().iter().map(|d| d.name).collect();
+        assert_eq!(names, crate::config::TOOL_NAMES);
+        for stage in crate::model::Stage::ALL {
+            for n in crate::config::default_stage_tools(stage) {
+                assert!(names.contains(n), "{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_is_offered_the_short_form() {
+        for d in definitions() {
+            let f = model_function(&d);
+            let full =
+                json!({"name": d.name, "description": d.description, "parameters": d.input_schema});
+            assert!(
+                f.to_string().len() < full.to_string().len(),
+                "{}: the model's form is not shorter",
+                d.name
+            );
+            assert!(d.brief.len() <= 120, "{}: {}", d.name, d.brief);
+            // The argument names and types are all still there.
+            assert_eq!(
+                f["function"]["parameters"]["properties"]
+                    .as_object()
+                    .map(|p| p.keys().cloned().collect::<Vec<_>>()),
+                d.input_schema["properties"]
+                    .as_object()
+                    .map(|p| p.keys().cloned().collect::<Vec<_>>()),
+            );
+            assert_eq!(
+                f["function"]["parameters"]["required"],
+                d.input_schema["required"]
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -118,15 +118,16 @@ async fn the_openai_backend_runs_tool_rounds_in_process_and_stops_a_looping_mode
     let yaml = config(
         "*/5 * * * * *",
         &format!(
-            "  symbols: [TOOL/USD, LOOP/USD, HOST/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n    tools: mcp\n    max_tool_rounds: 3\n    requests_per_minute: 1000\n    burst: 100\n  pipeline:\n    advise_min_score: 100\n  retry:\n    max_attempts: 1\n",
+            "  symbols: [TOOL/USD, LOOP/USD, HOST/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n    tools: mcp\n    stages:\n      signal:\n        tools: [get_candles, get_current_price, get_volatility, get_top_strategies, get_strategy_signal, get_strategy_consensus, get_recent_decisions, get_signal_performance]\n    max_tool_rounds: 3\n    requests_per_minute: 1000\n    burst: 100\n  pipeline:\n    advise_min_score: 100\n  retry:\n    max_attempts: 1\n",
             llm.url
         ),
     );
     let app = spawn_app(yaml).await;
     let cycle = app.wait_cycles(1, Duration::from_secs(30)).await[0].clone();
 
-    // The two-round conversation: three requests, the tools offered in each, the results of
-    // round one in the second and of both rounds in the third.
+    // The two-round conversation: three requests, the tools offered in each (this signal
+    // stage is configured with all eight), the results of round one in the second and of
+    // both rounds in the third.
     let asked: Vec<_> = llm
         .received()
         .into_iter()
@@ -223,6 +224,106 @@ async fn the_openai_backend_runs_tool_rounds_in_process_and_stops_a_looping_mode
     );
     // The service carried on: the next cycle runs.
     app.wait_cycles(2, Duration::from_secs(20)).await;
+    app.stop().await.expect("clean stop");
+}
+
+/// The names of the tools a request offered (none: no `tools` key at all).
+fn offered(body: &Value) -> Option<Vec<String>> {
+    Some(
+        body.get("tools")?
+            .as_array()?
+            .iter()
+            .map(|t| t["function"]["name"].as_str().unwrap_or("?").to_string())
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn each_stage_is_offered_only_the_tools_it_needs_in_their_short_form() {
+    let llm = LlmServer::start().await;
+    // A model that reaches for a tool its stage is not offered, then answers.
+    llm.always_for(
+        "ONE/USD",
+        "signal",
+        Reply::CallTools {
+            calls: vec![("get_current_price".into(), json!({"symbol": "ONE/USD"}))],
+            rounds: 1,
+        },
+    );
+    let yaml = config(
+        "*/5 * * * * *",
+        &format!(
+            "  symbols: [ONE/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n    tools: mcp\n    requests_per_minute: 1000\n    burst: 100\n  pipeline:\n    advise_min_score: 0\n",
+            llm.url
+        ),
+    );
+    let app = spawn_app(yaml).await;
+    app.wait_cycles(1, Duration::from_secs(30)).await;
+    let asked = llm.received();
+    let of = |stage: &str| -> Vec<Value> {
+        asked
+            .iter()
+            .filter(|r| r.symbol == "ONE/USD" && r.stage == stage)
+            .map(|r| r.body.clone())
+            .collect()
+    };
+    let (signal, advise, report) = (of("signal"), of("advice"), of("report"));
+    assert!(
+        signal.len() >= 2 && !advise.is_empty() && !report.is_empty(),
+        "requests: {} signal, {} advise, {} report",
+        signal.len(),
+        advise.len(),
+        report.len()
+    );
+    for b in &signal {
+        assert_eq!(
+            offered(b),
+            Some(vec![
+                "get_candles".into(),
+                "get_volatility".into(),
+                "get_signal_performance".into()
+            ]),
+        );
+    }
+    for b in &advise {
+        assert_eq!(
+            offered(b),
+            Some(vec![
+                "get_volatility".into(),
+                "get_recent_decisions".into(),
+                "get_signal_performance".into()
+            ]),
+        );
+    }
+    for b in &report {
+        assert_eq!(offered(b), None, "the report stage is offered nothing: {b}");
+    }
+    // The short form: one line of description, no per-field prose.
+    for t in signal[0]["tools"].as_array().unwrap() {
+        let f = &t["function"];
+        let d = f["description"].as_str().unwrap();
+        assert!(!d.is_empty() && d.len() <= 120, "{f}");
+        for (name, p) in f["parameters"]["properties"].as_object().unwrap() {
+            assert!(p.get("description").is_none(), "{name}: {p}");
+        }
+    }
+    // The call to a tool the stage was not offered: refused with what it may call, not run.
+    let refusal = &tool_results(&signal[1])[0];
+    assert_eq!(refusal["error"]["code"], "UNKNOWN_TOOL", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("not offered to the signal stage")
+            && message.contains("get_candles, get_volatility, get_signal_performance"),
+        "{message}"
+    );
+    let stored = history_signal(&app, "ONE/USD").await;
+    // A refused guess is not a source of the signal.
+    assert!(
+        stored["metadata"]["tools_used"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "{stored}"
+    );
     app.stop().await.expect("clean stop");
 }
 

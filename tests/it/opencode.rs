@@ -59,6 +59,16 @@ impl OpenCodeServer {
         port: Option<u16>,
         mcp_url: Option<&str>,
     ) -> OpenCodeServer {
+        Self::start_full(&llm.url, port, mcp_url).await
+    }
+
+    /// As [`start_with`](Self::start_with), its model requests sent to `model_url` (the test
+    /// LLM server, or the runner's model gateway in front of it).
+    pub async fn start_full(
+        model_url: &str,
+        port: Option<u16>,
+        mcp_url: Option<&str>,
+    ) -> OpenCodeServer {
         let home = tempfile::tempdir().expect("tempdir");
         let project = home.path().join("project");
         copy_dir(
@@ -71,7 +81,7 @@ impl OpenCodeServer {
             "small_model": "local/test-model",
             "provider": {"local": {
                 "npm": "@ai-sdk/openai-compatible",
-                "options": {"baseURL": llm.url},
+                "options": {"baseURL": model_url},
                 "models": {"test-model": {"tool_call": true, "temperature": true, "limit": {"context": 128000, "output": 4096}}}
             }},
             "mcp": {"runner": match mcp_url {
@@ -332,5 +342,122 @@ async fn an_opencode_agent_calls_the_runners_tools_over_mcp() {
     assert_eq!(said["symbol"], "ETH/USD", "{said}");
     assert!(said["price"].as_f64().unwrap_or(0.0) > 0.0, "{said}");
     assert_eq!(said["simulated"], true, "{said}");
+    app.stop().await.expect("clean stop");
+}
+
+/// OpenCode's model requests through the runner's gateway (`/llm/v1`, as the shipped
+/// `opencode.json` routes them): against an endpoint that fails every request, OpenCode's own
+/// retries stop at the call's allowance instead of running away; the requests reach the model
+/// with the runner's key (OpenCode holds none); a request of no call of the runner's is
+/// refused; a healthy symbol beside it is published through the same gateway.
+#[tokio::test]
+async fn opencode_retries_stop_at_the_allowance_of_the_runners_gateway() {
+    let llm = LlmServer::start().await;
+    llm.always_for("RUN/USD", "signal", Reply::Status(500, None));
+    let port = crate::helpers::free_port();
+    let cfg = extra(
+        &format!("http://127.0.0.1:{port}"),
+        "OK/USD, RUN/USD",
+        "  retry:\n    max_attempts: 1\n  timeouts:\n    symbol_timeout_seconds: 40\n    symbol_timeout_max_seconds: 40\n    total_timeout_seconds: 45\n",
+    )
+    .replace(
+        "    opencode:\n",
+        &format!(
+            "    base_url: {}\n    api_key: sk-runner-key-for-gateway-test\n    opencode:\n      max_model_requests: 3\n",
+            llm.url
+        ),
+    );
+    let app = spawn_app(config("*/30 * * * * *", &cfg)).await;
+    let _oc = OpenCodeServer::start_full(&format!("{}/llm/v1", app.base), Some(port), None).await;
+    let cycles = app
+        .poll("/api/cycles", Duration::from_secs(150), |c| {
+            c["cycles"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|t| t["symbols_ok"] == 1 && of_symbol(&t["failures"], "RUN/USD").is_some())
+            })
+        })
+        .await;
+    let cycle = cycles["cycles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["symbols_ok"] == 1 && of_symbol(&t["failures"], "RUN/USD").is_some())
+        .unwrap()
+        .clone();
+    // The failing symbol's sessions: each sent at most its allowance, and at least one was
+    // cut off there (OpenCode would have gone on retrying).
+    let got = llm.received();
+    let mut per_session: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in got.iter().filter(|r| r.symbol == "RUN/USD") {
+        let s = r
+            .headers
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none");
+        *per_session.entry(s.to_string()).or_default() += 1;
+    }
+    println!("RUN/USD model requests per session: {per_session:?}");
+    assert!(!per_session.is_empty(), "RUN/USD never reached the model");
+    assert!(
+        per_session.values().all(|n| *n <= 3),
+        "a session sent more than its allowance: {per_session:?}"
+    );
+    assert!(
+        per_session.values().any(|n| *n == 3),
+        "OpenCode retried less than the allowance, so the cut-off was never tested: {per_session:?}"
+    );
+    // Every request reached the model with the runner's key, none without a session.
+    for r in &got {
+        assert_eq!(
+            r.headers.get("authorization").and_then(|v| v.to_str().ok()),
+            Some("Bearer sk-runner-key-for-gateway-test"),
+            "{:?}",
+            r.headers
+        );
+        assert!(r.headers.contains_key("x-session-id"), "{:?}", r.headers);
+    }
+    // The symbol failed with the cause the gateway gave, not a bare status.
+    let failure = of_symbol(&cycle["failures"], "RUN/USD").unwrap();
+    let error = failure["error"].as_str().unwrap_or("");
+    println!("RUN/USD failure: {failure}");
+    assert!(
+        error.contains("used its 3 model requests (agents.opencode.max_model_requests)")
+            && error.contains("the model's last answer was an HTTP 5xx"),
+        "{failure}"
+    );
+    // Counted.
+    let (_, text) = app.get_text("/metrics").await;
+    let over = crate::helpers::metric(
+        &text,
+        "autonomous_runner_opencode_model_requests_total",
+        &[("outcome", "over_allowance")],
+    );
+    let forwarded = crate::helpers::metric(
+        &text,
+        "autonomous_runner_opencode_model_requests_total",
+        &[("outcome", "forwarded")],
+    );
+    assert!(over >= 1.0, "over_allowance {over}");
+    assert!(
+        forwarded as usize >= got.len(),
+        "forwarded {forwarded}, received {}",
+        got.len()
+    );
+    // Only the runner's calls spend: a request of no session it opened is refused.
+    let stray = reqwest::Client::new()
+        .post(format!("{}/llm/v1/chat/completions", app.base))
+        .header("x-session-id", "ses_not_the_runners")
+        .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stray.status().as_u16(), 403);
+    assert!(
+        llm.received().iter().all(
+            |r| r.headers.get("x-session-id").and_then(|v| v.to_str().ok())
+                != Some("ses_not_the_runners")
+        ),
+        "the stray request reached the model"
+    );
     app.stop().await.expect("clean stop");
 }

@@ -58,6 +58,62 @@ impl LlamaServer {
     }
 }
 
+/// Tokens of `text` by the served model's own tokenizer (llama-cpp-python's
+/// `/extras/tokenize/count`).
+async fn tokens(llm: &LlamaServer, text: &str) -> u64 {
+    let root = llm.url.trim_end_matches("/v1");
+    let r: Value = reqwest::Client::new()
+        .post(format!("{root}/extras/tokenize/count"))
+        .json(&serde_json::json!({"input": text}))
+        .send()
+        .await
+        .expect("tokenize")
+        .json()
+        .await
+        .expect("tokenize answers JSON");
+    r["count"].as_u64().expect("a count")
+}
+
+/// What tool definitions cost each call, in this model's tokens: all eight in their full
+/// form (what every call carried before stages were given only their own) against each
+/// stage's compact set. Printed for docs/BENCHMARKS.md.
+async fn tool_prompt_cost(llm: &LlamaServer) {
+    use autonomous_runner::agents::llm::ToolRunner;
+    use autonomous_runner::model::Stage;
+    let toolbox = autonomous_runner::tools::Toolbox::new(
+        std::sync::Arc::new(autonomous_runner::market::simulated::Simulated::new()),
+        None,
+        &["BTC/USD".to_string()],
+        autonomous_runner::schedule::Clock::System,
+    );
+    let full: Vec<Value> = toolbox
+        .definitions()
+        .iter()
+        .map(|d| serde_json::json!({"type": "function", "function": {"name": d.name, "description": d.description, "parameters": d.input_schema}}))
+        .collect();
+    let full_tokens = tokens(llm, &serde_json::to_string(&full).unwrap()).await;
+    let mut line = format!("tool definitions, SmolLM2 tokens: all eight full {full_tokens}");
+    for stage in [Stage::Signal, Stage::Advise, Stage::Report] {
+        let names = autonomous_runner::config::default_stage_tools(stage);
+        let offered: Vec<&Value> = toolbox
+            .functions()
+            .iter()
+            .filter(|f| names.contains(&f["function"]["name"].as_str().unwrap()))
+            .collect();
+        let n = if offered.is_empty() {
+            0
+        } else {
+            tokens(llm, &serde_json::to_string(&offered).unwrap()).await
+        };
+        line.push_str(&format!(", {} {n}", stage.as_str()));
+        assert!(
+            n * 3 <= full_tokens,
+            "{stage:?}'s tools cost {n} tokens, not a third of {full_tokens}"
+        );
+    }
+    println!("{line}");
+}
+
 /// The README's local-server settings, three symbols, a tick every minute.
 fn local_settings(url: &str) -> String {
     config(
@@ -69,10 +125,12 @@ fn local_settings(url: &str) -> String {
 }
 
 /// Five ticks of a real model: at least 90 % of the due symbol ticks published, each one a
-/// schema-valid signal stored in the history.
+/// schema-valid signal stored in the history and graded (at a 1-minute horizon here, so the
+/// test need not wait five).
 #[tokio::test]
 async fn a_real_local_model_gets_signals_published() {
     let llm = LlamaServer::start().await;
+    tool_prompt_cost(&llm).await;
     let app = spawn_app(local_settings(&llm.url)).await;
     let cycles = app.wait_cycles(5, Duration::from_secs(420)).await;
     let five = &cycles[..5];
@@ -109,6 +167,27 @@ async fn a_real_local_model_gets_signals_published() {
         );
         assert_eq!(p["strategies_analyzed"], 6, "{s}");
         assert_eq!(s["message"]["metadata"]["model_used"], "smollm2", "{s}");
+    }
+    // Graded: every signal whose minute has passed (the last tick's may not have yet).
+    let graded = app
+        .poll(
+            "/api/signals/history?stage=signal&limit=100",
+            Duration::from_secs(120),
+            |v| {
+                let rows = v["signals"].as_array().cloned().unwrap_or_default();
+                let with = rows
+                    .iter()
+                    .filter(|r| r["grades"]["1m"].is_object())
+                    .count() as u64;
+                with + 3 >= rows.len() as u64 && with >= ok.saturating_sub(3)
+            },
+        )
+        .await;
+    for r in graded["signals"].as_array().unwrap() {
+        // The simulated market always has the later price: a grade is a hit or a miss.
+        if r["grades"]["1m"].is_object() {
+            assert!(r["grades"]["1m"]["hit"].is_boolean(), "{r}");
+        }
     }
     // The stock server refuses `json_schema`: the runner stepped down to `json_object`, and
     // learned not to send the serial server everything at once.
