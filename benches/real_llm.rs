@@ -19,7 +19,6 @@ mod support;
 #[allow(dead_code)]
 mod llm_server;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use llm_server::{LatencyModel, LlmServer};
@@ -97,41 +96,9 @@ async fn run(minutes: u64, hedging: bool) -> Report {
     let http = reqwest::Client::new();
     let base = runner.base.replace("0.0.0.0", "127.0.0.1");
     // The first tick after start is the first one due; the run covers `minutes` ticks.
-    let next_minute = (chrono::Utc::now().timestamp() / 60 + 1) * 60;
-    let first_tick = chrono::DateTime::from_timestamp(next_minute, 0)
-        .expect("time")
-        .format("%Y-%m-%dT%H:%M:%SZ")
-        .to_string();
+    let first_tick = support::next_minute_tick();
     let end = tokio::time::Instant::now() + Duration::from_secs(60 * minutes + 75);
-    // (symbol, cycle) → freshness in seconds, from the report's envelope timestamp.
-    let mut seen: BTreeMap<(String, String), f64> = BTreeMap::new();
-    while tokio::time::Instant::now() < end {
-        if let Ok(r) = http.get(format!("{base}/api/signals/latest")).send().await
-            && let Ok(v) = r.json::<Value>().await
-        {
-            for s in v["signals"].as_array().into_iter().flatten() {
-                let (Some(sym), Some(cycle), Some(at)) = (
-                    s["symbol"].as_str(),
-                    s["cycle_id"].as_str(),
-                    s["published_at"].as_str().or(s["timestamp"].as_str()),
-                ) else {
-                    continue;
-                };
-                if cycle < first_tick.as_str() || s["stage"] != "report" {
-                    continue;
-                }
-                let (Ok(c), Ok(t)) = (
-                    chrono::DateTime::parse_from_rfc3339(cycle),
-                    chrono::DateTime::parse_from_rfc3339(at),
-                ) else {
-                    continue;
-                };
-                seen.entry((sym.to_string(), cycle.to_string()))
-                    .or_insert(((t - c).num_milliseconds() as f64) / 1000.0);
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    }
+    let mut seen = support::report_freshness(&http, &base, &first_tick, end).await;
     let cycles: Value = http
         .get(format!("{base}/api/cycles"))
         .send()

@@ -356,11 +356,12 @@ impl Runner {
     }
 
     /// The tightest endpoint limit now, and — when that endpoint queues (its limit is below
-    /// the pool) — how long one of its calls takes alone.
+    /// the pool) — how long one of its calls takes at that limit (its throughput: a serial
+    /// server's calls beside one other take twice their alone time).
     fn endpoint_capacity(&self, pool: usize) -> (Option<usize>, Option<Duration>) {
         let tightest = self.endpoint_limits.iter().min_by_key(|l| l.limit());
         match tightest {
-            Some(l) if l.limit() < pool => (Some(l.limit()), l.quiet_latency()),
+            Some(l) if l.limit() < pool => (Some(l.limit()), l.call_time_at_limit()),
             Some(l) => (Some(l.limit()), None),
             None => (None, None),
         }

@@ -125,3 +125,52 @@ pub fn lpt(lat: &[f64], slots: usize) -> f64 {
     }
     load.into_iter().fold(0.0, f64::max)
 }
+
+/// The next minute boundary, as a cycle id (`2026-12-02T06:41:00Z`): the first tick a run
+/// started now measures.
+pub fn next_minute_tick() -> String {
+    let next = (chrono::Utc::now().timestamp() / 60 + 1) * 60;
+    chrono::DateTime::from_timestamp(next, 0)
+        .expect("time")
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// Polls `/api/signals/latest` every 5 s until `until`: for each (symbol, tick) from
+/// `first_tick` on, the freshness of its report (its `published_at` − the tick, seconds), as
+/// first seen. The report is a symbol's last stage: its time is when the signal was whole.
+pub async fn report_freshness(
+    http: &reqwest::Client,
+    base: &str,
+    first_tick: &str,
+    until: tokio::time::Instant,
+) -> std::collections::BTreeMap<(String, String), f64> {
+    let mut seen = std::collections::BTreeMap::new();
+    while tokio::time::Instant::now() < until {
+        if let Ok(r) = http.get(format!("{base}/api/signals/latest")).send().await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+        {
+            for s in v["signals"].as_array().into_iter().flatten() {
+                let (Some(sym), Some(tick), Some(at)) = (
+                    s["symbol"].as_str(),
+                    s["cycle_id"].as_str(),
+                    s["published_at"].as_str(),
+                ) else {
+                    continue;
+                };
+                if tick < first_tick || s["stage"] != "report" {
+                    continue;
+                }
+                if let (Ok(c), Ok(t)) = (
+                    chrono::DateTime::parse_from_rfc3339(tick),
+                    chrono::DateTime::parse_from_rfc3339(at),
+                ) {
+                    seen.entry((sym.to_string(), tick.to_string()))
+                        .or_insert((t - c).num_milliseconds() as f64 / 1000.0);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    seen
+}

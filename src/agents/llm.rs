@@ -1027,7 +1027,9 @@ impl LlmAgent {
                 Ok(_) => CallEnd::Answered {
                     took: Instant::now().duration_since(t0),
                 },
-                Err(AgentError::Timeout(_)) if own_timeout => CallEnd::TimedOut,
+                Err(AgentError::Timeout(_)) if own_timeout => CallEnd::TimedOut {
+                    waited: Instant::now().duration_since(t0),
+                },
                 Err(_) => CallEnd::Neutral,
             });
         }
@@ -1235,6 +1237,10 @@ impl LlmAgent {
             .map(|p95| started + p95)
             .filter(|at| *at < deadline);
 
+        // Sent beside others to an endpoint with a learned limit, or while it works off calls
+        // given up on: if it times out, that may be the endpoint's queue (overload), which the
+        // limit answers, not the breaker.
+        let crowded = slot.as_ref().is_some_and(Slot::queued_behind_others);
         let primary = self.timed_call(req, limits, deadline, slot);
         tokio::pin!(primary);
         let mut backup_reservation: Option<Reservation> = None;
@@ -1285,7 +1291,7 @@ impl LlmAgent {
                 }
             };
             settle_all(reservations, &|_| used);
-            return self.finish(permit, out);
+            return self.finish(permit, out, crowded);
         }
 
         // With a backup: race them; a failed or unreadable result waits for the other.
@@ -1346,18 +1352,30 @@ impl LlmAgent {
             Some((_, c)) => Ok(c),
             None => Err(last_err.unwrap_or(AgentError::Timeout(None))),
         };
-        self.finish(permit, out)
+        self.finish(permit, out, crowded)
     }
 
     /// The breaker learns from the attempt's result: an answer (even an unreadable one) means
     /// the service is up; timeouts, 5xx and transport errors count against it; 429s and
-    /// refusals prove nothing either way.
-    fn finish<T>(&self, permit: Permit, out: Result<T, AgentError>) -> Result<T, AgentError> {
+    /// refusals prove nothing either way — and neither does the timeout of a request that was
+    /// queued behind others (`crowded`: sent beside others, or while the endpoint still works
+    /// off calls given up on): an endpoint that serves one call at a time times out the calls
+    /// queued behind the first, which is overload. The in-flight limit shrinks for it; the
+    /// breaker would stop everything, the working calls too, and publish nothing. A hanging
+    /// endpoint still opens it: once the limit is one and the backlog has drained, its calls
+    /// go out alone and their timeouts count.
+    fn finish<T>(
+        &self,
+        permit: Permit,
+        out: Result<T, AgentError>,
+        crowded: bool,
+    ) -> Result<T, AgentError> {
         match &out {
             Ok(_) | Err(AgentError::InvalidOutput(_)) => {
                 permit.success();
                 self.shared.health.set_auth_error(None);
             }
+            Err(e) if crowded && e.is_timeout() => drop(permit),
             Err(e) if e.is_breaker_failure() => permit.failure_because(e.to_string()),
             Err(_) => drop(permit),
         }

@@ -19,6 +19,15 @@
 //! one or two in flight; a parallel provider — however slow, heavy-tailed or tightly timed
 //! out — stays at the maximum, since sending it less would only publish less.
 //!
+//! **Overload is not failure.** A server that queues keeps working on the calls its clients
+//! gave up on. When calls sent beside others time out, each leaves the endpoint that much
+//! work (its alone time, or the time it waited when that is not known yet); until that
+//! backlog has drained — at most [`MAX_BACKLOG`] — a call sent even alone is still queued
+//! behind it. [`Slot::queued_behind_others`] tells the caller so: such a call's timeout is
+//! overload (the limit answers it), not a sign the endpoint is down (the breaker's business).
+//! Only timeouts of calls sent beside others add to the backlog, so an endpoint that hangs
+//! every call still shows as down once the limit is one and the backlog has drained.
+//!
 //! Pure apart from tokio's clock and `Notify`, so the tests run on a paused clock.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +42,8 @@ const QUEUEING_RATIO: f64 = 1.5;
 const EWMA_WEIGHT: f64 = 0.2;
 /// Answers sent alone before their average is trusted.
 const MIN_QUIET: u32 = 3;
+/// The longest backlog of abandoned work an endpoint is assumed to hold.
+pub const MAX_BACKLOG: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 struct State {
@@ -45,6 +56,9 @@ struct State {
     quiet_count: u32,
     /// Mean latency (s) of answers sent beside others.
     busy: Option<f64>,
+    /// Until when the endpoint may still be working on calls sent beside others that timed
+    /// out (their clients gave up; the server did not).
+    backlog_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -65,8 +79,11 @@ pub enum CallEnd {
         /// Its latency.
         took: Duration,
     },
-    /// It ran out of its own time limit.
-    TimedOut,
+    /// It ran out of its own time limit, after waiting `waited`.
+    TimedOut {
+        /// How long it waited for the answer.
+        waited: Duration,
+    },
     /// It ended for reasons that say nothing about the endpoint's capacity (cancelled, a
     /// refused connection, a 429): the slot is given back, the limit left alone.
     Neutral,
@@ -80,6 +97,8 @@ pub struct Slot {
     limit: Option<ConcurrencyLimit>,
     /// Sent beside other requests in flight.
     busy: bool,
+    /// Sent while the endpoint may still be working off abandoned calls.
+    behind_backlog: bool,
 }
 
 impl ConcurrencyLimit {
@@ -94,6 +113,7 @@ impl ConcurrencyLimit {
                 quiet: None,
                 quiet_count: 0,
                 busy: None,
+                backlog_until: None,
             }),
             freed: Notify::new(),
         }))
@@ -116,6 +136,24 @@ impl ConcurrencyLimit {
         st.quiet
             .filter(|_| st.quiet_count >= MIN_QUIET)
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
+    }
+
+    /// How long the endpoint takes per call as the pool sees it at the current limit — what
+    /// plans a tick. By Little's law an endpoint serving `limit` calls that each take `busy`
+    /// answers `limit / busy` a second: for a server that queues, `busy` (the latency of calls
+    /// sent beside others) is the service time of all of them, so a serial server at a limit
+    /// of two takes twice its alone time per call here, not its alone time. At a limit of
+    /// one every call is sent alone: the quiet average. `None` until three answers were seen
+    /// alone.
+    pub fn call_time_at_limit(&self) -> Option<Duration> {
+        let st = self.lock();
+        let quiet = st.quiet.filter(|_| st.quiet_count >= MIN_QUIET)?;
+        let limit = (st.limit.floor() as usize).clamp(1, st.max);
+        let t = match st.busy {
+            Some(b) if limit > 1 => b.max(quiet),
+            _ => quiet,
+        };
+        Duration::try_from_secs_f64(t).ok()
     }
 
     /// Requests in flight now.
@@ -145,9 +183,11 @@ impl ConcurrencyLimit {
         }
         st.in_flight += 1;
         let busy = st.in_flight > 1;
+        let behind_backlog = st.backlog_until.is_some_and(|t| t > Instant::now());
         Some(Slot {
             limit: Some(self.clone()),
             busy,
+            behind_backlog,
         })
     }
 
@@ -175,7 +215,21 @@ impl ConcurrencyLimit {
                         _ => (st.limit + 1.0 / st.limit.max(1.0)).min(max),
                     };
                 }
-                CallEnd::TimedOut => st.limit = (st.limit * 0.75).max(1.0),
+                CallEnd::TimedOut { waited } => {
+                    st.limit = (st.limit * 0.75).max(1.0);
+                    if busy {
+                        // The server works on what its client gave up on: about one alone
+                        // call's worth (or what it waited, before that is known).
+                        let cost = st
+                            .quiet
+                            .filter(|_| st.quiet_count >= MIN_QUIET)
+                            .and_then(|q| Duration::try_from_secs_f64(q).ok())
+                            .unwrap_or(waited);
+                        let now = Instant::now();
+                        let from = st.backlog_until.filter(|t| *t > now).unwrap_or(now);
+                        st.backlog_until = Some((from + cost).min(now + MAX_BACKLOG));
+                    }
+                }
                 CallEnd::Neutral => {}
             }
         }
@@ -185,6 +239,13 @@ impl ConcurrencyLimit {
 }
 
 impl Slot {
+    /// Whether the request was sent beside others in flight, or while the endpoint may still
+    /// be working off calls given up on: its timeout may be the endpoint's queue, not the
+    /// endpoint's failure.
+    pub fn queued_behind_others(&self) -> bool {
+        self.busy || self.behind_backlog
+    }
+
     /// Gives the slot back, teaching the limit how the call went.
     pub fn finish(mut self, end: CallEnd) {
         if let Some(l) = self.limit.take() {
@@ -272,7 +333,7 @@ mod tests {
                     if let Some(slot) = slot {
                         slot.finish(match served {
                             Ok(_) => CallEnd::Answered { took },
-                            Err(_) => CallEnd::TimedOut,
+                            Err(_) => CallEnd::TimedOut { waited: allowed },
                         });
                     }
                 }
@@ -296,6 +357,15 @@ mod tests {
         assert!(
             timed_out * 5 <= answered,
             "{timed_out} timed out, {answered} answered"
+        );
+        // What a tick is planned with: `limit` calls each `call_time_at_limit` long is the
+        // server's real rate, one call per 4 s — not `limit` calls per 4 s.
+        let per_call = limit.call_time_at_limit().expect("learned").as_secs_f64();
+        let rate = limit.limit() as f64 / per_call;
+        assert!(
+            (0.7 / 4.0..=1.3 / 4.0).contains(&rate),
+            "planned rate {rate:.3}/s at limit {} ({per_call:.2} s a call); the server does 0.25/s",
+            limit.limit()
         );
         // Without the limit, ten at once: nearly every call times out.
         let (_, answered, timed_out) = serial_server(None, Duration::from_secs(4), 10).await;
@@ -352,7 +422,12 @@ mod tests {
         let limit = ConcurrencyLimit::new(10);
         // Start low (as after an incident) and let answers grow it back.
         for _ in 0..20 {
-            limit.try_acquire().expect("slot").finish(CallEnd::TimedOut);
+            limit
+                .try_acquire()
+                .expect("slot")
+                .finish(CallEnd::TimedOut {
+                    waited: Duration::from_secs(10),
+                });
         }
         assert_eq!(limit.limit(), 1);
         // A provider that answers in 2–9 s however many calls are in flight (heavy-tailed,
@@ -364,7 +439,9 @@ mod tests {
             }
             let slot = held.remove((i as usize * 7) % held.len());
             if i % 50 == 0 {
-                slot.finish(CallEnd::TimedOut);
+                slot.finish(CallEnd::TimedOut {
+                    waited: Duration::from_secs(10),
+                });
             } else {
                 let took = Duration::from_millis(2000 + (i * 7919) % 7000);
                 slot.finish(CallEnd::Answered { took });
@@ -374,6 +451,46 @@ mod tests {
             limit.limit() >= 8,
             "a parallel provider kept {}",
             limit.limit()
+        );
+        // Sent alone or beside others, a call takes the same 2–9 s: nothing longer is planned
+        // (here nothing was ever sent alone, so the window's own mean plans the tick).
+        let per_call = limit.call_time_at_limit();
+        assert!(
+            per_call.is_none_or(|t| t <= Duration::from_secs(9)),
+            "{per_call:?} a call planned for a provider that answers within 9 s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_given_up_on_leave_a_backlog_that_a_call_sent_alone_still_queues_behind() {
+        let limit = ConcurrencyLimit::new(10);
+        let alone = limit.try_acquire().expect("slot");
+        assert!(!alone.queued_behind_others(), "the first call goes alone");
+        // Four calls beside it time out after 30 s each: the server still has their work.
+        let beside: Vec<Slot> = (0..4).map(|_| limit.try_acquire().expect("slot")).collect();
+        assert!(beside.iter().all(Slot::queued_behind_others));
+        drop(alone);
+        for s in beside {
+            s.finish(CallEnd::TimedOut {
+                waited: Duration::from_secs(30),
+            });
+        }
+        // 4 × 30 s of work, capped at two minutes: a call sent alone now still waits.
+        let next = limit.try_acquire().expect("slot");
+        assert_eq!(limit.in_flight(), 1);
+        assert!(next.queued_behind_others());
+        // Its own timeout (sent alone) adds nothing: a hanging endpoint cannot keep the
+        // backlog open for ever.
+        next.finish(CallEnd::TimedOut {
+            waited: Duration::from_secs(30),
+        });
+        tokio::time::advance(MAX_BACKLOG - Duration::from_secs(1)).await;
+        assert!(limit.try_acquire().expect("slot").queued_behind_others());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let later = limit.try_acquire().expect("slot");
+        assert!(
+            !later.queued_behind_others(),
+            "the backlog drained: a call sent alone is the endpoint's own"
         );
     }
 

@@ -306,8 +306,9 @@ pub struct Demand {
     /// is no faster than that. `None`: no such limit.
     pub endpoint_limit: Option<usize>,
     /// With an endpoint that queues (a limit below the pool): how long one of its calls
-    /// takes sent alone. The window's mean was measured while calls queued at the endpoint;
-    /// once they queue in the runner instead, a call takes this long.
+    /// takes at that limit (`ConcurrencyLimit::call_time_at_limit`: `limit` calls in flight
+    /// each this long is its throughput). The window's mean was measured while calls queued
+    /// at the endpoint; once they queue in the runner instead, a call takes this long.
     pub endpoint_call: Option<Duration>,
 }
 

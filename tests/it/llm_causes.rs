@@ -167,13 +167,18 @@ async fn auto_finds_the_format_a_llama_cpp_like_server_takes() {
 async fn tool_rounds_work_on_a_server_that_refuses_null_content() {
     let llm = LlmServer::start().await;
     llm.set_quirks(Quirks::llama_cpp());
-    llm.set_default(Some(Reply::CallTools {
-        calls: vec![(
-            "get_current_price".into(),
-            serde_json::json!({"symbol": "ETH/USD"}),
-        )],
-        rounds: 1,
-    }));
+    // The signal stage is the one offered tools (the report stage none).
+    llm.always_for(
+        "ETH/USD",
+        "signal",
+        Reply::CallTools {
+            calls: vec![(
+                "get_volatility".into(),
+                serde_json::json!({"symbol": "ETH/USD"}),
+            )],
+            rounds: 1,
+        },
+    );
     let app = spawn_app(llm_yaml(
         &llm.url,
         "ETH/USD",
@@ -256,4 +261,74 @@ async fn a_rejected_answer_is_shown_its_errors_once() {
     let r = &d["llm"]["since_start"]["reprompts"];
     assert_eq!(r["fixed"], 1, "{d}");
     assert_eq!(r["still_invalid"], 1, "{d}");
+}
+
+/// Twenty symbols against a server that answers one request at a time (0.6 s each) on a
+/// 10-second tick: the first tick sends ten at once and most of them time out in the
+/// server's queue — overload, which shrinks the in-flight limit but never opens the breaker;
+/// from then on each tick is planned at the server's real rate, so the symbols that cannot
+/// be served are left out up front (`capacity`) instead of timing out.
+#[tokio::test]
+async fn a_serial_server_is_overloaded_once_and_never_opens_the_breaker() {
+    let llm = LlmServer::start().await;
+    llm.set_quirks(crate::llm_server::Quirks {
+        one_at_a_time: true,
+        ..Default::default()
+    });
+    llm.set_default(Some(Reply::Slow(Duration::from_millis(600))));
+    let symbols: Vec<String> = (0..20).map(|i| format!("S{i}/USD")).collect();
+    let yaml = llm_yaml(
+        &llm.url,
+        &symbols.join(", "),
+        "",
+        "  timeouts:\n    symbol_timeout_seconds: 2.5\n    symbol_timeout_max_seconds: 2.5\n    total_timeout_seconds: 8\n  adaptive:\n    p95_threshold_ms: 5000\n    p99_threshold_ms: 6000\n  pipeline:\n    advise_min_score: 100\n    report_mode: template\n",
+    )
+    .replace("*/2 * * * * *", "*/10 * * * * *");
+    let app = spawn_app(yaml).await;
+    let cycles = app.wait_cycles(5, Duration::from_secs(90)).await;
+    let line = |c: &Value| {
+        let count = |reason: &str| {
+            c["failures"]
+                .as_array()
+                .map_or(0, |f| f.iter().filter(|x| x["reason"] == reason).count())
+        };
+        format!(
+            "{} ok {} capacity {} timeout {} cycle_deadline {} circuit_open {} skipped {:?}",
+            c["cycle_id"],
+            c["symbols_ok"],
+            c["skipped"].as_array().map_or(0, Vec::len),
+            count("timeout"),
+            count("cycle_deadline"),
+            count("circuit_open"),
+            c["skipped_reason"]
+        )
+    };
+    let summary: Vec<String> = cycles[..5].iter().map(line).collect();
+    println!("{summary:#?}");
+    let (_, d) = app.get("/health/detailed").await;
+    let breaker = &d["circuit_breakers"]["llm_openrouter"];
+    assert_eq!(breaker["times_opened"], 0, "{breaker}\n{summary:#?}");
+    for c in &cycles[..5] {
+        assert!(c["skipped_reason"].is_null(), "{summary:#?}");
+        assert!(
+            c["failures"]
+                .as_array()
+                .is_none_or(|f| f.iter().all(|x| x["reason"] != "circuit_open")),
+            "{summary:#?}"
+        );
+    }
+    // Learned: from the third tick on, what cannot be served is left out up front and what
+    // is started is published (a straggler at the deadline at most).
+    for c in &cycles[2..5] {
+        let shed = c["skipped"].as_array().map_or(0, Vec::len);
+        let failed = c["failures"].as_array().map_or(0, Vec::len);
+        assert!(shed >= 5, "{summary:#?}");
+        assert!(c["symbols_ok"].as_u64().unwrap() >= 5, "{summary:#?}");
+        assert!(failed <= 1, "{summary:#?}");
+    }
+    let limit = d["llm"]["concurrency"]["openrouter"]["limit"]
+        .as_u64()
+        .unwrap();
+    assert!(limit <= 3, "in-flight limit {limit} for a serial server");
+    app.stop().await.expect("a clean stop");
 }

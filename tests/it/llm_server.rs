@@ -481,14 +481,29 @@ async fn completions(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    if !shared.script.lock().unwrap().quirks.one_at_a_time {
+        return handle(shared, headers, body, None).await;
+    }
+    // One at a time, as llama.cpp's servers serve: a queued request waits for its turn, its
+    // client's deadline running, and a request its client gave up on is still worked on to
+    // the end (the task outlives the connection), so the ones behind it wait for that too.
+    let task = tokio::spawn(async move {
+        let turn = shared.serial.clone().acquire_owned().await.ok();
+        handle(shared, headers, body, turn).await
+    });
+    task.await
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Answers one request; `_turn` is its place at a one-at-a-time server, held to the end.
+async fn handle(
+    shared: Shared,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    _turn: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Response {
     let script = shared.script.clone();
     let quirks = script.lock().unwrap().quirks;
-    // One at a time: a queued request waits here, its client's deadline running.
-    let _turn = if quirks.one_at_a_time {
-        shared.serial.clone().acquire_owned().await.ok()
-    } else {
-        None
-    };
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let schema = schema_of(&body);
     let stage = stage_of(schema, &body).to_string();

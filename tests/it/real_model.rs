@@ -119,7 +119,7 @@ fn local_settings(url: &str) -> String {
     config(
         "0 * * * * *",
         &format!(
-            "  symbols: [BTC/USD, ETH/USD, SOL/USD]\n  agents:\n    backend: openrouter\n    base_url: {url}\n    model: smollm2\n    max_tokens: 300\n  timeouts:\n    symbol_timeout_seconds: 30\n    symbol_timeout_max_seconds: 45\n    total_timeout_seconds: 55\n  adaptive:\n    p95_threshold_ms: 30000\n    p99_threshold_ms: 45000\n  pipeline:\n    report_mode: template\n"
+            "  symbols: [BTC/USD, ETH/USD, SOL/USD]\n  agents:\n    backend: openrouter\n    base_url: {url}\n    model: smollm2\n    max_tokens: 300\n  timeouts:\n    symbol_timeout_seconds: 30\n    symbol_timeout_max_seconds: 45\n    total_timeout_seconds: 55\n  adaptive:\n    p95_threshold_ms: 30000\n    p99_threshold_ms: 45000\n  pipeline:\n    report_mode: template\n  history:\n    grading:\n      horizons_minutes: [1]\n      interval_seconds: 5\n"
         ),
     )
 }
