@@ -24,6 +24,7 @@ use crate::pipeline::{PipelineContext, run_symbol};
 use crate::publish::SymbolFailure;
 use crate::schedule::CycleId;
 use crate::telemetry::names;
+use tracing::Instrument;
 
 /// The parameters of one cycle.
 #[derive(Debug, Clone)]
@@ -306,11 +307,17 @@ impl Coordinator {
                 work_sharing: self.work_sharing,
                 claim_ttl: self.claim_ttl,
             };
-            tasks.spawn(async move {
-                let r = job.run().await;
-                drop(permit);
-                (idx, job.symbol, r)
-            });
+            // Everything logged while this symbol is worked on — an LLM refusal, a 429, a
+            // lock lost — says which symbol and tick it was, wherever the event is raised.
+            let span = tracing::info_span!("symbol", cycle_id = %plan.cycle, symbol = %job.symbol);
+            tasks.spawn(
+                async move {
+                    let r = job.run().await;
+                    drop(permit);
+                    (idx, job.symbol, r)
+                }
+                .instrument(span),
+            );
         }
         while let Some(joined) = tasks.join_next().await {
             match joined {

@@ -88,7 +88,13 @@ impl Steps<'_> {
         call: impl std::future::Future<Output = Result<Answer<T>, AgentError>>,
     ) -> Result<Answer<T>, StageFailure> {
         let t = Instant::now();
-        let answer = call.await.map_err(|error| StageFailure { stage, error })?;
+        // Inside the symbol's span (cycle_id, symbol): the stage, for what its agent logs.
+        let answer = tracing::Instrument::instrument(
+            call,
+            tracing::info_span!("stage", stage = stage.as_str()),
+        )
+        .await
+        .map_err(|error| StageFailure { stage, error })?;
         metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage.as_str())
             .record(Instant::now().duration_since(t).as_secs_f64());
         Ok(answer)

@@ -420,11 +420,6 @@ impl AdaptivePolicy {
         self.latencies.summary().p95
     }
 
-    /// Whether per-call p95 is above the threshold (with enough samples to say so).
-    pub fn is_high_latency(&self) -> bool {
-        is_high(&self.latencies.summary(), self.settings.p95_threshold)
-    }
-
     /// The concurrency high-latency mode asks for: half, not below `min_concurrent`, never
     /// above `max_concurrent`.
     fn reduced(&self) -> usize {

@@ -332,3 +332,42 @@ async fn a_serial_server_is_overloaded_once_and_never_opens_the_breaker() {
     assert!(limit <= 3, "in-flight limit {limit} for a serial server");
     app.stop().await.expect("a clean stop");
 }
+
+/// A log line raised deep in an agent call — here the 429 pause, which names no symbol of
+/// its own — carries the tick, the symbol and the stage it happened in, from the spans the
+/// coordinator and the pipeline open (the JSON log's `spans`).
+#[tokio::test]
+async fn a_rate_limit_in_the_logs_says_which_symbol_tick_and_stage_it_was() {
+    let llm = LlmServer::start().await;
+    llm.next_for(
+        "TWO/USD",
+        "signal",
+        vec![Reply::Status(429, Some("1".into()))],
+    );
+    let yaml = llm_yaml(&llm.url, "ONE/USD, TWO/USD", "", "");
+    let p = crate::helpers::Proc::spawn("run", &yaml, &[]).await;
+    let line = p
+        .wait_log(
+            |l| l["message"] == "LLM provider rate-limited us; pausing all calls",
+            Duration::from_secs(30),
+        )
+        .await;
+    let spans = line["spans"].as_array().cloned().unwrap_or_default();
+    let field = |name: &str, key: &str| {
+        spans
+            .iter()
+            .find(|s| s["name"] == name)
+            .and_then(|s| s[key].as_str().map(str::to_string))
+    };
+    assert_eq!(
+        field("symbol", "symbol").as_deref(),
+        Some("TWO/USD"),
+        "{line}"
+    );
+    let tick = field("symbol", "cycle_id").unwrap_or_default();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&tick).is_ok(),
+        "the tick as a cycle id: {line}"
+    );
+    assert_eq!(field("stage", "stage").as_deref(), Some("signal"), "{line}");
+}
