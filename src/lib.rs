@@ -875,7 +875,90 @@ mod layering {
         LAYERS.iter().find(|(m, _)| *m == module).map(|(_, l)| *l)
     }
 
-    /// `(file, imported module)` for every `crate::x` path above the file's own layer.
+    /// `text` without its comments (doc links such as [`crate::http`] are not imports) and
+    /// without the item after each `#[cfg(test)]` (the unit tests, compiled for tests only),
+    /// keeping whatever follows that item. Text, not syntax: a `//` inside a string ends that
+    /// line early and a brace in a string counts — neither hides an import in this code.
+    fn production_code(text: &str) -> String {
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.find("//") {
+                Some(i) => &l[..i],
+                None => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut out = String::new();
+        let mut rest = uncommented.as_str();
+        while let Some(i) = rest.find("#[cfg(test)]") {
+            out.push_str(&rest[..i]);
+            rest = &rest[i + "#[cfg(test)]".len()..];
+            // The item ends at `;` before any block, or with its block's closing brace.
+            let end = match (rest.find(';'), rest.find('{')) {
+                (Some(semi), Some(open)) if semi < open => semi + 1,
+                (Some(semi), None) => semi + 1,
+                (_, Some(open)) => {
+                    let mut depth = 0usize;
+                    let mut end = rest.len();
+                    for (j, c) in rest[open..].char_indices() {
+                        match c {
+                            '{' => depth += 1,
+                            '}' => {
+                                depth -= 1;
+                                if depth == 0 {
+                                    end = open + j + 1;
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    end
+                }
+                (None, None) => rest.len(),
+            };
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// The top-level modules `code` (of the module at `path` below the crate) names: every
+    /// `crate::x`, and every `super::…::x` that climbs to the crate root.
+    fn named_modules(code: &str, path: &[String]) -> Vec<String> {
+        let ident = |s: &str| -> String {
+            s.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        };
+        let mut names = vec![];
+        for (i, _) in code.match_indices("crate::") {
+            // `$crate::` in a macro, or a name ending in `crate`, is not this crate's root.
+            let before = code[..i].chars().last();
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$') {
+                continue;
+            }
+            names.push(ident(&code[i + 7..]));
+        }
+        for (i, _) in code.match_indices("super::") {
+            let before = code[..i].chars().last();
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+                continue;
+            }
+            let mut rest = &code[i..];
+            let mut ups = 0;
+            while let Some(r) = rest.strip_prefix("super::") {
+                ups += 1;
+                rest = r;
+            }
+            if ups >= path.len() {
+                names.push(ident(rest));
+            }
+        }
+        names
+    }
+
+    /// `(file, imported module)` for every path to a module above the file's own layer.
     fn upward_imports() -> Vec<(String, String)> {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut files = vec![];
@@ -903,14 +986,15 @@ mod layering {
             }
             let top = rel.split(['/', '.']).next().unwrap_or_default().to_string();
             let own = layer(&top).unwrap_or_else(|| panic!("{rel}: module {top} has no layer"));
+            // The module path: `agents/llm.rs` is agents::llm, `agents/mod.rs` agents.
+            let path: Vec<String> = rel
+                .trim_end_matches(".rs")
+                .split('/')
+                .filter(|s| *s != "mod" && *s != "lib" && *s != "main")
+                .map(str::to_string)
+                .collect();
             let text = std::fs::read_to_string(&f).expect("readable");
-            // Unit tests sit at the end of a file, after `#[cfg(test)]`.
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
-            for (i, _) in code.match_indices("crate::") {
-                let name: String = code[i + 7..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
+            for name in named_modules(&production_code(&text), &path) {
                 if let Some(l) = layer(&name)
                     && l > own
                 {
@@ -921,6 +1005,20 @@ mod layering {
         bad.sort();
         bad.dedup();
         bad
+    }
+
+    #[test]
+    fn the_reader_sees_what_a_module_really_imports() {
+        let code = "//! See [`crate::http`].\nuse crate::model::Stage; // crate::runner in a comment\n#[cfg(test)]\nmod tests { use crate::http; fn f() { let _ = \"{x}\"; } }\nfn after() { crate::runner::go(); super::super::lib_thing(); }\n#[cfg(test)]\nuse crate::coordinator;\nconst X: u8 = $crate::y;";
+        let path = vec!["agents".to_string(), "llm".to_string()];
+        let names = named_modules(&production_code(code), &path);
+        assert_eq!(names, ["model", "runner", "lib_thing"]);
+        // One `super::` from agents::llm is agents itself: not a climb to the root.
+        assert!(named_modules("super::rules::x", &path).is_empty());
+        assert_eq!(
+            named_modules("super::http::x", &["agents".to_string()]),
+            ["http"]
+        );
     }
 
     #[test]
