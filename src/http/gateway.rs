@@ -122,7 +122,9 @@ fn session_of(headers: &HeaderMap) -> Option<&str> {
     ["x-session-id", "x-session-affinity"]
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
-        .filter(|s| !s.is_empty())
+        // OpenCode's ids are ~30 characters; anything long is not one of ours, and is not
+        // carried into the logs.
+        .filter(|s| !s.is_empty() && s.len() <= 128)
 }
 
 /// Tokens a request may use at most: its bytes (a byte-level BPE token covers at least one)
@@ -427,5 +429,9 @@ mod tests {
         assert_eq!(session_of(&h), Some("ses_a"));
         h.insert("x-session-id", HeaderValue::from_static("ses_b"));
         assert_eq!(session_of(&h), Some("ses_b"));
+        let long = "s".repeat(129);
+        h.insert("x-session-id", HeaderValue::from_str(&long).unwrap());
+        h.remove("x-session-affinity");
+        assert_eq!(session_of(&h), None);
     }
 }
