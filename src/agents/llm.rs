@@ -127,8 +127,9 @@ pub struct ToolCall {
 /// server offers, implemented above this layer and handed in.
 #[async_trait]
 pub trait ToolRunner: Send + Sync {
-    /// OpenAI-style function definitions, made once:
-    /// `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    /// OpenAI-style function definitions of every tool, made once, in the short form a model
+    /// is offered: `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    /// Each stage's agent offers the subset it is configured with.
     fn functions(&self) -> &[Value];
     /// Runs one call. `Err` carries the coded error body the model is shown.
     async fn run(&self, name: &str, arguments: &Value) -> Result<Value, Value>;

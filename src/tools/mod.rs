@@ -291,7 +291,7 @@ fn definitions() -> Vec<ToolDef> {
         def::<PerformanceArgs>(
             "get_signal_performance",
             "How this service's signals for a symbol have turned out over the last 7 days at one horizon: hit rate with its 95% interval, mean and median return, Brier score.",
-            "This service's 7-day record at horizon 5m|15m|1h: hit rate, returns, Brier score.",
+            "This service's 7-day record at one graded horizon (e.g. 15m): hit rate, returns, Brier score.",
         ),
     ]
 }
@@ -299,7 +299,7 @@ fn definitions() -> Vec<ToolDef> {
 /// A tool as a model is offered it: the brief line, and the argument schema without the
 /// per-field prose (the brief says what the fields take). Measured with SmolLM2's tokenizer
 /// (docs/BENCHMARKS.md): all eight full definitions are 1,222 tokens on every call; the
-/// signal stage's three compact ones 353, the advise stage's 296.
+/// signal stage's three compact ones 354, the advise stage's 297.
 fn model_function(d: &ToolDef) -> Value {
     let mut parameters = d.input_schema.clone();
     if let Some(Value::Object(props)) = parameters.get_mut("properties") {
