@@ -36,6 +36,7 @@ pub mod publish;
 pub mod resilience;
 pub mod runner;
 pub mod schedule;
+pub mod strategy;
 pub mod telemetry;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
@@ -163,6 +164,7 @@ impl App {
         let tools = Arc::new(tools::Toolbox::new(
             market.clone(),
             history.as_ref().map(|w| w.store().clone()),
+            Arc::new(strategy::StrategySet::new(cfg.strategies.clone())),
             &cfg.symbols,
             clock,
         ));
@@ -679,6 +681,7 @@ fn build_runner(
         agents: setup.agents.clone(),
         publisher: publisher.clone(),
         candles: cfg.market_data.candles,
+        strategies: Arc::new(strategy::StrategySet::new(cfg.strategies.clone())),
         advise_min_score: cfg.pipeline.advise_min_score,
         expiry_grace: Duration::from_secs(cfg.pipeline.expiry_grace_seconds),
     });
@@ -864,6 +867,7 @@ mod layering {
         ("history", 1),
         ("coordination", 1),
         ("market", 1),
+        ("strategy", 1),
         ("model", 0),
         ("resilience", 0),
         ("schedule", 0),

@@ -8,6 +8,11 @@ use uuid::Uuid;
 
 use crate::schedule::CycleId;
 
+/// Fewest 1-minute candles any analysis runs on (the default MACD's slow EMA of 26 and signal
+/// line of 9, plus a few to score hits): the market source must deliver at least these, and
+/// `check-config` holds every strategy's periods within them.
+pub const MIN_CANDLES: usize = 40;
+
 /// Namespace of the deterministic ids (UUID v5). Fixed forever: changing it changes every id.
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b1f_0c2e_9a57_4d0e_8f43_2b7c_5e19_a0d4);
 

@@ -51,6 +51,9 @@ pub struct SignalRequest<'a> {
     pub candles: &'a [Candle],
     /// Their summary.
     pub context: &'a MarketContext,
+    /// The strategies evaluated on them, once, by the pipeline: the rules agent votes them,
+    /// the LLM prompt shows them and its answer is filled in from them.
+    pub verdicts: &'a [crate::strategy::Evaluated],
     /// Now.
     pub now: DateTime<Utc>,
 }

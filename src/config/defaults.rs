@@ -21,6 +21,7 @@ impl Default for Config {
             agents: Agents::default(),
             market_data: MarketData::default(),
             pipeline: Pipeline::default(),
+            strategies: Strategies::default(),
             publish: Publish::default(),
             http: Http::default(),
             postgres: Postgres::default(),

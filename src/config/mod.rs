@@ -19,7 +19,12 @@ use crate::resilience::{BreakerMode, BreakerSettings};
 
 mod defaults;
 mod env;
+mod strategies;
 mod validate;
+
+pub use strategies::{
+    BollingerBounce, EmaTrend, MacdCross, Momentum, RsiReversal, Strategies, VolumeBreakout,
+};
 
 pub use env::{Env, ProcessEnv};
 pub use validate::is_valid_symbol;
@@ -133,6 +138,9 @@ pub struct Config {
     pub market_data: MarketData,
     /// Stage wiring.
     pub pipeline: Pipeline,
+    /// The rules strategies' parameters (read by every backend: the rules agent, the LLM
+    /// prompt, the tools).
+    pub strategies: Strategies,
     /// Publishing and history.
     pub publish: Publish,
     /// The HTTP server.

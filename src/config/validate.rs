@@ -56,6 +56,7 @@ impl Config {
         for bound in self.numeric_bounds() {
             bound.check(&mut v, r);
         }
+        self.check_strategies(&mut v, r);
         let p = &self.parallel;
         if p.min_concurrent > p.max_concurrent {
             v.bad(
@@ -230,12 +231,50 @@ impl Config {
     /// a unit mistake, and some would not survive the run time — a timeout of 1e30 s
     /// overflows a `Duration` and became 0 (every call timed out at once), a buffer of 4e9
     /// entries is memory the process does not have.
+    /// The strategies' keys that only make sense together.
+    fn check_strategies(&self, v: &mut Validator, r: &str) {
+        let s = &self.strategies;
+        let k = |key: &str| format!("{r}.strategies.{key}");
+        if s.rsi_reversal.oversold >= s.rsi_reversal.overbought {
+            v.bad(
+                k("rsi_reversal.oversold"),
+                format!(
+                    "must be below rsi_reversal.overbought ({}), got {}",
+                    s.rsi_reversal.overbought, s.rsi_reversal.oversold
+                ),
+            );
+        }
+        for (key, fast, slow) in [
+            ("macd_cross", s.macd_cross.fast, s.macd_cross.slow),
+            ("ema_trend", s.ema_trend.fast, s.ema_trend.slow),
+        ] {
+            if fast >= slow {
+                v.bad(
+                    k(&format!("{key}.fast")),
+                    format!("must be below {key}.slow ({slow}), got {fast}"),
+                );
+            }
+        }
+        let macd = s.macd_cross.slow + s.macd_cross.signal;
+        if macd > crate::model::MIN_CANDLES {
+            v.bad(
+                k("macd_cross.signal"),
+                format!(
+                    "slow + signal must be at most {} (the fewest candles an analysis runs on), got {macd}",
+                    crate::model::MIN_CANDLES
+                ),
+            );
+        }
+    }
+
     fn numeric_bounds(&self) -> Vec<Bound> {
         use Low::{Above, AtLeast};
         const DAY: f64 = 86_400.0;
         const HOUR: f64 = 3_600.0;
         let c = self;
-        let (p, t, a) = (&c.parallel, &c.timeouts, &c.adaptive);
+        let (p, t, a, s) = (&c.parallel, &c.timeouts, &c.adaptive, &c.strategies);
+        // The fewest candles an analysis runs on: no strategy may need more.
+        const W: f64 = crate::model::MIN_CANDLES as f64;
         #[rustfmt::skip]
         let mut b = vec![
             // At least one symbol is its own check, with its own message.
@@ -267,7 +306,7 @@ impl Config {
             Bound::new("agents.max_tool_rounds", c.agents.max_tool_rounds, AtLeast(1.0), 10.0),
             Bound::new("agents.opencode.max_model_requests", c.agents.opencode.max_model_requests, AtLeast(1.0), 1_000.0),
             Bound::new("agents.hedge.max_extra_fraction", c.agents.hedge.max_extra_fraction, AtLeast(0.0), 1.0),
-            Bound::new("market_data.candles", c.market_data.candles, AtLeast(40.0), 300.0),
+            Bound::new("market_data.candles", c.market_data.candles, AtLeast(W), 300.0),
             Bound::new("market_data.request_timeout_seconds", c.market_data.request_timeout_seconds, Above(0.0), 300.0),
             Bound::new("market_data.influxdb.max_staleness_seconds", c.market_data.influxdb.max_staleness_seconds, AtLeast(60.0), 86_400.0),
             Bound::new("pipeline.advise_min_score", c.pipeline.advise_min_score, AtLeast(0.0), 100.0),
@@ -282,6 +321,22 @@ impl Config {
             Bound::new("history.batch_size", c.history.batch_size, AtLeast(1.0), 10_000.0),
             Bound::new("history.grading.threshold_pct", c.history.grading.threshold_pct, AtLeast(0.0), 100.0),
             Bound::new("history.grading.interval_seconds", c.history.grading.interval_seconds, AtLeast(1.0), 86_400.0),
+            // Every period fits the fewest candles an analysis runs on.
+            Bound::new("strategies.rsi_reversal.period", s.rsi_reversal.period, AtLeast(2.0), W),
+            Bound::new("strategies.rsi_reversal.oversold", s.rsi_reversal.oversold, AtLeast(1.0), 99.0),
+            Bound::new("strategies.rsi_reversal.overbought", s.rsi_reversal.overbought, AtLeast(1.0), 99.0),
+            Bound::new("strategies.macd_cross.fast", s.macd_cross.fast, AtLeast(1.0), W),
+            Bound::new("strategies.macd_cross.slow", s.macd_cross.slow, AtLeast(2.0), W),
+            Bound::new("strategies.macd_cross.signal", s.macd_cross.signal, AtLeast(1.0), W),
+            Bound::new("strategies.bollinger_bounce.period", s.bollinger_bounce.period, AtLeast(2.0), W),
+            Bound::new("strategies.bollinger_bounce.std_dev", s.bollinger_bounce.std_dev, Above(0.0), 10.0),
+            Bound::new("strategies.ema_trend.fast", s.ema_trend.fast, AtLeast(1.0), W),
+            Bound::new("strategies.ema_trend.slow", s.ema_trend.slow, AtLeast(2.0), W),
+            Bound::new("strategies.ema_trend.band", s.ema_trend.band, AtLeast(0.0), 0.1),
+            Bound::new("strategies.volume_breakout.period", s.volume_breakout.period, AtLeast(1.0), W - 1.0),
+            Bound::new("strategies.volume_breakout.volume_multiple", s.volume_breakout.volume_multiple, Above(0.0), 100.0),
+            Bound::new("strategies.momentum.lookback", s.momentum.lookback, AtLeast(1.0), W - 1.0),
+            Bound::new("strategies.momentum.threshold", s.momentum.threshold, AtLeast(0.0), 1.0),
         ];
         for (name, br) in [
             ("llm_service", &c.circuit_breaker.llm_service),

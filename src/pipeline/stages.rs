@@ -11,10 +11,11 @@ use super::scorer::score_signal;
 use crate::agents::{
     AgentError, Answer, CallLimits, SignalRequest, StageAgents, validate_advice, validate_summary,
 };
-use crate::market::{MarketSource, summarize};
+use crate::market::MarketSource;
 use crate::model::*;
 use crate::publish::Publisher;
 use crate::schedule::CycleId;
+use crate::strategy::{StrategySet, summarize};
 use crate::telemetry::names;
 
 /// What every symbol of a cycle shares.
@@ -27,6 +28,9 @@ pub struct PipelineContext {
     pub publisher: Arc<Publisher>,
     /// Candles per symbol.
     pub candles: usize,
+    /// The strategies, evaluated once per symbol and tick for whichever agent runs the signal
+    /// stage.
+    pub strategies: Arc<StrategySet>,
     /// Advise only at or above this score.
     pub advise_min_score: f64,
     /// A signal expires this long after the next tick.
@@ -171,11 +175,14 @@ pub async fn run_symbol(
         .last()
         .map(|c| c.time + chrono::Duration::minutes(1))
         .unwrap_or(now);
+    // Evaluated once, whichever backend runs the stage.
+    let verdicts = ctx.strategies.evaluate(&candles);
     let req = SignalRequest {
         symbol,
         cycle_id: *cycle,
         candles: &candles,
         context: &context,
+        verdicts: &verdicts,
         now,
     };
     let answer = steps
@@ -308,6 +315,7 @@ mod tests {
             agents: StageAgents::rules(),
             publisher: publisher.clone(),
             candles: 120,
+            strategies: Arc::default(),
             // Advise everything so all four stages appear.
             advise_min_score: 0.0,
             expiry_grace: Duration::from_secs(30),

@@ -7,15 +7,26 @@
 //!   as function definitions and runs its calls in process
 //!   ([`crate::agents::llm::ToolRunner`]).
 //!
-//! Every argument type is a Rust struct; its JSON Schema (what clients see) is generated from
-//! it, and arguments are read into it strictly (unknown fields and wrong types are refused with
-//! the field named). Every limit is enforced here, so no caller can ask for an unbounded answer.
-//! Failures are [`ToolError`]s with a stable code (`INVALID_SYMBOL`, `NO_DATA`, …) that a model
-//! can act on.
+//! Each tool is a type in its own file implementing [`ToolSpec`] — its name, its descriptions,
+//! its argument struct (whose JSON Schema clients see is generated from it, and into which
+//! arguments are read strictly: unknown fields and wrong types are refused with the field
+//! named) and its handler — and a variant of [`Tool`], whose exhaustive matches tie the two:
+//! a tool without a definition, a schema or a handler does not compile. Every limit is
+//! enforced here, so no caller can ask for an unbounded answer. Failures are [`ToolError`]s
+//! with a stable [`Code`] (`INVALID_SYMBOL`, `NO_DATA`, …) that a model can act on.
 //!
 //! Answers are cached for the minute they describe: twenty agents asking for the same candles
 //! in one cycle cost one fetch, and concurrent identical calls wait for the first one
 //! rather than repeat it.
+
+mod candles;
+mod current_price;
+mod recent_decisions;
+mod signal_performance;
+mod strategy_consensus;
+mod strategy_signal;
+mod top_strategies;
+mod volatility;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -28,12 +39,10 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::agents::rules;
-use crate::history::grading::{horizon_label, parse_horizon, scorecard_of};
-use crate::history::{GroupBy, HistoryQuery, HistoryStore};
-use crate::market::{Candle, MarketSource};
-use crate::model::{Action, Stage};
+use crate::history::HistoryStore;
+use crate::market::{Candle, MIN_CANDLES, MarketSource};
 use crate::schedule::Clock;
+use crate::strategy::{Evaluated, StrategySet};
 use crate::telemetry::names;
 
 /// Raw 1-minute candles one call may span (a day): `(limit + offset) × timeframe` above this
@@ -45,31 +54,99 @@ pub const MAX_CANDLES: u32 = 500;
 pub const MAX_DECISIONS: u32 = 50;
 /// Strategies one `get_top_strategies` answer carries at most.
 pub const MAX_STRATEGIES: u32 = 10;
+/// The longest name (of a tool or a strategy) a caller sent that a refusal repeats: a client
+/// may send any string.
+pub const MAX_NAME_SHOWN: usize = 64;
 /// Candles behind the strategy verdicts: the rules agent's own window (MACD, hit rates).
 const STRATEGY_CANDLES: usize = 120;
-/// Candles behind a volatility figure.
-const VOLATILITY_CANDLES: usize = 60;
 /// Answers kept per minute before the cache stops adding (hostile callers varying their
 /// arguments cannot grow it without bound).
 const CACHE_MAX: usize = 4096;
 /// Longest arguments (as JSON text) whose answer is cached.
 const CACHE_KEY_MAX: usize = 512;
 
+/// A tool error's stable code: what a model (or a person) acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    /// No tool of that name (or none offered to the stage).
+    UnknownTool,
+    /// The arguments are not an object of the tool's fields, or a value is out of range.
+    InvalidArguments,
+    /// Not a symbol this service analyses.
+    InvalidSymbol,
+    /// Not one of `1m`, `5m`, `15m`, `1h`.
+    InvalidTimeframe,
+    /// Not minutes or hours.
+    InvalidHorizon,
+    /// Not a ranking the tool knows.
+    InvalidMetric,
+    /// No strategy of that name.
+    UnknownStrategy,
+    /// Asks for more than a call may answer.
+    LimitExceeded,
+    /// Nothing to answer with (yet).
+    NoData,
+    /// The service keeps no history.
+    HistoryDisabled,
+    /// A source did not answer; asking again later may succeed.
+    Unavailable,
+}
+
+impl Code {
+    /// The code as clients see it (`INVALID_SYMBOL`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::UnknownTool => "UNKNOWN_TOOL",
+            Code::InvalidArguments => "INVALID_ARGUMENTS",
+            Code::InvalidSymbol => "INVALID_SYMBOL",
+            Code::InvalidTimeframe => "INVALID_TIMEFRAME",
+            Code::InvalidHorizon => "INVALID_HORIZON",
+            Code::InvalidMetric => "INVALID_METRIC",
+            Code::UnknownStrategy => "UNKNOWN_STRATEGY",
+            Code::LimitExceeded => "LIMIT_EXCEEDED",
+            Code::NoData => "NO_DATA",
+            Code::HistoryDisabled => "HISTORY_DISABLED",
+            Code::Unavailable => "UNAVAILABLE",
+        }
+    }
+
+    /// The `outcome` label of `mcp_tool_calls_total` (`invalid_symbol`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Code::UnknownTool => "unknown_tool",
+            Code::InvalidArguments => "invalid_arguments",
+            Code::InvalidSymbol => "invalid_symbol",
+            Code::InvalidTimeframe => "invalid_timeframe",
+            Code::InvalidHorizon => "invalid_horizon",
+            Code::InvalidMetric => "invalid_metric",
+            Code::UnknownStrategy => "unknown_strategy",
+            Code::LimitExceeded => "limit_exceeded",
+            Code::NoData => "no_data",
+            Code::HistoryDisabled => "history_disabled",
+            Code::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a tool call failed: a stable code a model (or a person) can act on, and what exactly
 /// was wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct ToolError {
-    /// `UNKNOWN_TOOL`, `INVALID_ARGUMENTS`, `INVALID_SYMBOL`, `INVALID_TIMEFRAME`,
-    /// `INVALID_HORIZON`, `INVALID_METRIC`, `UNKNOWN_STRATEGY`, `LIMIT_EXCEEDED`, `NO_DATA`,
-    /// `HISTORY_DISABLED`, `UNAVAILABLE`.
-    pub code: &'static str,
+    /// What kind of failure.
+    pub code: Code,
     /// The detail.
     pub message: String,
 }
 
 impl ToolError {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: Code, message: impl Into<String>) -> Self {
         ToolError {
             code,
             message: message.into(),
@@ -78,12 +155,12 @@ impl ToolError {
 
     /// The error as a tool answer's body: `{"error": {"code", "message"}}`.
     pub fn to_json(&self) -> Value {
-        json!({"error": {"code": self.code, "message": self.message}})
+        json!({"error": {"code": self.code.as_str(), "message": self.message}})
     }
 
     /// Whether asking again later could succeed (such errors are not cached).
     fn transient(&self) -> bool {
-        self.code == "UNAVAILABLE"
+        self.code == Code::Unavailable
     }
 }
 
@@ -101,61 +178,20 @@ pub struct ToolDef {
     pub input_schema: serde_json::Map<String, Value>,
 }
 
-/// Candle widths the tools aggregate to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Timeframe {
-    M1,
-    M5,
-    M15,
-    H1,
-}
-
-impl Timeframe {
-    fn minutes(self) -> usize {
-        match self {
-            Timeframe::M1 => 1,
-            Timeframe::M5 => 5,
-            Timeframe::M15 => 15,
-            Timeframe::H1 => 60,
-        }
-    }
-    fn label(self) -> &'static str {
-        match self {
-            Timeframe::M1 => "1m",
-            Timeframe::M5 => "5m",
-            Timeframe::M15 => "15m",
-            Timeframe::H1 => "1h",
-        }
-    }
-    fn parse(s: &str) -> Result<Timeframe, ToolError> {
-        match s {
-            "1m" => Ok(Timeframe::M1),
-            "5m" => Ok(Timeframe::M5),
-            "15m" => Ok(Timeframe::M15),
-            "1h" => Ok(Timeframe::H1),
-            other => Err(ToolError::new(
-                "INVALID_TIMEFRAME",
-                format!("timeframe {other:?} is not one of 1m, 5m, 15m, 1h"),
-            )),
-        }
-    }
-}
-
-/// `get_candles` arguments.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct CandlesArgs {
-    /// A configured symbol, e.g. `BTC/USD`.
-    symbol: String,
-    /// Candle width: `1m`, `5m`, `15m` or `1h` (default `1m`).
-    #[serde(default)]
-    timeframe: Option<String>,
-    /// Candles to return, newest last (1–500, default 60).
-    #[serde(default)]
-    limit: Option<u32>,
-    /// Skip this many newest candles first (paging back in time; default 0).
-    #[serde(default)]
-    offset: Option<u32>,
+/// What a tool is: everything a client sees of it and what it does.
+trait ToolSpec {
+    /// Its arguments, read strictly from the call's JSON; their JSON Schema is the tool's
+    /// input schema.
+    type Args: DeserializeOwned + JsonSchema;
+    /// The name clients call it by.
+    const NAME: &'static str;
+    /// What it answers, in full.
+    const DESCRIPTION: &'static str;
+    /// The one line a model is offered (≤ 120 characters).
+    const BRIEF: &'static str;
+    /// The answer to `args` for the minute `minute` (cached for that minute by the caller).
+    async fn run(tb: &Toolbox, args: Self::Args, minute: DateTime<Utc>)
+    -> Result<Value, ToolError>;
 }
 
 /// Arguments naming one symbol.
@@ -166,134 +202,137 @@ struct SymbolArgs {
     symbol: String,
 }
 
-/// `get_volatility` arguments.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct VolatilityArgs {
-    /// A configured symbol, e.g. `BTC/USD`.
-    symbol: String,
-    /// Candle width the returns are measured over: `1m`, `5m`, `15m`, `1h` (default `1m`).
-    #[serde(default)]
-    timeframe: Option<String>,
+/// The tools, in the order clients list them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// `get_candles`.
+    GetCandles,
+    /// `get_current_price`.
+    GetCurrentPrice,
+    /// `get_volatility`.
+    GetVolatility,
+    /// `get_top_strategies`.
+    GetTopStrategies,
+    /// `get_strategy_signal`.
+    GetStrategySignal,
+    /// `get_strategy_consensus`.
+    GetStrategyConsensus,
+    /// `get_recent_decisions`.
+    GetRecentDecisions,
+    /// `get_signal_performance`.
+    GetSignalPerformance,
 }
 
-/// `get_top_strategies` arguments.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct TopStrategiesArgs {
-    /// A configured symbol, e.g. `BTC/USD`.
-    symbol: String,
-    /// Strategies to return (1–10, default 3).
-    #[serde(default)]
-    limit: Option<u32>,
-    /// Ranking: `hit_rate` (each strategy's live hit rate over the last 30 minutes of this
-    /// symbol, the default) or `graded_hit_rate` (how signals led by the strategy were graded
-    /// at 15 minutes over the last 7 days, all symbols).
-    #[serde(default)]
-    metric: Option<String>,
-}
+impl Tool {
+    /// Every tool, in the order clients list them.
+    pub const ALL: [Tool; 8] = [
+        Tool::GetCandles,
+        Tool::GetCurrentPrice,
+        Tool::GetVolatility,
+        Tool::GetTopStrategies,
+        Tool::GetStrategySignal,
+        Tool::GetStrategyConsensus,
+        Tool::GetRecentDecisions,
+        Tool::GetSignalPerformance,
+    ];
 
-/// `get_strategy_signal` arguments.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct StrategySignalArgs {
-    /// A strategy's name, as `get_top_strategies` lists them (e.g. `momentum`).
-    strategy_id: String,
-    /// A configured symbol, e.g. `BTC/USD`.
-    symbol: String,
-}
+    /// The tool called `name`, if there is one.
+    pub fn named(name: &str) -> Option<Tool> {
+        Tool::ALL.into_iter().find(|t| t.name() == name)
+    }
 
-/// `get_recent_decisions` arguments.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct DecisionsArgs {
-    /// A configured symbol, e.g. `BTC/USD`.
-    symbol: String,
-    /// Decisions to return, newest first (1–50, default 10).
-    #[serde(default)]
-    limit: Option<u32>,
-}
-
-/// `get_signal_performance` arguments.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct PerformanceArgs {
-    /// A configured symbol, e.g. `BTC/USD`.
-    symbol: String,
-    /// Grading horizon, e.g. `5m`, `15m`, `1h` (default `15m`).
-    #[serde(default)]
-    horizon: Option<String>,
-}
-
-/// The tools: name, description, argument type.
-fn definitions() -> Vec<ToolDef> {
-    fn def<A: JsonSchema>(
-        name: &'static str,
-        description: &'static str,
-        brief: &'static str,
-    ) -> ToolDef {
-        let schema = schemars::generate::SchemaSettings::draft2020_12()
-            .with(|s| s.inline_subschemas = true)
-            .into_generator()
-            .into_root_schema_for::<A>();
-        let mut input_schema = match serde_json::to_value(schema) {
-            Ok(Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
-        // Clients want the object schema itself; the draft marker and the Rust type's title and
-        // doc are noise to a model (each field keeps its own description).
-        input_schema.remove("$schema");
-        input_schema.remove("title");
-        input_schema.remove("description");
-        ToolDef {
-            name,
-            description,
-            brief,
-            input_schema,
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::GetCandles => candles::GetCandles::NAME,
+            Tool::GetCurrentPrice => current_price::GetCurrentPrice::NAME,
+            Tool::GetVolatility => volatility::GetVolatility::NAME,
+            Tool::GetTopStrategies => top_strategies::GetTopStrategies::NAME,
+            Tool::GetStrategySignal => strategy_signal::GetStrategySignal::NAME,
+            Tool::GetStrategyConsensus => strategy_consensus::GetStrategyConsensus::NAME,
+            Tool::GetRecentDecisions => recent_decisions::GetRecentDecisions::NAME,
+            Tool::GetSignalPerformance => signal_performance::GetSignalPerformance::NAME,
         }
     }
-    vec![
-        def::<CandlesArgs>(
-            "get_candles",
-            "OHLCV candles of a symbol from the configured market source, oldest first, newest last.",
-            "OHLCV candles, oldest first. timeframe 1m|5m|15m|1h, limit 1-500, offset skips the newest.",
-        ),
-        def::<SymbolArgs>(
-            "get_current_price",
-            "The latest close of a symbol, its change over the last hour, and when it was taken.",
-            "Latest close, 1-hour change, and its time.",
-        ),
-        def::<VolatilityArgs>(
-            "get_volatility",
-            "Volatility of a symbol: standard deviation of candle returns over the last 60 candles of the timeframe, and the 1-hour volatility.",
-            "Stdev of returns over 60 candles of timeframe 1m|5m|15m|1h, and 1-hour volatility.",
-        ),
-        def::<TopStrategiesArgs>(
-            "get_top_strategies",
-            "The rules strategies ranked for a symbol, each with its current verdict (BUY/SELL/HOLD), its live hit rate and its parameters.",
-            "Strategies ranked by metric hit_rate|graded_hit_rate, with verdict and parameters; limit 1-10.",
-        ),
-        def::<StrategySignalArgs>(
-            "get_strategy_signal",
-            "One strategy's current verdict on a symbol, with its hit rate and parameters.",
-            "One strategy's verdict, hit rate and parameters.",
-        ),
-        def::<SymbolArgs>(
-            "get_strategy_consensus",
-            "How the strategies vote on a symbol now: bullish, bearish and neutral counts, the consensus action and the rules agent's confidence for it.",
-            "Bullish/bearish/neutral counts, consensus action and confidence.",
-        ),
-        def::<DecisionsArgs>(
-            "get_recent_decisions",
-            "This service's most recent signals for a symbol, newest first, each with how it was graded so far (hit or miss at each horizon).",
-            "This service's latest signals, newest first, with their grades; limit 1-50.",
-        ),
-        def::<PerformanceArgs>(
-            "get_signal_performance",
-            "How this service's signals for a symbol have turned out over the last 7 days at one horizon: hit rate with its 95% interval, mean and median return, Brier score.",
-            "This service's 7-day record at one graded horizon (e.g. 15m): hit rate, returns, Brier score.",
-        ),
-    ]
+
+    /// Its definition, as clients see it.
+    pub fn definition(self) -> ToolDef {
+        match self {
+            Tool::GetCandles => definition::<candles::GetCandles>(),
+            Tool::GetCurrentPrice => definition::<current_price::GetCurrentPrice>(),
+            Tool::GetVolatility => definition::<volatility::GetVolatility>(),
+            Tool::GetTopStrategies => definition::<top_strategies::GetTopStrategies>(),
+            Tool::GetStrategySignal => definition::<strategy_signal::GetStrategySignal>(),
+            Tool::GetStrategyConsensus => definition::<strategy_consensus::GetStrategyConsensus>(),
+            Tool::GetRecentDecisions => definition::<recent_decisions::GetRecentDecisions>(),
+            Tool::GetSignalPerformance => definition::<signal_performance::GetSignalPerformance>(),
+        }
+    }
+
+    /// Reads `args` into its argument type and runs it.
+    async fn run(
+        self,
+        tb: &Toolbox,
+        args: &Value,
+        minute: DateTime<Utc>,
+    ) -> Result<Value, ToolError> {
+        match self {
+            Tool::GetCandles => run::<candles::GetCandles>(tb, args, minute).await,
+            Tool::GetCurrentPrice => run::<current_price::GetCurrentPrice>(tb, args, minute).await,
+            Tool::GetVolatility => run::<volatility::GetVolatility>(tb, args, minute).await,
+            Tool::GetTopStrategies => {
+                run::<top_strategies::GetTopStrategies>(tb, args, minute).await
+            }
+            Tool::GetStrategySignal => {
+                run::<strategy_signal::GetStrategySignal>(tb, args, minute).await
+            }
+            Tool::GetStrategyConsensus => {
+                run::<strategy_consensus::GetStrategyConsensus>(tb, args, minute).await
+            }
+            Tool::GetRecentDecisions => {
+                run::<recent_decisions::GetRecentDecisions>(tb, args, minute).await
+            }
+            Tool::GetSignalPerformance => {
+                run::<signal_performance::GetSignalPerformance>(tb, args, minute).await
+            }
+        }
+    }
+}
+
+async fn run<T: ToolSpec>(
+    tb: &Toolbox,
+    args: &Value,
+    minute: DateTime<Utc>,
+) -> Result<Value, ToolError> {
+    T::run(tb, read(args)?, minute).await
+}
+
+/// A tool's definition from its spec: the argument schema generated from its type.
+fn definition<T: ToolSpec>() -> ToolDef {
+    let schema = schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator()
+        .into_root_schema_for::<T::Args>();
+    let mut input_schema = match serde_json::to_value(schema) {
+        Ok(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    // Clients want the object schema itself; the draft marker and the Rust type's title and
+    // doc are noise to a model (each field keeps its own description).
+    input_schema.remove("$schema");
+    input_schema.remove("title");
+    input_schema.remove("description");
+    ToolDef {
+        name: T::NAME,
+        description: T::DESCRIPTION,
+        brief: T::BRIEF,
+        input_schema,
+    }
+}
+
+/// Every tool's definition, in order.
+fn definitions() -> Vec<ToolDef> {
+    Tool::ALL.iter().map(|t| t.definition()).collect()
 }
 
 /// A tool as a model is offered it: the brief line, and the argument schema without the
@@ -338,6 +377,7 @@ pub struct Toolbox {
     functions: Vec<Value>,
     market: Arc<dyn MarketSource>,
     history: Option<Arc<dyn HistoryStore>>,
+    strategies: Arc<StrategySet>,
     symbols: BTreeSet<String>,
     clock: Clock,
     cache: Mutex<Cache>,
@@ -352,13 +392,14 @@ impl std::fmt::Debug for Toolbox {
     }
 }
 
+/// Arguments read strictly into `A`, the field that was wrong named.
 fn read<A: DeserializeOwned>(args: &Value) -> Result<A, ToolError> {
     // An absent `arguments` is an empty object (MCP clients may omit it).
     let args = if args.is_null() { &json!({}) } else { args };
     // serde would read an array positionally into a struct; tool arguments are named.
     if !args.is_object() {
         return Err(ToolError::new(
-            "INVALID_ARGUMENTS",
+            Code::InvalidArguments,
             "arguments must be a JSON object of named fields",
         ));
     }
@@ -366,7 +407,7 @@ fn read<A: DeserializeOwned>(args: &Value) -> Result<A, ToolError> {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         ToolError::new(
-            "INVALID_ARGUMENTS",
+            Code::InvalidArguments,
             if path == "." {
                 inner
             } else {
@@ -376,75 +417,28 @@ fn read<A: DeserializeOwned>(args: &Value) -> Result<A, ToolError> {
     })
 }
 
+/// A count argument within 1..=`max` (`default` when absent).
 fn bounded(what: &str, v: Option<u32>, default: u32, max: u32) -> Result<u32, ToolError> {
     match v.unwrap_or(default) {
         0 => Err(ToolError::new(
-            "INVALID_ARGUMENTS",
+            Code::InvalidArguments,
             format!("{what} must be at least 1"),
         )),
         n if n > max => Err(ToolError::new(
-            "LIMIT_EXCEEDED",
+            Code::LimitExceeded,
             format!("{what} {n} is more than {max}"),
         )),
         n => Ok(n),
     }
 }
 
-/// Candles of `width` minutes from 1-minute ones (oldest first), whole buckets only, aligned
-/// to the width in UTC.
-fn aggregate(c: &[Candle], width: usize) -> Vec<Candle> {
-    if width <= 1 {
-        return c.to_vec();
-    }
-    let w = TimeDelta::minutes(width as i64);
-    let mut out: Vec<(Candle, usize)> = vec![];
-    for k in c {
-        let start = k.time.duration_trunc(w).unwrap_or(k.time);
-        match out.last_mut() {
-            Some((b, n)) if b.time == start => {
-                b.high = b.high.max(k.high);
-                b.low = b.low.min(k.low);
-                b.close = k.close;
-                b.volume += k.volume;
-                *n += 1;
-            }
-            _ => out.push((Candle { time: start, ..*k }, 1)),
-        }
-    }
-    // A bucket missing minutes at either end (the window's edge) would misstate its range.
-    out.into_iter()
-        .filter(|(_, n)| *n == width)
-        .map(|(b, _)| b)
-        .collect()
-}
-
-fn candle_json(c: &Candle) -> Value {
-    json!({
-        "time": c.time.to_rfc3339(),
-        "open": c.open, "high": c.high, "low": c.low, "close": c.close, "volume": c.volume,
-    })
-}
-
-/// Standard deviation of successive close-to-close returns.
-fn stdev_of_returns(c: &[Candle]) -> Option<f64> {
-    let r: Vec<f64> = c
-        .windows(2)
-        .filter(|w| w[0].close > 0.0)
-        .map(|w| w[1].close / w[0].close - 1.0)
-        .collect();
-    if r.len() < 2 {
-        return None;
-    }
-    let mean = r.iter().sum::<f64>() / r.len() as f64;
-    Some((r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (r.len() - 1) as f64).sqrt())
-}
-
 impl Toolbox {
     /// Tools over `market` and (when history is on) `history`, answering for `symbols` only,
-    /// at the time `clock` says.
+    /// at the time `clock` says, with the strategies `strategies`.
     pub fn new(
         market: Arc<dyn MarketSource>,
         history: Option<Arc<dyn HistoryStore>>,
+        strategies: Arc<StrategySet>,
         symbols: &[String],
         clock: Clock,
     ) -> Self {
@@ -461,6 +455,7 @@ impl Toolbox {
             functions,
             market,
             history,
+            strategies,
             symbols: symbols.iter().cloned().collect(),
             clock,
             cache: Mutex::new(Cache::default()),
@@ -477,6 +472,11 @@ impl Toolbox {
         self.market.name()
     }
 
+    /// Whether the prices are the simulated market's (every answer over prices says so).
+    fn simulated(&self) -> bool {
+        self.market.name() == "simulated"
+    }
+
     /// Runs `name` with `args`: its JSON answer, or a coded error. Counted and timed under
     /// `mcp_tool_calls_total{tool,outcome}` and `mcp_tool_duration_seconds{tool}`, whichever
     /// client asked.
@@ -484,34 +484,26 @@ impl Toolbox {
         let started = Instant::now();
         // Only known names become label values: a client inventing names cannot grow the
         // metric's series.
-        let tool: &'static str = self
-            .defs
-            .iter()
-            .find(|d| d.name == name)
-            .map(|d| d.name)
-            .unwrap_or("unknown");
-        let r = if tool == "unknown" {
-            Err(ToolError::new(
-                "UNKNOWN_TOOL",
+        let tool = Tool::named(name);
+        let label = tool.map_or("unknown", Tool::name);
+        let r = match tool {
+            Some(t) => self.cached(t, args).await,
+            None => Err(ToolError::new(
+                Code::UnknownTool,
                 format!(
                     "no tool named {:?}; the tools are {}",
-                    name.chars().take(64).collect::<String>(),
-                    self.defs
-                        .iter()
-                        .map(|d| d.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    name.chars().take(MAX_NAME_SHOWN).collect::<String>(),
+                    Tool::ALL.map(Tool::name).join(", ")
                 ),
-            ))
-        } else {
-            self.cached(tool, args).await
+            )),
         };
         let outcome = match &r {
-            Ok(_) => "ok".to_string(),
-            Err(e) => e.code.to_ascii_lowercase(),
+            Ok(_) => "ok",
+            Err(e) => e.code.label(),
         };
-        metrics::counter!(names::MCP_TOOL_CALLS, "tool" => tool, "outcome" => outcome).increment(1);
-        metrics::histogram!(names::MCP_TOOL_DURATION_SECONDS, "tool" => tool)
+        metrics::counter!(names::MCP_TOOL_CALLS, "tool" => label, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!(names::MCP_TOOL_DURATION_SECONDS, "tool" => label)
             .record(started.elapsed().as_secs_f64());
         r
     }
@@ -534,10 +526,10 @@ impl Toolbox {
         c
     }
 
-    async fn cached(&self, tool: &'static str, args: &Value) -> Result<Arc<Value>, ToolError> {
+    async fn cached(&self, tool: Tool, args: &Value) -> Result<Arc<Value>, ToolError> {
         let minute = self.minute();
         // serde_json's maps are sorted, so equal arguments give equal keys.
-        let key = format!("{tool} {args}");
+        let key = format!("{} {args}", tool.name());
         let cell = {
             let mut c = self.cache(minute);
             match c.answers.get(&key) {
@@ -556,7 +548,7 @@ impl Toolbox {
         // way); the outer error, which the cell does not keep, is an unavailable source, worth
         // asking again.
         let compute = || async {
-            match self.run(tool, args, minute).await {
+            match tool.run(self, args, minute).await {
                 Ok(v) => Ok(Ok(Arc::new(v))),
                 Err(e) if !e.transient() => Ok(Err(e)),
                 Err(e) => Err(e),
@@ -568,13 +560,14 @@ impl Toolbox {
         }
     }
 
+    /// Refuses a symbol this service does not analyse.
     fn symbol(&self, s: &str) -> Result<(), ToolError> {
         if self.symbols.contains(s) {
             return Ok(());
         }
         let shown: String = s.chars().take(32).collect();
         Err(ToolError::new(
-            "INVALID_SYMBOL",
+            Code::InvalidSymbol,
             format!(
                 "{shown:?} is not a symbol this service analyses ({} configured, e.g. {})",
                 self.symbols.len(),
@@ -607,303 +600,27 @@ impl Toolbox {
                     .candles(symbol, minute, count)
                     .await
                     .map(Arc::new)
-                    .map_err(|e| ToolError::new("UNAVAILABLE", e.to_string()))
+                    .map_err(|e| ToolError::new(Code::Unavailable, e.to_string()))
             })
             .await?
             .clone();
         if c.is_empty() {
             return Err(ToolError::new(
-                "NO_DATA",
+                Code::NoData,
                 format!("the market source has no candles for {symbol}"),
             ));
         }
         Ok(c)
     }
 
+    /// The history, or the refusal that says there is none.
     fn store(&self) -> Result<&Arc<dyn HistoryStore>, ToolError> {
         self.history.as_ref().ok_or_else(|| {
             ToolError::new(
-                "HISTORY_DISABLED",
+                Code::HistoryDisabled,
                 "this service keeps no history (history.enabled is false)",
             )
         })
-    }
-
-    async fn run(
-        &self,
-        tool: &'static str,
-        args: &Value,
-        minute: DateTime<Utc>,
-    ) -> Result<Value, ToolError> {
-        let simulated = self.market.name() == "simulated";
-        match tool {
-            "get_candles" => {
-                let a: CandlesArgs = read(args)?;
-                self.symbol(&a.symbol)?;
-                let tf = Timeframe::parse(a.timeframe.as_deref().unwrap_or("1m"))?;
-                let limit = bounded("limit", a.limit, 60, MAX_CANDLES)? as usize;
-                let offset = a.offset.unwrap_or(0) as usize;
-                let span = (limit + offset) * tf.minutes();
-                if span > MAX_SPAN_MINUTES {
-                    return Err(ToolError::new(
-                        "LIMIT_EXCEEDED",
-                        format!(
-                            "(limit + offset) × timeframe spans {span} minutes; at most {MAX_SPAN_MINUTES} (one day)"
-                        ),
-                    ));
-                }
-                // One bucket more than asked: the oldest may be partial and is dropped.
-                let raw = self.candles(&a.symbol, span + tf.minutes(), minute).await?;
-                let all = aggregate(&raw, tf.minutes());
-                let end = all.len().saturating_sub(offset);
-                let start = end.saturating_sub(limit);
-                let picked = &all[start..end];
-                if picked.is_empty() {
-                    return Err(ToolError::new(
-                        "NO_DATA",
-                        format!(
-                            "no {} candles of {} at offset {offset}",
-                            tf.label(),
-                            a.symbol
-                        ),
-                    ));
-                }
-                Ok(json!({
-                    "symbol": a.symbol,
-                    "timeframe": tf.label(),
-                    "candles": picked.iter().map(candle_json).collect::<Vec<_>>(),
-                    "source": self.market.name(),
-                    "simulated": simulated,
-                }))
-            }
-            "get_current_price" => {
-                let a: SymbolArgs = read(args)?;
-                self.symbol(&a.symbol)?;
-                let c = self.candles(&a.symbol, 61, minute).await?;
-                let ctx = crate::market::summarize(&c);
-                let last = c.last().map(|k| k.time.to_rfc3339());
-                Ok(json!({
-                    "symbol": a.symbol,
-                    "price": ctx.current_price,
-                    "change_1h": ctx.price_change_1h,
-                    "as_of": last,
-                    "source": self.market.name(),
-                    "simulated": simulated,
-                }))
-            }
-            "get_volatility" => {
-                let a: VolatilityArgs = read(args)?;
-                self.symbol(&a.symbol)?;
-                let tf = Timeframe::parse(a.timeframe.as_deref().unwrap_or("1m"))?;
-                let raw = self
-                    .candles(&a.symbol, (VOLATILITY_CANDLES + 1) * tf.minutes(), minute)
-                    .await?;
-                let c = aggregate(&raw, tf.minutes());
-                let stdev = stdev_of_returns(&c).ok_or_else(|| {
-                    ToolError::new(
-                        "NO_DATA",
-                        format!(
-                            "too few {} candles of {} for a volatility",
-                            tf.label(),
-                            a.symbol
-                        ),
-                    )
-                })?;
-                let hour = crate::market::summarize(&raw[raw.len().saturating_sub(61)..]);
-                Ok(json!({
-                    "symbol": a.symbol,
-                    "timeframe": tf.label(),
-                    "candles": c.len(),
-                    "stdev_return": stdev,
-                    "volatility_1h": hour.volatility_1h,
-                    "simulated": simulated,
-                }))
-            }
-            "get_top_strategies" => {
-                let a: TopStrategiesArgs = read(args)?;
-                self.symbol(&a.symbol)?;
-                let limit = bounded("limit", a.limit, 3, MAX_STRATEGIES)? as usize;
-                let metric = a.metric.as_deref().unwrap_or("hit_rate");
-                let verdicts = self.verdicts(&a.symbol, minute).await?;
-                let mut ranked: Vec<(f64, &(crate::model::StrategyVerdict, Value))> = match metric {
-                    "hit_rate" => verdicts.iter().map(|v| (v.0.score, v)).collect(),
-                    "graded_hit_rate" => {
-                        let since = minute.timestamp() - 7 * 86_400;
-                        let groups =
-                            scorecard_of(self.store()?.as_ref(), 900, GroupBy::Strategy, since)
-                                .await
-                                .map_err(|e| ToolError::new("UNAVAILABLE", e.to_string()))?;
-                        verdicts
-                            .iter()
-                            .map(|v| {
-                                let graded = groups
-                                    .iter()
-                                    .find(|g| g.key == v.0.name)
-                                    .map_or(-1.0, |g| g.hit_rate);
-                                (graded, v)
-                            })
-                            .collect()
-                    }
-                    other => {
-                        return Err(ToolError::new(
-                            "INVALID_METRIC",
-                            format!("metric {other:?} is not one of hit_rate, graded_hit_rate"),
-                        ));
-                    }
-                };
-                ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.0.name.cmp(&b.1.0.name)));
-                Ok(json!({
-                    "symbol": a.symbol,
-                    "metric": metric,
-                    "strategies": ranked.iter().take(limit).map(|(m, (v, p))| json!({
-                        "strategy_id": v.name,
-                        "signal": v.signal,
-                        "hit_rate": v.score,
-                        // The ranking figure; null when the strategy has no grades yet.
-                        "rank_value": if *m < 0.0 { Value::Null } else { json!(m) },
-                        "parameters": p,
-                    })).collect::<Vec<_>>(),
-                    "hit_rate_window_minutes": rules::HIT_WINDOW,
-                    "simulated": simulated,
-                }))
-            }
-            "get_strategy_signal" => {
-                let a: StrategySignalArgs = read(args)?;
-                self.symbol(&a.symbol)?;
-                let verdicts = self.verdicts(&a.symbol, minute).await?;
-                let (v, p) = verdicts
-                    .iter()
-                    .find(|(v, _)| v.name == a.strategy_id)
-                    .ok_or_else(|| {
-                        ToolError::new(
-                            "UNKNOWN_STRATEGY",
-                            format!(
-                                "no strategy {:?}; the strategies are {}",
-                                a.strategy_id.chars().take(64).collect::<String>(),
-                                verdicts
-                                    .iter()
-                                    .map(|(v, _)| v.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                        )
-                    })?;
-                Ok(json!({
-                    "symbol": a.symbol,
-                    "strategy_id": v.name,
-                    "signal": v.signal,
-                    "hit_rate": v.score,
-                    "parameters": p,
-                    "simulated": simulated,
-                }))
-            }
-            "get_strategy_consensus" => {
-                let a: SymbolArgs = read(args)?;
-                self.symbol(&a.symbol)?;
-                let verdicts = self.verdicts(&a.symbol, minute).await?;
-                let vs: Vec<_> = verdicts.iter().map(|(v, _)| v.clone()).collect();
-                let (action, bull, bear, neutral) = rules::consensus(&vs);
-                let n = vs.len().max(1) as f64;
-                let backing = match action {
-                    Action::Buy => bull,
-                    Action::Sell => bear,
-                    Action::Hold => neutral,
-                };
-                let mean = vs.iter().map(|v| v.score).sum::<f64>() / n;
-                let ratio = f64::from(backing) / n;
-                Ok(json!({
-                    "symbol": a.symbol,
-                    "action": action,
-                    "bullish": bull,
-                    "bearish": bear,
-                    "neutral": neutral,
-                    "consensus_ratio": ratio,
-                    "confidence": rules::confidence(ratio, mean),
-                    "simulated": simulated,
-                }))
-            }
-            "get_recent_decisions" => {
-                let a: DecisionsArgs = read(args)?;
-                self.symbol(&a.symbol)?;
-                let limit = bounded("limit", a.limit, 10, MAX_DECISIONS)? as usize;
-                let rows = self
-                    .store()?
-                    .page(&HistoryQuery {
-                        symbol: Some(a.symbol.clone()),
-                        stage: Some(Stage::Signal),
-                        limit,
-                        ..HistoryQuery::default()
-                    })
-                    .await
-                    .map_err(|e| ToolError::new("UNAVAILABLE", e.to_string()))?;
-                if rows.is_empty() {
-                    return Err(ToolError::new(
-                        "NO_DATA",
-                        format!("no decisions recorded for {} yet", a.symbol),
-                    ));
-                }
-                let decisions: Vec<Value> = rows
-                    .iter()
-                    .map(|r| {
-                        let p = &r.message["payload"];
-                        json!({
-                            "cycle_id": r.cycle_id,
-                            "action": p["action"],
-                            "confidence": p["confidence"],
-                            "price": p["market_context"]["current_price"],
-                            "top_strategy": p["top_strategy"]["name"],
-                            "reasoning": p["reasoning"],
-                            "grades": r.grades,
-                        })
-                    })
-                    .collect();
-                Ok(json!({"symbol": a.symbol, "decisions": decisions}))
-            }
-            "get_signal_performance" => {
-                let a: PerformanceArgs = read(args)?;
-                self.symbol(&a.symbol)?;
-                let horizon_text = a.horizon.as_deref().unwrap_or("15m");
-                let horizon = parse_horizon(horizon_text).ok_or_else(|| {
-                    ToolError::new(
-                        "INVALID_HORIZON",
-                        format!(
-                            "horizon {:?} is not minutes or hours, e.g. 5m, 15m, 1h",
-                            horizon_text.chars().take(16).collect::<String>()
-                        ),
-                    )
-                })?;
-                let since = minute.timestamp() - 7 * 86_400;
-                let groups = scorecard_of(self.store()?.as_ref(), horizon, GroupBy::Symbol, since)
-                    .await
-                    .map_err(|e| ToolError::new("UNAVAILABLE", e.to_string()))?;
-                let g = groups
-                    .into_iter()
-                    .find(|g| g.key == a.symbol)
-                    .ok_or_else(|| {
-                        ToolError::new(
-                            "NO_DATA",
-                            format!(
-                                "no graded signals of {} at {} in the last 7 days",
-                                a.symbol,
-                                horizon_label(horizon)
-                            ),
-                        )
-                    })?;
-                Ok(json!({
-                    "symbol": a.symbol,
-                    "horizon": horizon_label(horizon),
-                    "graded": g.graded,
-                    "hits": g.hits,
-                    "hit_rate": g.hit_rate,
-                    "hit_rate_ci95": g.hit_rate_ci95,
-                    "mean_return": g.mean_return,
-                    "median_return": g.median_return,
-                    "brier": g.brier,
-                    "simulated": simulated,
-                }))
-            }
-            _ => Err(ToolError::new("UNKNOWN_TOOL", tool)),
-        }
     }
 
     /// Every strategy's verdict on `symbol` now, with its parameters.
@@ -911,19 +628,18 @@ impl Toolbox {
         &self,
         symbol: &str,
         minute: DateTime<Utc>,
-    ) -> Result<Vec<(crate::model::StrategyVerdict, Value)>, ToolError> {
+    ) -> Result<Vec<Evaluated>, ToolError> {
         let c = self.candles(symbol, STRATEGY_CANDLES, minute).await?;
-        if c.len() < crate::market::MIN_CANDLES {
+        if c.len() < MIN_CANDLES {
             return Err(ToolError::new(
-                "NO_DATA",
+                Code::NoData,
                 format!(
-                    "{} candles of {symbol}; the strategies need at least {}",
+                    "{} candles of {symbol}; the strategies need at least {MIN_CANDLES}",
                     c.len(),
-                    crate::market::MIN_CANDLES
                 ),
             ));
         }
-        Ok(rules::evaluate(&c))
+        Ok(self.strategies.evaluate(&c))
     }
 }
 
@@ -981,6 +697,7 @@ mod tests {
         let tools = Arc::new(Toolbox::new(
             market.clone(),
             None,
+            Arc::default(),
             &["ETH/USD".to_string()],
             clock,
         ));
@@ -1106,7 +823,7 @@ mod tests {
         ];
         for (tool, args, code, says) in cases {
             let e = tools.call(tool, &args).await.expect_err(tool);
-            assert_eq!(e.code, code, "{tool} {args}: {e}");
+            assert_eq!(e.code.as_str(), code, "{tool} {args}: {e}");
             assert!(e.message.contains(says), "{tool} {args}: {e}");
         }
         // None of them needed the market.

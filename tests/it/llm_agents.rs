@@ -154,7 +154,7 @@ async fn a_429_with_retry_after_pauses_calls_for_that_long() {
     assert!(gap >= Duration::from_secs(2), "gap {gap:?}");
     let (_, d) = app.get("/health/detailed").await;
     assert_eq!(
-        d["llm"]["since_start"]["requests"]["rate_limited"], 1,
+        d["llm"]["since_start"]["requests"]["llm_rate_limited"], 1,
         "{d}"
     );
 }
@@ -477,7 +477,7 @@ async fn miscounted_strategies_are_repaired_and_the_signal_agrees_with_its_break
         // The runner's six strategies, not the model's 0.
         assert_eq!(
             s["strategies_analyzed"],
-            autonomous_runner::agents::rules::strategy_names().len(),
+            autonomous_runner::strategy::strategy_names().len(),
             "not the model's 0"
         );
     }
@@ -683,7 +683,7 @@ async fn a_rejected_key_is_not_retried_and_flips_readiness() {
         "{per_symbol} requests over {cycles} cycles"
     );
     let (_, d) = app.get("/health/detailed").await;
-    let refused = d["llm"]["since_start"]["requests"]["refused"]
+    let refused = d["llm"]["since_start"]["requests"]["llm_refused"]
         .as_u64()
         .unwrap_or(0);
     assert!(refused >= 2, "{d}");

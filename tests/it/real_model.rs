@@ -85,6 +85,7 @@ async fn tool_prompt_cost(llm: &LlamaServer) {
     let toolbox = autonomous_runner::tools::Toolbox::new(
         std::sync::Arc::new(autonomous_runner::market::simulated::Simulated::new()),
         None,
+        Default::default(),
         &["BTC/USD".to_string()],
         autonomous_runner::schedule::Clock::System,
     );

@@ -1,0 +1,70 @@
+//! `get_recent_decisions`: this service's latest signals for a symbol, newest first, with
+//! how each was graded so far.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Code, MAX_DECISIONS, ToolError, ToolSpec, Toolbox, bounded};
+use crate::history::HistoryQuery;
+use crate::model::Stage;
+
+/// `get_recent_decisions` arguments.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Args {
+    /// A configured symbol, e.g. `BTC/USD`.
+    symbol: String,
+    /// Decisions to return, newest first (1–50, default 10).
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// The tool.
+pub(super) struct GetRecentDecisions;
+
+impl ToolSpec for GetRecentDecisions {
+    type Args = Args;
+    const NAME: &'static str = "get_recent_decisions";
+    const DESCRIPTION: &'static str = "This service's most recent signals for a symbol, newest first, each with how it was graded so far (hit or miss at each horizon).";
+    const BRIEF: &'static str =
+        "This service's latest signals, newest first, with their grades; limit 1-50.";
+
+    async fn run(tb: &Toolbox, a: Args, _minute: DateTime<Utc>) -> Result<Value, ToolError> {
+        tb.symbol(&a.symbol)?;
+        let limit = bounded("limit", a.limit, 10, MAX_DECISIONS)? as usize;
+        let rows = tb
+            .store()?
+            .page(&HistoryQuery {
+                symbol: Some(a.symbol.clone()),
+                stage: Some(Stage::Signal),
+                limit,
+                ..HistoryQuery::default()
+            })
+            .await
+            .map_err(|e| ToolError::new(Code::Unavailable, e.to_string()))?;
+        if rows.is_empty() {
+            return Err(ToolError::new(
+                Code::NoData,
+                format!("no decisions recorded for {} yet", a.symbol),
+            ));
+        }
+        let decisions: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let p = &r.message["payload"];
+                json!({
+                    "cycle_id": r.cycle_id,
+                    "action": p["action"],
+                    "confidence": p["confidence"],
+                    "price": p["market_context"]["current_price"],
+                    "top_strategy": p["top_strategy"]["name"],
+                    "reasoning": p["reasoning"],
+                    "grades": r.grades,
+                })
+            })
+            .collect();
+        Ok(json!({"symbol": a.symbol, "decisions": decisions}))
+    }
+}
