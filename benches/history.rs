@@ -179,6 +179,7 @@ async fn cycle_times(store: Option<Arc<dyn HistoryStore>>, cycles: usize) -> Vec
         agents: StageAgents::rules(),
         publisher,
         candles: 120,
+        clock: autonomous_runner::schedule::Clock::System,
         strategies: Default::default(),
         advise_min_score: 0.0,
         expiry_grace: Duration::from_secs(30),

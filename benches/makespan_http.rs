@@ -102,6 +102,7 @@ async fn run(cycles: usize) {
         },
         publisher: Arc::new(Publisher::new(Hub::new(1024, None), 16, None)),
         candles: 120,
+        clock: autonomous_runner::schedule::Clock::System,
         strategies: Default::default(),
         advise_min_score: 101.0,
         expiry_grace: Duration::from_secs(30),

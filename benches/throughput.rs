@@ -122,6 +122,7 @@ async fn run(port: u16, cycles: usize) {
         agents: StageAgents::rules(),
         publisher: publisher.clone(),
         candles: 120,
+        clock: autonomous_runner::schedule::Clock::System,
         strategies: Default::default(),
         advise_min_score: 0.0,
         expiry_grace: Duration::from_secs(30),

@@ -681,6 +681,7 @@ fn build_runner(
         agents: setup.agents.clone(),
         publisher: publisher.clone(),
         candles: cfg.market_data.candles,
+        clock,
         strategies: Arc::new(strategy::StrategySet::new(cfg.strategies.clone())),
         advise_min_score: cfg.pipeline.advise_min_score,
         expiry_grace: Duration::from_secs(cfg.pipeline.expiry_grace_seconds),

@@ -14,6 +14,22 @@ impl Config {
         let mut v = Validator::default();
         let r = "autonomous_runner";
 
+        self.check_identity(&mut v, r);
+        for bound in self.numeric_bounds() {
+            bound.check(&mut v, r);
+        }
+        self.check_strategies(&mut v, r);
+        self.check_pool_and_peers(&mut v, r);
+        self.check_endpoints(&mut v, r);
+        if v.issues.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(v.issues))
+        }
+    }
+
+    /// The schedule, the replica's name and the symbols.
+    fn check_identity(&self, v: &mut Validator, r: &str) {
         if let Err(e) = Schedule::new(&self.schedule, &self.timezone) {
             match e {
                 crate::schedule::ScheduleError::TimeZone(_) => {
@@ -52,11 +68,10 @@ impl Config {
                 );
             }
         }
+    }
 
-        for bound in self.numeric_bounds() {
-            bound.check(&mut v, r);
-        }
-        self.check_strategies(&mut v, r);
+    /// The pool's bounds, the deadlines, heartbeats, breakers, coordination and lock keys that must agree.
+    fn check_pool_and_peers(&self, v: &mut Validator, r: &str) {
         let p = &self.parallel;
         if p.min_concurrent > p.max_concurrent {
             v.bad(
@@ -134,7 +149,10 @@ impl Config {
                 "must be non-empty printable ASCII without spaces (lock keys are {key_prefix}{redis_key_prefix}{symbol})",
             );
         }
+    }
 
+    /// What the backends and sources are reached at and what they need, then the keys that only make sense together.
+    fn check_endpoints(&self, v: &mut Validator, r: &str) {
         if self.agents.burst > self.agents.requests_per_minute {
             v.bad(
                 format!("{r}.agents.burst"),
@@ -210,19 +228,13 @@ impl Config {
             );
         }
 
-        self.check_relations(&mut v, r);
+        self.check_relations(v, r);
 
         if self.http.bind.parse::<IpAddr>().is_err() {
             v.bad(
                 format!("{r}.http.bind"),
                 format!("{:?} is not an IP address", self.http.bind),
             );
-        }
-
-        if v.issues.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(v.issues))
         }
     }
 

@@ -11,6 +11,7 @@
 
 pub mod memory;
 pub mod redis;
+mod redis_rate_limit;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

@@ -5,9 +5,13 @@
 //! [`sse`] serves the signal stream.
 
 pub mod gateway;
+mod health;
 mod history;
 pub mod mcp;
 pub mod sse;
+
+use health::{detailed, health, live, ready};
+pub use health::{status_now, watch_status};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agents::llm::{LlmHealth, TokenBudget, Transport};
 use crate::coordination::Coordination;
 use crate::publish::Publisher;
-use crate::resilience::{Breaker, BreakerState};
+use crate::resilience::Breaker;
 use crate::runner::SharedState;
 use crate::schedule::CycleId;
 
@@ -524,275 +528,6 @@ async fn kill_switch_off(
     }
 }
 
-async fn health(State(s): State<AppState>) -> impl IntoResponse {
-    axum::Json(json!({
-        "status": "healthy",
-        "instance_id": s.instance_id,
-        "uptime_seconds": Instant::now().duration_since(s.started).as_secs_f64(),
-    }))
-}
-
-/// Live while the tick loop moves: a loop frozen for two periods plus the cycle deadline
-/// (a blocked runtime thread, a wedged dependency call) fails the probe, and Kubernetes
-/// restarts the pod rather than keeping a process that looks healthy and does nothing.
-async fn live(State(s): State<AppState>) -> Response {
-    match s.runner.liveness() {
-        Ok(()) => axum::Json(json!({"status": "alive"})).into_response(),
-        Err(since) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({
-                "status": "stalled",
-                "reason": "the tick loop has not advanced",
-                "seconds_since_progress": since.as_secs_f64(),
-            })),
-        )
-            .into_response(),
-    }
-}
-
-/// Watches readiness and the kill switch every `every`, and puts a `status` event on the SSE
-/// stream whenever either differs from the last seen (`first` at start: taken before the
-/// server serves anyone), a Redis kill switch set by hand included, until `stop`.
-pub async fn watch_status(
-    s: AppState,
-    first: Value,
-    every: std::time::Duration,
-    stop: CancellationToken,
-) {
-    let mut last = first;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let now = status_now(&s).await;
-        if now != last {
-            s.publisher.status(now.clone());
-            last = now;
-        }
-    }
-}
-
-/// Readiness and the kill switch as a `status` event carries them.
-pub async fn status_now(s: &AppState) -> Value {
-    let (_, r) = readiness(s).await;
-    let ks = s.coord.kill_switch().await.ok().flatten();
-    json!({"readiness": {"status": r["status"], "degraded": r["degraded"], "failing": r["failing"]}, "kill_switch": ks})
-}
-
-/// What readiness is judged from, gathered from the live parts by [`readiness`].
-#[derive(Debug, Clone, Default)]
-struct ReadinessFacts {
-    /// The tick loop runs and shutdown has not begun.
-    scheduler_running: bool,
-    /// No backpressure cooldown.
-    not_in_cooldown: bool,
-    /// The coordination backend answers (or why not).
-    coordination: Option<String>,
-    /// LLM breakers that are open.
-    open_llm_breakers: Vec<String>,
-    /// A 401/402 from the provider, not yet followed by a success.
-    auth_error: Option<String>,
-    /// The spent budget window, if any.
-    budget_spent: Option<&'static str>,
-    /// `agents.fallback: rules`.
-    fallback_rules: bool,
-    /// Backends with a health check of their own (`opencode`), and its result.
-    probes: Vec<(&'static str, Result<(), String>)>,
-}
-
-/// Readiness from its facts: `(ready, body)`. Pure, so every combination is testable.
-fn judge(f: &ReadinessFacts) -> (bool, Value) {
-    let mut reasons = serde_json::Map::new();
-    let mut degraded = serde_json::Map::new();
-    if let Some(e) = &f.coordination {
-        reasons.insert("coordination_connected".into(), json!(e));
-    }
-    // With the rules fallback serving, an LLM incident degrades the signals but the service
-    // is up: the dashboard and SSE must stay in the load balancer. Without one, nothing can be
-    // produced, and the probe says so.
-    let mut llm_problem = |key: &str, why: String| {
-        if f.fallback_rules {
-            degraded.insert(
-                key.into(),
-                json!(format!("{why}; the rules fallback is serving")),
-            );
-        } else {
-            reasons.insert(key.into(), json!(why));
-        }
-    };
-    if !f.open_llm_breakers.is_empty() {
-        llm_problem(
-            "circuit_breaker_closed",
-            format!("open: {}", f.open_llm_breakers.join(", ")),
-        );
-    }
-    if let Some(w) = f.budget_spent {
-        llm_problem(
-            "llm_budget_available",
-            format!("the token budget for this {w} is spent"),
-        );
-    }
-    if let Some(a) = &f.auth_error {
-        reasons.insert("llm_credentials_valid".into(), json!(a));
-    }
-    let mut checks = json!({
-        "scheduler_running": f.scheduler_running,
-        "circuit_breaker_closed": f.open_llm_breakers.is_empty() || f.fallback_rules,
-        "not_in_cooldown": f.not_in_cooldown,
-        "coordination_connected": f.coordination.is_none(),
-        "llm_credentials_valid": f.auth_error.is_none(),
-        "llm_budget_available": f.budget_spent.is_none() || f.fallback_rules,
-    });
-    for (backend, r) in &f.probes {
-        if let Err(e) = r {
-            reasons.insert(format!("{backend}_healthy"), json!(e));
-        }
-        checks[format!("{backend}_healthy")] = json!(r.is_ok());
-    }
-    let failing: Vec<String> = checks
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(_, v)| v.as_bool() != Some(true))
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
-        .unwrap_or_default();
-    let ok = failing.is_empty();
-    (
-        ok,
-        json!({
-            "status": if ok { "ready" } else { "not_ready" },
-            "degraded": !degraded.is_empty(),
-            "checks": checks,
-            "failing": failing,
-            "reasons": reasons,
-            "degraded_reasons": degraded,
-        }),
-    )
-}
-
-async fn readiness(s: &AppState) -> (bool, Value) {
-    let v = s.runner.view();
-    let coordination = match s.coord.ping().await {
-        Ok(()) => v.coordination_error.clone(),
-        Err(e) => Some(e.to_string()),
-    };
-    let mut probes = vec![];
-    for p in &s.probes {
-        probes.push((p.backend(), p.health().await));
-    }
-    judge(&ReadinessFacts {
-        scheduler_running: v.ticking && !v.shutting_down,
-        not_in_cooldown: v.cooldown_cycles_remaining == 0,
-        coordination,
-        open_llm_breakers: s
-            .breakers
-            .iter()
-            .filter(|b| b.name().starts_with("llm_") && b.state() == BreakerState::Open)
-            .map(|b| b.name().to_string())
-            .collect(),
-        auth_error: s.llm_health.auth_error(),
-        budget_spent: s.budget.exhausted(chrono::Utc::now()).map(|w| w.as_str()),
-        fallback_rules: s.fallback_rules,
-        probes,
-    })
-}
-
-async fn ready(State(s): State<AppState>) -> Response {
-    let (ok, body) = readiness(&s).await;
-    let code = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, axum::Json(body)).into_response()
-}
-
-async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
-    let v = s.runner.view();
-    let (ready, readiness) = readiness(&s).await;
-    let active_locks = s.coord.held_locks().await.map(|l| l.len()).ok();
-    let breakers: serde_json::Map<String, Value> = s
-        .breakers
-        .iter()
-        .map(|b| {
-            let snap = b.snapshot();
-            (
-                b.name().to_string(),
-                json!({
-                    "state": snap.state.as_str(),
-                    "mode": snap.mode,
-                    "failure_count": snap.failure_count,
-                    "total_failures": snap.total_failures,
-                    "times_opened": snap.times_opened,
-                    "seconds_since_last_failure": snap.seconds_since_last_failure,
-                    "last_failure": snap.last_failure,
-                    "opened_because": snap.opened_because,
-                }),
-            )
-        })
-        .collect();
-    let (hour_used, day_used) = s.budget.used(chrono::Utc::now());
-    let (per_hour, per_day) = s.budget.limits();
-    axum::Json(json!({
-        "status": if !ready { "unhealthy" } else if readiness["degraded"] == true { "degraded" } else { "healthy" },
-        "instance_id": s.instance_id,
-        "last_cycle": v.last_cycle.as_ref().map(|c| c.cycle_id),
-        "last_cycle_finished_at": v.last_cycle_finished_at,
-        "last_cycle_duration_seconds": v.last_cycle.as_ref().map(|c| c.duration_seconds),
-        "signals_last_cycle": v.last_cycle.as_ref().map(|c| c.symbols_ok),
-        "cycle_running": v.cycle_running,
-        "next_tick": v.next_tick,
-        "active_locks": active_locks,
-        "market_data": history::market_note(&s),
-        "history": s.publisher.history().map(|w| json!({
-            "backend": w.store().backend(),
-            "queued": w.queued(),
-            "writing": w.healthy(),
-        })),
-        "circuit_breakers": breakers,
-        "dashboard_stream": {
-            "follows_redis": s.publisher.hub().follows_redis(),
-            "follow_failures": s.publisher.hub().follow_failures(),
-        },
-        "llm": {
-            "tokens_total": s.llm_health.tokens_total(),
-            "budget": {
-                "tokens_per_hour": per_hour,
-                "tokens_per_day": per_day,
-                "used_this_hour": hour_used,
-                "used_today": day_used,
-                "exhausted": s.budget.exhausted(chrono::Utc::now()).map(|w| w.as_str()),
-            },
-            "credentials_error": s.llm_health.auth_error(),
-            "last_errors": s.llm_health.last_errors(),
-            // Requests each endpoint is sent at once, as learned from its latency.
-            "concurrency": s.endpoint_limits.iter().map(|(b, l)| (b.to_string(), json!({"limit": l.limit(), "in_flight": l.in_flight()}))).collect::<serde_json::Map<String, Value>>(),
-            "since_start": s.llm_health.tallies(),
-        },
-        "adaptive": {
-            "current_batch_size": v.current_batch_size,
-            "current_timeout": v.current_timeout,
-            "p95_latency_ms": v.p95_latency_ms,
-            "high_latency_mode": v.high_latency_mode,
-            "calls_per_symbol": v.calls_per_symbol,
-            "predicted_makespan_seconds": v.predicted_makespan_seconds,
-        },
-        "backpressure": {
-            "consecutive_overruns": v.consecutive_overruns,
-            "cooldown_cycles_remaining": v.cooldown_cycles_remaining,
-        },
-        // Read live: an operator who just flipped it wants to see it, not the last tick's view.
-        "kill_switch": s.coord.kill_switch().await.ok().flatten(),
-        "coordination": { "backend": s.coord.backend(), "error": v.coordination_error },
-        "redis_connected": if s.coord.backend() == "redis" { Some(readiness["checks"]["coordination_connected"].as_bool() == Some(true)) } else { None },
-        "readiness": readiness,
-        "uptime_seconds": Instant::now().duration_since(s.started).as_secs_f64(),
-    }))
-}
-
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     metrics::counter!(crate::telemetry::names::LOG_LINES_DROPPED)
         .absolute(crate::telemetry::log_lines_dropped());
@@ -939,6 +674,7 @@ async fn cycles(State(s): State<AppState>) -> impl IntoResponse {
 
 #[cfg(test)]
 mod tests {
+    use super::health::{ReadinessFacts, judge};
     use super::*;
 
     #[test]

@@ -28,6 +28,9 @@ pub struct PipelineContext {
     pub publisher: Arc<Publisher>,
     /// Candles per symbol.
     pub candles: usize,
+    /// What time it is for the stages: the market data is read as of it and signals are
+    /// stamped with it (the system clock in service; an anchored or virtual one in tests).
+    pub clock: crate::schedule::Clock,
     /// The strategies, evaluated once per symbol and tick for whichever agent runs the signal
     /// stage.
     pub strategies: Arc<StrategySet>,
@@ -159,75 +162,12 @@ pub async fn run_symbol(
         signal_id: signal_id(symbol, cycle),
     };
 
-    // Stage 1: Signal.
-    let t0 = Instant::now();
-    let now = Utc::now();
-    let candles = ctx
-        .market
-        .candles(symbol, now, ctx.candles)
-        .await
-        .map_err(|e| StageFailure {
-            stage: Stage::Signal,
-            error: e.into(),
-        })?;
-    let context = summarize(&candles);
-    let data_as_of = candles
-        .last()
-        .map(|c| c.time + chrono::Duration::minutes(1))
-        .unwrap_or(now);
-    // Evaluated once, whichever backend runs the stage.
-    let verdicts = ctx.strategies.evaluate(&candles);
-    let req = SignalRequest {
-        symbol,
-        cycle_id: *cycle,
-        candles: &candles,
-        context: &context,
-        verdicts: &verdicts,
-        now,
-    };
-    let answer = steps
-        .ask(Stage::Signal, ctx.agents.signal.signal(&req, limits))
-        .await?;
-    let draft = answer.value;
-    Steps::check(Stage::Signal, draft.validate())?;
-    // The counts are derived from the breakdown, whoever produced it: a published signal
-    // always agrees with itself.
-    let tally = Tally::of(&draft.strategy_breakdown);
-    let signal = Signal {
-        signal_id: steps.signal_id.clone(),
-        cycle_id: *cycle,
-        symbol: symbol.to_string(),
-        action: draft.action,
-        confidence: draft.confidence,
-        reasoning: draft.reasoning,
-        strategies_analyzed: tally.analyzed,
-        strategies_bullish: tally.bullish,
-        strategies_bearish: tally.bearish,
-        strategies_neutral: tally.neutral,
-        top_strategy: draft.top_strategy,
-        strategy_breakdown: draft.strategy_breakdown,
-        market_context: context,
-        timestamp: now,
-        expires_at: next_tick + chrono::Duration::from_std(ctx.expiry_grace).unwrap_or_default(),
-        data_as_of,
-        is_degraded: answer.degraded,
-    };
+    let signal = signal_stage(&steps, next_tick, limits).await?;
     let action = signal.action;
-    metrics::counter!(names::SIGNAL_GENERATION, "symbol" => symbol.to_string(), "action" => action.as_str())
-        .increment(1);
-    steps
-        .publish(
-            Stage::Signal,
-            &signal,
-            t0,
-            &answer.model,
-            &answer.tools_used,
-        )
-        .await?;
 
     // Stage 2: Score (deterministic).
     let t1 = Instant::now();
-    let mut scored = score_signal(signal, Utc::now());
+    let mut scored = score_signal(signal, ctx.clock.now());
     let score = scored.opportunity_score;
     steps
         .publish(Stage::Score, &scored, t1, "deterministic", &[])
@@ -235,27 +175,7 @@ pub async fn run_symbol(
 
     // Stage 3: Advise, only for promising scores.
     let advice = if score >= ctx.advise_min_score {
-        let t2 = Instant::now();
-        let answer = steps
-            .ask(Stage::Advise, ctx.agents.advise.advise(&scored, limits))
-            .await?;
-        let advice = answer.value;
-        scored.signal.is_degraded |= answer.degraded;
-        Steps::check(Stage::Advise, validate_advice(&advice))?;
-        let advised = AdvisedSignal {
-            scored: scored.clone(),
-            advice: Some(advice.clone()),
-        };
-        steps
-            .publish(
-                Stage::Advise,
-                &advised,
-                t2,
-                &answer.model,
-                &answer.tools_used,
-            )
-            .await?;
-        Some(advice)
+        Some(advise_stage(&steps, &mut scored, limits).await?)
     } else {
         None
     };
@@ -288,6 +208,114 @@ pub async fn run_symbol(
     })
 }
 
+/// Stage 1: the market data as of now, the strategies evaluated once, the signal agent's
+/// draft checked and made into the signal (its counts derived from its breakdown), published.
+async fn signal_stage(
+    steps: &Steps<'_>,
+    next_tick: DateTime<Utc>,
+    limits: CallLimits,
+) -> Result<Signal, StageFailure> {
+    let ctx = steps.ctx;
+    let t0 = Instant::now();
+    let now = ctx.clock.now();
+    let candles = ctx
+        .market
+        .candles(steps.symbol, now, ctx.candles)
+        .await
+        .map_err(|e| StageFailure {
+            stage: Stage::Signal,
+            error: e.into(),
+        })?;
+    let context = summarize(&candles);
+    let data_as_of = candles
+        .last()
+        .map(|c| c.time + chrono::Duration::minutes(1))
+        .unwrap_or(now);
+    // Evaluated once, whichever backend runs the stage.
+    let verdicts = ctx.strategies.evaluate(&candles);
+    let req = SignalRequest {
+        symbol: steps.symbol,
+        cycle_id: steps.cycle,
+        candles: &candles,
+        context: &context,
+        verdicts: &verdicts,
+        now,
+    };
+    let answer = steps
+        .ask(Stage::Signal, ctx.agents.signal.signal(&req, limits))
+        .await?;
+    let draft = answer.value;
+    Steps::check(Stage::Signal, draft.validate())?;
+    // The counts are derived from the breakdown, whoever produced it: a published signal
+    // always agrees with itself.
+    let tally = Tally::of(&draft.strategy_breakdown);
+    let signal = Signal {
+        signal_id: steps.signal_id.clone(),
+        cycle_id: steps.cycle,
+        symbol: steps.symbol.to_string(),
+        action: draft.action,
+        confidence: draft.confidence,
+        reasoning: draft.reasoning,
+        strategies_analyzed: tally.analyzed,
+        strategies_bullish: tally.bullish,
+        strategies_bearish: tally.bearish,
+        strategies_neutral: tally.neutral,
+        top_strategy: draft.top_strategy,
+        strategy_breakdown: draft.strategy_breakdown,
+        market_context: context,
+        timestamp: now,
+        expires_at: next_tick + chrono::Duration::from_std(ctx.expiry_grace).unwrap_or_default(),
+        data_as_of,
+        is_degraded: answer.degraded,
+    };
+    let action = signal.action;
+    metrics::counter!(names::SIGNAL_GENERATION, "symbol" => steps.symbol.to_string(), "action" => action.as_str())
+        .increment(1);
+    steps
+        .publish(
+            Stage::Signal,
+            &signal,
+            t0,
+            &answer.model,
+            &answer.tools_used,
+        )
+        .await?;
+    Ok(signal)
+}
+
+/// Stage 3: the advisor's view of a promising signal, checked and published; a degraded
+/// answer marks the signal degraded too.
+async fn advise_stage(
+    steps: &Steps<'_>,
+    scored: &mut ScoredSignal,
+    limits: CallLimits,
+) -> Result<Advice, StageFailure> {
+    let t2 = Instant::now();
+    let answer = steps
+        .ask(
+            Stage::Advise,
+            steps.ctx.agents.advise.advise(scored, limits),
+        )
+        .await?;
+    let advice = answer.value;
+    scored.signal.is_degraded |= answer.degraded;
+    Steps::check(Stage::Advise, validate_advice(&advice))?;
+    let advised = AdvisedSignal {
+        scored: scored.clone(),
+        advice: Some(advice.clone()),
+    };
+    steps
+        .publish(
+            Stage::Advise,
+            &advised,
+            t2,
+            &answer.model,
+            &answer.tools_used,
+        )
+        .await?;
+    Ok(advice)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +343,7 @@ mod tests {
             agents: StageAgents::rules(),
             publisher: publisher.clone(),
             candles: 120,
+            clock: crate::schedule::Clock::System,
             strategies: Arc::default(),
             // Advise everything so all four stages appear.
             advise_min_score: 0.0,

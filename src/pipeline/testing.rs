@@ -21,6 +21,7 @@ pub fn pipeline(
         },
         publisher,
         candles: 120,
+        clock: crate::schedule::Clock::System,
         strategies: Default::default(),
         advise_min_score: 70.0,
         expiry_grace: Duration::from_secs(30),

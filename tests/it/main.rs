@@ -15,6 +15,7 @@ mod browser;
 mod cli;
 mod deploy;
 mod failures;
+mod golden;
 mod hardening;
 mod history;
 mod influxdb;
