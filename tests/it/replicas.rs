@@ -231,14 +231,26 @@ async fn a_killed_runners_locks_are_taken_over_after_its_heartbeat_expires() {
         )
         .await;
     let cycle = finished["cycle_id"].as_str().unwrap().to_string();
-    let c = counts(&redis, "stream:dashboard-signals").await;
-    for s in ["ETH/USD", "BTC/USD", "SOL/USD", "DOGE/USD", "LINK/USD"] {
-        assert_eq!(
-            c.get(&(cycle.clone(), s.to_string())),
-            Some(&1),
-            "{s} in {cycle}"
-        );
-    }
+    // The outbox delivers after the cycle's log line (batched, off the cycle's path): wait
+    // for the stream rather than read it once (a read-once saw four of five).
+    eventually(
+        "every symbol of the heir's whole tick in the stream, once",
+        Duration::from_secs(10),
+        || async {
+            let c = counts(&redis, "stream:dashboard-signals").await;
+            let per: Vec<(&str, Option<usize>)> =
+                ["ETH/USD", "BTC/USD", "SOL/USD", "DOGE/USD", "LINK/USD"]
+                    .into_iter()
+                    .map(|s| (s, c.get(&(cycle.clone(), s.to_string())).copied()))
+                    .collect();
+            if per.iter().all(|(_, n)| *n == Some(1)) {
+                Ok(())
+            } else {
+                Err(format!("{cycle}: {per:?}"))
+            }
+        },
+    )
+    .await;
     let (_, m) = b.get_text("/metrics").await;
     assert!(
         crate::helpers::metric(
