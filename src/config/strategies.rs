@@ -17,7 +17,7 @@ pub struct Strategies {
     /// The fast EMA above the slow one by more than `band` → BUY, below → SELL.
     pub ema_trend: EmaTrend,
     /// A close beyond the `period`'s range on volume over `volume_multiple` × its mean → that
-    /// way (and on twice that volume without a break, the candle's own direction).
+    /// way; on more than twice the mean volume without a break, the candle's own direction.
     pub volume_breakout: VolumeBreakout,
     /// The return over `lookback` minutes beyond ±`threshold` → that way.
     pub momentum: Momentum,
