@@ -210,28 +210,9 @@ impl Agent for Rules {
 mod tests {
     use super::*;
     use crate::market::Candle;
+    use crate::strategy::testing::series;
     use crate::strategy::{StrategySet, summarize};
-    use chrono::{TimeZone, Utc};
-
-    fn series(f: impl Fn(usize) -> f64, n: usize) -> Vec<Candle> {
-        (0..n)
-            .map(|i| {
-                let close = f(i);
-                let open = if i == 0 { close } else { f(i - 1) };
-                Candle {
-                    time: Utc
-                        .timestamp_opt(1_700_000_000 + 60 * i as i64, 0)
-                        .single()
-                        .expect("t"),
-                    open,
-                    high: open.max(close) * 1.0001,
-                    low: open.min(close) * 0.9999,
-                    close,
-                    volume: 100.0,
-                }
-            })
-            .collect()
-    }
+    use chrono::Utc;
 
     /// The rules agent's signal on `c`, with the strategies evaluated as the pipeline does.
     fn analyse(c: &[Candle]) -> Result<SignalDraft, AgentError> {

@@ -358,13 +358,16 @@ pub fn summarize(candles: &[Candle]) -> MarketContext {
     }
 }
 
+/// Candle series for the unit tests of every module that reads candles.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use chrono::{TimeZone, Utc};
 
-    use super::*;
+    use crate::market::Candle;
 
-    fn series(f: impl Fn(usize) -> f64, n: usize) -> Vec<Candle> {
+    /// `n` 1-minute candles closing at `f(i)`, each opening at the previous close, with a
+    /// narrow range and a constant volume.
+    pub(crate) fn series(f: impl Fn(usize) -> f64, n: usize) -> Vec<Candle> {
         (0..n)
             .map(|i| {
                 let close = f(i);
@@ -383,6 +386,14 @@ mod tests {
             })
             .collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::testing::series;
+    use super::*;
 
     fn verdict(c: &[Candle], k: Kind) -> StrategyVerdict {
         StrategySet::default()
