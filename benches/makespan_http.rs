@@ -58,7 +58,7 @@ fn main() {
 async fn run(cycles: usize) {
     let llm = LlmServer::start().await;
     let breaker = Breaker::new(
-        "llm_openrouter",
+        autonomous_runner::resilience::BreakerKind::LlmOpenrouter,
         BreakerSettings {
             failure_threshold: 5,
             recovery_timeout: Duration::from_secs(60),

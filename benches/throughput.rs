@@ -88,7 +88,7 @@ async fn run(port: u16, cycles: usize) {
     let url = format!("redis://127.0.0.1:{port}");
     let conn = connect(&url).expect("redis");
     let breaker = Breaker::new(
-        "redis",
+        autonomous_runner::resilience::BreakerKind::Redis,
         BreakerSettings {
             failure_threshold: 3,
             recovery_timeout: Duration::from_secs(30),

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::CallLimits;
 use crate::coordination::{Coordination, LockOutcome};
+use crate::model::{FailedAt, Reason};
 use crate::pipeline::{PipelineContext, run_symbol};
 use crate::publish::SymbolFailure;
 use crate::schedule::CycleId;
@@ -54,10 +55,10 @@ pub enum SymbolResult {
     },
     /// Stopped with a reason.
     Failed {
-        /// Bounded reason.
-        reason: &'static str,
-        /// Stage it stopped at.
-        stage: &'static str,
+        /// Why.
+        reason: Reason,
+        /// Where it stopped.
+        stage: FailedAt,
         /// Whether it counts as a latency sample (a timeout does: it says "slow").
         latency: Option<Duration>,
         /// What happened, for people: the first cause among its attempts (an HTTP status
@@ -67,8 +68,8 @@ pub enum SymbolResult {
     },
     /// Not attempted.
     Skipped {
-        /// Bounded reason (`locked`, `claimed_elsewhere`).
-        reason: &'static str,
+        /// Why (`capacity`, `locked`, `claimed_elsewhere`).
+        reason: Reason,
     },
 }
 
@@ -110,7 +111,7 @@ impl CycleReport {
             .filter_map(|(s, r)| match r {
                 SymbolResult::Skipped { reason } => Some(crate::publish::SymbolSkip {
                     symbol: s.clone(),
-                    reason: reason.to_string(),
+                    reason: *reason,
                 }),
                 _ => None,
             })
@@ -128,8 +129,8 @@ impl CycleReport {
                     ..
                 } => Some(SymbolFailure {
                     symbol: s.clone(),
-                    reason: reason.to_string(),
-                    stage: stage.to_string(),
+                    reason: *reason,
+                    stage: *stage,
                     error: error.clone(),
                 }),
                 _ => None,
@@ -142,7 +143,7 @@ impl CycleReport {
             .iter()
             .filter(|(_, r)| match r {
                 SymbolResult::Completed { .. } => true,
-                SymbolResult::Failed { stage, .. } => !matches!(*stage, "queued" | "lock"),
+                SymbolResult::Failed { stage, .. } => stage.ran(),
                 SymbolResult::Skipped { .. } => false,
             })
             .count() as u32
@@ -257,7 +258,7 @@ impl Coordinator {
             tracing::warn!(cycle_id = %plan.cycle, shed = plan.shed, kept = keep, "the tick's work cannot all fit its deadline at the endpoint's capacity; leaving out the last symbols");
         }
         for (i, symbol) in self.symbols.iter().enumerate().skip(keep) {
-            results[i] = Some((symbol.clone(), skipped(symbol, "capacity")));
+            results[i] = Some((symbol.clone(), skipped(symbol, Reason::Capacity)));
         }
         let mut order = self
             .dispatch_order()
@@ -273,14 +274,14 @@ impl Coordinator {
         while let Some(idx) = order.next() {
             let permit = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => Err("shutdown"),
-                _ = tokio::time::sleep_until(plan.cycle_deadline) => Err("cycle_deadline"),
+                _ = cancel.cancelled() => Err(Reason::Shutdown),
+                _ = tokio::time::sleep_until(plan.cycle_deadline) => Err(Reason::CycleDeadline),
                 p = async {
                     if let Some(at) = next_start {
                         tokio::time::sleep_until(at).await;
                     }
                     sem.clone().acquire_owned().await
-                } => p.map_err(|_| "internal_error"),
+                } => p.map_err(|_| Reason::InternalError),
             };
             if !spacing.is_zero() {
                 next_start = Some(Instant::now() + spacing);
@@ -290,23 +291,16 @@ impl Coordinator {
                 Err(reason) => {
                     for i in std::iter::once(idx).chain(order.by_ref()) {
                         let symbol = &self.symbols[i];
-                        tracing::warn!(symbol = %symbol, reason, "cycle ended before the symbol got a pool slot");
-                        results[i] =
-                            Some((symbol.clone(), failed(symbol, reason, "queued", None, None)));
+                        tracing::warn!(symbol = %symbol, reason = reason.as_str(), "cycle ended before the symbol got a pool slot");
+                        results[i] = Some((
+                            symbol.clone(),
+                            failed(symbol, reason, FailedAt::Queued, None, None),
+                        ));
                     }
                     break;
                 }
             };
-            let job = SymbolJob {
-                coord: self.coord.clone(),
-                pipeline: self.pipeline.clone(),
-                symbol: self.symbols[idx].clone(),
-                plan: plan.clone(),
-                cancel: cancel.clone(),
-                lock_ttl: self.lock_ttl,
-                work_sharing: self.work_sharing,
-                claim_ttl: self.claim_ttl,
-            };
+            let job = self.job(idx, plan, cancel);
             // Everything logged while this symbol is worked on — an LLM refusal, a 429, a
             // lock lost — says which symbol and tick it was, wherever the event is raised.
             let span = tracing::info_span!("symbol", cycle_id = %plan.cycle, symbol = %job.symbol);
@@ -328,6 +322,26 @@ impl Coordinator {
                 }
             }
         }
+        self.report(results)
+    }
+
+    /// The job of the symbol at `idx` in this cycle.
+    fn job(&self, idx: usize, plan: &CyclePlan, cancel: &CancellationToken) -> SymbolJob {
+        SymbolJob {
+            coord: self.coord.clone(),
+            pipeline: self.pipeline.clone(),
+            symbol: self.symbols[idx].clone(),
+            plan: plan.clone(),
+            cancel: cancel.clone(),
+            lock_ttl: self.lock_ttl,
+            work_sharing: self.work_sharing,
+            claim_ttl: self.claim_ttl,
+        }
+    }
+
+    /// The cycle's report from each symbol's result; a symbol without one (its task
+    /// panicked) is an internal error, named as such. The latencies feed the next order.
+    fn report(&self, results: Vec<Option<(String, SymbolResult)>>) -> CycleReport {
         let results: Vec<(String, SymbolResult)> = results
             .into_iter()
             .enumerate()
@@ -336,8 +350,8 @@ impl Coordinator {
                     (
                         self.symbols[i].clone(),
                         SymbolResult::Failed {
-                            reason: "internal_error",
-                            stage: "none",
+                            reason: Reason::InternalError,
+                            stage: FailedAt::Unknown,
                             latency: None,
                             error: Some("the symbol's task ended without a result".into()),
                         },
@@ -350,7 +364,7 @@ impl Coordinator {
             matches!(
                 r,
                 SymbolResult::Failed {
-                    reason: "cycle_deadline",
+                    reason: Reason::CycleDeadline,
                     ..
                 }
             )
@@ -358,6 +372,23 @@ impl Coordinator {
         CycleReport {
             results,
             hit_cycle_deadline,
+        }
+    }
+}
+
+/// Extends `symbol`'s lock every third of its TTL while the work runs; returns when an
+/// extension fails, which means the lock may be someone else's now, so the work stops.
+async fn keep_lock(coord: &dyn Coordination, symbol: &str, lock_ttl: Duration) {
+    let every = (lock_ttl / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        match coord.extend_lock(symbol).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(symbol, error = %e, "lock extension failed");
+                return;
+            }
         }
     }
 }
@@ -378,8 +409,8 @@ struct SymbolJob {
     claim_ttl: Duration,
 }
 
-fn skipped(symbol: &str, reason: &'static str) -> SymbolResult {
-    metrics::counter!(names::SIGNAL_GENERATION_SKIPPED, "symbol" => symbol.to_string(), "reason" => reason).increment(1);
+fn skipped(symbol: &str, reason: Reason) -> SymbolResult {
+    metrics::counter!(names::SIGNAL_GENERATION_SKIPPED, "symbol" => symbol.to_string(), "reason" => reason.as_str()).increment(1);
     SymbolResult::Skipped { reason }
 }
 
@@ -389,12 +420,12 @@ pub const MAX_ERROR_CHARS: usize = 400;
 
 fn failed(
     symbol: &str,
-    reason: &'static str,
-    stage: &'static str,
+    reason: Reason,
+    stage: FailedAt,
     latency: Option<Duration>,
     error: Option<String>,
 ) -> SymbolResult {
-    metrics::counter!(names::SIGNAL_GENERATION_SKIPPED, "symbol" => symbol.to_string(), "reason" => reason).increment(1);
+    metrics::counter!(names::SIGNAL_GENERATION_SKIPPED, "symbol" => symbol.to_string(), "reason" => reason.as_str()).increment(1);
     SymbolResult::Failed {
         reason,
         stage,
@@ -409,6 +440,55 @@ fn failed(
 }
 
 impl SymbolJob {
+    /// Claims the symbol (work sharing) and takes its lock; `Err` is how the symbol ends
+    /// when it cannot (claimed elsewhere, locked by a live owner, coordination down).
+    async fn take(&self) -> Result<(), SymbolResult> {
+        let (coord, symbol, plan) = (&*self.coord, self.symbol.as_str(), &self.plan);
+        let unavailable = |e: String| {
+            failed(
+                symbol,
+                Reason::CoordinationUnavailable,
+                FailedAt::Lock,
+                None,
+                Some(e),
+            )
+        };
+        if self.work_sharing {
+            match coord
+                .claim_symbol(&plan.cycle, symbol, self.claim_ttl)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(SymbolResult::Skipped {
+                        reason: Reason::ClaimedElsewhere,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(symbol, error = %e, "cannot claim symbol");
+                    return Err(unavailable(e.to_string()));
+                }
+            }
+        }
+        match coord.acquire_lock(symbol).await {
+            Ok(LockOutcome::Acquired) => Ok(()),
+            Ok(LockOutcome::Recovered(reason)) => {
+                tracing::warn!(symbol, reason = reason.as_str(), "recovered a stale lock");
+                metrics::counter!(names::STALE_LOCKS_RECOVERED, "reason" => reason.as_str())
+                    .increment(1);
+                Ok(())
+            }
+            Ok(LockOutcome::Held) => {
+                tracing::warn!(symbol, "symbol still locked by a live owner, skipping");
+                Err(skipped(symbol, Reason::Locked))
+            }
+            Err(e) => {
+                tracing::warn!(symbol, error = %e, "cannot take symbol lock");
+                Err(unavailable(e.to_string()))
+            }
+        }
+    }
+
     async fn run(&self) -> SymbolResult {
         let (coord, pipeline, symbol, plan, cancel) = (
             &*self.coord,
@@ -417,50 +497,8 @@ impl SymbolJob {
             &self.plan,
             &self.cancel,
         );
-        let (lock_ttl, work_sharing, claim_ttl) =
-            (self.lock_ttl, self.work_sharing, self.claim_ttl);
-        if work_sharing {
-            match coord.claim_symbol(&plan.cycle, symbol, claim_ttl).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    return SymbolResult::Skipped {
-                        reason: "claimed_elsewhere",
-                    };
-                }
-                Err(e) => {
-                    tracing::warn!(symbol, error = %e, "cannot claim symbol");
-                    return failed(
-                        symbol,
-                        "coordination_unavailable",
-                        "lock",
-                        None,
-                        Some(e.to_string()),
-                    );
-                }
-            }
-        }
-
-        match coord.acquire_lock(symbol).await {
-            Ok(LockOutcome::Acquired) => {}
-            Ok(LockOutcome::Recovered(reason)) => {
-                tracing::warn!(symbol, reason = reason.as_str(), "recovered a stale lock");
-                metrics::counter!(names::STALE_LOCKS_RECOVERED, "reason" => reason.as_str())
-                    .increment(1);
-            }
-            Ok(LockOutcome::Held) => {
-                tracing::warn!(symbol, "symbol still locked by a live owner, skipping");
-                return skipped(symbol, "locked");
-            }
-            Err(e) => {
-                tracing::warn!(symbol, error = %e, "cannot take symbol lock");
-                return failed(
-                    symbol,
-                    "coordination_unavailable",
-                    "lock",
-                    None,
-                    Some(e.to_string()),
-                );
-            }
+        if let Err(end) = self.take().await {
+            return end;
         }
         metrics::gauge!(names::ACTIVE_LOCKS).increment(1.0);
         metrics::gauge!(names::SYMBOLS_PROCESSING).increment(1.0);
@@ -471,22 +509,7 @@ impl SymbolJob {
             per_call: plan.call_timeout,
         };
         let work = run_symbol(pipeline, symbol, &plan.cycle, plan.next_tick, limits);
-        // Extend the lock every third of its TTL while the work runs; a failed extension means
-        // the lock may be someone else's now, so the work stops.
-        let keep_lock = async {
-            let every = (lock_ttl / 3).max(Duration::from_millis(100));
-            loop {
-                tokio::time::sleep(every).await;
-                match coord.extend_lock(symbol).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        tracing::warn!(symbol, error = %e, "lock extension failed");
-                        return;
-                    }
-                }
-            }
-        };
+        let keep_lock = keep_lock(coord, symbol, self.lock_ttl);
         let end = tokio::select! {
             r = tokio::time::timeout_at(plan.cycle_deadline, work) => match r {
                 Ok(Ok(out)) => {
@@ -502,11 +525,11 @@ impl SymbolJob {
                     && Instant::now() >= plan.cycle_deadline => End::CycleDeadline,
                 Ok(Err(f)) => {
                     let cause = f.cause();
-                    tracing::warn!(symbol, cycle_id = %plan.cycle, stage = f.stage.as_str(), reason = f.error.reason(), error = %cause, "symbol failed");
+                    tracing::warn!(symbol, cycle_id = %plan.cycle, stage = f.stage.as_str(), reason = f.error.reason().as_str(), error = %cause, "symbol failed");
                     // A timeout says "slow": it feeds the dispatch order like a completion.
                     let latency = f.error.is_timeout()
                         .then(|| Instant::now().duration_since(start));
-                    End::Done(failed(symbol, f.error.reason(), f.stage.as_str(), latency, Some(cause)))
+                    End::Done(failed(symbol, f.error.reason(), FailedAt::Stage(f.stage), latency, Some(cause)))
                 }
                 Err(_) => End::CycleDeadline,
             },
@@ -537,8 +560,8 @@ impl End {
                 tracing::warn!(symbol, "cancelled at the cycle deadline");
                 failed(
                     symbol,
-                    "cycle_deadline",
-                    "pipeline",
+                    Reason::CycleDeadline,
+                    FailedAt::Pipeline,
                     None,
                     Some("the cycle deadline passed first".into()),
                 )
@@ -547,8 +570,8 @@ impl End {
                 tracing::warn!(symbol, "cancelled by shutdown");
                 failed(
                     symbol,
-                    "shutdown",
-                    "pipeline",
+                    Reason::Shutdown,
+                    FailedAt::Pipeline,
                     None,
                     Some("cancelled by shutdown".into()),
                 )
@@ -557,8 +580,8 @@ impl End {
                 tracing::warn!(symbol, "lost the symbol lock, work stopped");
                 failed(
                     symbol,
-                    "lock_lost",
-                    "pipeline",
+                    Reason::LockLost,
+                    FailedAt::Pipeline,
                     None,
                     Some("the symbol lock was lost; work stopped".into()),
                 )
@@ -699,14 +722,14 @@ mod tests {
         assert!(matches!(
             by["C/USD"],
             SymbolResult::Failed {
-                reason: "cycle_deadline",
+                reason: Reason::CycleDeadline,
                 ..
             }
         ));
         assert!(matches!(
             by["SLOW/USD"],
             SymbolResult::Failed {
-                reason: "cycle_deadline",
+                reason: Reason::CycleDeadline,
                 ..
             }
         ));
@@ -727,7 +750,7 @@ mod tests {
         assert!(matches!(
             slow,
             Some(SymbolResult::Failed {
-                reason: "timeout",
+                reason: Reason::Timeout,
                 latency: Some(_),
                 ..
             })
@@ -747,7 +770,10 @@ mod tests {
         // Only one slot: the first symbol runs into the deadline, the others never start.
         assert_eq!(agent.started().len(), 1);
         assert_eq!(
-            r.failures().iter().filter(|f| f.stage == "queued").count(),
+            r.failures()
+                .iter()
+                .filter(|f| f.stage == FailedAt::Queued)
+                .count(),
             2
         );
     }
@@ -818,7 +844,7 @@ mod tests {
             matches!(
                 a,
                 Some(SymbolResult::Failed {
-                    reason: "lock_lost",
+                    reason: Reason::LockLost,
                     ..
                 })
             ),
@@ -855,7 +881,7 @@ mod tests {
         assert!(matches!(
             a,
             Some(SymbolResult::Failed {
-                reason: "shutdown",
+                reason: Reason::Shutdown,
                 ..
             })
         ));

@@ -57,14 +57,15 @@ use crate::coordination::redis::{RedisCoordination, RedisRateLimiter};
 use crate::coordination::{Coordination, LockTiming};
 use crate::coordinator::Coordinator;
 use crate::history::HistoryStore;
+use crate::history::grading::Grader;
 use crate::history::writer::HistoryWriter;
 use crate::market::MarketSource;
 use crate::pipeline::PipelineContext;
 use crate::publish::Publisher;
 use crate::publish::hub::Hub;
 use crate::publish::redis::RedisSink;
-use crate::resilience::Breaker;
 use crate::resilience::rate_limit::AgentRateLimiter;
+use crate::resilience::{Breaker, BreakerKind};
 use crate::runner::{OnceOutcome, Runner};
 use crate::schedule::Clock;
 use crate::telemetry::names;
@@ -106,41 +107,15 @@ impl App {
     pub async fn build_with_clock(cfg: Config, clock: Clock) -> anyhow::Result<App> {
         let cfg = Arc::new(cfg);
         let metrics = telemetry::metrics_handle();
-        let timing = LockTiming {
-            ttl: Duration::from_secs(cfg.locks.ttl_seconds),
-            stale_after: Duration::from_secs(cfg.locks.stale_threshold_seconds),
-            heartbeat_ttl: Duration::from_secs(cfg.heartbeat.ttl_seconds),
-        };
-        let redis = match cfg.coordination.backend {
-            CoordinationBackend::Memory => {
-                if std::env::var_os("REDIS_URL").is_some() {
-                    tracing::warn!(
-                        "REDIS_URL is set but coordination.backend is memory: replicas will not coordinate"
-                    );
-                }
-                None
-            }
-            CoordinationBackend::Redis => Some(RedisParts::connect(&cfg)?),
-        };
-        let hub = Hub::new(
-            cfg.publish.replay_buffer,
-            redis.as_ref().map(|r| {
-                (
-                    r.client.clone(),
-                    format!(
-                        "{}{}",
-                        cfg.coordination.key_prefix,
-                        model::Stage::Report.stream()
-                    ),
-                )
-            }),
-        );
+        let timing = lock_timing(&cfg);
+        let redis = RedisParts::for_config(&cfg)?;
+        let hub = dashboard_hub(&cfg, redis.as_ref());
         // One path for status events: every breaker transition (LLM and Redis alike) sets
         // its gauge and goes to the SSE stream through the hub.
         let on_breaker = status_hook(hub.clone());
         let redis_breaker = redis.as_ref().map(|_| {
             let hook = on_breaker.clone();
-            Breaker::new("redis", cfg.circuit_breaker.redis.settings())
+            Breaker::new(BreakerKind::Redis, cfg.circuit_breaker.redis.settings())
                 .with_transition_hook(move |name, state| hook(name, state))
         });
         let (coord, sink, limiter) =
@@ -176,30 +151,10 @@ impl App {
             tools.clone() as Arc<dyn agents::llm::ToolRunner>,
         )
         .context("building the agents")?;
-        let breakers: Vec<Breaker> = setup
-            .breakers
-            .iter()
-            .cloned()
-            .chain(redis_breaker.clone())
-            .collect();
-        let breaker_names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
-        telemetry::init_series(&cfg.symbols, &breaker_names);
-        // OpenCode's model requests come back through the runner when its opencode.json
-        // points its provider at /llm/v1: same rate limit, same budget, an allowance a call.
-        let gateway = match &setup.opencode_sessions {
-            Some(sessions) => Some(Arc::new(
-                http::gateway::Gateway::new(
-                    sessions.clone(),
-                    limiter.clone(),
-                    setup.budget.clone(),
-                    &cfg.agents.base_url,
-                    cfg.agents.api_key.clone(),
-                    cfg.agents.max_tokens,
-                )
-                .map_err(anyhow::Error::msg)?,
-            )),
-            None => None,
-        };
+        let breakers = all_breakers(&setup, redis_breaker.clone());
+        let names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
+        telemetry::init_series(&cfg.symbols, &names);
+        let gateway = build_gateway(&cfg, &setup, &limiter)?;
         let runner = build_runner(
             &cfg,
             clock,
@@ -245,11 +200,12 @@ impl App {
             listener,
             http_state,
             grader: history.as_ref().map(|w| {
-                history::grading::Grader::new(
+                let g = &cfg.history.grading;
+                Grader::new(
                     w.store().clone(),
                     market,
-                    &cfg.history.grading.horizons_minutes,
-                    cfg.history.grading.threshold_pct,
+                    &g.horizons_minutes,
+                    g.threshold_pct,
                 )
             }),
             clock,
@@ -285,20 +241,13 @@ impl App {
         let tracker = tokio_util::task::TaskTracker::new();
         let mut named: Vec<(&'static str, tokio::task::JoinHandle<()>)> = vec![];
         // `POST /shutdown` stops the process like SIGTERM.
-        let (admin, external, bg) = (
-            http_state.shutdown_request.clone(),
-            shutdown.clone(),
-            background.clone(),
-        );
         named.push((
             "admin shutdown bridge",
-            tracker.spawn(async move {
-                tokio::select! {
-                    _ = admin.cancelled() => external.cancel(),
-                    _ = external.cancelled() => {}
-                    _ = bg.cancelled() => {}
-                }
-            }),
+            tracker.spawn(admin_shutdown_bridge(
+                http_state.shutdown_request.clone(),
+                shutdown.clone(),
+                background.clone(),
+            )),
         ));
         let upkeep_handle = http_state.metrics.clone();
         // The status before the server serves anyone: a change a client could cause or see
@@ -320,20 +269,9 @@ impl App {
             cfg.http.max_connections,
         ));
         let heartbeat = spawn_heartbeat(coord.clone(), runner.state(), &cfg, background.clone());
-        // Histogram samples wait in the recorder until folded into their buckets; without a
-        // scrape they would pile up, so fold them regularly whether or not anyone scrapes.
-        let metrics = upkeep_handle;
-        let upkeep_stop = background.clone();
         named.push((
             "metrics upkeep",
-            tracker.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = upkeep_stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
-                    }
-                }
-            }),
+            tracker.spawn(metrics_upkeep(upkeep_handle, background.clone())),
         ));
         let deliverer = sink
             .as_ref()
@@ -345,15 +283,8 @@ impl App {
             ));
         }
         if let Some(g) = grader {
-            named.push((
-                "grader",
-                tracker.spawn(g.run(
-                    clock,
-                    Duration::from_secs(cfg.history.grading.interval_seconds),
-                    Duration::from_secs(u64::from(cfg.history.retention_days) * 86_400),
-                    background.clone(),
-                )),
-            ));
+            let task = grade_forever(g, &cfg, clock, background.clone());
+            named.push(("grader", tracker.spawn(task)));
         }
         // The history writer stops last of all (after the drain has published everything) and
         // then writes what is queued, within two seconds.
@@ -576,6 +507,22 @@ struct RedisParts {
 }
 
 impl RedisParts {
+    /// The Redis connection when coordination uses Redis; a `REDIS_URL` beside the memory
+    /// backend is worth a warning (the replicas would run every tick each).
+    fn for_config(cfg: &Config) -> anyhow::Result<Option<Self>> {
+        match cfg.coordination.backend {
+            CoordinationBackend::Memory => {
+                if std::env::var_os("REDIS_URL").is_some() {
+                    tracing::warn!(
+                        "REDIS_URL is set but coordination.backend is memory: replicas will not coordinate"
+                    );
+                }
+                Ok(None)
+            }
+            CoordinationBackend::Redis => Self::connect(cfg).map(Some),
+        }
+    }
+
     fn connect(cfg: &Config) -> anyhow::Result<Self> {
         let client = redis::Client::open(cfg.coordination.redis_url.expose())
             .map_err(|e| anyhow::anyhow!("coordination.redis_url: {:?}", e.kind()))?;
@@ -583,6 +530,99 @@ impl RedisParts {
             coordination::redis::manager(client.clone()).context("coordination.redis_url")?;
         Ok(Self { client, conn })
     }
+}
+
+/// The grader's loop, at `history.grading.interval_seconds`, pruning what is older than
+/// `history.retention_days`.
+fn grade_forever(
+    grader: Grader,
+    cfg: &Config,
+    clock: Clock,
+    stop: CancellationToken,
+) -> impl std::future::Future<Output = ()> + use<> {
+    grader.run(
+        clock,
+        Duration::from_secs(cfg.history.grading.interval_seconds),
+        Duration::from_secs(u64::from(cfg.history.retention_days) * 86_400),
+        stop,
+    )
+}
+
+/// Cancels `external` (the process's shutdown) when `POST /shutdown` cancels `admin`.
+async fn admin_shutdown_bridge(
+    admin: CancellationToken,
+    external: CancellationToken,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        _ = admin.cancelled() => external.cancel(),
+        _ = external.cancelled() => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// Histogram samples wait in the recorder until folded into their buckets; without a scrape
+/// they would pile up, so they are folded every five seconds whether or not anyone scrapes.
+async fn metrics_upkeep(
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+        }
+    }
+}
+
+/// Every breaker: the LLM backends' and Redis's.
+fn all_breakers(setup: &agents::setup::AgentSetup, redis: Option<Breaker>) -> Vec<Breaker> {
+    setup.breakers.iter().cloned().chain(redis).collect()
+}
+
+/// The lock and heartbeat times of `locks.*` and `heartbeat.*`.
+fn lock_timing(cfg: &Config) -> LockTiming {
+    LockTiming {
+        ttl: Duration::from_secs(cfg.locks.ttl_seconds),
+        stale_after: Duration::from_secs(cfg.locks.stale_threshold_seconds),
+        heartbeat_ttl: Duration::from_secs(cfg.heartbeat.ttl_seconds),
+    }
+}
+
+/// The SSE hub; with Redis it also reads every replica's dashboard stream.
+fn dashboard_hub(cfg: &Config, redis: Option<&RedisParts>) -> Arc<Hub> {
+    let stream = format!(
+        "{}{}",
+        cfg.coordination.key_prefix,
+        model::Stage::Report.stream()
+    );
+    Hub::new(
+        cfg.publish.replay_buffer,
+        redis.map(|r| (r.client.clone(), stream)),
+    )
+}
+
+/// The LLM gateway at `/llm/v1`, when OpenCode runs: its model requests come back through
+/// the runner when its opencode.json points its provider there, under the same rate limit
+/// and budget, with an allowance per call.
+fn build_gateway(
+    cfg: &Config,
+    setup: &agents::setup::AgentSetup,
+    limiter: &Arc<dyn AgentRateLimiter>,
+) -> anyhow::Result<Option<Arc<http::gateway::Gateway>>> {
+    let Some(sessions) = &setup.opencode_sessions else {
+        return Ok(None);
+    };
+    let gateway = http::gateway::Gateway::new(
+        sessions.clone(),
+        limiter.clone(),
+        setup.budget.clone(),
+        &cfg.agents.base_url,
+        cfg.agents.api_key.clone(),
+        cfg.agents.max_tokens,
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(Some(Arc::new(gateway)))
 }
 
 /// Breaker transitions: the state gauge, and a `status` event on the SSE stream.

@@ -80,12 +80,156 @@ impl Stage {
             Stage::Report => "report",
         }
     }
+
+    /// The stage named `s` (its lower-case name, as stored by the history).
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|st| st.as_str() == s)
+    }
 }
 
 /// The "latest per symbol" rule, in one place (the publisher's memory and the API's merge of
 /// every replica's messages): a newer cycle wins; within a cycle, the further stage wins.
 pub fn supersedes(cycle: CycleId, stage: Stage, than_cycle: CycleId, than_stage: Stage) -> bool {
     (cycle, stage) >= (than_cycle, than_stage)
+}
+
+/// Why a symbol's work failed or was not started, and how an LLM request ended: one bounded
+/// vocabulary for the `reason`/`outcome` metric labels, `/api/cycles`, the logs and
+/// `/health/detailed`, so the same cause has the same name everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// An agent call had no answer within its deadline.
+    Timeout,
+    /// The LLM endpoint could not be reached (connection refused, DNS, TLS).
+    LlmUnreachable,
+    /// The LLM endpoint answered 5xx.
+    Llm5xx,
+    /// The LLM endpoint answered 429.
+    LlmRateLimited,
+    /// The LLM endpoint refused the request (4xx other than 429).
+    LlmRefused,
+    /// The agent's answer failed validation after repair.
+    InvalidOutput,
+    /// The dependency's circuit breaker was open.
+    CircuitOpen,
+    /// No room: the backend's in-flight limit, or the tick's work could not all fit its
+    /// deadline (a symbol left out up front).
+    Capacity,
+    /// The LLM rate limit had no token before the deadline.
+    RateLimitWait,
+    /// The LLM token budget was spent.
+    BudgetExhausted,
+    /// The market data source answered 5xx.
+    MarketData5xx,
+    /// The market data source refused the request (4xx).
+    MarketDataRejected,
+    /// The market data source could not be reached.
+    MarketDataUnreachable,
+    /// The market data source had no answer in time.
+    MarketDataTimeout,
+    /// The market data source's answer could not be read.
+    MarketDataMalformed,
+    /// Fewer candles than an analysis needs.
+    MarketDataInsufficient,
+    /// The newest candle is too old.
+    MarketDataStale,
+    /// The whole-cycle deadline passed.
+    CycleDeadline,
+    /// The process is stopping.
+    Shutdown,
+    /// A bug: a task panicked or a pool closed.
+    InternalError,
+    /// Another holder took the symbol's lock while it ran.
+    LockLost,
+    /// The coordination store did not answer.
+    CoordinationUnavailable,
+    /// Another run holds the symbol's lock.
+    Locked,
+    /// Another replica claimed the symbol for this tick (work sharing).
+    ClaimedElsewhere,
+}
+
+impl Reason {
+    /// The label: the outside contract, unchanged since the reasons were strings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Timeout => "timeout",
+            Reason::LlmUnreachable => "llm_unreachable",
+            Reason::Llm5xx => "llm_5xx",
+            Reason::LlmRateLimited => "llm_rate_limited",
+            Reason::LlmRefused => "llm_refused",
+            Reason::InvalidOutput => "invalid_output",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::Capacity => "capacity",
+            Reason::RateLimitWait => "rate_limit_wait",
+            Reason::BudgetExhausted => "budget_exhausted",
+            Reason::MarketData5xx => "market_data_5xx",
+            Reason::MarketDataRejected => "market_data_rejected",
+            Reason::MarketDataUnreachable => "market_data_unreachable",
+            Reason::MarketDataTimeout => "market_data_timeout",
+            Reason::MarketDataMalformed => "market_data_malformed",
+            Reason::MarketDataInsufficient => "market_data_insufficient",
+            Reason::MarketDataStale => "market_data_stale",
+            Reason::CycleDeadline => "cycle_deadline",
+            Reason::Shutdown => "shutdown",
+            Reason::InternalError => "internal_error",
+            Reason::LockLost => "lock_lost",
+            Reason::CoordinationUnavailable => "coordination_unavailable",
+            Reason::Locked => "locked",
+            Reason::ClaimedElsewhere => "claimed_elsewhere",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Where a symbol's work stopped: a stage, or a step around the stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailedAt {
+    /// Waiting for a pool slot.
+    Queued,
+    /// Taking the symbol's lock.
+    Lock,
+    /// Between or around the stages (cancelled, deadline, lock lost).
+    Pipeline,
+    /// In a stage.
+    Stage(Stage),
+    /// Nowhere known (a task that ended without a result).
+    Unknown,
+}
+
+impl FailedAt {
+    /// The label (`queued`, `lock`, `pipeline`, a stage name, `none`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailedAt::Queued => "queued",
+            FailedAt::Lock => "lock",
+            FailedAt::Pipeline => "pipeline",
+            FailedAt::Stage(s) => s.as_str(),
+            FailedAt::Unknown => "none",
+        }
+    }
+
+    /// Whether an agent was at work (the symbol held its lock and ran stages).
+    pub fn ran(self) -> bool {
+        !matches!(self, FailedAt::Queued | FailedAt::Lock)
+    }
+}
+
+impl Serialize for FailedAt {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// BUY, SELL or HOLD.
@@ -108,6 +252,13 @@ impl Action {
             Action::Sell => "SELL",
             Action::Hold => "HOLD",
         }
+    }
+
+    /// The action named `s` (its upper-case name), as stored by the history.
+    pub fn parse(s: &str) -> Option<Action> {
+        [Action::Buy, Action::Sell, Action::Hold]
+            .into_iter()
+            .find(|a| a.as_str() == s)
     }
 }
 
@@ -234,6 +385,18 @@ pub enum Tier {
     Low,
 }
 
+impl Tier {
+    /// Upper-case name, as published and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Hot => "HOT",
+            Tier::Good => "GOOD",
+            Tier::Neutral => "NEUTRAL",
+            Tier::Low => "LOW",
+        }
+    }
+}
+
 /// Market regime, which sets the scoring caps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -325,9 +488,84 @@ pub struct Metadata {
     pub tools_used: Vec<String>,
 }
 
+/// A stage's payload as its type: what the pipeline publishes travels as this until it is
+/// serialized at the boundary (Redis, SSE, HTTP, history), so the history and the dashboard
+/// read fields rather than JSON keys.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// Stage 1.
+    Signal(Signal),
+    /// Stage 2.
+    Scored(ScoredSignal),
+    /// Stage 3.
+    Advised(AdvisedSignal),
+    /// Stage 4.
+    Reported(ReportedSignal),
+}
+
+impl Payload {
+    /// The stage fields every later stage carries too.
+    pub fn signal(&self) -> &Signal {
+        match self {
+            Payload::Signal(s) => s,
+            Payload::Scored(s) => &s.signal,
+            Payload::Advised(a) => &a.scored.signal,
+            Payload::Reported(r) => &r.advised.scored.signal,
+        }
+    }
+
+    /// The score, from stage 2 on.
+    pub fn scored(&self) -> Option<&ScoredSignal> {
+        match self {
+            Payload::Signal(_) => None,
+            Payload::Scored(s) => Some(s),
+            Payload::Advised(a) => Some(&a.scored),
+            Payload::Reported(r) => Some(&r.advised.scored),
+        }
+    }
+
+    /// The stage that publishes this payload.
+    pub fn stage(&self) -> Stage {
+        match self {
+            Payload::Signal(_) => Stage::Signal,
+            Payload::Scored(_) => Stage::Score,
+            Payload::Advised(_) => Stage::Advise,
+            Payload::Reported(_) => Stage::Report,
+        }
+    }
+
+    /// Reads a payload written as `stage`'s (a history row, another replica's message).
+    pub fn from_value(stage: Stage, v: serde_json::Value) -> Result<Payload, serde_json::Error> {
+        Ok(match stage {
+            Stage::Signal => Payload::Signal(serde_json::from_value(v)?),
+            Stage::Score => Payload::Scored(serde_json::from_value(v)?),
+            Stage::Advise => Payload::Advised(serde_json::from_value(v)?),
+            Stage::Report => Payload::Reported(serde_json::from_value(v)?),
+        })
+    }
+}
+
+impl Serialize for Payload {
+    /// Through a `serde_json::Value`, whose keys are in name order: the payload was a `Value`
+    /// before it was typed, so its keys have always gone out sorted, and a consumer that
+    /// hashes or diffs the bytes of a message sees the same bytes as before.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = match self {
+            Payload::Signal(p) => serde_json::to_value(p),
+            Payload::Scored(p) => serde_json::to_value(p),
+            Payload::Advised(p) => serde_json::to_value(p),
+            Payload::Reported(p) => serde_json::to_value(p),
+        }
+        .map_err(serde::ser::Error::custom)?;
+        v.serialize(s)
+    }
+}
+
 /// Every published message: `{message_id, source_agent, timestamp, payload, metadata}`.
+/// `P` is [`Payload`] for what this process publishes; a message read from outside (another
+/// replica's, a stored one) is read with the payload type its reader needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Envelope {
+pub struct Envelope<P = Payload> {
     /// Deterministic from (stage, signal_id): a re-publish is recognisable.
     pub message_id: String,
     /// The stage's agent name.
@@ -335,7 +573,7 @@ pub struct Envelope {
     /// When the message was made.
     pub timestamp: DateTime<Utc>,
     /// The stage payload.
-    pub payload: serde_json::Value,
+    pub payload: P,
     /// Timing and model.
     pub metadata: Metadata,
 }
@@ -368,22 +606,17 @@ pub struct StageMessage {
 }
 
 impl StageMessage {
-    /// Wraps `payload` for `stage`.
-    pub fn new(
-        stage: Stage,
-        symbol: &str,
-        cycle_id: CycleId,
-        signal_id: &str,
-        payload: serde_json::Value,
-        processing_time_ms: u64,
-        model_used: &str,
-    ) -> Self {
+    /// Wraps `payload` as its stage's message: the symbol, the tick and the ids are the
+    /// payload's own, so a message cannot name another symbol than its signal.
+    pub fn new(payload: Payload, processing_time_ms: u64, model_used: &str) -> Self {
+        let stage = payload.stage();
+        let signal = payload.signal();
         StageMessage {
             stage,
-            symbol: symbol.to_string(),
-            cycle_id,
+            symbol: signal.symbol.clone(),
+            cycle_id: signal.cycle_id,
             envelope: Envelope {
-                message_id: message_id(stage, signal_id),
+                message_id: message_id(stage, &signal.signal_id),
                 source_agent: stage.agent().to_string(),
                 timestamp: Utc::now(),
                 payload,
@@ -400,6 +633,84 @@ impl StageMessage {
     pub fn with_tools_used(mut self, tools: Vec<String>) -> Self {
         self.envelope.metadata.tools_used = tools;
         self
+    }
+}
+
+/// Well-formed payloads for tests and examples (the integration tests build stage messages
+/// with them); the numbers are plausible, not computed from a market.
+pub mod examples {
+    use super::*;
+
+    /// A signal of `symbol` for the tick `cycle` with `action` at `confidence`, priced at
+    /// `price` when its data was read (the tick itself).
+    pub fn signal(
+        symbol: &str,
+        cycle: CycleId,
+        action: Action,
+        confidence: f64,
+        price: f64,
+    ) -> Signal {
+        let at = cycle.time();
+        Signal {
+            signal_id: signal_id(symbol, &cycle),
+            cycle_id: cycle,
+            symbol: symbol.to_string(),
+            action,
+            confidence,
+            reasoning: "example".into(),
+            strategies_analyzed: 1,
+            strategies_bullish: u32::from(action == Action::Buy),
+            strategies_bearish: u32::from(action == Action::Sell),
+            strategies_neutral: u32::from(action == Action::Hold),
+            top_strategy: TopStrategy {
+                name: "RSI".into(),
+                score: 0.6,
+                signal: action,
+                parameters: Default::default(),
+            },
+            strategy_breakdown: vec![],
+            market_context: MarketContext {
+                current_price: price,
+                price_change_1h: 0.0,
+                volume_ratio: 1.0,
+                volatility_1h: 0.01,
+            },
+            timestamp: at,
+            expires_at: at + chrono::Duration::seconds(90),
+            data_as_of: at,
+            is_degraded: false,
+        }
+    }
+
+    /// `signal` as `stage`'s payload, with a GOOD score from stage 2 on.
+    pub fn payload(stage: Stage, signal: Signal) -> Payload {
+        let scored = ScoredSignal {
+            signal,
+            opportunity_score: 65.0,
+            opportunity_tier: Tier::Good,
+            market_regime: Regime::Normal,
+            opportunity_factors: OpportunityFactors {
+                confidence: 15.0,
+                expected_return: 20.0,
+                consensus: 15.0,
+                volatility: 10.0,
+                freshness: 5.0,
+                risk_adjusted_return: 0.5,
+            },
+        };
+        let advised = AdvisedSignal {
+            scored,
+            advice: None,
+        };
+        match stage {
+            Stage::Signal => Payload::Signal(advised.scored.signal),
+            Stage::Score => Payload::Scored(advised.scored),
+            Stage::Advise => Payload::Advised(advised),
+            Stage::Report => Payload::Reported(ReportedSignal {
+                advised,
+                summary: "example".into(),
+            }),
+        }
     }
 }
 

@@ -935,7 +935,10 @@ mod tests {
             false,
             timing.ttl,
         ));
-        let breaker = Breaker::new("llm_service", cfg.circuit_breaker.llm_service.settings());
+        let breaker = Breaker::new(
+            crate::resilience::BreakerKind::LlmOpenrouter,
+            cfg.circuit_breaker.llm_service.settings(),
+        );
         let clock = Clock::anchored(
             chrono::Utc
                 .with_ymd_and_hms(2026, 11, 28, 10, 0, 0)

@@ -31,7 +31,8 @@ use tokio::time::Instant;
 
 use crate::market::{Candle, MarketError};
 use crate::model::{
-    Action, Advice, AdvisedSignal, MarketContext, ScoredSignal, StrategyVerdict, TopStrategy,
+    Action, Advice, AdvisedSignal, MarketContext, Reason, ScoredSignal, StrategyVerdict,
+    TopStrategy,
 };
 use crate::schedule::CycleId;
 
@@ -39,6 +40,14 @@ use crate::schedule::CycleId;
 pub const MAX_REASONING_CHARS: usize = 2000;
 /// Longest `summary` accepted.
 pub const MAX_SUMMARY_CHARS: usize = 1200;
+/// Most strategies in a breakdown: more is not a slip but a model that lost the plot.
+pub const MAX_STRATEGIES: usize = 64;
+/// Longest strategy name.
+pub const MAX_STRATEGY_NAME_CHARS: usize = 100;
+/// Most risk warnings in an advice.
+pub const MAX_WARNINGS: usize = 20;
+/// Longest risk warning.
+pub const MAX_WARNING_CHARS: usize = 500;
 
 /// What the signal agent is given.
 #[derive(Debug, Clone)]
@@ -109,18 +118,18 @@ impl SignalDraft {
         if self.reasoning.trim().is_empty() {
             return Err("reasoning is empty".into());
         }
-        if self.strategy_breakdown.len() > 64 {
+        if self.strategy_breakdown.len() > MAX_STRATEGIES {
             return Err(format!(
-                "strategy_breakdown has {} entries, at most 64",
+                "strategy_breakdown has {} entries, at most {MAX_STRATEGIES}",
                 self.strategy_breakdown.len()
             ));
         }
         unit_interval("top_strategy.score", self.top_strategy.score)?;
         for (i, s) in self.strategy_breakdown.iter().enumerate() {
             unit_interval(&format!("strategy_breakdown[{i}].score"), s.score)?;
-            if s.name.trim().is_empty() || s.name.chars().count() > 100 {
+            if s.name.trim().is_empty() || s.name.chars().count() > MAX_STRATEGY_NAME_CHARS {
                 return Err(format!(
-                    "strategy_breakdown[{i}].name must be 1–100 characters"
+                    "strategy_breakdown[{i}].name must be 1–{MAX_STRATEGY_NAME_CHARS} characters"
                 ));
             }
         }
@@ -137,15 +146,19 @@ pub fn validate_advice(a: &Advice) -> Result<(), String> {
             a.max_position_size
         ));
     }
-    if a.risk_warnings.len() > 20 {
+    if a.risk_warnings.len() > MAX_WARNINGS {
         return Err(format!(
-            "{} risk warnings, at most 20",
+            "{} risk warnings, at most {MAX_WARNINGS}",
             a.risk_warnings.len()
         ));
     }
-    if let Some(w) = a.risk_warnings.iter().find(|w| w.chars().count() > 500) {
+    if let Some(w) = a
+        .risk_warnings
+        .iter()
+        .find(|w| w.chars().count() > MAX_WARNING_CHARS)
+    {
         return Err(format!(
-            "a risk warning has {} characters, at most 500",
+            "a risk warning has {} characters, at most {MAX_WARNING_CHARS}",
             w.chars().count()
         ));
     }
@@ -328,18 +341,18 @@ impl AgentError {
     }
 
     /// Bounded reason label.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            AgentError::Timeout(_) => "timeout",
-            AgentError::Transport(_) => "llm_unreachable",
-            AgentError::Upstream { .. } => "llm_5xx",
-            AgentError::RateLimited { .. } => "llm_rate_limited",
-            AgentError::Refused { .. } => "llm_refused",
-            AgentError::InvalidOutput(_) => "invalid_output",
-            AgentError::CircuitOpen(_) => "circuit_open",
-            AgentError::NoCapacity(_) => "capacity",
-            AgentError::RateLimitWait => "rate_limit_wait",
-            AgentError::BudgetExhausted(_) => "budget_exhausted",
+            AgentError::Timeout(_) => Reason::Timeout,
+            AgentError::Transport(_) => Reason::LlmUnreachable,
+            AgentError::Upstream { .. } => Reason::Llm5xx,
+            AgentError::RateLimited { .. } => Reason::LlmRateLimited,
+            AgentError::Refused { .. } => Reason::LlmRefused,
+            AgentError::InvalidOutput(_) => Reason::InvalidOutput,
+            AgentError::CircuitOpen(_) => Reason::CircuitOpen,
+            AgentError::NoCapacity(_) => Reason::Capacity,
+            AgentError::RateLimitWait => Reason::RateLimitWait,
+            AgentError::BudgetExhausted(_) => Reason::BudgetExhausted,
             AgentError::MarketData(e) => e.reason(),
         }
     }
@@ -590,7 +603,9 @@ mod tests {
             .is_retryable()
         );
         assert_eq!(
-            AgentError::MarketData(MarketError::Status { status: 503 }).reason(),
+            AgentError::MarketData(MarketError::Status { status: 503 })
+                .reason()
+                .as_str(),
             "market_data_5xx"
         );
     }

@@ -19,17 +19,14 @@
 
 use serde_json::{Map, Value};
 
-use super::{MAX_REASONING_CHARS, MAX_SUMMARY_CHARS, SignalDraft};
+use super::{
+    MAX_REASONING_CHARS, MAX_STRATEGIES, MAX_SUMMARY_CHARS, MAX_WARNING_CHARS, MAX_WARNINGS,
+    SignalDraft,
+};
 use crate::model::{Action, Advice, StrategyVerdict, TopStrategy};
 
 /// Ends a text that was cut to its limit, so a reader sees it was cut.
 pub const TRUNCATION_MARK: &str = " […]";
-/// Most strategies in a breakdown: more is not a slip but a model that lost the plot.
-const MAX_STRATEGIES: usize = 64;
-/// Most risk warnings kept.
-const MAX_WARNINGS: usize = 20;
-/// Longest risk warning.
-const MAX_WARNING_CHARS: usize = 500;
 
 /// How an answer was taken (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

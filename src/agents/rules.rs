@@ -285,6 +285,6 @@ mod tests {
     fn too_few_candles_is_an_error_not_a_guess() {
         let c = series(|i| 100.0 + i as f64, 10);
         let e = analyse(&c).expect_err("too few");
-        assert_eq!(e.reason(), "market_data_insufficient");
+        assert_eq!(e.reason().as_str(), "market_data_insufficient");
     }
 }

@@ -10,11 +10,13 @@ use super::opencode::{OpenCode, OpenCodeAgents, SessionLedger};
 use super::openrouter::OpenRouter;
 use super::rules::Rules;
 use super::{Agent, AgentError, StageAgents};
-use crate::config::{AgentBackend, Config, Fallback, ReportMode, StageConfig, ToolsMode, secs};
+use crate::config::{
+    AgentBackend, Agents, Config, Fallback, ReportMode, StageConfig, ToolsMode, secs,
+};
 use crate::model::Stage;
 use crate::resilience::rate_limit::AgentRateLimiter;
 use crate::resilience::{
-    Backoff, Breaker, CallLatencies, ConcurrencyLimit, HedgeBudget, TransitionHook,
+    Backoff, Breaker, BreakerKind, CallLatencies, ConcurrencyLimit, HedgeBudget, TransitionHook,
 };
 
 /// Everything the runner and the HTTP server need to know about the agents.
@@ -66,32 +68,8 @@ pub fn build(
     tools: Arc<dyn ToolRunner>,
 ) -> Result<AgentSetup, AgentError> {
     let a = &cfg.agents;
-    let health = Arc::new(LlmHealth::default());
-    let budget = Arc::new(TokenBudget::new(
-        a.budget.tokens_per_hour,
-        a.budget.tokens_per_day,
-    ));
-    let shared = Arc::new(LlmShared {
-        limiter,
-        budget: budget.clone(),
-        health: health.clone(),
-        max_attempts: cfg.retry.max_attempts,
-        backoff: Backoff {
-            base: secs(cfg.retry.delay_seconds),
-            max: secs(cfg.retry.max_delay_seconds),
-            jitter: cfg.retry.jitter,
-        },
-        fallback_rules: a.fallback == Fallback::Rules,
-        latencies,
-        // At most 20 hedges saved up: enough for one bad minute of a default deployment.
-        hedge: a
-            .hedge
-            .enabled
-            .then(|| Arc::new(HedgeBudget::new(a.hedge.max_extra_fraction, 20.0))),
-        max_tokens: a.max_tokens,
-        tools: (a.tools == ToolsMode::Mcp).then_some(tools),
-        max_tool_rounds: a.max_tool_rounds,
-    });
+    let shared = shared_parts(cfg, limiter, latencies, tools);
+    let (health, budget) = (shared.health.clone(), shared.budget.clone());
     let mut transports: BTreeMap<&'static str, (Arc<dyn Transport>, Breaker, ConcurrencyLimit)> =
         BTreeMap::new();
     // At most the pool's worth of requests at once, plus room for the backup requests of
@@ -120,49 +98,21 @@ pub fn build(
         }
         let name = backend_name(backend);
         if !transports.contains_key(name) {
-            let t: Arc<dyn Transport> = match backend {
-                AgentBackend::Openrouter => {
-                    Arc::new(OpenRouter::new(&a.base_url, a.api_key.clone())?)
-                }
-                _ => {
-                    let oc = &a.opencode;
-                    let ledger = SessionLedger::new(oc.max_model_requests);
-                    opencode_sessions = Some(ledger.clone());
-                    let t: Arc<dyn Transport> = Arc::new(OpenCode::new(
-                        &oc.url,
-                        oc.password.clone(),
-                        OpenCodeAgents {
-                            signal: oc.agents.signal.clone(),
-                            advise: oc.agents.advise.clone(),
-                            report: oc.agents.report.clone(),
-                            provider_id: oc.provider_id.clone(),
-                            model_id: oc.model_id.clone(),
-                        },
-                        ledger,
-                    )?);
-                    probes.push(t.clone());
-                    t
-                }
-            };
+            let t = transport(backend, a, &mut probes, &mut opencode_sessions)?;
             let hook = on_breaker.clone();
-            let breaker = Breaker::new(
-                &format!("llm_{name}"),
-                cfg.circuit_breaker.llm_service.settings(),
-            )
-            .with_transition_hook(move |n, s| hook(n, s));
+            let kind = match backend {
+                AgentBackend::Openrouter => BreakerKind::LlmOpenrouter,
+                _ => BreakerKind::LlmOpencode,
+            };
+            let breaker = Breaker::new(kind, cfg.circuit_breaker.llm_service.settings())
+                .with_transition_hook(move |n, s| hook(n, s));
             transports.insert(name, (t, breaker, ConcurrencyLimit::new(max_in_flight)));
         }
         let (t, breaker, limit) = transports
             .get(name)
             .cloned()
             .ok_or_else(|| AgentError::Transport("no transport".into()))?;
-        let model = match backend {
-            AgentBackend::Opencode if !a.opencode.model_id.is_empty() => {
-                format!("{}/{}", a.opencode.provider_id, a.opencode.model_id)
-            }
-            AgentBackend::Opencode => "opencode".to_string(),
-            _ => stage.model.clone().unwrap_or_else(|| a.model.clone()),
-        };
+        let model = model_name(backend, a, stage);
         let timeout = stage
             .timeout_seconds
             .map(secs)
@@ -208,4 +158,80 @@ pub fn build(
         concurrency,
         opencode_sessions,
     })
+}
+
+/// What every LLM agent shares: the rate limit, the token budget, the health tallies, the
+/// retry policy, the fallback, the latency window, the hedging budget and the tools.
+fn shared_parts(
+    cfg: &Config,
+    limiter: Arc<dyn AgentRateLimiter>,
+    latencies: CallLatencies,
+    tools: Arc<dyn ToolRunner>,
+) -> Arc<LlmShared> {
+    let a = &cfg.agents;
+    Arc::new(LlmShared {
+        limiter,
+        budget: Arc::new(TokenBudget::new(
+            a.budget.tokens_per_hour,
+            a.budget.tokens_per_day,
+        )),
+        health: Arc::new(LlmHealth::default()),
+        max_attempts: cfg.retry.max_attempts,
+        backoff: Backoff {
+            base: secs(cfg.retry.delay_seconds),
+            max: secs(cfg.retry.max_delay_seconds),
+            jitter: cfg.retry.jitter,
+        },
+        fallback_rules: a.fallback == Fallback::Rules,
+        latencies,
+        // At most 20 hedges saved up: enough for one bad minute of a default deployment.
+        hedge: a
+            .hedge
+            .enabled
+            .then(|| Arc::new(HedgeBudget::new(a.hedge.max_extra_fraction, 20.0))),
+        max_tokens: a.max_tokens,
+        tools: (a.tools == ToolsMode::Mcp).then_some(tools),
+        max_tool_rounds: a.max_tool_rounds,
+    })
+}
+
+/// The transport of an LLM backend. OpenCode's is also probed by readiness (`probes`) and
+/// keeps the ledger of its sessions' model requests (`sessions`), which the gateway charges.
+fn transport(
+    backend: AgentBackend,
+    a: &Agents,
+    probes: &mut Vec<Arc<dyn Transport>>,
+    sessions: &mut Option<SessionLedger>,
+) -> Result<Arc<dyn Transport>, AgentError> {
+    if backend == AgentBackend::Openrouter {
+        return Ok(Arc::new(OpenRouter::new(&a.base_url, a.api_key.clone())?));
+    }
+    let oc = &a.opencode;
+    let ledger = SessionLedger::new(oc.max_model_requests);
+    *sessions = Some(ledger.clone());
+    let t: Arc<dyn Transport> = Arc::new(OpenCode::new(
+        &oc.url,
+        oc.password.clone(),
+        OpenCodeAgents {
+            signal: oc.agents.signal.clone(),
+            advise: oc.agents.advise.clone(),
+            report: oc.agents.report.clone(),
+            provider_id: oc.provider_id.clone(),
+            model_id: oc.model_id.clone(),
+        },
+        ledger,
+    )?);
+    probes.push(t.clone());
+    Ok(t)
+}
+
+/// The model a stage asks for, as `metadata.model_used` names it.
+fn model_name(backend: AgentBackend, a: &Agents, stage: &StageConfig) -> String {
+    match backend {
+        AgentBackend::Opencode if !a.opencode.model_id.is_empty() => {
+            format!("{}/{}", a.opencode.provider_id, a.opencode.model_id)
+        }
+        AgentBackend::Opencode => "opencode".to_string(),
+        _ => stage.model.clone().unwrap_or_else(|| a.model.clone()),
+    }
 }

@@ -16,15 +16,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BucketSums, DueSignal, Grade, GradedRow, GroupBy, HistoryError, HistoryStore};
 use crate::market::{MarketError, MarketSource};
+use crate::model::Action;
 use crate::telemetry::names;
 
 /// Return and hit of a call: `then` → `after` with a flat band of ±`threshold` (a fraction).
-pub fn judge(action: &str, then: f64, after: f64, threshold: f64) -> (f64, bool) {
+pub fn judge(action: Action, then: f64, after: f64, threshold: f64) -> (f64, bool) {
     let r = (after - then) / then;
     let hit = match action {
-        "BUY" => r > threshold,
-        "SELL" => r < -threshold,
-        _ => r.abs() <= threshold,
+        Action::Buy => r > threshold,
+        Action::Sell => r < -threshold,
+        Action::Hold => r.abs() <= threshold,
     };
     (r, hit)
 }
@@ -338,7 +339,7 @@ impl Grader {
     fn grade(&self, s: &DueSignal, h: i64, after: Option<f64>, now: DateTime<Utc>) -> Grade {
         let judged = after
             .filter(|_| s.price_then > 0.0)
-            .map(|p| judge(&s.action, s.price_then, p, self.threshold));
+            .map(|p| judge(s.action, s.price_then, p, self.threshold));
         Grade {
             signal: s.clone(),
             horizon_seconds: h,
@@ -438,13 +439,13 @@ mod tests {
     #[test]
     fn calls_are_judged_against_the_flat_band() {
         let t = 0.001;
-        assert!(judge("BUY", 100.0, 100.2, t).1);
-        assert!(!judge("BUY", 100.0, 100.05, t).1, "inside the band");
-        assert!(judge("SELL", 100.0, 99.8, t).1);
-        assert!(!judge("SELL", 100.0, 100.2, t).1);
-        assert!(judge("HOLD", 100.0, 100.05, t).1);
-        assert!(!judge("HOLD", 100.0, 99.5, t).1);
-        let (r, _) = judge("BUY", 200.0, 210.0, t);
+        assert!(judge(Action::Buy, 100.0, 100.2, t).1);
+        assert!(!judge(Action::Buy, 100.0, 100.05, t).1, "inside the band");
+        assert!(judge(Action::Sell, 100.0, 99.8, t).1);
+        assert!(!judge(Action::Sell, 100.0, 100.2, t).1);
+        assert!(judge(Action::Hold, 100.0, 100.05, t).1);
+        assert!(!judge(Action::Hold, 100.0, 99.5, t).1);
+        let (r, _) = judge(Action::Buy, 200.0, 210.0, t);
         assert!((r - 0.05).abs() < 1e-12);
     }
 

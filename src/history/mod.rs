@@ -17,10 +17,9 @@ pub mod sql;
 pub mod testing;
 pub mod writer;
 
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Stage, StageMessage};
+use crate::model::{Action, Stage, StageMessage, Tier};
 
 /// Creates the history's series at zero (a rate over a counter that does not exist yet is
 /// no rate at all). The hit-rate gauge appears with the first grades: a 0 would be a claim.
@@ -87,12 +86,12 @@ pub struct Record {
     pub cycle_at: i64,
     /// When it was published, Unix milliseconds.
     pub published_at_ms: i64,
-    /// BUY, SELL or HOLD.
-    pub action: String,
+    /// The call.
+    pub action: Action,
     /// The signal's confidence.
     pub confidence: f64,
-    /// HOT/GOOD/NEUTRAL/LOW from the score stage on.
-    pub tier: Option<String>,
+    /// From the score stage on.
+    pub tier: Option<Tier>,
     /// `metadata.model_used`.
     pub model: String,
     /// The top strategy's name.
@@ -107,44 +106,16 @@ pub struct Record {
     pub envelope: String,
 }
 
-/// The fields of any stage's payload that the history reads (every stage carries the
-/// signal's fields; later stages add theirs).
-#[derive(Deserialize)]
-struct PayloadView {
-    signal_id: String,
-    action: String,
-    confidence: f64,
-    #[serde(default)]
-    opportunity_tier: Option<String>,
-    #[serde(default)]
-    top_strategy: Option<TopStrategyView>,
-    market_context: PriceView,
-    data_as_of: DateTime<Utc>,
-    #[serde(default)]
-    is_degraded: bool,
-}
-
-#[derive(Deserialize)]
-struct TopStrategyView {
-    name: String,
-}
-
-#[derive(Deserialize)]
-struct PriceView {
-    current_price: f64,
-}
-
 impl Record {
     /// The record of a message this process publishes. Fails only if the payload lacks the
     /// signal's fields (a bug, reported rather than stored half).
     pub fn from_message(msg: &StageMessage) -> Result<Record, String> {
-        // Read in place: no copy of the payload.
-        let p = PayloadView::deserialize(&msg.envelope.payload)
-            .map_err(|e| format!("payload of {} is not a signal: {e}", msg.stage.as_str()))?;
+        let payload = &msg.envelope.payload;
+        let p = payload.signal();
         let envelope = serde_json::to_string(&msg.envelope).map_err(|e| e.to_string())?;
         Ok(Record {
             message_id: msg.envelope.message_id.clone(),
-            signal_id: p.signal_id,
+            signal_id: p.signal_id.clone(),
             stage: msg.stage,
             symbol: msg.symbol.clone(),
             cycle_id: msg.cycle_id.to_string(),
@@ -152,9 +123,9 @@ impl Record {
             published_at_ms: msg.envelope.timestamp.timestamp_millis(),
             action: p.action,
             confidence: p.confidence,
-            tier: p.opportunity_tier,
+            tier: payload.scored().map(|s| s.opportunity_tier),
             model: msg.envelope.metadata.model_used.clone(),
-            top_strategy: p.top_strategy.map(|t| t.name),
+            top_strategy: Some(p.top_strategy.name.clone()),
             price: p.market_context.current_price,
             data_as_of: p.data_as_of.timestamp(),
             is_degraded: p.is_degraded,
@@ -184,19 +155,64 @@ pub struct HistoryQuery {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HistoryRow {
     /// The stage.
-    pub stage: String,
+    pub stage: Stage,
     /// The symbol.
     pub symbol: String,
     /// The tick.
     pub cycle_id: String,
+    /// The signal it belongs to (its own column: the grades are joined on it).
+    #[serde(skip)]
+    pub signal_id: String,
     /// Its position for the next page.
     #[serde(skip)]
     pub key: (i64, String),
-    /// The envelope as published.
+    /// The envelope as published (kept as it was stored: an answer shows what went out,
+    /// including fields of versions before this one).
     pub message: serde_json::Value,
     /// Signal-stage rows: the grades so far, by horizon (`5m` …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grades: Option<std::collections::BTreeMap<String, GradeView>>,
+}
+
+impl HistoryRow {
+    /// The decision the row's message carries, read as its type; an error names the field
+    /// that is missing or of the wrong kind.
+    pub fn decision(&self) -> Result<Decision, String> {
+        self.message
+            .get("payload")
+            .ok_or_else(|| "the stored envelope has no payload".to_string())
+            .and_then(|p| Decision::deserialize(p).map_err(|e| format!("payload: {e}")))
+    }
+}
+
+/// What a signal decided, as the history shows it to a model (`recent_decisions`): the
+/// fields every stage's payload has carried since the history began.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The call.
+    pub action: Action,
+    /// Its confidence.
+    pub confidence: f64,
+    /// Why.
+    pub reasoning: String,
+    /// The best strategy.
+    pub top_strategy: DecisionStrategy,
+    /// The market it saw.
+    pub market_context: DecisionPrice,
+}
+
+/// The part of the top strategy a decision shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionStrategy {
+    /// Its name.
+    pub name: String,
+}
+
+/// The part of the market context a decision shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionPrice {
+    /// The price the signal saw.
+    pub current_price: f64,
 }
 
 /// A grade as the history API shows it beside its signal.
@@ -217,8 +233,8 @@ pub struct DueSignal {
     pub signal_id: String,
     /// The symbol.
     pub symbol: String,
-    /// BUY, SELL or HOLD.
-    pub action: String,
+    /// The call.
+    pub action: Action,
     /// Its confidence.
     pub confidence: f64,
     /// The score stage's tier (`NONE` when the signal never reached it).

@@ -239,8 +239,13 @@ fn read_row(r: &AnyRow) -> Result<HistoryRow, HistoryError> {
         id: id.clone(),
         message: format!("envelope is not JSON: {e}"),
     })?;
+    let stage: String = r.try_get("stage").map_err(get)?;
     Ok(HistoryRow {
-        stage: r.try_get("stage").map_err(get)?,
+        stage: Stage::parse(&stage).ok_or_else(|| HistoryError::Corrupt {
+            id: id.clone(),
+            message: format!("stage {stage:?} is not one of the pipeline's"),
+        })?,
+        signal_id: r.try_get("signal_id").map_err(get)?,
         symbol: r.try_get("symbol").map_err(get)?,
         cycle_id: r.try_get("cycle_id").map_err(get)?,
         key: (r.try_get("cycle_at").map_err(get)?, id),
@@ -270,9 +275,9 @@ impl HistoryStore for SqlStore {
                     .bind(&r.cycle_id)
                     .bind(r.cycle_at)
                     .bind(r.published_at_ms)
-                    .bind(&r.action)
+                    .bind(r.action.as_str())
                     .bind(r.confidence)
-                    .bind(r.tier.clone())
+                    .bind(r.tier.map(Tier::as_str))
                     .bind(&r.model)
                     .bind(r.top_strategy.clone())
                     .bind(r.price)
@@ -295,7 +300,7 @@ impl HistoryStore for SqlStore {
             .clone()
             .unwrap_or((i64::MAX, String::from("\u{10FFFF}")));
         let sql = format!(
-            "SELECT message_id, stage, symbol, cycle_id, cycle_at, envelope FROM signal_messages \
+            "SELECT message_id, signal_id, stage, symbol, cycle_id, cycle_at, envelope FROM signal_messages \
              WHERE {} cycle_at >= $1 AND cycle_at < $2 \
              AND (cycle_at < $3 OR (cycle_at = $3 AND message_id < $4)) {} \
              ORDER BY cycle_at DESC, message_id DESC LIMIT $5",
@@ -355,7 +360,13 @@ impl HistoryStore for SqlStore {
                 Ok(DueSignal {
                     signal_id: r.try_get("signal_id").map_err(get)?,
                     symbol: r.try_get("symbol").map_err(get)?,
-                    action: r.try_get("action").map_err(get)?,
+                    action: {
+                        let text: String = r.try_get("action").map_err(get)?;
+                        Action::parse(&text).ok_or_else(|| HistoryError::Corrupt {
+                            id: r.try_get("signal_id").unwrap_or_default(),
+                            message: format!("action {text:?} is not BUY, SELL or HOLD"),
+                        })?
+                    },
                     confidence: r.try_get("confidence").map_err(get)?,
                     tier: r
                         .try_get::<Option<String>, _>("score_tier")
@@ -435,7 +446,7 @@ impl HistoryStore for SqlStore {
         .bind(&s.signal_id)
         .bind(g.horizon_seconds)
         .bind(&s.symbol)
-        .bind(&s.action)
+        .bind(s.action.as_str())
         .bind(s.confidence)
         .bind(bucket)
         .bind(&s.tier)

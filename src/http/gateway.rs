@@ -99,6 +99,12 @@ fn refuse(status: StatusCode, outcome: &'static str, message: String) -> Respons
     (status, axum::Json(body)).into_response()
 }
 
+/// [`refuse`] boxed, for the steps that return a refusal as their error (a response is
+/// too large to travel unboxed in every `Result`).
+fn refused(status: StatusCode, outcome: &'static str, message: String) -> Box<Response> {
+    Box::new(refuse(status, outcome, message))
+}
+
 /// Why a session may send no more. The cause travels with the refusal (OpenCode reports
 /// only its last error) as a status class: OpenCode retries any error whose text holds
 /// "500", "503" and the like, and this refusal must end the call. The log has the status.
@@ -170,77 +176,14 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(session) = session_of(&headers) else {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "unknown_session",
-            "no X-Session-Id: this gateway serves the runner's own OpenCode sessions only".into(),
-        );
-    };
-    let session = session.to_string();
-    let (first, symbol, stage) = match g.sessions.admit(&session) {
-        Admission::Forward {
-            first,
-            symbol,
-            stage,
-        } => (first, symbol, stage),
-        Admission::OverAllowance {
-            allowance,
-            last_status,
-            symbol,
-            stage,
-        } => {
-            tracing::warn!(
-                symbol,
-                stage,
-                session,
-                allowance,
-                last_status,
-                "OpenCode session used its model requests; refusing more"
-            );
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "over_allowance",
-                over_allowance_message(allowance, last_status),
-            );
-        }
-        Admission::Unknown => {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "unknown_session",
-                "not a session of a call in progress: this gateway serves the runner's own OpenCode sessions only".into(),
-            );
-        }
+    let (session, first, symbol, stage) = match admit(&g, &headers) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
     };
     let estimate = estimate(&body, g.max_tokens);
-    // The first request rides on the runner's own slot and reservation; every further one
-    // (a step, a retry) is charged like a call of its own.
-    let reservation: Option<Reservation> = if first {
-        None
-    } else {
-        if g.limiter.acquire_before(Instant::now()).await.is_err() {
-            g.sessions.refund(&session);
-            let mut r = refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "rate limit of the runner (agents.requests_per_minute): too many requests".into(),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-            return r;
-        }
-        match g.budget.reserve(estimate, Utc::now()) {
-            Ok(r) => Some(r),
-            Err(w) => {
-                g.sessions.refund(&session);
-                metrics::counter!(names::LLM_BUDGET_EXHAUSTED, "window" => w.as_str()).increment(1);
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    "budget_exhausted",
-                    budget_message(w.as_str()),
-                );
-            }
-        }
+    let reservation = match charge(&g, &session, first, estimate).await {
+        Ok(r) => r,
+        Err(refusal) => return *refusal,
     };
     let mut rb = g
         .http
@@ -277,16 +220,107 @@ pub async fn chat_completions(
     };
     metrics::counter!(names::OPENCODE_MODEL_REQUESTS, "outcome" => "forwarded").increment(1);
     g.sessions.note_status(&session, resp.status().as_u16());
+    relay(
+        resp,
+        Meter {
+            budget: g.budget.clone(),
+            reservation,
+            seen: Vec::new(),
+        },
+    )
+}
+
+/// The request's session, if it is one of the runner's calls in progress with allowance
+/// left: `(session, first request, symbol, stage)`; otherwise the refusal to answer.
+fn admit(
+    g: &Gateway,
+    headers: &HeaderMap,
+) -> Result<(String, bool, String, &'static str), Box<Response>> {
+    let Some(session) = session_of(headers) else {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "unknown_session",
+            "no X-Session-Id: this gateway serves the runner's own OpenCode sessions only".into(),
+        ));
+    };
+    match g.sessions.admit(session) {
+        Admission::Forward {
+            first,
+            symbol,
+            stage,
+        } => Ok((session.to_string(), first, symbol, stage)),
+        Admission::OverAllowance {
+            allowance,
+            last_status,
+            symbol,
+            stage,
+        } => {
+            tracing::warn!(
+                symbol,
+                stage,
+                session,
+                allowance,
+                last_status,
+                "OpenCode session used its model requests; refusing more"
+            );
+            Err(refused(
+                StatusCode::BAD_REQUEST,
+                "over_allowance",
+                over_allowance_message(allowance, last_status),
+            ))
+        }
+        Admission::Unknown => Err(refused(
+            StatusCode::FORBIDDEN,
+            "unknown_session",
+            "not a session of a call in progress: this gateway serves the runner's own OpenCode sessions only".into(),
+        )),
+    }
+}
+
+/// The rate limit and budget of a request. The first rides on the runner's own slot and
+/// reservation; every further one (a step, a retry) is charged like a call of its own. A
+/// refusal gives the session its request back.
+async fn charge(
+    g: &Gateway,
+    session: &str,
+    first: bool,
+    estimate: u64,
+) -> Result<Option<Reservation>, Box<Response>> {
+    if first {
+        return Ok(None);
+    }
+    if g.limiter.acquire_before(Instant::now()).await.is_err() {
+        g.sessions.refund(session);
+        let mut r = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "rate limit of the runner (agents.requests_per_minute): too many requests".into(),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        return Err(Box::new(r));
+    }
+    match g.budget.reserve(estimate, Utc::now()) {
+        Ok(r) => Ok(Some(r)),
+        Err(w) => {
+            g.sessions.refund(session);
+            metrics::counter!(names::LLM_BUDGET_EXHAUSTED, "window" => w.as_str()).increment(1);
+            Err(refused(
+                StatusCode::BAD_REQUEST,
+                "budget_exhausted",
+                budget_message(w.as_str()),
+            ))
+        }
+    }
+}
+
+/// The upstream answer relayed as it arrives (a stream stays a stream), with its status,
+/// content type and `Retry-After`; the reservation settles when the body ends, or in full if
+/// OpenCode hangs up first.
+fn relay(resp: reqwest::Response, meter: Meter) -> Response {
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
     let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).cloned();
-    let meter = Meter {
-        budget: g.budget.clone(),
-        reservation,
-        seen: Vec::new(),
-    };
-    // Relayed as it arrives (a stream stays a stream); the reservation settles when the body
-    // ends, or in full if OpenCode hangs up first.
     let stream = futures::stream::unfold((resp, meter), |(mut resp, mut meter)| async move {
         match resp.chunk().await {
             Ok(Some(c)) => {

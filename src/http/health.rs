@@ -3,6 +3,8 @@
 //! tested without a server), `/health/detailed` (what an operator asks first), and the status
 //! watcher that turns readiness and kill-switch changes into `status` events.
 
+use std::collections::BTreeMap;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -64,9 +66,9 @@ pub async fn watch_status(
 
 /// Readiness and the kill switch as a `status` event carries them.
 pub async fn status_now(s: &AppState) -> Value {
-    let (_, r) = readiness(s).await;
+    let r = readiness(s).await;
     let ks = s.coord.kill_switch().await.ok().flatten();
-    json!({"readiness": {"status": r["status"], "degraded": r["degraded"], "failing": r["failing"]}, "kill_switch": ks})
+    json!({"readiness": {"status": r.status, "degraded": r.degraded, "failing": r.failing}, "kill_switch": ks})
 }
 
 /// What readiness is judged from, gathered from the live parts by [`readiness`].
@@ -90,12 +92,37 @@ pub(super) struct ReadinessFacts {
     pub(super) probes: Vec<(&'static str, Result<(), String>)>,
 }
 
-/// Readiness from its facts: `(ready, body)`. Pure, so every combination is testable.
-pub(super) fn judge(f: &ReadinessFacts) -> (bool, Value) {
-    let mut reasons = serde_json::Map::new();
-    let mut degraded = serde_json::Map::new();
+/// The readiness answer. Fields in name order: the body was a JSON map before it was
+/// typed, and its keys keep the order they went out in.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub(super) struct Readiness {
+    /// Each check and whether it passes.
+    pub(super) checks: BTreeMap<String, bool>,
+    /// Up, but serving fallback answers (an LLM problem with the rules fallback on).
+    pub(super) degraded: bool,
+    /// Why it is degraded, by check.
+    pub(super) degraded_reasons: BTreeMap<String, String>,
+    /// The checks that fail, in name order.
+    pub(super) failing: Vec<String>,
+    /// Why they fail, by check (the scheduler and cooldown checks say it by their names).
+    pub(super) reasons: BTreeMap<String, String>,
+    /// `ready` or `not_ready`.
+    pub(super) status: &'static str,
+}
+
+impl Readiness {
+    /// Whether every check passes.
+    pub(super) fn ready(&self) -> bool {
+        self.failing.is_empty()
+    }
+}
+
+/// Readiness from its facts. Pure, so every combination is testable.
+pub(super) fn judge(f: &ReadinessFacts) -> Readiness {
+    let mut reasons = BTreeMap::new();
+    let mut degraded = BTreeMap::new();
     if let Some(e) = &f.coordination {
-        reasons.insert("coordination_connected".into(), json!(e));
+        reasons.insert("coordination_connected".to_string(), e.clone());
     }
     // With the rules fallback serving, an LLM incident degrades the signals but the service
     // is up: the dashboard and SSE must stay in the load balancer. Without one, nothing can be
@@ -103,11 +130,11 @@ pub(super) fn judge(f: &ReadinessFacts) -> (bool, Value) {
     let mut llm_problem = |key: &str, why: String| {
         if f.fallback_rules {
             degraded.insert(
-                key.into(),
-                json!(format!("{why}; the rules fallback is serving")),
+                key.to_string(),
+                format!("{why}; the rules fallback is serving"),
             );
         } else {
-            reasons.insert(key.into(), json!(why));
+            reasons.insert(key.to_string(), why);
         }
     };
     if !f.open_llm_breakers.is_empty() {
@@ -123,46 +150,51 @@ pub(super) fn judge(f: &ReadinessFacts) -> (bool, Value) {
         );
     }
     if let Some(a) = &f.auth_error {
-        reasons.insert("llm_credentials_valid".into(), json!(a));
+        reasons.insert("llm_credentials_valid".to_string(), a.clone());
     }
-    let mut checks = json!({
-        "scheduler_running": f.scheduler_running,
-        "circuit_breaker_closed": f.open_llm_breakers.is_empty() || f.fallback_rules,
-        "not_in_cooldown": f.not_in_cooldown,
-        "coordination_connected": f.coordination.is_none(),
-        "llm_credentials_valid": f.auth_error.is_none(),
-        "llm_budget_available": f.budget_spent.is_none() || f.fallback_rules,
-    });
+    let mut checks: BTreeMap<String, bool> = [
+        ("scheduler_running", f.scheduler_running),
+        (
+            "circuit_breaker_closed",
+            f.open_llm_breakers.is_empty() || f.fallback_rules,
+        ),
+        ("not_in_cooldown", f.not_in_cooldown),
+        ("coordination_connected", f.coordination.is_none()),
+        ("llm_credentials_valid", f.auth_error.is_none()),
+        (
+            "llm_budget_available",
+            f.budget_spent.is_none() || f.fallback_rules,
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     for (backend, r) in &f.probes {
         if let Err(e) = r {
-            reasons.insert(format!("{backend}_healthy"), json!(e));
+            reasons.insert(format!("{backend}_healthy"), e.clone());
         }
-        checks[format!("{backend}_healthy")] = json!(r.is_ok());
+        checks.insert(format!("{backend}_healthy"), r.is_ok());
     }
     let failing: Vec<String> = checks
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(_, v)| v.as_bool() != Some(true))
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
-        .unwrap_or_default();
-    let ok = failing.is_empty();
-    (
-        ok,
-        json!({
-            "status": if ok { "ready" } else { "not_ready" },
-            "degraded": !degraded.is_empty(),
-            "checks": checks,
-            "failing": failing,
-            "reasons": reasons,
-            "degraded_reasons": degraded,
-        }),
-    )
+        .iter()
+        .filter(|(_, ok)| !**ok)
+        .map(|(k, _)| k.clone())
+        .collect();
+    Readiness {
+        status: if failing.is_empty() {
+            "ready"
+        } else {
+            "not_ready"
+        },
+        degraded: !degraded.is_empty(),
+        checks,
+        failing,
+        reasons,
+        degraded_reasons: degraded,
+    }
 }
 
-pub(super) async fn readiness(s: &AppState) -> (bool, Value) {
+pub(super) async fn readiness(s: &AppState) -> Readiness {
     let v = s.runner.view();
     let coordination = match s.coord.ping().await {
         Ok(()) => v.coordination_error.clone(),
@@ -179,7 +211,7 @@ pub(super) async fn readiness(s: &AppState) -> (bool, Value) {
         open_llm_breakers: s
             .breakers
             .iter()
-            .filter(|b| b.name().starts_with("llm_") && b.state() == BreakerState::Open)
+            .filter(|b| b.kind().is_llm() && b.state() == BreakerState::Open)
             .map(|b| b.name().to_string())
             .collect(),
         auth_error: s.llm_health.auth_error(),
@@ -190,8 +222,8 @@ pub(super) async fn readiness(s: &AppState) -> (bool, Value) {
 }
 
 pub(super) async fn ready(State(s): State<AppState>) -> Response {
-    let (ok, body) = readiness(&s).await;
-    let code = if ok {
+    let body = readiness(&s).await;
+    let code = if body.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -201,7 +233,7 @@ pub(super) async fn ready(State(s): State<AppState>) -> Response {
 
 pub(super) async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
     let v = s.runner.view();
-    let (ready, readiness) = readiness(&s).await;
+    let readiness = readiness(&s).await;
     let active_locks = s.coord.held_locks().await.map(|l| l.len()).ok();
     let breakers: serde_json::Map<String, Value> = s
         .breakers
@@ -226,7 +258,7 @@ pub(super) async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
     let (hour_used, day_used) = s.budget.used(chrono::Utc::now());
     let (per_hour, per_day) = s.budget.limits();
     axum::Json(json!({
-        "status": if !ready { "unhealthy" } else if readiness["degraded"] == true { "degraded" } else { "healthy" },
+        "status": if !readiness.ready() { "unhealthy" } else if readiness.degraded { "degraded" } else { "healthy" },
         "instance_id": s.instance_id,
         "last_cycle": v.last_cycle.as_ref().map(|c| c.cycle_id),
         "last_cycle_finished_at": v.last_cycle_finished_at,
@@ -276,7 +308,7 @@ pub(super) async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
         // Read live: an operator who just flipped it wants to see it, not the last tick's view.
         "kill_switch": s.coord.kill_switch().await.ok().flatten(),
         "coordination": { "backend": s.coord.backend(), "error": v.coordination_error },
-        "redis_connected": if s.coord.backend() == "redis" { Some(readiness["checks"]["coordination_connected"].as_bool() == Some(true)) } else { None },
+        "redis_connected": if s.coord.backend() == "redis" { Some(readiness.checks.get("coordination_connected") == Some(&true)) } else { None },
         "readiness": readiness,
         "uptime_seconds": Instant::now().duration_since(s.started).as_secs_f64(),
     }))

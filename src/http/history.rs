@@ -149,22 +149,13 @@ pub(super) async fn history(
             // Each signal-stage row carries its grades (one query for the page).
             let ids: Vec<String> = rows
                 .iter()
-                .filter(|r| r.stage == Stage::Signal.as_str())
-                .filter_map(|r| {
-                    r.message["payload"]["signal_id"]
-                        .as_str()
-                        .map(str::to_string)
-                })
+                .filter(|r| r.stage == Stage::Signal)
+                .map(|r| r.signal_id.clone())
                 .collect();
             match store.grades_of(&ids).await {
                 Ok(grades) => {
-                    for r in rows
-                        .iter_mut()
-                        .filter(|r| r.stage == Stage::Signal.as_str())
-                    {
-                        let id = r.message["payload"]["signal_id"]
-                            .as_str()
-                            .unwrap_or_default();
+                    for r in rows.iter_mut().filter(|r| r.stage == Stage::Signal) {
+                        let id = r.signal_id.as_str();
                         r.grades = Some(
                             grades
                                 .iter()

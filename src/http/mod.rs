@@ -30,10 +30,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::llm::{LlmHealth, TokenBudget, Transport};
 use crate::coordination::Coordination;
+use crate::pipeline::Stage;
 use crate::publish::Publisher;
 use crate::resilience::Breaker;
 use crate::runner::SharedState;
 use crate::schedule::CycleId;
+use serde::Deserialize as _;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -549,15 +551,29 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// One entry of `/api/signals/latest`: the payload plus where it stands.
-fn latest_entry(stage: &str, envelope: &crate::pipeline::Envelope) -> Value {
-    let mut p = envelope.payload.clone();
-    if let Some(obj) = p.as_object_mut() {
-        obj.insert("stage".into(), json!(stage));
-        obj.insert("message_id".into(), json!(envelope.message_id));
-        obj.insert("published_at".into(), json!(envelope.timestamp));
-    }
-    p
+/// One entry of `/api/signals/latest`: the payload's fields plus where it stands.
+#[derive(serde::Serialize)]
+struct LatestEntry<'a, P> {
+    #[serde(flatten)]
+    payload: &'a P,
+    stage: Stage,
+    message_id: &'a str,
+    published_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `envelope` as a latest entry; `None` when its payload is not an object (another writer's
+/// message of some other shape), which has no fields to show beside the stage.
+fn latest_entry<P: serde::Serialize>(
+    stage: Stage,
+    envelope: &crate::pipeline::Envelope<P>,
+) -> Option<Value> {
+    serde_json::to_value(LatestEntry {
+        payload: &envelope.payload,
+        stage,
+        message_id: &envelope.message_id,
+        published_at: envelope.timestamp,
+    })
+    .ok()
 }
 
 /// `GET /api/signals/latest` parameters: pages of symbols in name order.
@@ -605,9 +621,9 @@ async fn latest(
     };
     // Per symbol, the newest cycle's furthest stage: this replica's own messages, and — with
     // Redis — every replica's dashboard messages, so a load-balanced client sees everything.
-    use crate::pipeline::Stage;
     let mut best: std::collections::BTreeMap<String, (CycleId, Stage, Value)> = Default::default();
-    let mut offer = |symbol: String, cycle: CycleId, stage: Stage, entry: Value| {
+    let mut offer = |symbol: String, cycle: CycleId, stage: Stage, entry: Option<Value>| {
+        let Some(entry) = entry else { return };
         let newer = best
             .get(&symbol)
             .is_none_or(|(c, st, _)| crate::pipeline::supersedes(cycle, stage, *c, *st));
@@ -620,24 +636,21 @@ async fn latest(
             m.symbol.clone(),
             m.cycle_id,
             m.stage,
-            latest_entry(m.stage.as_str(), &m.envelope),
+            latest_entry(m.stage, &m.envelope),
         );
     }
     for data in s.publisher.hub().latest_signals() {
         // Another replica's message is offered only when it names its symbol and tick; a
         // message that does not (written by something else) cannot be placed, so it is left out.
-        if let Some((env, key)) = serde_json::from_str::<crate::pipeline::Envelope>(&data)
-            .ok()
-            .and_then(|env| {
-                let key = serde_json::from_value::<SignalKey>(env.payload.clone()).ok()?;
-                Some((env, key))
-            })
-        {
+        let Ok(env) = serde_json::from_str::<crate::pipeline::Envelope<Value>>(&data) else {
+            continue;
+        };
+        if let Ok(key) = SignalKey::deserialize(&env.payload) {
             offer(
                 key.symbol,
                 key.cycle_id,
                 Stage::Report,
-                latest_entry(Stage::Report.as_str(), &env),
+                latest_entry(Stage::Report, &env),
             );
         }
     }
@@ -786,8 +799,9 @@ mod tests {
             ),
         ];
         for (i, (facts, ready, degraded, failing)) in table.into_iter().enumerate() {
-            let (ok, body) = judge(&facts);
-            assert_eq!(ok, ready, "row {i}: {body}");
+            let judged = judge(&facts);
+            assert_eq!(judged.ready(), ready, "row {i}: {judged:?}");
+            let body = serde_json::to_value(&judged).expect("json");
             assert_eq!(body["degraded"], degraded, "row {i}: {body}");
             assert_eq!(body["failing"], json!(failing), "row {i}: {body}");
             for key in failing {

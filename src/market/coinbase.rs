@@ -166,7 +166,7 @@ mod tests {
         ] {
             let e = Coinbase::parse(body).expect_err("rejected");
             assert!(e.to_string().contains(needle), "{e}");
-            assert_eq!(e.reason(), "market_data_malformed");
+            assert_eq!(e.reason().as_str(), "market_data_malformed");
         }
         assert!(Coinbase::parse(b"[]").expect("empty ok").is_empty());
     }

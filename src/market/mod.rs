@@ -14,6 +14,8 @@ pub mod simulated;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::model::Reason;
+
 /// One 1-minute candle.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candle {
@@ -67,15 +69,15 @@ pub enum MarketError {
 
 impl MarketError {
     /// Bounded reason label.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            MarketError::Status { status } if *status >= 500 => "market_data_5xx",
-            MarketError::Status { .. } => "market_data_rejected",
-            MarketError::Transport(_) => "market_data_unreachable",
-            MarketError::Timeout => "market_data_timeout",
-            MarketError::Malformed(_) => "market_data_malformed",
-            MarketError::TooFew { .. } => "market_data_insufficient",
-            MarketError::Stale { .. } => "market_data_stale",
+            MarketError::Status { status } if *status >= 500 => Reason::MarketData5xx,
+            MarketError::Status { .. } => Reason::MarketDataRejected,
+            MarketError::Transport(_) => Reason::MarketDataUnreachable,
+            MarketError::Timeout => Reason::MarketDataTimeout,
+            MarketError::Malformed(_) => Reason::MarketDataMalformed,
+            MarketError::TooFew { .. } => Reason::MarketDataInsufficient,
+            MarketError::Stale { .. } => Reason::MarketDataStale,
         }
     }
 }

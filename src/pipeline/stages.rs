@@ -115,30 +115,17 @@ impl Steps<'_> {
         })
     }
 
-    /// Publishes `value` as `stage`'s message, timed from `since`.
-    async fn publish<T: serde::Serialize>(
+    /// Publishes `payload` as its stage's message, timed from `since`.
+    async fn publish(
         &self,
-        stage: Stage,
-        value: &T,
+        payload: Payload,
         since: Instant,
         model: &str,
         tools_used: &[String],
     ) -> Result<(), StageFailure> {
-        let payload = serde_json::to_value(value).map_err(|e| StageFailure {
-            stage,
-            error: AgentError::InvalidOutput(e.to_string()),
-        })?;
+        let stage = payload.stage();
         let ms = Instant::now().duration_since(since).as_millis() as u64;
-        let msg = StageMessage::new(
-            stage,
-            self.symbol,
-            self.cycle,
-            &self.signal_id,
-            payload,
-            ms,
-            model,
-        )
-        .with_tools_used(tools_used.to_vec());
+        let msg = StageMessage::new(payload, ms, model).with_tools_used(tools_used.to_vec());
         metrics::counter!(names::MESSAGES_PUBLISHED, "stage" => stage.as_str()).increment(1);
         self.ctx.publisher.publish(msg).await;
         Ok(())
@@ -170,7 +157,7 @@ pub async fn run_symbol(
     let mut scored = score_signal(signal, ctx.clock.now());
     let score = scored.opportunity_score;
     steps
-        .publish(Stage::Score, &scored, t1, "deterministic", &[])
+        .publish(Payload::Scored(scored.clone()), t1, "deterministic", &[])
         .await?;
 
     // Stage 3: Advise, only for promising scores.
@@ -193,8 +180,7 @@ pub async fn run_symbol(
     let report = ReportedSignal { advised, summary };
     steps
         .publish(
-            Stage::Report,
-            &report,
+            Payload::Reported(report),
             t3,
             &answer.model,
             &answer.tools_used,
@@ -273,8 +259,7 @@ async fn signal_stage(
         .increment(1);
     steps
         .publish(
-            Stage::Signal,
-            &signal,
+            Payload::Signal(signal.clone()),
             t0,
             &answer.model,
             &answer.tools_used,
@@ -306,8 +291,7 @@ async fn advise_stage(
     };
     steps
         .publish(
-            Stage::Advise,
-            &advised,
+            Payload::Advised(advised.clone()),
             t2,
             &answer.model,
             &answer.tools_used,
@@ -378,7 +362,8 @@ mod tests {
         assert_eq!(sub.backlog.len(), 1);
         assert_eq!(sub.backlog[0].kind, "signal");
         let latest = publisher.latest();
-        let p = &latest[0].envelope.payload;
+        // What goes out on the wire: the payload as it serializes.
+        let p = serde_json::to_value(&latest[0].envelope.payload).expect("json");
         for key in [
             "action",
             "confidence",

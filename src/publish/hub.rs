@@ -129,9 +129,21 @@ pub struct Subscription {
     pub complete: bool,
 }
 
+/// The symbol a dashboard message names; `None` for one that names none (written by
+/// something else), which then has no place among the latest per symbol.
 fn symbol_of(data: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(data).ok()?;
-    v["payload"]["symbol"].as_str().map(str::to_string)
+    // Only the part read: a message with a payload naming its symbol has a place, whatever
+    // else its writer put beside it.
+    #[derive(serde::Deserialize)]
+    struct Message {
+        payload: Named,
+    }
+    #[derive(serde::Deserialize)]
+    struct Named {
+        symbol: String,
+    }
+    let m: Message = serde_json::from_str(data).ok()?;
+    Some(m.payload.symbol)
 }
 
 impl Hub {

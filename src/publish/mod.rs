@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::history::writer::HistoryWriter;
-use crate::model::{Stage, StageMessage};
+use crate::model::{FailedAt, Reason, Stage, StageMessage};
 use crate::schedule::CycleId;
 use hub::Hub;
 
@@ -58,8 +58,8 @@ pub struct CycleSummary {
 pub struct SymbolSkip {
     /// The symbol.
     pub symbol: String,
-    /// Bounded reason.
-    pub reason: String,
+    /// Why (`capacity`, `locked`, `claimed_elsewhere`).
+    pub reason: Reason,
 }
 
 /// One failed symbol in a summary.
@@ -67,10 +67,10 @@ pub struct SymbolSkip {
 pub struct SymbolFailure {
     /// The symbol.
     pub symbol: String,
-    /// Bounded reason (`timeout`, `market_data_5xx`, …).
-    pub reason: String,
-    /// The stage it failed in.
-    pub stage: String,
+    /// Why (`timeout`, `market_data_5xx`, …).
+    pub reason: Reason,
+    /// Where it stopped (a stage, or `queued`, `lock`, `pipeline`).
+    pub stage: FailedAt,
     /// What happened, for people (the first cause among its attempts, redacted); absent
     /// where the reason says it all.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -236,15 +236,9 @@ mod tests {
 
     fn msg(symbol: &str, cycle_id: &str, stage: Stage) -> StageMessage {
         let cycle = cycle(cycle_id);
-        StageMessage::new(
-            stage,
-            symbol,
-            cycle,
-            &format!("{symbol}{cycle}"),
-            serde_json::json!({"symbol": symbol}),
-            1,
-            "rules",
-        )
+        let signal =
+            crate::model::examples::signal(symbol, cycle, crate::model::Action::Hold, 0.5, 1.0);
+        StageMessage::new(crate::model::examples::payload(stage, signal), 1, "rules")
     }
 
     #[tokio::test]

@@ -140,13 +140,42 @@ pub struct BreakerMemo {
     pub open_for_seconds: Option<f64>,
 }
 
+/// Which dependency a breaker guards; its name is the `breaker` label of the metrics, the
+/// key of `/health/detailed` and the name in the logs (`redis`, `llm_openrouter`,
+/// `llm_opencode`), unchanged since breakers were named by strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BreakerKind {
+    /// The coordination and publishing Redis.
+    Redis,
+    /// The OpenAI-compatible LLM endpoint (OpenRouter, a local server).
+    LlmOpenrouter,
+    /// The OpenCode server.
+    LlmOpencode,
+}
+
+impl BreakerKind {
+    /// The name (see the type's doc).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerKind::Redis => "redis",
+            BreakerKind::LlmOpenrouter => "llm_openrouter",
+            BreakerKind::LlmOpencode => "llm_opencode",
+        }
+    }
+
+    /// Whether it guards an LLM backend (whose open state readiness and fallback look at).
+    pub fn is_llm(self) -> bool {
+        !matches!(self, BreakerKind::Redis)
+    }
+}
+
 /// Called with the breaker's name and new state on every transition.
 pub type TransitionHook = Arc<dyn Fn(&str, BreakerState) + Send + Sync>;
 
 /// A circuit breaker. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct Breaker {
-    name: Arc<str>,
+    kind: BreakerKind,
     settings: BreakerSettings,
     inner: Arc<Mutex<Inner>>,
     on_transition: Option<TransitionHook>,
@@ -155,7 +184,7 @@ pub struct Breaker {
 impl std::fmt::Debug for Breaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Breaker")
-            .field("name", &self.name)
+            .field("kind", &self.kind)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -163,9 +192,9 @@ impl std::fmt::Debug for Breaker {
 
 impl Breaker {
     /// A closed breaker.
-    pub fn new(name: &str, settings: BreakerSettings) -> Self {
+    pub fn new(kind: BreakerKind, settings: BreakerSettings) -> Self {
         Self {
-            name: Arc::from(name),
+            kind,
             settings,
             inner: Arc::new(Mutex::new(Inner {
                 state: BreakerState::Closed,
@@ -193,9 +222,14 @@ impl Breaker {
         self
     }
 
-    /// The breaker's name.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// What it guards.
+    pub fn kind(&self) -> BreakerKind {
+        self.kind
+    }
+
+    /// Its name (the kind's).
+    pub fn name(&self) -> &'static str {
+        self.kind.as_str()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -218,23 +252,23 @@ impl Breaker {
                 inner.times_opened += 1;
                 inner.opened_because = inner.last_cause.clone();
                 tracing::warn!(
-                    breaker = %self.name,
+                    breaker = %self.name(),
                     failures = inner.consecutive_failures,
                     cause = inner.last_cause.as_deref().unwrap_or("not said"),
                     "circuit breaker OPEN"
                 );
             }
             BreakerState::HalfOpen => {
-                tracing::info!(breaker = %self.name, "circuit breaker HALF_OPEN, probing recovery");
+                tracing::info!(breaker = %self.name(), "circuit breaker HALF_OPEN, probing recovery");
             }
             BreakerState::Closed => {
                 inner.consecutive_failures = 0;
                 inner.opened_at = None;
-                tracing::info!(breaker = %self.name, "circuit breaker CLOSED, recovered");
+                tracing::info!(breaker = %self.name(), "circuit breaker CLOSED, recovered");
             }
         }
         if let Some(hook) = &self.on_transition {
-            hook(&self.name, to);
+            hook(self.name(), to);
         }
     }
 
@@ -376,7 +410,7 @@ impl Breaker {
         let now = Instant::now();
         let inner = self.lock();
         BreakerSnapshot {
-            name: self.name.to_string(),
+            name: self.name().to_string(),
             state,
             mode: self.settings.mode,
             failure_count: inner.consecutive_failures,
@@ -506,7 +540,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_threshold_consecutive_failures() {
-        let b = Breaker::new("t", settings());
+        let b = Breaker::new(BreakerKind::Redis, settings());
         fail(&b, 2);
         assert_eq!(b.state(), BreakerState::Closed);
         // A success resets the consecutive count.
@@ -521,7 +555,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn it_says_which_failure_opened_it_and_keeps_that_through_later_ones() {
-        let b = Breaker::new("t", settings());
+        let b = Breaker::new(BreakerKind::Redis, settings());
         assert_eq!(b.opened_because(), None);
         for cause in ["HTTP 500: a", "HTTP 500: b", "no answer within 10 s"] {
             b.try_acquire()
@@ -552,7 +586,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn half_open_after_recovery_timeout_then_closes_on_successes() {
-        let b = Breaker::new("t", settings());
+        let b = Breaker::new(BreakerKind::Redis, settings());
         fail(&b, 3);
         tokio::time::advance(Duration::from_secs(29)).await;
         assert_eq!(b.state(), BreakerState::Open);
@@ -568,7 +602,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn half_open_failure_reopens_and_restarts_the_timeout() {
-        let b = Breaker::new("t", settings());
+        let b = Breaker::new(BreakerKind::Redis, settings());
         fail(&b, 3);
         tokio::time::advance(Duration::from_secs(30)).await;
         b.try_acquire().expect("probe").failure();
@@ -581,7 +615,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn half_open_admits_at_most_max_calls_under_concurrent_callers() {
-        let b = Breaker::new("t", settings());
+        let b = Breaker::new(BreakerKind::Redis, settings());
         fail(&b, 3);
         tokio::time::advance(Duration::from_secs(30)).await;
         // 50 concurrent callers race for probe slots while the probes are in flight.
@@ -620,7 +654,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stale_outcome_from_an_earlier_period_is_ignored() {
-        let b = Breaker::new("t", settings());
+        let b = Breaker::new(BreakerKind::Redis, settings());
         let slow = b.try_acquire().expect("closed");
         fail(&b, 3);
         assert_eq!(b.state(), BreakerState::Open);
@@ -635,11 +669,11 @@ mod tests {
     async fn operator_overrides() {
         let mut s = settings();
         s.mode = BreakerMode::ForcedOpen;
-        let forced = Breaker::new("f", s);
+        let forced = Breaker::new(BreakerKind::Redis, s);
         assert_eq!(forced.try_acquire().err(), Some(Rejected::Open));
         assert_eq!(forced.state(), BreakerState::Open);
         s.mode = BreakerMode::Disabled;
-        let disabled = Breaker::new("d", s);
+        let disabled = Breaker::new(BreakerKind::Redis, s);
         fail(&disabled, 10);
         assert_eq!(disabled.state(), BreakerState::Closed);
         assert!(disabled.try_acquire().is_ok());
@@ -649,7 +683,7 @@ mod tests {
     async fn transition_hook_sees_every_state() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        let b = Breaker::new("t", settings()).with_transition_hook(move |_, st| {
+        let b = Breaker::new(BreakerKind::Redis, settings()).with_transition_hook(move |_, st| {
             s2.lock().unwrap_or_else(|p| p.into_inner()).push(st)
         });
         fail(&b, 3);
@@ -672,7 +706,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn probe_now_skips_the_rest_of_the_recovery_timeout_only_when_open() {
         let b = Breaker::new(
-            "redis",
+            BreakerKind::Redis,
             BreakerSettings {
                 failure_threshold: 1,
                 recovery_timeout: Duration::from_secs(30),

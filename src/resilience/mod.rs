@@ -23,8 +23,8 @@ pub mod retry;
 
 pub use backpressure::Backpressure;
 pub use breaker::{
-    Breaker, BreakerMemo, BreakerMode, BreakerSettings, BreakerState, Permit, Rejected,
-    TransitionHook,
+    Breaker, BreakerKind, BreakerMemo, BreakerMode, BreakerSettings, BreakerState, Permit,
+    Rejected, TransitionHook,
 };
 pub use concurrency::{CallEnd, ConcurrencyLimit, Slot};
 pub use hedge::HedgeBudget;

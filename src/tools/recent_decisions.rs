@@ -50,21 +50,33 @@ impl ToolSpec for GetRecentDecisions {
                 format!("no decisions recorded for {} yet", a.symbol),
             ));
         }
+        // A stored row this version cannot read (another writer's, a damaged one) is left
+        // out and counted, rather than failing the whole answer or showing nulls.
+        let mut unreadable = 0usize;
         let decisions: Vec<Value> = rows
             .iter()
-            .map(|r| {
-                let p = &r.message["payload"];
-                json!({
+            .filter_map(|r| match r.decision() {
+                Ok(d) => Some(json!({
                     "cycle_id": r.cycle_id,
-                    "action": p["action"],
-                    "confidence": p["confidence"],
-                    "price": p["market_context"]["current_price"],
-                    "top_strategy": p["top_strategy"]["name"],
-                    "reasoning": p["reasoning"],
+                    "action": d.action,
+                    "confidence": d.confidence,
+                    "price": d.market_context.current_price,
+                    "top_strategy": d.top_strategy.name,
+                    "reasoning": d.reasoning,
                     "grades": r.grades,
-                })
+                })),
+                Err(why) => {
+                    unreadable += 1;
+                    tracing::warn!(cycle_id = %r.cycle_id, symbol = %r.symbol, "recent_decisions: stored signal left out: {why}");
+                    None
+                }
             })
             .collect();
+        if unreadable > 0 {
+            return Ok(
+                json!({"symbol": a.symbol, "decisions": decisions, "unreadable": unreadable}),
+            );
+        }
         Ok(json!({"symbol": a.symbol, "decisions": decisions}))
     }
 }

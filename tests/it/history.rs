@@ -9,10 +9,9 @@ use autonomous_runner::history::sql::SqlStore;
 use autonomous_runner::history::writer::HistoryWriter;
 use autonomous_runner::history::{GroupBy, HistoryQuery, HistoryStore};
 use autonomous_runner::market::{Candle, MarketError, MarketSource};
-use autonomous_runner::model::{Stage, StageMessage};
+use autonomous_runner::model::{Action, Stage, StageMessage, examples};
 use autonomous_runner::schedule::CycleId;
 use chrono::{DateTime, TimeZone, Utc};
-use serde_json::json;
 
 use autonomous_runner::history::testing::PostgresServer;
 
@@ -34,22 +33,9 @@ fn message(
     price: f64,
 ) -> StageMessage {
     let cycle = CycleId::new(at(m));
-    let sid = autonomous_runner::model::signal_id(symbol, &cycle);
-    let mut payload = json!({
-        "signal_id": sid,
-        "cycle_id": cycle.to_string(),
-        "symbol": symbol,
-        "action": action,
-        "confidence": confidence,
-        "top_strategy": {"name": "RSI", "score": 0.6, "signal": action, "parameters": {}},
-        "market_context": {"current_price": price, "price_change_1h": 0.0, "volume_ratio": 1.0, "volatility_1h": 0.01},
-        "data_as_of": at(m).to_rfc3339(),
-        "is_degraded": false,
-    });
-    if stage != Stage::Signal {
-        payload["opportunity_tier"] = json!("GOOD");
-    }
-    StageMessage::new(stage, symbol, cycle, &sid, payload, 5, "rules")
+    let action = Action::parse(action).expect("BUY, SELL or HOLD");
+    let signal = examples::signal(symbol, cycle, action, confidence, price);
+    StageMessage::new(examples::payload(stage, signal), 5, "rules")
 }
 
 fn records(msgs: &[StageMessage]) -> Vec<autonomous_runner::history::Record> {
@@ -118,7 +104,7 @@ async fn contract(store: Arc<dyn HistoryStore>) {
     assert_eq!(eth.len(), 3);
     assert!(
         eth.iter()
-            .all(|r| r.symbol == "ETH/USD" && r.stage == "score")
+            .all(|r| r.symbol == "ETH/USD" && r.stage == Stage::Score)
     );
     assert_eq!(
         eth[0].message["payload"]["opportunity_tier"], "GOOD",

@@ -81,9 +81,10 @@ async fn every_tick_runs_under_a_real_models_latency_and_the_gate_acts_only_on_o
         let ok = t["symbols_ok"].as_u64().unwrap();
         assert!(
             ok >= 19,
-            "only {ok} of 20 symbols in {}: {}",
+            "only {ok} of 20 symbols in {}: failed {}, skipped {}",
             t["cycle_id"],
-            t["failures"]
+            t["failures"],
+            t["skipped"]
         );
     }
     assert!(

@@ -12,7 +12,7 @@ use crate::redis_server::RedisServer;
 
 fn breaker() -> Breaker {
     Breaker::new(
-        "redis",
+        autonomous_runner::resilience::BreakerKind::Redis,
         BreakerSettings {
             failure_threshold: 3,
             recovery_timeout: Duration::from_secs(1),
@@ -145,7 +145,7 @@ async fn the_shared_rate_limiter_falls_back_to_a_local_share_while_redis_is_down
     use autonomous_runner::resilience::rate_limit::AgentRateLimiter;
     let mut redis = RedisServer::start().await;
     let breaker = Breaker::new(
-        "redis",
+        autonomous_runner::resilience::BreakerKind::Redis,
         BreakerSettings {
             failure_threshold: 1,
             recovery_timeout: Duration::from_secs(60),

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use autonomous_runner::coordination::redis::connect;
+use autonomous_runner::model::{Action, examples};
 use autonomous_runner::pipeline::{Stage, StageMessage};
 use autonomous_runner::publish::Sink;
 use autonomous_runner::publish::redis::RedisSink;
 use autonomous_runner::resilience::{Breaker, BreakerMode, BreakerSettings};
+use autonomous_runner::schedule::CycleId;
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_server::RedisServer;
@@ -16,7 +18,7 @@ use crate::redis_server::RedisServer;
 fn breaker() -> Breaker {
     // Never opens: these tests are about the outbox, not the breaker.
     Breaker::new(
-        "redis",
+        autonomous_runner::resilience::BreakerKind::Redis,
         BreakerSettings {
             failure_threshold: 1_000,
             recovery_timeout: Duration::from_secs(1),
@@ -27,27 +29,26 @@ fn breaker() -> Breaker {
     )
 }
 
+/// The report of the tick at 10:`n` (n < 60), so its minute says which message it was.
 fn message(n: usize) -> StageMessage {
-    StageMessage::new(
-        Stage::Report,
-        "ETH/USD",
-        format!("2026-11-28T10:{n:02}:00Z")
-            .parse()
-            .expect("a cycle id"),
-        &format!("signal-{n}"),
-        serde_json::json!({"symbol": "ETH/USD", "n": n}),
-        1,
-        "rules",
-    )
+    let cycle: CycleId = format!("2026-11-28T10:{n:02}:00Z")
+        .parse()
+        .expect("a cycle id");
+    let signal = examples::signal("ETH/USD", cycle, Action::Hold, 0.5, 3000.0);
+    StageMessage::new(examples::payload(Stage::Report, signal), 1, "rules")
 }
 
-/// `payload.n` of every dashboard-stream entry, in order.
+/// The tick minute (`n`) of every dashboard-stream entry, in order.
 async fn stream_ns(redis: &RedisServer) -> Vec<u64> {
     redis
         .stream("stream:dashboard-signals")
         .await
         .iter()
-        .map(|(_, env)| env["payload"]["n"].as_u64().unwrap())
+        .map(|(_, env)| {
+            let cycle: CycleId =
+                serde_json::from_value(env["payload"]["cycle_id"].clone()).expect("a cycle id");
+            u64::from(chrono::Timelike::minute(&cycle.time()))
+        })
         .collect()
 }
 

@@ -33,8 +33,8 @@ pub struct LastError {
     pub symbol: String,
     /// The tick.
     pub cycle_id: String,
-    /// Bounded reason (`timeout`, `llm_5xx`, `llm_unreachable`, …).
-    pub reason: &'static str,
+    /// Why (`timeout`, `llm_5xx`, `llm_unreachable`, …).
+    pub reason: crate::model::Reason,
     /// What happened, redacted: the status and the start of the body, the refused
     /// `host:port`, the time limit that passed.
     pub error: String,

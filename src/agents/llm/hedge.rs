@@ -253,7 +253,7 @@ mod tests {
             max_tool_rounds: 3,
         });
         let breaker = Breaker::new(
-            "llm_scripted",
+            crate::resilience::BreakerKind::LlmOpenrouter,
             crate::resilience::BreakerSettings {
                 failure_threshold: 100,
                 recovery_timeout: Duration::from_secs(1),

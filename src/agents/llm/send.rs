@@ -96,7 +96,7 @@ impl LlmAgent {
                 tracing::warn!(stage, symbol = req.symbol, reason = %reason, "model answer rejected");
                 let e = AgentError::InvalidOutput(reason);
                 self.remember_error(req, &e);
-                self.shared.health.count_request(stage, e.reason());
+                self.shared.health.count_request(stage, e.reason().as_str());
                 Err(e)
             }
         }
@@ -141,7 +141,7 @@ impl LlmAgent {
             }
             _ => {}
         }
-        self.shared.health.count_request(stage, e.reason());
+        self.shared.health.count_request(stage, e.reason().as_str());
     }
 
     /// Keeps `e` as the backend's last error, with the symbol and tick it was for.
