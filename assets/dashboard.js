@@ -48,7 +48,7 @@ function detailRow(p) {
   tr.className = "detail";
   tr.hidden = true;
   const td = document.createElement("td");
-  td.colSpan = 8;
+  td.colSpan = 9;
   const summary = document.createElement("p");
   summary.className = "summary";
   summary.textContent = String(p.summary || p.reasoning || "");
@@ -66,6 +66,24 @@ function detailRow(p) {
   return tr;
 }
 
+// What the stated confidence has meant so far: the hit rate of this model's calls of this
+// action at this confidence. Until the group has enough grades the cell says so instead of
+// guessing; the tooltip has the group, the horizon and the sample size.
+function calibratedCell(tr, p) {
+  const c = p.calibration || {};
+  const known = typeof p.calibrated_confidence === "number";
+  const td = cell(tr, known ? (p.calibrated_confidence * 100).toFixed(0) + " %" : "—", "num calibrated");
+  if (known) {
+    td.title = "hit " + (p.calibrated_confidence * 100).toFixed(1) + " % of the time at " + c.horizon +
+      " (" + c.group + ", " + c.graded + " graded, " + c.method + ")";
+  } else if (c.status === "insufficient") {
+    td.title = "not calibrated yet: " + c.graded + " of " + c.needed + " grades at " + c.horizon + " (" + c.group + ")";
+  } else {
+    td.title = "not calibrated: no history to learn from";
+  }
+  return td;
+}
+
 function renderSignal(envelope) {
   const p = envelope && envelope.payload;
   if (!p || typeof p.symbol !== "string") return;
@@ -78,6 +96,7 @@ function renderSignal(envelope) {
   sym.addEventListener("click", (e) => { e.stopPropagation(); selectSymbol(p.symbol); });
   cell(tr, String(p.action), String(p.action));
   cell(tr, typeof p.confidence === "number" ? (p.confidence * 100).toFixed(0) + " %" : "", "num");
+  calibratedCell(tr, p);
   cell(tr, price(p), "num price");
   cell(tr, typeof p.opportunity_score === "number" ? p.opportunity_score.toFixed(1) : "", "num");
   cell(tr, String(p.opportunity_tier || ""), String(p.opportunity_tier || ""));
@@ -279,6 +298,16 @@ async function loadScorecard() {
     cell(tr, pct(s.mean_return), "num");
     cell(tr, pct(s.median_return), "num");
     cell(tr, Number(s.brier).toFixed(3), "num");
+    // Skill against knowing only the base rate: above 0 is better.
+    cell(tr, typeof s.brier_skill === "number" ? s.brier_skill.toFixed(2) : "—", "num");
+    const c = s.calibrated;
+    const cb = cell(tr, c ? Number(c.brier).toFixed(3) : "—", "num");
+    if (c) cb.title = c.graded + " graded with a calibrated confidence; skill " +
+      (typeof c.brier_skill === "number" ? c.brier_skill.toFixed(2) : "—");
+    const b = s.baselines;
+    const bs = cell(tr, b ? (b.skill >= 0 ? "+" : "") + pct(b.skill) + " (" + pct(b.skill_ci95[0]) + " – " + pct(b.skill_ci95[1]) + ")" : "—", "num");
+    if (b) bs.title = "against " + b.best.replace("_", " ") + ": always HOLD hit " + pct(b.always_hold) +
+      ", momentum " + pct(b.momentum) + ", these signals " + pct(b.hit_rate) + " of " + b.graded;
     body.appendChild(tr);
   }
   $("score-note").textContent = d.graded + " graded since " + utc(d.since) + " UTC" +

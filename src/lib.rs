@@ -57,6 +57,7 @@ use crate::coordination::redis::{RedisCoordination, RedisRateLimiter};
 use crate::coordination::{Coordination, LockTiming};
 use crate::coordinator::Coordinator;
 use crate::history::HistoryStore;
+use crate::history::calibration::Calibrator;
 use crate::history::grading::Grader;
 use crate::history::writer::HistoryWriter;
 use crate::market::MarketSource;
@@ -155,16 +156,22 @@ impl App {
         let names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
         telemetry::init_series(&cfg.symbols, &names);
         let gateway = build_gateway(&cfg, &setup, &limiter)?;
-        let runner = build_runner(
+        // Calibration learns from the history's grades; without a history there is nothing
+        // to learn from, and the signals say so.
+        let calibrator = history.as_ref().map(|_| {
+            let horizon = cfg.history.calibration_horizon();
+            Arc::new(Calibrator::new(horizon, cfg.history.calibration.min_grades))
+        });
+        let pipeline = build_pipeline(
             &cfg,
             clock,
             market.clone(),
-            &coord,
             &publisher,
             &setup,
-            latencies,
-        )
-        .context("building the scheduler")?;
+            calibrator.clone(),
+        );
+        let runner = build_runner(&cfg, clock, pipeline, &coord, &setup, latencies)
+            .context("building the scheduler")?;
         let _ = runner_state.set(runner.state());
         let listener = bind(&cfg).await?;
         let http_state = http::AppState {
@@ -706,17 +713,17 @@ async fn build_coordination(
     Ok((Arc::new(rc), Some(sink), limiter))
 }
 
-/// The market source, the pipeline, the pool and the tick loop.
-fn build_runner(
+/// What one symbol's run needs: the market, the agents, the publisher, the strategies and
+/// the calibration of stated confidence.
+fn build_pipeline(
     cfg: &Config,
     clock: Clock,
     market: Arc<dyn MarketSource>,
-    coord: &Arc<dyn Coordination>,
     publisher: &Arc<Publisher>,
     setup: &agents::setup::AgentSetup,
-    latencies: resilience::CallLatencies,
-) -> anyhow::Result<Runner> {
-    let pipeline = Arc::new(PipelineContext {
+    calibrator: Option<Arc<Calibrator>>,
+) -> Arc<PipelineContext> {
+    Arc::new(PipelineContext {
         market,
         agents: setup.agents.clone(),
         publisher: publisher.clone(),
@@ -725,7 +732,20 @@ fn build_runner(
         strategies: Arc::new(strategy::StrategySet::new(cfg.strategies.clone())),
         advise_min_score: cfg.pipeline.advise_min_score,
         expiry_grace: Duration::from_secs(cfg.pipeline.expiry_grace_seconds),
-    });
+        calibrator,
+    })
+}
+
+/// The pool and the tick loop around `pipeline`.
+fn build_runner(
+    cfg: &Config,
+    clock: Clock,
+    pipeline: Arc<PipelineContext>,
+    coord: &Arc<dyn Coordination>,
+    setup: &agents::setup::AgentSetup,
+    latencies: resilience::CallLatencies,
+) -> anyhow::Result<Runner> {
+    let publisher = pipeline.publisher.clone();
     let coordinator = Arc::new(
         Coordinator::new(
             coord.clone(),
@@ -742,7 +762,7 @@ fn build_runner(
         clock,
         coord.clone(),
         coordinator,
-        publisher.clone(),
+        publisher,
         setup.gate_breaker.clone(),
         latencies,
     )?

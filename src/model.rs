@@ -369,6 +369,50 @@ pub struct Signal {
     pub data_as_of: DateTime<Utc>,
     /// Produced by a fallback rather than the configured agent.
     pub is_degraded: bool,
+    /// The probability of a hit at the calibration horizon, learned from the graded signals
+    /// of the same model and action at this confidence; null until that group has enough
+    /// grades (`calibration` says how many). `confidence` stays what the agent stated.
+    #[serde(default)]
+    pub calibrated_confidence: Option<f64>,
+    /// How `calibrated_confidence` was obtained, or why there is none.
+    #[serde(default)]
+    pub calibration: CalibrationNote,
+}
+
+/// Whether a signal's confidence could be calibrated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CalibrationStatus {
+    /// `calibrated_confidence` is the group's observed hit rate at this confidence.
+    Calibrated,
+    /// The group has fewer grades than `history.calibration.min_grades`: nothing is guessed.
+    Insufficient,
+    /// No history to learn from (`history.enabled: false`), or a message from before
+    /// calibration existed.
+    #[default]
+    Unavailable,
+}
+
+/// How a signal's confidence was calibrated: what a reader needs to weigh the number.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CalibrationNote {
+    /// Calibrated, or why not.
+    pub status: CalibrationStatus,
+    /// The method (`beta_binned_isotonic`); empty when unavailable.
+    #[serde(default)]
+    pub method: String,
+    /// The horizon the probability is of (`15m`); empty when unavailable.
+    #[serde(default)]
+    pub horizon: String,
+    /// The (model, action) group the signal was calibrated in (`rules|HOLD`).
+    #[serde(default)]
+    pub group: String,
+    /// Grades the group has at that horizon.
+    #[serde(default)]
+    pub graded: u64,
+    /// Grades the group needs before it is calibrated.
+    #[serde(default)]
+    pub needed: u64,
 }
 
 /// TIER of an opportunity score.
@@ -679,6 +723,8 @@ pub mod examples {
             expires_at: at + chrono::Duration::seconds(90),
             data_as_of: at,
             is_degraded: false,
+            calibrated_confidence: None,
+            calibration: CalibrationNote::default(),
         }
     }
 

@@ -226,6 +226,16 @@ impl Default for History {
             queue_max: 100_000,
             batch_size: 500,
             grading: Grading::default(),
+            calibration: Calibration::default(),
+        }
+    }
+}
+impl Default for Calibration {
+    fn default() -> Self {
+        Self {
+            horizon_minutes: None,
+            min_grades: 100,
+            refit_seconds: 60,
         }
     }
 }

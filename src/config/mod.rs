@@ -487,6 +487,25 @@ pub struct History {
     pub batch_size: usize,
     /// How signals are graded.
     pub grading: Grading,
+    /// How stated confidence is calibrated against the grades.
+    pub calibration: Calibration,
+}
+
+/// `history.calibration:` every signal's `calibrated_confidence` is the observed hit rate, at
+/// one horizon, of the signals of its model and action at its confidence, once the group has
+/// enough grades.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Calibration {
+    /// The horizon a calibrated confidence is the hit probability at; one of
+    /// `grading.horizons_minutes`. Unset: 15 when that is graded, else the first graded
+    /// horizon (so a custom list of horizons needs no second setting).
+    pub horizon_minutes: Option<u32>,
+    /// Grades a (model, action) group needs before its signals are calibrated; until then
+    /// `calibrated_confidence` is null and the message says how many there are. Default 100.
+    pub min_grades: u64,
+    /// How often the calibration is refitted from the grades. Default 60.
+    pub refit_seconds: u64,
 }
 
 /// `history.grading:`
@@ -502,6 +521,16 @@ pub struct Grading {
 }
 
 impl History {
+    /// The calibration horizon in force (see [`Calibration::horizon_minutes`]).
+    pub fn calibration_horizon(&self) -> u32 {
+        let graded = &self.grading.horizons_minutes;
+        match self.calibration.horizon_minutes {
+            Some(m) => m,
+            None if graded.contains(&15) || graded.is_empty() => 15,
+            None => graded[0],
+        }
+    }
+
     /// The PostgreSQL URL in force (`history.url`, else the seed's `postgres.url`), if any.
     pub fn postgres_url<'a>(&'a self, seed: &'a Postgres) -> Option<&'a Secret> {
         [&self.url, &seed.url].into_iter().find(|u| !u.is_empty())

@@ -363,6 +363,12 @@ impl Config {
                 Bound::new(k("success_threshold"), br.success_threshold, AtLeast(1.0), 1_000.0),
             ]);
         }
+        let cal = &c.history.calibration;
+        #[rustfmt::skip]
+        b.extend([
+            Bound::new("history.calibration.min_grades", cal.min_grades, AtLeast(1.0), 1e9),
+            Bound::new("history.calibration.refit_seconds", cal.refit_seconds, AtLeast(1.0), DAY),
+        ]);
         for (i, m) in c.history.grading.horizons_minutes.iter().enumerate() {
             let key = format!("history.grading.horizons_minutes[{i}]");
             b.push(Bound::new(key, *m, AtLeast(1.0), 7.0 * 24.0 * 60.0));
@@ -425,6 +431,16 @@ impl Config {
             v.bad(
                 format!("{r}.history.grading.horizons_minutes"),
                 "must list at least one horizon",
+            );
+        }
+        let horizon = self.history.calibration_horizon();
+        if !self.history.grading.horizons_minutes.contains(&horizon) {
+            v.bad(
+                format!("{r}.history.calibration.horizon_minutes"),
+                format!(
+                    "{horizon} is not a grading horizon: use one of history.grading.horizons_minutes {:?}",
+                    self.history.grading.horizons_minutes
+                ),
             );
         }
         for (name, st) in [

@@ -14,7 +14,10 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{BucketSums, DueSignal, Grade, GradedRow, GroupBy, HistoryError, HistoryStore};
+use super::calibration::Calibrator;
+use super::{
+    BucketSums, CalibratedSums, DueSignal, Grade, GradedRow, GroupBy, HistoryError, HistoryStore,
+};
 use crate::market::{MarketError, MarketSource};
 use crate::model::Action;
 use crate::telemetry::names;
@@ -28,6 +31,18 @@ pub fn judge(action: Action, then: f64, after: f64, threshold: f64) -> (f64, boo
         Action::Hold => r.abs() <= threshold,
     };
     (r, hit)
+}
+
+/// The momentum baseline's call: the direction of the last hour's return (BUY after a
+/// rise, SELL after a fall, HOLD when it did not move).
+pub fn momentum_call(price_change_1h: f64) -> Action {
+    if price_change_1h > 0.0 {
+        Action::Buy
+    } else if price_change_1h < 0.0 {
+        Action::Sell
+    } else {
+        Action::Hold
+    }
 }
 
 /// Wilson score interval (95 %) of `hits` in `n`: honest at small counts, where the normal
@@ -89,15 +104,152 @@ pub struct GroupScore {
     pub brier: f64,
     /// Confidence buckets against observed hit rate.
     pub calibration: Vec<CalibrationBucket>,
+    /// Brier skill of the stated confidence against the base rate (the group's own hit rate
+    /// stated for every signal): above 0 is better than knowing only the base rate; `None`
+    /// when every signal hit or every one missed (no forecast can beat that).
+    pub brier_skill: Option<f64>,
+    /// The same for `calibrated_confidence`, over the grades that carried one.
+    pub calibrated: Option<CalibratedScore>,
+    /// The naive baselines on the same graded (symbol, tick, horizon) set, and the group's
+    /// skill against the best of them.
+    pub baselines: Option<Baselines>,
+}
+
+/// The reliability of the calibrated confidence in a group.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CalibratedScore {
+    /// Graded signals that carried a calibrated confidence.
+    pub graded: u64,
+    /// Their hit rate.
+    pub hit_rate: f64,
+    /// Mean of (calibrated − hit)².
+    pub brier: f64,
+    /// Against the base rate of the same signals (see [`GroupScore::brier_skill`]).
+    pub brier_skill: Option<f64>,
+    /// Calibrated-confidence buckets against observed hit rate.
+    pub calibration: Vec<CalibrationBucket>,
+}
+
+/// Naive baselines judged like the signals, at the same horizon and prices.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Baselines {
+    /// Graded signals where every baseline is known (those that saw the last hour's return).
+    pub graded: u64,
+    /// The group's own hit rate on them.
+    pub hit_rate: f64,
+    /// Always HOLD's hit rate.
+    pub always_hold: f64,
+    /// Momentum's hit rate (the sign of the last hour's return).
+    pub momentum: f64,
+    /// The better of the two (`always_hold` or `momentum`).
+    pub best: &'static str,
+    /// `hit_rate` − the best baseline's: above 0, the signals beat it.
+    pub skill: f64,
+    /// 95 % interval of the skill, from the paired differences (the same signals judged
+    /// both ways).
+    pub skill_ci95: [f64; 2],
+}
+
+/// `1 − brier / (p(1 − p))` with `p` the hit rate of the same forecasts.
+fn brier_skill(brier: f64, hits: u64, n: u64) -> Option<f64> {
+    let p = hits as f64 / n as f64;
+    let reference = p * (1.0 - p);
+    (n > 0 && reference > 0.0).then(|| 1.0 - brier / reference)
+}
+
+/// The baselines of a group's summed buckets, `None` without a row that has them.
+fn baselines(bs: &[&BucketSums]) -> Option<Baselines> {
+    let n: u64 = bs.iter().map(|b| b.baseline_n).sum();
+    if n == 0 {
+        return None;
+    }
+    let nf = n as f64;
+    let own: u64 = bs.iter().map(|b| b.baseline_hits).sum();
+    let hold: u64 = bs.iter().map(|b| b.hold_hits).sum();
+    let momentum: u64 = bs.iter().map(|b| b.momentum_hits).sum();
+    let (best, best_hits, differ) = if momentum > hold {
+        (
+            "momentum",
+            momentum,
+            bs.iter().map(|b| b.momentum_differ).sum::<u64>(),
+        )
+    } else {
+        (
+            "always_hold",
+            hold,
+            bs.iter().map(|b| b.hold_differ).sum::<u64>(),
+        )
+    };
+    // Paired: d = own hit − baseline hit ∈ {−1, 0, 1}; Σd² is the rows where they differ.
+    let mean = (own as f64 - best_hits as f64) / nf;
+    let var = if n > 1 {
+        ((differ as f64 - nf * mean * mean) / (nf - 1.0)).max(0.0)
+    } else {
+        0.0
+    };
+    let half = 1.959_963_984_540_054 * (var / nf).sqrt();
+    Some(Baselines {
+        graded: n,
+        hit_rate: own as f64 / nf,
+        always_hold: hold as f64 / nf,
+        momentum: momentum as f64 / nf,
+        best,
+        skill: mean,
+        skill_ci95: [mean - half, mean + half],
+    })
+}
+
+/// The calibrated score of a group, `None` when none of its grades carried a calibrated
+/// confidence.
+fn calibrated(bs: &[&BucketSums], cal: &[&CalibratedSums]) -> Option<CalibratedScore> {
+    let n: u64 = bs.iter().map(|b| b.calibrated_n).sum();
+    if n == 0 {
+        return None;
+    }
+    let hits: u64 = bs.iter().map(|b| b.calibrated_hits).sum();
+    let brier = bs.iter().map(|b| b.calibrated_squared_error).sum::<f64>() / n as f64;
+    Some(CalibratedScore {
+        graded: n,
+        hit_rate: hits as f64 / n as f64,
+        brier,
+        brier_skill: brier_skill(brier, hits, n),
+        calibration: cal
+            .iter()
+            .filter(|c| c.n > 0)
+            .map(|c| CalibrationBucket {
+                bucket: bucket_label(c.bucket),
+                count: c.n,
+                mean_confidence: c.calibrated / c.n as f64,
+                hit_rate: c.hits as f64 / c.n as f64,
+            })
+            .collect(),
+    })
+}
+
+/// `0.6-0.7`.
+fn bucket_label(bucket: i64) -> String {
+    format!(
+        "{:.1}-{:.1}",
+        bucket as f64 / 10.0,
+        (bucket + 1) as f64 / 10.0
+    )
 }
 
 /// The scorecard from per-(group, bucket) sums and each group's median, one entry per group
 /// in key order. The database does the summing (`HistoryStore::sums`), so the answer costs the
 /// same however many rows there are.
-pub fn score_groups(sums: &[BucketSums], medians: &BTreeMap<String, f64>) -> Vec<GroupScore> {
+pub fn score_groups(
+    sums: &[BucketSums],
+    calibrated_sums: &[CalibratedSums],
+    medians: &BTreeMap<String, f64>,
+) -> Vec<GroupScore> {
     let mut groups: BTreeMap<&str, Vec<&BucketSums>> = BTreeMap::new();
     for b in sums {
         groups.entry(b.group.as_str()).or_default().push(b);
+    }
+    let mut cal: BTreeMap<&str, Vec<&CalibratedSums>> = BTreeMap::new();
+    for c in calibrated_sums {
+        cal.entry(c.group.as_str()).or_default().push(c);
     }
     groups
         .into_iter()
@@ -109,6 +261,7 @@ pub fn score_groups(sums: &[BucketSums], medians: &BTreeMap<String, f64>) -> Vec
             let hits: u64 = bs.iter().map(|b| b.hits).sum();
             let (lo, hi) = wilson95(hits, n);
             let nf = n as f64;
+            let brier = bs.iter().map(|b| b.squared_error).sum::<f64>() / nf;
             Some(GroupScore {
                 key: key.to_string(),
                 graded: n,
@@ -117,21 +270,20 @@ pub fn score_groups(sums: &[BucketSums], medians: &BTreeMap<String, f64>) -> Vec
                 hit_rate_ci95: [lo, hi],
                 mean_return: bs.iter().map(|b| b.returns).sum::<f64>() / nf,
                 median_return: medians.get(key).copied().unwrap_or(0.0),
-                brier: bs.iter().map(|b| b.squared_error).sum::<f64>() / nf,
+                brier,
                 calibration: bs
                     .iter()
                     .filter(|b| b.n > 0)
                     .map(|b| CalibrationBucket {
-                        bucket: format!(
-                            "{:.1}-{:.1}",
-                            b.bucket as f64 / 10.0,
-                            (b.bucket + 1) as f64 / 10.0
-                        ),
+                        bucket: bucket_label(b.bucket),
                         count: b.n,
                         mean_confidence: b.confidence / b.n as f64,
                         hit_rate: b.hits as f64 / b.n as f64,
                     })
                     .collect(),
+                brier_skill: brier_skill(brier, hits, n),
+                calibrated: calibrated(&bs, cal.get(key).map_or(&[][..], |v| v.as_slice())),
+                baselines: baselines(&bs),
             })
         })
         .collect()
@@ -145,13 +297,17 @@ pub async fn scorecard_of(
     since: i64,
 ) -> Result<Vec<GroupScore>, HistoryError> {
     let sums = store.sums(horizon_seconds, group_by, since).await?;
+    let calibrated = store
+        .calibrated_sums(horizon_seconds, group_by, since)
+        .await?;
     let medians = store.medians(horizon_seconds, group_by, since).await?;
-    Ok(score_groups(&sums, &medians))
+    Ok(score_groups(&sums, &calibrated, &medians))
 }
 
 /// The scorecard of individual rows (the reference the database's sums are checked against).
 pub fn scorecard(rows: &[GradedRow]) -> Vec<GroupScore> {
     let mut sums: BTreeMap<(String, i64), BucketSums> = BTreeMap::new();
+    let mut cal: BTreeMap<(String, i64), CalibratedSums> = BTreeMap::new();
     let mut returns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for r in rows {
         let bucket = ((r.confidence * 10.0).floor() as i64).clamp(0, 9);
@@ -161,17 +317,38 @@ pub fn scorecard(rows: &[GradedRow]) -> Vec<GroupScore> {
             .or_insert_with(|| BucketSums {
                 group: r.group.clone(),
                 bucket,
-                n: 0,
-                hits: 0,
-                confidence: 0.0,
-                returns: 0.0,
-                squared_error: 0.0,
+                ..BucketSums::default()
             });
         e.n += 1;
         e.hits += u64::from(r.hit);
         e.confidence += r.confidence;
         e.returns += r.return_fraction;
         e.squared_error += (r.confidence - hit).powi(2);
+        if let Some(c) = r.calibrated {
+            e.calibrated_n += 1;
+            e.calibrated_hits += u64::from(r.hit);
+            e.calibrated_sum += c;
+            e.calibrated_squared_error += (c - hit).powi(2);
+            let cb = ((c * 10.0).floor() as i64).clamp(0, 9);
+            let k = cal
+                .entry((r.group.clone(), cb))
+                .or_insert_with(|| CalibratedSums {
+                    group: r.group.clone(),
+                    bucket: cb,
+                    ..CalibratedSums::default()
+                });
+            k.n += 1;
+            k.hits += u64::from(r.hit);
+            k.calibrated += c;
+        }
+        if let (Some(h), Some(m)) = (r.hold_hit, r.momentum_hit) {
+            e.baseline_n += 1;
+            e.baseline_hits += u64::from(r.hit);
+            e.hold_hits += u64::from(h);
+            e.hold_differ += u64::from(h != r.hit);
+            e.momentum_hits += u64::from(m);
+            e.momentum_differ += u64::from(m != r.hit);
+        }
         returns
             .entry(r.group.clone())
             .or_default()
@@ -190,7 +367,11 @@ pub fn scorecard(rows: &[GradedRow]) -> Vec<GroupScore> {
             (g, median)
         })
         .collect();
-    score_groups(&sums.into_values().collect::<Vec<_>>(), &medians)
+    score_groups(
+        &sums.into_values().collect::<Vec<_>>(),
+        &cal.into_values().collect::<Vec<_>>(),
+        &medians,
+    )
 }
 
 /// What the source says of the price at `at`.
@@ -240,6 +421,8 @@ pub struct Grader {
     /// Per horizon: every signal priced before this has a grade (so the next round's scan
     /// starts there). Starts at 0: the first round catches up on everything stored.
     graded_through: HashMap<i64, i64>,
+    /// The calibration refitted from the grades, and how often.
+    calibration: Option<(Arc<Calibrator>, Duration)>,
 }
 
 /// What one round did.
@@ -278,7 +461,15 @@ impl Grader {
                 .collect(),
             threshold: threshold_pct / 100.0,
             graded_through: HashMap::new(),
+            calibration: None,
         }
+    }
+
+    /// Also refits `calibrator` from the grades every `every` (and at the first round, so a
+    /// restart calibrates from the stored history at once).
+    pub fn with_calibrator(mut self, calibrator: Arc<Calibrator>, every: Duration) -> Grader {
+        self.calibration = Some((calibrator, every));
+        self
     }
 
     /// Grades what is due at `now`.
@@ -340,12 +531,19 @@ impl Grader {
         let judged = after
             .filter(|_| s.price_then > 0.0)
             .map(|p| judge(s.action, s.price_then, p, self.threshold));
+        let baseline = |action: Action| {
+            after
+                .filter(|_| s.price_then > 0.0)
+                .map(|p| judge(action, s.price_then, p, self.threshold).1)
+        };
         Grade {
             signal: s.clone(),
             horizon_seconds: h,
             price_after: after,
             return_fraction: judged.map(|j| j.0),
             hit: judged.map(|j| j.1),
+            hold_hit: baseline(Action::Hold),
+            momentum_hit: s.price_change_1h.and_then(|r| baseline(momentum_call(r))),
             graded_at: now.timestamp(),
         }
     }
@@ -376,6 +574,7 @@ impl Grader {
         stop: CancellationToken,
     ) {
         let mut last_prune: Option<tokio::time::Instant> = None;
+        let mut last_refit: Option<tokio::time::Instant> = None;
         loop {
             let now = clock.now();
             match self.round(now).await {
@@ -392,6 +591,16 @@ impl Grader {
             }
             if let Err(e) = self.publish_hit_rates(now).await {
                 tracing::debug!(error = %e, "hit rates not updated");
+            }
+            if let Some((c, every)) = &self.calibration
+                && last_refit.is_none_or(|t| t.elapsed() >= *every)
+            {
+                match c.refit(self.store.as_ref()).await {
+                    Ok(()) => last_refit = Some(tokio::time::Instant::now()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "calibration not refitted; the previous fit stays")
+                    }
+                }
             }
             if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
                 let before = now.timestamp() - retention.as_secs() as i64;
@@ -470,6 +679,9 @@ mod tests {
             confidence: c,
             hit,
             return_fraction: r,
+            calibrated: None,
+            hold_hit: None,
+            momentum_hit: None,
         };
         let rows = [
             row("BUY", 0.9, true, 0.02),
@@ -493,6 +705,63 @@ mod tests {
             .collect();
         assert_eq!(buckets, [("0.6-0.7", 1), ("0.8-0.9", 1), ("0.9-1.0", 1)]);
         assert_eq!(s[1].median_return, -0.003);
+    }
+
+    /// Known rows, known figures: the calibrated confidence's own Brier and buckets, the Brier
+    /// skill of both against the base rate, the baselines and the paired skill interval.
+    #[test]
+    fn scorecard_scores_calibration_and_baselines_exactly() {
+        let row = |c: f64, hit: bool, cal: Option<f64>, base: Option<(bool, bool)>| GradedRow {
+            group: "g".into(),
+            confidence: c,
+            hit,
+            return_fraction: 0.0,
+            calibrated: cal,
+            hold_hit: base.map(|b| b.0),
+            momentum_hit: base.map(|b| b.1),
+        };
+        let rows = [
+            row(0.8, true, Some(0.7), Some((false, true))),
+            row(0.8, false, Some(0.7), Some((true, false))),
+            row(0.6, true, Some(0.4), Some((false, false))),
+            // Stored before calibration and baselines: counted for what it has.
+            row(0.6, true, None, None),
+        ];
+        let g = &scorecard(&rows)[0];
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert_eq!((g.graded, g.hits), (4, 3));
+        // Stated: Brier (0.04 + 0.64 + 0.16 + 0.16) / 4 = 0.25 against p(1 − p) = 0.1875.
+        assert!(close(g.brier, 0.25));
+        assert!(close(g.brier_skill.expect("skill"), 1.0 - 0.25 / 0.1875));
+        let c = g.calibrated.as_ref().expect("calibrated rows");
+        assert_eq!(c.graded, 3);
+        let brier = (0.09 + 0.49 + 0.36) / 3.0;
+        assert!(close(c.brier, brier), "{c:?}");
+        assert!(close(
+            c.brier_skill.expect("skill"),
+            1.0 - brier / (2.0 / 9.0)
+        ));
+        let buckets: Vec<(&str, u64, f64)> = c
+            .calibration
+            .iter()
+            .map(|b| (b.bucket.as_str(), b.count, b.hit_rate))
+            .collect();
+        assert_eq!(buckets, [("0.4-0.5", 1, 1.0), ("0.7-0.8", 2, 0.5)]);
+        let b = g.baselines.as_ref().expect("baselines");
+        assert_eq!(b.graded, 3);
+        assert!(close(b.hit_rate, 2.0 / 3.0) && close(b.always_hold, 1.0 / 3.0));
+        assert!(close(b.momentum, 1.0 / 3.0));
+        assert_eq!(b.best, "always_hold", "a tie goes to the simpler baseline");
+        // Paired differences 1, −1, 1: mean 1/3, sample variance (3 − 3/9) / 2 = 4/3.
+        assert!(close(b.skill, 1.0 / 3.0));
+        let half = 1.959_963_984_540_054 * (4.0f64 / 3.0 / 3.0).sqrt();
+        assert!(
+            close(b.skill_ci95[0], 1.0 / 3.0 - half) && close(b.skill_ci95[1], 1.0 / 3.0 + half)
+        );
+        // A forecast that is always right or always wrong leaves nothing to be skilled at.
+        let perfect = scorecard(&[row(0.9, true, None, None)]);
+        assert_eq!(perfect[0].brier_skill, None);
+        assert!(perfect[0].calibrated.is_none() && perfect[0].baselines.is_none());
     }
 
     #[test]

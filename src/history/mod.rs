@@ -11,6 +11,7 @@
 //!
 //! Schema and queries: `docs/HISTORY.md`.
 
+pub mod calibration;
 pub mod grading;
 pub mod sql;
 #[cfg(any(test, feature = "test-support"))]
@@ -102,6 +103,11 @@ pub struct Record {
     pub data_as_of: i64,
     /// Produced by a fallback.
     pub is_degraded: bool,
+    /// The calibrated confidence it carried, if it was calibrated.
+    pub calibrated_confidence: Option<f64>,
+    /// The last hour's return it saw (`market_context.price_change_1h`): the momentum
+    /// baseline's call.
+    pub price_change_1h: f64,
     /// The envelope JSON as published.
     pub envelope: String,
 }
@@ -129,6 +135,8 @@ impl Record {
             price: p.market_context.current_price,
             data_as_of: p.data_as_of.timestamp(),
             is_degraded: p.is_degraded,
+            calibrated_confidence: p.calibrated_confidence,
+            price_change_1h: p.market_context.price_change_1h,
             envelope,
         })
     }
@@ -249,6 +257,11 @@ pub struct DueSignal {
     pub price_then: f64,
     /// That price's time, Unix seconds.
     pub data_as_of: i64,
+    /// The calibrated confidence it carried (`None`: not calibrated, or stored before
+    /// calibration).
+    pub calibrated_confidence: Option<f64>,
+    /// The last hour's return it saw (`None`: stored before the baselines).
+    pub price_change_1h: Option<f64>,
 }
 
 /// A grade to record.
@@ -264,6 +277,11 @@ pub struct Grade {
     pub return_fraction: Option<f64>,
     /// Whether the call was right; `None` when the price is missing.
     pub hit: Option<bool>,
+    /// Whether always-HOLD would have been right at the same price.
+    pub hold_hit: Option<bool>,
+    /// Whether momentum (BUY after a rising hour, SELL after a falling one, else HOLD) would
+    /// have been right; `None` without the last hour's return.
+    pub momentum_hit: Option<bool>,
     /// When it was graded, Unix seconds.
     pub graded_at: i64,
 }
@@ -283,17 +301,21 @@ pub enum GroupBy {
     Model,
     /// The top strategy.
     Strategy,
+    /// `model|action`: the groups confidence is calibrated in (the model names the backend
+    /// too: `rules`, or an LLM's name).
+    Calibration,
 }
 
 impl GroupBy {
     /// Every value, for error messages.
-    pub const ALL: [GroupBy; 6] = [
+    pub const ALL: [GroupBy; 7] = [
         GroupBy::Symbol,
         GroupBy::Action,
         GroupBy::Tier,
         GroupBy::Backend,
         GroupBy::Model,
         GroupBy::Strategy,
+        GroupBy::Calibration,
     ];
 
     /// The query parameter's spelling, which is also the grades table's column.
@@ -305,6 +327,16 @@ impl GroupBy {
             GroupBy::Backend => "backend",
             GroupBy::Model => "model",
             GroupBy::Strategy => "strategy",
+            GroupBy::Calibration => "calibration",
+        }
+    }
+
+    /// The SQL expression of the group's key over the grades table (a closed set: never
+    /// text from a request). SQLite and PostgreSQL both concatenate with `||`.
+    pub fn column(self) -> &'static str {
+        match self {
+            GroupBy::Calibration => "model || '|' || action",
+            g => g.as_str(),
         }
     }
 
@@ -325,11 +357,17 @@ pub struct GradedRow {
     pub hit: bool,
     /// The return.
     pub return_fraction: f64,
+    /// The calibrated confidence, if the signal carried one.
+    pub calibrated: Option<f64>,
+    /// Always-HOLD's hit at the same price, when known.
+    pub hold_hit: Option<bool>,
+    /// Momentum's hit, when known.
+    pub momentum_hit: Option<bool>,
 }
 
 /// One (group, confidence bucket) of graded rows, summed in the database: the scorecard is
 /// computed from these without moving the rows themselves.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct BucketSums {
     /// The group's key.
     pub group: String,
@@ -345,6 +383,42 @@ pub struct BucketSums {
     pub returns: f64,
     /// Σ (confidence − hit)².
     pub squared_error: f64,
+    /// Rows with a calibrated confidence.
+    pub calibrated_n: u64,
+    /// Of which hits.
+    pub calibrated_hits: u64,
+    /// Σ calibrated confidence.
+    pub calibrated_sum: f64,
+    /// Σ (calibrated − hit)².
+    pub calibrated_squared_error: f64,
+    /// Rows where both baselines are known.
+    pub baseline_n: u64,
+    /// The signal's own hits among them.
+    pub baseline_hits: u64,
+    /// Always-HOLD's hits among them.
+    pub hold_hits: u64,
+    /// Rows where always-HOLD and the signal disagree (one hit, the other missed).
+    pub hold_differ: u64,
+    /// Momentum's hits among them.
+    pub momentum_hits: u64,
+    /// Rows where momentum and the signal disagree.
+    pub momentum_differ: u64,
+}
+
+/// One (group, calibrated-confidence bucket) of graded rows: the calibrated value's own
+/// reliability table.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CalibratedSums {
+    /// The group's key.
+    pub group: String,
+    /// `floor(calibrated × 10)`, 0–9.
+    pub bucket: i64,
+    /// Rows.
+    pub n: u64,
+    /// Of which hits.
+    pub hits: u64,
+    /// Σ calibrated confidence.
+    pub calibrated: f64,
 }
 
 /// What the service needs of a history database. One implementation serves SQLite and
@@ -388,6 +462,13 @@ pub trait HistoryStore: Send + Sync {
         group_by: GroupBy,
         since: i64,
     ) -> Result<Vec<BucketSums>, HistoryError>;
+    /// The graded rows with a calibrated confidence, summed per (group, calibrated bucket).
+    async fn calibrated_sums(
+        &self,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+    ) -> Result<Vec<CalibratedSums>, HistoryError>;
     /// Each group's median return (exact to the basis point).
     async fn medians(
         &self,

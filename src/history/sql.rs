@@ -100,17 +100,37 @@ impl SqlStore {
             })?;
         let store = SqlStore { pool, backend };
         // Grades recorded before the running sums existed (an upgrade) are summed once.
-        let sums: i64 = store
-            .count("SELECT COUNT(*) AS n FROM signal_grade_sums")
+        // So are they when a version adds a grouping (a dimension without sums while there
+        // are grades).
+        let groupings: i64 = store
+            .count("SELECT COUNT(DISTINCT group_by) AS n FROM signal_grade_sums")
             .await?;
         let grades: i64 = store
             .count("SELECT COUNT(*) AS n FROM signal_grades WHERE status = 'graded'")
             .await?;
-        if sums == 0 && grades > 0 {
+        if groupings < GroupBy::ALL.len() as i64 && grades > 0 {
             tracing::info!(grades, "summing the stored grades for the scorecard");
             HistoryStore::rebuild_sums(&store).await?;
         }
         Ok(store)
+    }
+
+    /// The rows of a running-sums query of one horizon and grouping from `since`'s UTC day
+    /// (`$1`, `$2`, `$3`).
+    async fn summed(
+        &self,
+        sql: &str,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+    ) -> Result<Vec<AnyRow>, HistoryError> {
+        sqlx::query(sql)
+            .bind(horizon_seconds)
+            .bind(group_by.as_str())
+            .bind(since.div_euclid(86_400))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     async fn count(&self, sql: &str) -> Result<i64, HistoryError> {
@@ -148,13 +168,32 @@ fn describe(e: &sqlx::Error) -> String {
 }
 
 const SUMS_UPSERT: &str = "INSERT INTO signal_grade_sums \
-    (horizon_seconds, day, group_by, group_key, confidence_bucket, n, hits, confidence, returns, squared_error) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+    (horizon_seconds, day, group_by, group_key, confidence_bucket, n, hits, confidence, returns, squared_error, \
+     calibrated_n, calibrated_hits, calibrated_sum, calibrated_squared_error, baseline_n, \
+     baseline_hits, hold_hits, hold_differ, momentum_hits, momentum_differ) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
     ON CONFLICT (horizon_seconds, group_by, day, group_key, confidence_bucket) DO UPDATE SET \
     n = signal_grade_sums.n + excluded.n, hits = signal_grade_sums.hits + excluded.hits, \
     confidence = signal_grade_sums.confidence + excluded.confidence, \
     returns = signal_grade_sums.returns + excluded.returns, \
-    squared_error = signal_grade_sums.squared_error + excluded.squared_error";
+    squared_error = signal_grade_sums.squared_error + excluded.squared_error, \
+    calibrated_n = signal_grade_sums.calibrated_n + excluded.calibrated_n, \
+    calibrated_hits = signal_grade_sums.calibrated_hits + excluded.calibrated_hits, \
+    calibrated_sum = signal_grade_sums.calibrated_sum + excluded.calibrated_sum, \
+    calibrated_squared_error = signal_grade_sums.calibrated_squared_error + excluded.calibrated_squared_error, \
+    baseline_n = signal_grade_sums.baseline_n + excluded.baseline_n, \
+    baseline_hits = signal_grade_sums.baseline_hits + excluded.baseline_hits, \
+    hold_hits = signal_grade_sums.hold_hits + excluded.hold_hits, \
+    hold_differ = signal_grade_sums.hold_differ + excluded.hold_differ, \
+    momentum_hits = signal_grade_sums.momentum_hits + excluded.momentum_hits, \
+    momentum_differ = signal_grade_sums.momentum_differ + excluded.momentum_differ";
+
+const CALIBRATED_UPSERT: &str = "INSERT INTO signal_calibrated_sums \
+    (horizon_seconds, day, group_by, group_key, calibrated_bucket, n, hits, calibrated) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+    ON CONFLICT (horizon_seconds, group_by, day, group_key, calibrated_bucket) DO UPDATE SET \
+    n = signal_calibrated_sums.n + excluded.n, hits = signal_calibrated_sums.hits + excluded.hits, \
+    calibrated = signal_calibrated_sums.calibrated + excluded.calibrated";
 
 const RETURNS_UPSERT: &str = "INSERT INTO signal_grade_returns \
     (horizon_seconds, day, group_by, group_key, return_bp, n) VALUES ($1, $2, $3, $4, $5, $6) \
@@ -202,14 +241,19 @@ fn int(r: &AnyRow, name: &str) -> Result<i64, sqlx::Error> {
         .or_else(|_| r.try_get::<i32, _>(name).map(i64::from))
 }
 
+/// A summed count (never negative).
+fn count(r: &AnyRow, name: &str) -> Result<u64, sqlx::Error> {
+    int(r, name).map(|n| n.max(0) as u64)
+}
+
 /// Columns of one stored message, in bind order.
-const COLUMNS: usize = 16;
+const COLUMNS: usize = 18;
 
 /// Rows per INSERT statement: one statement carries many rows (far less per-row overhead than
 /// a statement each), within both backends' parameter limits (SQLite 32,766, PostgreSQL 65,535).
 const ROWS_PER_STATEMENT: usize = 200;
 
-/// `INSERT … VALUES ($1 … $16), ($17 …) … ON CONFLICT DO NOTHING` for `rows` rows.
+/// `INSERT … VALUES ($1 … $18), ($19 …) … ON CONFLICT DO NOTHING` for `rows` rows.
 fn insert_sql(rows: usize) -> String {
     let values: Vec<String> = (0..rows)
         .map(|r| {
@@ -222,7 +266,8 @@ fn insert_sql(rows: usize) -> String {
     format!(
         "INSERT INTO signal_messages \
          (message_id, signal_id, stage, symbol, cycle_id, cycle_at, published_at_ms, action, \
-          confidence, tier, model, top_strategy, price, data_as_of, is_degraded, envelope) \
+          confidence, tier, model, top_strategy, price, data_as_of, is_degraded, envelope, \
+          calibrated_confidence, price_change_1h) \
          VALUES {} ON CONFLICT (message_id) DO NOTHING",
         values.join(", ")
     )
@@ -283,7 +328,9 @@ impl HistoryStore for SqlStore {
                     .bind(r.price)
                     .bind(r.data_as_of)
                     .bind(i32::from(r.is_degraded))
-                    .bind(&r.envelope);
+                    .bind(&r.envelope)
+                    .bind(r.calibrated_confidence)
+                    .bind(r.price_change_1h);
             }
             let done = q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
             added += done.rows_affected();
@@ -339,7 +386,8 @@ impl HistoryStore for SqlStore {
     ) -> Result<Vec<DueSignal>, HistoryError> {
         let rows = sqlx::query(
             "SELECT s.signal_id, s.symbol, s.action, s.confidence, s.model, s.top_strategy, \
-                    s.cycle_at, s.price, s.data_as_of, sc.tier AS score_tier \
+                    s.cycle_at, s.price, s.data_as_of, sc.tier AS score_tier, \
+                    s.calibrated_confidence, s.price_change_1h \
              FROM signal_messages s \
              LEFT JOIN signal_messages sc ON sc.signal_id = s.signal_id AND sc.stage = 'score' \
              WHERE s.stage = 'signal' AND s.data_as_of < $1 AND s.data_as_of >= $4 \
@@ -380,6 +428,8 @@ impl HistoryStore for SqlStore {
                     cycle_at: r.try_get("cycle_at").map_err(get)?,
                     price_then: r.try_get("price").map_err(get)?,
                     data_as_of: r.try_get("data_as_of").map_err(get)?,
+                    calibrated_confidence: r.try_get("calibrated_confidence").map_err(get)?,
+                    price_change_1h: r.try_get("price_change_1h").map_err(get)?,
                 })
             })
             .collect()
@@ -439,8 +489,10 @@ impl HistoryStore for SqlStore {
         let done = sqlx::query(
             "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
                 confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
-                price_after, return_fraction, hit, status, graded_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                price_after, return_fraction, hit, status, graded_at, calibrated_confidence, \
+                hold_hit, momentum_hit) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                $18, $19, $20) \
              ON CONFLICT (signal_id, horizon_seconds) DO NOTHING",
         )
         .bind(&s.signal_id)
@@ -460,12 +512,19 @@ impl HistoryStore for SqlStore {
         .bind(g.hit.map(i32::from))
         .bind(status)
         .bind(g.graded_at)
+        .bind(s.calibrated_confidence)
+        .bind(g.hold_hit.map(i32::from))
+        .bind(g.momentum_hit.map(i32::from))
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
         let recorded = done.rows_affected() == 1;
-        if let (true, Some(hit), Some(ret)) = (recorded, g.hit, g.return_fraction) {
-            let hit = f64::from(u8::from(hit));
+        if let (true, Some(hit_bool), Some(ret)) = (recorded, g.hit, g.return_fraction) {
+            let hit = f64::from(u8::from(hit_bool));
+            let cal = s.calibrated_confidence;
+            let both = g.hold_hit.zip(g.momentum_hit);
+            let one = |b: bool| i64::from(b);
+            let calibration_key = super::calibration::group_key(&s.model, s.action);
             let keys = [
                 (GroupBy::Symbol, s.symbol.as_str()),
                 (GroupBy::Action, s.action.as_str()),
@@ -473,6 +532,7 @@ impl HistoryStore for SqlStore {
                 (GroupBy::Backend, backend),
                 (GroupBy::Model, s.model.as_str()),
                 (GroupBy::Strategy, s.strategy.as_str()),
+                (GroupBy::Calibration, calibration_key.as_str()),
             ];
             let day = s.cycle_at.div_euclid(86_400);
             for (group_by, key) in keys {
@@ -487,9 +547,33 @@ impl HistoryStore for SqlStore {
                     .bind(s.confidence)
                     .bind(ret)
                     .bind((s.confidence - hit).powi(2))
+                    .bind(one(cal.is_some()))
+                    .bind(if cal.is_some() { hit as i64 } else { 0 })
+                    .bind(cal.unwrap_or(0.0))
+                    .bind(cal.map_or(0.0, |c| (c - hit).powi(2)))
+                    .bind(one(both.is_some()))
+                    .bind(if both.is_some() { hit as i64 } else { 0 })
+                    .bind(both.map_or(0, |(h, _)| one(h)))
+                    .bind(both.map_or(0, |(h, _)| one(h != hit_bool)))
+                    .bind(both.map_or(0, |(_, m)| one(m)))
+                    .bind(both.map_or(0, |(_, m)| one(m != hit_bool)))
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| self.err(e))?;
+                if let Some(c) = cal {
+                    sqlx::query(CALIBRATED_UPSERT)
+                        .bind(g.horizon_seconds)
+                        .bind(day)
+                        .bind(group_by.as_str())
+                        .bind(key)
+                        .bind(confidence_bucket(c))
+                        .bind(1i64)
+                        .bind(hit as i64)
+                        .bind(c)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.err(e))?;
+                }
                 sqlx::query(RETURNS_UPSERT)
                     .bind(g.horizon_seconds)
                     .bind(day)
@@ -514,9 +598,10 @@ impl HistoryStore for SqlStore {
     ) -> Result<Vec<GradedRow>, HistoryError> {
         // The column name comes from a closed enum, never from the request.
         let sql = format!(
-            "SELECT {} AS grp, confidence, hit, return_fraction FROM signal_grades \
+            "SELECT {} AS grp, confidence, hit, return_fraction, calibrated_confidence, \
+                    hold_hit, momentum_hit FROM signal_grades \
              WHERE horizon_seconds = $1 AND status = 'graded' AND cycle_at >= $2",
-            group_by.as_str()
+            group_by.column()
         );
         let rows = sqlx::query(&sql)
             .bind(horizon_seconds)
@@ -532,6 +617,15 @@ impl HistoryStore for SqlStore {
                     confidence: r.try_get("confidence").map_err(get)?,
                     hit: r.try_get::<i32, _>("hit").map_err(get)? == 1,
                     return_fraction: r.try_get("return_fraction").map_err(get)?,
+                    calibrated: r.try_get("calibrated_confidence").map_err(get)?,
+                    hold_hit: r
+                        .try_get::<Option<i32>, _>("hold_hit")
+                        .map_err(get)?
+                        .map(|h| h == 1),
+                    momentum_hit: r
+                        .try_get::<Option<i32>, _>("momentum_hit")
+                        .map_err(get)?
+                        .map(|h| h == 1),
                 })
             })
             .collect()
@@ -543,21 +637,29 @@ impl HistoryStore for SqlStore {
         group_by: GroupBy,
         since: i64,
     ) -> Result<Vec<BucketSums>, HistoryError> {
-        let rows = sqlx::query(
-            // SUM of a BIGINT is NUMERIC on PostgreSQL, which the Any driver cannot read.
-            "SELECT group_key, confidence_bucket, CAST(SUM(n) AS BIGINT) AS n, \
+        let rows = self
+            .summed(
+                // SUM of a BIGINT is NUMERIC on PostgreSQL, which the Any driver cannot read.
+                "SELECT group_key, confidence_bucket, CAST(SUM(n) AS BIGINT) AS n, \
                     CAST(SUM(hits) AS BIGINT) AS hits, \
-                    SUM(confidence) AS conf, SUM(returns) AS ret, SUM(squared_error) AS sq \
+                    SUM(confidence) AS conf, SUM(returns) AS ret, SUM(squared_error) AS sq, \
+                    CAST(SUM(calibrated_n) AS BIGINT) AS cal_n, \
+                    CAST(SUM(calibrated_hits) AS BIGINT) AS cal_hits, \
+                    SUM(calibrated_sum) AS cal_sum, SUM(calibrated_squared_error) AS cal_sq, \
+                    CAST(SUM(baseline_n) AS BIGINT) AS base_n, \
+                    CAST(SUM(baseline_hits) AS BIGINT) AS base_hits, \
+                    CAST(SUM(hold_hits) AS BIGINT) AS hold_hits, \
+                    CAST(SUM(hold_differ) AS BIGINT) AS hold_differ, \
+                    CAST(SUM(momentum_hits) AS BIGINT) AS mom_hits, \
+                    CAST(SUM(momentum_differ) AS BIGINT) AS mom_differ \
              FROM signal_grade_sums \
              WHERE horizon_seconds = $1 AND group_by = $2 AND day >= $3 \
              GROUP BY group_key, confidence_bucket ORDER BY group_key, confidence_bucket",
-        )
-        .bind(horizon_seconds)
-        .bind(group_by.as_str())
-        .bind(since.div_euclid(86_400))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
+                horizon_seconds,
+                group_by,
+                since,
+            )
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(BucketSums {
@@ -568,6 +670,48 @@ impl HistoryStore for SqlStore {
                     confidence: r.try_get("conf").map_err(|e| self.corrupt(e))?,
                     returns: r.try_get("ret").map_err(|e| self.corrupt(e))?,
                     squared_error: r.try_get("sq").map_err(|e| self.corrupt(e))?,
+                    calibrated_n: count(r, "cal_n").map_err(|e| self.corrupt(e))?,
+                    calibrated_hits: count(r, "cal_hits").map_err(|e| self.corrupt(e))?,
+                    calibrated_sum: r.try_get("cal_sum").map_err(|e| self.corrupt(e))?,
+                    calibrated_squared_error: r.try_get("cal_sq").map_err(|e| self.corrupt(e))?,
+                    baseline_n: count(r, "base_n").map_err(|e| self.corrupt(e))?,
+                    baseline_hits: count(r, "base_hits").map_err(|e| self.corrupt(e))?,
+                    hold_hits: count(r, "hold_hits").map_err(|e| self.corrupt(e))?,
+                    hold_differ: count(r, "hold_differ").map_err(|e| self.corrupt(e))?,
+                    momentum_hits: count(r, "mom_hits").map_err(|e| self.corrupt(e))?,
+                    momentum_differ: count(r, "mom_differ").map_err(|e| self.corrupt(e))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn calibrated_sums(
+        &self,
+        horizon_seconds: i64,
+        group_by: GroupBy,
+        since: i64,
+    ) -> Result<Vec<CalibratedSums>, HistoryError> {
+        let rows = self
+            .summed(
+                "SELECT group_key, calibrated_bucket, CAST(SUM(n) AS BIGINT) AS n, \
+                    CAST(SUM(hits) AS BIGINT) AS hits, SUM(calibrated) AS cal \
+             FROM signal_calibrated_sums \
+             WHERE horizon_seconds = $1 AND group_by = $2 AND day >= $3 \
+             GROUP BY group_key, calibrated_bucket ORDER BY group_key, calibrated_bucket",
+                horizon_seconds,
+                group_by,
+                since,
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let get = |e: sqlx::Error| self.corrupt(e);
+                Ok(CalibratedSums {
+                    group: r.try_get("group_key").map_err(get)?,
+                    bucket: int(r, "calibrated_bucket").map_err(get)?,
+                    n: count(r, "n").map_err(get)?,
+                    hits: count(r, "hits").map_err(get)?,
+                    calibrated: r.try_get("cal").map_err(get)?,
                 })
             })
             .collect()
@@ -633,6 +777,10 @@ impl HistoryStore for SqlStore {
                 "DELETE FROM signal_grade_returns WHERE day < $1",
                 before.div_euclid(86_400),
             ),
+            (
+                "DELETE FROM signal_calibrated_sums WHERE day < $1",
+                before.div_euclid(86_400),
+            ),
         ] {
             n += sqlx::query(sql)
                 .bind(bound)
@@ -649,6 +797,7 @@ impl HistoryStore for SqlStore {
         for sql in [
             "DELETE FROM signal_grade_sums",
             "DELETE FROM signal_grade_returns",
+            "DELETE FROM signal_calibrated_sums",
         ] {
             sqlx::query(sql)
                 .execute(&mut *tx)
@@ -656,29 +805,66 @@ impl HistoryStore for SqlStore {
                 .map_err(|e| self.err(e))?;
         }
         for g in GroupBy::ALL {
-            // `g` comes from a closed enum: its name is also the grades table's column.
-            let col = g.as_str();
+            // `g` comes from a closed enum: its key is a column (or an expression) of the
+            // grades table.
+            let (name, col) = (g.as_str(), g.column());
+            // What the running sums count per grade, summed: a calibrated value only where
+            // there is one, the baselines only where both are known.
             let sums = format!(
                 "INSERT INTO signal_grade_sums (horizon_seconds, day, group_by, group_key, \
-                    confidence_bucket, n, hits, confidence, returns, squared_error) \
-                 SELECT horizon_seconds, cycle_at / 86400, '{col}', {col}, confidence_bucket, \
+                    confidence_bucket, n, hits, confidence, returns, squared_error, \
+                    calibrated_n, calibrated_hits, calibrated_sum, calibrated_squared_error, \
+                    baseline_n, baseline_hits, hold_hits, hold_differ, momentum_hits, \
+                    momentum_differ) \
+                 SELECT horizon_seconds, cycle_at / 86400, '{name}', {col}, confidence_bucket, \
                     COUNT(*), SUM(hit), SUM(confidence), SUM(return_fraction), \
-                    SUM((confidence - hit) * (confidence - hit)) \
+                    SUM((confidence - hit) * (confidence - hit)), \
+                    SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE 1 END), \
+                    SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE hit END), \
+                    COALESCE(SUM(calibrated_confidence), 0), \
+                    COALESCE(SUM((calibrated_confidence - hit) * (calibrated_confidence - hit)), 0), \
+                    SUM({both} 1 ELSE 0 END), SUM({both} hit ELSE 0 END), \
+                    SUM({both} hold_hit ELSE 0 END), \
+                    SUM({both} (CASE WHEN hold_hit <> hit THEN 1 ELSE 0 END) ELSE 0 END), \
+                    SUM({both} momentum_hit ELSE 0 END), \
+                    SUM({both} (CASE WHEN momentum_hit <> hit THEN 1 ELSE 0 END) ELSE 0 END) \
                  FROM signal_grades WHERE status = 'graded' \
-                 GROUP BY horizon_seconds, cycle_at / 86400, {col}, confidence_bucket"
+                 GROUP BY horizon_seconds, cycle_at / 86400, {col}, confidence_bucket",
+                both = "CASE WHEN hold_hit IS NOT NULL AND momentum_hit IS NOT NULL THEN"
+            );
+            // The calibrated value's bucket by comparison (FLOOR is not in every SQLite, and
+            // PostgreSQL's integer cast rounds).
+            let calibrated = format!(
+                "INSERT INTO signal_calibrated_sums (horizon_seconds, day, group_by, group_key, \
+                    calibrated_bucket, n, hits, calibrated) \
+                 SELECT horizon_seconds, cycle_at / 86400, '{name}', grp, cb, COUNT(*), SUM(hit), \
+                    SUM(calibrated_confidence) FROM ( \
+                   SELECT horizon_seconds, cycle_at, {col} AS grp, hit, calibrated_confidence, \
+                     CASE WHEN calibrated_confidence < 0.1 THEN 0 \
+                          WHEN calibrated_confidence < 0.2 THEN 1 \
+                          WHEN calibrated_confidence < 0.3 THEN 2 \
+                          WHEN calibrated_confidence < 0.4 THEN 3 \
+                          WHEN calibrated_confidence < 0.5 THEN 4 \
+                          WHEN calibrated_confidence < 0.6 THEN 5 \
+                          WHEN calibrated_confidence < 0.7 THEN 6 \
+                          WHEN calibrated_confidence < 0.8 THEN 7 \
+                          WHEN calibrated_confidence < 0.9 THEN 8 ELSE 9 END AS cb \
+                   FROM signal_grades \
+                   WHERE status = 'graded' AND calibrated_confidence IS NOT NULL) AS r \
+                 GROUP BY horizon_seconds, cycle_at / 86400, grp, cb"
             );
             let returns = format!(
                 "INSERT INTO signal_grade_returns (horizon_seconds, day, group_by, group_key, \
                     return_bp, n) \
-                 SELECT horizon_seconds, cycle_at / 86400, '{col}', {col}, bp, COUNT(*) FROM ( \
-                   SELECT horizon_seconds, cycle_at, {col}, \
+                 SELECT horizon_seconds, cycle_at / 86400, '{name}', grp, bp, COUNT(*) FROM ( \
+                   SELECT horizon_seconds, cycle_at, {col} AS grp, \
                      CASE WHEN return_fraction >= 1 THEN 10000 \
                           WHEN return_fraction <= -1 THEN -10000 \
                           ELSE CAST(ROUND(return_fraction * 10000) AS BIGINT) END AS bp \
                    FROM signal_grades WHERE status = 'graded') AS r \
-                 GROUP BY horizon_seconds, cycle_at / 86400, {col}, bp"
+                 GROUP BY horizon_seconds, cycle_at / 86400, grp, bp"
             );
-            for sql in [sums, returns] {
+            for sql in [sums, returns, calibrated] {
                 sqlx::query(&sql)
                     .execute(&mut *tx)
                     .await

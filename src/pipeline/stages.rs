@@ -11,6 +11,7 @@ use super::scorer::score_signal;
 use crate::agents::{
     AgentError, Answer, CallLimits, SignalRequest, StageAgents, validate_advice, validate_summary,
 };
+use crate::history::calibration::Calibrator;
 use crate::market::MarketSource;
 use crate::model::*;
 use crate::publish::Publisher;
@@ -38,6 +39,8 @@ pub struct PipelineContext {
     pub advise_min_score: f64,
     /// A signal expires this long after the next tick.
     pub expiry_grace: Duration,
+    /// What stated confidences have meant so far; `None` without a history.
+    pub calibrator: Option<Arc<Calibrator>>,
 }
 
 impl std::fmt::Debug for PipelineContext {
@@ -235,7 +238,7 @@ async fn signal_stage(
     // The counts are derived from the breakdown, whoever produced it: a published signal
     // always agrees with itself.
     let tally = Tally::of(&draft.strategy_breakdown);
-    let signal = Signal {
+    let mut signal = Signal {
         signal_id: steps.signal_id.clone(),
         cycle_id: steps.cycle,
         symbol: steps.symbol.to_string(),
@@ -253,7 +256,13 @@ async fn signal_stage(
         expires_at: next_tick + chrono::Duration::from_std(ctx.expiry_grace).unwrap_or_default(),
         data_as_of,
         is_degraded: answer.degraded,
+        calibrated_confidence: None,
+        calibration: CalibrationNote::default(),
     };
+    if let Some(c) = &ctx.calibrator {
+        (signal.calibrated_confidence, signal.calibration) =
+            c.calibrate(&answer.model, signal.action, signal.confidence);
+    }
     let action = signal.action;
     metrics::counter!(names::SIGNAL_GENERATION, "symbol" => steps.symbol.to_string(), "action" => action.as_str())
         .increment(1);
@@ -332,6 +341,7 @@ mod tests {
             // Advise everything so all four stages appear.
             advise_min_score: 0.0,
             expiry_grace: Duration::from_secs(30),
+            calibrator: None,
         };
         let cycle = CycleId::new(Utc::now());
         let next = cycle.time() + chrono::Duration::minutes(1);

@@ -25,5 +25,6 @@ pub fn pipeline(
         strategies: Default::default(),
         advise_min_score: 70.0,
         expiry_grace: Duration::from_secs(30),
+        calibrator: None,
     }
 }

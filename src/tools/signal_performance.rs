@@ -31,7 +31,7 @@ pub(super) struct GetSignalPerformance;
 impl ToolSpec for GetSignalPerformance {
     type Args = Args;
     const NAME: &'static str = "get_signal_performance";
-    const DESCRIPTION: &'static str = "How this service's signals for a symbol have turned out over the last 7 days at one horizon: hit rate with its 95% interval, mean and median return, Brier score.";
+    const DESCRIPTION: &'static str = "How this service's signals for a symbol have turned out over the last 7 days at one horizon: hit rate with its 95% interval, mean and median return, Brier score and its skill against the base rate, the calibrated confidence's reliability, and naive baselines (always HOLD, momentum) with the skill against the better one.";
     const BRIEF: &'static str = "This service's 7-day record at one graded horizon (e.g. 15m): hit rate, returns, Brier score.";
 
     async fn run(tb: &Toolbox, a: Args, minute: DateTime<Utc>) -> Result<Value, ToolError> {
@@ -76,6 +76,9 @@ impl ToolSpec for GetSignalPerformance {
             "mean_return": g.mean_return,
             "median_return": g.median_return,
             "brier": g.brier,
+            "brier_skill": g.brier_skill,
+            "calibrated": g.calibrated,
+            "baselines": g.baselines,
             "simulated": tb.simulated(),
         }))
     }

@@ -219,7 +219,9 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
             "const tr = document.querySelector('#signals tbody tr[data-symbol=\"ETH/USD\"]');\
              return { summary: tr.nextElementSibling.querySelector('.summary').textContent,\
                       detail_hidden: tr.nextElementSibling.hidden,\
-                      action: tr.children[1].textContent, tier: tr.children[5].textContent,\
+                      action: tr.children[1].textContent, tier: tr.children[6].textContent,\
+                      calibrated: tr.querySelector('td.calibrated').textContent,\
+                      calibrated_title: tr.querySelector('td.calibrated').title,\
                       price: tr.querySelector('td.price').textContent,\
                       market: document.getElementById('market').textContent,\
                       imgs: document.querySelectorAll('#signals img').length,\
@@ -229,6 +231,14 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
         .await;
     assert_eq!(row["summary"], XSS, "agent text is shown literally");
     assert_eq!(row["detail_hidden"], true, "the summary is shown on demand");
+    // A fresh history has no grades: the calibrated column says so rather than guessing.
+    assert_eq!(row["calibrated"], "—", "{row}");
+    assert!(
+        row["calibrated_title"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("not calibrated yet: 0 of 100 grades at 15m")),
+        "{row}"
+    );
     assert!(
         row["price"].as_str().unwrap().ends_with("(sim)"),
         "a price column, marked simulated: {row}"
@@ -314,6 +324,8 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
                 price_after: Some(s.price_then * if hit { 1.01 } else { 0.99 }),
                 return_fraction: Some(if hit { 0.01 } else { -0.01 }),
                 hit: Some(hit),
+                hold_hit: Some(false),
+                momentum_hit: Some(!hit),
                 graded_at: chrono::Utc::now().timestamp(),
             })
             .await
@@ -321,12 +333,25 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
     }
     let card = d
         .wait_js(
-            "return { rows: document.querySelectorAll('#scorecard tbody tr').length, buckets: Number(document.getElementById('calibration').dataset.buckets || 0), canvas: document.querySelectorAll('#calibration canvas').length, m: window.__marker };",
+            "return { rows: document.querySelectorAll('#scorecard tbody tr').length, buckets: Number(document.getElementById('calibration').dataset.buckets || 0), canvas: document.querySelectorAll('#calibration canvas').length, m: window.__marker, baseline: (document.querySelector('#scorecard tbody tr td:nth-child(10)') || {}).textContent, baseline_title: (document.querySelector('#scorecard tbody tr td:nth-child(10)') || {}).title };",
             Duration::from_secs(20),
             |v| v["rows"].as_u64().unwrap_or(0) >= 1,
         )
         .await;
     assert_eq!(card["m"], 42, "same page, no reload");
+    // Graded with both baselines: the skill against the better one is shown with its interval.
+    assert!(
+        card["baseline"]
+            .as_str()
+            .is_some_and(|t| t.contains('%') && t.contains('(')),
+        "{card}"
+    );
+    assert!(
+        card["baseline_title"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("against ") && t.contains("momentum")),
+        "{card}"
+    );
     assert!(
         card["buckets"].as_u64().unwrap() >= 1 && card["canvas"] == 1,
         "{card}"

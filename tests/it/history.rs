@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use autonomous_runner::history::calibration::Calibrator;
 use autonomous_runner::history::grading::{Grader, GroupScore, scorecard, scorecard_of, wilson95};
 use autonomous_runner::history::sql::SqlStore;
 use autonomous_runner::history::writer::HistoryWriter;
 use autonomous_runner::history::{GroupBy, HistoryQuery, HistoryStore};
 use autonomous_runner::market::{Candle, MarketError, MarketSource};
-use autonomous_runner::model::{Action, Stage, StageMessage, examples};
+use autonomous_runner::model::{Action, CalibrationStatus, Payload, Stage, StageMessage, examples};
 use autonomous_runner::schedule::CycleId;
 use chrono::{DateTime, TimeZone, Utc};
 
@@ -138,6 +139,8 @@ async fn contract(store: Arc<dyn HistoryStore>) {
         price_after: Some(101.0),
         return_fraction: Some(0.01),
         hit: Some(true),
+        hold_hit: Some(false),
+        momentum_hit: Some(true),
         graded_at: at(10).timestamp(),
     };
     assert!(store.record_grade(&g).await.unwrap());
@@ -272,12 +275,39 @@ async fn grades_against_a_scripted_market_are_exact() {
     closes[5] = 99.0; //  −1 %   for minute 1
     closes[6] = 100.05; // +0.05 % for minute 2 (inside the 0.1 % band)
     let market: Arc<dyn MarketSource> = Arc::new(Scripted { closes });
+    // Each with the last hour's return it saw (the momentum baseline's call) and, for two,
+    // a calibrated confidence.
     let signals = [
-        message("AAA/USD", 0, Stage::Signal, "BUY", 0.9, 100.0), // +1 %: hit
-        message("AAA/USD", 1, Stage::Signal, "BUY", 0.6, 100.0), // −1 %: miss
-        message("AAA/USD", 2, Stage::Signal, "HOLD", 0.7, 100.0), // flat: hit
-        message("BBB/USD", 1, Stage::Signal, "SELL", 0.8, 100.0), // −1 %: hit
-        message("BBB/USD", 2, Stage::Signal, "SELL", 0.5, 100.0), // flat: miss
+        // +1 %: hit; momentum (BUY) hit; HOLD missed.
+        seen(
+            message("AAA/USD", 0, Stage::Signal, "BUY", 0.9, 100.0),
+            0.02,
+            Some(0.55),
+        ),
+        // −1 %: miss; momentum (BUY) missed; HOLD missed.
+        seen(
+            message("AAA/USD", 1, Stage::Signal, "BUY", 0.6, 100.0),
+            0.01,
+            Some(0.45),
+        ),
+        // flat: hit; momentum (SELL) missed; HOLD hit.
+        seen(
+            message("AAA/USD", 2, Stage::Signal, "HOLD", 0.7, 100.0),
+            -0.01,
+            None,
+        ),
+        // −1 %: hit; momentum (HOLD, no move) missed; HOLD missed.
+        seen(
+            message("BBB/USD", 1, Stage::Signal, "SELL", 0.8, 100.0),
+            0.0,
+            None,
+        ),
+        // flat: miss; momentum (HOLD) hit; HOLD hit.
+        seen(
+            message("BBB/USD", 2, Stage::Signal, "SELL", 0.5, 100.0),
+            0.0,
+            None,
+        ),
         message("CCC/USD", 30, Stage::Signal, "BUY", 0.5, 100.0), // no candle at 35: missing
         message("DDD/USD", 42, Stage::Signal, "BUY", 0.5, 100.0), // due at 47: too recent to call missing
     ];
@@ -320,6 +350,30 @@ async fn grades_against_a_scripted_market_are_exact() {
     let sell = card.iter().find(|g| g.key == "SELL").unwrap();
     assert_eq!((sell.graded, sell.hits), (2, 1));
     assert!((sell.median_return - (-0.01 + 0.0005) / 2.0).abs() < 1e-12);
+    // The baselines on the same grades. BUY: own 1 of 2, momentum 1, HOLD 0 → momentum is
+    // the bar, and the signals only match it (the same calls: no disagreement, a zero-width
+    // interval). SELL: own 1, HOLD 1, momentum 1 → a tie goes to always-HOLD; they disagree
+    // on both grades: differences +1, −1, sample variance 2, interval ±1.96·√(2/2).
+    let b = buy.baselines.as_ref().expect("BUY baselines");
+    assert_eq!((b.graded, b.best), (2, "momentum"));
+    assert_eq!(
+        (b.always_hold, b.momentum, b.skill, b.skill_ci95),
+        (0.0, 0.5, 0.0, [0.0, 0.0])
+    );
+    let b = sell.baselines.as_ref().expect("SELL baselines");
+    assert_eq!((b.graded, b.best, b.skill), (2, "always_hold", 0.0));
+    assert!(
+        (b.skill_ci95[1] - 1.959_963_984_540_054).abs() < 1e-12,
+        "{b:?}"
+    );
+    // BUY's calibrated values: 0.55 hit, 0.45 missed: Brier (0.2025 + 0.2025) / 2.
+    let c = buy.calibrated.as_ref().expect("BUY calibrated");
+    assert_eq!(c.graded, 2);
+    assert!((c.brier - 0.2025).abs() < 1e-12, "{c:?}");
+    assert!(
+        sell.calibrated.is_none(),
+        "no SELL carried a calibrated value"
+    );
     let hold = card.iter().find(|g| g.key == "HOLD").unwrap();
     assert_eq!((hold.graded, hold.hits), (1, 1));
     assert!((hold.mean_return - 0.0005).abs() < 1e-12);
@@ -327,6 +381,24 @@ async fn grades_against_a_scripted_market_are_exact() {
         store.missing_prices(300, 0).await.unwrap(),
         2,
         "recorded as missing, never guessed"
+    );
+
+    // Calibrated per (model, action) from the same grades. BUY: 0.9 hit (bin 9), 0.6 missed
+    // (bin 6); base rate 1/2, each bin shrunk by 4 prior grades: bin 6 (0 + 2) / 5 = 0.4,
+    // bin 9 (1 + 2) / 5 = 0.6. HOLD has one grade, under the two required: not calibrated.
+    let c = Calibrator::new(5, 2);
+    c.refit(store.as_ref()).await.unwrap();
+    for (confidence, want) in [(0.95, 0.6), (0.65, 0.4), (0.75, 0.4), (0.3, 0.4)] {
+        let (value, note) = c.calibrate("rules", Action::Buy, confidence);
+        assert_eq!(value, Some(want), "BUY at {confidence}: {note:?}");
+        assert_eq!(note.status, CalibrationStatus::Calibrated);
+        assert_eq!((note.graded, note.needed), (2, 2));
+    }
+    let (value, note) = c.calibrate("rules", Action::Hold, 0.7);
+    assert_eq!(value, None);
+    assert_eq!(
+        (note.status, note.graded, note.horizon.as_str()),
+        (CalibrationStatus::Insufficient, 1, "5m")
     );
 }
 
@@ -367,6 +439,24 @@ async fn three_graders_on_one_postgres_grade_each_signal_once() {
             .await
             .unwrap();
         assert_eq!(card.iter().map(|g| g.graded).sum::<u64>(), 60);
+    }
+    // The calibration groups (`model|action`, a key PostgreSQL concatenates itself) are
+    // summed once per grade as well, and again the same by a rebuild: 60 flat-market BUYs at
+    // 0.7 hit none of the time, which is what their calibrated confidence says.
+    for rebuilt in [false, true] {
+        if rebuilt {
+            store.rebuild_sums().await.unwrap();
+        }
+        let sums = store.sums(900, GroupBy::Calibration, 0).await.unwrap();
+        let groups: Vec<(&str, i64, u64, u64)> = sums
+            .iter()
+            .map(|b| (b.group.as_str(), b.bucket, b.n, b.hits))
+            .collect();
+        assert_eq!(groups, vec![("rules|BUY", 7, 60, 0)], "rebuilt: {rebuilt}");
+        let c = Calibrator::new(15, 60);
+        c.refit(store.as_ref()).await.unwrap();
+        let (value, note) = c.calibrate("rules", Action::Buy, 0.7);
+        assert_eq!((value, note.graded), (Some(0.0), 60), "rebuilt: {rebuilt}");
     }
     let page = store
         .page(&HistoryQuery {
@@ -444,12 +534,59 @@ fn same_scores(db: &[GroupScore], reference: &[GroupScore]) {
             close(a.brier, b.brier) && close(a.hit_rate_ci95[0], b.hit_rate_ci95[0]),
             "{a:?} vs {b:?}"
         );
-        assert_eq!(a.calibration.len(), b.calibration.len());
-        for (x, y) in a.calibration.iter().zip(&b.calibration) {
-            assert_eq!((&x.bucket, x.count), (&y.bucket, y.count));
-            assert!(close(x.mean_confidence, y.mean_confidence) && close(x.hit_rate, y.hit_rate));
+        let opt = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => close(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        assert!(opt(a.brier_skill, b.brier_skill), "{a:?} vs {b:?}");
+        let buckets =
+            |x: &[autonomous_runner::history::grading::CalibrationBucket],
+             y: &[autonomous_runner::history::grading::CalibrationBucket]| {
+                assert_eq!(x.len(), y.len(), "{x:?} vs {y:?}");
+                for (x, y) in x.iter().zip(y) {
+                    assert_eq!((&x.bucket, x.count), (&y.bucket, y.count));
+                    assert!(
+                        close(x.mean_confidence, y.mean_confidence)
+                            && close(x.hit_rate, y.hit_rate)
+                    );
+                }
+            };
+        buckets(&a.calibration, &b.calibration);
+        match (&a.calibrated, &b.calibrated) {
+            (Some(x), Some(y)) => {
+                assert_eq!(x.graded, y.graded);
+                assert!(
+                    close(x.brier, y.brier) && opt(x.brier_skill, y.brier_skill),
+                    "{x:?} vs {y:?}"
+                );
+                buckets(&x.calibration, &y.calibration);
+            }
+            (x, y) => assert!(x.is_none() && y.is_none(), "{x:?} vs {y:?}"),
+        }
+        match (&a.baselines, &b.baselines) {
+            (Some(x), Some(y)) => {
+                assert_eq!((x.graded, x.best), (y.graded, y.best));
+                assert!(
+                    close(x.always_hold, y.always_hold)
+                        && close(x.momentum, y.momentum)
+                        && close(x.skill, y.skill)
+                        && close(x.skill_ci95[0], y.skill_ci95[0])
+                        && close(x.skill_ci95[1], y.skill_ci95[1]),
+                    "{x:?} vs {y:?}"
+                );
+            }
+            (x, y) => assert!(x.is_none() && y.is_none(), "{x:?} vs {y:?}"),
         }
     }
+}
+
+/// `msg` (a signal-stage message) as if it had seen a last hour's return of `change_1h` and
+/// carried `calibrated`.
+fn seen(msg: StageMessage, change_1h: f64, calibrated: Option<f64>) -> StageMessage {
+    let mut signal = msg.envelope.payload.signal().clone();
+    signal.market_context.price_change_1h = change_1h;
+    signal.calibrated_confidence = calibrated;
+    StageMessage::new(Payload::Signal(signal), 5, "rules")
 }
 
 /// The hot queries are served by the schema's indexes on PostgreSQL, on tables of the size a
