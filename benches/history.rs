@@ -183,6 +183,7 @@ async fn cycle_times(store: Option<Arc<dyn HistoryStore>>, cycles: usize) -> Vec
         strategies: Default::default(),
         advise_min_score: 0.0,
         expiry_grace: Duration::from_secs(30),
+        calibrator: None,
     });
     let symbols: Vec<String> = (0..SYMBOLS).map(|i| format!("S{i}/USD")).collect();
     let coordinator = Coordinator::new(coord, pipeline, symbols, timing.ttl, false, timing.ttl);

@@ -106,6 +106,7 @@ async fn run(cycles: usize) {
         strategies: Default::default(),
         advise_min_score: 101.0,
         expiry_grace: Duration::from_secs(30),
+        calibrator: None,
     });
     let timing = LockTiming {
         ttl: Duration::from_secs(90),

@@ -126,6 +126,7 @@ async fn run(port: u16, cycles: usize) {
         strategies: Default::default(),
         advise_min_score: 0.0,
         expiry_grace: Duration::from_secs(30),
+        calibrator: None,
     });
     let symbols: Vec<String> = (0..SYMBOLS).map(|i| format!("S{i}/USD")).collect();
     use autonomous_runner::coordination::Coordination;
