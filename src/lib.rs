@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | 4 | [`http`] | health, metrics, JSON API, SSE ([`http::sse`]), MCP ([`http::mcp`]), dashboard, admin |
 //! | 3 | [`runner`] | the tick loop, gates, cycle lease, overlap/missed-tick policy, shutdown |
+//! | 3 | [`replay`] | the schedule over a past window on a virtual clock, graded: the scorecard before going live |
 //! | 2 | [`coordinator`] | one cycle: the bounded pool, deadlines, locks, results |
 //! | 2 | [`pipeline`] | the scorer, one symbol through every stage |
 //! | 2 | [`tools`] | the agents' read-only tools (market data, strategies, past decisions) |
@@ -33,6 +34,7 @@ pub mod market;
 pub mod model;
 pub mod pipeline;
 pub mod publish;
+pub mod replay;
 pub mod resilience;
 pub mod runner;
 pub mod schedule;
@@ -142,7 +144,7 @@ impl App {
             history.as_ref().map(|w| w.store().clone()),
             Arc::new(strategy::StrategySet::new(cfg.strategies.clone())),
             &cfg.symbols,
-            clock,
+            clock.clone(),
         ));
         let setup = agents::setup::build(
             &cfg,
@@ -164,13 +166,13 @@ impl App {
         });
         let pipeline = build_pipeline(
             &cfg,
-            clock,
+            clock.clone(),
             market.clone(),
             &publisher,
             &setup,
             calibrator.clone(),
         );
-        let runner = build_runner(&cfg, clock, pipeline, &coord, &setup, latencies)
+        let runner = build_runner(&cfg, clock.clone(), pipeline, &coord, &setup, latencies)
             .context("building the scheduler")?;
         let _ = runner_state.set(runner.state());
         let listener = bind(&cfg).await?;
@@ -770,6 +772,11 @@ fn build_runner(
     .with_endpoint_limits(setup.concurrency.values().cloned().collect()))
 }
 
+/// The market data source `market_data.source` names (for a replay over it too).
+pub fn market_source(cfg: &Config) -> anyhow::Result<Arc<dyn MarketSource>> {
+    build_market(cfg)
+}
+
 /// The market data source (`market_data.source`).
 fn build_market(cfg: &Config) -> anyhow::Result<Arc<dyn MarketSource>> {
     Ok(match cfg.market_data.source {
@@ -920,6 +927,7 @@ mod layering {
         ("main", 5),
         ("http", 4),
         ("runner", 3),
+        ("replay", 3),
         ("coordinator", 2),
         ("pipeline", 2),
         ("tools", 2),

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use autonomous_runner::App;
 use autonomous_runner::config::{Config, ConfigError, ProcessEnv};
@@ -34,6 +35,9 @@ enum Command {
     Once(ConfigArg),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArg),
+    /// Run every tick of the schedule in [--from, --to) on a virtual clock through the live
+    /// pipeline and grading, into a history of its own, and print the scorecard.
+    Replay(ReplayArgs),
     /// Ask a running instance to shut down gracefully (`POST /shutdown`; for a Kubernetes
     /// preStop hook, which runs inside the pod and so reaches it over loopback). Sends
     /// `ADMIN_TOKEN` as a bearer token when set.
@@ -52,6 +56,136 @@ struct ConfigArg {
     /// HTTP port (overrides `http.port` and `PORT`; 0 picks a free one).
     #[arg(long, short = 'p', value_name = "PORT")]
     port: Option<u16>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// First tick at or after this (RFC 3339, e.g. 2026-11-28T00:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    from: chrono::DateTime<chrono::Utc>,
+    /// Ticks before this (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    to: chrono::DateTime<chrono::Utc>,
+    /// YAML configuration file; without it the embedded defaults are used.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Only these symbols (comma-separated), instead of the configuration's.
+    #[arg(long, value_delimiter = ',', value_name = "SYMBOLS")]
+    symbols: Option<Vec<String>>,
+    /// Candles from a file instead of `market_data.source`: a CSV
+    /// (`time,symbol,open,high,low,close,volume`), a freqtrade `PAIR-1m.json`, or a directory
+    /// of them. Without `--symbols`, the file's symbols are replayed.
+    #[arg(long, value_name = "PATH")]
+    candles: Option<PathBuf>,
+    /// Where the replay's history (history.sqlite) is written; must not hold one yet.
+    #[arg(long, value_name = "DIR", default_value = "replay")]
+    out: PathBuf,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The multi-threaded runtime, or the exit code that says it could not start.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `replay`: exit 0 with the report on stdout; 2 for bad arguments or configuration.
+fn replay(a: &ReplayArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    let cfg_arg = ConfigArg {
+        config: a.config.clone(),
+        port: None,
+    };
+    let mut cfg = match load(&cfg_arg) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let market: Arc<dyn autonomous_runner::market::MarketSource> = match &a.candles {
+        Some(path) => match autonomous_runner::market::file::FileCandles::load(path) {
+            Ok(f) => {
+                if a.symbols.is_none() {
+                    cfg.symbols = f.symbols();
+                }
+                Arc::new(f)
+            }
+            Err(e) => {
+                eprintln!("--candles {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => match autonomous_runner::market_source(&cfg) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("{e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    if let Some(symbols) = &a.symbols {
+        if let Some(bad) = symbols
+            .iter()
+            .find(|s| !autonomous_runner::config::is_valid_symbol(s))
+        {
+            eprintln!("--symbols: {bad:?} is not BASE/QUOTE");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        cfg.symbols = symbols.clone();
+    }
+    let opts = autonomous_runner::replay::ReplayOptions {
+        from: a.from,
+        to: a.to,
+        history: autonomous_runner::replay::history_in(&a.out),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let result = rt.block_on(autonomous_runner::replay::run(
+        &cfg,
+        market,
+        &opts,
+        |done, total| {
+            // A progress line on a terminal only: a pipe or a log gets the report alone.
+            if terminal && (done % 10 == 0 || done == total) {
+                eprint!("\rreplay: {done}/{total} ticks");
+                if done == total {
+                    eprintln!();
+                }
+            }
+        },
+    ));
+    match result {
+        Ok(report) => {
+            if a.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("cannot write the report: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", autonomous_runner::replay::table(&report));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ autonomous_runner::replay::ReplayError::Invalid(_)) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
@@ -138,8 +272,11 @@ fn request_shutdown(url: &str) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A replay prints its report; its per-tick logs would bury it, so it logs warnings only
+    // unless LOG_LEVEL says otherwise.
+    let default_level = matches!(cli.command, Command::Replay(_)).then_some("warn");
     let log = autonomous_runner::telemetry::init_tracing(
-        std::env::var("LOG_LEVEL").ok().as_deref(),
+        std::env::var("LOG_LEVEL").ok().as_deref().or(default_level),
         std::env::var("LOG_FORMAT").ok().as_deref(),
     );
     let _log_guard = match log {
@@ -152,6 +289,7 @@ fn main() -> ExitCode {
     let arg = match &cli.command {
         Command::Run(a) | Command::Once(a) | Command::CheckConfig(a) => a,
         Command::Shutdown { url } => return request_shutdown(url),
+        Command::Replay(a) => return replay(a),
     };
     let cfg = match load(arg) {
         Ok(c) => c,
@@ -163,15 +301,9 @@ fn main() -> ExitCode {
         eprintln!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -209,7 +341,9 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            Command::CheckConfig(_) | Command::Shutdown { .. } => ExitCode::SUCCESS,
+            Command::CheckConfig(_) | Command::Shutdown { .. } | Command::Replay(_) => {
+                ExitCode::SUCCESS
+            }
         }
     })
 }

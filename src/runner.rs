@@ -518,7 +518,7 @@ impl Runner {
             coordinator: self.coordinator.clone(),
             publisher: self.publisher.clone(),
             state: self.state.clone(),
-            clock: self.clock,
+            clock: self.clock.clone(),
             cancel: self.hard_cancel.clone(),
             llm: self.llm_health.clone(),
         };

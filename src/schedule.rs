@@ -6,8 +6,10 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
@@ -223,10 +225,12 @@ impl<'de> serde::Deserialize<'de> for CycleId {
 /// In service the system clock is the truth (ticks belong to UTC boundaries, and replicas on
 /// different hosts agree through NTP). Tests anchor wall time to tokio's clock instead, so a
 /// paused clock drives the scheduler exactly.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Clock {
     /// `Utc::now()`.
     System,
+    /// A replay's: the time its driver last set; nothing waits on it.
+    Virtual(VirtualTime),
     /// `wall` at `mono`, advancing with tokio's clock.
     Anchored {
         /// Wall time at the anchor.
@@ -249,6 +253,7 @@ impl Clock {
     pub fn now(&self) -> DateTime<Utc> {
         match self {
             Clock::System => Utc::now(),
+            Clock::Virtual(v) => v.get(),
             Clock::Anchored { wall, mono } => {
                 let since = tokio::time::Instant::now().duration_since(*mono);
                 *wall + chrono::Duration::from_std(since).unwrap_or_default()
@@ -258,7 +263,11 @@ impl Clock {
 
     /// Sleeps until wall time `t` (re-checking after waking, so an early wake-up caused by
     /// the wall clock stepping never starts a tick before its boundary).
+    /// On a virtual clock it returns at once: its driver moves time, not the waiting.
     pub async fn sleep_until(&self, t: DateTime<Utc>) {
+        if matches!(self, Clock::Virtual(_)) {
+            return;
+        }
         loop {
             let remaining = (t - self.now()).to_std().unwrap_or_default();
             if remaining.is_zero() {
@@ -266,6 +275,30 @@ impl Clock {
             }
             tokio::time::sleep(remaining).await;
         }
+    }
+}
+
+/// A wall time set by hand, shared by every clone of its [`Clock::Virtual`]: a replay sets
+/// each tick's time before it runs the tick.
+#[derive(Debug, Clone)]
+pub struct VirtualTime(Arc<AtomicI64>);
+
+impl VirtualTime {
+    /// A virtual time starting at `t` (millisecond precision).
+    pub fn new(t: DateTime<Utc>) -> Self {
+        Self(Arc::new(AtomicI64::new(t.timestamp_millis())))
+    }
+
+    /// Moves it to `t`.
+    pub fn set(&self, t: DateTime<Utc>) {
+        self.0.store(t.timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// The time it was last set to.
+    pub fn get(&self) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(self.0.load(Ordering::Relaxed))
+            .single()
+            .unwrap_or_default()
     }
 }
 

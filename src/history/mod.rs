@@ -447,6 +447,9 @@ pub trait HistoryStore: Send + Sync {
     ) -> Result<Vec<(String, i64, GradeView)>, HistoryError>;
     /// Records a grade unless one exists; `true` when this call recorded it.
     async fn record_grade(&self, g: &Grade) -> Result<bool, HistoryError>;
+    /// Records each grade unless it exists, in one transaction; per grade, whether this call
+    /// recorded it.
+    async fn record_grades(&self, grades: &[Grade]) -> Result<Vec<bool>, HistoryError>;
     /// Graded (not missing) rows of one horizon from `since`, with their group key.
     async fn graded(
         &self,

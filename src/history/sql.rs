@@ -200,6 +200,64 @@ const RETURNS_UPSERT: &str = "INSERT INTO signal_grade_returns \
     ON CONFLICT (horizon_seconds, group_by, day, group_key, return_bp) DO UPDATE SET \
     n = signal_grade_returns.n + excluded.n";
 
+/// One row of the running sums: (horizon, day, grouping, key, bucket — a confidence bucket,
+/// or a return in basis points for the returns table).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SumKey {
+    horizon: i64,
+    day: i64,
+    group_by: &'static str,
+    key: String,
+    bucket: i64,
+}
+
+/// What a batch of grades adds to one row of `signal_grade_sums`.
+#[derive(Debug, Default)]
+struct SumDelta {
+    n: i64,
+    hits: i64,
+    confidence: f64,
+    returns: f64,
+    squared_error: f64,
+    calibrated_n: i64,
+    calibrated_hits: i64,
+    calibrated_sum: f64,
+    calibrated_squared_error: f64,
+    baseline_n: i64,
+    baseline_hits: i64,
+    hold_hits: i64,
+    hold_differ: i64,
+    momentum_hits: i64,
+    momentum_differ: i64,
+}
+
+impl SumDelta {
+    /// Counts one graded signal: its stated and calibrated confidence against its hit, and
+    /// the baselines where both are known.
+    fn add(&mut self, confidence: f64, hit: bool, ret: f64, calibrated: Option<f64>, g: &Grade) {
+        let h = f64::from(u8::from(hit));
+        self.n += 1;
+        self.hits += i64::from(hit);
+        self.confidence += confidence;
+        self.returns += ret;
+        self.squared_error += (confidence - h).powi(2);
+        if let Some(c) = calibrated {
+            self.calibrated_n += 1;
+            self.calibrated_hits += i64::from(hit);
+            self.calibrated_sum += c;
+            self.calibrated_squared_error += (c - h).powi(2);
+        }
+        if let (Some(hold), Some(momentum)) = (g.hold_hit, g.momentum_hit) {
+            self.baseline_n += 1;
+            self.baseline_hits += i64::from(hit);
+            self.hold_hits += i64::from(hold);
+            self.hold_differ += i64::from(hold != hit);
+            self.momentum_hits += i64::from(momentum);
+            self.momentum_differ += i64::from(momentum != hit);
+        }
+    }
+}
+
 /// `floor(confidence × 10)`, 0–9.
 fn confidence_bucket(confidence: f64) -> i64 {
     ((confidence * 10.0).floor() as i64).clamp(0, 9)
@@ -475,55 +533,69 @@ impl HistoryStore for SqlStore {
     }
 
     async fn record_grade(&self, g: &Grade) -> Result<bool, HistoryError> {
-        let s = &g.signal;
-        let bucket = confidence_bucket(s.confidence);
-        let backend = backend_of(&s.model);
-        let status = if g.hit.is_some() {
-            "graded"
-        } else {
-            "missing_price"
-        };
-        // The grade and its share of the running sums commit together: a sum never counts a
-        // grade that is not there, nor misses one that is.
+        Ok(self
+            .record_grades(std::slice::from_ref(g))
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    async fn record_grades(&self, grades: &[Grade]) -> Result<Vec<bool>, HistoryError> {
+        // The grades and their share of the running sums commit together: a sum never counts
+        // a grade that is not there, nor misses one that is. The sums of the batch are added
+        // up first, so a batch costs one upsert per (grouping, key, bucket), not per grade.
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let done = sqlx::query(
-            "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
-                confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
-                price_after, return_fraction, hit, status, graded_at, calibrated_confidence, \
-                hold_hit, momentum_hit) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                $18, $19, $20) \
-             ON CONFLICT (signal_id, horizon_seconds) DO NOTHING",
-        )
-        .bind(&s.signal_id)
-        .bind(g.horizon_seconds)
-        .bind(&s.symbol)
-        .bind(s.action.as_str())
-        .bind(s.confidence)
-        .bind(bucket)
-        .bind(&s.tier)
-        .bind(backend)
-        .bind(&s.model)
-        .bind(&s.strategy)
-        .bind(s.cycle_at)
-        .bind(s.price_then)
-        .bind(g.price_after)
-        .bind(g.return_fraction)
-        .bind(g.hit.map(i32::from))
-        .bind(status)
-        .bind(g.graded_at)
-        .bind(s.calibrated_confidence)
-        .bind(g.hold_hit.map(i32::from))
-        .bind(g.momentum_hit.map(i32::from))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.err(e))?;
-        let recorded = done.rows_affected() == 1;
-        if let (true, Some(hit_bool), Some(ret)) = (recorded, g.hit, g.return_fraction) {
-            let hit = f64::from(u8::from(hit_bool));
-            let cal = s.calibrated_confidence;
-            let both = g.hold_hit.zip(g.momentum_hit);
-            let one = |b: bool| i64::from(b);
+        let mut recorded = Vec::with_capacity(grades.len());
+        let mut sums: BTreeMap<SumKey, SumDelta> = BTreeMap::new();
+        let mut calibrated: BTreeMap<SumKey, (i64, i64, f64)> = BTreeMap::new();
+        let mut returns: BTreeMap<SumKey, i64> = BTreeMap::new();
+        for g in grades {
+            let s = &g.signal;
+            let bucket = confidence_bucket(s.confidence);
+            let backend = backend_of(&s.model);
+            let status = if g.hit.is_some() {
+                "graded"
+            } else {
+                "missing_price"
+            };
+            let done = sqlx::query(
+                "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
+                    confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
+                    price_after, return_fraction, hit, status, graded_at, calibrated_confidence, \
+                    hold_hit, momentum_hit) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                    $18, $19, $20) \
+                 ON CONFLICT (signal_id, horizon_seconds) DO NOTHING",
+            )
+            .bind(&s.signal_id)
+            .bind(g.horizon_seconds)
+            .bind(&s.symbol)
+            .bind(s.action.as_str())
+            .bind(s.confidence)
+            .bind(bucket)
+            .bind(&s.tier)
+            .bind(backend)
+            .bind(&s.model)
+            .bind(&s.strategy)
+            .bind(s.cycle_at)
+            .bind(s.price_then)
+            .bind(g.price_after)
+            .bind(g.return_fraction)
+            .bind(g.hit.map(i32::from))
+            .bind(status)
+            .bind(g.graded_at)
+            .bind(s.calibrated_confidence)
+            .bind(g.hold_hit.map(i32::from))
+            .bind(g.momentum_hit.map(i32::from))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+            let done = done.rows_affected() == 1;
+            recorded.push(done);
+            let (true, Some(hit), Some(ret)) = (done, g.hit, g.return_fraction) else {
+                continue;
+            };
             let calibration_key = super::calibration::group_key(&s.model, s.action);
             let keys = [
                 (GroupBy::Symbol, s.symbol.as_str()),
@@ -536,55 +608,80 @@ impl HistoryStore for SqlStore {
             ];
             let day = s.cycle_at.div_euclid(86_400);
             for (group_by, key) in keys {
-                sqlx::query(SUMS_UPSERT)
-                    .bind(g.horizon_seconds)
-                    .bind(day)
-                    .bind(group_by.as_str())
-                    .bind(key)
-                    .bind(bucket)
-                    .bind(1i64)
-                    .bind(hit as i64)
-                    .bind(s.confidence)
-                    .bind(ret)
-                    .bind((s.confidence - hit).powi(2))
-                    .bind(one(cal.is_some()))
-                    .bind(if cal.is_some() { hit as i64 } else { 0 })
-                    .bind(cal.unwrap_or(0.0))
-                    .bind(cal.map_or(0.0, |c| (c - hit).powi(2)))
-                    .bind(one(both.is_some()))
-                    .bind(if both.is_some() { hit as i64 } else { 0 })
-                    .bind(both.map_or(0, |(h, _)| one(h)))
-                    .bind(both.map_or(0, |(h, _)| one(h != hit_bool)))
-                    .bind(both.map_or(0, |(_, m)| one(m)))
-                    .bind(both.map_or(0, |(_, m)| one(m != hit_bool)))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err(e))?;
-                if let Some(c) = cal {
-                    sqlx::query(CALIBRATED_UPSERT)
-                        .bind(g.horizon_seconds)
-                        .bind(day)
-                        .bind(group_by.as_str())
-                        .bind(key)
-                        .bind(confidence_bucket(c))
-                        .bind(1i64)
-                        .bind(hit as i64)
-                        .bind(c)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| self.err(e))?;
+                let at = |bucket: i64| SumKey {
+                    horizon: g.horizon_seconds,
+                    day,
+                    group_by: group_by.as_str(),
+                    key: key.to_string(),
+                    bucket,
+                };
+                sums.entry(at(bucket)).or_default().add(
+                    s.confidence,
+                    hit,
+                    ret,
+                    s.calibrated_confidence,
+                    g,
+                );
+                if let Some(c) = s.calibrated_confidence {
+                    let e = calibrated.entry(at(confidence_bucket(c))).or_default();
+                    e.0 += 1;
+                    e.1 += i64::from(hit);
+                    e.2 += c;
                 }
-                sqlx::query(RETURNS_UPSERT)
-                    .bind(g.horizon_seconds)
-                    .bind(day)
-                    .bind(group_by.as_str())
-                    .bind(key)
-                    .bind(return_bp(ret))
-                    .bind(1i64)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err(e))?;
+                *returns.entry(at(return_bp(ret))).or_default() += 1;
             }
+        }
+        for (k, d) in &sums {
+            sqlx::query(SUMS_UPSERT)
+                .bind(k.horizon)
+                .bind(k.day)
+                .bind(k.group_by)
+                .bind(&k.key)
+                .bind(k.bucket)
+                .bind(d.n)
+                .bind(d.hits)
+                .bind(d.confidence)
+                .bind(d.returns)
+                .bind(d.squared_error)
+                .bind(d.calibrated_n)
+                .bind(d.calibrated_hits)
+                .bind(d.calibrated_sum)
+                .bind(d.calibrated_squared_error)
+                .bind(d.baseline_n)
+                .bind(d.baseline_hits)
+                .bind(d.hold_hits)
+                .bind(d.hold_differ)
+                .bind(d.momentum_hits)
+                .bind(d.momentum_differ)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        for (k, (n, hits, sum)) in &calibrated {
+            sqlx::query(CALIBRATED_UPSERT)
+                .bind(k.horizon)
+                .bind(k.day)
+                .bind(k.group_by)
+                .bind(&k.key)
+                .bind(k.bucket)
+                .bind(*n)
+                .bind(*hits)
+                .bind(*sum)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        for (k, n) in &returns {
+            sqlx::query(RETURNS_UPSERT)
+                .bind(k.horizon)
+                .bind(k.day)
+                .bind(k.group_by)
+                .bind(&k.key)
+                .bind(k.bucket)
+                .bind(*n)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
         }
         tx.commit().await.map_err(|e| self.err(e))?;
         Ok(recorded)

@@ -8,6 +8,7 @@
 //! [`crate::strategy`]'s.
 
 pub mod coinbase;
+pub mod file;
 pub mod influxdb;
 pub mod simulated;
 

@@ -362,10 +362,8 @@ async fn grades_against_a_scripted_market_are_exact() {
     );
     let b = sell.baselines.as_ref().expect("SELL baselines");
     assert_eq!((b.graded, b.best, b.skill), (2, "always_hold", 0.0));
-    assert!(
-        (b.skill_ci95[1] - 1.959_963_984_540_054).abs() < 1e-12,
-        "{b:?}"
-    );
+    // ±1.96 is wider than a difference of hit rates can be: cut to [−1, 1].
+    assert_eq!(b.skill_ci95, [-1.0, 1.0], "{b:?}");
     // BUY's calibrated values: 0.55 hit, 0.45 missed: Brier (0.2025 + 0.2025) / 2.
     let c = buy.calibrated.as_ref().expect("BUY calibrated");
     assert_eq!(c.graded, 2);

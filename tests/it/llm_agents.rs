@@ -253,7 +253,7 @@ async fn shared_rate_limit_across_three_replicas() {
                 AppOptions {
                     instance_id: Some(format!("rl-{i}")),
                     key_prefix: Some(prefix.clone()),
-                    clock,
+                    clock: clock.clone(),
                     ..AppOptions::default()
                 },
             )

@@ -29,6 +29,7 @@ mod real_latency;
 mod real_model;
 mod redis_coordination;
 mod redis_sink;
+mod replay;
 mod replicas;
 mod scheduling;
 mod shutdown;

@@ -355,7 +355,7 @@ async fn sse_on_replica_a_carries_signals_produced_by_replica_b() {
             AppOptions {
                 instance_id: Some(id.into()),
                 key_prefix: Some(prefix.clone()),
-                clock,
+                clock: clock.clone(),
                 ..AppOptions::default()
             },
         )

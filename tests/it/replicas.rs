@@ -49,7 +49,7 @@ async fn replicas(yaml: &str, prefix: &str, name: &str, n: usize) -> Vec<TestApp
                 AppOptions {
                     instance_id: Some(format!("{name}-{i}")),
                     key_prefix: Some(prefix.to_string()),
-                    clock,
+                    clock: clock.clone(),
                     ..AppOptions::default()
                 },
             )
@@ -418,7 +418,7 @@ async fn key_prefix_isolates_deployments() {
             AppOptions {
                 instance_id: Some("same".into()),
                 key_prefix: Some(prefix.into()),
-                clock,
+                clock: clock.clone(),
                 ..AppOptions::default()
             },
         )

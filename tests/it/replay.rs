@@ -1,0 +1,314 @@
+//! `replay`: a past window through the live pipeline and grading on a virtual clock. The
+//! grades are checked against a computation of their own from the same candle file, and no
+//! agent is shown a candle that had not ended at its tick.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use autonomous_runner::config::Config;
+use autonomous_runner::history::sql::SqlStore;
+use autonomous_runner::history::{HistoryQuery, HistoryStore};
+use autonomous_runner::market::file::FileCandles;
+use autonomous_runner::market::{Candle, MarketError, MarketSource};
+use autonomous_runner::model::{Action, Stage};
+use autonomous_runner::replay::{ReplayOptions, run};
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde_json::Value;
+
+use crate::helpers::binary;
+
+/// 2026-11-28 09:00 UTC.
+fn start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 28, 9, 0, 0)
+        .single()
+        .unwrap()
+}
+
+/// Three hours of candles for two symbols: a wave with a drift, so calls hit and miss.
+fn csv() -> String {
+    let mut text = String::from("time,symbol,open,high,low,close,volume\n");
+    for (s, (symbol, base)) in [("ETH/USD", 3000.0), ("BTC/USD", 90_000.0)]
+        .iter()
+        .enumerate()
+    {
+        let mut prev: f64 = *base;
+        for m in 0..180i64 {
+            let x = m as f64;
+            let close = base * (1.0 + 0.004 * (x / (7.0 + s as f64)).sin() + 0.00005 * x);
+            let (open, high, low) = (prev, prev.max(close) * 1.0005, prev.min(close) * 0.9995);
+            let t = (start() + Duration::minutes(m)).timestamp();
+            text.push_str(&format!(
+                "{t},{symbol},{open},{high},{low},{close},{}\n",
+                100.0 + (m % 7) as f64
+            ));
+            prev = close;
+        }
+    }
+    text
+}
+
+fn rules_config() -> Config {
+    let yaml =
+        "autonomous_runner:\n  symbols: [ETH/USD, BTC/USD]\n  market_data:\n    candles: 60\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    // No environment: the test's own settings only.
+    Config::load(
+        Some(&path),
+        &std::collections::HashMap::<String, String>::new(),
+    )
+    .expect("a valid config")
+}
+
+/// The close of the candle that started at `t` in the file's series of `symbol`.
+fn closes(text: &str) -> BTreeMap<(String, i64), f64> {
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                (f[1].to_string(), f[0].parse::<i64>().unwrap()),
+                f[5].parse::<f64>().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every signal-stage row of a replay's history.
+async fn signals(store: &SqlStore) -> Vec<autonomous_runner::history::HistoryRow> {
+    store
+        .page(&HistoryQuery {
+            stage: Some(Stage::Signal),
+            limit: 1000,
+            ..HistoryQuery::default()
+        })
+        .await
+        .unwrap()
+}
+
+#[test]
+fn the_cli_replays_a_window_from_a_candle_file_and_its_grades_match_an_independent_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = csv();
+    let file = dir.path().join("candles.csv");
+    std::fs::write(&file, &text).unwrap();
+    let out = dir.path().join("out");
+    let from = start() + Duration::hours(1);
+    let to = from + Duration::hours(1);
+    let run = std::process::Command::new(binary())
+        .args([
+            "replay",
+            "--from",
+            &from.to_rfc3339(),
+            "--to",
+            &to.to_rfc3339(),
+            "--candles",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ])
+        .env("LOG_LEVEL", "error")
+        .output()
+        .expect("replay runs");
+    assert!(
+        run.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: Value = serde_json::from_slice(&run.stdout).expect("a JSON report");
+    // One tick a minute for an hour, both symbols of the file, every stage, every horizon.
+    assert_eq!(report["ticks"], 60, "{report}");
+    assert_eq!(report["symbol_ticks"], 120);
+    assert_eq!(report["completed"], 120, "{report}");
+    assert_eq!(report["market"], "file");
+    assert_eq!(
+        report["graded"],
+        120 * 3,
+        "5m, 15m and 1h for each signal: {report}"
+    );
+    assert_eq!(report["missing_price"], 0);
+    for (i, h) in ["5m", "15m", "1h"].into_iter().enumerate() {
+        let card = &report["scorecard"][i];
+        assert_eq!(card["horizon"], h, "shortest first: {report}");
+        let graded: u64 = card["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["graded"].as_u64().unwrap())
+            .sum();
+        assert_eq!(graded, 120, "{h}: {report}");
+    }
+
+    // Each grade, computed again from the file alone: the price the signal saw is the close
+    // of the minute before its tick, the price after is the close of the minute before
+    // tick + horizon; BUY hits above +0.1 %, SELL below −0.1 %, HOLD within.
+    let closes = closes(&text);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (rows, grades) = rt.block_on(async {
+        let store = SqlStore::sqlite(&out.join("history.sqlite")).await.unwrap();
+        let rows = signals(&store).await;
+        let ids: Vec<String> = rows.iter().map(|r| r.signal_id.clone()).collect();
+        let grades = store.grades_of(&ids).await.unwrap();
+        (rows, grades)
+    });
+    assert_eq!(rows.len(), 120);
+    assert_eq!(grades.len(), 360);
+    let by_id: BTreeMap<&str, _> = rows.iter().map(|r| (r.signal_id.as_str(), r)).collect();
+    for (id, horizon, g) in &grades {
+        let row = by_id[id.as_str()];
+        let tick: DateTime<Utc> = row.cycle_id.parse().unwrap();
+        let then = closes[&(
+            row.symbol.clone(),
+            (tick - Duration::minutes(1)).timestamp(),
+        )];
+        let after = closes[&(
+            row.symbol.clone(),
+            (tick + Duration::seconds(*horizon) - Duration::minutes(1)).timestamp(),
+        )];
+        let r = (after - then) / then;
+        let action = row.decision().unwrap().action;
+        let hit = match action {
+            Action::Buy => r > 0.001,
+            Action::Sell => r < -0.001,
+            Action::Hold => r.abs() <= 0.001,
+        };
+        assert_eq!(g.price_after, Some(after), "{id} at {horizon}");
+        assert_eq!(g.hit, Some(hit), "{id} at {horizon}: {action:?} with {r}");
+        let stated = g.return_fraction.unwrap();
+        assert!((stated - r).abs() < 1e-12, "{stated} vs {r}");
+    }
+
+    // A second replay into the same directory is refused, naming it.
+    let again = std::process::Command::new(binary())
+        .args([
+            "replay",
+            "--from",
+            &from.to_rfc3339(),
+            "--to",
+            &to.to_rfc3339(),
+        ])
+        .args([
+            "--candles",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("history.sqlite exists"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+/// One call: the `now` it asked at, and the end of the newest candle it was given.
+type Call = (DateTime<Utc>, Option<DateTime<Utc>>);
+
+/// What each call asked for and the newest candle end it was given.
+#[derive(Default)]
+struct Spy {
+    inner: Option<FileCandles>,
+    calls: Mutex<Vec<Call>>,
+}
+
+#[async_trait]
+impl MarketSource for Spy {
+    async fn candles(
+        &self,
+        symbol: &str,
+        now: DateTime<Utc>,
+        count: usize,
+    ) -> Result<Vec<Candle>, MarketError> {
+        let got = self
+            .inner
+            .as_ref()
+            .expect("candles")
+            .candles(symbol, now, count)
+            .await;
+        let newest = got
+            .as_ref()
+            .ok()
+            .and_then(|c| c.last().map(|c| c.time + Duration::minutes(1)));
+        self.calls.lock().unwrap().push((now, newest));
+        got
+    }
+    fn name(&self) -> &'static str {
+        "spy"
+    }
+}
+
+#[tokio::test]
+async fn no_agent_sees_a_candle_that_had_not_ended_at_its_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("candles.csv");
+    std::fs::write(&file, csv()).unwrap();
+    let spy = Arc::new(Spy {
+        inner: Some(FileCandles::load(&file).unwrap()),
+        ..Spy::default()
+    });
+    let from = start() + Duration::hours(1);
+    let opts = ReplayOptions {
+        from,
+        to: from + Duration::minutes(20),
+        history: dir.path().join("out/history.sqlite"),
+    };
+    let report = run(&rules_config(), spy.clone(), &opts, |_, _| {})
+        .await
+        .expect("replays");
+    assert_eq!(report.completed, 40);
+    let calls = spy.calls.lock().unwrap().clone();
+    // Every answer ends by the time it was asked for; the pipeline asks at its tick (a whole
+    // minute), the grader at the ticks too and once at the end.
+    assert!(!calls.is_empty());
+    for (now, newest) in &calls {
+        if let Some(end) = newest {
+            assert!(end <= now, "asked at {now}, given a candle ending {end}");
+        }
+        assert_eq!(now.timestamp() % 60, 0, "{now}");
+    }
+    // Each signal's data is as of its own tick.
+    let store = SqlStore::sqlite(&opts.history).await.unwrap();
+    let rows = signals(&store).await;
+    assert_eq!(rows.len(), 40);
+    for r in &rows {
+        let p = &r.message["payload"];
+        assert_eq!(p["data_as_of"], p["cycle_id"], "{p}");
+    }
+}
+
+#[tokio::test]
+async fn a_replay_that_would_call_an_llm_or_runs_backwards_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = rules_config();
+    let from = start();
+    let opts = ReplayOptions {
+        from,
+        to: from,
+        history: dir.path().join("h.sqlite"),
+    };
+    let market: Arc<dyn MarketSource> = Arc::new(Spy::default());
+    let e = run(&cfg, market.clone(), &opts, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not before --to"), "{e}");
+    cfg.agents.backend = autonomous_runner::config::AgentBackend::Openrouter;
+    let opts = ReplayOptions {
+        to: from + Duration::minutes(5),
+        ..opts
+    };
+    let e = run(&cfg, market, &opts, |_, _| {}).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("agents.stages.signal uses an LLM backend"),
+        "{e}"
+    );
+    assert!(
+        !opts.history.exists(),
+        "nothing written for a refused replay"
+    );
+}
