@@ -775,6 +775,25 @@ mod tests {
         assert_eq!(c.instance_id, "runner-1");
     }
 
+    /// Unset, the calibration horizon follows the grading: 15 minutes when graded, else the
+    /// first graded horizon, so a custom list of horizons needs no second setting.
+    #[test]
+    fn the_calibration_horizon_follows_the_graded_horizons_unless_set() {
+        let horizon = |yaml: &str| {
+            let c = Config::from_yaml(yaml, &env(&[])).expect("parses");
+            (c.history.calibration_horizon(), c.validate().is_ok())
+        };
+        assert_eq!(horizon("autonomous_runner: {}\n"), (15, true));
+        let custom =
+            "autonomous_runner:\n  history:\n    grading:\n      horizons_minutes: [5, 60]\n";
+        assert_eq!(horizon(custom), (5, true));
+        let set = "autonomous_runner:\n  history:\n    grading:\n      horizons_minutes: [5, 60]\n    calibration:\n      horizon_minutes: 60\n";
+        assert_eq!(horizon(set), (60, true));
+        let ungraded =
+            "autonomous_runner:\n  history:\n    calibration:\n      horizon_minutes: 30\n";
+        assert_eq!(horizon(ungraded), (30, false));
+    }
+
     #[test]
     fn stage_tools_are_checked_by_name_and_default_per_stage() {
         let got = issues(

@@ -39,6 +39,11 @@ fn check_config_rejects_each_bad_input_with_exit_2_naming_the_key() {
             "autonomous_runner.parallel.min_concurrent:",
         ),
         (
+            "calibration at an ungraded horizon",
+            "autonomous_runner:\n  history:\n    calibration:\n      horizon_minutes: 30\n",
+            "autonomous_runner.history.calibration.horizon_minutes: 30 is not a grading horizon",
+        ),
+        (
             "bad cron",
             "autonomous_runner:\n  schedule: \"61 * * * *\"\n",
             "autonomous_runner.schedule:",
