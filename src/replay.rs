@@ -64,7 +64,7 @@ pub struct ReplayReport {
     pub symbol_ticks: u64,
     /// Of which completed every stage.
     pub completed: u64,
-    /// Of which failed (and why, by reason).
+    /// The symbol ticks not completed, by reason (failed or skipped).
     pub failed: BTreeMap<String, u64>,
     /// Grades recorded, over every horizon.
     pub graded: u64,

@@ -9,8 +9,9 @@
 //!   such files loads every pair in it.
 //!
 //! Every row is checked; a bad one is an error naming the file, the line (or array index) and
-//! the field, never skipped in silence. What is served is only what a live source would have
-//! had at `now`: the candles that *ended* at or before it.
+//! the field, never skipped in silence; so are two candles for one minute of a symbol. What
+//! is served is only what a live source would have had at `now`: the candles that *ended* at
+//! or before it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -58,9 +59,15 @@ impl FileCandles {
         } else {
             out.add_csv(path)?;
         }
-        for candles in out.by_symbol.values_mut() {
+        for (symbol, candles) in out.by_symbol.iter_mut() {
             candles.sort_by_key(|c| c.time);
-            candles.dedup_by_key(|c| c.time);
+            // Two candles for one minute: which is right cannot be told, so neither is used.
+            if let Some(w) = candles.windows(2).find(|w| w[0].time == w[1].time) {
+                return Err(err(
+                    path,
+                    format!("{symbol} has two candles for {}", w[0].time.to_rfc3339()),
+                ));
+            }
         }
         Ok(out)
     }
@@ -315,6 +322,10 @@ mod tests {
             (
                 "time,symbol,open,high,low,close,volume\n60,ETHUSD,1,1,1,1,1\n",
                 "line 2: symbol \"ETHUSD\" is not BASE/QUOTE",
+            ),
+            (
+                "time,symbol,open,high,low,close,volume\n60,ETH/USD,1,1,1,1,1\n1970-01-01T00:01:00Z,ETH/USD,2,2,2,2,2\n",
+                "ETH/USD has two candles for 1970-01-01T00:01:00+00:00",
             ),
         ];
         for (text, want) in cases {
