@@ -546,11 +546,20 @@ impl HistoryStore for SqlStore {
         // a grade that is not there, nor misses one that is. The sums of the batch are added
         // up first, so a batch costs one upsert per (grouping, key, bucket), not per grade.
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let mut recorded = Vec::with_capacity(grades.len());
+        let mut recorded = vec![false; grades.len()];
         let mut sums: BTreeMap<SumKey, SumDelta> = BTreeMap::new();
         let mut calibrated: BTreeMap<SumKey, (i64, i64, f64)> = BTreeMap::new();
         let mut returns: BTreeMap<SumKey, i64> = BTreeMap::new();
-        for g in grades {
+        // Rows are written in key order (and the sums below in theirs): two replicas grading
+        // the same signals at once then take their row locks in one order and cannot
+        // deadlock on PostgreSQL, whatever order their scans returned ties in.
+        let mut order: Vec<usize> = (0..grades.len()).collect();
+        order.sort_by(|&a, &b| {
+            let key = |g: &Grade| (g.signal.signal_id.clone(), g.horizon_seconds);
+            key(&grades[a]).cmp(&key(&grades[b]))
+        });
+        for i in order {
+            let g = &grades[i];
             let s = &g.signal;
             let bucket = confidence_bucket(s.confidence);
             let backend = backend_of(&s.model);
@@ -592,7 +601,7 @@ impl HistoryStore for SqlStore {
             .await
             .map_err(|e| self.err(e))?;
             let done = done.rows_affected() == 1;
-            recorded.push(done);
+            recorded[i] = done;
             let (true, Some(hit), Some(ret)) = (done, g.hit, g.return_fraction) else {
                 continue;
             };
