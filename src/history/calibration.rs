@@ -168,11 +168,6 @@ impl Calibrator {
         }
     }
 
-    /// The horizon, in seconds.
-    pub fn horizon_seconds(&self) -> i64 {
-        self.horizon_seconds
-    }
-
     /// Replaces the table.
     pub fn set(&self, table: CalibrationTable) {
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Some(table);
