@@ -77,7 +77,7 @@ function calibratedCell(tr, p) {
     td.title = "hit " + (p.calibrated_confidence * 100).toFixed(1) + " % of the time at " + c.horizon +
       " (" + c.group + ", " + c.graded + " graded, " + c.method + ")";
   } else if (c.status === "insufficient") {
-    td.title = "not calibrated yet: " + c.graded + " of " + c.needed + " grades at " + c.horizon + " (" + c.group + ")";
+    td.title = "not calibrated yet: " + c.graded.toLocaleString("en-US") + " of " + c.needed.toLocaleString("en-US") + " grades at " + c.horizon + " (" + c.group + ")";
   } else {
     td.title = "not calibrated: no history to learn from";
   }

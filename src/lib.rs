@@ -162,7 +162,11 @@ impl App {
         // to learn from, and the signals say so.
         let calibrator = history.as_ref().map(|_| {
             let horizon = cfg.history.calibration_horizon();
-            Arc::new(Calibrator::new(horizon, cfg.history.calibration.min_grades))
+            Arc::new(Calibrator::new(
+                horizon,
+                cfg.history.calibration.min_grades,
+                cfg.history.calibration.prior_grades,
+            ))
         });
         let pipeline = build_pipeline(
             &cfg,

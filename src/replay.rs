@@ -176,7 +176,11 @@ pub async fn run(
         Some(sink.clone() as Arc<dyn Sink>),
     ));
     let horizon = cfg.history.calibration_horizon();
-    let calibrator = Arc::new(Calibrator::new(horizon, cfg.history.calibration.min_grades));
+    let calibrator = Arc::new(Calibrator::new(
+        horizon,
+        cfg.history.calibration.min_grades,
+        cfg.history.calibration.prior_grades,
+    ));
     let pipeline = Arc::new(PipelineContext {
         market: market.clone(),
         agents: StageAgents::rules(),

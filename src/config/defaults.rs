@@ -234,7 +234,8 @@ impl Default for Calibration {
     fn default() -> Self {
         Self {
             horizon_minutes: None,
-            min_grades: 100,
+            min_grades: 1_000,
+            prior_grades: 100.0,
             refit_seconds: 60,
         }
     }

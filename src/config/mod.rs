@@ -502,8 +502,14 @@ pub struct Calibration {
     /// horizon (so a custom list of horizons needs no second setting).
     pub horizon_minutes: Option<u32>,
     /// Grades a (model, action) group needs before its signals are calibrated; until then
-    /// `calibrated_confidence` is null and the message says how many there are. Default 100.
+    /// `calibrated_confidence` is null and the message says how many there are. Default 1,000:
+    /// grades taken every minute at a 15-minute horizon overlap, so a thousand of them are
+    /// worth far fewer independent outcomes (see `history::calibration`).
     pub min_grades: u64,
+    /// The weight, in grades, of the prior each confidence bin is shrunk by toward its
+    /// group's base rate: a bin needs this many grades of its own before it moves halfway
+    /// from the group's rate. Default 100.
+    pub prior_grades: f64,
     /// How often the calibration is refitted from the grades. Default 60.
     pub refit_seconds: u64,
 }

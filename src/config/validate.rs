@@ -367,6 +367,7 @@ impl Config {
         #[rustfmt::skip]
         b.extend([
             Bound::new("history.calibration.min_grades", cal.min_grades, AtLeast(1.0), 1e9),
+            Bound::new("history.calibration.prior_grades", cal.prior_grades, Above(0.0), 1e9),
             Bound::new("history.calibration.refit_seconds", cal.refit_seconds, AtLeast(1.0), DAY),
         ]);
         for (i, m) in c.history.grading.horizons_minutes.iter().enumerate() {

@@ -11,13 +11,22 @@
 //! The method, `beta_binned_isotonic`: the graded signals of a group are binned by stated
 //! confidence into tenths (the scorecard's buckets, summed in the database as grades are
 //! recorded, so a refit reads at most ten rows a group); each bin's hit rate is shrunk
-//! towards the group's base rate by a Beta prior worth [`PRIOR_GRADES`] grades (a bin of
+//! towards the group's base rate by a Beta prior worth `prior_grades` grades (a bin of
 //! three signals does not claim 0 % or 100 %); then the bins are made non-decreasing by
 //! pool-adjacent-violators, weighted by their grades, so a higher stated confidence never
 //! maps to a lower calibrated one. A confidence in a bin with no grades takes the nearest
 //! graded bin below it (above it when there is none below): a step function, never an
 //! extrapolation. A group with fewer than `min_grades` grades is not calibrated at all — the
 //! field is null and the note says how many grades there are and how many are needed.
+//!
+//! Why the defaults are large (1,000 grades before calibrating, a prior of 100): the grades
+//! are far from independent. A symbol graded at 15 minutes every minute has consecutive
+//! outcomes that share 14 of their 15 minutes, and the market runs in regimes of hours, so a
+//! thousand grades hold the information of perhaps seventy separate outcomes. Fitted with the
+//! small numbers a textbook would use (100 grades, a prior of 4), a bin chased the last
+//! regime: on a replay of the simulated market the BUYs calibrated to 0.54 went on to hit
+//! 0.41, and SELLs calibrated to 0.44 hit 0.58. With the defaults every bucket of a day's
+//! replay stays within a few points of the diagonal, out of sample.
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
@@ -27,10 +36,6 @@ use crate::model::{Action, CalibrationNote, CalibrationStatus};
 
 /// The method's name, as the messages carry it.
 pub const METHOD: &str = "beta_binned_isotonic";
-
-/// The weight of the prior, in grades: a bin's hit rate is
-/// `(hits + k·base) / (n + k)` with `k` this.
-pub const PRIOR_GRADES: f64 = 4.0;
 
 /// Confidence bins: tenths, as the scorecard's.
 const BINS: usize = 10;
@@ -57,8 +62,9 @@ pub struct Fit {
 }
 
 impl Fit {
-    /// Fits one group's bins (any order; bins without grades are ignored).
-    pub fn of(sums: &[&BucketSums]) -> Fit {
+    /// Fits one group's bins (any order; bins without grades are ignored), each bin's hit
+    /// rate shrunk as `(hits + k·base) / (n + k)` with `k` = `prior_grades`.
+    pub fn of(sums: &[&BucketSums], prior_grades: f64) -> Fit {
         let mut n = [0u64; BINS];
         let mut hits = [0u64; BINS];
         for b in sums {
@@ -77,8 +83,8 @@ impl Fit {
         let points: Vec<(usize, f64, f64)> = (0..BINS)
             .filter(|&i| n[i] > 0)
             .map(|i| {
-                let w = n[i] as f64 + PRIOR_GRADES;
-                (i, (hits[i] as f64 + PRIOR_GRADES * base) / w, w)
+                let w = n[i] as f64 + prior_grades;
+                (i, (hits[i] as f64 + prior_grades * base) / w, w)
             })
             .collect();
         let fitted = non_decreasing(&points.iter().map(|p| (p.1, p.2)).collect::<Vec<_>>());
@@ -134,8 +140,8 @@ pub struct CalibrationTable {
 
 impl CalibrationTable {
     /// The table of per-(group, bin) sums, as [`HistoryStore::sums`] gives them for
-    /// [`GroupBy::Calibration`].
-    pub fn of(sums: &[BucketSums]) -> CalibrationTable {
+    /// [`GroupBy::Calibration`], each group fitted with the prior `prior_grades`.
+    pub fn of(sums: &[BucketSums], prior_grades: f64) -> CalibrationTable {
         let mut groups: BTreeMap<&str, Vec<&BucketSums>> = BTreeMap::new();
         for b in sums {
             groups.entry(b.group.as_str()).or_default().push(b);
@@ -143,7 +149,7 @@ impl CalibrationTable {
         CalibrationTable {
             fits: groups
                 .into_iter()
-                .map(|(k, bs)| (k.to_string(), Fit::of(&bs)))
+                .map(|(k, bs)| (k.to_string(), Fit::of(&bs, prior_grades)))
                 .collect(),
         }
     }
@@ -154,16 +160,19 @@ impl CalibrationTable {
 pub struct Calibrator {
     horizon_seconds: i64,
     min_grades: u64,
+    prior_grades: f64,
     table: RwLock<Option<CalibrationTable>>,
 }
 
 impl Calibrator {
     /// A calibrator at `horizon_minutes` that calibrates groups with at least `min_grades`
-    /// grades. Until its first refit every signal is `insufficient` with 0 grades.
-    pub fn new(horizon_minutes: u32, min_grades: u64) -> Self {
+    /// grades, each bin shrunk by a prior worth `prior_grades` grades. Until its first refit
+    /// every signal is `insufficient` with 0 grades.
+    pub fn new(horizon_minutes: u32, min_grades: u64, prior_grades: f64) -> Self {
         Self {
             horizon_seconds: i64::from(horizon_minutes) * 60,
             min_grades,
+            prior_grades,
             table: RwLock::new(None),
         }
     }
@@ -178,7 +187,7 @@ impl Calibrator {
         let sums = store
             .sums(self.horizon_seconds, GroupBy::Calibration, 0)
             .await?;
-        self.set(CalibrationTable::of(&sums));
+        self.set(CalibrationTable::of(&sums, self.prior_grades));
         Ok(())
     }
 
@@ -235,7 +244,10 @@ mod tests {
         a.is_some_and(|a| (a - b).abs() < 1e-12)
     }
 
-    /// Known outcomes, exact values. Group: 100 grades, 40 hits (base 0.4).
+    /// A prior small enough to make the arithmetic of the known-outcome cases easy to follow.
+    const PRIOR: f64 = 4.0;
+
+    /// Known outcomes, exact values. Group: 100 grades, 40 hits (base 0.4); prior 4.
     /// Bin 5: 20 grades, 10 hits → (10 + 4·0.4) / 24 = 11.6 / 24.
     /// Bin 7: 60 grades, 18 hits → (18 + 1.6) / 64 = 19.6 / 64 — lower than bin 5, so the two
     /// are pooled: (11.6 + 19.6) / (24 + 64) = 31.2 / 88.
@@ -247,7 +259,7 @@ mod tests {
             bin("m|BUY", 7, 60, 18),
             bin("m|BUY", 9, 20, 12),
         ];
-        let fit = Fit::of(&sums.iter().collect::<Vec<_>>());
+        let fit = Fit::of(&sums.iter().collect::<Vec<_>>(), PRIOR);
         assert_eq!((fit.graded, fit.hits), (100, 40));
         let pooled = 31.2 / 88.0;
         assert!(same(fit.bins[5], pooled), "{:?}", fit.bins);
@@ -280,17 +292,17 @@ mod tests {
 
     #[test]
     fn a_group_is_calibrated_only_once_it_has_enough_grades() {
-        let c = Calibrator::new(15, 100);
+        let c = Calibrator::new(15, 100, PRIOR);
         let (v, note) = c.calibrate("rules", Action::Hold, 0.8);
         assert_eq!(v, None, "before any refit");
         assert_eq!(note.status, CalibrationStatus::Insufficient);
         assert_eq!((note.graded, note.needed), (0, 100));
         assert_eq!(note.horizon, "15m");
         assert_eq!(note.group, "rules|HOLD");
-        c.set(CalibrationTable::of(&[
-            bin("rules|HOLD", 7, 99, 30),
-            bin("rules|BUY", 4, 150, 75),
-        ]));
+        c.set(CalibrationTable::of(
+            &[bin("rules|HOLD", 7, 99, 30), bin("rules|BUY", 4, 150, 75)],
+            PRIOR,
+        ));
         let (v, note) = c.calibrate("rules", Action::Hold, 0.8);
         assert_eq!((v, note.graded), (None, 99), "one grade short");
         let (v, note) = c.calibrate("rules", Action::Buy, 0.45);

@@ -236,7 +236,7 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
     assert!(
         row["calibrated_title"]
             .as_str()
-            .is_some_and(|t| t.starts_with("not calibrated yet: 0 of 100 grades at 15m")),
+            .is_some_and(|t| t.starts_with("not calibrated yet: 0 of 1,000 grades at 15m")),
         "{row}"
     );
     assert!(

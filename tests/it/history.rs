@@ -384,7 +384,7 @@ async fn grades_against_a_scripted_market_are_exact() {
     // Calibrated per (model, action) from the same grades. BUY: 0.9 hit (bin 9), 0.6 missed
     // (bin 6); base rate 1/2, each bin shrunk by 4 prior grades: bin 6 (0 + 2) / 5 = 0.4,
     // bin 9 (1 + 2) / 5 = 0.6. HOLD has one grade, under the two required: not calibrated.
-    let c = Calibrator::new(5, 2);
+    let c = Calibrator::new(5, 2, 4.0);
     c.refit(store.as_ref()).await.unwrap();
     for (confidence, want) in [(0.95, 0.6), (0.65, 0.4), (0.75, 0.4), (0.3, 0.4)] {
         let (value, note) = c.calibrate("rules", Action::Buy, confidence);
@@ -451,7 +451,7 @@ async fn three_graders_on_one_postgres_grade_each_signal_once() {
             .map(|b| (b.group.as_str(), b.bucket, b.n, b.hits))
             .collect();
         assert_eq!(groups, vec![("rules|BUY", 7, 60, 0)], "rebuilt: {rebuilt}");
-        let c = Calibrator::new(15, 60);
+        let c = Calibrator::new(15, 60, 4.0);
         c.refit(store.as_ref()).await.unwrap();
         let (value, note) = c.calibrate("rules", Action::Buy, 0.7);
         assert_eq!((value, note.graded), (Some(0.0), 60), "rebuilt: {rebuilt}");

@@ -415,18 +415,19 @@ async fn the_scorecard_finds_skill_in_a_planted_trend_and_none_in_a_random_walk(
     }
 }
 
-/// Calibration holds out of sample on the simulated market: three hours of the default 20
+/// Calibration holds out of sample on the simulated market: twelve hours of the default 20
 /// symbols, each signal's `calibrated_confidence` learned only from the grades before it. Of
 /// the grades that carried one (≥ 1,000), every reliability bucket with ≥ 30 lies within ±10
-/// points of the diagonal, and its Brier skill against the base rate is ≥ 0 — where the
-/// agent's stated confidence is printed beside it for comparison.
+/// points of the diagonal; over all of a model's signals the calibrated confidence has a
+/// Brier skill ≥ 0 against the base rate, where the stated confidence's is far below.
 ///
-/// Known to fail since the market gained regimes: the BUYs calibrated to 0.5–0.6 hit 0.41
-/// (357 grades over 12 hours; 3 hours show the same), so the fit of the past does not hold
-/// forward in a market that switches regime. Run it with `--ignored` while fixing the
-/// calibrator.
+/// Within one (model, action) group the skill can only be about zero: the rules agent's
+/// stated confidence carries little information about a BUY's outcome, and a probability
+/// learned from the past cannot beat the base rate of the very signals it is scored on. There
+/// it must not be worse than the base rate by more than 0.01 of skill (measured: −0.002 to
+/// −0.005 on two days of replay), which a calibrator chasing the last regime was (−0.008 to
+/// −0.015, with buckets off by 13 points).
 #[tokio::test]
-#[ignore = "known failure: out-of-sample calibration misses by 13 points on the regime market"]
 async fn calibrated_confidence_is_calibrated_on_the_simulated_market() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config::load(None, &std::collections::HashMap::<String, String>::new()).unwrap();
@@ -473,10 +474,35 @@ async fn calibrated_confidence_is_calibrated_on_the_simulated_market() {
                 b.hit_rate
             );
         }
-        if let Some(skill) = c.brier_skill {
-            assert!(skill >= 0.0, "{}: calibrated Brier skill {skill}", g.key);
-        }
+        let skill = c
+            .brier_skill
+            .expect("a group with hits and misses has a skill");
+        assert!(skill >= -0.01, "{}: calibrated Brier skill {skill}", g.key);
     }
+    let by_model = autonomous_runner::history::grading::scorecard_of(
+        &store,
+        900,
+        autonomous_runner::history::GroupBy::Model,
+        0,
+    )
+    .await
+    .unwrap();
+    let rules = by_model
+        .iter()
+        .find(|g| g.key == "rules")
+        .expect("the rules model's group");
+    let calibrated = rules.calibrated.as_ref().expect("calibrated grades");
+    println!(
+        "rules, every action: stated skill {:?}, calibrated skill {:?} ({} graded)",
+        rules.brier_skill, calibrated.brier_skill, calibrated.graded
+    );
+    let stated = rules.brier_skill.expect("a stated skill");
+    let skill = calibrated.brier_skill.expect("a calibrated skill");
+    assert!(skill >= 0.0, "calibrated Brier skill {skill}");
+    assert!(
+        stated < skill - 0.1,
+        "stated {stated} against calibrated {skill}"
+    );
     assert!(
         carried >= 1000,
         "{carried} grades carried a calibrated confidence"
