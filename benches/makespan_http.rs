@@ -83,6 +83,7 @@ async fn run(cycles: usize) {
         max_tokens: 1024,
         tools: None,
         max_tool_rounds: 3,
+        cache: None,
     });
     let transport = Arc::new(OpenRouter::new(&llm.url, Secret::default()).expect("client"));
     let signal: Arc<dyn Agent> = Arc::new(LlmAgent::new(

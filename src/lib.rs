@@ -152,6 +152,7 @@ impl App {
             on_breaker,
             latencies.clone(),
             tools.clone() as Arc<dyn agents::llm::ToolRunner>,
+            None,
         )
         .context("building the agents")?;
         let breakers = all_breakers(&setup, redis_breaker.clone());

@@ -83,6 +83,34 @@ struct ReplayArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Replay two configurations over the same ticks and market data (the first one's) and
+    /// print their scorecards side by side with the difference; their histories go to
+    /// `OUT/a` and `OUT/b`.
+    #[arg(long, num_args = 2, value_names = ["A.yaml", "B.yaml"], conflicts_with = "config")]
+    compare: Option<Vec<PathBuf>>,
+    /// LLM stages: at most this many turns sent to a model (the cache's answers are free);
+    /// when they are spent the replay stops after that tick and says so.
+    #[arg(long, value_name = "N")]
+    max_calls: Option<u64>,
+    /// LLM stages: the response cache file (default: `$XDG_CACHE_HOME` or `~/.cache`, then
+    /// `autonomous-runner/llm-responses.sqlite`).
+    #[arg(long, value_name = "FILE")]
+    cache: Option<PathBuf>,
+}
+
+/// Where the response cache lives unless `--cache` says: the user's cache directory, so every
+/// replay of any `--out` shares it.
+fn default_cache() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("autonomous-runner").join("llm-responses.sqlite")
 }
 
 /// The multi-threaded runtime, or the exit code that says it could not start.
@@ -96,94 +124,132 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-/// `replay`: exit 0 with the report on stdout; 2 for bad arguments or configuration.
-fn replay(a: &ReplayArgs) -> ExitCode {
-    use std::io::IsTerminal;
-    let cfg_arg = ConfigArg {
-        config: a.config.clone(),
-        port: None,
-    };
-    let mut cfg = match load(&cfg_arg) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let market: Arc<dyn autonomous_runner::market::MarketSource> = match &a.candles {
-        Some(path) => match autonomous_runner::market::file::FileCandles::load(path) {
-            Ok(f) => {
-                if a.symbols.is_none() {
-                    cfg.symbols = f.symbols();
-                }
-                Arc::new(f)
-            }
-            Err(e) => {
-                eprintln!("--candles {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        None => match autonomous_runner::market_source(&cfg) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("{e:#}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-    };
+/// One configuration of a replay: loaded, with `--symbols` and the file's symbols applied.
+fn replay_config(
+    a: &ReplayArgs,
+    config: Option<PathBuf>,
+    file_symbols: Option<Vec<String>>,
+) -> Result<Config, ExitCode> {
+    let mut cfg = load(&ConfigArg { config, port: None })?;
     if let Some(symbols) = &a.symbols {
         if let Some(bad) = symbols
             .iter()
             .find(|s| !autonomous_runner::config::is_valid_symbol(s))
         {
             eprintln!("--symbols: {bad:?} is not BASE/QUOTE");
-            return ExitCode::from(EXIT_CONFIG);
+            return Err(ExitCode::from(EXIT_CONFIG));
         }
         cfg.symbols = symbols.clone();
+    } else if let Some(symbols) = file_symbols {
+        cfg.symbols = symbols;
     }
-    let opts = autonomous_runner::replay::ReplayOptions {
-        from: a.from,
-        to: a.to,
-        history: autonomous_runner::replay::history_in(&a.out),
+    Ok(cfg)
+}
+
+/// `replay`: exit 0 with the report on stdout; 2 for bad arguments or configuration.
+fn replay(a: &ReplayArgs) -> ExitCode {
+    match replay_inner(a) {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+fn replay_inner(a: &ReplayArgs) -> Result<ExitCode, ExitCode> {
+    use autonomous_runner::replay::{self as rp, ReplayError, ReplayOptions};
+    use std::io::IsTerminal;
+    let configs: Vec<Option<PathBuf>> = match &a.compare {
+        Some(files) => files.iter().cloned().map(Some).collect(),
+        None => vec![a.config.clone()],
     };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
+    let file = match &a.candles {
+        Some(path) => match autonomous_runner::market::file::FileCandles::load(path) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                eprintln!("--candles {e}");
+                return Err(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+        None => None,
     };
+    let file_symbols = file.as_ref().map(|f| f.symbols());
+    let cfgs = configs
+        .iter()
+        .map(|c| replay_config(a, c.clone(), file_symbols.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    // One market for every configuration: a comparison is over the same candles.
+    let market: Arc<dyn autonomous_runner::market::MarketSource> = match file {
+        Some(f) => f,
+        None => autonomous_runner::market_source(&cfgs[0]).map_err(|e| {
+            eprintln!("{e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        })?,
+    };
+    let rt = runtime()?;
     let terminal = std::io::stderr().is_terminal();
-    let result = rt.block_on(autonomous_runner::replay::run(
-        &cfg,
-        market,
-        &opts,
-        |done, total| {
+    let mut reports = vec![];
+    for (i, cfg) in cfgs.iter().enumerate() {
+        let out = match &a.compare {
+            Some(_) => a.out.join(["a", "b"][i]),
+            None => a.out.clone(),
+        };
+        let opts = ReplayOptions {
+            from: a.from,
+            to: a.to,
+            history: rp::history_in(&out),
+            cache: Some(a.cache.clone().unwrap_or_else(default_cache)),
+            max_calls: a.max_calls,
+        };
+        let label = match &a.compare {
+            Some(files) => format!("replay {}", files[i].display()),
+            None => "replay".to_string(),
+        };
+        let result = rt.block_on(rp::run(cfg, market.clone(), &opts, |done, total| {
             // A progress line on a terminal only: a pipe or a log gets the report alone.
             if terminal && (done % 10 == 0 || done == total) {
-                eprint!("\rreplay: {done}/{total} ticks");
+                eprint!("\r{label}: {done}/{total} ticks");
                 if done == total {
                     eprintln!();
                 }
             }
-        },
-    ));
-    match result {
-        Ok(report) => {
-            if a.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("cannot write the report: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", autonomous_runner::replay::table(&report));
+        }));
+        match result {
+            Ok(report) => reports.push(report),
+            Err(e @ ReplayError::Invalid(_)) => {
+                eprintln!("{e}");
+                return Err(ExitCode::from(EXIT_CONFIG));
             }
-            ExitCode::SUCCESS
+            Err(e) => {
+                eprintln!("{e}");
+                return Err(ExitCode::FAILURE);
+            }
         }
-        Err(e @ autonomous_runner::replay::ReplayError::Invalid(_)) => {
-            eprintln!("{e}");
-            ExitCode::from(EXIT_CONFIG)
+    }
+    let text = match (&a.compare, a.json) {
+        (Some(files), json) => {
+            let mut it = reports.into_iter();
+            let (Some(ra), Some(rb)) = (it.next(), it.next()) else {
+                return Err(ExitCode::FAILURE);
+            };
+            let c = rp::Comparison::of(
+                (files[0].display().to_string(), ra),
+                (files[1].display().to_string(), rb),
+            );
+            if json {
+                serde_json::to_string_pretty(&c).map(|t| t + "\n")
+            } else {
+                Ok(c.table())
+            }
+        }
+        (None, true) => serde_json::to_string_pretty(&reports[0]).map(|t| t + "\n"),
+        (None, false) => Ok(rp::table(&reports[0])),
+    };
+    match text {
+        Ok(t) => {
+            print!("{t}");
+            Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
+            eprintln!("cannot write the report: {e}");
+            Err(ExitCode::FAILURE)
         }
     }
 }

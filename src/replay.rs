@@ -11,9 +11,12 @@
 //! virtual time), so calibrated confidence in a replay means what it means live. After the
 //! last tick the virtual clock runs on to the longest horizon, so every signal is graded.
 //!
-//! This version replays the rules agents only: a configuration whose stages use an LLM is
-//! refused with an error that says so (a replay that called a paid model for every tick of a
-//! day would need the budget and the response cache it does not have yet).
+//! LLM stages (the OpenAI-compatible backend) replay too, under the same budget, rate limit,
+//! retries and breaker as live, through a response cache ([`ResponseCache`]) keyed by what
+//! each turn sends: a rerun of the same ticks with the same configuration asks the model
+//! nothing. `max_calls` bounds the turns that reach the model; when they are spent the replay
+//! stops after that tick and the report says where. OpenCode stages are refused: a replay
+//! does not run OpenCode sessions (the same model through `openrouter` replays).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +28,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::StageAgents;
+use crate::agents::llm::{CacheStats, ResponseCache};
 use crate::config::{AgentBackend, Config, ReportMode};
 use crate::coordination::LockTiming;
 use crate::coordination::memory::{MemoryCoordination, MemoryStore};
@@ -38,7 +42,9 @@ use crate::model::StageMessage;
 use crate::pipeline::PipelineContext;
 use crate::publish::hub::Hub;
 use crate::publish::{Publisher, Sink};
+use crate::resilience::{CallLatencies, RateLimiter};
 use crate::schedule::{Clock, CycleId, Schedule, VirtualTime};
+use crate::tools::Toolbox;
 
 /// What to replay.
 #[derive(Debug, Clone)]
@@ -49,6 +55,11 @@ pub struct ReplayOptions {
     pub to: DateTime<Utc>,
     /// The history file to write (must not exist yet).
     pub history: PathBuf,
+    /// The response cache file for LLM stages (created when missing; unused by the rules
+    /// agents).
+    pub cache: Option<PathBuf>,
+    /// At most this many turns sent to a model (cache misses); `None`: no bound.
+    pub max_calls: Option<u64>,
 }
 
 /// What a replay did, and the scorecard it ended with.
@@ -74,6 +85,11 @@ pub struct ReplayReport {
     pub history: PathBuf,
     /// The market source.
     pub market: &'static str,
+    /// The LLM stages' turns: from the cache, sent, refused by `max_calls` (`None`: the rules
+    /// agents only).
+    pub llm: Option<CacheStats>,
+    /// Why the replay ended before `to`, when it did.
+    pub stopped_early: Option<String>,
     /// Per horizon, shortest first, the scorecard grouped by action.
     pub scorecard: Vec<HorizonScore>,
 }
@@ -129,17 +145,10 @@ fn check(cfg: &Config, opts: &ReplayOptions) -> Result<(), ReplayError> {
             opts.to.to_rfc3339()
         )));
     }
-    let a = &cfg.agents;
-    for (name, stage) in [
-        ("signal", &a.stages.signal),
-        ("advise", &a.stages.advise),
-        ("report", &a.stages.report),
-    ] {
-        let backend = stage.backend.unwrap_or(a.backend);
-        let templated = name == "report" && cfg.pipeline.report_mode == ReportMode::Template;
-        if backend != AgentBackend::Rules && !templated {
+    for (name, backend) in stage_backends(cfg) {
+        if backend == AgentBackend::Opencode {
             return Err(ReplayError::Invalid(format!(
-                "agents.stages.{name} uses an LLM backend: this version replays the rules agents only (set agents.backend: rules)"
+                "agents.stages.{name} uses OpenCode: a replay does not run OpenCode sessions (replay the same model with agents.backend: openrouter and its base_url)"
             )));
         }
     }
@@ -150,6 +159,71 @@ fn check(cfg: &Config, opts: &ReplayOptions) -> Result<(), ReplayError> {
         )));
     }
     Ok(())
+}
+
+/// The backend each stage runs on (a templated report runs none).
+fn stage_backends(cfg: &Config) -> Vec<(&'static str, AgentBackend)> {
+    let a = &cfg.agents;
+    [
+        ("signal", &a.stages.signal),
+        ("advise", &a.stages.advise),
+        ("report", &a.stages.report),
+    ]
+    .into_iter()
+    .filter(|(name, _)| !(*name == "report" && cfg.pipeline.report_mode == ReportMode::Template))
+    .map(|(name, stage)| (name, stage.backend.unwrap_or(a.backend)))
+    .collect()
+}
+
+/// The stage agents of a replay: the rules agents, or the configured ones with the response
+/// cache in their stack, tools reading the market at the replayed tick.
+async fn replay_agents(
+    cfg: &Config,
+    opts: &ReplayOptions,
+    market: &Arc<dyn MarketSource>,
+    store: &Arc<dyn HistoryStore>,
+    clock: Clock,
+) -> Result<(StageAgents, Option<Arc<ResponseCache>>), ReplayError> {
+    if stage_backends(cfg)
+        .iter()
+        .all(|(_, b)| *b == AgentBackend::Rules)
+    {
+        return Ok((StageAgents::rules(), None));
+    }
+    let path = opts
+        .cache
+        .clone()
+        .ok_or_else(|| ReplayError::Invalid("an LLM replay needs a response cache file".into()))?;
+    let cache = Arc::new(
+        ResponseCache::open(&path, opts.max_calls)
+            .await
+            .map_err(|e| ReplayError::Invalid(e.to_string()))?,
+    );
+    let tools = Arc::new(Toolbox::new(
+        market.clone(),
+        Some(store.clone()),
+        Arc::new(crate::strategy::StrategySet::new(cfg.strategies.clone())),
+        &cfg.symbols,
+        clock,
+    ));
+    let latencies = CallLatencies::new(
+        cfg.adaptive.latency_window_size,
+        Duration::from_secs(cfg.adaptive.latency_max_age_seconds),
+    );
+    let limiter = Arc::new(RateLimiter::new(
+        cfg.agents.requests_per_minute,
+        cfg.agents.burst,
+    ));
+    let setup = crate::agents::setup::build(
+        cfg,
+        limiter,
+        Arc::new(|_: &str, _| {}),
+        latencies,
+        tools,
+        Some(cache.clone()),
+    )
+    .map_err(|e| ReplayError::Invalid(format!("agents: {e}")))?;
+    Ok((setup.agents, Some(cache)))
 }
 
 /// Replays `cfg`'s schedule over `market`. `progress(done, total)` is called after each tick.
@@ -176,6 +250,8 @@ pub async fn run(
         Some(sink.clone() as Arc<dyn Sink>),
     ));
     let horizon = cfg.history.calibration_horizon();
+    let clock = Clock::Virtual(time.clone());
+    let (agents, cache) = replay_agents(cfg, opts, &market, &store, clock.clone()).await?;
     let calibrator = Arc::new(Calibrator::new(
         horizon,
         cfg.history.calibration.min_grades,
@@ -183,10 +259,10 @@ pub async fn run(
     ));
     let pipeline = Arc::new(PipelineContext {
         market: market.clone(),
-        agents: StageAgents::rules(),
+        agents,
         publisher,
         candles: cfg.market_data.candles,
-        clock: Clock::Virtual(time.clone()),
+        clock,
         strategies: Arc::new(crate::strategy::StrategySet::new(cfg.strategies.clone())),
         advise_min_score: cfg.pipeline.advise_min_score,
         expiry_grace: Duration::from_secs(cfg.pipeline.expiry_grace_seconds),
@@ -229,6 +305,8 @@ pub async fn run(
         missing_price: 0,
         history: opts.history.clone(),
         market: market.name(),
+        llm: None,
+        stopped_early: None,
         scorecard: vec![],
     };
     let refit_every = chrono::Duration::seconds(cfg.history.calibration.refit_seconds as i64);
@@ -271,11 +349,27 @@ pub async fn run(
             last_refit = Some(tick);
         }
         progress(report.ticks, total);
+        if let Some(c) = cache.as_ref().filter(|c| c.stats().refused > 0) {
+            report.stopped_early = Some(format!(
+                "--max-calls {} reached at the tick of {}: {} of {} ticks replayed",
+                opts.max_calls.unwrap_or(0),
+                tick.to_rfc3339(),
+                report.ticks,
+                total,
+            ));
+            report.to = next;
+            tracing::warn!(
+                calls = c.stats().calls,
+                "replay stopped: --max-calls reached"
+            );
+            break;
+        }
     }
+    report.llm = cache.as_ref().map(|c| c.stats());
     // Run the clock on past the longest horizon (and the source's grace for a late candle),
     // so every replayed signal gets its grades.
     let longest = g.horizons_minutes.iter().copied().max().unwrap_or(0);
-    let end = opts.to + chrono::Duration::minutes(i64::from(longest) + 16);
+    let end = report.to + chrono::Duration::minutes(i64::from(longest) + 16);
     grade(&mut grader, end, &mut report).await?;
     let mut horizons = g.horizons_minutes.clone();
     horizons.sort_unstable();
@@ -337,6 +431,15 @@ pub fn table(report: &ReplayReport) -> String {
     for (reason, n) in &report.failed {
         out.push_str(&format!("  not completed, {reason}: {n}\n"));
     }
+    if let Some(s) = &report.llm {
+        out.push_str(&format!(
+            "  model turns: {} from the cache, {} sent, {} refused by --max-calls\n",
+            s.hits, s.calls, s.refused
+        ));
+    }
+    if let Some(why) = &report.stopped_early {
+        out.push_str(&format!("  stopped early: {why}\n"));
+    }
     out.push_str(&format!(
         "{:<8} {:<6} {:>7} {:>8} {:>17} {:>7} {:>7} {:>10} {:>24}\n",
         "horizon",
@@ -382,4 +485,117 @@ pub fn table(report: &ReplayReport) -> String {
 /// `DIR/history.sqlite`.
 pub fn history_in(dir: &Path) -> PathBuf {
     dir.join("history.sqlite")
+}
+
+/// Two replays of the same ticks side by side: per horizon and action, each one's graded
+/// count and hit rate, and the difference of the hit rates (A − B) with its 95 % interval.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// The first configuration's name (its file) and report.
+    pub a: (String, ReplayReport),
+    /// The second's.
+    pub b: (String, ReplayReport),
+    /// The rows, per horizon (shortest first) and action.
+    pub rows: Vec<ComparisonRow>,
+}
+
+/// One (horizon, action) of a [`Comparison`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ComparisonRow {
+    /// `5m`, `15m`, `1h`.
+    pub horizon: String,
+    /// BUY, SELL or HOLD.
+    pub action: String,
+    /// A's graded signals and hit rate (`None`: A made no such call).
+    pub a: Option<(u64, f64)>,
+    /// B's.
+    pub b: Option<(u64, f64)>,
+    /// A's hit rate − B's, when both made the call.
+    pub difference: Option<f64>,
+    /// Its 95 % interval (Newcombe's, from the two Wilson intervals): an interval that holds
+    /// zero says the two are not told apart by these ticks.
+    pub difference_ci95: Option<[f64; 2]>,
+}
+
+impl Comparison {
+    /// Compares two reports of the same ticks.
+    pub fn of(a: (String, ReplayReport), b: (String, ReplayReport)) -> Comparison {
+        let mut rows = vec![];
+        for ha in &a.1.scorecard {
+            let hb = b.1.scorecard.iter().find(|h| h.horizon == ha.horizon);
+            let mut actions: Vec<&str> = ha.groups.iter().map(|g| g.key.as_str()).collect();
+            for g in hb.map_or(&[][..], |h| &h.groups[..]) {
+                if !actions.contains(&g.key.as_str()) {
+                    actions.push(&g.key);
+                }
+            }
+            actions.sort_unstable();
+            for action in actions {
+                let ga = ha.groups.iter().find(|g| g.key == action);
+                let gb = hb.and_then(|h| h.groups.iter().find(|g| g.key == action));
+                let (difference, difference_ci95) = match (ga, gb) {
+                    (Some(x), Some(y)) => {
+                        let d = x.hit_rate - y.hit_rate;
+                        let [lx, ux] = x.hit_rate_ci95;
+                        let [ly, uy] = y.hit_rate_ci95;
+                        let lo = d - ((x.hit_rate - lx).powi(2) + (uy - y.hit_rate).powi(2)).sqrt();
+                        let hi = d + ((ux - x.hit_rate).powi(2) + (y.hit_rate - ly).powi(2)).sqrt();
+                        (Some(d), Some([lo.max(-1.0), hi.min(1.0)]))
+                    }
+                    _ => (None, None),
+                };
+                rows.push(ComparisonRow {
+                    horizon: ha.horizon.clone(),
+                    action: action.to_string(),
+                    a: ga.map(|g| (g.graded, g.hit_rate)),
+                    b: gb.map(|g| (g.graded, g.hit_rate)),
+                    difference,
+                    difference_ci95,
+                });
+            }
+        }
+        Comparison { a, b, rows }
+    }
+
+    /// The comparison as a table for people.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "A = {}: {} completed, {} graded\nB = {}: {} completed, {} graded\n",
+            self.a.0,
+            self.a.1.completed,
+            self.a.1.graded,
+            self.b.0,
+            self.b.1.completed,
+            self.b.1.graded
+        );
+        for (name, r) in [(&self.a.0, &self.a.1), (&self.b.0, &self.b.1)] {
+            if let Some(why) = &r.stopped_early {
+                out.push_str(&format!("  {name} stopped early: {why}\n"));
+            }
+        }
+        out.push_str(&format!(
+            "{:<8} {:<6} {:>8} {:>7} {:>8} {:>7} {:>10} {:>19}\n",
+            "horizon", "action", "A graded", "A hit", "B graded", "B hit", "A − B", "95 % interval"
+        ));
+        let cell = |v: Option<(u64, f64)>| {
+            v.map_or(("—".to_string(), "—".to_string()), |(n, h)| {
+                (n.to_string(), format!("{:.1}%", h * 100.0))
+            })
+        };
+        for r in &self.rows {
+            let (an, ah) = cell(r.a);
+            let (bn, bh) = cell(r.b);
+            let d = r
+                .difference
+                .map_or("—".to_string(), |d| format!("{:+.1} pts", d * 100.0));
+            let ci = r.difference_ci95.map_or("—".to_string(), |[lo, hi]| {
+                format!("{:+.1}…{:+.1} pts", lo * 100.0, hi * 100.0)
+            });
+            out.push_str(&format!(
+                "{:<8} {:<6} {:>8} {:>7} {:>8} {:>7} {:>10} {:>19}\n",
+                r.horizon, r.action, an, ah, bn, bh, d, ci
+            ));
+        }
+        out
+    }
 }

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::llm::{LlmAgent, LlmHealth, LlmShared, TokenBudget, ToolRunner, Transport};
+use super::llm::{
+    LlmAgent, LlmHealth, LlmShared, ResponseCache, TokenBudget, ToolRunner, Transport,
+};
 use super::opencode::{OpenCode, OpenCodeAgents, SessionLedger};
 use super::openrouter::OpenRouter;
 use super::rules::Rules;
@@ -60,15 +62,17 @@ fn backend_name(b: AgentBackend) -> &'static str {
 /// Builds the agents. `on_breaker` is called on every LLM breaker transition.
 /// `latencies` is the per-call window every LLM agent records into (the runner's gate reads
 /// it). `tools` are offered to the OpenAI-compatible backend's models with `agents.tools: mcp`.
+/// `cache` answers the turns it holds (replays; the service passes `None`).
 pub fn build(
     cfg: &Config,
     limiter: Arc<dyn AgentRateLimiter>,
     on_breaker: TransitionHook,
     latencies: CallLatencies,
     tools: Arc<dyn ToolRunner>,
+    cache: Option<Arc<ResponseCache>>,
 ) -> Result<AgentSetup, AgentError> {
     let a = &cfg.agents;
-    let shared = shared_parts(cfg, limiter, latencies, tools);
+    let shared = shared_parts(cfg, limiter, latencies, tools, cache);
     let (health, budget) = (shared.health.clone(), shared.budget.clone());
     let mut transports: BTreeMap<&'static str, (Arc<dyn Transport>, Breaker, ConcurrencyLimit)> =
         BTreeMap::new();
@@ -167,6 +171,7 @@ fn shared_parts(
     limiter: Arc<dyn AgentRateLimiter>,
     latencies: CallLatencies,
     tools: Arc<dyn ToolRunner>,
+    cache: Option<Arc<ResponseCache>>,
 ) -> Arc<LlmShared> {
     let a = &cfg.agents;
     Arc::new(LlmShared {
@@ -192,6 +197,7 @@ fn shared_parts(
         max_tokens: a.max_tokens,
         tools: (a.tools == ToolsMode::Mcp).then_some(tools),
         max_tool_rounds: a.max_tool_rounds,
+        cache,
     })
 }
 

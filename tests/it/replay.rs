@@ -257,6 +257,8 @@ async fn no_agent_sees_a_candle_that_had_not_ended_at_its_tick() {
         from,
         to: from + Duration::minutes(20),
         history: dir.path().join("out/history.sqlite"),
+        cache: None,
+        max_calls: None,
     };
     let report = run(&rules_config(), spy.clone(), &opts, |_, _| {})
         .await
@@ -283,7 +285,7 @@ async fn no_agent_sees_a_candle_that_had_not_ended_at_its_tick() {
 }
 
 #[tokio::test]
-async fn a_replay_that_would_call_an_llm_or_runs_backwards_is_refused_by_name() {
+async fn a_replay_through_opencode_or_backwards_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = rules_config();
     let from = start();
@@ -291,21 +293,24 @@ async fn a_replay_that_would_call_an_llm_or_runs_backwards_is_refused_by_name() 
         from,
         to: from,
         history: dir.path().join("h.sqlite"),
+        cache: None,
+        max_calls: None,
     };
     let market: Arc<dyn MarketSource> = Arc::new(Spy::default());
     let e = run(&cfg, market.clone(), &opts, |_, _| {})
         .await
         .unwrap_err();
     assert!(e.to_string().contains("is not before --to"), "{e}");
-    cfg.agents.backend = autonomous_runner::config::AgentBackend::Openrouter;
+    cfg.agents.backend = autonomous_runner::config::AgentBackend::Opencode;
     let opts = ReplayOptions {
         to: from + Duration::minutes(5),
         ..opts
     };
     let e = run(&cfg, market, &opts, |_, _| {}).await.unwrap_err();
     assert!(
-        e.to_string()
-            .contains("agents.stages.signal uses an LLM backend"),
+        e.to_string().contains(
+            "agents.stages.signal uses OpenCode: a replay does not run OpenCode sessions"
+        ),
         "{e}"
     );
     assert!(
@@ -358,6 +363,8 @@ async fn skill_of(trend: f64, hours: i64) -> Vec<autonomous_runner::history::gra
         from,
         to: from + Duration::hours(hours),
         history: dir.path().join("out/history.sqlite"),
+        cache: None,
+        max_calls: None,
     };
     let market = Arc::new(FileCandles::load(&file).unwrap());
     run(&rules_config(), market, &opts, |_, _| {})
@@ -440,6 +447,8 @@ async fn calibrated_confidence_is_calibrated_on_the_simulated_market() {
         from,
         to: from + Duration::hours(12),
         history: dir.path().join("out/history.sqlite"),
+        cache: None,
+        max_calls: None,
     };
     let market = Arc::new(autonomous_runner::market::simulated::Simulated::new());
     run(&cfg, market, &opts, |_, _| {}).await.expect("replays");
@@ -507,4 +516,118 @@ async fn calibrated_confidence_is_calibrated_on_the_simulated_market() {
         carried >= 1000,
         "{carried} grades carried a calibrated confidence"
     );
+}
+
+/// A configuration of the two file symbols whose every stage asks the test LLM server.
+fn llm_config(url: &str) -> Config {
+    let yaml = format!(
+        "autonomous_runner:\n  symbols: [ETH/USD, BTC/USD]\n  market_data:\n    candles: 60\n  agents:\n    backend: openrouter\n    base_url: {url}\n    model: test/model-x\n    requests_per_minute: 6000\n    burst: 100\n  pipeline:\n    advise_min_score: 0\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    Config::load(
+        Some(&path),
+        &std::collections::HashMap::<String, String>::new(),
+    )
+    .expect("a valid config")
+}
+
+/// An LLM replay asks the model for every stage once, and a rerun of the same ticks with
+/// the same cache asks it nothing and stores the same signals; `max_calls` stops a replay
+/// after the tick that spent them, and says so.
+#[tokio::test]
+async fn an_llm_replay_is_paid_for_once_and_max_calls_stops_it() {
+    let llm = crate::llm_server::LlmServer::start().await;
+    let cfg = llm_config(&llm.url);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("candles.csv");
+    std::fs::write(&file, csv()).unwrap();
+    let market: Arc<dyn MarketSource> = Arc::new(FileCandles::load(&file).unwrap());
+    let from = start() + Duration::hours(1);
+    let cache = dir.path().join("cache/llm.sqlite");
+    let opts = |out: &str, max_calls: Option<u64>| ReplayOptions {
+        from,
+        to: from + Duration::minutes(5),
+        history: dir.path().join(out).join("history.sqlite"),
+        cache: Some(cache.clone()),
+        max_calls,
+    };
+    let first = run(&cfg, market.clone(), &opts("one", None), |_, _| {})
+        .await
+        .expect("replays");
+    let sent = llm.received().len();
+    // Five ticks of two symbols, three stages each (advise_min_score 0: every one advised).
+    assert_eq!(first.completed, 10, "{first:?}");
+    assert_eq!(sent, 30, "one request per stage and symbol tick");
+    assert_eq!(
+        first.llm.map(|s| (s.hits, s.calls, s.refused)),
+        Some((0, 30, 0))
+    );
+    let second = run(&cfg, market.clone(), &opts("two", None), |_, _| {})
+        .await
+        .expect("reruns");
+    assert_eq!(llm.received().len(), sent, "a rerun asks the model nothing");
+    assert_eq!(
+        second.llm.map(|s| (s.hits, s.calls, s.refused)),
+        Some((30, 0, 0))
+    );
+    let (a, b) = (
+        SqlStore::sqlite(&opts("one", None).history).await.unwrap(),
+        SqlStore::sqlite(&opts("two", None).history).await.unwrap(),
+    );
+    let strip = |rows: Vec<autonomous_runner::history::HistoryRow>| -> Vec<Value> {
+        rows.into_iter()
+            .map(|r| {
+                let mut m = r.message;
+                // When it was made and how long it took are the only things a rerun may change.
+                m["metadata"]
+                    .as_object_mut()
+                    .map(|o| o.remove("processing_time_ms"));
+                m.as_object_mut().map(|o| o.remove("timestamp"));
+                m
+            })
+            .collect()
+    };
+    let every_stage = |store: SqlStore| async move {
+        store
+            .page(&HistoryQuery {
+                limit: 1000,
+                ..HistoryQuery::default()
+            })
+            .await
+            .unwrap()
+    };
+    let models: Vec<Value> = signals(&a)
+        .await
+        .into_iter()
+        .map(|r| r.message["metadata"]["model_used"].clone())
+        .collect();
+    assert_eq!(
+        models,
+        vec![Value::from("test/model-x"); 10],
+        "the model answered"
+    );
+    let (sa, sb) = (strip(every_stage(a).await), strip(every_stage(b).await));
+    assert_eq!(sa.len(), 40, "four stages of ten symbol ticks");
+    assert_eq!(sa, sb, "the same messages from the cache");
+
+    // A fresh cache and room for four turns: the first tick's two symbols take up to six,
+    // so the replay stops after it.
+    let cache2 = dir.path().join("cache/other.sqlite");
+    let capped = ReplayOptions {
+        cache: Some(cache2),
+        ..opts("three", Some(4))
+    };
+    let before = llm.received().len();
+    let r = run(&cfg, market, &capped, |_, _| {})
+        .await
+        .expect("a capped replay still reports");
+    let stats = r.llm.expect("LLM stats");
+    assert_eq!((stats.calls, llm.received().len() - before), (4, 4));
+    assert!(stats.refused >= 1, "{stats:?}");
+    assert_eq!(r.ticks, 1, "stopped after the tick that spent the calls");
+    assert_eq!(r.to, from + Duration::minutes(1));
+    let why = r.stopped_early.expect("says why it stopped");
+    assert!(why.starts_with("--max-calls 4 reached"), "{why}");
 }

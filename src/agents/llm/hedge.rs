@@ -251,6 +251,7 @@ mod tests {
             max_tokens: 100,
             tools: None,
             max_tool_rounds: 3,
+            cache: None,
         });
         let breaker = Breaker::new(
             crate::resilience::BreakerKind::LlmOpenrouter,

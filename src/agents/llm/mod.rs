@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | prompt | [`prompt`] | the stage's system and user prompt, the schema, the reader of its answer |
 //! | conversation | `rounds.rs` | the stage's turns: tool calls run and answered (at most `agents.max_tool_rounds`), one follow-up turn that shows a rejected answer its errors |
+//! | cache | [`cache`] | replays only: a turn's reply by the key of what it sends, so a rerun asks the model nothing; `--max-calls` |
 //! | retry | `retry.rs` | attempts within the stage's deadline; 429s retried at once (the limiter holds everyone), the rest with backoff; the first cause kept |
 //! | admission | `admit.rs` | the token budget reserved → a rate-limit slot → an in-flight slot → the breaker; the breaker's verdict on what came back |
 //! | hedge | `hedge.rs` | one identical backup request past the stage's p95, within `agents.hedge.max_extra_fraction` |
@@ -34,6 +35,7 @@
 
 mod admit;
 mod budget;
+pub mod cache;
 mod health;
 mod hedge;
 mod prompt;
@@ -49,6 +51,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub use budget::{BudgetWindow, Reservation, TokenBudget};
+pub use cache::{CacheStats, ResponseCache};
 pub use health::{LastError, LlmHealth, Tallies};
 pub use prompt::{
     LlmReport, LlmSignal, advice_from_answer, signal_from_answer, signal_prompt, stage_schema,
@@ -92,6 +95,8 @@ pub struct LlmShared {
     pub tools: Option<Arc<dyn ToolRunner>>,
     /// Tool rounds one stage call may use before it must answer (`agents.max_tool_rounds`).
     pub max_tool_rounds: u32,
+    /// Replies kept by what was sent (replays; `None` in the service, which always asks).
+    pub cache: Option<Arc<ResponseCache>>,
 }
 
 impl std::fmt::Debug for LlmShared {
@@ -198,7 +203,7 @@ impl LlmAgent {
     /// One stage call through the whole stack (see the module docs): the prompt is made into
     /// a request, the conversation layer runs its turns, each turn is retried within the
     /// stage's time, each attempt is admitted, maybe hedged, and sent. The layers below are
-    /// `rounds::converse` → `retry::retrying` → `admit::attempt` → `hedge::hedged` →
+    /// `rounds::converse` → `cache::remembered` → `retry::retrying` → `admit::attempt` → `hedge::hedged` →
     /// `send::timed_call` / `send::read_reply`.
     async fn ask<T>(
         &self,

@@ -1,7 +1,7 @@
 //! The conversation layer: the turns of one stage call. A model may ask for tools (each round
 //! is run and answered, at most `agents.max_tool_rounds` of them) and an answer that is
 //! rejected is said back once with its errors. Every turn is a request like any other: it
-//! goes down the stack (retry, admission, hedge, send) under the stage's deadline.
+//! goes down the stack (cache, retry, admission, hedge, send) under the stage's deadline.
 
 use std::sync::Mutex;
 
@@ -48,7 +48,7 @@ impl LlmAgent {
             r
         };
         loop {
-            let step = match self.retrying(&req, limits, &tracked).await {
+            let step = match self.remembered(&req, limits, &tracked).await {
                 Ok(step) => step,
                 Err(AgentError::InvalidOutput(reason)) if !reprompted => {
                     // Said back once, with the exact errors, under the same budget, rate
