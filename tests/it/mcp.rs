@@ -327,8 +327,8 @@ async fn each_stage_is_offered_only_the_tools_it_needs_in_their_short_form() {
     app.stop().await.expect("clean stop");
 }
 
-/// `.test-tools/py`'s Python, with the official MCP SDK (installed by `scripts/test`).
-fn python() -> std::path::PathBuf {
+/// `.test-tools/py`'s Python, with the official MCP SDK and pandas (installed by `scripts/test`).
+pub fn python() -> std::path::PathBuf {
     std::env::var_os("MCP_PYTHON")
         .map(Into::into)
         .unwrap_or_else(|| {

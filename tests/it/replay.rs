@@ -182,6 +182,27 @@ fn the_cli_replays_a_window_from_a_candle_file_and_its_grades_match_an_independe
         assert!((stated - r).abs() < 1e-12, "{stated} vs {r}");
     }
 
+    // And again by another hand: pandas, from the candle file and the stored history
+    // (`tests/replay_check.py`, run with `.test-tools/py`'s Python that `scripts/test` makes).
+    let check = std::process::Command::new(crate::mcp::python())
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/replay_check.py"))
+        .arg(&file)
+        .arg(out.join("history.sqlite"))
+        .arg("0.001")
+        .output()
+        .expect("python runs");
+    assert!(
+        check.status.success(),
+        "replay_check.py failed: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let verdict: Value = serde_json::from_slice(&check.stdout).expect("the check prints JSON");
+    assert_eq!(verdict["checked"], 360, "{verdict}");
+    assert_eq!(verdict["signals"], 120, "{verdict}");
+    assert_eq!(verdict["mismatches"], 0, "{verdict}");
+    let hits = verdict["hits"].as_u64().unwrap();
+    assert!(hits > 0 && hits < 360, "calls that hit and miss: {verdict}");
+
     // A second replay into the same directory is refused, naming it.
     let again = std::process::Command::new(binary())
         .args([
@@ -630,4 +651,84 @@ async fn an_llm_replay_is_paid_for_once_and_max_calls_stops_it() {
     assert_eq!(r.to, from + Duration::minutes(1));
     let why = r.stopped_early.expect("says why it stopped");
     assert!(why.starts_with("--max-calls 4 reached"), "{why}");
+}
+
+/// `replay --compare A.yaml B.yaml`: both configurations over the same ticks, each into its
+/// own history, and per horizon and action both hit rates with their difference and its
+/// interval. A configuration compared with itself differs by exactly zero; a different
+/// strategy setting changes the calls.
+#[test]
+fn compare_replays_two_configurations_over_the_same_ticks() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("candles.csv");
+    std::fs::write(&file, csv()).unwrap();
+    let a = dir.path().join("a.yaml");
+    let b = dir.path().join("b.yaml");
+    std::fs::write(&a, "autonomous_runner:\n  market_data:\n    candles: 60\n").unwrap();
+    // A momentum threshold ten times lower: many more BUY and SELL calls.
+    std::fs::write(
+        &b,
+        "autonomous_runner:\n  market_data:\n    candles: 60\n  strategies:\n    momentum:\n      threshold: 0.0003\n",
+    )
+    .unwrap();
+    let from = start() + Duration::hours(1);
+    let compare = |x: &std::path::Path, y: &std::path::Path, out: &str| -> Value {
+        let run = std::process::Command::new(binary())
+            .args(["replay", "--from", &from.to_rfc3339()])
+            .args(["--to", &(from + Duration::minutes(30)).to_rfc3339()])
+            .args(["--candles", file.to_str().unwrap()])
+            .args(["--out", dir.path().join(out).to_str().unwrap(), "--json"])
+            .arg("--compare")
+            .args([x, y])
+            .env("LOG_LEVEL", "error")
+            .output()
+            .expect("replay runs");
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(dir.path().join(out).join("a/history.sqlite").exists());
+        assert!(dir.path().join(out).join("b/history.sqlite").exists());
+        serde_json::from_slice(&run.stdout).expect("a JSON comparison")
+    };
+    let same = compare(&a, &a, "same");
+    let rows = same["rows"].as_array().unwrap();
+    assert!(!rows.is_empty(), "{same}");
+    for r in rows {
+        assert_eq!(r["a"], r["b"], "{r}");
+        assert_eq!(r["difference"], 0.0, "{r}");
+        let ci = r["difference_ci95"].as_array().unwrap();
+        assert!(
+            ci[0].as_f64().unwrap() < 0.0 && ci[1].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+    }
+    let other = compare(&a, &b, "other");
+    assert_eq!(other["a"][1]["completed"], 60, "{other}");
+    assert_eq!(other["b"][1]["completed"], 60, "{other}");
+    let graded = |side: &str, action: &str| -> u64 {
+        other["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["horizon"] == "5m" && r["action"] == action)
+            .map(|r| r[side][0].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert_ne!(
+        (graded("a", "HOLD"), graded("a", "BUY")),
+        (graded("b", "HOLD"), graded("b", "BUY")),
+        "the threshold changed the calls: {other}"
+    );
+    for r in other["rows"].as_array().unwrap() {
+        if let (Some(d), Some(ci)) = (r["difference"].as_f64(), r["difference_ci95"].as_array()) {
+            let (x, y) = (r["a"][1].as_f64().unwrap(), r["b"][1].as_f64().unwrap());
+            assert!((d - (x - y)).abs() < 1e-12, "{r}");
+            assert!(
+                ci[0].as_f64().unwrap() <= d && d <= ci[1].as_f64().unwrap(),
+                "{r}"
+            );
+        }
+    }
 }
