@@ -94,7 +94,15 @@ function renderSignal(envelope) {
   const sym = cell(tr, p.symbol, "symbol");
   sym.title = "show the chart";
   sym.addEventListener("click", (e) => { e.stopPropagation(); selectSymbol(p.symbol); });
-  cell(tr, String(p.action), String(p.action));
+  const act = cell(tr, String(p.action), String(p.action));
+  if (p.is_degraded) {
+    // Visible without hovering: the badge, the row's colour, and the notice above.
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = "fallback";
+    act.appendChild(badge);
+    tr.classList.add("degraded");
+  }
   cell(tr, typeof p.confidence === "number" ? (p.confidence * 100).toFixed(0) + " %" : "", "num");
   calibratedCell(tr, p);
   cell(tr, price(p), "num price");
@@ -120,7 +128,7 @@ function renderSignal(envelope) {
   tr.classList.add("fresh");
   rows.set(p.symbol, { tr, detail, signal: p });
   $("count").textContent = rows.size + " symbols";
-  $("notice").hidden = true;
+  updateNotice();
   addSymbolOption(p.symbol);
 }
 
@@ -147,11 +155,46 @@ function renderCycles(cycles) {
   }
 }
 
+let nextTick = null;
+let degradedWhy = null;
+let latestLoaded = false;
+
+// The one line above the tables: nothing while all is well; until the first signal, when the
+// first tick is (only once the page knows there are none: no flash on load) or what the
+// ticks that ran did instead; and, at a glance, that signals are degraded and why.
+function updateNotice() {
+  const n = $("notice");
+  const fallback = [...rows.values()].filter((r) => r.signal.is_degraded).length;
+  let text = null, cls = "notice";
+  if (rows.size === 0 && latestLoaded) {
+    const last = cycles[0];
+    if (!last) {
+      text = nextTick ? "No signals yet: the first tick is at " + utc(nextTick) + " UTC." : "No signals yet.";
+    } else if (last.skipped_reason) {
+      text = "No signals yet: the tick at " + utc(last.cycle_id) + " UTC was skipped (" + last.skipped_reason + ").";
+      cls = "notice bad";
+    } else {
+      const f = (last.failures || [])[0];
+      text = "No signals yet: the tick at " + utc(last.cycle_id) + " UTC ran and " + last.symbols_failed +
+        " symbols failed" + (f ? " — " + f.symbol + " " + f.reason + (f.error ? ": " + f.error : "") : "") + ".";
+      cls = "notice bad";
+    }
+  } else if (degradedWhy || fallback > 0) {
+    text = "DEGRADED: " + (fallback ? fallback + " of " + rows.size + " signals came from the rules fallback" : "") +
+      (fallback && degradedWhy ? " — " : "") + (degradedWhy || "");
+    cls = "notice bad";
+  }
+  n.hidden = text === null;
+  n.className = cls;
+  if (text !== null) n.textContent = text;
+}
+
 let cycles = [];
 function addCycle(c) {
   cycles = [c].concat(cycles.filter((x) => x.cycle_id !== c.cycle_id));
   cycles.sort((a, b) => (a.cycle_id < b.cycle_id ? 1 : -1));
   renderCycles(cycles);
+  updateNotice();
 }
 
 function pill(el, text, cls) {
@@ -162,7 +205,9 @@ function pill(el, text, cls) {
 async function refreshStatus() {
   try {
     const d = await (await fetch("/health/detailed")).json();
-    pill($("ready"), d.readiness && d.readiness.status === "ready" ? "ready" : "not ready", d.readiness && d.readiness.status === "ready" ? "ok" : "bad");
+    const isReady = d.readiness && d.readiness.status === "ready";
+    const isDegraded = d.readiness && d.readiness.degraded;
+    pill($("ready"), isReady ? (isDegraded ? "ready, DEGRADED" : "ready") : "not ready", isReady ? (isDegraded ? "warn" : "ok") : "bad");
     const ks = d.kill_switch;
     pill($("killswitch"), ks ? "kill switch ON: " + (ks.reason || "") : "kill switch off", ks ? "bad" : "ok");
     const m = d.market_data || {};
@@ -175,13 +220,11 @@ async function refreshStatus() {
       pill(span, name + ": " + b.state, b.state === "closed" ? "ok" : b.state === "open" ? "bad" : "warn");
       box.appendChild(span);
     }
-    if (rows.size === 0) {
-      const n = $("notice");
-      n.hidden = false;
-      n.textContent = d.next_tick
-        ? "No signals yet: the first tick is at " + utc(d.next_tick) + " UTC."
-        : "No signals yet.";
-    }
+    nextTick = d.next_tick || null;
+    const r = d.readiness || {};
+    const reasons = Object.values(r.degraded_reasons || {});
+    degradedWhy = r.degraded ? reasons.join("; ") || "serving fallback answers" : null;
+    updateNotice();
   } catch (e) {
     pill($("ready"), "status unavailable", "warn");
   }
@@ -215,56 +258,127 @@ function outcome(row) {
   return "pending";
 }
 
+// Digits a price axis needs for labels `step` apart to differ: whole labels, never a
+// truncated 6,600 for 96,600 nor 0.362 six times.
+function axisDecimals(step) {
+  if (!(step > 0)) return 2;
+  // The fewest decimals that write the step exactly (0.0025 needs 4, 500 needs 0).
+  for (let d = 0; d < 8; d++) {
+    const scaled = step * Math.pow(10, d);
+    if (Math.abs(scaled - Math.round(scaled)) < 1e-6 * Math.max(1, scaled)) return d;
+  }
+  return 8;
+}
+
+function priceLabel(v, decimals) {
+  return v.toLocaleString("en-US", { minimumFractionDigits: decimals, maximumFractionDigits: decimals });
+}
+
+// HH:MM in UTC; where the day changes (and on the first label) the date goes on a second
+// line, so neighbouring labels never run into each other.
+function timeLabels(splits) {
+  let day = null;
+  return splits.map((ts) => {
+    const iso = new Date(ts * 1000).toISOString();
+    const d = iso.slice(0, 10), hm = iso.slice(11, 16);
+    const label = d === day ? hm : hm + "\n" + d;
+    day = d;
+    return label;
+  });
+}
+
+const COLORS = { up: "#2ea043", down: "#da3633", BUY: "#3fb950", SELL: "#f85149", pending: "#c9d1d9", bg: "#0f1419" };
+
+// One triangle marker: ▲ below a BUY's price, ▼ above a SELL's; filled on a hit, hollow on a
+// miss, grey while not graded. The same shapes the legend shows.
+function triangle(ctx, x, y, up, size, kind, color) {
+  ctx.beginPath();
+  if (up) {
+    ctx.moveTo(x, y); ctx.lineTo(x - size, y + 1.7 * size); ctx.lineTo(x + size, y + 1.7 * size);
+  } else {
+    ctx.moveTo(x, y); ctx.lineTo(x - size, y - 1.7 * size); ctx.lineTo(x + size, y - 1.7 * size);
+  }
+  ctx.closePath();
+  ctx.lineWidth = 2;
+  ctx.strokeStyle = kind === "pending" ? COLORS.pending : color;
+  ctx.fillStyle = kind === "hit" ? color : kind === "miss" ? COLORS.bg : COLORS.pending;
+  ctx.fill();
+  ctx.stroke();
+}
+
 async function loadChart() {
   const symbol = $("symbol-pick").value;
   if (!symbol || typeof uPlot === "undefined") return;
-  let data;
+  let candles, signals;
   try {
-    const r = await fetch("/api/signals/history?stage=signal&limit=500&symbol=" + encodeURIComponent(symbol));
-    if (!r.ok) { $("chart-note").textContent = "history unavailable"; return; }
-    data = (await r.json()).signals || [];
+    const [rc, rs] = await Promise.all([
+      fetch("/api/candles?minutes=240&symbol=" + encodeURIComponent(symbol)),
+      fetch("/api/signals/history?stage=signal&limit=500&symbol=" + encodeURIComponent(symbol)),
+    ]);
+    if (!rc.ok) { $("chart-note").textContent = "candles unavailable: " + String((await rc.json()).error || rc.status); return; }
+    candles = (await rc.json()).candles || [];
+    signals = rs.ok ? (await rs.json()).signals || [] : [];
   } catch (e) { return; }
-  data.reverse(); // oldest first
-  const xs = [], prices = [], buys = [], sells = [], kinds = [];
-  for (const row of data) {
-    const p = row.message && row.message.payload;
-    if (!p || !p.market_context) continue;
-    xs.push(Date.parse(p.data_as_of) / 1000);
-    prices.push(p.market_context.current_price);
-    buys.push(p.action === "BUY" ? p.market_context.current_price : null);
-    sells.push(p.action === "SELL" ? p.market_context.current_price : null);
-    kinds.push(outcome(row));
+  const xs = [], open = [], high = [], low = [], close = [];
+  for (const c of candles) {
+    xs.push(Date.parse(c.time) / 1000);
+    open.push(c.open); high.push(c.high); low.push(c.low); close.push(c.close);
   }
-  $("chart-note").textContent = xs.length + " signals" + (simulated ? " — simulated prices" : "");
-  const marker = (color, key) => ({
-    label: key, stroke: color, width: 0,
-    paths: () => null,
-    points: {
-      show: true, size: 9, stroke: color,
-      fill: (u, si) => color,
-    },
-  });
+  // Each signal on the candle it saw: the minute that had ended at its tick.
+  const first = xs.length ? xs[0] : Infinity;
+  const marks = [];
+  for (const row of signals) {
+    const p = row.message && row.message.payload;
+    if (!p || !p.market_context || (p.action !== "BUY" && p.action !== "SELL")) continue;
+    const x = Date.parse(p.data_as_of) / 1000 - 60;
+    if (x < first) continue;
+    marks.push({ x, y: p.market_context.current_price, action: p.action, kind: outcome(row) });
+  }
+  const hits = marks.filter((m) => m.kind === "hit").length, misses = marks.filter((m) => m.kind === "miss").length;
+  $("chart-note").textContent = xs.length + " one-minute candles, " + marks.length + " BUY/SELL signals (" +
+    hits + " hit, " + misses + " missed, " + (marks.length - hits - misses) + " not graded yet)" + (simulated ? " — simulated prices" : "");
+  const lo = Math.min(...low, ...marks.map((m) => m.y)), hi = Math.max(...high, ...marks.map((m) => m.y));
+  const pad = (hi - lo) * 0.08 || hi * 0.001 || 1;
+  let decimals = 2;
   const opts = {
-    width: Math.min(960, document.body.clientWidth - 40), height: 280,
-    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
-    series: [
-      {},
-      { label: symbol + (simulated ? " (simulated)" : ""), stroke: "#4b6584", width: 1.5 },
-      marker("#2e7d32", "BUY"),
-      marker("#c62828", "SELL"),
+    width: Math.min(960, document.body.clientWidth - 40), height: 300,
+    legend: { show: false },
+    cursor: { points: { show: false } },
+    scales: { x: { time: true }, y: { range: [lo - pad, hi + pad] } },
+    series: [{}, { label: symbol, stroke: "transparent", points: { show: false } }],
+    axes: [
+      { stroke: "#8a939c", grid: { stroke: "#253039" }, values: (u, splits) => timeLabels(splits) },
+      {
+        stroke: "#8a939c", grid: { stroke: "#253039" },
+        values: (u, splits) => {
+          decimals = axisDecimals(splits.length > 1 ? Math.abs(splits[1] - splits[0]) : 0);
+          return splits.map((v) => priceLabel(v, decimals));
+        },
+        // Wide enough for the longest label: a cut label reads as another number.
+        size: (u, values) => 18 + 7.5 * Math.max(4, ...(values || []).map((v) => String(v).length)),
+      },
     ],
     hooks: {
-      // Outcomes: a hollow ring marks a miss, a grey ring a signal not graded yet.
       draw: [(u) => {
         const ctx = u.ctx;
         ctx.save();
+        const w = Math.max(1, Math.min(8, (u.bbox.width / Math.max(1, xs.length)) * 0.7));
         for (let i = 0; i < xs.length; i++) {
-          if (kinds[i] === "hit" || (buys[i] === null && sells[i] === null)) continue;
-          const x = u.valToPos(xs[i], "x", true), y = u.valToPos(prices[i], "y", true);
+          const x = u.valToPos(xs[i] + 30, "x", true);
+          const color = close[i] >= open[i] ? COLORS.up : COLORS.down;
+          ctx.strokeStyle = color; ctx.fillStyle = color; ctx.lineWidth = 1;
           ctx.beginPath();
-          ctx.arc(x, y, 4, 0, 2 * Math.PI);
-          ctx.fillStyle = kinds[i] === "miss" ? "#fff" : "#bbb";
-          ctx.fill();
+          ctx.moveTo(x, u.valToPos(high[i], "y", true));
+          ctx.lineTo(x, u.valToPos(low[i], "y", true));
+          ctx.stroke();
+          const y1 = u.valToPos(Math.max(open[i], close[i]), "y", true);
+          const y2 = u.valToPos(Math.min(open[i], close[i]), "y", true);
+          ctx.fillRect(x - w / 2, y1, w, Math.max(1, y2 - y1));
+        }
+        for (const m of marks) {
+          const x = u.valToPos(m.x + 30, "x", true), y = u.valToPos(m.y, "y", true);
+          const buy = m.action === "BUY";
+          triangle(ctx, x, buy ? y + 6 : y - 6, buy, 5, m.kind, buy ? COLORS.BUY : COLORS.SELL);
         }
         ctx.restore();
       }],
@@ -272,9 +386,11 @@ async function loadChart() {
   };
   const el = $("chart");
   el.textContent = "";
-  chart = new uPlot(opts, [xs, prices, buys, sells], el);
-  el.dataset.signals = String(xs.length);
-  el.dataset.markers = String(buys.filter((v) => v !== null).length + sells.filter((v) => v !== null).length);
+  chart = new uPlot(opts, [xs, close], el);
+  el.dataset.candles = String(xs.length);
+  el.dataset.markers = String(marks.length);
+  el.dataset.hits = String(hits);
+  el.dataset.misses = String(misses);
 }
 
 // ---- the scorecard and the calibration chart ----
@@ -310,7 +426,7 @@ async function loadScorecard() {
       ", momentum " + pct(b.momentum) + ", these signals " + pct(b.hit_rate) + " of " + b.graded;
     body.appendChild(tr);
   }
-  $("score-note").textContent = d.graded + " graded since " + utc(d.since) + " UTC" +
+  $("score-note").textContent = d.graded + " graded since " + String(d.since || "").slice(0, 16).replace("T", " ") + " UTC" +
     (d.missing_price ? ", " + d.missing_price + " without a price" : "") +
     (d.market_data && d.market_data.simulated ? " — against simulated prices" : "");
   $("scorecard").dataset.groups = String((d.groups || []).length);
@@ -404,9 +520,14 @@ async function loadLatest() {
 }
 
 async function start() {
+  // The status first (prices are marked simulated from the first row on), but the notice
+  // may say there is nothing only once what exists is loaded: no "No signals yet" flashing
+  // over a page that has signals.
   await refreshStatus();
   try { await loadLatest(); } catch (e) { /* the stream fills it */ }
   try { renderCycles(cycles = (await (await fetch("/api/cycles")).json()).cycles || []); } catch (e) { /* later */ }
+  latestLoaded = true;
+  updateNotice();
   $("symbol-pick").addEventListener("change", loadChart);
   $("horizon").addEventListener("change", loadScorecard);
   $("group-by").addEventListener("change", loadScorecard);

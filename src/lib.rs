@@ -201,6 +201,9 @@ impl App {
             shutdown_request: CancellationToken::new(),
             streams_stop: CancellationToken::new(),
             market_source: market.name(),
+            market: market.clone(),
+            symbols: cfg.symbols.clone().into(),
+            clock: clock.clone(),
             tools: Some(tools),
             gateway,
         };

@@ -4,6 +4,7 @@
 //! The server takes its listener and its shutdown future as arguments, so tests bind port 0.
 //! [`sse`] serves the signal stream.
 
+mod candles;
 pub mod gateway;
 mod health;
 mod history;
@@ -73,6 +74,12 @@ pub struct AppState {
     pub streams_stop: CancellationToken,
     /// `market_data.source` (`simulated` is said wherever prices appear).
     pub market_source: &'static str,
+    /// The market the pipeline reads, for `/api/candles`.
+    pub market: Arc<dyn crate::market::MarketSource>,
+    /// The configured symbols (the only ones `/api/candles` serves).
+    pub symbols: Arc<[String]>,
+    /// The service's clock (what "now" is for `/api/candles`).
+    pub clock: crate::schedule::Clock,
     /// The agents' tools, served at `/mcp` (`None`: `mcp.enabled` is false).
     pub tools: Option<Arc<crate::tools::Toolbox>>,
     /// The model gateway for OpenCode, at `/llm/v1/chat/completions` (`None`: no stage uses
@@ -126,6 +133,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/cycles", get(cycles))
         .route("/api/signals/history", get(history::history))
         .route("/api/performance", get(history::performance))
+        .route("/api/candles", get(candles::candles))
         .route("/api/signals/stream", get(sse::stream))
         .route("/assets/{name}", get(asset))
         .route("/shutdown", post(shutdown))

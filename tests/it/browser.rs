@@ -254,18 +254,106 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
         .await;
     assert_eq!(opened["hidden"], false);
     assert!(opened["strategies"].as_u64().unwrap() >= 3, "{opened}");
-    // The symbol view: a uPlot chart of the first symbol with its signals as markers.
+    // The symbol view: the first symbol's candles from /api/candles, its signals as markers
+    // on them. What the chart drew is read back from its canvas (the pixels a screenshot
+    // shows): candle bodies in both colours, the BUY marker's green; the labels the axes drew
+    // are whole numbers in full and 24-hour UTC times.
     let chart = d
         .wait_js(
-            "const c = document.getElementById('chart'); return { canvas: c.querySelectorAll('canvas').length, signals: Number(c.dataset.signals || 0), markers: Number(c.dataset.markers || 0) };",
+            "const c = document.getElementById('chart'); return { canvas: c.querySelectorAll('canvas').length, candles: Number(c.dataset.candles || 0), markers: Number(c.dataset.markers || 0) };",
             Duration::from_secs(20),
-            |v| v["signals"].as_u64().unwrap_or(0) >= 1,
+            |v| v["markers"].as_u64().unwrap_or(0) >= 1,
         )
         .await;
     assert_eq!(chart["canvas"], 1, "{chart}");
+    assert_eq!(chart["candles"], 240, "four hours of minutes: {chart}");
+    let drawn = d
+        .js(
+            "const cv = document.querySelector('#chart canvas'); const ctx = cv.getContext('2d');\
+             const px = ctx.getImageData(0, 0, cv.width, cv.height).data;\
+             const near = (i, r, g, b) => Math.abs(px[i] - r) < 8 && Math.abs(px[i + 1] - g) < 8 && Math.abs(px[i + 2] - b) < 8;\
+             let up = 0, down = 0, marks = 0;\
+             for (let i = 0; i < px.length; i += 4) { if (near(i, 0x2e, 0xa0, 0x43)) up++; if (near(i, 0xda, 0x36, 0x33)) down++; if (near(i, 0x3f, 0xb9, 0x50) || near(i, 0xc9, 0xd1, 0xd9)) marks++; }\
+             const y = chart.axes[1], x = chart.axes[0]; ctx.font = y.font ? y.font[0] : '12px system-ui';\
+             const widest = Math.max(...y._values.map((v) => ctx.measureText(v).width));\
+             return { up, down, marks, y: y._values, x: x._values, y_size: y._size, widest, min: chart.scales.y.min, max: chart.scales.y.max,\
+                      legend: document.getElementById('chart-legend').textContent };",
+        )
+        .await;
+    assert!(
+        drawn["up"].as_u64().unwrap() > 200 && drawn["down"].as_u64().unwrap() > 200,
+        "candles of both colours drawn: {drawn}"
+    );
+    assert!(
+        drawn["marks"].as_u64().unwrap() > 10,
+        "BUY markers drawn: {drawn}"
+    );
+    let ys: Vec<&str> = drawn["y"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(ys.len() >= 3, "{drawn}");
+    let (lo, hi) = (
+        drawn["min"].as_f64().unwrap(),
+        drawn["max"].as_f64().unwrap(),
+    );
+    for (i, label) in ys.iter().enumerate() {
+        let v: f64 = label.replace(',', "").parse().expect("a number");
+        // The whole price, not its last digits: every label lies in the axis's range.
+        assert!(
+            v >= lo && v <= hi,
+            "label {label} outside {lo}…{hi}: {drawn}"
+        );
+        assert!(
+            ys[..i].iter().all(|other| other != label),
+            "labels differ: {ys:?}"
+        );
+    }
+    // Evenly spaced as written: no label rounded into its neighbour's step.
+    let vals: Vec<f64> = ys
+        .iter()
+        .map(|l| l.replace(',', "").parse().unwrap())
+        .collect();
+    let step = vals[1] - vals[0];
+    assert!(
+        vals.windows(2)
+            .all(|w| ((w[1] - w[0]) - step).abs() < step * 1e-6),
+        "labels as exact as their spacing: {ys:?}"
+    );
+    assert!(
+        drawn["widest"].as_f64().unwrap() < drawn["y_size"].as_f64().unwrap(),
+        "the axis is wider than its widest label: {drawn}"
+    );
+    for label in drawn["x"].as_array().unwrap() {
+        let t = label.as_str().unwrap();
+        // The time, and under it the date where the day changes.
+        let mut lines = t.split('\n');
+        let hm = lines.next().unwrap();
+        if let Some(date) = lines.next() {
+            assert!(date.len() == 10 && date.as_bytes()[4] == b'-', "{drawn}");
+        }
+        assert!(
+            hm.len() == 5 && hm.as_bytes()[2] == b':' && hm[..2].parse::<u32>().unwrap() < 24,
+            "24-hour UTC time labels: {drawn}"
+        );
+        assert!(!t.contains("am") && !t.contains("pm"), "{drawn}");
+    }
+    let legend = drawn["legend"].as_str().unwrap();
+    assert!(
+        legend.contains("▲") && legend.contains("▼") && legend.contains("▮"),
+        "{legend}"
+    );
+    d.js("document.getElementById('symbol-view').scrollIntoView(); return 1")
+        .await;
+    d.screenshot(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-chart.png"))
+        .await;
+    // Signals exist: no "No signals yet" over them.
     assert_eq!(
-        chart["markers"], chart["signals"],
-        "every BUY is a marker: {chart}"
+        d.js("return document.getElementById('notice').hidden")
+            .await,
+        true
     );
     assert_eq!(row["imgs"], 0);
     assert_eq!(row["scripts"], 0);
@@ -339,6 +427,16 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
         )
         .await;
     assert_eq!(card["m"], 42, "same page, no reload");
+    // "since" carries its date.
+    let note = d
+        .js("return document.getElementById('score-note').textContent")
+        .await;
+    let note = note.as_str().unwrap();
+    let since = note.split("since ").nth(1).unwrap_or("");
+    assert!(
+        since.len() >= 16 && since.as_bytes()[4] == b'-' && since.as_bytes()[10] == b' ',
+        "a date and a time: {note}"
+    );
     // Graded with both baselines: the skill against the better one is shown with its interval.
     assert!(
         card["baseline"]
@@ -361,5 +459,68 @@ async fn the_dashboard_shows_20_rows_updates_live_and_never_runs_agent_text() {
         &std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-scorecard.png"),
     )
     .await;
+    d.quit().await;
+}
+
+/// The notice says what the ticks did when they produced nothing (not "the first tick is
+/// at …" after ticks ran), and a degraded state is visible at a glance: the notice, a badge
+/// and the row's colour, not only a tooltip.
+#[tokio::test]
+async fn the_notice_tells_failed_ticks_and_degraded_signals_apart() {
+    let llm = LlmServer::start().await;
+    llm.set_default(Some(Reply::StatusBody(500, "model exploded".into())));
+    let failing = format!(
+        "  symbols: [ETH/USD, BTC/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n    fallback: none\n  retry:\n    max_attempts: 1\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 1000\n      recovery_timeout_seconds: 60\n",
+        llm.url
+    );
+    let p = spawn_app(config("*/2 * * * * *", &failing)).await;
+    p.poll("/api/cycles", Duration::from_secs(30), |c| {
+        c["cycles"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t["symbols_failed"] == 2))
+    })
+    .await;
+    let d = Driver::start().await;
+    d.goto(&p.base).await;
+    let notice = d
+        .wait_js(
+            "const n = document.getElementById('notice'); return n.hidden ? '' : n.textContent;",
+            Duration::from_secs(20),
+            |v| v.as_str().is_some_and(|t| t.contains("failed")),
+        )
+        .await;
+    let text = notice.as_str().unwrap();
+    assert!(
+        text.contains("ran and 2 symbols failed") && text.contains("500"),
+        "the cause, not the first tick: {text}"
+    );
+    assert!(!text.contains("first tick"), "{text}");
+    p.stop().await.ok();
+
+    // The rules fallback standing in once the breaker opens: degraded, and said so.
+    let degraded = format!(
+        "  symbols: [ETH/USD, BTC/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n    fallback: rules\n  retry:\n    max_attempts: 1\n  circuit_breaker:\n    llm_service:\n      failure_threshold: 1\n      recovery_timeout_seconds: 3600\n",
+        llm.url
+    );
+    let p = spawn_app(config("*/2 * * * * *", &degraded)).await;
+    d.goto(&p.base).await;
+    let seen = d
+        .wait_js(
+            "const r = document.querySelector('#signals tbody tr.degraded'); const n = document.getElementById('notice');\
+             return { badge: r ? r.querySelector('.badge').textContent : null, notice: n.hidden ? '' : n.textContent,\
+                      ready: document.getElementById('ready').textContent };",
+            Duration::from_secs(30),
+            |v| v["badge"] == "fallback" && v["notice"].as_str().is_some_and(|t| t.starts_with("DEGRADED")),
+        )
+        .await;
+    assert!(
+        seen["notice"]
+            .as_str()
+            .unwrap()
+            .contains("came from the rules fallback"),
+        "{seen}"
+    );
+    d.screenshot(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-degraded.png"))
+        .await;
     d.quit().await;
 }

@@ -1,0 +1,82 @@
+//! `GET /api/candles?symbol=ETH/USD&minutes=240`: the 1-minute candles the pipeline reads, as
+//! of now, for the dashboard's chart (and anyone who wants to see what a signal saw). Only
+//! the configured symbols are served (a request cannot make the runner fetch anything else
+//! from an upstream source), at most a day of minutes; the answer says where prices come from
+//! and whether they are simulated. 400 names a bad parameter, 404 an unknown symbol, 503 a
+//! source that does not answer.
+
+use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{AppState, bad_request};
+
+/// A day of minutes: the chart's widest view, and a bound on one request's work.
+const MAX_MINUTES: usize = 1440;
+const DEFAULT_MINUTES: usize = 240;
+
+/// `/api/candles` parameters.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CandleParams {
+    symbol: Option<String>,
+    minutes: Option<String>,
+}
+
+pub(super) async fn candles(
+    State(s): State<AppState>,
+    params: Result<axum::extract::Query<CandleParams>, QueryRejection>,
+) -> Response {
+    let p = match params {
+        Ok(axum::extract::Query(p)) => p,
+        Err(e) => return bad_request("query", e.body_text()),
+    };
+    let Some(symbol) = p.symbol.filter(|v| !v.is_empty()) else {
+        return bad_request("symbol", "required, e.g. symbol=ETH/USD".into());
+    };
+    let minutes = match p.minutes.as_deref().map(str::parse::<usize>) {
+        None => DEFAULT_MINUTES,
+        Some(Ok(n)) if (1..=MAX_MINUTES).contains(&n) => n,
+        Some(_) => {
+            return bad_request(
+                "minutes",
+                format!("must be a whole number from 1 to {MAX_MINUTES}"),
+            );
+        }
+    };
+    if !s.symbols.iter().any(|c| *c == symbol) {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({
+                "error": format!("{:?} is not a configured symbol", symbol.chars().take(40).collect::<String>()),
+                "parameter": "symbol",
+            })),
+        )
+            .into_response();
+    }
+    let now = s.clock.now();
+    match s.market.candles(&symbol, now, minutes).await {
+        Ok(candles) => axum::Json(json!({
+            "symbol": symbol,
+            "source": s.market_source,
+            "simulated": s.market_source == "simulated",
+            "as_of": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "candles": candles.iter().map(|c| json!({
+                "time": c.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "open": c.open,
+                "high": c.high,
+                "low": c.low,
+                "close": c.close,
+                "volume": c.volume,
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": crate::telemetry::redact(&e.to_string()) })),
+        )
+            .into_response(),
+    }
+}
