@@ -46,7 +46,7 @@ pub(super) async fn candles(
             );
         }
     };
-    if !s.symbols.iter().any(|c| *c == symbol) {
+    if !s.symbols.contains(&symbol) {
         return (
             StatusCode::NOT_FOUND,
             axum::Json(json!({

@@ -852,3 +852,61 @@ async fn the_history_and_performance_apis_page_validate_and_explain_themselves()
         );
     }
 }
+
+/// `/api/candles`: the candles the pipeline reads, as of now, oldest first, each a whole
+/// minute that has ended, consistent OHLC; only configured symbols; bad parameters named.
+#[tokio::test]
+async fn the_candles_api_serves_the_configured_symbols_minutes_and_names_bad_requests() {
+    let yaml = crate::helpers::config("0 0 1 1 *", "  symbols: [ETH/USD, BTC/USD]\n");
+    let app = crate::app::spawn_app(&yaml).await;
+    let (status, body) = app.get("/api/candles?symbol=ETH/USD&minutes=90").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["symbol"], "ETH/USD");
+    assert_eq!(body["simulated"], true);
+    let candles = body["candles"].as_array().unwrap();
+    assert_eq!(candles.len(), 90);
+    let as_of: chrono::DateTime<chrono::Utc> = body["as_of"].as_str().unwrap().parse().unwrap();
+    let mut prev: Option<chrono::DateTime<chrono::Utc>> = None;
+    for c in candles {
+        let t: chrono::DateTime<chrono::Utc> = c["time"].as_str().unwrap().parse().unwrap();
+        assert_eq!(t.timestamp() % 60, 0, "a minute's start: {c}");
+        assert!(
+            t + chrono::Duration::minutes(1) <= as_of,
+            "ended by as_of: {c}"
+        );
+        if let Some(p) = prev {
+            assert_eq!(t - p, chrono::Duration::minutes(1), "oldest first, no gaps");
+        }
+        prev = Some(t);
+        let f = |k: &str| c[k].as_f64().unwrap();
+        assert!(
+            f("low") <= f("open").min(f("close")) && f("high") >= f("open").max(f("close")),
+            "{c}"
+        );
+    }
+    let (status, body) = app.get("/api/candles?symbol=ETH/USD").await;
+    assert_eq!(
+        (status, body["candles"].as_array().map(Vec::len)),
+        (200, Some(240))
+    );
+    for (query, status, param) in [
+        ("", 400, "symbol"),
+        ("?symbol=ETH/USD&minutes=0", 400, "minutes"),
+        ("?symbol=ETH/USD&minutes=1441", 400, "minutes"),
+        ("?symbol=ETH/USD&minutes=ten", 400, "minutes"),
+        ("?symbol=ETH/USD&colour=red", 400, "query"),
+        ("?symbol=DOGE/USD", 404, "symbol"),
+    ] {
+        let (got, body) = app.get(&format!("/api/candles{query}")).await;
+        assert_eq!(
+            (got, body["parameter"].as_str()),
+            (status, Some(param)),
+            "{query}: {body}"
+        );
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+    }
+    app.stop().await.expect("clean stop");
+}
