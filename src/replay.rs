@@ -90,8 +90,23 @@ pub struct ReplayReport {
     pub llm: Option<CacheStats>,
     /// Why the replay ended before `to`, when it did.
     pub stopped_early: Option<String>,
+    /// Where the replay's wall time went, in seconds.
+    pub seconds: PhaseSeconds,
     /// Per horizon, shortest first, the scorecard grouped by action.
     pub scorecard: Vec<HorizonScore>,
+}
+
+/// Wall time by phase: what to look at when a replay is slow.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PhaseSeconds {
+    /// The ticks' pipelines (market data, strategies, agents, scoring).
+    pub pipeline: f64,
+    /// Writing each tick's messages to the history.
+    pub store: f64,
+    /// Grading what came due.
+    pub grading: f64,
+    /// Refitting the calibration.
+    pub calibration: f64,
 }
 
 /// One horizon's scorecard.
@@ -307,6 +322,7 @@ pub async fn run(
         market: market.name(),
         llm: None,
         stopped_early: None,
+        seconds: PhaseSeconds::default(),
         scorecard: vec![],
     };
     let refit_every = chrono::Duration::seconds(cfg.history.calibration.refit_seconds as i64);
@@ -328,7 +344,9 @@ pub async fn run(
                     .unwrap_or(Duration::from_secs(60)),
             shed: 0,
         };
+        let t0 = std::time::Instant::now();
         let cycle = coordinator.run_cycle(&plan, &cancel).await;
+        report.seconds.pipeline += t0.elapsed().as_secs_f64();
         report.ticks += 1;
         for (_, r) in &cycle.results {
             report.symbol_ticks += 1;
@@ -342,12 +360,18 @@ pub async fn run(
                 }
             }
         }
+        let t0 = std::time::Instant::now();
         store.insert(&sink.take()).await?;
+        let t1 = std::time::Instant::now();
         grade(&mut grader, tick, &mut report).await?;
+        let t2 = std::time::Instant::now();
         if last_refit.is_none_or(|t| tick - t >= refit_every) {
             calibrator.refit(store.as_ref()).await?;
             last_refit = Some(tick);
         }
+        report.seconds.store += (t1 - t0).as_secs_f64();
+        report.seconds.grading += (t2 - t1).as_secs_f64();
+        report.seconds.calibration += t2.elapsed().as_secs_f64();
         progress(report.ticks, total);
         if let Some(c) = cache.as_ref().filter(|c| c.stats().refused > 0) {
             report.stopped_early = Some(format!(
@@ -370,7 +394,9 @@ pub async fn run(
     // so every replayed signal gets its grades.
     let longest = g.horizons_minutes.iter().copied().max().unwrap_or(0);
     let end = report.to + chrono::Duration::minutes(i64::from(longest) + 16);
+    let t0 = std::time::Instant::now();
     grade(&mut grader, end, &mut report).await?;
+    report.seconds.grading += t0.elapsed().as_secs_f64();
     let mut horizons = g.horizons_minutes.clone();
     horizons.sort_unstable();
     for h in horizons {
@@ -440,6 +466,11 @@ pub fn table(report: &ReplayReport) -> String {
     if let Some(why) = &report.stopped_early {
         out.push_str(&format!("  stopped early: {why}\n"));
     }
+    let t = &report.seconds;
+    out.push_str(&format!(
+        "  wall time: pipeline {:.1} s, history writes {:.1} s, grading {:.1} s, calibration {:.1} s\n",
+        t.pipeline, t.store, t.grading, t.calibration
+    ));
     out.push_str(&format!(
         "{:<8} {:<6} {:>7} {:>8} {:>17} {:>7} {:>7} {:>10} {:>24}\n",
         "horizon",

@@ -2,7 +2,7 @@
 //! (`$n` parameters, `ON CONFLICT … DO NOTHING`, integer times), so both backends run the
 //! same statements and the same contract suite.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ impl SqlStore {
                 sqlx::query("PRAGMA synchronous = NORMAL")
                     .execute(&mut *conn)
                     .await?;
+
                 Ok(())
             })
         })
@@ -167,12 +168,11 @@ fn describe(e: &sqlx::Error) -> String {
     }
 }
 
-const SUMS_UPSERT: &str = "INSERT INTO signal_grade_sums \
+const SUMS_HEAD: &str = "INSERT INTO signal_grade_sums \
     (horizon_seconds, day, group_by, group_key, confidence_bucket, n, hits, confidence, returns, squared_error, \
      calibrated_n, calibrated_hits, calibrated_sum, calibrated_squared_error, baseline_n, \
-     baseline_hits, hold_hits, hold_differ, momentum_hits, momentum_differ) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
-    ON CONFLICT (horizon_seconds, group_by, day, group_key, confidence_bucket) DO UPDATE SET \
+     baseline_hits, hold_hits, hold_differ, momentum_hits, momentum_differ)";
+const SUMS_TAIL: &str = "ON CONFLICT (horizon_seconds, group_by, day, group_key, confidence_bucket) DO UPDATE SET \
     n = signal_grade_sums.n + excluded.n, hits = signal_grade_sums.hits + excluded.hits, \
     confidence = signal_grade_sums.confidence + excluded.confidence, \
     returns = signal_grade_sums.returns + excluded.returns, \
@@ -188,16 +188,15 @@ const SUMS_UPSERT: &str = "INSERT INTO signal_grade_sums \
     momentum_hits = signal_grade_sums.momentum_hits + excluded.momentum_hits, \
     momentum_differ = signal_grade_sums.momentum_differ + excluded.momentum_differ";
 
-const CALIBRATED_UPSERT: &str = "INSERT INTO signal_calibrated_sums \
-    (horizon_seconds, day, group_by, group_key, calibrated_bucket, n, hits, calibrated) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-    ON CONFLICT (horizon_seconds, group_by, day, group_key, calibrated_bucket) DO UPDATE SET \
+const CALIBRATED_HEAD: &str = "INSERT INTO signal_calibrated_sums \
+    (horizon_seconds, day, group_by, group_key, calibrated_bucket, n, hits, calibrated)";
+const CALIBRATED_TAIL: &str = "ON CONFLICT (horizon_seconds, group_by, day, group_key, calibrated_bucket) DO UPDATE SET \
     n = signal_calibrated_sums.n + excluded.n, hits = signal_calibrated_sums.hits + excluded.hits, \
     calibrated = signal_calibrated_sums.calibrated + excluded.calibrated";
 
-const RETURNS_UPSERT: &str = "INSERT INTO signal_grade_returns \
-    (horizon_seconds, day, group_by, group_key, return_bp, n) VALUES ($1, $2, $3, $4, $5, $6) \
-    ON CONFLICT (horizon_seconds, group_by, day, group_key, return_bp) DO UPDATE SET \
+const RETURNS_HEAD: &str = "INSERT INTO signal_grade_returns \
+    (horizon_seconds, day, group_by, group_key, return_bp, n)";
+const RETURNS_TAIL: &str = "ON CONFLICT (horizon_seconds, group_by, day, group_key, return_bp) DO UPDATE SET \
     n = signal_grade_returns.n + excluded.n";
 
 /// One row of the running sums: (horizon, day, grouping, key, bucket — a confidence bucket,
@@ -311,24 +310,55 @@ const COLUMNS: usize = 18;
 /// a statement each), within both backends' parameter limits (SQLite 32,766, PostgreSQL 65,535).
 const ROWS_PER_STATEMENT: usize = 200;
 
-/// `INSERT … VALUES ($1 … $18), ($19 …) … ON CONFLICT DO NOTHING` for `rows` rows.
-fn insert_sql(rows: usize) -> String {
+/// `($1 … $k), ($k+1 …) …`: the placeholders of `rows` rows of `columns` values each.
+fn values_list(columns: usize, rows: usize) -> String {
     let values: Vec<String> = (0..rows)
         .map(|r| {
-            let marks: Vec<String> = (1..=COLUMNS)
-                .map(|c| format!("${}", r * COLUMNS + c))
+            let marks: Vec<String> = (1..=columns)
+                .map(|c| format!("${}", r * columns + c))
                 .collect();
             format!("({})", marks.join(", "))
         })
         .collect();
+    values.join(", ")
+}
+
+/// `INSERT … VALUES ($1 … $18), ($19 …) … ON CONFLICT DO NOTHING` for `rows` rows.
+fn insert_sql(rows: usize) -> String {
     format!(
         "INSERT INTO signal_messages \
          (message_id, signal_id, stage, symbol, cycle_id, cycle_at, published_at_ms, action, \
           confidence, tier, model, top_strategy, price, data_as_of, is_degraded, envelope, \
           calibrated_confidence, price_change_1h) \
          VALUES {} ON CONFLICT (message_id) DO NOTHING",
-        values.join(", ")
+        values_list(COLUMNS, rows)
     )
+}
+
+/// Grades (20 values each) or sums rows (at most 20) per statement: a round's grades and
+/// their sums in a few statements instead of one each (a day's replay made ~700,000 before,
+/// each a round trip to the database), within both backends' parameter limits.
+const GRADE_ROWS_PER_STATEMENT: usize = 500;
+
+/// `INSERT INTO signal_grades … VALUES (…), … ON CONFLICT DO NOTHING RETURNING` the keys that
+/// were new: what this call recorded, not another grader.
+fn grades_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
+            confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
+            price_after, return_fraction, hit, status, graded_at, calibrated_confidence, \
+            hold_hit, momentum_hit) \
+         VALUES {} ON CONFLICT (signal_id, horizon_seconds) DO NOTHING \
+         RETURNING signal_id, CAST(horizon_seconds AS BIGINT) AS horizon",
+        values_list(20, rows)
+    )
+}
+
+/// One of the sums upserts (`head` up to `VALUES`, `tail` from `ON CONFLICT`) for `rows` rows
+/// of `columns` values. The rows' keys are distinct (a map's), as PostgreSQL requires of one
+/// statement's upserts.
+fn upsert_sql(head: &str, columns: usize, rows: usize, tail: &str) -> String {
+    format!("{head} VALUES {} {tail}", values_list(columns, rows))
 }
 
 fn read_row(r: &AnyRow) -> Result<HistoryRow, HistoryError> {
@@ -544,67 +574,71 @@ impl HistoryStore for SqlStore {
     async fn record_grades(&self, grades: &[Grade]) -> Result<Vec<bool>, HistoryError> {
         // The grades and their share of the running sums commit together: a sum never counts
         // a grade that is not there, nor misses one that is. The sums of the batch are added
-        // up first, so a batch costs one upsert per (grouping, key, bucket), not per grade.
+        // up first, so a batch costs one row per (grouping, key, bucket), not per grade, and
+        // the rows go in a few multi-row statements.
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
         let mut recorded = vec![false; grades.len()];
+        // Rows are written in key order (and the sums below in theirs): two replicas grading
+        // the same signals at once then take their row locks in one order and cannot
+        // deadlock on PostgreSQL, whatever order their scans returned ties in. A key twice in
+        // one batch is recorded once (the first), as one statement cannot say which row won.
+        let key = |g: &Grade| (g.signal.signal_id.clone(), g.horizon_seconds);
+        let mut order: Vec<usize> = (0..grades.len()).collect();
+        order.sort_by_key(|&i| key(&grades[i]));
+        order.dedup_by_key(|i| key(&grades[*i]));
+        let mut new: HashSet<(String, i64)> = HashSet::new();
+        for chunk in order.chunks(GRADE_ROWS_PER_STATEMENT) {
+            let sql = grades_sql(chunk.len());
+            let mut q = sqlx::query(&sql);
+            for &i in chunk {
+                let g = &grades[i];
+                let s = &g.signal;
+                q = q
+                    .bind(&s.signal_id)
+                    .bind(g.horizon_seconds)
+                    .bind(&s.symbol)
+                    .bind(s.action.as_str())
+                    .bind(s.confidence)
+                    .bind(confidence_bucket(s.confidence))
+                    .bind(&s.tier)
+                    .bind(backend_of(&s.model))
+                    .bind(&s.model)
+                    .bind(&s.strategy)
+                    .bind(s.cycle_at)
+                    .bind(s.price_then)
+                    .bind(g.price_after)
+                    .bind(g.return_fraction)
+                    .bind(g.hit.map(i32::from))
+                    .bind(if g.hit.is_some() {
+                        "graded"
+                    } else {
+                        "missing_price"
+                    })
+                    .bind(g.graded_at)
+                    .bind(s.calibrated_confidence)
+                    .bind(g.hold_hit.map(i32::from))
+                    .bind(g.momentum_hit.map(i32::from));
+            }
+            for r in q.fetch_all(&mut *tx).await.map_err(|e| self.err(e))? {
+                let id: String = r.try_get("signal_id").map_err(|e| self.err(e))?;
+                new.insert((id, int(&r, "horizon").map_err(|e| self.err(e))?));
+            }
+        }
         let mut sums: BTreeMap<SumKey, SumDelta> = BTreeMap::new();
         let mut calibrated: BTreeMap<SumKey, (i64, i64, f64)> = BTreeMap::new();
         let mut returns: BTreeMap<SumKey, i64> = BTreeMap::new();
-        // Rows are written in key order (and the sums below in theirs): two replicas grading
-        // the same signals at once then take their row locks in one order and cannot
-        // deadlock on PostgreSQL, whatever order their scans returned ties in.
-        let mut order: Vec<usize> = (0..grades.len()).collect();
-        order.sort_by(|&a, &b| {
-            let key = |g: &Grade| (g.signal.signal_id.clone(), g.horizon_seconds);
-            key(&grades[a]).cmp(&key(&grades[b]))
-        });
         for i in order {
             let g = &grades[i];
             let s = &g.signal;
-            let bucket = confidence_bucket(s.confidence);
-            let backend = backend_of(&s.model);
-            let status = if g.hit.is_some() {
-                "graded"
-            } else {
-                "missing_price"
-            };
-            let done = sqlx::query(
-                "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
-                    confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
-                    price_after, return_fraction, hit, status, graded_at, calibrated_confidence, \
-                    hold_hit, momentum_hit) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                    $18, $19, $20) \
-                 ON CONFLICT (signal_id, horizon_seconds) DO NOTHING",
-            )
-            .bind(&s.signal_id)
-            .bind(g.horizon_seconds)
-            .bind(&s.symbol)
-            .bind(s.action.as_str())
-            .bind(s.confidence)
-            .bind(bucket)
-            .bind(&s.tier)
-            .bind(backend)
-            .bind(&s.model)
-            .bind(&s.strategy)
-            .bind(s.cycle_at)
-            .bind(s.price_then)
-            .bind(g.price_after)
-            .bind(g.return_fraction)
-            .bind(g.hit.map(i32::from))
-            .bind(status)
-            .bind(g.graded_at)
-            .bind(s.calibrated_confidence)
-            .bind(g.hold_hit.map(i32::from))
-            .bind(g.momentum_hit.map(i32::from))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
-            let done = done.rows_affected() == 1;
-            recorded[i] = done;
-            let (true, Some(hit), Some(ret)) = (done, g.hit, g.return_fraction) else {
+            if !new.contains(&key(g)) {
+                continue;
+            }
+            recorded[i] = true;
+            let (Some(hit), Some(ret)) = (g.hit, g.return_fraction) else {
                 continue;
             };
+            let bucket = confidence_bucket(s.confidence);
+            let backend = backend_of(&s.model);
             let calibration_key = super::calibration::group_key(&s.model, s.action);
             let keys = [
                 (GroupBy::Symbol, s.symbol.as_str()),
@@ -640,57 +674,66 @@ impl HistoryStore for SqlStore {
                 *returns.entry(at(return_bp(ret))).or_default() += 1;
             }
         }
-        for (k, d) in &sums {
-            sqlx::query(SUMS_UPSERT)
-                .bind(k.horizon)
-                .bind(k.day)
-                .bind(k.group_by)
-                .bind(&k.key)
-                .bind(k.bucket)
-                .bind(d.n)
-                .bind(d.hits)
-                .bind(d.confidence)
-                .bind(d.returns)
-                .bind(d.squared_error)
-                .bind(d.calibrated_n)
-                .bind(d.calibrated_hits)
-                .bind(d.calibrated_sum)
-                .bind(d.calibrated_squared_error)
-                .bind(d.baseline_n)
-                .bind(d.baseline_hits)
-                .bind(d.hold_hits)
-                .bind(d.hold_differ)
-                .bind(d.momentum_hits)
-                .bind(d.momentum_differ)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
+        let sums: Vec<_> = sums.into_iter().collect();
+        for chunk in sums.chunks(GRADE_ROWS_PER_STATEMENT) {
+            let sql = upsert_sql(SUMS_HEAD, 20, chunk.len(), SUMS_TAIL);
+            let mut q = sqlx::query(&sql);
+            for (k, d) in chunk {
+                q = q
+                    .bind(k.horizon)
+                    .bind(k.day)
+                    .bind(k.group_by)
+                    .bind(&k.key)
+                    .bind(k.bucket)
+                    .bind(d.n)
+                    .bind(d.hits)
+                    .bind(d.confidence)
+                    .bind(d.returns)
+                    .bind(d.squared_error)
+                    .bind(d.calibrated_n)
+                    .bind(d.calibrated_hits)
+                    .bind(d.calibrated_sum)
+                    .bind(d.calibrated_squared_error)
+                    .bind(d.baseline_n)
+                    .bind(d.baseline_hits)
+                    .bind(d.hold_hits)
+                    .bind(d.hold_differ)
+                    .bind(d.momentum_hits)
+                    .bind(d.momentum_differ);
+            }
+            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
         }
-        for (k, (n, hits, sum)) in &calibrated {
-            sqlx::query(CALIBRATED_UPSERT)
-                .bind(k.horizon)
-                .bind(k.day)
-                .bind(k.group_by)
-                .bind(&k.key)
-                .bind(k.bucket)
-                .bind(*n)
-                .bind(*hits)
-                .bind(*sum)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
+        let calibrated: Vec<_> = calibrated.into_iter().collect();
+        for chunk in calibrated.chunks(GRADE_ROWS_PER_STATEMENT) {
+            let sql = upsert_sql(CALIBRATED_HEAD, 8, chunk.len(), CALIBRATED_TAIL);
+            let mut q = sqlx::query(&sql);
+            for (k, (n, hits, sum)) in chunk {
+                q = q
+                    .bind(k.horizon)
+                    .bind(k.day)
+                    .bind(k.group_by)
+                    .bind(&k.key)
+                    .bind(k.bucket)
+                    .bind(*n)
+                    .bind(*hits)
+                    .bind(*sum);
+            }
+            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
         }
-        for (k, n) in &returns {
-            sqlx::query(RETURNS_UPSERT)
-                .bind(k.horizon)
-                .bind(k.day)
-                .bind(k.group_by)
-                .bind(&k.key)
-                .bind(k.bucket)
-                .bind(*n)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
+        let returns: Vec<_> = returns.into_iter().collect();
+        for chunk in returns.chunks(GRADE_ROWS_PER_STATEMENT) {
+            let sql = upsert_sql(RETURNS_HEAD, 6, chunk.len(), RETURNS_TAIL);
+            let mut q = sqlx::query(&sql);
+            for (k, n) in chunk {
+                q = q
+                    .bind(k.horizon)
+                    .bind(k.day)
+                    .bind(k.group_by)
+                    .bind(&k.key)
+                    .bind(k.bucket)
+                    .bind(*n);
+            }
+            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
         }
         tx.commit().await.map_err(|e| self.err(e))?;
         Ok(recorded)
