@@ -96,7 +96,8 @@ pub struct ReplayReport {
     pub scorecard: Vec<HorizonScore>,
 }
 
-/// Wall time by phase: what to look at when a replay is slow.
+/// Time by phase, on tokio's clock (the wall clock in a replay, which never pauses it): what
+/// to look at when a replay is slow.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct PhaseSeconds {
     /// The ticks' pipelines (market data, strategies, agents, scoring).
@@ -344,7 +345,7 @@ pub async fn run(
                     .unwrap_or(Duration::from_secs(60)),
             shed: 0,
         };
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         let cycle = coordinator.run_cycle(&plan, &cancel).await;
         report.seconds.pipeline += t0.elapsed().as_secs_f64();
         report.ticks += 1;
@@ -360,11 +361,11 @@ pub async fn run(
                 }
             }
         }
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         store.insert(&sink.take()).await?;
-        let t1 = std::time::Instant::now();
+        let t1 = tokio::time::Instant::now();
         grade(&mut grader, tick, &mut report).await?;
-        let t2 = std::time::Instant::now();
+        let t2 = tokio::time::Instant::now();
         if last_refit.is_none_or(|t| tick - t >= refit_every) {
             calibrator.refit(store.as_ref()).await?;
             last_refit = Some(tick);
@@ -394,7 +395,7 @@ pub async fn run(
     // so every replayed signal gets its grades.
     let longest = g.horizons_minutes.iter().copied().max().unwrap_or(0);
     let end = report.to + chrono::Duration::minutes(i64::from(longest) + 16);
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     grade(&mut grader, end, &mut report).await?;
     report.seconds.grading += t0.elapsed().as_secs_f64();
     let mut horizons = g.horizons_minutes.clone();
