@@ -35,7 +35,7 @@ use crate::coordination::memory::{MemoryCoordination, MemoryStore};
 use crate::coordinator::{Coordinator, CyclePlan, SymbolResult};
 use crate::history::calibration::Calibrator;
 use crate::history::grading::{Grader, GroupScore, horizon_label, scorecard_of};
-use crate::history::sql::SqlStore;
+use crate::history::sql::{SqlStore, SqliteUse};
 use crate::history::{GroupBy, HistoryStore, Record};
 use crate::market::MarketSource;
 use crate::model::StageMessage;
@@ -257,7 +257,8 @@ pub async fn run(
         std::fs::create_dir_all(dir)
             .map_err(|e| ReplayError::Invalid(format!("{}: {e}", dir.display())))?;
     }
-    let store: Arc<dyn HistoryStore> = Arc::new(SqlStore::sqlite(&opts.history).await?);
+    let sql = Arc::new(SqlStore::sqlite_with(&opts.history, SqliteUse::Replay).await?);
+    let store: Arc<dyn HistoryStore> = sql.clone();
     let time = VirtualTime::new(opts.from);
     let sink = Arc::new(TickSink::default());
     let publisher = Arc::new(Publisher::new(
@@ -407,6 +408,9 @@ pub async fn run(
             groups: scorecard_of(store.as_ref(), seconds, GroupBy::Action, 0).await?,
         });
     }
+    // Closed, so SQLite folds its write-ahead log into the file: the history is one file a
+    // user can copy, not a file and a `-wal` beside it holding the last minutes.
+    sql.close().await;
     Ok(report)
 }
 
@@ -420,7 +424,8 @@ async fn grade(
         let r = grader.round(now).await?;
         report.graded += r.graded;
         report.missing_price += r.missing;
-        if r.graded + r.missing == 0 {
+        // A round that looked at everything due leaves nothing for another.
+        if !r.more || r.graded + r.missing == 0 {
             return Ok(());
         }
     }

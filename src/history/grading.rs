@@ -438,6 +438,8 @@ pub struct Round {
     pub missing: u64,
     /// Left for a later round (the source failed).
     pub deferred: u64,
+    /// A horizon had more due than one round looks at: another round now has work.
+    pub more: bool,
 }
 
 /// Signals looked at per horizon per round.
@@ -488,6 +490,9 @@ impl Grader {
     /// Grades what is due at `now`.
     pub async fn round(&mut self, now: DateTime<Utc>) -> Result<Round, HistoryError> {
         let mut out = Round::default();
+        let mut grades = vec![];
+        // Per horizon, where the next scan starts once this round's grades are in.
+        let mut next_from = vec![];
         for &h in &self.horizons.clone() {
             let from = self.graded_through.get(&h).copied().unwrap_or(0);
             let due = self
@@ -495,7 +500,6 @@ impl Grader {
                 .due(h, from..now.timestamp() - h + 1, ROUND_LIMIT)
                 .await?;
             let mut first_deferred: Option<i64> = None;
-            let mut grades = Vec::with_capacity(due.len());
             for s in &due {
                 let Some(at) = Utc.timestamp_opt(s.data_as_of + h, 0).single() else {
                     continue;
@@ -511,23 +515,7 @@ impl Grader {
                     PriceAt::Known(p) => self.grade(s, h, Some(p), now),
                 });
             }
-            // One transaction for the round's grades of this horizon.
-            let recorded = self.store.record_grades(&grades).await?;
-            for (grade, _) in grades.iter().zip(recorded).filter(|(_, r)| *r) {
-                let outcome = match grade.hit {
-                    Some(true) => "hit",
-                    Some(false) => "miss",
-                    None => "missing_price",
-                };
-                let label = horizon_label(h);
-                metrics::counter!(names::SIGNALS_GRADED, "horizon" => label, "outcome" => outcome)
-                    .increment(1);
-                if grade.hit.is_some() {
-                    out.graded += 1;
-                } else {
-                    out.missing += 1;
-                }
-            }
+            out.more |= due.len() == ROUND_LIMIT;
             // Everything before the first deferred signal (or, with a full page, before the
             // last one looked at) is graded — of what is stored now. Messages still arrive
             // late (the writer's backlog after a database outage, another replica's), so the
@@ -537,9 +525,32 @@ impl Grader {
                 (None, true) => due.last().map_or(from, |s| s.data_as_of),
                 (None, false) => now.timestamp() - h + 1,
             };
-            self.graded_through
-                .insert(h, (through - self.late_arrivals).max(0));
+            next_from.push((h, (through - self.late_arrivals).max(0)));
         }
+        // One transaction for the round's grades of every horizon (a commit is most of what a
+        // small batch costs), none for no grades: an idle round costs its scans only.
+        let recorded = if grades.is_empty() {
+            vec![]
+        } else {
+            self.store.record_grades(&grades).await?
+        };
+        for (grade, _) in grades.iter().zip(recorded).filter(|(_, r)| *r) {
+            let outcome = match grade.hit {
+                Some(true) => "hit",
+                Some(false) => "miss",
+                None => "missing_price",
+            };
+            let label = horizon_label(grade.horizon_seconds);
+            metrics::counter!(names::SIGNALS_GRADED, "horizon" => label, "outcome" => outcome)
+                .increment(1);
+            if grade.hit.is_some() {
+                out.graded += 1;
+            } else {
+                out.missing += 1;
+            }
+        }
+        // Only now, with the grades stored: a failed write leaves the scans where they were.
+        self.graded_through.extend(next_from);
         Ok(out)
     }
 

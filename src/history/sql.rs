@@ -21,10 +21,34 @@ pub struct SqlStore {
     backend: &'static str,
 }
 
+/// How an SQLite history is used, which decides its tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqliteUse {
+    /// The service's history: four connections (the API reads while the writer writes),
+    /// `synchronous = NORMAL` (a committed batch survives a crash of the process and, with
+    /// WAL, of the machine up to the last checkpoint), SQLite's default 2 MB page cache.
+    Service,
+    /// A replay's history: one writer that reads its own writes. One connection (each keeps
+    /// its own page cache, and a write through one throws away what the others cached: with
+    /// four, a replay read its writes back from the file again and again), a 64 MB cache, and
+    /// `synchronous = OFF` — the file is the replay's output, and a machine that loses power
+    /// mid-replay means running the replay again, not losing live history.
+    Replay,
+}
+
 impl SqlStore {
     /// Opens (creating the file and its directory) the SQLite database at `path` and runs the
-    /// migrations.
+    /// migrations: four connections, so the API reads while the writer writes.
     pub async fn sqlite(path: &Path) -> Result<SqlStore, HistoryError> {
+        Self::sqlite_with(path, SqliteUse::Service).await
+    }
+
+    /// [`SqlStore::sqlite`] tuned for `how` it is used (see [`SqliteUse`]).
+    pub async fn sqlite_with(path: &Path, how: SqliteUse) -> Result<SqlStore, HistoryError> {
+        let (connections, synchronous, cache_kib) = match how {
+            SqliteUse::Service => (4, "NORMAL", 2_000),
+            SqliteUse::Replay => (1, "OFF", 65_536),
+        };
         let backend = "sqlite";
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| HistoryError::Database {
@@ -35,7 +59,7 @@ impl SqlStore {
         let url = format!("sqlite://{}?mode=rwc", path.display());
         // One writer at a time is SQLite's rule; WAL lets the API read while the writer
         // writes, and the busy timeout turns a momentary lock into a short wait.
-        let pool = Self::pool(&url, 4, |conn| {
+        let pool = Self::pool(&url, connections, move |conn| {
             Box::pin(async move {
                 sqlx::query("PRAGMA journal_mode = WAL")
                     .execute(&mut *conn)
@@ -43,10 +67,12 @@ impl SqlStore {
                 sqlx::query("PRAGMA busy_timeout = 5000")
                     .execute(&mut *conn)
                     .await?;
-                sqlx::query("PRAGMA synchronous = NORMAL")
+                sqlx::query(&format!("PRAGMA synchronous = {synchronous}"))
                     .execute(&mut *conn)
                     .await?;
-
+                sqlx::query(&format!("PRAGMA cache_size = -{cache_kib}"))
+                    .execute(&mut *conn)
+                    .await?;
                 Ok(())
             })
         })
@@ -56,6 +82,12 @@ impl SqlStore {
             message: format!("cannot open {}: {e}", path.display()),
         })?;
         Self::migrated(pool, backend).await
+    }
+
+    /// Closes every connection (SQLite then checkpoints its write-ahead log into the file and
+    /// removes it). Statements after this fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// Connects to PostgreSQL at `url` and runs the migrations. Errors never carry the URL
@@ -310,12 +342,36 @@ const COLUMNS: usize = 18;
 /// a statement each), within both backends' parameter limits (SQLite 32,766, PostgreSQL 65,535).
 const ROWS_PER_STATEMENT: usize = 200;
 
-/// `($1 … $k), ($k+1 …) …`: the placeholders of `rows` rows of `columns` values each.
-fn values_list(columns: usize, rows: usize) -> String {
+/// How a statement's parameters are written: PostgreSQL wants `$1 … $n`; SQLite takes them
+/// too, but binding looks each numbered one up by a linear scan of the statement's parameter
+/// names (`sqlite3_bind_parameter_name`), so a statement of 10,000 of them spent most of a
+/// replay's time there (26 % of all samples, perf). Plain `?` are not named: no lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marks {
+    Numbered,
+    Positional,
+}
+
+impl Marks {
+    fn of(backend: &str) -> Marks {
+        if backend == "sqlite" {
+            Marks::Positional
+        } else {
+            Marks::Numbered
+        }
+    }
+}
+
+/// `($1 … $k), ($k+1 …) …` (or `(?, …), …`): the placeholders of `rows` rows of `columns`
+/// values each.
+fn values_list(columns: usize, rows: usize, marks: Marks) -> String {
     let values: Vec<String> = (0..rows)
         .map(|r| {
             let marks: Vec<String> = (1..=columns)
-                .map(|c| format!("${}", r * columns + c))
+                .map(|c| match marks {
+                    Marks::Numbered => format!("${}", r * columns + c),
+                    Marks::Positional => "?".to_string(),
+                })
                 .collect();
             format!("({})", marks.join(", "))
         })
@@ -324,14 +380,14 @@ fn values_list(columns: usize, rows: usize) -> String {
 }
 
 /// `INSERT … VALUES ($1 … $18), ($19 …) … ON CONFLICT DO NOTHING` for `rows` rows.
-fn insert_sql(rows: usize) -> String {
+fn insert_sql(rows: usize, marks: Marks) -> String {
     format!(
         "INSERT INTO signal_messages \
          (message_id, signal_id, stage, symbol, cycle_id, cycle_at, published_at_ms, action, \
           confidence, tier, model, top_strategy, price, data_as_of, is_degraded, envelope, \
           calibrated_confidence, price_change_1h) \
          VALUES {} ON CONFLICT (message_id) DO NOTHING",
-        values_list(COLUMNS, rows)
+        values_list(COLUMNS, rows, marks)
     )
 }
 
@@ -342,7 +398,7 @@ const GRADE_ROWS_PER_STATEMENT: usize = 500;
 
 /// `INSERT INTO signal_grades … VALUES (…), … ON CONFLICT DO NOTHING RETURNING` the keys that
 /// were new: what this call recorded, not another grader.
-fn grades_sql(rows: usize) -> String {
+fn grades_sql(rows: usize, marks: Marks) -> String {
     format!(
         "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
             confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
@@ -350,15 +406,15 @@ fn grades_sql(rows: usize) -> String {
             hold_hit, momentum_hit) \
          VALUES {} ON CONFLICT (signal_id, horizon_seconds) DO NOTHING \
          RETURNING signal_id, CAST(horizon_seconds AS BIGINT) AS horizon",
-        values_list(20, rows)
+        values_list(20, rows, marks)
     )
 }
 
 /// One of the sums upserts (`head` up to `VALUES`, `tail` from `ON CONFLICT`) for `rows` rows
 /// of `columns` values. The rows' keys are distinct (a map's), as PostgreSQL requires of one
 /// statement's upserts.
-fn upsert_sql(head: &str, columns: usize, rows: usize, tail: &str) -> String {
-    format!("{head} VALUES {} {tail}", values_list(columns, rows))
+fn upsert_sql(head: &str, columns: usize, rows: usize, tail: &str, marks: Marks) -> String {
+    format!("{head} VALUES {} {tail}", values_list(columns, rows, marks))
 }
 
 fn read_row(r: &AnyRow) -> Result<HistoryRow, HistoryError> {
@@ -397,7 +453,7 @@ impl HistoryStore for SqlStore {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
         let mut added = 0;
         for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let sql = insert_sql(chunk.len());
+            let sql = insert_sql(chunk.len(), Marks::of(self.backend));
             let mut q = sqlx::query(&sql);
             for r in chunk {
                 q = q
@@ -588,7 +644,7 @@ impl HistoryStore for SqlStore {
         order.dedup_by_key(|i| key(&grades[*i]));
         let mut new: HashSet<(String, i64)> = HashSet::new();
         for chunk in order.chunks(GRADE_ROWS_PER_STATEMENT) {
-            let sql = grades_sql(chunk.len());
+            let sql = grades_sql(chunk.len(), Marks::of(self.backend));
             let mut q = sqlx::query(&sql);
             for &i in chunk {
                 let g = &grades[i];
@@ -676,7 +732,13 @@ impl HistoryStore for SqlStore {
         }
         let sums: Vec<_> = sums.into_iter().collect();
         for chunk in sums.chunks(GRADE_ROWS_PER_STATEMENT) {
-            let sql = upsert_sql(SUMS_HEAD, 20, chunk.len(), SUMS_TAIL);
+            let sql = upsert_sql(
+                SUMS_HEAD,
+                20,
+                chunk.len(),
+                SUMS_TAIL,
+                Marks::of(self.backend),
+            );
             let mut q = sqlx::query(&sql);
             for (k, d) in chunk {
                 q = q
@@ -705,7 +767,13 @@ impl HistoryStore for SqlStore {
         }
         let calibrated: Vec<_> = calibrated.into_iter().collect();
         for chunk in calibrated.chunks(GRADE_ROWS_PER_STATEMENT) {
-            let sql = upsert_sql(CALIBRATED_HEAD, 8, chunk.len(), CALIBRATED_TAIL);
+            let sql = upsert_sql(
+                CALIBRATED_HEAD,
+                8,
+                chunk.len(),
+                CALIBRATED_TAIL,
+                Marks::of(self.backend),
+            );
             let mut q = sqlx::query(&sql);
             for (k, (n, hits, sum)) in chunk {
                 q = q
@@ -722,7 +790,13 @@ impl HistoryStore for SqlStore {
         }
         let returns: Vec<_> = returns.into_iter().collect();
         for chunk in returns.chunks(GRADE_ROWS_PER_STATEMENT) {
-            let sql = upsert_sql(RETURNS_HEAD, 6, chunk.len(), RETURNS_TAIL);
+            let sql = upsert_sql(
+                RETURNS_HEAD,
+                6,
+                chunk.len(),
+                RETURNS_TAIL,
+                Marks::of(self.backend),
+            );
             let mut q = sqlx::query(&sql);
             for (k, n) in chunk {
                 q = q
