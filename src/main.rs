@@ -272,28 +272,51 @@ fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
     Ok(cfg)
 }
 
-/// Cancels the token on the first SIGTERM or SIGINT.
+/// Cancels the token on the first SIGTERM, SIGINT or SIGQUIT (a graceful shutdown, each the
+/// same). SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored: their default action would kill
+/// the process on the spot — no graceful shutdown, the heartbeat and the instance claim left
+/// behind (a restart with the same instance id refused for a while), locks left to expire —
+/// and nothing here is meant to be reloaded or dumped by a signal. The handlers are installed
+/// before this returns, so no signal arriving during start-up takes the default action.
 fn on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::error!("cannot install signal handlers");
-                return;
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let kinds = [
+            ("SIGTERM", SignalKind::terminate(), true),
+            ("SIGINT", SignalKind::interrupt(), true),
+            ("SIGQUIT", SignalKind::quit(), true),
+            ("SIGHUP", SignalKind::hangup(), false),
+            ("SIGUSR1", SignalKind::user_defined1(), false),
+            ("SIGUSR2", SignalKind::user_defined2(), false),
+        ];
+        for (name, kind, stops) in kinds {
+            let mut stream = match signal(kind) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(signal = name, error = %e, "cannot install a signal handler");
+                    continue;
+                }
             };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
+            let token = token.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if stops {
+                        tracing::info!(signal = name, "{name} received: shutting down gracefully");
+                        token.cancel();
+                        return;
+                    }
+                    tracing::warn!(
+                        signal = name,
+                        "{name} received and ignored: nothing is reloaded by a signal (restart to apply a new configuration)"
+                    );
+                }
+            });
         }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
         token.cancel();
     });
 }

@@ -201,3 +201,49 @@ async fn redis_down_at_sigterm_spools_the_outbox_and_the_next_start_delivers_it(
     assert!(!spool.exists(), "the spool is removed once read");
     drop(second);
 }
+
+/// SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored (their default action would kill the
+/// process with no graceful shutdown); SIGQUIT shuts down gracefully, as SIGTERM does.
+#[tokio::test]
+async fn stray_signals_are_ignored_and_sigquit_stops_gracefully() {
+    let mut p = Proc::spawn(
+        "run",
+        &config("*/2 * * * * *", "  symbols: [ETH/USD]\n"),
+        &[],
+    )
+    .await;
+    p.wait_log(
+        |l| l["message"] == "cycle finished",
+        Duration::from_secs(15),
+    )
+    .await;
+    for sig in ["HUP", "USR1", "USR2"] {
+        p.signal(sig);
+        let name = format!("SIG{sig}");
+        let seen = p
+            .wait_log(|l| l["signal"] == name.as_str(), Duration::from_secs(10))
+            .await;
+        assert_eq!(seen["level"], "WARN", "{seen}");
+        let (status, _) = p.get("/health/live").await;
+        assert_eq!(status, 200, "still serving after SIG{sig}");
+    }
+    // The scheduler keeps ticking after them.
+    let before = p.logs_matching(|l| l["message"] == "cycle finished").len();
+    p.wait_log_count(
+        |l| l["message"] == "cycle finished",
+        before + 1,
+        Duration::from_secs(10),
+    )
+    .await;
+    p.signal("QUIT");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(20)).await,
+        0,
+        "a graceful exit"
+    );
+    assert!(
+        !p.logs_matching(|l| l["message"] == "graceful shutdown complete")
+            .is_empty(),
+        "the graceful path ran"
+    );
+}
