@@ -21,6 +21,9 @@ pub struct SqlStore {
     backend: &'static str,
 }
 
+/// A statement with its arguments, as the sums upserts build them.
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
 /// How an SQLite history is used, which decides its tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SqliteUse {
@@ -82,6 +85,34 @@ impl SqlStore {
             message: format!("cannot open {}: {e}", path.display()),
         })?;
         Self::migrated(pool, backend).await
+    }
+
+    /// Adds `rows` to one of the running-sums tables (`head` up to `VALUES`, its column
+    /// count, `tail` from `ON CONFLICT`) in multi-row statements inside `tx`: each row's key
+    /// (horizon, day, grouping, key, bucket) bound first, then what `bind` binds of its values.
+    async fn upsert_sums<V>(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        (head, columns, tail): (&str, usize, &str),
+        rows: &[(SumKey, V)],
+        bind: for<'q> fn(AnyQuery<'q>, &'q V) -> AnyQuery<'q>,
+    ) -> Result<(), HistoryError> {
+        for chunk in rows.chunks(GRADE_ROWS_PER_STATEMENT) {
+            let sql = upsert_sql(head, columns, chunk.len(), tail, Marks::of(self.backend));
+            let mut q = sqlx::query(&sql);
+            for (k, v) in chunk {
+                q = bind(
+                    q.bind(k.horizon)
+                        .bind(k.day)
+                        .bind(k.group_by)
+                        .bind(&k.key)
+                        .bind(k.bucket),
+                    v,
+                );
+            }
+            q.execute(&mut **tx).await.map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Closes every connection (SQLite then checkpoints its write-ahead log into the file and
@@ -731,84 +762,40 @@ impl HistoryStore for SqlStore {
             }
         }
         let sums: Vec<_> = sums.into_iter().collect();
-        for chunk in sums.chunks(GRADE_ROWS_PER_STATEMENT) {
-            let sql = upsert_sql(
-                SUMS_HEAD,
-                20,
-                chunk.len(),
-                SUMS_TAIL,
-                Marks::of(self.backend),
-            );
-            let mut q = sqlx::query(&sql);
-            for (k, d) in chunk {
-                q = q
-                    .bind(k.horizon)
-                    .bind(k.day)
-                    .bind(k.group_by)
-                    .bind(&k.key)
-                    .bind(k.bucket)
-                    .bind(d.n)
-                    .bind(d.hits)
-                    .bind(d.confidence)
-                    .bind(d.returns)
-                    .bind(d.squared_error)
-                    .bind(d.calibrated_n)
-                    .bind(d.calibrated_hits)
-                    .bind(d.calibrated_sum)
-                    .bind(d.calibrated_squared_error)
-                    .bind(d.baseline_n)
-                    .bind(d.baseline_hits)
-                    .bind(d.hold_hits)
-                    .bind(d.hold_differ)
-                    .bind(d.momentum_hits)
-                    .bind(d.momentum_differ);
-            }
-            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
-        }
+        self.upsert_sums(&mut tx, (SUMS_HEAD, 20, SUMS_TAIL), &sums, |q, d| {
+            q.bind(d.n)
+                .bind(d.hits)
+                .bind(d.confidence)
+                .bind(d.returns)
+                .bind(d.squared_error)
+                .bind(d.calibrated_n)
+                .bind(d.calibrated_hits)
+                .bind(d.calibrated_sum)
+                .bind(d.calibrated_squared_error)
+                .bind(d.baseline_n)
+                .bind(d.baseline_hits)
+                .bind(d.hold_hits)
+                .bind(d.hold_differ)
+                .bind(d.momentum_hits)
+                .bind(d.momentum_differ)
+        })
+        .await?;
         let calibrated: Vec<_> = calibrated.into_iter().collect();
-        for chunk in calibrated.chunks(GRADE_ROWS_PER_STATEMENT) {
-            let sql = upsert_sql(
-                CALIBRATED_HEAD,
-                8,
-                chunk.len(),
-                CALIBRATED_TAIL,
-                Marks::of(self.backend),
-            );
-            let mut q = sqlx::query(&sql);
-            for (k, (n, hits, sum)) in chunk {
-                q = q
-                    .bind(k.horizon)
-                    .bind(k.day)
-                    .bind(k.group_by)
-                    .bind(&k.key)
-                    .bind(k.bucket)
-                    .bind(*n)
-                    .bind(*hits)
-                    .bind(*sum);
-            }
-            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
-        }
+        self.upsert_sums(
+            &mut tx,
+            (CALIBRATED_HEAD, 8, CALIBRATED_TAIL),
+            &calibrated,
+            |q, (n, hits, sum)| q.bind(*n).bind(*hits).bind(*sum),
+        )
+        .await?;
         let returns: Vec<_> = returns.into_iter().collect();
-        for chunk in returns.chunks(GRADE_ROWS_PER_STATEMENT) {
-            let sql = upsert_sql(
-                RETURNS_HEAD,
-                6,
-                chunk.len(),
-                RETURNS_TAIL,
-                Marks::of(self.backend),
-            );
-            let mut q = sqlx::query(&sql);
-            for (k, n) in chunk {
-                q = q
-                    .bind(k.horizon)
-                    .bind(k.day)
-                    .bind(k.group_by)
-                    .bind(&k.key)
-                    .bind(k.bucket)
-                    .bind(*n);
-            }
-            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
-        }
+        self.upsert_sums(
+            &mut tx,
+            (RETURNS_HEAD, 6, RETURNS_TAIL),
+            &returns,
+            |q, n| q.bind(*n),
+        )
+        .await?;
         tx.commit().await.map_err(|e| self.err(e))?;
         Ok(recorded)
     }

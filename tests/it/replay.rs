@@ -112,14 +112,8 @@ fn the_cli_replays_a_window_from_a_candle_file_and_its_grades_match_an_independe
             "--json",
         ])
         .env("LOG_LEVEL", "error")
-        .output()
-        .expect("replay runs");
-    assert!(
-        run.status.success(),
-        "replay failed: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let report: Value = serde_json::from_slice(&run.stdout).expect("a JSON report");
+        .output();
+    let report = json_out(run, "replay");
     // One tick a minute for an hour, both symbols of the file, every stage, every horizon.
     assert_eq!(report["ticks"], 60, "{report}");
     assert_eq!(report["symbol_ticks"], 120);
@@ -189,14 +183,8 @@ fn the_cli_replays_a_window_from_a_candle_file_and_its_grades_match_an_independe
         .arg(&file)
         .arg(out.join("history.sqlite"))
         .arg("0.001")
-        .output()
-        .expect("python runs");
-    assert!(
-        check.status.success(),
-        "replay_check.py failed: {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let verdict: Value = serde_json::from_slice(&check.stdout).expect("the check prints JSON");
+        .output();
+    let verdict = json_out(check, "replay_check.py");
     assert_eq!(verdict["checked"], 360, "{verdict}");
     assert_eq!(verdict["signals"], 120, "{verdict}");
     assert_eq!(verdict["mismatches"], 0, "{verdict}");
@@ -226,6 +214,27 @@ fn the_cli_replays_a_window_from_a_candle_file_and_its_grades_match_an_independe
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+}
+
+/// The scorecard of every grade at 15 minutes, grouped `by`.
+async fn card_at_15m(
+    store: &SqlStore,
+    by: autonomous_runner::history::GroupBy,
+) -> Vec<autonomous_runner::history::grading::GroupScore> {
+    autonomous_runner::history::grading::scorecard_of(store, 900, by, 0)
+        .await
+        .expect("a scorecard")
+}
+
+/// What a command that prints JSON printed, once it succeeded (else its stderr, failing).
+fn json_out(out: std::io::Result<std::process::Output>, what: &str) -> Value {
+    let out = out.unwrap_or_else(|e| panic!("{what} does not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} printed no JSON: {e}"))
 }
 
 /// One call: the `now` it asked at, and the end of the newest candle it was given.
@@ -474,14 +483,7 @@ async fn calibrated_confidence_is_calibrated_on_the_simulated_market() {
     let market = Arc::new(autonomous_runner::market::simulated::Simulated::new());
     run(&cfg, market, &opts, |_, _| {}).await.expect("replays");
     let store = SqlStore::sqlite(&opts.history).await.unwrap();
-    let card = autonomous_runner::history::grading::scorecard_of(
-        &store,
-        900,
-        autonomous_runner::history::GroupBy::Calibration,
-        0,
-    )
-    .await
-    .unwrap();
+    let card = card_at_15m(&store, autonomous_runner::history::GroupBy::Calibration).await;
     let mut carried = 0;
     for g in &card {
         let Some(c) = &g.calibrated else { continue };
@@ -509,14 +511,7 @@ async fn calibrated_confidence_is_calibrated_on_the_simulated_market() {
             .expect("a group with hits and misses has a skill");
         assert!(skill >= -0.01, "{}: calibrated Brier skill {skill}", g.key);
     }
-    let by_model = autonomous_runner::history::grading::scorecard_of(
-        &store,
-        900,
-        autonomous_runner::history::GroupBy::Model,
-        0,
-    )
-    .await
-    .unwrap();
+    let by_model = card_at_15m(&store, autonomous_runner::history::GroupBy::Model).await;
     let rules = by_model
         .iter()
         .find(|g| g.key == "rules")
@@ -681,16 +676,11 @@ fn compare_replays_two_configurations_over_the_same_ticks() {
             .arg("--compare")
             .args([x, y])
             .env("LOG_LEVEL", "error")
-            .output()
-            .expect("replay runs");
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+            .output();
+        let comparison = json_out(run, "replay --compare");
         assert!(dir.path().join(out).join("a/history.sqlite").exists());
         assert!(dir.path().join(out).join("b/history.sqlite").exists());
-        serde_json::from_slice(&run.stdout).expect("a JSON comparison")
+        comparison
     };
     let same = compare(&a, &a, "same");
     let rows = same["rows"].as_array().unwrap();
