@@ -49,9 +49,11 @@ fn csv() -> String {
     text
 }
 
-fn rules_config() -> Config {
-    let yaml =
-        "autonomous_runner:\n  symbols: [ETH/USD, BTC/USD]\n  market_data:\n    candles: 60\n";
+/// The file's two symbols on 60 candles, and `more` (YAML under `autonomous_runner:`).
+fn config_with(more: &str) -> Config {
+    let yaml = format!(
+        "autonomous_runner:\n  symbols: [ETH/USD, BTC/USD]\n  market_data:\n    candles: 60\n{more}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, yaml).unwrap();
@@ -61,6 +63,10 @@ fn rules_config() -> Config {
         &std::collections::HashMap::<String, String>::new(),
     )
     .expect("a valid config")
+}
+
+fn rules_config() -> Config {
+    config_with("")
 }
 
 /// The close of the candle that started at `t` in the file's series of `symbol`.
@@ -536,17 +542,9 @@ async fn calibrated_confidence_is_calibrated_on_the_simulated_market() {
 
 /// A configuration of the two file symbols whose every stage asks the test LLM server.
 fn llm_config(url: &str) -> Config {
-    let yaml = format!(
-        "autonomous_runner:\n  symbols: [ETH/USD, BTC/USD]\n  market_data:\n    candles: 60\n  agents:\n    backend: openrouter\n    base_url: {url}\n    model: test/model-x\n    requests_per_minute: 6000\n    burst: 100\n  pipeline:\n    advise_min_score: 0\n"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    Config::load(
-        Some(&path),
-        &std::collections::HashMap::<String, String>::new(),
-    )
-    .expect("a valid config")
+    config_with(&format!(
+        "  agents:\n    backend: openrouter\n    base_url: {url}\n    model: test/model-x\n    requests_per_minute: 6000\n    burst: 100\n  pipeline:\n    advise_min_score: 0\n"
+    ))
 }
 
 /// An LLM replay asks the model for every stage once, and a rerun of the same ticks with
