@@ -285,7 +285,21 @@ impl App {
             http_stop.clone(),
             cfg.http.max_connections,
         ));
-        let heartbeat = spawn_heartbeat(coord.clone(), runner.state(), &cfg, background.clone());
+        let conflict = Arc::new(std::sync::OnceLock::new());
+        let heartbeat = spawn_heartbeat(
+            coord.clone(),
+            runner.state(),
+            &cfg,
+            Stops {
+                background: background.clone(),
+                shutdown: shutdown.clone(),
+                conflict: conflict.clone(),
+            },
+        );
+        named.push((
+            "leftover lock release",
+            tracker.spawn(release_leftovers(coord.clone(), background.clone())),
+        ));
         named.push((
             "metrics upkeep",
             tracker.spawn(metrics_upkeep(upkeep_handle, background.clone())),
@@ -336,6 +350,7 @@ impl App {
                 named,
                 history_stop,
                 history_writer,
+                conflict,
             },
         )
     }
@@ -358,12 +373,16 @@ impl App {
         runner.run(shutdown.clone()).await;
         mark.abort();
         let since = requested.get().copied().unwrap_or_else(Instant::now);
+        let conflict = services.conflict.clone();
         services.finish(since).await;
         tracing::info!(
             took_s = since.elapsed().as_secs_f64(),
             "graceful shutdown complete"
         );
-        Ok(())
+        match conflict.get() {
+            Some(why) => Err(anyhow::anyhow!("{why}")),
+            None => Ok(()),
+        }
     }
 
     /// `once` mode: one cycle now, serving health probes while it runs.
@@ -403,6 +422,8 @@ struct Services {
     /// Stops the history writer once everything is published (it then writes its queue).
     history_stop: CancellationToken,
     history_writer: Option<tokio::task::JoinHandle<()>>,
+    /// Set when another process claimed our `instance_id` while we ran: why we stopped.
+    conflict: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Services {
@@ -429,6 +450,7 @@ impl Services {
             named,
             history_stop,
             history_writer,
+            conflict: _,
         } = self;
         let deadline = since + secs(cfg.graceful_shutdown.timeout_seconds) + SHUTDOWN_SLACK;
         // What the last steps need: spool and history writes, the HTTP server's stop.
@@ -461,6 +483,9 @@ impl Services {
             let _ = d.await;
         }
         let release = async {
+            if let Err(e) = coord.release_leftovers().await {
+                tracing::warn!(error = %e, "could not release the locks left by an outage; they will expire");
+            }
             match coord.held_locks().await {
                 Ok(held) => {
                     for s in held {
@@ -900,28 +925,65 @@ async fn watch_redis_recovery(client: redis::Client, breaker: Breaker, stop: Can
     }
 }
 
+/// What ends the heartbeat loop, and how it ends the process.
+struct Stops {
+    /// Background tasks stop.
+    background: CancellationToken,
+    /// The whole process stops gracefully (as on SIGTERM).
+    shutdown: CancellationToken,
+    /// Why, when another process claimed our `instance_id`.
+    conflict: Arc<std::sync::OnceLock<String>>,
+}
+
+/// Refreshes the heartbeat every `heartbeat.interval_seconds`. When the beat finds our
+/// `instance_id` claimed by another process, this one stops gracefully and exits non-zero:
+/// two processes under one id would vouch for each other's locks, and the one that started
+/// later (or took the id over while ours had expired) holds the claim.
 fn spawn_heartbeat(
     coord: Arc<dyn Coordination>,
     state: runner::SharedState,
     cfg: &Config,
-    stop: CancellationToken,
+    stops: Stops,
 ) -> tokio::task::JoinHandle<()> {
     let interval = Duration::from_secs(cfg.heartbeat.interval_seconds);
     tokio::spawn(async move {
         loop {
             match coord.heartbeat().await {
                 Ok(()) => state.set_coordination_error(None),
+                Err(e @ coordination::CoordError::DuplicateInstance { .. }) => {
+                    metrics::counter!(telemetry::names::INSTANCE_CONFLICTS).increment(1);
+                    tracing::error!(error = %e, "another process holds this instance_id; stopping");
+                    state.set_coordination_error(Some(e.to_string()));
+                    let _ = stops.conflict.set(e.to_string());
+                    stops.shutdown.cancel();
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "heartbeat failed");
                     state.set_coordination_error(Some(e.to_string()));
                 }
             }
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stops.background.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
         }
     })
+}
+
+/// Every second, releases the locks whose release failed in a Redis outage, as soon as
+/// Redis answers again: while they stand, the other replicas skip those symbols (our live
+/// heartbeat vouches for them) until the lock TTL runs out.
+async fn release_leftovers(coord: Arc<dyn Coordination>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if let Err(e) = coord.release_leftovers().await {
+            tracing::debug!(error = %e, "leftover locks not released yet");
+        }
+    }
 }
 
 /// The module graph runs one way: a module imports only from its own layer or those below

@@ -36,6 +36,10 @@ pub mod names {
         TICKS_MISSED = "ticks_missed_total";
         /// Counter {reason}: stale locks taken over.
         STALE_LOCKS_RECOVERED = "stale_locks_recovered_total";
+        /// Counter: locks whose release failed in a Redis outage, released once it answered (instead of expiring).
+        LEFTOVER_LOCKS_RELEASED = "leftover_locks_released_total";
+        /// Counter: heartbeats that found this instance_id claimed by another process (this one then stops).
+        INSTANCE_CONFLICTS = "instance_conflicts_total";
         /// Counter {breaker}: calls rejected by a breaker.
         CIRCUIT_BREAKER_REJECTED = "circuit_breaker_rejected_total";
         /// Counter: backpressure cooldowns started.

@@ -108,6 +108,11 @@ pub trait Coordination: Send + Sync {
     async fn extend_lock(&self, symbol: &str) -> Result<bool, CoordError>;
     /// Releases our lock; `false` (a no-op) when it is not ours.
     async fn release_lock(&self, symbol: &str) -> Result<bool, CoordError>;
+    /// Releases the locks whose release failed earlier (Redis was unreachable), now that it
+    /// may answer: how many were released. A no-op where releases cannot fail.
+    async fn release_leftovers(&self) -> Result<usize, CoordError> {
+        Ok(0)
+    }
     /// Locks held by this instance right now.
     async fn held_locks(&self) -> Result<Vec<String>, CoordError>;
     /// Refreshes this instance's heartbeat.

@@ -76,6 +76,31 @@ if v then
 end
 return 0";
 
+/// Claims an instance id: writes the heartbeat if the key is absent or still holds exactly
+/// ARGV[1], the record judged dead (`''` on the first try, which no record equals). One
+/// script, so of two processes starting together exactly one wins.
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if (not v) or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0";
+
+/// Refreshes the heartbeat only while it is this process's (token ARGV[1]) or absent (it
+/// expired, e.g. during a long Redis outage): 1 when written, 0 when another process holds
+/// the id.
+const BEAT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local ok, rec = pcall(cjson.decode, v)
+  if not (ok and type(rec) == 'table' and rec['token'] == ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1";
+
 /// Deletes the key only if it still holds exactly the value we wrote.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -151,6 +176,10 @@ pub struct RedisCoordination {
     token: String,
     /// Locks we hold: symbol → the exact value we wrote (owner checks compare it).
     held: Mutex<HashMap<String, String>>,
+    /// Locks whose release did not reach Redis (an outage): symbol → the value we wrote.
+    /// Released by [`Coordination::release_leftovers`] as soon as Redis answers, so other
+    /// replicas need not wait out the TTL (our live heartbeat vouches for them meanwhile).
+    leftovers: Mutex<HashMap<String, String>>,
     /// `locks.redis_key_prefix`: what comes between the key prefix and the symbol.
     lock_prefix: String,
 }
@@ -181,6 +210,7 @@ impl RedisCoordination {
             timing,
             token: process_token(),
             held: Mutex::new(HashMap::new()),
+            leftovers: Mutex::new(HashMap::new()),
             lock_prefix: "signal:lock:".into(),
         }
     }
@@ -192,39 +222,57 @@ impl RedisCoordination {
         self
     }
 
-    /// Refuses to start next to a live process with the same `instance_id`: if a heartbeat
-    /// under our id exists, it is read again after `wait` (a heartbeat interval and a bit);
-    /// a live process has refreshed it by then, a dead one (killed, not stopped) has not.
+    /// Claims this process's `instance_id`, refusing to start next to a live process that
+    /// holds it. The heartbeat key is the claim: written only if absent ([`CLAIM`]). If it
+    /// exists, it is read again after `wait` (a heartbeat interval and a bit): a live process
+    /// has refreshed it by then, a dead one (killed, not stopped) has not, and the record
+    /// judged dead is replaced only if it is still exactly that record — so of two processes
+    /// starting together, or two replacing the same dead one, exactly one wins.
     pub async fn ensure_unique_identity(&self, wait: Duration) -> Result<(), CoordError> {
         let key = self.heartbeat_key(&self.instance_id);
+        if self.claim(&key, "").await? {
+            return Ok(());
+        }
         let first: Option<String> = self
             .call("heartbeat read", redis::cmd("GET").arg(&key))
             .await?;
-        let Some(first) = first else {
-            return Ok(());
-        };
         tracing::info!(
             instance_id = %self.instance_id,
             wait_s = wait.as_secs_f64(),
             "a heartbeat under this instance_id exists; checking that its process is gone"
         );
         tokio::time::sleep(wait).await;
-        let again: Option<String> = self
+        if self.claim(&key, first.as_deref().unwrap_or("")).await? {
+            return Ok(());
+        }
+        let holder: Option<String> = self
             .call("heartbeat read", redis::cmd("GET").arg(&key))
             .await?;
-        match again {
-            Some(v) if v != first => {
-                let pid = serde_json::from_str::<HeartbeatRecord>(&v)
-                    .ok()
-                    .and_then(|h| h.pid)
-                    .unwrap_or(0);
-                Err(CoordError::DuplicateInstance {
-                    instance_id: self.instance_id.clone(),
-                    pid,
-                })
-            }
-            _ => Ok(()),
-        }
+        Err(CoordError::DuplicateInstance {
+            instance_id: self.instance_id.clone(),
+            pid: holder.as_deref().map_or(0, heartbeat_pid),
+        })
+    }
+
+    /// Runs [`CLAIM`]: whether our heartbeat was written over nothing or over `dead`.
+    async fn claim(&self, key: &str, dead: &str) -> Result<bool, CoordError> {
+        let ttl = self.timing.heartbeat_ttl.as_secs().max(1).to_string();
+        let won: i64 = self
+            .script(
+                "instance claim",
+                CLAIM,
+                key,
+                &[dead, &self.heartbeat_body(), &ttl],
+            )
+            .await?;
+        Ok(won == 1)
+    }
+
+    /// This process's heartbeat record, stamped now.
+    fn heartbeat_body(&self) -> String {
+        let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+        serde_json::json!({"timestamp": now, "pid": std::process::id(), "token": self.token})
+            .to_string()
     }
 
     /// Whether the process that wrote `rec` is alive: the heartbeat of its `instance_id`
@@ -273,6 +321,16 @@ impl RedisCoordination {
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn leftovers(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.leftovers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `symbol`'s lock as ours (`value` written), no longer a leftover.
+    fn hold(&self, symbol: &str, value: String) {
+        self.leftovers().remove(symbol);
+        self.held().insert(symbol.to_string(), value);
     }
 
     /// Runs one Redis call through the breaker.
@@ -384,6 +442,14 @@ pub fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
+/// The pid a heartbeat record names (0 when it names none or is not one of ours).
+fn heartbeat_pid(raw: &str) -> u64 {
+    serde_json::from_str::<HeartbeatRecord>(raw)
+        .ok()
+        .and_then(|h| h.pid)
+        .unwrap_or(0)
+}
+
 /// A random token for this process (128 bits, hex).
 fn process_token() -> String {
     use rand::Rng;
@@ -438,7 +504,7 @@ impl Coordination for RedisCoordination {
         let value = self.record_value();
         let ttl = self.timing.ttl.as_secs().max(1);
         if self.set_nx("lock", &key, &value, ttl).await? {
-            self.held().insert(symbol.to_string(), value);
+            self.hold(symbol, value);
             return Ok(LockOutcome::Acquired);
         }
         // Held: is it stale?
@@ -446,7 +512,7 @@ impl Coordination for RedisCoordination {
         let Some(current) = current else {
             // Released in between: try once more.
             if self.set_nx("lock", &key, &value, ttl).await? {
-                self.held().insert(symbol.to_string(), value);
+                self.hold(symbol, value);
                 return Ok(LockOutcome::Acquired);
             }
             return Ok(LockOutcome::Held);
@@ -494,7 +560,7 @@ impl Coordination for RedisCoordination {
             )
             .await?;
         if won == 1 {
-            self.held().insert(symbol.to_string(), value);
+            self.hold(symbol, value);
             Ok(outcome)
         } else {
             Ok(LockOutcome::Held)
@@ -521,15 +587,52 @@ impl Coordination for RedisCoordination {
     }
 
     async fn release_lock(&self, symbol: &str) -> Result<bool, CoordError> {
-        // Forgotten first: if the release cannot reach Redis, the lock left there is a
-        // leftover (ours, not in use), which `acquire_lock` re-takes when the symbol next runs.
+        // Forgotten as held first: if the release cannot reach Redis, the lock left there is
+        // a leftover (ours, not in use), released again as soon as Redis answers.
         let Some(value) = self.held().remove(symbol) else {
             return Ok(false);
         };
-        let r: i64 = self
-            .script("lock release", RELEASE, &self.lock_key(symbol), &[&value])
-            .await?;
-        Ok(r == 1)
+        match self
+            .script::<i64>("lock release", RELEASE, &self.lock_key(symbol), &[&value])
+            .await
+        {
+            Ok(r) => Ok(r == 1),
+            Err(e) => {
+                self.leftovers().insert(symbol.to_string(), value);
+                Err(e)
+            }
+        }
+    }
+
+    async fn release_leftovers(&self) -> Result<usize, CoordError> {
+        let pending: Vec<(String, String)> = self
+            .leftovers()
+            .iter()
+            .map(|(s, v)| (s.clone(), v.clone()))
+            .collect();
+        // While the breaker is open every call would be refused (and counted as refused):
+        // wait for it to let calls through again.
+        if pending.is_empty() || self.breaker.state() == crate::resilience::BreakerState::Open {
+            return Ok(0);
+        }
+        let mut released = 0;
+        for (symbol, value) in pending {
+            let r: i64 = self
+                .script("lock release", RELEASE, &self.lock_key(&symbol), &[&value])
+                .await?;
+            // Released, or no longer ours (expired, taken over, or re-taken by us with a new
+            // value): either way nothing is left to release.
+            let mut left = self.leftovers();
+            if left.get(&symbol) == Some(&value) {
+                left.remove(&symbol);
+            }
+            if r == 1 {
+                released += 1;
+                metrics::counter!(names::LEFTOVER_LOCKS_RELEASED).increment(1);
+                tracing::info!(symbol = %symbol, "released a lock left over from a Redis outage");
+            }
+        }
+        Ok(released)
     }
 
     async fn held_locks(&self) -> Result<Vec<String>, CoordError> {
@@ -540,20 +643,27 @@ impl Coordination for RedisCoordination {
 
     async fn heartbeat(&self) -> Result<(), CoordError> {
         let now = Utc::now().timestamp_millis() as f64 / 1000.0;
-        let body =
-            serde_json::json!({"timestamp": now, "pid": std::process::id(), "token": self.token})
-                .to_string();
-        let ttl = self.timing.heartbeat_ttl.as_secs().max(1);
-        let _: () = self
-            .call(
+        let key = self.heartbeat_key(&self.instance_id);
+        let ttl = self.timing.heartbeat_ttl.as_secs().max(1).to_string();
+        let written: i64 = self
+            .script(
                 "heartbeat",
-                redis::cmd("SET")
-                    .arg(self.heartbeat_key(&self.instance_id))
-                    .arg(body)
-                    .arg("EX")
-                    .arg(ttl),
+                BEAT,
+                &key,
+                &[&self.token, &self.heartbeat_body(), &ttl],
             )
             .await?;
+        if written != 1 {
+            // Another process took our id (ours had expired, or it was started by hand
+            // with a copied config): two processes must not share one.
+            let holder: Option<String> = self
+                .call("heartbeat read", redis::cmd("GET").arg(&key))
+                .await?;
+            return Err(CoordError::DuplicateInstance {
+                instance_id: self.instance_id.clone(),
+                pid: holder.as_deref().map_or(0, heartbeat_pid),
+            });
+        }
         let members = self.key("runner:instances");
         let _: () = self
             .call(

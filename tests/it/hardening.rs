@@ -494,3 +494,88 @@ async fn a_duplicated_instance_id_is_refused_at_start() {
         )
         .await;
 }
+
+/// Two processes with one `instance_id` started at the same instant: exactly one runs, every
+/// time (the claim is one `SET`-if-absent script, not a read then a write). And when the id is
+/// claimed by another process later, the one running notices at its next heartbeat and stops,
+/// leaving the other's claim in place.
+#[tokio::test]
+async fn of_twins_started_together_exactly_one_runs() {
+    let redis = crate::redis_server::RedisServer::start().await;
+    let extra = redis_cfg(
+        &redis.url(),
+        "ETH/USD",
+        "  heartbeat:\n    ttl_seconds: 6\n    interval_seconds: 2\n",
+    );
+    let cfg = write_config(&config("*/2 * * * * *", &extra));
+    let args = ["run", "--config", cfg.path.to_str().unwrap()];
+    let started_or_refused =
+        |l: &serde_json::Value| l["message"] == "cannot start" || l["message"] == "cycle finished";
+    let mut winners = vec![];
+    for round in 0..6 {
+        let id = format!("twin-{round}");
+        let a = Proc::spawn_raw(&args, &[("INSTANCE_ID", &id)]);
+        let b = Proc::spawn_raw(&args, &[("INSTANCE_ID", &id)]);
+        let (la, lb) = tokio::join!(
+            a.wait_log(started_or_refused, Duration::from_secs(30)),
+            b.wait_log(started_or_refused, Duration::from_secs(30)),
+        );
+        let mut outcome = [la["message"].clone(), lb["message"].clone()];
+        outcome.sort_by_key(|m| m.to_string());
+        assert_eq!(
+            outcome,
+            ["cannot start", "cycle finished"],
+            "round {round}: {la} / {lb}"
+        );
+        let (mut winner, mut loser) = if la["message"] == "cycle finished" {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        assert_eq!(loser.wait_exit(Duration::from_secs(10)).await, 1);
+        // The winner's claim stands: its heartbeat is the one under the id.
+        let hb: String = redis::cmd("GET")
+            .arg(format!("runner:heartbeat:{id}"))
+            .query_async(&mut redis.conn().await)
+            .await
+            .unwrap();
+        let hb: serde_json::Value = serde_json::from_str(&hb).unwrap();
+        assert_eq!(
+            hb["pid"].as_u64(),
+            winner.child.id().map(u64::from),
+            "round {round}"
+        );
+        if round < 5 {
+            winner.signal("TERM");
+            assert_eq!(winner.wait_exit(Duration::from_secs(30)).await, 0);
+        } else {
+            winners.push(winner);
+        }
+    }
+    // Someone else takes the last winner's id: it stops at its next beat, non-zero, and does
+    // not delete the other's claim on the way out.
+    let mut survivor = winners.pop().unwrap();
+    let other = r#"{"timestamp": 1, "pid": 4242, "token": "someone-else"}"#;
+    let _: () = redis::cmd("SET")
+        .arg("runner:heartbeat:twin-5")
+        .arg(other)
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(survivor.wait_exit(Duration::from_secs(30)).await, 1);
+    let why = survivor
+        .wait_log(
+            |l| l["message"] == "another process holds this instance_id; stopping",
+            Duration::from_secs(1),
+        )
+        .await;
+    assert!(why["error"].as_str().unwrap().contains("pid 4242"), "{why}");
+    let hb: String = redis::cmd("GET")
+        .arg("runner:heartbeat:twin-5")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(hb, other);
+}

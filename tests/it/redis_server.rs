@@ -145,6 +145,17 @@ impl RedisServer {
         })
         .await
     }
+
+    /// Waits (up to `timeout`) until no key matches `pattern`.
+    pub async fn wait_no_keys(&self, pattern: &str, timeout: std::time::Duration) {
+        eventually(format!("no keys matching {pattern}"), timeout, || async {
+            match self.keys(pattern).await {
+                k if k.is_empty() => Ok(()),
+                k => Err(format!("{k:?}")),
+            }
+        })
+        .await
+    }
 }
 
 impl Drop for RedisServer {

@@ -364,6 +364,90 @@ async fn redis_outage_loses_nothing_and_cycles_resume() {
     }
 }
 
+/// Three replicas, Redis stopped while one of them is mid-cycle: that replica's lock
+/// releases fail. When Redis is back it releases them at once (it knows which locks it still
+/// has there), instead of leaving the other replicas to skip those symbols as "locked by a
+/// live owner" until the 90 s TTL runs out: the first tick after the outage is whole on
+/// whichever replica wins it.
+#[tokio::test]
+async fn locks_orphaned_by_an_outage_mid_cycle_are_released_when_redis_returns() {
+    let mut redis = RedisServer::start().await;
+    let market = MarketServer::start().await;
+    // Long enough that every symbol is still in flight when Redis goes.
+    market.set_default(Behaviour {
+        delay: Duration::from_millis(2500),
+        status: None,
+    });
+    let more = format!(
+        "  circuit_breaker:\n    redis:\n      failure_threshold: 3\n      recovery_timeout_seconds: 2\n      half_open_max_calls: 2\n      success_threshold: 1\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n",
+        market.url
+    );
+    let prefix = unique_prefix("orphans");
+    let yaml = config("*/6 * * * * *", &redis_extra(&redis.url(), "", FIVE, &more));
+    let clock = anchored_now();
+    let mut apps = vec![];
+    for i in 0..3 {
+        let options = AppOptions {
+            instance_id: Some(format!("orphans-{i}")),
+            key_prefix: Some(prefix.clone()),
+            clock: clock.clone(),
+            ..AppOptions::default()
+        };
+        apps.push(spawn_app_with(&yaml, options).await);
+    }
+    redis
+        .wait_keys(
+            &format!("{prefix}signal:lock:*"),
+            5,
+            Duration::from_secs(15),
+        )
+        .await;
+    redis.stop();
+    // Down until half a second after the next boundary: that tick is skipped for Redis, and
+    // the one after it, 5.5 s after Redis is back, is the first that can run.
+    let period = chrono::Duration::seconds(6);
+    let now = clock.now();
+    let next = chrono::DateTime::from_timestamp((now.timestamp() / 6 + 1) * 6, 0).unwrap();
+    let back = next + chrono::Duration::milliseconds(500);
+    tokio::time::sleep((back - now).to_std().unwrap()).await;
+    redis.restart().await;
+    // The leftovers are gone well before that tick (they would stand for the TTL, 90 s).
+    redis
+        .wait_no_keys(&format!("{prefix}signal:lock:*"), Duration::from_secs(4))
+        .await;
+    let first = (next + period).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let ran = crate::helpers::eventually(
+        format!("tick {first} to run on some replica"),
+        Duration::from_secs(30),
+        || async {
+            for a in &apps {
+                if let Some(c) = a
+                    .run_cycles()
+                    .await
+                    .into_iter()
+                    .find(|c| c["cycle_id"] == first)
+                {
+                    return Ok(c);
+                }
+            }
+            Err("not yet".to_string())
+        },
+    )
+    .await;
+    assert_eq!(
+        ran["symbols_ok"], 5,
+        "the first tick after the outage: {ran}"
+    );
+    assert_eq!(ran["symbols_skipped"], 0, "{ran}");
+    let stream = format!("{prefix}stream:raw-signals");
+    let c = counts(&redis, &stream).await;
+    let of_first = c.keys().filter(|(t, _)| *t == first).count();
+    assert_eq!(of_first, 5, "raw signals of {first}: {c:?}");
+    for a in apps {
+        a.stop().await.expect("clean stop");
+    }
+}
+
 #[tokio::test]
 async fn work_sharing_spreads_symbols_and_keeps_each_once() {
     let redis = RedisServer::start().await;
