@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::pool::PoolConnection;
 use sqlx::{AnyPool, Row};
 
 use super::*;
@@ -113,6 +114,31 @@ impl SqlStore {
             q.execute(&mut **tx).await.map_err(|e| self.err(e))?;
         }
         Ok(())
+    }
+
+    /// A connection of its own for one write transaction (see [`SqlStore::settle`]).
+    async fn write_connection(&self) -> Result<PoolConnection<sqlx::Any>, HistoryError> {
+        self.pool.acquire().await.map_err(|e| self.err(e))
+    }
+
+    /// Returns `conn` to the pool after a write that succeeded; closes it after one that
+    /// failed. A write that failed mid-transaction can leave the connection inside a
+    /// transaction the driver no longer tracks (SQLite's "database or disk is full" rolls the
+    /// transaction back by itself, or not, depending on where it struck): reused, it held the
+    /// write lock ("database is locked" for every other connection) and every later batch
+    /// "committed" into a transaction that was never committed — rows counted as written
+    /// that a restart did not find. A fresh connection knows no such state.
+    async fn settle<T>(
+        &self,
+        conn: PoolConnection<sqlx::Any>,
+        result: Result<T, HistoryError>,
+    ) -> Result<T, HistoryError> {
+        if result.is_err()
+            && let Err(e) = conn.close().await
+        {
+            tracing::debug!(error = %e, "closing a history connection after a failed write");
+        }
+        result
     }
 
     /// Closes every connection (SQLite then checkpoints its write-ahead log into the file and
@@ -481,37 +507,44 @@ impl HistoryStore for SqlStore {
     }
 
     async fn insert(&self, batch: &[Record]) -> Result<u64, HistoryError> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let mut added = 0;
-        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let sql = insert_sql(chunk.len(), Marks::of(self.backend));
-            let mut q = sqlx::query(&sql);
-            for r in chunk {
-                q = q
-                    .bind(&r.message_id)
-                    .bind(&r.signal_id)
-                    .bind(r.stage.as_str())
-                    .bind(&r.symbol)
-                    .bind(&r.cycle_id)
-                    .bind(r.cycle_at)
-                    .bind(r.published_at_ms)
-                    .bind(r.action.as_str())
-                    .bind(r.confidence)
-                    .bind(r.tier.map(Tier::as_str))
-                    .bind(&r.model)
-                    .bind(r.top_strategy.clone())
-                    .bind(r.price)
-                    .bind(r.data_as_of)
-                    .bind(i32::from(r.is_degraded))
-                    .bind(&r.envelope)
-                    .bind(r.calibrated_confidence)
-                    .bind(r.price_change_1h);
+        let mut conn = self.write_connection().await?;
+        let result: Result<u64, HistoryError> = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn)
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut added = 0;
+            for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+                let sql = insert_sql(chunk.len(), Marks::of(self.backend));
+                let mut q = sqlx::query(&sql);
+                for r in chunk {
+                    q = q
+                        .bind(&r.message_id)
+                        .bind(&r.signal_id)
+                        .bind(r.stage.as_str())
+                        .bind(&r.symbol)
+                        .bind(&r.cycle_id)
+                        .bind(r.cycle_at)
+                        .bind(r.published_at_ms)
+                        .bind(r.action.as_str())
+                        .bind(r.confidence)
+                        .bind(r.tier.map(Tier::as_str))
+                        .bind(&r.model)
+                        .bind(r.top_strategy.clone())
+                        .bind(r.price)
+                        .bind(r.data_as_of)
+                        .bind(i32::from(r.is_degraded))
+                        .bind(&r.envelope)
+                        .bind(r.calibrated_confidence)
+                        .bind(r.price_change_1h);
+                }
+                let done = q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
+                added += done.rows_affected();
             }
-            let done = q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
-            added += done.rows_affected();
+            tx.commit().await.map_err(|e| self.err(e))?;
+            Ok(added)
         }
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(added)
+        .await;
+        self.settle(conn, result).await
     }
 
     async fn page(&self, q: &HistoryQuery) -> Result<Vec<HistoryRow>, HistoryError> {
@@ -659,145 +692,152 @@ impl HistoryStore for SqlStore {
     }
 
     async fn record_grades(&self, grades: &[Grade]) -> Result<Vec<bool>, HistoryError> {
-        // The grades and their share of the running sums commit together: a sum never counts
-        // a grade that is not there, nor misses one that is. The sums of the batch are added
-        // up first, so a batch costs one row per (grouping, key, bucket), not per grade, and
-        // the rows go in a few multi-row statements.
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let mut recorded = vec![false; grades.len()];
-        // Rows are written in key order (and the sums below in theirs): two replicas grading
-        // the same signals at once then take their row locks in one order and cannot
-        // deadlock on PostgreSQL, whatever order their scans returned ties in. A key twice in
-        // one batch is recorded once (the first), as one statement cannot say which row won.
-        let key = |g: &Grade| (g.signal.signal_id.clone(), g.horizon_seconds);
-        let mut order: Vec<usize> = (0..grades.len()).collect();
-        order.sort_by_key(|&i| key(&grades[i]));
-        order.dedup_by_key(|i| key(&grades[*i]));
-        let mut new: HashSet<(String, i64)> = HashSet::new();
-        for chunk in order.chunks(GRADE_ROWS_PER_STATEMENT) {
-            let sql = grades_sql(chunk.len(), Marks::of(self.backend));
-            let mut q = sqlx::query(&sql);
-            for &i in chunk {
+        let mut conn = self.write_connection().await?;
+        let result: Result<Vec<bool>, HistoryError> = async {
+            // The grades and their share of the running sums commit together: a sum never counts
+            // a grade that is not there, nor misses one that is. The sums of the batch are added
+            // up first, so a batch costs one row per (grouping, key, bucket), not per grade, and
+            // the rows go in a few multi-row statements.
+            let mut tx = sqlx::Connection::begin(&mut *conn)
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut recorded = vec![false; grades.len()];
+            // Rows are written in key order (and the sums below in theirs): two replicas grading
+            // the same signals at once then take their row locks in one order and cannot
+            // deadlock on PostgreSQL, whatever order their scans returned ties in. A key twice in
+            // one batch is recorded once (the first), as one statement cannot say which row won.
+            let key = |g: &Grade| (g.signal.signal_id.clone(), g.horizon_seconds);
+            let mut order: Vec<usize> = (0..grades.len()).collect();
+            order.sort_by_key(|&i| key(&grades[i]));
+            order.dedup_by_key(|i| key(&grades[*i]));
+            let mut new: HashSet<(String, i64)> = HashSet::new();
+            for chunk in order.chunks(GRADE_ROWS_PER_STATEMENT) {
+                let sql = grades_sql(chunk.len(), Marks::of(self.backend));
+                let mut q = sqlx::query(&sql);
+                for &i in chunk {
+                    let g = &grades[i];
+                    let s = &g.signal;
+                    q = q
+                        .bind(&s.signal_id)
+                        .bind(g.horizon_seconds)
+                        .bind(&s.symbol)
+                        .bind(s.action.as_str())
+                        .bind(s.confidence)
+                        .bind(confidence_bucket(s.confidence))
+                        .bind(&s.tier)
+                        .bind(backend_of(&s.model))
+                        .bind(&s.model)
+                        .bind(&s.strategy)
+                        .bind(s.cycle_at)
+                        .bind(s.price_then)
+                        .bind(g.price_after)
+                        .bind(g.return_fraction)
+                        .bind(g.hit.map(i32::from))
+                        .bind(if g.hit.is_some() {
+                            "graded"
+                        } else {
+                            "missing_price"
+                        })
+                        .bind(g.graded_at)
+                        .bind(s.calibrated_confidence)
+                        .bind(g.hold_hit.map(i32::from))
+                        .bind(g.momentum_hit.map(i32::from));
+                }
+                for r in q.fetch_all(&mut *tx).await.map_err(|e| self.err(e))? {
+                    let id: String = r.try_get("signal_id").map_err(|e| self.err(e))?;
+                    new.insert((id, int(&r, "horizon").map_err(|e| self.err(e))?));
+                }
+            }
+            let mut sums: BTreeMap<SumKey, SumDelta> = BTreeMap::new();
+            let mut calibrated: BTreeMap<SumKey, (i64, i64, f64)> = BTreeMap::new();
+            let mut returns: BTreeMap<SumKey, i64> = BTreeMap::new();
+            for i in order {
                 let g = &grades[i];
                 let s = &g.signal;
-                q = q
-                    .bind(&s.signal_id)
-                    .bind(g.horizon_seconds)
-                    .bind(&s.symbol)
-                    .bind(s.action.as_str())
-                    .bind(s.confidence)
-                    .bind(confidence_bucket(s.confidence))
-                    .bind(&s.tier)
-                    .bind(backend_of(&s.model))
-                    .bind(&s.model)
-                    .bind(&s.strategy)
-                    .bind(s.cycle_at)
-                    .bind(s.price_then)
-                    .bind(g.price_after)
-                    .bind(g.return_fraction)
-                    .bind(g.hit.map(i32::from))
-                    .bind(if g.hit.is_some() {
-                        "graded"
-                    } else {
-                        "missing_price"
-                    })
-                    .bind(g.graded_at)
-                    .bind(s.calibrated_confidence)
-                    .bind(g.hold_hit.map(i32::from))
-                    .bind(g.momentum_hit.map(i32::from));
-            }
-            for r in q.fetch_all(&mut *tx).await.map_err(|e| self.err(e))? {
-                let id: String = r.try_get("signal_id").map_err(|e| self.err(e))?;
-                new.insert((id, int(&r, "horizon").map_err(|e| self.err(e))?));
-            }
-        }
-        let mut sums: BTreeMap<SumKey, SumDelta> = BTreeMap::new();
-        let mut calibrated: BTreeMap<SumKey, (i64, i64, f64)> = BTreeMap::new();
-        let mut returns: BTreeMap<SumKey, i64> = BTreeMap::new();
-        for i in order {
-            let g = &grades[i];
-            let s = &g.signal;
-            if !new.contains(&key(g)) {
-                continue;
-            }
-            recorded[i] = true;
-            let (Some(hit), Some(ret)) = (g.hit, g.return_fraction) else {
-                continue;
-            };
-            let bucket = confidence_bucket(s.confidence);
-            let backend = backend_of(&s.model);
-            let calibration_key = super::calibration::group_key(&s.model, s.action);
-            let keys = [
-                (GroupBy::Symbol, s.symbol.as_str()),
-                (GroupBy::Action, s.action.as_str()),
-                (GroupBy::Tier, s.tier.as_str()),
-                (GroupBy::Backend, backend),
-                (GroupBy::Model, s.model.as_str()),
-                (GroupBy::Strategy, s.strategy.as_str()),
-                (GroupBy::Calibration, calibration_key.as_str()),
-            ];
-            let day = s.cycle_at.div_euclid(86_400);
-            for (group_by, key) in keys {
-                let at = |bucket: i64| SumKey {
-                    horizon: g.horizon_seconds,
-                    day,
-                    group_by: group_by.as_str(),
-                    key: key.to_string(),
-                    bucket,
-                };
-                sums.entry(at(bucket)).or_default().add(
-                    s.confidence,
-                    hit,
-                    ret,
-                    s.calibrated_confidence,
-                    g,
-                );
-                if let Some(c) = s.calibrated_confidence {
-                    let e = calibrated.entry(at(confidence_bucket(c))).or_default();
-                    e.0 += 1;
-                    e.1 += i64::from(hit);
-                    e.2 += c;
+                if !new.contains(&key(g)) {
+                    continue;
                 }
-                *returns.entry(at(return_bp(ret))).or_default() += 1;
+                recorded[i] = true;
+                let (Some(hit), Some(ret)) = (g.hit, g.return_fraction) else {
+                    continue;
+                };
+                let bucket = confidence_bucket(s.confidence);
+                let backend = backend_of(&s.model);
+                let calibration_key = super::calibration::group_key(&s.model, s.action);
+                let keys = [
+                    (GroupBy::Symbol, s.symbol.as_str()),
+                    (GroupBy::Action, s.action.as_str()),
+                    (GroupBy::Tier, s.tier.as_str()),
+                    (GroupBy::Backend, backend),
+                    (GroupBy::Model, s.model.as_str()),
+                    (GroupBy::Strategy, s.strategy.as_str()),
+                    (GroupBy::Calibration, calibration_key.as_str()),
+                ];
+                let day = s.cycle_at.div_euclid(86_400);
+                for (group_by, key) in keys {
+                    let at = |bucket: i64| SumKey {
+                        horizon: g.horizon_seconds,
+                        day,
+                        group_by: group_by.as_str(),
+                        key: key.to_string(),
+                        bucket,
+                    };
+                    sums.entry(at(bucket)).or_default().add(
+                        s.confidence,
+                        hit,
+                        ret,
+                        s.calibrated_confidence,
+                        g,
+                    );
+                    if let Some(c) = s.calibrated_confidence {
+                        let e = calibrated.entry(at(confidence_bucket(c))).or_default();
+                        e.0 += 1;
+                        e.1 += i64::from(hit);
+                        e.2 += c;
+                    }
+                    *returns.entry(at(return_bp(ret))).or_default() += 1;
+                }
             }
+            let sums: Vec<_> = sums.into_iter().collect();
+            self.upsert_sums(&mut tx, (SUMS_HEAD, 20, SUMS_TAIL), &sums, |q, d| {
+                q.bind(d.n)
+                    .bind(d.hits)
+                    .bind(d.confidence)
+                    .bind(d.returns)
+                    .bind(d.squared_error)
+                    .bind(d.calibrated_n)
+                    .bind(d.calibrated_hits)
+                    .bind(d.calibrated_sum)
+                    .bind(d.calibrated_squared_error)
+                    .bind(d.baseline_n)
+                    .bind(d.baseline_hits)
+                    .bind(d.hold_hits)
+                    .bind(d.hold_differ)
+                    .bind(d.momentum_hits)
+                    .bind(d.momentum_differ)
+            })
+            .await?;
+            let calibrated: Vec<_> = calibrated.into_iter().collect();
+            self.upsert_sums(
+                &mut tx,
+                (CALIBRATED_HEAD, 8, CALIBRATED_TAIL),
+                &calibrated,
+                |q, (n, hits, sum)| q.bind(*n).bind(*hits).bind(*sum),
+            )
+            .await?;
+            let returns: Vec<_> = returns.into_iter().collect();
+            self.upsert_sums(
+                &mut tx,
+                (RETURNS_HEAD, 6, RETURNS_TAIL),
+                &returns,
+                |q, n| q.bind(*n),
+            )
+            .await?;
+            tx.commit().await.map_err(|e| self.err(e))?;
+            Ok(recorded)
         }
-        let sums: Vec<_> = sums.into_iter().collect();
-        self.upsert_sums(&mut tx, (SUMS_HEAD, 20, SUMS_TAIL), &sums, |q, d| {
-            q.bind(d.n)
-                .bind(d.hits)
-                .bind(d.confidence)
-                .bind(d.returns)
-                .bind(d.squared_error)
-                .bind(d.calibrated_n)
-                .bind(d.calibrated_hits)
-                .bind(d.calibrated_sum)
-                .bind(d.calibrated_squared_error)
-                .bind(d.baseline_n)
-                .bind(d.baseline_hits)
-                .bind(d.hold_hits)
-                .bind(d.hold_differ)
-                .bind(d.momentum_hits)
-                .bind(d.momentum_differ)
-        })
-        .await?;
-        let calibrated: Vec<_> = calibrated.into_iter().collect();
-        self.upsert_sums(
-            &mut tx,
-            (CALIBRATED_HEAD, 8, CALIBRATED_TAIL),
-            &calibrated,
-            |q, (n, hits, sum)| q.bind(*n).bind(*hits).bind(*sum),
-        )
-        .await?;
-        let returns: Vec<_> = returns.into_iter().collect();
-        self.upsert_sums(
-            &mut tx,
-            (RETURNS_HEAD, 6, RETURNS_TAIL),
-            &returns,
-            |q, n| q.bind(*n),
-        )
-        .await?;
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(recorded)
+        .await;
+        self.settle(conn, result).await
     }
 
     async fn graded(
@@ -1003,85 +1043,90 @@ impl HistoryStore for SqlStore {
     }
 
     async fn rebuild_sums(&self) -> Result<(), HistoryError> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        for sql in [
-            "DELETE FROM signal_grade_sums",
-            "DELETE FROM signal_grade_returns",
-            "DELETE FROM signal_calibrated_sums",
-        ] {
-            sqlx::query(sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-        }
-        for g in GroupBy::ALL {
-            // `g` comes from a closed enum: its key is a column (or an expression) of the
-            // grades table.
-            let (name, col) = (g.as_str(), g.column());
-            // What the running sums count per grade, summed: a calibrated value only where
-            // there is one, the baselines only where both are known.
-            let sums = format!(
-                "INSERT INTO signal_grade_sums (horizon_seconds, day, group_by, group_key, \
-                    confidence_bucket, n, hits, confidence, returns, squared_error, \
-                    calibrated_n, calibrated_hits, calibrated_sum, calibrated_squared_error, \
-                    baseline_n, baseline_hits, hold_hits, hold_differ, momentum_hits, \
-                    momentum_differ) \
-                 SELECT horizon_seconds, cycle_at / 86400, '{name}', {col}, confidence_bucket, \
-                    COUNT(*), SUM(hit), SUM(confidence), SUM(return_fraction), \
-                    SUM((confidence - hit) * (confidence - hit)), \
-                    SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE 1 END), \
-                    SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE hit END), \
-                    COALESCE(SUM(calibrated_confidence), 0), \
-                    COALESCE(SUM((calibrated_confidence - hit) * (calibrated_confidence - hit)), 0), \
-                    SUM({both} 1 ELSE 0 END), SUM({both} hit ELSE 0 END), \
-                    SUM({both} hold_hit ELSE 0 END), \
-                    SUM({both} (CASE WHEN hold_hit <> hit THEN 1 ELSE 0 END) ELSE 0 END), \
-                    SUM({both} momentum_hit ELSE 0 END), \
-                    SUM({both} (CASE WHEN momentum_hit <> hit THEN 1 ELSE 0 END) ELSE 0 END) \
-                 FROM signal_grades WHERE status = 'graded' \
-                 GROUP BY horizon_seconds, cycle_at / 86400, {col}, confidence_bucket",
-                both = "CASE WHEN hold_hit IS NOT NULL AND momentum_hit IS NOT NULL THEN"
-            );
-            // The calibrated value's bucket by comparison (FLOOR is not in every SQLite, and
-            // PostgreSQL's integer cast rounds).
-            let calibrated = format!(
-                "INSERT INTO signal_calibrated_sums (horizon_seconds, day, group_by, group_key, \
-                    calibrated_bucket, n, hits, calibrated) \
-                 SELECT horizon_seconds, cycle_at / 86400, '{name}', grp, cb, COUNT(*), SUM(hit), \
-                    SUM(calibrated_confidence) FROM ( \
-                   SELECT horizon_seconds, cycle_at, {col} AS grp, hit, calibrated_confidence, \
-                     CASE WHEN calibrated_confidence < 0.1 THEN 0 \
-                          WHEN calibrated_confidence < 0.2 THEN 1 \
-                          WHEN calibrated_confidence < 0.3 THEN 2 \
-                          WHEN calibrated_confidence < 0.4 THEN 3 \
-                          WHEN calibrated_confidence < 0.5 THEN 4 \
-                          WHEN calibrated_confidence < 0.6 THEN 5 \
-                          WHEN calibrated_confidence < 0.7 THEN 6 \
-                          WHEN calibrated_confidence < 0.8 THEN 7 \
-                          WHEN calibrated_confidence < 0.9 THEN 8 ELSE 9 END AS cb \
-                   FROM signal_grades \
-                   WHERE status = 'graded' AND calibrated_confidence IS NOT NULL) AS r \
-                 GROUP BY horizon_seconds, cycle_at / 86400, grp, cb"
-            );
-            let returns = format!(
-                "INSERT INTO signal_grade_returns (horizon_seconds, day, group_by, group_key, \
-                    return_bp, n) \
-                 SELECT horizon_seconds, cycle_at / 86400, '{name}', grp, bp, COUNT(*) FROM ( \
-                   SELECT horizon_seconds, cycle_at, {col} AS grp, \
-                     CASE WHEN return_fraction >= 1 THEN 10000 \
-                          WHEN return_fraction <= -1 THEN -10000 \
-                          ELSE CAST(ROUND(return_fraction * 10000) AS BIGINT) END AS bp \
-                   FROM signal_grades WHERE status = 'graded') AS r \
-                 GROUP BY horizon_seconds, cycle_at / 86400, grp, bp"
-            );
-            for sql in [sums, returns, calibrated] {
-                sqlx::query(&sql)
+        let mut conn = self.write_connection().await?;
+        let result: Result<(), HistoryError> = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|e| self.err(e))?;
+            for sql in [
+                "DELETE FROM signal_grade_sums",
+                "DELETE FROM signal_grade_returns",
+                "DELETE FROM signal_calibrated_sums",
+            ] {
+                sqlx::query(sql)
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| self.err(e))?;
             }
+            for g in GroupBy::ALL {
+                // `g` comes from a closed enum: its key is a column (or an expression) of the
+                // grades table.
+                let (name, col) = (g.as_str(), g.column());
+                // What the running sums count per grade, summed: a calibrated value only where
+                // there is one, the baselines only where both are known.
+                let sums = format!(
+                    "INSERT INTO signal_grade_sums (horizon_seconds, day, group_by, group_key, \
+                        confidence_bucket, n, hits, confidence, returns, squared_error, \
+                        calibrated_n, calibrated_hits, calibrated_sum, calibrated_squared_error, \
+                        baseline_n, baseline_hits, hold_hits, hold_differ, momentum_hits, \
+                        momentum_differ) \
+                     SELECT horizon_seconds, cycle_at / 86400, '{name}', {col}, confidence_bucket, \
+                        COUNT(*), SUM(hit), SUM(confidence), SUM(return_fraction), \
+                        SUM((confidence - hit) * (confidence - hit)), \
+                        SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE 1 END), \
+                        SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE hit END), \
+                        COALESCE(SUM(calibrated_confidence), 0), \
+                        COALESCE(SUM((calibrated_confidence - hit) * (calibrated_confidence - hit)), 0), \
+                        SUM({both} 1 ELSE 0 END), SUM({both} hit ELSE 0 END), \
+                        SUM({both} hold_hit ELSE 0 END), \
+                        SUM({both} (CASE WHEN hold_hit <> hit THEN 1 ELSE 0 END) ELSE 0 END), \
+                        SUM({both} momentum_hit ELSE 0 END), \
+                        SUM({both} (CASE WHEN momentum_hit <> hit THEN 1 ELSE 0 END) ELSE 0 END) \
+                     FROM signal_grades WHERE status = 'graded' \
+                     GROUP BY horizon_seconds, cycle_at / 86400, {col}, confidence_bucket",
+                    both = "CASE WHEN hold_hit IS NOT NULL AND momentum_hit IS NOT NULL THEN"
+                );
+                // The calibrated value's bucket by comparison (FLOOR is not in every SQLite, and
+                // PostgreSQL's integer cast rounds).
+                let calibrated = format!(
+                    "INSERT INTO signal_calibrated_sums (horizon_seconds, day, group_by, group_key, \
+                        calibrated_bucket, n, hits, calibrated) \
+                     SELECT horizon_seconds, cycle_at / 86400, '{name}', grp, cb, COUNT(*), SUM(hit), \
+                        SUM(calibrated_confidence) FROM ( \
+                       SELECT horizon_seconds, cycle_at, {col} AS grp, hit, calibrated_confidence, \
+                         CASE WHEN calibrated_confidence < 0.1 THEN 0 \
+                              WHEN calibrated_confidence < 0.2 THEN 1 \
+                              WHEN calibrated_confidence < 0.3 THEN 2 \
+                              WHEN calibrated_confidence < 0.4 THEN 3 \
+                              WHEN calibrated_confidence < 0.5 THEN 4 \
+                              WHEN calibrated_confidence < 0.6 THEN 5 \
+                              WHEN calibrated_confidence < 0.7 THEN 6 \
+                              WHEN calibrated_confidence < 0.8 THEN 7 \
+                              WHEN calibrated_confidence < 0.9 THEN 8 ELSE 9 END AS cb \
+                       FROM signal_grades \
+                       WHERE status = 'graded' AND calibrated_confidence IS NOT NULL) AS r \
+                     GROUP BY horizon_seconds, cycle_at / 86400, grp, cb"
+                );
+                let returns = format!(
+                    "INSERT INTO signal_grade_returns (horizon_seconds, day, group_by, group_key, \
+                        return_bp, n) \
+                     SELECT horizon_seconds, cycle_at / 86400, '{name}', grp, bp, COUNT(*) FROM ( \
+                       SELECT horizon_seconds, cycle_at, {col} AS grp, \
+                         CASE WHEN return_fraction >= 1 THEN 10000 \
+                              WHEN return_fraction <= -1 THEN -10000 \
+                              ELSE CAST(ROUND(return_fraction * 10000) AS BIGINT) END AS bp \
+                       FROM signal_grades WHERE status = 'graded') AS r \
+                     GROUP BY horizon_seconds, cycle_at / 86400, grp, bp"
+                );
+                for sql in [sums, returns, calibrated] {
+                    sqlx::query(&sql)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.err(e))?;
+                }
+            }
+            tx.commit().await.map_err(|e| self.err(e))
         }
-        tx.commit().await.map_err(|e| self.err(e))
+        .await;
+        self.settle(conn, result).await
     }
 
     async fn ping(&self) -> Result<(), HistoryError> {

@@ -507,6 +507,61 @@ async fn the_writer_keeps_everything_across_a_postgres_outage() {
     assert_eq!(all.len(), 40, "every message of both batches, once");
 }
 
+/// PostgreSQL answers but refuses the writes — as a server whose disk is full does (SQLSTATE
+/// 53100, raised here by a trigger, since a test cannot fill the server's disk safely), or a
+/// statement timeout: the batch stays queued and is retried, and once the server accepts
+/// writes again every message is there, once.
+#[tokio::test]
+async fn the_writer_keeps_everything_while_postgres_refuses_writes() {
+    let pg = PostgresServer::start().await;
+    let store = postgres(&pg).await;
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = '53100'; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT ON signal_messages FOR EACH ROW EXECUTE FUNCTION refuse_writes()",
+    ] {
+        sqlx::query(sql).execute(&admin).await.unwrap();
+    }
+    let writer = HistoryWriter::new(store.clone(), 10_000, 50);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(writer.clone().run(stop.clone(), Duration::from_secs(2)));
+    for m in
+        (0..10).flat_map(|m| Stage::ALL.map(|st| message("ETH/USD", m, st, "HOLD", 0.6, 100.0)))
+    {
+        writer.offer(Arc::new(m));
+    }
+    wait(|| !writer.healthy(), "the writer noticed the refusal").await;
+    assert_eq!(
+        writer.queued(),
+        40,
+        "a refused batch goes back to the queue"
+    );
+    sqlx::query("DROP TRIGGER refuse ON signal_messages")
+        .execute(&admin)
+        .await
+        .unwrap();
+    wait(
+        || writer.queued() == 0 && writer.healthy(),
+        "the backlog written once the server accepts writes",
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let all = store
+        .page(&HistoryQuery {
+            limit: 1000,
+            ..HistoryQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 40, "every message, once");
+}
+
 async fn wait(cond: impl Fn() -> bool, what: &str) {
     crate::helpers::eventually(what, Duration::from_secs(60), || async {
         if cond() {

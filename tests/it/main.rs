@@ -11,6 +11,7 @@ mod market_server;
 mod redis_server;
 mod sse_client;
 
+mod bad_day;
 mod browser;
 mod cli;
 mod deploy;
