@@ -33,7 +33,7 @@ use crate::publish::{CycleSummary, Publisher};
 use crate::resilience::latency::{AdaptiveSettings, CycleParams, Demand, GateDecision};
 use crate::resilience::rate_limit::emission_interval;
 use crate::resilience::{AdaptivePolicy, Backpressure, Breaker, CallLatencies};
-use crate::schedule::{Clock, CycleId, Schedule};
+use crate::schedule::{Clock, CycleId, Schedule, Woke};
 use crate::telemetry::names;
 
 /// Why a tick did not run a cycle (a bounded label).
@@ -124,10 +124,12 @@ pub struct RunnerState {
     coordination_error: Option<String>,
     /// The tick the loop is waiting for (the dashboard says when the first signals come).
     next_tick: Option<DateTime<Utc>>,
-    /// When the tick loop last moved (woke for a tick, or started).
+    /// When the tick loop last moved (woke from one of its naps of at most a second while
+    /// waiting, woke for a tick, or started).
     last_progress: Instant,
     /// The loop is stalled once it has not moved for this long: two schedule periods plus
-    /// the cycle deadline (a loop that waits for its next tick moves at least once a period).
+    /// the cycle deadline (a waiting loop moves every second; a tick's gates and start can
+    /// take up to the cycle deadline).
     /// Set by the service loop only: a `once` run has no ticks to make.
     stall_after: Option<Duration>,
 }
@@ -556,11 +558,12 @@ impl Runner {
             st.last_progress = Instant::now();
         }
         tracing::info!(schedule = self.schedule.expr(), "scheduler started");
-        let mut last_tick: Option<DateTime<Utc>> = None;
+        let mut done = crate::schedule::DoneTicks::default();
+        let mut watch = crate::schedule::WallWatch::new(self.clock.clone());
         loop {
-            let now = self.clock.now();
-            let from = last_tick.map_or(now, |t| t.max(now));
-            let Some(next) = self.schedule.next_after(from) else {
+            // The first tick after now that has not been handled: after the wall clock steps
+            // back, the next boundary of the new time, passing over the ticks already run.
+            let Some(next) = done.next_after(&self.schedule, self.clock.now()) else {
                 tracing::error!(
                     schedule = self.schedule.expr(),
                     "schedule has no further ticks; stopping"
@@ -568,11 +571,30 @@ impl Runner {
                 break;
             };
             self.state.lock().next_tick = Some(next);
-            tokio::select! {
+            let state = self.state.clone();
+            let woke = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.clock.sleep_until(next) => {}
-            }
+                // Waiting is moving: liveness fails only when the loop itself is stuck.
+                w = watch.sleep_until(next, || state.progress()) => w,
+            };
             self.state.progress();
+            if let Woke::Stepped(jump) = woke {
+                let direction = if jump < chrono::Duration::zero() {
+                    "back"
+                } else {
+                    "forward"
+                };
+                let resume = done.next_after(&self.schedule, self.clock.now());
+                tracing::warn!(
+                    direction,
+                    step_s = jump.num_milliseconds() as f64 / 1000.0,
+                    next_tick = ?resume.map(CycleId::new),
+                    "the wall clock stepped; ticking on from the next boundary of the new time (no tick runs twice)"
+                );
+                metrics::counter!(names::CLOCK_STEPS, "direction" => direction).increment(1);
+                done.stepped();
+                continue;
+            }
             // If we woke late (a stalled process), later ticks may already be due: run only
             // the latest one and count the ones in between as missed.
             let (tick, missed) = self.schedule.latest_due(next, self.clock.now());
@@ -580,7 +602,11 @@ impl Runner {
                 tracing::warn!(missed, running = %CycleId::new(tick), "process stalled: missed ticks are not replayed");
                 metrics::counter!(names::TICKS_MISSED).increment(missed);
             }
-            last_tick = Some(tick);
+            if done.contains(tick) {
+                // The latest due tick was run before a step back: never run an id twice.
+                continue;
+            }
+            done.record(tick);
             self.on_tick(CycleId::new(tick)).await;
         }
         self.drain().await;
@@ -909,6 +935,8 @@ mod tests {
         coord: Arc<MemoryCoordination>,
         agent: Arc<Timed>,
         breaker: Breaker,
+        /// Steps the scheduler's wall clock (as NTP would), not tokio's.
+        steps: crate::schedule::WallSteps,
     }
 
     fn harness(cfg: Config, latency: Duration) -> Harness {
@@ -939,7 +967,7 @@ mod tests {
             crate::resilience::BreakerKind::LlmOpenrouter,
             cfg.circuit_breaker.llm_service.settings(),
         );
-        let clock = Clock::anchored(
+        let (clock, steps) = Clock::steppable(
             chrono::Utc
                 .with_ymd_and_hms(2026, 11, 28, 10, 0, 0)
                 .single()
@@ -962,6 +990,7 @@ mod tests {
             coord,
             agent,
             breaker,
+            steps,
         }
     }
 
@@ -1047,6 +1076,122 @@ mod tests {
         let stalled = state.liveness().expect_err("stalled");
         assert!(stalled > Duration::from_secs(40), "{stalled:?}");
         drop(stop);
+    }
+
+    /// The cycles that ran, in id order, as (HH:MM of the id, whether it started at its
+    /// boundary).
+    fn ran(publisher: &Publisher) -> Vec<(String, bool)> {
+        let mut cycles = publisher.cycles();
+        cycles.reverse();
+        cycles
+            .iter()
+            .map(|c| {
+                let at_boundary = c
+                    .started_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    == c.cycle_id.to_string();
+                (c.cycle_id.to_string()[11..16].to_string(), at_boundary)
+            })
+            .collect()
+    }
+
+    fn hhmm(ids: &[&str]) -> Vec<(String, bool)> {
+        ids.iter().map(|t| (t.to_string(), true)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_stepped_forward_then_back_ticks_on_from_each_new_boundary() {
+        // Every minute; the wall clock is 10:00:00.3 at the start.
+        let h = harness(cfg("0 * * * * *"), Duration::from_millis(100));
+        let state = h.runner.state();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(h.runner.run(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(210)).await; // 10:03:30
+        // NTP steps it forward an hour (a wrong correction) …
+        h.steps.step(chrono::Duration::hours(1)); // 11:03:30
+        tokio::time::sleep(Duration::from_secs(180)).await; // 11:06:30
+        // … and back again: the next tick is the next boundary of the new time, 10:07, not
+        // 11:07 (an hour of silence), and liveness holds all along.
+        h.steps.step(chrono::Duration::hours(-1)); // 10:06:30
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(state.liveness(), Ok(()));
+        }
+        // 10:11:30
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            ran(&h.publisher),
+            // In id order (10:07–10:11 ran after 11:04–11:06), each once, each at its
+            // boundary.
+            hhmm(&[
+                "10:01", "10:02", "10:03", "10:07", "10:08", "10:09", "10:10", "10:11", "11:04",
+                "11:05", "11:06"
+            ])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_stepped_back_over_ticks_already_run_never_runs_one_twice() {
+        let h = harness(cfg("0 * * * * *"), Duration::from_millis(100));
+        let state = h.runner.state();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(h.runner.run(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(330)).await; // 10:05:30
+        // Back three minutes over 10:03–10:05, which ran: they are passed over, 10:06 is
+        // next, three and a half minutes later, and the loop is live while it waits.
+        h.steps.step(chrono::Duration::minutes(-3)); // 10:02:30
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(state.liveness(), Ok(()));
+        }
+        // 10:07:30
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            ran(&h.publisher),
+            hhmm(&[
+                "10:01", "10:02", "10:03", "10:04", "10:05", "10:06", "10:07"
+            ])
+        );
+    }
+
+    #[test]
+    fn done_ticks_pass_over_spans_and_merge_them() {
+        use crate::schedule::DoneTicks;
+        let s = Schedule::new("0 * * * * *", "UTC").unwrap();
+        let t = |h: u32, m: u32| {
+            chrono::Utc
+                .with_ymd_and_hms(2026, 11, 28, h, m, 0)
+                .single()
+                .unwrap()
+        };
+        let mut d = DoneTicks::default();
+        for m in 1..=3 {
+            d.record(t(10, m));
+        }
+        d.stepped();
+        for m in 4..=6 {
+            d.record(t(11, m));
+        }
+        d.stepped();
+        // Back at 10:06:30: 10:07 is next; 11:03 is not done (jumped over), 11:04–11:06 are.
+        assert_eq!(d.next_after(&s, t(10, 6)), Some(t(10, 7)));
+        assert!(!d.contains(t(10, 30)) && !d.contains(t(11, 3)));
+        assert!(d.contains(t(10, 2)) && d.contains(t(11, 5)));
+        // Ticking on from 10:07 up to 11:03, the next is 11:07: the spans have met.
+        for m in 7..60 {
+            d.record(t(10, m));
+        }
+        for m in 0..=3 {
+            d.record(t(11, m));
+        }
+        assert_eq!(d.next_after(&s, t(11, 3)), Some(t(11, 7)));
+        d.record(t(11, 7));
+        assert!(d.contains(t(10, 30)) && d.contains(t(11, 6)));
+        // 10:04–10:06 were jumped over by the first step: still not done.
+        assert_eq!(d.next_after(&s, t(10, 0)), Some(t(10, 4)));
+        assert_eq!(d.next_after(&s, t(10, 6)), Some(t(11, 8)));
     }
 
     #[tokio::test(start_paused = true)]

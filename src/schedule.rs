@@ -224,29 +224,72 @@ impl<'de> serde::Deserialize<'de> for CycleId {
 ///
 /// In service the system clock is the truth (ticks belong to UTC boundaries, and replicas on
 /// different hosts agree through NTP). Tests anchor wall time to tokio's clock instead, so a
-/// paused clock drives the scheduler exactly.
+/// paused clock drives the scheduler exactly — and [`Clock::steppable`] lets a test step the
+/// wall clock as an NTP correction does, which a paused monotonic clock alone cannot show.
 #[derive(Debug, Clone)]
 pub enum Clock {
     /// `Utc::now()`.
     System,
     /// A replay's: the time its driver last set; nothing waits on it.
     Virtual(VirtualTime),
-    /// `wall` at `mono`, advancing with tokio's clock.
+    /// `wall` at `mono`, advancing with tokio's clock, plus `steps` (milliseconds; zero
+    /// unless a test stepped it through [`WallSteps`]).
     Anchored {
         /// Wall time at the anchor.
         wall: DateTime<Utc>,
         /// tokio instant at the anchor.
         mono: tokio::time::Instant,
+        /// How far the wall clock was stepped since, in milliseconds (shared by clones).
+        steps: Arc<AtomicI64>,
     },
 }
+
+/// Steps the wall clock of a [`Clock::steppable`] clock (every clone of it), leaving tokio's
+/// monotonic clock alone — what an NTP step does to a real host.
+#[derive(Debug, Clone)]
+pub struct WallSteps(Arc<AtomicI64>);
+
+impl WallSteps {
+    /// Moves the wall clock by `d` (negative: back).
+    pub fn step(&self, d: chrono::Duration) {
+        self.0.fetch_add(d.num_milliseconds(), Ordering::Relaxed);
+    }
+}
+
+/// How a wait for a wall time ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woke {
+    /// The time came.
+    Reached,
+    /// The wall clock jumped by this much beyond the time that passed (negative: back).
+    Stepped(chrono::Duration),
+}
+
+/// Longest nap of [`Clock::sleep_until`]: a step of the wall clock is noticed within it.
+const NAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A wall-clock move this much larger or smaller than the monotonic time that passed is a
+/// step, not drift: NTP slews below it and steps above it (its default step threshold is
+/// 128 ms; a second leaves room for a loaded host's late wake-ups, which move both clocks).
+const STEP: chrono::Duration = chrono::Duration::seconds(2);
 
 impl Clock {
     /// A clock that starts at `wall` now and follows tokio's (possibly paused) clock.
     pub fn anchored(wall: DateTime<Utc>) -> Self {
-        Clock::Anchored {
-            wall,
-            mono: tokio::time::Instant::now(),
-        }
+        Self::steppable(wall).0
+    }
+
+    /// [`Clock::anchored`], and the handle that steps its wall clock.
+    pub fn steppable(wall: DateTime<Utc>) -> (Self, WallSteps) {
+        let steps = Arc::new(AtomicI64::new(0));
+        (
+            Clock::Anchored {
+                wall,
+                mono: tokio::time::Instant::now(),
+                steps: steps.clone(),
+            },
+            WallSteps(steps),
+        )
     }
 
     /// Current wall time.
@@ -254,27 +297,139 @@ impl Clock {
         match self {
             Clock::System => Utc::now(),
             Clock::Virtual(v) => v.get(),
-            Clock::Anchored { wall, mono } => {
+            Clock::Anchored { wall, mono, steps } => {
                 let since = tokio::time::Instant::now().duration_since(*mono);
-                *wall + chrono::Duration::from_std(since).unwrap_or_default()
+                *wall
+                    + chrono::Duration::from_std(since).unwrap_or_default()
+                    + chrono::Duration::milliseconds(steps.load(Ordering::Relaxed))
             }
         }
     }
+}
 
-    /// Sleeps until wall time `t` (re-checking after waking, so an early wake-up caused by
-    /// the wall clock stepping never starts a tick before its boundary).
-    /// On a virtual clock it returns at once: its driver moves time, not the waiting.
-    pub async fn sleep_until(&self, t: DateTime<Utc>) {
-        if matches!(self, Clock::Virtual(_)) {
-            return;
+/// Watches the wall clock against tokio's monotonic clock for steps (an NTP correction, an
+/// operator's `date -s`), and sleeps until a wall time without missing one.
+#[derive(Debug)]
+pub struct WallWatch {
+    clock: Clock,
+    /// Wall and monotonic time at the last look.
+    wall: DateTime<Utc>,
+    mono: tokio::time::Instant,
+}
+
+impl WallWatch {
+    /// Starts watching `clock` now.
+    pub fn new(clock: Clock) -> Self {
+        WallWatch {
+            wall: clock.now(),
+            mono: tokio::time::Instant::now(),
+            clock,
         }
+    }
+
+    /// How far the wall clock moved beyond the monotonic time that passed since the last
+    /// look, when that is a step (more than [`STEP`] either way; negative: back). Looks anew.
+    /// A virtual clock is moved by its driver: it never steps.
+    pub fn stepped(&mut self) -> Option<chrono::Duration> {
+        let (wall, mono) = (self.clock.now(), tokio::time::Instant::now());
+        let slept = chrono::Duration::from_std(mono.duration_since(self.mono)).unwrap_or_default();
+        let jump = (wall - self.wall) - slept;
+        (self.wall, self.mono) = (wall, mono);
+        (jump.abs() > STEP && !matches!(self.clock, Clock::Virtual(_))).then_some(jump)
+    }
+
+    /// Sleeps until wall time `t`, in naps of at most a second (calling `on_nap` after each),
+    /// re-reading the wall clock after each: an early wake-up never starts a tick before its
+    /// boundary, and a step of the wall clock since the last look — during the wait or
+    /// before it — ends the wait with [`Woke::Stepped`]: a clock stepped back an hour must
+    /// not leave the caller asleep for that hour. On a virtual clock it returns at once: its
+    /// driver moves time, not the waiting.
+    pub async fn sleep_until(&mut self, t: DateTime<Utc>, mut on_nap: impl FnMut()) -> Woke {
         loop {
-            let remaining = (t - self.now()).to_std().unwrap_or_default();
-            if remaining.is_zero() {
-                return;
+            if let Some(jump) = self.stepped() {
+                return Woke::Stepped(jump);
             }
-            tokio::time::sleep(remaining).await;
+            let remaining = (t - self.clock.now()).to_std().unwrap_or_default();
+            if remaining.is_zero() || matches!(self.clock, Clock::Virtual(_)) {
+                return Woke::Reached;
+            }
+            tokio::time::sleep(remaining.min(NAP)).await;
+            on_nap();
         }
+    }
+}
+
+/// The ticks a tick loop has handled (run, skipped, or passed over), as spans of wall time:
+/// what keeps a cycle id from ever running twice when the wall clock steps back over ticks
+/// already run. Every tick in a span is done; a forward step leaves the jumped-over ticks
+/// outside every span, so after a step back they are run like any other.
+///
+/// A span per forward step, merged when they meet: a handful at most, however long it runs.
+#[derive(Debug, Default)]
+pub struct DoneTicks {
+    /// Disjoint, in time order.
+    spans: Vec<(DateTime<Utc>, DateTime<Utc>)>,
+    /// The start of the span the next tick continues (`None` after a step).
+    current: Option<DateTime<Utc>>,
+}
+
+/// Spans kept: the oldest go first (a step back further than dozens of forward steps ago).
+const MAX_SPANS: usize = 64;
+
+impl DoneTicks {
+    /// Records that `tick` was handled, with every tick since the last one recorded if no
+    /// step came between.
+    pub fn record(&mut self, tick: DateTime<Utc>) {
+        let current = self
+            .current
+            .and_then(|start| self.spans.iter().position(|(a, _)| *a == start));
+        match current {
+            Some(i) if tick >= self.spans[i].1 => self.spans[i].1 = tick,
+            _ => {
+                self.spans.push((tick, tick));
+                self.spans.sort();
+            }
+        }
+        self.merge();
+        self.current = self.containing(tick).map(|(a, _)| a);
+    }
+
+    /// The wall clock stepped: the next tick recorded starts a span of its own.
+    pub fn stepped(&mut self) {
+        self.current = None;
+    }
+
+    /// The span `t` is in, if any.
+    fn containing(&self, t: DateTime<Utc>) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        self.spans.iter().copied().find(|(a, b)| *a <= t && t <= *b)
+    }
+
+    /// Whether `t` was handled already.
+    pub fn contains(&self, t: DateTime<Utc>) -> bool {
+        self.containing(t).is_some()
+    }
+
+    /// The first tick of `schedule` after `now` that is not done yet.
+    pub fn next_after(&self, schedule: &Schedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut next = schedule.next_after(now)?;
+        while let Some((_, end)) = self.containing(next) {
+            next = schedule.next_after(end)?;
+        }
+        Some(next)
+    }
+
+    fn merge(&mut self) {
+        let mut merged: Vec<(DateTime<Utc>, DateTime<Utc>)> = Vec::with_capacity(self.spans.len());
+        for (a, b) in self.spans.drain(..) {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        if merged.len() > MAX_SPANS {
+            merged.drain(..merged.len() - MAX_SPANS);
+        }
+        self.spans = merged;
     }
 }
 
@@ -413,8 +568,39 @@ mod tests {
         let c = Clock::anchored(at(10, 0, 0));
         tokio::time::advance(std::time::Duration::from_millis(1500)).await;
         assert_eq!(c.now(), at(10, 0, 1) + chrono::Duration::milliseconds(500));
-        c.sleep_until(at(10, 1, 0)).await;
+        let mut w = WallWatch::new(c.clone());
+        let mut naps = 0;
+        assert_eq!(
+            w.sleep_until(at(10, 1, 0), || naps += 1).await,
+            Woke::Reached
+        );
         assert_eq!(c.now(), at(10, 1, 0));
+        // 58.5 s in naps of at most a second.
+        assert_eq!(naps, 59);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_step_ends_the_wait_within_a_second_and_drift_does_not() {
+        let (c, steps) = Clock::steppable(at(10, 0, 0));
+        let mut w = WallWatch::new(c.clone());
+        let sleeper = tokio::spawn(async move { w.sleep_until(at(11, 0, 0), || {}).await });
+        tokio::time::sleep(std::time::Duration::from_millis(10_500)).await;
+        // Slewed 1.5 s (under the 2 s step threshold): still waiting.
+        steps.step(chrono::Duration::milliseconds(-1500));
+        tokio::time::sleep(std::time::Duration::from_millis(2_000)).await;
+        assert!(!sleeper.is_finished());
+        steps.step(chrono::Duration::minutes(-30));
+        tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+        assert!(sleeper.is_finished());
+        let woke = sleeper.await.expect("joined");
+        assert_eq!(woke, Woke::Stepped(chrono::Duration::minutes(-30)));
+        // A step that came between two waits is seen by the next one at once.
+        let mut w = WallWatch::new(c.clone());
+        steps.step(chrono::Duration::hours(1));
+        assert_eq!(
+            w.sleep_until(at(13, 0, 0), || {}).await,
+            Woke::Stepped(chrono::Duration::hours(1))
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub mod names {
         CYCLES = "cycles_total";
         /// Counter: ticks missed while the process was stalled (not replayed).
         TICKS_MISSED = "ticks_missed_total";
+        /// Counter {direction}: steps of the wall clock the scheduler noticed (`forward`, `back`).
+        CLOCK_STEPS = "clock_steps_total";
         /// Counter {reason}: stale locks taken over.
         STALE_LOCKS_RECOVERED = "stale_locks_recovered_total";
         /// Counter: locks whose release failed in a Redis outage, released once it answered (instead of expiring).
