@@ -953,14 +953,14 @@ fn spawn_heartbeat(
                 Err(e @ coordination::CoordError::DuplicateInstance { .. }) => {
                     metrics::counter!(telemetry::names::INSTANCE_CONFLICTS).increment(1);
                     tracing::error!(error = %e, "another process holds this instance_id; stopping");
-                    state.set_coordination_error(Some(e.to_string()));
+                    state.set_coordination_error(Some(&e));
                     let _ = stops.conflict.set(e.to_string());
                     stops.shutdown.cancel();
                     return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "heartbeat failed");
-                    state.set_coordination_error(Some(e.to_string()));
+                    state.set_coordination_error(Some(&e));
                 }
             }
             tokio::select! {

@@ -254,18 +254,22 @@ fn replay_inner(a: &ReplayArgs) -> Result<ExitCode, ExitCode> {
     }
 }
 
-fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
-    let mut cfg = Config::load(arg.config.as_deref(), &ProcessEnv).map_err(|e| {
-        match &e {
-            ConfigError::Invalid(issues) => {
-                for i in issues {
-                    eprintln!("{i}");
-                }
+/// Prints a configuration error (each issue on a line of its own); the exit code for it.
+fn config_failed(e: &ConfigError) -> ExitCode {
+    match e {
+        ConfigError::Invalid(issues) => {
+            for i in issues {
+                eprintln!("{i}");
             }
-            other => eprintln!("{other}"),
         }
-        ExitCode::from(EXIT_CONFIG)
-    })?;
+        other => eprintln!("{other}"),
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
+    let mut cfg =
+        Config::load(arg.config.as_deref(), &ProcessEnv).map_err(|e| config_failed(&e))?;
     if let Some(port) = arg.port {
         cfg.http.port = port;
     }
@@ -389,6 +393,10 @@ fn main() -> ExitCode {
         print!("{}", cfg.to_redacted_yaml());
         eprintln!("configuration OK");
         return ExitCode::SUCCESS;
+    }
+    // What only the filesystem can say, found now rather than at the moment it is needed.
+    if let Err(e) = cfg.check_writable_paths() {
+        return config_failed(&e);
     }
     let rt = match runtime() {
         Ok(rt) => rt,

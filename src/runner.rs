@@ -122,6 +122,9 @@ pub struct RunnerState {
     shutting_down: bool,
     kill_switch: Option<KillSwitch>,
     coordination_error: Option<String>,
+    /// Whether that error is a bad record in a backend that answers (see
+    /// [`CoordError::is_bad_record`](crate::coordination::CoordError::is_bad_record)).
+    coordination_bad_record: bool,
     /// The tick the loop is waiting for (the dashboard says when the first signals come).
     next_tick: Option<DateTime<Utc>>,
     /// When the tick loop last moved (woke from one of its naps of at most a second while
@@ -167,6 +170,8 @@ pub struct StatusView {
     pub kill_switch: Option<KillSwitch>,
     /// Last coordination error, if the backend is failing.
     pub coordination_error: Option<String>,
+    /// Whether it is a bad record in a backend that answers, not an outage.
+    pub coordination_bad_record: bool,
     /// The next tick the scheduler waits for.
     pub next_tick: Option<DateTime<Utc>>,
 }
@@ -206,6 +211,7 @@ impl SharedState {
             cooldown_cycles_remaining: s.backpressure.cooldown_remaining(),
             kill_switch: s.kill_switch.clone(),
             coordination_error: s.coordination_error.clone(),
+            coordination_bad_record: s.coordination_bad_record,
             next_tick: s.next_tick,
         }
     }
@@ -233,8 +239,10 @@ impl SharedState {
     }
 
     /// Records the coordination backend's health.
-    pub fn set_coordination_error(&self, e: Option<String>) {
-        self.lock().coordination_error = e;
+    pub fn set_coordination_error(&self, e: Option<&crate::coordination::CoordError>) {
+        let mut s = self.lock();
+        s.coordination_error = e.map(ToString::to_string);
+        s.coordination_bad_record = e.is_some_and(|e| e.is_bad_record());
     }
 }
 
@@ -318,6 +326,7 @@ impl Runner {
             shutting_down: false,
             kill_switch: None,
             coordination_error: None,
+            coordination_bad_record: false,
             next_tick: None,
             last_progress: Instant::now(),
             stall_after: None,
@@ -435,13 +444,14 @@ impl Runner {
                 let mut st = self.state.lock();
                 st.kill_switch = ks.filter(|k| k.active);
                 st.coordination_error = None;
+                st.coordination_bad_record = false;
                 if active {
                     return Some(SkipReason::KillSwitch);
                 }
             }
             Err(e) => {
                 tracing::warn!(cycle_id = %cycle, error = %e, "cannot read the kill switch");
-                self.state.set_coordination_error(Some(e.to_string()));
+                self.state.set_coordination_error(Some(&e));
                 return Some(SkipReason::CoordinationUnavailable);
             }
         }

@@ -230,9 +230,10 @@ pub struct Retry {
     pub jitter: bool,
 }
 
-/// `circuit_breaker:`
+/// `circuit_breaker:`. Each breaker's keys default one by one to that breaker's defaults, so
+/// an override such as `redis: {mode: disabled}` needs nothing else.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "CircuitBreakersFile")]
 pub struct CircuitBreakers {
     /// The LLM backend's breaker.
     pub llm_service: BreakerConfig,
@@ -240,30 +241,63 @@ pub struct CircuitBreakers {
     pub redis: BreakerConfig,
 }
 
+/// `circuit_breaker:` as written: each breaker's keys are optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct CircuitBreakersFile {
+    llm_service: BreakerOverride,
+    redis: BreakerOverride,
+}
+
+/// The keys of one breaker that a file sets.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct BreakerOverride {
+    failure_threshold: Option<u32>,
+    recovery_timeout_seconds: Option<f64>,
+    half_open_max_calls: Option<u32>,
+    success_threshold: Option<u32>,
+    mode: Option<BreakerMode>,
+}
+
+impl BreakerOverride {
+    /// `base` with the keys set here replaced.
+    fn over(self, base: BreakerConfig) -> BreakerConfig {
+        BreakerConfig {
+            failure_threshold: self.failure_threshold.unwrap_or(base.failure_threshold),
+            recovery_timeout_seconds: self
+                .recovery_timeout_seconds
+                .unwrap_or(base.recovery_timeout_seconds),
+            half_open_max_calls: self.half_open_max_calls.unwrap_or(base.half_open_max_calls),
+            success_threshold: self.success_threshold.unwrap_or(base.success_threshold),
+            mode: self.mode.unwrap_or(base.mode),
+        }
+    }
+}
+
+impl From<CircuitBreakersFile> for CircuitBreakers {
+    fn from(f: CircuitBreakersFile) -> Self {
+        let d = CircuitBreakers::default();
+        CircuitBreakers {
+            llm_service: f.llm_service.over(d.llm_service),
+            redis: f.redis.over(d.redis),
+        }
+    }
+}
+
 /// One breaker's settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize)]
 pub struct BreakerConfig {
     /// Consecutive failures that open it.
     pub failure_threshold: u32,
     /// Seconds open before probing.
     pub recovery_timeout_seconds: f64,
     /// Probes per half-open period.
-    #[serde(default = "default_half_open_calls")]
     pub half_open_max_calls: u32,
     /// Probe successes that close it.
-    #[serde(default = "default_success_threshold")]
     pub success_threshold: u32,
     /// Operator override: `normal`, `forced_open`, `disabled`.
-    #[serde(default)]
     pub mode: BreakerMode,
-}
-
-fn default_half_open_calls() -> u32 {
-    2
-}
-fn default_success_threshold() -> u32 {
-    1
 }
 
 impl BreakerConfig {
@@ -437,6 +471,48 @@ impl Config {
                     .unwrap_or(std::path::Path::new("."))
                     .join("outbox-spool.jsonl"),
             ),
+        }
+    }
+}
+
+impl Config {
+    /// Checks, on the filesystem, that the files the service writes only in an emergency can
+    /// be written: the outbox spool (written at a shutdown with Redis down — the one moment a
+    /// failure loses messages) must not be found unwritable then. Does what the spool write
+    /// does (creates the directory, writes and removes a temporary file beside it), so run it
+    /// at start, not in `check-config`.
+    pub fn check_writable_paths(&self) -> Result<(), ConfigError> {
+        if self.coordination.backend != CoordinationBackend::Redis {
+            return Ok(());
+        }
+        let Some(path) = self.spool_path() else {
+            return Ok(());
+        };
+        let key = "autonomous_runner.publish.spool_path";
+        let bad = |why: String| {
+            Err(ConfigError::one(
+                key,
+                format!(
+                    "{} cannot be written ({why}); the outbox spool keeps what Redis has not received at a shutdown: give it a writable file path (a volume in Kubernetes), or \"\" for no spool",
+                    path.display()
+                ),
+            ))
+        };
+        if path.is_dir() {
+            return bad("it is a directory".into());
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            return bad(format!("cannot create {}: {e}", dir.display()));
+        }
+        let probe = path.with_extension("jsonl.tmp");
+        match std::fs::write(&probe, b"") {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) => bad(e.to_string()),
         }
     }
 }
@@ -756,6 +832,29 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_breaker_override_keeps_that_breakers_other_defaults() {
+        let text = "autonomous_runner:\n  circuit_breaker:\n    redis:\n      mode: disabled\n    llm_service:\n      failure_threshold: 9\n";
+        assert_eq!(issues(text), Vec::<String>::new());
+        let c = Config::from_yaml(text, &env(&[])).expect("a partial override is valid");
+        let d = CircuitBreakers::default();
+        assert_eq!(c.circuit_breaker.redis.mode, BreakerMode::Disabled);
+        assert_eq!(
+            c.circuit_breaker.redis.failure_threshold,
+            d.redis.failure_threshold
+        );
+        assert_eq!(
+            c.circuit_breaker.redis.recovery_timeout_seconds,
+            d.redis.recovery_timeout_seconds
+        );
+        assert_eq!(c.circuit_breaker.llm_service.failure_threshold, 9);
+        assert_eq!(
+            c.circuit_breaker.llm_service.half_open_max_calls,
+            d.llm_service.half_open_max_calls
+        );
+        assert_eq!(c.circuit_breaker.llm_service.mode, d.llm_service.mode);
+    }
+
+    #[test]
     fn defaults_are_the_seed() {
         let c = Config::default();
         c.validate().expect("defaults valid");
@@ -920,6 +1019,23 @@ mod tests {
             (
                 "autonomous_runner:\n  parallel:\n    max_concurrent: 3\n    max_concurrent: 4\n",
                 "autonomous_runner.parallel.max_concurrent",
+            ),
+            // Issue 23: relations that were not checked.
+            (
+                "autonomous_runner:\n  agents:\n    budget:\n      tokens_per_hour: 50000\n      tokens_per_day: 20000\n",
+                "autonomous_runner.agents.budget.tokens_per_day",
+            ),
+            (
+                "autonomous_runner:\n  adaptive:\n    p95_threshold_ms: 20000\n    p99_threshold_ms: 15000\n",
+                "autonomous_runner.adaptive.p99_threshold_ms",
+            ),
+            (
+                "autonomous_runner:\n  circuit_breaker:\n    redis:\n      mode: sideways\n",
+                "autonomous_runner.circuit_breaker.redis.mode",
+            ),
+            (
+                "autonomous_runner:\n  circuit_breaker:\n    redis:\n      failure_treshold: 3\n",
+                "autonomous_runner.circuit_breaker.redis.failure_treshold",
             ),
         ];
         for (text, key) in cases {

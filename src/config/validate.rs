@@ -389,6 +389,29 @@ impl Config {
 
     /// Keys that only make sense together.
     fn check_relations(&self, v: &mut Validator, r: &str) {
+        let b = &self.agents.budget;
+        if let (Some(hour), Some(day)) = (
+            b.tokens_per_hour.filter(|h| *h > 0),
+            b.tokens_per_day.filter(|d| *d > 0),
+        ) && day < hour
+        {
+            v.bad(
+                format!("{r}.agents.budget.tokens_per_day"),
+                format!(
+                    "must be ≥ agents.budget.tokens_per_hour ({hour}): a day holds every hour, got {day}"
+                ),
+            );
+        }
+        let a = &self.adaptive;
+        if a.p99_threshold_ms < a.p95_threshold_ms {
+            v.bad(
+                format!("{r}.adaptive.p99_threshold_ms"),
+                format!(
+                    "must be ≥ adaptive.p95_threshold_ms ({}): a p99 is never below the p95, got {}",
+                    a.p95_threshold_ms, a.p99_threshold_ms
+                ),
+            );
+        }
         let t = &self.timeouts;
         if t.total_timeout_seconds.is_finite()
             && t.symbol_timeout_seconds.is_finite()

@@ -83,6 +83,19 @@ pub enum CoordError {
         /// What is wrong.
         reason: String,
     },
+    /// One of the runner's keys holds a value of another Redis type (something else wrote
+    /// it): Redis answers, the record cannot be used.
+    #[error(
+        "{key} holds a Redis {found} where the runner keeps a {expected} (written by something else? delete the key, or give this deployment its own coordination.key_prefix)"
+    )]
+    WrongType {
+        /// The key.
+        key: String,
+        /// The type found there (`TYPE key`).
+        found: String,
+        /// The type the runner keeps there.
+        expected: &'static str,
+    },
     /// Another live process already uses this instance id.
     #[error(
         "instance_id {instance_id:?} is already used by a live process (pid {pid} on its host); give every replica its own id (INSTANCE_ID, or HOSTNAME in Kubernetes)"
@@ -93,6 +106,17 @@ pub enum CoordError {
         /// The other process's pid, as its heartbeat says.
         pid: u64,
     },
+}
+
+impl CoordError {
+    /// Whether the backend answered, and the problem is a record in it (a malformed or
+    /// wrongly typed key) rather than reaching it.
+    pub fn is_bad_record(&self) -> bool {
+        matches!(
+            self,
+            CoordError::Malformed { .. } | CoordError::WrongType { .. }
+        )
+    }
 }
 
 /// Locks, leases, claims, heartbeat and kill switch for one instance.

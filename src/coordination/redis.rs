@@ -339,11 +339,23 @@ impl RedisCoordination {
         what: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, CoordError> {
-        guarded(&self.breaker, what, || {
+        let r = guarded(&self.breaker, what, || {
             let mut conn = self.conn.clone();
             async move { cmd.query_async::<T>(&mut conn).await }
         })
-        .await
+        .await;
+        match r {
+            Err(e @ CoordError::WrongType { .. }) => {
+                let mut args = cmd.args_iter().filter_map(|a| match a {
+                    redis::Arg::Simple(b) => Some(b),
+                    _ => None,
+                });
+                let name = args.next().unwrap_or_default();
+                let key = String::from_utf8_lossy(args.next().unwrap_or_default()).into_owned();
+                Err(wrong_type(&self.conn, e, &key, expected_type(name)).await)
+            }
+            r => r,
+        }
     }
 
     async fn script<T: redis::FromRedisValue>(
@@ -358,12 +370,17 @@ impl RedisCoordination {
         for a in args {
             inv.arg(*a);
         }
-        guarded(&self.breaker, what, || {
+        let r = guarded(&self.breaker, what, || {
             let mut conn = self.conn.clone();
             let inv = &inv;
             async move { inv.invoke_async::<T>(&mut conn).await }
         })
-        .await
+        .await;
+        match r {
+            // Every script of this module keeps a string at its key.
+            Err(e) => Err(wrong_type(&self.conn, e, key, "string").await),
+            ok => ok,
+        }
     }
 
     /// `SET key value NX EX ttl`: whether it was set.
@@ -430,10 +447,53 @@ where
             permit.success();
             Ok(v)
         }
+        // Redis answered: a key of the wrong type is a bad record, not an outage, and must
+        // not open the breaker (the caller names the key, see `wrong_type`).
+        Err(e) if e.code() == Some("WRONGTYPE") => {
+            permit.success();
+            Err(CoordError::WrongType {
+                key: String::new(),
+                found: String::new(),
+                expected: "",
+            })
+        }
         Err(e) => {
             permit.failure();
             Err(CoordError::Unavailable(format!("{what}: {}", e.kind_str())))
         }
+    }
+}
+
+/// The type a runner command keeps at its key, by the command's name.
+fn expected_type(command: &[u8]) -> &'static str {
+    match command.to_ascii_uppercase().as_slice() {
+        b"ZADD" | b"ZREM" | b"ZCOUNT" | b"ZREMRANGEBYSCORE" | b"ZCARD" | b"ZRANGE" => "zset",
+        b"XADD" | b"XRANGE" | b"XREVRANGE" | b"XLEN" => "stream",
+        _ => "string",
+    }
+}
+
+/// Fills in a [`CoordError::WrongType`] from [`guarded`] with the key and what Redis says
+/// is there; other errors pass through.
+pub(super) async fn wrong_type(
+    conn: &ConnectionManager,
+    err: CoordError,
+    key: &str,
+    expected: &'static str,
+) -> CoordError {
+    if !matches!(err, CoordError::WrongType { .. }) {
+        return err;
+    }
+    let mut conn = conn.clone();
+    let found = redis::cmd("TYPE")
+        .arg(key)
+        .query_async::<String>(&mut conn)
+        .await
+        .unwrap_or_else(|_| "value of another type".into());
+    CoordError::WrongType {
+        key: key.to_string(),
+        found,
+        expected,
     }
 }
 

@@ -220,12 +220,17 @@ async fn gcra(
     inv.arg(interval.as_millis() as u64)
         .arg(tolerance.as_millis() as u64)
         .arg(pause.as_millis() as u64);
-    guarded(breaker, "rate limiter", || {
+    match guarded(breaker, "rate limiter", || {
         let mut conn = conn.clone();
         let inv = &inv;
         async move { inv.invoke_async::<i64>(&mut conn).await }
     })
     .await
+    {
+        // GCRA keeps its theoretical arrival time as a string.
+        Err(e) => Err(super::redis::wrong_type(&conn, e, key, "string").await),
+        ok => ok,
+    }
 }
 
 /// True about once in 32 calls: how often the limiter refreshes its replica count.

@@ -80,6 +80,8 @@ pub(super) struct ReadinessFacts {
     pub(super) not_in_cooldown: bool,
     /// The coordination backend answers (or why not).
     pub(super) coordination: Option<String>,
+    /// It answers, but a record of ours in it is unusable (which, and why).
+    pub(super) coordination_record: Option<String>,
     /// LLM breakers that are open.
     pub(super) open_llm_breakers: Vec<String>,
     /// A 401/402 from the provider, not yet followed by a success.
@@ -124,6 +126,9 @@ pub(super) fn judge(f: &ReadinessFacts) -> Readiness {
     if let Some(e) = &f.coordination {
         reasons.insert("coordination_connected".to_string(), e.clone());
     }
+    if let Some(e) = &f.coordination_record {
+        reasons.insert("coordination_records_valid".to_string(), e.clone());
+    }
     // With the rules fallback serving, an LLM incident degrades the signals but the service
     // is up: the dashboard and SSE must stay in the load balancer. Without one, nothing can be
     // produced, and the probe says so.
@@ -160,6 +165,10 @@ pub(super) fn judge(f: &ReadinessFacts) -> Readiness {
         ),
         ("not_in_cooldown", f.not_in_cooldown),
         ("coordination_connected", f.coordination.is_none()),
+        (
+            "coordination_records_valid",
+            f.coordination_record.is_none(),
+        ),
         ("llm_credentials_valid", f.auth_error.is_none()),
         (
             "llm_budget_available",
@@ -196,9 +205,10 @@ pub(super) fn judge(f: &ReadinessFacts) -> Readiness {
 
 pub(super) async fn readiness(s: &AppState) -> Readiness {
     let v = s.runner.view();
-    let coordination = match s.coord.ping().await {
-        Ok(()) => v.coordination_error.clone(),
-        Err(e) => Some(e.to_string()),
+    let (coordination, coordination_record) = match s.coord.ping().await {
+        Ok(()) if v.coordination_bad_record => (None, v.coordination_error.clone()),
+        Ok(()) => (v.coordination_error.clone(), None),
+        Err(e) => (Some(e.to_string()), None),
     };
     let mut probes = vec![];
     for p in &s.probes {
@@ -208,6 +218,7 @@ pub(super) async fn readiness(s: &AppState) -> Readiness {
         scheduler_running: v.ticking && !v.shutting_down,
         not_in_cooldown: v.cooldown_cycles_remaining == 0,
         coordination,
+        coordination_record,
         open_llm_breakers: s
             .breakers
             .iter()

@@ -165,3 +165,71 @@ async fn a_full_history_disk_loses_nothing_uncounted() {
         "published {published}, stored {stored}, dropped (counted) {dropped}"
     );
 }
+
+/// Keys of ours that something else wrote with another Redis type: readiness names the key
+/// and the type found (not "disconnected" while Redis answers), the Redis breaker stays
+/// closed, and once the keys are deleted everything is back — for a plain read (the kill
+/// switch) and a script (the heartbeat).
+#[tokio::test]
+async fn a_runner_key_of_the_wrong_type_is_named_with_the_type_found() {
+    let redis = RedisServer::start().await;
+    let prefix = crate::app::unique_prefix("wrongtype");
+    let extra = format!(
+        "  symbols: [ETH/USD]\n  coordination:\n    backend: redis\n    redis_url: {}\n  heartbeat:\n    ttl_seconds: 4\n    interval_seconds: 1\n",
+        redis.url()
+    );
+    let app = crate::app::spawn_app_with(
+        config("* * * * * *", &extra),
+        crate::app::AppOptions {
+            instance_id: Some("typed".into()),
+            key_prefix: Some(prefix.clone()),
+            ..crate::app::AppOptions::default()
+        },
+    )
+    .await;
+    app.wait_cycles(1, Duration::from_secs(10)).await;
+    let mut conn = redis.conn().await;
+    for key in ["autonomous:kill_switch", "runner:heartbeat:typed"] {
+        let key = format!("{prefix}{key}");
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("written")
+            .arg("by someone else")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ready = app
+            .poll("/health/ready", Duration::from_secs(10), |v| {
+                v["checks"]["coordination_records_valid"] == false
+            })
+            .await;
+        assert_eq!(ready["checks"]["coordination_connected"], true, "{ready}");
+        let why = ready["reasons"]["coordination_records_valid"]
+            .as_str()
+            .unwrap();
+        assert!(
+            why.contains(&key) && why.contains("holds a Redis hash") && why.contains("string"),
+            "{why}"
+        );
+        let (_, d) = app.get("/health/detailed").await;
+        assert_eq!(
+            d["circuit_breakers"]["redis"]["times_opened"], 0,
+            "a wrong type is not an outage: {d}"
+        );
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        app.poll("/health/ready", Duration::from_secs(10), |v| {
+            v["status"] == "ready"
+        })
+        .await;
+    }
+    app.stop().await.expect("clean stop");
+}

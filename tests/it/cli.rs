@@ -186,3 +186,37 @@ async fn once_runs_one_cycle_and_exits_0() {
             .is_empty()
     );
 }
+
+/// A spool path that cannot be written is found at start (exit 2, naming the key and why),
+/// not at the shutdown with Redis down that needs it: a directory, and a path under a file.
+#[test]
+fn an_unwritable_spool_path_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    for (name, spool, why) in [
+        ("a directory", dir.path().to_path_buf(), "it is a directory"),
+        ("under a file", file.join("spool.jsonl"), "cannot create"),
+    ] {
+        let yaml = config(
+            "* * * * *",
+            &format!(
+                "  coordination:\n    backend: redis\n    redis_url: redis://127.0.0.1:1\n  publish:\n    spool_path: {}\n",
+                spool.display()
+            ),
+        );
+        let f = write_config(&yaml);
+        let out = std::process::Command::new(binary())
+            .args(["run", "--config", f.path.to_str().unwrap()])
+            .env_clear()
+            .env("HISTORY_PATH", dir.path().join("h.sqlite"))
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains("autonomous_runner.publish.spool_path:") && stderr.contains(why),
+            "{name}: {stderr}"
+        );
+    }
+}
