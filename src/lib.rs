@@ -198,6 +198,20 @@ impl App {
                 token: cfg.http.admin_token.clone(),
                 loopback: cfg.http.admin_loopback,
             },
+            sse: {
+                let connections = http::connection_cap(cfg.http.max_connections);
+                let streams =
+                    http::sse::StreamSlots::cap_for(cfg.http.max_sse_streams, connections);
+                if streams < cfg.http.max_sse_streams {
+                    tracing::info!(
+                        configured = cfg.http.max_sse_streams,
+                        streams,
+                        connections,
+                        "http.max_sse_streams lowered to keep a quarter of the connections for probes and the API"
+                    );
+                }
+                http::sse::StreamSlots::new(streams, cfg.http.max_sse_streams_per_client)
+            },
             shutdown_request: CancellationToken::new(),
             streams_stop: CancellationToken::new(),
             market_source: market.name(),

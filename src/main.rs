@@ -11,6 +11,13 @@ use autonomous_runner::runner::OnceOutcome;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the system allocator: glibc's malloc keeps what a connection flood
+/// made it take (an arena per thread, trimmed only at the top of the heap) — 25 MiB became
+/// 61 MiB for good after 30 floods of 2,000 connections — where mimalloc gives freed pages
+/// back to the OS (benchmark e, floods, in docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for bad configuration.
 const EXIT_CONFIG: u8 = 2;
 /// Exit code when a `once` run could not run its cycle.

@@ -104,6 +104,8 @@ pub mod names {
         LEASE = "cycle_lease_total";
         /// Gauge: open SSE streams.
         SSE_CLIENTS = "sse_clients";
+        /// Counter {reason}: SSE streams refused with 503 (`streams_full`, `client_limit`).
+        SSE_REJECTED = "sse_rejected_total";
         /// Counter: SSE clients dropped for being too slow.
         SSE_CLIENTS_DROPPED = "sse_clients_dropped_total";
         /// Gauge {version}: always 1.

@@ -212,6 +212,10 @@ impl Default for Http {
             admin_loopback: true,
             // 1,000 dashboard clients (the SSE benchmark) plus probes and API calls.
             max_connections: 4096,
+            max_sse_streams: 2048,
+            // An office behind one NAT address, many tabs each: far above one browser's
+            // needs, far below the cap.
+            max_sse_streams_per_client: 256,
         }
     }
 }

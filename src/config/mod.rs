@@ -532,6 +532,13 @@ pub struct Http {
     /// Connections served at once (also capped by the file-descriptor limit). At the cap
     /// the oldest connection that never sent a request is closed for a newcomer.
     pub max_connections: usize,
+    /// Dashboard (SSE) streams open at once; never more than three quarters of the
+    /// connection cap, so probes and the API always find a connection. Beyond it: 503 with
+    /// `Retry-After`.
+    pub max_sse_streams: usize,
+    /// Streams one client address may hold (0: no such limit — behind a proxy that hides
+    /// client addresses every client shares one).
+    pub max_sse_streams_per_client: usize,
 }
 
 /// `postgres:` — the seed's key, kept so its files load: `postgres.url` is the history

@@ -328,6 +328,8 @@ impl Config {
             Bound::new("publish.history_cycles", c.publish.history_cycles, AtLeast(1.0), 100_000.0),
             Bound::new("publish.replay_buffer", c.publish.replay_buffer, AtLeast(1.0), 1_000_000.0),
             Bound::new("http.max_connections", c.http.max_connections, AtLeast(1.0), 1_000_000.0),
+            Bound::new("http.max_sse_streams", c.http.max_sse_streams, AtLeast(1.0), 1_000_000.0),
+            Bound::new("http.max_sse_streams_per_client", c.http.max_sse_streams_per_client, AtLeast(0.0), 1_000_000.0),
             Bound::new("history.retention_days", c.history.retention_days, AtLeast(1.0), 36_500.0),
             Bound::new("history.queue_max", c.history.queue_max, AtLeast(1.0), 10_000_000.0),
             Bound::new("history.batch_size", c.history.batch_size, AtLeast(1.0), 10_000.0),

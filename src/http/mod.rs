@@ -72,6 +72,8 @@ pub struct AppState {
     pub shutdown_request: CancellationToken,
     /// Open SSE streams end when this fires (the server is stopping).
     pub streams_stop: CancellationToken,
+    /// The SSE streams' caps, in all and per client address.
+    pub sse: Arc<sse::StreamSlots>,
     /// `market_data.source` (`simulated` is said wherever prices appear).
     pub market_source: &'static str,
     /// The market the pipeline reads, for `/api/candles`.

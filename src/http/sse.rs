@@ -7,13 +7,16 @@
 //! - A client too slow to keep up falls behind the hub's buffer: it gets an `error` event and is
 //!   dropped; nobody else waits for it.
 //! - Streams end when the server stops.
+//! - Streams are capped ([`StreamSlots`]): in all, below the connection cap, so the probes,
+//!   `/metrics` and the admin paths always find a connection, and per client address. A
+//!   stream beyond a cap is refused with 503 and `Retry-After` (counted, logged).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,10 +28,170 @@ use super::AppState;
 use crate::publish::hub::{Cursor, HubEvent};
 use crate::telemetry::names;
 
+/// How long a refused client is told to wait before it tries again.
+const RETRY_AFTER_SECONDS: u64 = 5;
+
+/// How many SSE streams may be open: in all, and from one client address.
+#[derive(Debug)]
+pub struct StreamSlots {
+    max: usize,
+    /// 0: no limit per address.
+    per_client: usize,
+    open: std::sync::Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    by_client: std::collections::HashMap<std::net::IpAddr, usize>,
+    /// Refusals since the last warning, and when that was (one line per 10 s at most).
+    refused: u64,
+    logged: Option<tokio::time::Instant>,
+}
+
+/// Why a stream was refused (the label of `sse_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every stream slot is taken.
+    Full,
+    /// This client address holds its share already.
+    ClientLimit,
+}
+
+impl Refusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Full => "streams_full",
+            Refusal::ClientLimit => "client_limit",
+        }
+    }
+}
+
+/// An open stream's place, given back when the stream ends.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<StreamSlots>,
+    client: std::net::IpAddr,
+    _gauge: ClientGuard,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut o = self.slots.lock();
+        o.total = o.total.saturating_sub(1);
+        if let Some(n) = o.by_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                o.by_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+impl StreamSlots {
+    /// At most `max` streams, `per_client` from one address (0: no such limit).
+    pub fn new(max: usize, per_client: usize) -> Arc<StreamSlots> {
+        Arc::new(StreamSlots {
+            max: max.max(1),
+            per_client,
+            open: std::sync::Mutex::new(Open::default()),
+        })
+    }
+
+    /// The streams allowed beside a connection cap of `connections`: `configured`, but
+    /// never more than three quarters of the cap, so a quarter (at least 8) always remains
+    /// for probes, `/metrics`, the API and the admin paths.
+    pub fn cap_for(configured: usize, connections: usize) -> usize {
+        let reserve = (connections / 4).max(8);
+        configured.min(connections.saturating_sub(reserve)).max(1)
+    }
+
+    /// The cap in force.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Streams open now.
+    pub fn open_now(&self) -> usize {
+        self.lock().total
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a stream from `client`, or why not (counted, and logged at most every
+    /// 10 s with how many were refused since).
+    pub fn try_open(self: &Arc<Self>, client: std::net::IpAddr) -> Result<Slot, Refusal> {
+        let mut o = self.lock();
+        let mine = o.by_client.get(&client).copied().unwrap_or(0);
+        let refusal = if o.total >= self.max {
+            Some(Refusal::Full)
+        } else if self.per_client > 0 && mine >= self.per_client {
+            Some(Refusal::ClientLimit)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            metrics::counter!(names::SSE_REJECTED, "reason" => r.as_str()).increment(1);
+            o.refused += 1;
+            if o.logged
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                tracing::warn!(
+                    reason = r.as_str(),
+                    refused = o.refused,
+                    open = o.total,
+                    max = self.max,
+                    per_client = self.per_client,
+                    client = %client,
+                    "SSE stream refused (503, Retry-After); the probes and the API are still served"
+                );
+                o.refused = 0;
+                o.logged = Some(tokio::time::Instant::now());
+            }
+            return Err(r);
+        }
+        o.total += 1;
+        *o.by_client.entry(client).or_insert(0) += 1;
+        drop(o);
+        Ok(Slot {
+            slots: self.clone(),
+            client,
+            _gauge: ClientGuard::new(),
+        })
+    }
+}
+
+/// The 503 for a refused stream: JSON naming the cap, and when to retry.
+fn refused(r: Refusal, slots: &StreamSlots) -> Response {
+    let detail = match r {
+        Refusal::Full => format!("every SSE stream slot is taken ({} open)", slots.max()),
+        Refusal::ClientLimit => format!(
+            "this client address holds {} SSE streams, the most allowed (http.max_sse_streams_per_client)",
+            slots.per_client
+        ),
+    };
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        // Closed after the answer: a refused client must not hold a connection idle.
+        [
+            (
+                axum::http::header::RETRY_AFTER,
+                RETRY_AFTER_SECONDS.to_string(),
+            ),
+            (axum::http::header::CONNECTION, "close".to_string()),
+        ],
+        axum::Json(serde_json::json!({"error": detail, "reason": r.as_str()})),
+    )
+        .into_response()
+}
+
 /// Open streams (for the gauge).
 static CLIENTS: AtomicI64 = AtomicI64::new(0);
 
 /// Counts a client for as long as its stream lives.
+#[derive(Debug)]
 struct ClientGuard;
 
 impl ClientGuard {
@@ -78,9 +241,14 @@ impl Out {
 
 pub(crate) async fn stream(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> Response {
+    let slot = match s.sse.try_open(peer.ip()) {
+        Ok(slot) => slot,
+        Err(r) => return refused(r, &s.sse),
+    };
     let raw = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -103,8 +271,8 @@ pub(crate) async fn stream(
     };
     let stop = s.streams_stop.clone();
     let complete = sub.complete;
-    let stream =
-        events(sub.backlog, sub.live, complete, stop).map(|o| Ok::<_, Infallible>(o.into_sse()));
+    let stream = events(sub.backlog, sub.live, complete, stop, slot)
+        .map(|o| Ok::<_, Infallible>(o.into_sse()));
     Sse::new(stream)
         .keep_alive(
             KeepAlive::new()
@@ -119,9 +287,11 @@ fn events(
     mut live: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
     complete: bool,
     stop: tokio_util::sync::CancellationToken,
+    slot: Slot,
 ) -> impl Stream<Item = Out> {
     channel_stream(move |tx| async move {
-        let _guard = ClientGuard::new();
+        // Held until the task ends: the client left, was dropped, or the server stops.
+        let _slot = slot;
         if !complete && tx.send(Out::Incomplete).await.is_err() {
             return;
         }
@@ -133,6 +303,8 @@ fn events(
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
+                // The client went away: give its slot back now, not at the next event.
+                _ = tx.closed() => return,
                 r = live.recv() => r,
             };
             match next {
@@ -170,13 +342,41 @@ mod tests {
     use super::*;
     use crate::publish::hub::Hub;
 
+    /// A slot of a roomy cap, for streams made directly.
+    fn slot() -> Slot {
+        StreamSlots::new(100, 0)
+            .try_open(std::net::Ipv4Addr::LOCALHOST.into())
+            .expect("room")
+    }
+
+    #[test]
+    fn slots_are_capped_in_all_and_per_client_and_given_back() {
+        let a: std::net::IpAddr = std::net::Ipv4Addr::new(10, 0, 0, 1).into();
+        let b: std::net::IpAddr = std::net::Ipv4Addr::new(10, 0, 0, 2).into();
+        let slots = StreamSlots::new(3, 2);
+        let a1 = slots.try_open(a).expect("first");
+        let _a2 = slots.try_open(a).expect("second");
+        assert_eq!(slots.try_open(a).err(), Some(Refusal::ClientLimit));
+        let _b1 = slots.try_open(b).expect("another client");
+        assert_eq!(slots.try_open(b).err(), Some(Refusal::Full));
+        assert_eq!(slots.open_now(), 3);
+        drop(a1);
+        assert_eq!(slots.open_now(), 2);
+        assert!(slots.try_open(b).is_ok(), "a slot given back is free again");
+        // Beside a connection cap a quarter (at least 8) stays free.
+        assert_eq!(StreamSlots::cap_for(2048, 4096), 2048);
+        assert_eq!(StreamSlots::cap_for(5000, 4096), 3072);
+        assert_eq!(StreamSlots::cap_for(100, 20), 12);
+        assert_eq!(StreamSlots::cap_for(100, 4), 1);
+    }
+
     #[tokio::test]
     async fn a_client_that_falls_behind_gets_an_error_and_is_dropped_while_others_keep_up() {
         let hub = Hub::new(4096, None);
         let slow = hub.subscribe_fresh();
         let fast = hub.subscribe_fresh();
         let stop = tokio_util::sync::CancellationToken::new();
-        let mut fast_stream = Box::pin(events(fast.backlog, fast.live, true, stop.clone()));
+        let mut fast_stream = Box::pin(events(fast.backlog, fast.live, true, stop.clone(), slot()));
         // The fast client reads as events come; the slow one reads nothing meanwhile.
         let mut fast_seen = 0;
         for i in 0..3000 {
@@ -189,7 +389,7 @@ mod tests {
             }
         }
         assert_eq!(fast_seen, 3000, "the fast client got everything");
-        let slow_stream = events(slow.backlog, slow.live, true, stop.clone());
+        let slow_stream = events(slow.backlog, slow.live, true, stop.clone(), slot());
         let out: Vec<Out> = slow_stream.collect().await;
         // It gets what the buffer still holds, then the error, then the end of the stream.
         assert!(
@@ -205,7 +405,7 @@ mod tests {
         let hub = Hub::new(16, None);
         let sub = hub.subscribe_fresh();
         let stop = tokio_util::sync::CancellationToken::new();
-        let stream = events(sub.backlog, sub.live, false, stop.clone());
+        let stream = events(sub.backlog, sub.live, false, stop.clone(), slot());
         stop.cancel();
         let out: Vec<Out> = stream.collect().await;
         assert!(matches!(out.as_slice(), [Out::Incomplete]), "{out:?}");

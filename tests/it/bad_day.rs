@@ -233,3 +233,108 @@ async fn a_runner_key_of_the_wrong_type_is_named_with_the_type_found() {
     }
     app.stop().await.expect("clean stop");
 }
+
+/// Opens a dashboard stream from `from` (a loopback address) and reads its response head:
+/// the status, and the connection (held open while the stream lasts).
+async fn open_stream(base: &str, from: std::net::Ipv4Addr) -> (u16, String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /api/signals/stream HTTP/1.1\r\nHost: runner\r\nAccept: text/event-stream\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head, s)
+}
+
+/// A client that opens as many dashboard streams as it can does not starve the probes:
+/// streams have a cap of their own below the connection cap (48 of 64 here) and a cap per
+/// client address (40); past either the answer is 503 with `Retry-After`, counted by
+/// reason and logged; liveness and readiness answer 200 throughout; and the slots come back
+/// when the streams close.
+#[tokio::test]
+async fn sse_streams_up_to_their_cap_leave_the_probes_served() {
+    // `config` ends inside its `http:` block: these keys continue it.
+    let extra =
+        "    max_connections: 64\n    max_sse_streams: 1000\n    max_sse_streams_per_client: 40\n";
+    let p = Proc::spawn("run", &config("* * * * *", extra), &[]).await;
+    let one = std::net::Ipv4Addr::new(127, 0, 0, 1);
+    let two = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = vec![];
+    for _ in 0..40 {
+        let (status, head, s) = open_stream(&p.base, one).await;
+        assert_eq!(status, 200, "{head}");
+        held.push(s);
+    }
+    let (status, head, _) = open_stream(&p.base, one).await;
+    assert_eq!(status, 503, "the 41st from one address: {head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 5"),
+        "{head}"
+    );
+    for _ in 0..8 {
+        let (status, head, s) = open_stream(&p.base, two).await;
+        assert_eq!(status, 200, "{head}");
+        held.push(s);
+    }
+    let (status, head, _) = open_stream(&p.base, two).await;
+    assert_eq!(status, 503, "the 49th stream in all: {head}");
+    for _ in 0..10 {
+        assert_eq!(p.get("/health/live").await.0, 200);
+        assert_eq!(p.get("/health/ready").await.0, 200);
+    }
+    let (_, m) = p.get_text("/metrics").await;
+    let refused = |reason| {
+        metric(
+            &m,
+            "autonomous_runner_sse_rejected_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(
+        (refused("client_limit"), refused("streams_full")),
+        (1.0, 1.0)
+    );
+    assert_eq!(metric(&m, "autonomous_runner_sse_clients", &[]), 48.0);
+    p.wait_log(
+        |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("SSE stream refused"))
+        },
+        Duration::from_secs(1),
+    )
+    .await;
+    drop(held);
+    eventually(
+        "every stream slot given back",
+        Duration::from_secs(10),
+        || async {
+            let (_, m) = p.get_text("/metrics").await;
+            match metric(&m, "autonomous_runner_sse_clients", &[]) {
+                0.0 => Ok(()),
+                n => Err(format!("{n} open")),
+            }
+        },
+    )
+    .await;
+    let (status, head, _) = open_stream(&p.base, one).await;
+    assert_eq!(status, 200, "a slot given back is free again: {head}");
+}
