@@ -8,6 +8,10 @@
 //! - **Never twice in a stream**: a batch whose outcome is unknown (timeout, reset) is retried
 //!   with a script that first looks for the message's deterministic `message_id` among the
 //!   stream's newest entries, and skips it if it is there.
+//! - **Durable before it is acknowledged**: with a spool file, every message is appended to it
+//!   (the journal) as it enters the outbox, and the file is emptied whenever the outbox is:
+//!   a process killed at any moment (SIGKILL, OOM) leaves in the file everything it had not
+//!   delivered, and the next start delivers it, each message looked for in its stream first.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -85,6 +89,80 @@ pub struct RedisSink {
     drained: Notify,
     /// Where what is left at shutdown waits for the next start (`publish.spool_path`).
     spool: std::sync::OnceLock<PathBuf>,
+    /// The spool file as a journal of the outbox (see the module doc). Locked after
+    /// `outbox`, never before.
+    journal: Mutex<Journal>,
+}
+
+/// The open spool file and how much of it is already delivered.
+#[derive(Debug, Default)]
+struct Journal {
+    file: Option<std::fs::File>,
+    /// Lines in the file for messages delivered since it was last rewritten.
+    stale: usize,
+    /// Whether the last write failed (warned once per failure streak).
+    failing: bool,
+}
+
+/// Delivered lines the journal may hold before it is rewritten with only what is pending.
+const JOURNAL_STALE_MAX: usize = 4096;
+
+/// `entries` as spool lines.
+fn spool_text<'a>(entries: impl Iterator<Item = &'a Pending>) -> String {
+    let mut text = String::new();
+    for p in entries {
+        match serde_json::to_string(p) {
+            Ok(line) => {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serialise an outbox message"),
+        }
+    }
+    text
+}
+
+/// Replaces the file at `path` with `text` (through a temporary file and a rename, so a
+/// crash leaves the old file or the new, never half of one).
+fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("jsonl.tmp");
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+impl Journal {
+    /// Notes the outcome of a write: a warning when writes start failing, and when they work
+    /// again.
+    fn noted(&mut self, r: std::io::Result<()>, path: &Path) {
+        match r {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!(path = %path.display(), "outbox spool writable again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if !self.failing {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the outbox spool: messages not yet delivered would not survive a crash");
+                }
+                self.failing = true;
+                // Reopened (and rewritten) at the next compaction.
+                self.file = None;
+            }
+        }
+    }
+
+    /// Rewrites the file with exactly `pending` and reopens it for appending.
+    fn rewrite<'a>(&mut self, path: &Path, pending: impl Iterator<Item = &'a Pending>) {
+        let r = replace_file(path, &spool_text(pending)).and_then(|()| {
+            self.file = Some(std::fs::OpenOptions::new().append(true).open(path)?);
+            Ok(())
+        });
+        self.stale = 0;
+        self.noted(r, path);
+    }
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -115,7 +193,51 @@ impl RedisSink {
             wake: Notify::new(),
             drained: Notify::new(),
             spool: std::sync::OnceLock::new(),
+            journal: Mutex::new(Journal::default()),
         })
+    }
+
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `p` to the journal (with `ob`, the outbox, locked by the caller).
+    fn journal_append(&self, p: &Pending, ob: &VecDeque<Pending>) {
+        let Some(path) = self.spool.get() else {
+            return;
+        };
+        let mut j = self.journal();
+        if j.file.is_none() {
+            // A write failed: start over from the outbox itself.
+            j.rewrite(path, ob.iter().chain(std::iter::once(p)));
+            return;
+        }
+        let line = spool_text(std::iter::once(p));
+        let r = match j.file.as_mut() {
+            Some(f) => std::io::Write::write_all(f, line.as_bytes()),
+            None => Ok(()),
+        };
+        j.noted(r, path);
+    }
+
+    /// After `delivered` messages left the outbox `ob` (locked by the caller): empties the
+    /// journal when the outbox is empty, rewrites it when it holds too many delivered lines.
+    fn journal_delivered(&self, delivered: usize, ob: &VecDeque<Pending>) {
+        let Some(path) = self.spool.get() else {
+            return;
+        };
+        let mut j = self.journal();
+        j.stale += delivered;
+        if ob.is_empty() {
+            let r = match j.file.as_ref() {
+                Some(f) => f.set_len(0),
+                None => Ok(()),
+            };
+            j.stale = 0;
+            j.noted(r, path);
+        } else if j.stale > JOURNAL_STALE_MAX || j.file.is_none() {
+            j.rewrite(path, ob.iter());
+        }
     }
 
     /// Spools to `path`: what a previous run left there is queued first (and the file
@@ -152,9 +274,6 @@ impl RedisSink {
                         tracing::error!(path = %aside.display(), error = %e, "cannot keep the unreadable spool lines");
                     }
                 }
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove the outbox spool; its messages may be delivered again (they are looked for before being added)");
-                }
                 let n = good.len();
                 let mut ob = self.outbox();
                 for p in good.into_iter().rev() {
@@ -173,6 +292,11 @@ impl RedisSink {
             tracing::info!(path = %path.display(), messages = restored, "outbox restored from the spool of the last run");
             self.wake.notify_one();
         }
+        // From here on the file is the outbox's journal: it holds what was restored (until it
+        // is delivered) and every message published after.
+        let ob = self.outbox();
+        self.journal().rewrite(&path, ob.iter());
+        drop(ob);
         let _ = self.spool.set(path);
         restored
     }
@@ -187,22 +311,7 @@ impl RedisSink {
             );
             return;
         };
-        let mut text = String::new();
-        for p in &left {
-            match serde_json::to_string(p) {
-                Ok(line) => {
-                    text.push_str(&line);
-                    text.push('\n');
-                }
-                Err(e) => tracing::error!(error = %e, "cannot serialise an outbox message"),
-            }
-        }
-        let tmp = path.with_extension("jsonl.tmp");
-        let written = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, text))
-            .and_then(|()| std::fs::rename(&tmp, path));
+        let written = replace_file(path, &spool_text(left.iter()));
         match written {
             Ok(()) => tracing::warn!(
                 left = left.len(),
@@ -316,14 +425,17 @@ impl RedisSink {
                 let mut ob = self.outbox();
                 // Remove exactly the delivered front entries (the outbox may have grown, or
                 // been trimmed from the front by overflow meanwhile).
+                let mut delivered = 0;
                 for p in &batch {
                     if ob
                         .front()
                         .is_some_and(|f| f.message_id == p.message_id && f.stream == p.stream)
                     {
                         ob.pop_front();
+                        delivered += 1;
                     }
                 }
+                self.journal_delivered(delivered, &ob);
                 let dup = results.iter().filter(|r| **r == 0).count();
                 if dup > 0 {
                     tracing::info!(
@@ -372,6 +484,8 @@ impl Sink for RedisSink {
                 metrics::counter!(names::OUTBOX_DROPPED).increment(1);
                 tracing::warn!(cap = self.cap, "outbox full: dropped the oldest message");
             }
+            // On disk before `publish` returns: a crash from here on loses nothing.
+            self.journal_append(&p, &ob);
             ob.push_back(p);
             metrics::gauge!(names::OUTBOX_DEPTH).set(ob.len() as f64);
         }

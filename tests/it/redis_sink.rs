@@ -129,11 +129,43 @@ async fn the_spool_carries_the_outbox_to_the_next_sink_in_order() {
     redis.restart().await;
     let second = RedisSink::new(connect(&redis.url()).unwrap(), breaker(), "", 1000, 100);
     assert_eq!(second.with_spool(spool.clone()), 3);
-    assert!(!spool.exists());
+    // Restored, the file is the journal of what is still to deliver: the three good lines.
+    assert_eq!(std::fs::read_to_string(&spool).unwrap().lines().count(), 3);
     let aside = std::fs::read_to_string(dir.path().join("outbox-spool.jsonl.rejected")).unwrap();
     assert_eq!(aside, "{\"not\": \"a message\"}\n");
     second.publish(&message(4)).await;
     second.flush(Duration::from_secs(20)).await;
     assert_eq!(second.depth(), 0);
     assert_eq!(stream_ns(&redis).await, vec![1, 2, 3, 4]);
+    assert_eq!(
+        std::fs::read_to_string(&spool).unwrap(),
+        "",
+        "everything delivered: the journal is empty"
+    );
+}
+
+/// The spool is a journal: every message is in the file from the moment `publish` returns
+/// until it is delivered, so a process that dies without a shutdown (the sink dropped
+/// without a flush, as SIGKILL would) leaves it for the next one — while Redis is down and
+/// while it is up but the deliverer has not run yet.
+#[tokio::test]
+async fn a_sink_that_dies_without_a_flush_leaves_every_undelivered_message_in_its_journal() {
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("outbox-spool.jsonl");
+    let first = RedisSink::new(connect(&redis.url()).unwrap(), breaker(), "", 1000, 100);
+    first.with_spool(spool.clone());
+    // Redis up, no deliverer running: published, not yet delivered.
+    first.publish(&message(1)).await;
+    redis.stop();
+    first.publish(&message(2)).await;
+    first.publish(&message(3)).await;
+    assert_eq!(std::fs::read_to_string(&spool).unwrap().lines().count(), 3);
+    drop(first);
+    redis.restart().await;
+    let second = RedisSink::new(connect(&redis.url()).unwrap(), breaker(), "", 1000, 100);
+    assert_eq!(second.with_spool(spool.clone()), 3);
+    second.flush(Duration::from_secs(20)).await;
+    assert_eq!(stream_ns(&redis).await, vec![1, 2, 3]);
+    assert_eq!(std::fs::read_to_string(&spool).unwrap(), "");
 }
