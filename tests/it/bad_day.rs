@@ -338,3 +338,134 @@ async fn sse_streams_up_to_their_cap_leave_the_probes_served() {
     let (status, head, _) = open_stream(&p.base, one).await;
     assert_eq!(status, 200, "a slot given back is free again: {head}");
 }
+
+/// SIGKILL at a random moment of a cycle — with Redis down (the cycle's messages can only
+/// wait in the outbox) and with Redis up — then a restart: every message of every symbol the
+/// killed process completed reaches its stream, and nothing is in a stream twice. The outbox's
+/// journal (the spool file, written as each message is published) is what carries them: a
+/// graceful stop is not needed.
+#[tokio::test]
+async fn sigkill_at_any_moment_loses_and_duplicates_nothing() {
+    use rand::Rng;
+    let market = crate::market_server::MarketServer::start().await;
+    // Symbols take 2 s, so a kill can land before, during and after they publish.
+    market.set_default(crate::market_server::Behaviour {
+        delay: Duration::from_secs(2),
+        status: None,
+    });
+    let streams = [
+        "stream:raw-signals",
+        "stream:scored-signals",
+        "stream:validated-signals",
+        "stream:dashboard-signals",
+    ];
+    for round in 0..4 {
+        let redis_down = round % 2 == 0;
+        let mut redis = RedisServer::start().await;
+        let data = tempfile::tempdir().unwrap();
+        let history = data.path().join("history.sqlite");
+        let yaml = config(
+            "*/5 * * * * *",
+            &format!(
+                "  symbols: [ETH/USD, BTC/USD, SOL/USD]\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n  coordination:\n    backend: redis\n    redis_url: {}\n",
+                market.url,
+                redis.url()
+            ),
+        );
+        let env = [("HISTORY_PATH", history.to_str().unwrap())];
+        let mut first = Proc::spawn("run", &yaml, &env).await;
+        first
+            .wait_log(|l| l["message"] == "cycle started", Duration::from_secs(15))
+            .await;
+        redis
+            .wait_keys("signal:lock:*", 3, Duration::from_secs(10))
+            .await;
+        if redis_down {
+            redis.stop();
+        }
+        // Redis down: once a symbol has completed into the outbox, a little later (the
+        // others completing meanwhile, or not). Redis up: around the moment the symbols
+        // publish (about 2 s after their locks) — before it, during it, after it.
+        let delay = if redis_down {
+            first
+                .wait_log(
+                    |l| l["message"] == "symbol completed",
+                    Duration::from_secs(20),
+                )
+                .await;
+            rand::rng().random_range(0..800)
+        } else {
+            rand::rng().random_range(1_500..3_500)
+        };
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        first.signal("KILL");
+        first.wait_exit(Duration::from_secs(10)).await;
+        let completed: Vec<(String, String)> = first
+            .logs_matching(|l| l["message"] == "symbol completed")
+            .iter()
+            .map(|l| {
+                (
+                    l["cycle_id"].as_str().unwrap().to_string(),
+                    l["symbol"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        if redis_down {
+            redis.restart().await;
+        }
+        let second = Proc::spawn("run", &yaml, &env).await;
+        // Signal, score and report of each completed symbol (advise is conditional).
+        let all = eventually(
+            format!("round {round}: every completed symbol's messages in the streams"),
+            Duration::from_secs(30),
+            || async {
+                let mut all = vec![];
+                for s in streams {
+                    for (_, v) in redis.stream(s).await {
+                        all.push((s, v));
+                    }
+                }
+                let has = |stream: &str, (cycle, symbol): &(String, String)| {
+                    all.iter().any(|(s, v)| {
+                        *s == stream
+                            && v["payload"]["cycle_id"] == cycle.as_str()
+                            && v["payload"]["symbol"] == symbol.as_str()
+                    })
+                };
+                let missing: Vec<_> = completed
+                    .iter()
+                    .filter(|c| !(has(streams[0], c) && has(streams[1], c) && has(streams[3], c)))
+                    .collect();
+                if missing.is_empty() {
+                    Ok(all)
+                } else {
+                    Err(format!("missing {missing:?}"))
+                }
+            },
+        )
+        .await;
+        let mut ids: Vec<&str> = all
+            .iter()
+            .map(|(_, v)| v["message_id"].as_str().unwrap())
+            .collect();
+        let n = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            n,
+            "round {round}: a message is in a stream twice"
+        );
+        eprintln!(
+            "SIGKILL round {round} (Redis {}): killed {delay} ms after {}, {} symbols completed, {n} messages in the streams, none twice",
+            if redis_down { "down" } else { "up" },
+            if redis_down {
+                "the first completion"
+            } else {
+                "the locks"
+            },
+            completed.len()
+        );
+        drop(second);
+    }
+}
