@@ -63,6 +63,13 @@ fn floods(count: usize) {
         }
         tokio::time::sleep(Duration::from_secs(30)).await;
         let after = r.rss_kib().unwrap();
+        let lazy = r.lazy_free_kib().unwrap_or(0);
+        println!(
+            "of which given back (MADV_FREE, reclaimable at once) {:.1} MiB: held {:.1} MiB ({:+.0} % of the baseline)",
+            lazy as f64 / 1024.0,
+            (after - lazy) as f64 / 1024.0,
+            ((after - lazy) as f64 / base as f64 - 1.0) * 100.0
+        );
         let ratio = after as f64 / base as f64;
         println!(
             "30 s after the last {:.1} MiB ({:+.0} % of the baseline; peak {:.1} MiB)",

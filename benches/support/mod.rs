@@ -95,6 +95,19 @@ impl Runner {
             .ok()
     }
 
+    /// Resident pages the process has given back with `MADV_FREE` (KiB, from
+    /// `/proc/{pid}/smaps_rollup`): counted in RSS until the kernel needs them, then taken
+    /// without a fault or a write-back.
+    pub fn lazy_free_kib(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.pid())).ok()?;
+        s.lines()
+            .find(|l| l.starts_with("LazyFree:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
     pub fn stop(mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
