@@ -1105,6 +1105,21 @@ mod tests {
             .collect()
     }
 
+    /// Checks liveness every second for five minutes (it must hold throughout), then stops
+    /// the loop.
+    async fn live_for_5_minutes_then_stop(
+        state: &SharedState,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    ) {
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(state.liveness(), Ok(()));
+        }
+        stop.cancel();
+        task.await.unwrap();
+    }
+
     fn hhmm(ids: &[&str]) -> Vec<(String, bool)> {
         ids.iter().map(|t| (t.to_string(), true)).collect()
     }
@@ -1123,13 +1138,7 @@ mod tests {
         // … and back again: the next tick is the next boundary of the new time, 10:07, not
         // 11:07 (an hour of silence), and liveness holds all along.
         h.steps.step(chrono::Duration::hours(-1)); // 10:06:30
-        for _ in 0..300 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            assert_eq!(state.liveness(), Ok(()));
-        }
-        // 10:11:30
-        stop.cancel();
-        task.await.unwrap();
+        live_for_5_minutes_then_stop(&state, stop, task).await; // 10:11:30
         assert_eq!(
             ran(&h.publisher),
             // In id order (10:07–10:11 ran after 11:04–11:06), each once, each at its
@@ -1151,13 +1160,7 @@ mod tests {
         // Back three minutes over 10:03–10:05, which ran: they are passed over, 10:06 is
         // next, three and a half minutes later, and the loop is live while it waits.
         h.steps.step(chrono::Duration::minutes(-3)); // 10:02:30
-        for _ in 0..300 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            assert_eq!(state.liveness(), Ok(()));
-        }
-        // 10:07:30
-        stop.cancel();
-        task.await.unwrap();
+        live_for_5_minutes_then_stop(&state, stop, task).await; // 10:07:30
         assert_eq!(
             ran(&h.publisher),
             hhmm(&[

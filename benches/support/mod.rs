@@ -84,28 +84,27 @@ impl Runner {
         self.child.id()
     }
 
-    /// Resident set size in KiB, from /proc.
-    pub fn rss_kib(&self) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+    /// The number after `key` in `/proc/{pid}/{file}` (kB figures there).
+    fn proc_field(&self, file: &str, key: &str) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/{file}", self.pid())).ok()?;
         s.lines()
-            .find(|l| l.starts_with("VmRSS:"))?
+            .find(|l| l.starts_with(key))?
             .split_whitespace()
             .nth(1)?
             .parse()
             .ok()
     }
 
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.proc_field("status", "VmRSS:")
+    }
+
     /// Resident pages the process has given back with `MADV_FREE` (KiB, from
     /// `/proc/{pid}/smaps_rollup`): counted in RSS until the kernel needs them, then taken
     /// without a fault or a write-back.
     pub fn lazy_free_kib(&self) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.pid())).ok()?;
-        s.lines()
-            .find(|l| l.starts_with("LazyFree:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        self.proc_field("smaps_rollup", "LazyFree:")
     }
 
     pub fn stop(mut self) {

@@ -497,14 +497,23 @@ async fn the_writer_keeps_everything_across_a_postgres_outage() {
     .await;
     stop.cancel();
     task.await.unwrap();
-    let all = store
+    assert_eq!(
+        stored(&*store).await,
+        40,
+        "every message of both batches, once"
+    );
+}
+
+/// How many messages `store` holds (up to 1,000).
+async fn stored(store: &dyn HistoryStore) -> usize {
+    store
         .page(&HistoryQuery {
             limit: 1000,
             ..HistoryQuery::default()
         })
         .await
-        .unwrap();
-    assert_eq!(all.len(), 40, "every message of both batches, once");
+        .unwrap()
+        .len()
 }
 
 /// PostgreSQL answers but refuses the writes — as a server whose disk is full does (SQLSTATE
@@ -552,14 +561,7 @@ async fn the_writer_keeps_everything_while_postgres_refuses_writes() {
     .await;
     stop.cancel();
     task.await.unwrap();
-    let all = store
-        .page(&HistoryQuery {
-            limit: 1000,
-            ..HistoryQuery::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(all.len(), 40, "every message, once");
+    assert_eq!(stored(&*store).await, 40, "every message, once");
 }
 
 async fn wait(cond: impl Fn() -> bool, what: &str) {
