@@ -21,8 +21,13 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin runner
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin runner \
+    && mkdir -p /var/lib/autonomous-runner \
+    && chown 10001:10001 /var/lib/autonomous-runner
 COPY --from=build /src/target/release/autonomous-runner /usr/local/bin/autonomous-runner
+# The working directory is the runner's own: the SQLite history (./data) and the outbox
+# journal beside it are written here (in Kubernetes an emptyDir is mounted over it).
+WORKDIR /var/lib/autonomous-runner
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/autonomous-runner"]
