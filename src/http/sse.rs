@@ -2,7 +2,9 @@
 //!
 //! - A new client first gets the latest signal of every symbol, then live events.
 //! - A client that sends `Last-Event-ID` (or `?last_event_id=`) gets exactly the events it
-//!   missed, in order, then live ones — none twice.
+//!   missed, in order, then live ones — none twice. An id this stream never sent is treated
+//!   as none (with a `status` event saying the replay is incomplete), never refused.
+//! - The stream opens with `retry: 3000` and carries `X-Accel-Buffering: no` for nginx.
 //! - A comment every 15 s keeps proxies from closing an idle stream.
 //! - A client too slow to keep up falls behind the hub's buffer: it gets an `error` event and is
 //!   dropped; nobody else waits for it.
@@ -27,6 +29,9 @@ use tokio::sync::broadcast::error::RecvError;
 use super::AppState;
 use crate::publish::hub::{Cursor, HubEvent};
 use crate::telemetry::names;
+
+/// How long after a cut a client should reconnect (the stream's `retry:` field).
+const RECONNECT_AFTER: Duration = Duration::from_secs(3);
 
 /// How long a refused client is told to wait before it tries again.
 const RETRY_AFTER_SECONDS: u64 = 5;
@@ -256,30 +261,45 @@ pub(crate) async fn stream(
         .or(q.last_event_id)
         .filter(|v| !v.trim().is_empty());
     let hub = s.publisher.hub().clone();
-    let sub = match raw {
+    let sub = match raw.as_deref().map(|r| (r, Cursor::parse(r))) {
         None => hub.subscribe_fresh(),
-        Some(r) => match Cursor::parse(&r) {
-            Some(c) => hub.subscribe_after(c).await,
-            None => {
-                return (
-                    axum::http::StatusCode::BAD_REQUEST,
-                    axum::Json(serde_json::json!({"error": format!("Last-Event-ID {r:?} is not an id this stream sent")})),
-                )
-                    .into_response();
+        Some((_, Some(c))) => hub.subscribe_after(c).await,
+        // Not an id this stream sent (another server's, a proxy's, garbage): treated as none,
+        // and the client is told its replay is incomplete. A 400 here would make a browser's
+        // EventSource stop reconnecting for good.
+        Some((r, None)) => {
+            tracing::debug!(
+                last_event_id = r,
+                "unknown Last-Event-ID; streaming from now"
+            );
+            crate::publish::hub::Subscription {
+                complete: false,
+                ..hub.subscribe_fresh()
             }
-        },
+        }
     };
     let stop = s.streams_stop.clone();
     let complete = sub.complete;
     let stream = events(sub.backlog, sub.live, complete, stop, slot)
         .map(|o| Ok::<_, Infallible>(o.into_sse()));
-    Sse::new(stream)
+    // The first thing on the wire says how soon to reconnect after a cut.
+    let retry = futures::stream::once(async {
+        Ok::<_, Infallible>(Event::default().retry(RECONNECT_AFTER).comment("connected"))
+    });
+    let mut response = Sse::new(retry.chain(stream))
         .keep_alive(
             KeepAlive::new()
                 .interval(Duration::from_secs(15))
                 .text("keep-alive"),
         )
-        .into_response()
+        .into_response();
+    // nginx (and ingress-nginx) buffer proxied responses unless told not to: events would
+    // arrive in bursts, or only when the buffer fills.
+    response.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    response
 }
 
 fn events(

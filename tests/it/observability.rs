@@ -329,14 +329,55 @@ async fn sse_resume_delivers_exactly_what_was_missed_in_order() {
     assert_eq!(&ids(&q)[..missed.len()], &missed[..]);
     // Cycle events are on the stream too.
     assert!(w.iter().any(|e| e.event == "cycle"));
-    // A nonsense id is refused with a reason.
+    // A nonsense id is not refused (a browser would stop reconnecting): see the next test.
     let r = reqwest::Client::new()
         .get(&url)
         .header("last-event-id", "banana")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 200);
+}
+
+/// A `Last-Event-ID` this stream never sent (another server's, garbage) is treated as none:
+/// 200 with the snapshot and a status event saying the replay is incomplete — a 400 would
+/// make a browser's EventSource give up for good. Every stream opens with a `retry:` field
+/// and carries `X-Accel-Buffering: no` (nginx would otherwise buffer it).
+#[tokio::test]
+async fn sse_treats_an_unknown_last_event_id_as_none_and_says_how_to_reconnect() {
+    let app = spawn_app(config("* * * * * *", "")).await;
+    app.wait_cycles(1, Duration::from_secs(10)).await;
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/api/signals/stream", app.base))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", "not-an-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("x-accel-buffering")
+            .and_then(|v| v.to_str().ok()),
+        Some("no")
+    );
+    let mut text = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if text.contains("\"replay\":\"incomplete\"") && text.contains("event: signal") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "stream so far: {text}");
+    let retry = text.find("retry: 3000").expect("a retry field");
+    assert!(
+        retry < text.find("event:").unwrap(),
+        "retry comes first: {text}"
+    );
+    app.stop().await.expect("clean stop");
 }
 
 #[tokio::test]
