@@ -502,6 +502,22 @@ pub fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
+/// Removes a lock from the held ones when dropped, if it still holds the value released.
+struct Forget<'a> {
+    coord: &'a RedisCoordination,
+    symbol: &'a str,
+    value: &'a str,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        let mut held = self.coord.held();
+        if held.get(self.symbol).map(String::as_str) == Some(self.value) {
+            held.remove(self.symbol);
+        }
+    }
+}
+
 /// The pid a heartbeat record names (0 when it names none or is not one of ours).
 fn heartbeat_pid(raw: &str) -> u64 {
     serde_json::from_str::<HeartbeatRecord>(raw)
@@ -647,18 +663,26 @@ impl Coordination for RedisCoordination {
     }
 
     async fn release_lock(&self, symbol: &str) -> Result<bool, CoordError> {
-        // Forgotten as held first: if the release cannot reach Redis, the lock left there is
-        // a leftover (ours, not in use), released again as soon as Redis answers.
-        let Some(value) = self.held().remove(symbol) else {
+        // Still held while the release is on its way: an acquire of the same symbol by this
+        // process meanwhile sees it in use, not as a leftover to re-take (which made the
+        // release find someone else's value). If the release cannot reach Redis, the lock
+        // left there becomes a leftover, released again as soon as Redis answers.
+        let Some(value) = self.held().get(symbol).cloned() else {
             return Ok(false);
         };
-        match self
+        // Forgotten as held once the release is over, however it ends (cancelled included).
+        let _forget = Forget {
+            coord: self,
+            symbol,
+            value: &value,
+        };
+        let r = self
             .script::<i64>("lock release", RELEASE, &self.lock_key(symbol), &[&value])
-            .await
-        {
+            .await;
+        match r {
             Ok(r) => Ok(r == 1),
             Err(e) => {
-                self.leftovers().insert(symbol.to_string(), value);
+                self.leftovers().insert(symbol.to_string(), value.clone());
                 Err(e)
             }
         }
