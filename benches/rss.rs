@@ -87,10 +87,11 @@ fn floods(count: usize) {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
-    if let Some(a) = std::env::args().skip(1).find(|a| a == "floods") {
-        let _ = a;
-        let n = args.find_map(|a| a.parse().ok()).unwrap_or(30);
+    if std::env::args().any(|a| a == "floods") {
+        let n = std::env::args()
+            .skip(1)
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(30);
         return floods(n);
     }
     let minutes: u64 = std::env::args()
