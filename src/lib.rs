@@ -139,13 +139,16 @@ impl App {
         );
         let market = build_market(&cfg)?;
         // The agents' tools: served at /mcp, and run in process for `agents.tools: mcp`.
-        let tools = Arc::new(tools::Toolbox::new(
-            market.clone(),
-            history.as_ref().map(|w| w.store().clone()),
-            Arc::new(strategy::StrategySet::new(cfg.strategies.clone())),
-            &cfg.symbols,
-            clock.clone(),
-        ));
+        let tools = Arc::new(
+            tools::Toolbox::new(
+                market.clone(),
+                history.as_ref().map(|w| w.store().clone()),
+                Arc::new(strategy::StrategySet::new(cfg.strategies.clone())),
+                &cfg.symbols,
+                clock.clone(),
+            )
+            .with_horizons(&cfg.history.grading.horizons_minutes),
+        );
         let setup = agents::setup::build(
             &cfg,
             limiter.clone(),
@@ -157,7 +160,17 @@ impl App {
         .context("building the agents")?;
         let breakers = all_breakers(&setup, redis_breaker.clone());
         let names: Vec<String> = breakers.iter().map(|b| b.name().to_string()).collect();
-        telemetry::init_series(&cfg.symbols, &names);
+        let a = &setup.agents;
+        let llm_stages: Vec<(&str, &str)> = [
+            (model::Stage::Signal, &a.signal),
+            (model::Stage::Advise, &a.advise),
+            (model::Stage::Report, &a.report),
+        ]
+        .into_iter()
+        .filter(|(_, agent)| agent.backend() != "rules")
+        .map(|(stage, agent)| (stage.as_str(), agent.backend()))
+        .collect();
+        telemetry::init_series(&cfg.symbols, &names, &llm_stages);
         let gateway = build_gateway(&cfg, &setup, &limiter)?;
         // Calibration learns from the history's grades; without a history there is nothing
         // to learn from, and the signals say so.
@@ -197,6 +210,7 @@ impl App {
             admin: http::AdminAccess {
                 token: cfg.http.admin_token.clone(),
                 loopback: cfg.http.admin_loopback,
+                allowed_hosts: cfg.http.allowed_hosts.clone(),
             },
             sse: {
                 let connections = http::connection_cap(cfg.http.max_connections);
@@ -652,9 +666,12 @@ fn dashboard_hub(cfg: &Config, redis: Option<&RedisParts>) -> Arc<Hub> {
         cfg.coordination.key_prefix,
         model::Stage::Report.stream()
     );
-    Hub::new(
+    // Local ids continue from the start time, so they never restart at 1 (see the hub).
+    let start = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
+    Hub::starting_at(
         cfg.publish.replay_buffer,
         redis.map(|r| (r.client.clone(), stream)),
+        start,
     )
 }
 

@@ -215,13 +215,16 @@ async fn replay_agents(
             .await
             .map_err(|e| ReplayError::Invalid(e.to_string()))?,
     );
-    let tools = Arc::new(Toolbox::new(
-        market.clone(),
-        Some(store.clone()),
-        Arc::new(crate::strategy::StrategySet::new(cfg.strategies.clone())),
-        &cfg.symbols,
-        clock,
-    ));
+    let tools = Arc::new(
+        Toolbox::new(
+            market.clone(),
+            Some(store.clone()),
+            Arc::new(crate::strategy::StrategySet::new(cfg.strategies.clone())),
+            &cfg.symbols,
+            clock,
+        )
+        .with_horizons(&cfg.history.grading.horizons_minutes),
+    );
     let latencies = CallLatencies::new(
         cfg.adaptive.latency_window_size,
         Duration::from_secs(cfg.adaptive.latency_max_age_seconds),

@@ -904,8 +904,9 @@ async fn execute_cycle(ctx: CycleCtx, plan: CyclePlan, period: Duration) -> Cycl
             metrics::counter!(names::BACKPRESSURE_COOLDOWNS).increment(1);
         }
         st.params = st.adaptive.params(&st.demand);
-        metrics::gauge!(names::CURRENT_P95_LATENCY_MS)
-            .set(st.adaptive.p95().as_secs_f64() * 1000.0);
+        let p95 = st.adaptive.p95().as_secs_f64();
+        metrics::gauge!(names::CURRENT_P95_LATENCY_MS).set(p95 * 1000.0);
+        metrics::gauge!(names::CURRENT_P95_LATENCY_SECONDS).set(p95);
         metrics::gauge!(names::ADAPTIVE_BATCH_SIZE).set(st.params.concurrency as f64);
         st.last_cycle = Some(summary.clone());
         st.last_cycle_finished_at = Some(clock.now());

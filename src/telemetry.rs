@@ -58,13 +58,15 @@ pub mod names {
         ADAPTIVE_BATCH_SIZE = "adaptive_batch_size";
         /// Gauge: p95 of recent agent-call latencies, milliseconds (the seed's name).
         CURRENT_P95_LATENCY_MS = "current_p95_latency_ms";
+        /// Gauge: the same p95 in seconds, the unit Prometheus's conventions ask for (use this one in new rules and panels).
+        CURRENT_P95_LATENCY_SECONDS = "current_p95_latency_seconds";
         /// Gauge: Unix time of the last completed cycle (the start time until one completes).
         LAST_CYCLE_TIMESTAMP_SECONDS = "last_cycle_timestamp_seconds";
         /// Histogram: cycle wall time.
         CYCLE_DURATION_SECONDS = "cycle_duration_seconds";
         /// Histogram {symbol}: one symbol's pipeline wall time.
         SYMBOL_PROCESSING_DURATION_SECONDS = "symbol_processing_duration_seconds";
-        /// Histogram {stage}: agent call latency (any backend; retries included).
+        /// Histogram {stage}: one stage's LLM agent call, retries and tool rounds included (rules answers and rules fallbacks are not LLM calls and are not recorded).
         LLM_LATENCY_SECONDS = "llm_latency_seconds";
         /// Histogram {stage, backend}: one agent request (an LLM request or an OpenCode prompt), the latency the gate reads.
         AGENT_CALL_DURATION_SECONDS = "agent_call_duration_seconds";
@@ -151,8 +153,9 @@ fn describe_all() {
 
 /// Creates the series that would otherwise appear only after their first event, so
 /// dashboards and alerts see zeros instead of nothing: the counters without labels, the
-/// bounded label sets, and the per-symbol counters of the configured symbols.
-pub fn init_series(symbols: &[String], breakers: &[String]) {
+/// bounded label sets, the per-symbol counters of the configured symbols, and the LLM
+/// series of every `(stage, backend)` in `llm_stages` (empty histograms until the first call).
+pub fn init_series(symbols: &[String], breakers: &[String], llm_stages: &[(&str, &str)]) {
     use names::*;
     for n in [
         CYCLE_FAILURES,
@@ -205,6 +208,15 @@ pub fn init_series(symbols: &[String], breakers: &[String]) {
     for reason in ["age", "heartbeat_missing"] {
         metrics::counter!(STALE_LOCKS_RECOVERED, "reason" => reason).absolute(0);
     }
+    for &(stage, backend) in llm_stages {
+        let (stage, backend) = (stage.to_string(), backend.to_string());
+        // Registering a histogram is enough for the exporter to render it (count 0).
+        let _ = metrics::histogram!(AGENT_CALL_DURATION_SECONDS, "stage" => stage.clone(), "backend" => backend);
+        let _ = metrics::histogram!(LLM_LATENCY_SECONDS, "stage" => stage.clone());
+        for kind in ["input", "output"] {
+            metrics::counter!(LLM_TOKENS, "stage" => stage.clone(), "kind" => kind).absolute(0);
+        }
+    }
     for b in breakers {
         metrics::counter!(CIRCUIT_BREAKER_REJECTED, "breaker" => b.clone()).absolute(0);
         metrics::gauge!(CIRCUIT_BREAKER_STATE, "breaker" => b.clone()).set(0.0);
@@ -222,6 +234,7 @@ pub fn init_series(symbols: &[String], breakers: &[String]) {
         SYMBOLS_PROCESSING,
         SIGNALS_GENERATED_LAST_CYCLE,
         CURRENT_P95_LATENCY_MS,
+        CURRENT_P95_LATENCY_SECONDS,
         KILL_SWITCH_ACTIVE,
     ] {
         metrics::gauge!(n).set(0.0);
@@ -301,8 +314,14 @@ pub fn init_tracing(level: Option<&str>, format: Option<&str>) -> Result<LogGuar
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let _ = DROPPED.set(writer.error_counter());
+    // Colours only for a person at a terminal: a log file, `kubectl logs` or a log shipper
+    // would get escape codes in the middle of its text. NO_COLOR (no-color.org) turns them
+    // off on a terminal too.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours)
         .with_writer(Redacting(writer));
     let r = match format {
         LogFormat::Text => builder.try_init(),

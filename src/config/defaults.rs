@@ -216,6 +216,7 @@ impl Default for Http {
             // An office behind one NAT address, many tabs each: far above one browser's
             // needs, far below the cap.
             max_sse_streams_per_client: 256,
+            allowed_hosts: Vec::new(),
         }
     }
 }

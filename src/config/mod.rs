@@ -539,6 +539,12 @@ pub struct Http {
     /// Streams one client address may hold (0: no such limit — behind a proxy that hides
     /// client addresses every client shares one).
     pub max_sse_streams_per_client: usize,
+    /// `Host` names `/mcp` accepts without a token, beside the loopback names (`localhost`,
+    /// `127.0.0.1`, `::1`): e.g. a compose or Kubernetes service name (`runner`,
+    /// `runner.signals.svc`), with `:port` to accept that port only. The check keeps a web page
+    /// from reaching the tools through DNS rebinding; with `ADMIN_TOKEN` set the token is the
+    /// gate and any host is accepted. Default: none.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `postgres:` — the seed's key, kept so its files load: `postgres.url` is the history

@@ -236,6 +236,11 @@ impl Config {
                 format!("{:?} is not an IP address", self.http.bind),
             );
         }
+        for (i, h) in self.http.allowed_hosts.iter().enumerate() {
+            if let Err(why) = host_name(h) {
+                v.bad(format!("{r}.http.allowed_hosts[{i}]"), why);
+            }
+        }
     }
 
     /// Every numeric key with its bounds, one line each: the one place a key's range is
@@ -592,3 +597,22 @@ macro_rules! number_from {
     )*};
 }
 number_from!(u16, u32, u64, usize, f64);
+
+/// Checks a `Host` header value as `http.allowed_hosts` takes it: a name or an IP address,
+/// optionally with `:port` — what a client sends, not a URL. Read as the MCP SDK reads it.
+fn host_name(h: &str) -> Result<(), String> {
+    if h.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if h.contains("://") || h.contains('/') {
+        return Err(format!(
+            "{h:?} is a URL; give the host as clients send it in `Host`, e.g. \"runner\" or \"runner:8080\""
+        ));
+    }
+    match axum::http::uri::Authority::try_from(h.trim()) {
+        Ok(a) if !a.as_str().contains('@') => Ok(()),
+        _ => Err(format!(
+            "{h:?} is not a host name, an IP address or host:port"
+        )),
+    }
+}

@@ -2,7 +2,7 @@
 //! of now, for the dashboard's chart (and anyone who wants to see what a signal saw). Only
 //! the configured symbols are served (a request cannot make the runner fetch anything else
 //! from an upstream source), at most a day of minutes; the answer says where prices come from
-//! and whether they are simulated. 400 names a bad parameter, 404 an unknown symbol, 503 a
+//! and whether they are simulated. 400 names a bad parameter (an unknown symbol too), 503 a
 //! source that does not answer.
 
 use axum::extract::State;
@@ -47,14 +47,14 @@ pub(super) async fn candles(
         }
     };
     if !s.symbols.contains(&symbol) {
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({
-                "error": format!("{:?} is not a configured symbol", symbol.chars().take(40).collect::<String>()),
-                "parameter": "symbol",
-            })),
-        )
-            .into_response();
+        // A 400 naming the parameter, as every endpoint answers a symbol it cannot serve.
+        return bad_request(
+            "symbol",
+            format!(
+                "{:?} is not a configured symbol",
+                symbol.chars().take(40).collect::<String>()
+            ),
+        );
     }
     let now = s.clock.now();
     match s.market.candles(&symbol, now, minutes).await {

@@ -96,6 +96,9 @@ pub struct AdminAccess {
     pub token: crate::config::Secret,
     /// Loopback peers may call without a token.
     pub loopback: bool,
+    /// `Host` names `/mcp` accepts without a token beside the loopback names
+    /// (`http.allowed_hosts`).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// The router.
@@ -106,7 +109,10 @@ pub fn router(state: AppState) -> Router {
                 "/mcp",
                 mcp::service(tools.clone(), &state.admin, state.streams_stop.clone()),
             )
-            .layer(axum::middleware::from_fn_with_state(
+            // `route_layer`: the guard covers `/mcp` only. A plain `layer` would also wrap the
+            // router's fallback, so every unknown path — `/.well-known/oauth-…` included —
+            // answered 401, and OAuth-aware MCP clients began a discovery that cannot succeed.
+            .route_layer(axum::middleware::from_fn_with_state(
                 state.admin.clone(),
                 mcp::guard,
             )),
@@ -118,7 +124,7 @@ pub fn router(state: AppState) -> Router {
         Some(g) => Router::new()
             .route("/llm/v1/chat/completions", post(gateway::chat_completions))
             .with_state(g.clone())
-            .layer(axum::middleware::from_fn_with_state(
+            .route_layer(axum::middleware::from_fn_with_state(
                 state.admin.clone(),
                 gateway_guard,
             )),
@@ -148,6 +154,30 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .merge(mcp)
         .merge(gateway)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// Any path the service does not serve: 404 with a JSON body, with or without a token (an
+/// unknown path is not a secret, and a 401 there sends OAuth-aware clients astray).
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let path: String = uri.path().chars().take(200).collect();
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"error": format!("no such path: {path}")})),
+    )
+        .into_response()
+}
+
+/// A known path asked with a method it does not take: 405 with a JSON body (axum adds the
+/// `Allow` header).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path: String = uri.path().chars().take(200).collect();
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(json!({"error": format!("{path} does not take {method}")})),
+    )
+        .into_response()
 }
 
 /// Admits a model-gateway request under the admin access rule.
@@ -373,7 +403,17 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
             Refusal::Unauthorized(why) => {
-                (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], axum::Json(json!({"error": why}))).into_response()
+                // A static token, said plainly: MCP clients that see a 401 otherwise look for
+                // an OAuth server that is not there.
+                let detail = format!(
+                    "{why}: this service takes a static bearer token (the value of ADMIN_TOKEN) as `Authorization: Bearer <token>`; there is no OAuth flow"
+                );
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, r#"Bearer realm="autonomous-runner""#)],
+                    axum::Json(json!({"error": detail})),
+                )
+                    .into_response()
             }
             Refusal::Forbidden => (
                 StatusCode::FORBIDDEN,
@@ -629,6 +669,19 @@ async fn latest(
             );
         }
     };
+    // The same rule as the history's: a value that cannot be a symbol is a mistake to name,
+    // not a filter that matches nothing (the cursor is a symbol too: the last one sent).
+    for (param, v) in [("symbol", &q.symbol), ("cursor", &q.cursor)] {
+        if let Some(v) = v
+            && !crate::config::is_valid_symbol(v)
+        {
+            let shown: String = v.chars().take(40).collect();
+            return bad_request(
+                param,
+                format!("{shown:?} is not a symbol of the form BASE/QUOTE"),
+            );
+        }
+    }
     // Per symbol, the newest cycle's furthest stage: this replica's own messages, and — with
     // Redis — every replica's dashboard messages, so a load-balanced client sees everything.
     let mut best: std::collections::BTreeMap<String, (CycleId, Stage, Value)> = Default::default();
@@ -691,8 +744,38 @@ struct SignalKey {
     cycle_id: CycleId,
 }
 
-async fn cycles(State(s): State<AppState>) -> impl IntoResponse {
-    axum::Json(json!({ "cycles": s.publisher.cycles() }))
+/// `GET /api/cycles` parameters.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CyclesQuery {
+    /// The newest this many (1–1000; default every one kept).
+    limit: Option<String>,
+}
+
+/// Most cycles one answer may ask for (the buffer keeps fewer unless configured otherwise).
+const CYCLES_MAX_LIMIT: usize = 1000;
+
+async fn cycles(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<CyclesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return bad_request("query", e.body_text()),
+    };
+    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
+        None => usize::MAX,
+        Some(Ok(n)) if (1..=CYCLES_MAX_LIMIT).contains(&n) => n,
+        Some(_) => {
+            return bad_request(
+                "limit",
+                format!("must be a whole number from 1 to {CYCLES_MAX_LIMIT}"),
+            );
+        }
+    };
+    let mut cycles = s.publisher.cycles();
+    cycles.truncate(limit);
+    axum::Json(json!({ "cycles": cycles })).into_response()
 }
 
 #[cfg(test)]
@@ -840,6 +923,7 @@ mod tests {
         let access = |token: &str, loopback: bool| AdminAccess {
             token: crate::config::Secret::new(token),
             loopback,
+            allowed_hosts: vec![],
         };
         let bearer = |t: &str| {
             let mut h = HeaderMap::new();

@@ -91,7 +91,9 @@ struct Steps<'a> {
 }
 
 impl Steps<'_> {
-    /// Awaits `call`, the stage's agent, and records its latency (`llm_latency_seconds`).
+    /// Awaits `call`, the stage's agent, and records its latency (`llm_latency_seconds`) when
+    /// a model answered: a rules answer or a rules fallback took no LLM call, and its
+    /// microseconds would drag the LLM's percentiles down exactly when the LLM is failing.
     async fn ask<T>(
         &self,
         stage: Stage,
@@ -105,8 +107,10 @@ impl Steps<'_> {
         )
         .await
         .map_err(|error| StageFailure { stage, error })?;
-        metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage.as_str())
-            .record(Instant::now().duration_since(t).as_secs_f64());
+        if !answer.degraded && answer.model != "rules" {
+            metrics::histogram!(names::LLM_LATENCY_SECONDS, "stage" => stage.as_str())
+                .record(Instant::now().duration_since(t).as_secs_f64());
+        }
         Ok(answer)
     }
 

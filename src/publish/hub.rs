@@ -5,7 +5,11 @@
 //! `status` (breaker, kill switch, readiness changes).
 //!
 //! Where signals come from decides the id:
-//! - memory backend: from this process; the id is a local sequence number (`"42"`);
+//! - memory backend: from this process; the id is a local sequence number (`"42"`). The
+//!   sequence starts where the process's start time says ([`Hub::starting_at`]: microseconds
+//!   since the epoch), not at 1, so an id from before a restart is older than every id of
+//!   this process and its client is told its replay is incomplete instead of being sent
+//!   nothing until the new sequence catches up;
 //! - redis backend: from `stream:dashboard-signals`, followed by one reader per process, so any
 //!   replica serves every replica's signals; the id pairs the stream entry id with the local
 //!   sequence of cycle/status events (`"1732752000000-0_42"`). A client that reconnects with it
@@ -78,6 +82,8 @@ pub enum Origin {
 pub struct HubEvent {
     /// The id to send (the position after this event).
     pub id: String,
+    /// The same position, for ordering.
+    pub at: Cursor,
     /// Where it came from.
     pub origin: Origin,
     /// `signal`, `cycle`, `status`.
@@ -149,7 +155,20 @@ fn symbol_of(data: &str) -> Option<String> {
 impl Hub {
     /// A hub keeping `cap` events for replay. `redis`: `(client, dashboard stream key)` when
     /// signals come from Redis.
+    ///
+    /// The local sequence starts at 1: for tests and replays, which have no earlier process.
     pub fn new(cap: usize, redis: Option<(redis::Client, String)>) -> Arc<Hub> {
+        Hub::starting_at(cap, redis, 0)
+    }
+
+    /// A hub whose local sequence continues after `last_local` — the service passes its start
+    /// time in microseconds since the epoch, so ids keep growing across restarts (a process
+    /// would have to send a million events a second to catch up with its successor).
+    pub fn starting_at(
+        cap: usize,
+        redis: Option<(redis::Client, String)>,
+        last_local: u64,
+    ) -> Arc<Hub> {
         // Each client reads from this broadcast buffer; one that falls this far behind is
         // dropped (with an `error` event) rather than slowing anyone else.
         let (tx, _) = broadcast::channel(1024);
@@ -157,7 +176,10 @@ impl Hub {
             tx,
             cap: cap.max(1),
             state: Mutex::new(State {
-                cursor: Cursor::default(),
+                cursor: Cursor {
+                    stream: None,
+                    local: last_local,
+                },
                 ring: VecDeque::new(),
                 latest: BTreeMap::new(),
             }),
@@ -201,6 +223,7 @@ impl Hub {
         }
         let ev = Arc::new(HubEvent {
             id: self.id_of(&st.cursor),
+            at: st.cursor,
             origin,
             kind,
             data,
@@ -239,16 +262,27 @@ impl Hub {
     }
 
     /// A new client: the latest signal of every symbol, then live events.
+    ///
+    /// The snapshot goes out in the order the signals arrived, each with its own id, so a
+    /// client cut off in the middle of it resumes after the last one it got; the last one
+    /// carries the hub's current position, so a client that got all of it resumes exactly
+    /// where the live events begin.
     pub fn subscribe_fresh(&self) -> Subscription {
         let st = self.lock();
         let live = self.tx.subscribe();
-        let id = self.id_of(&st.cursor);
-        let backlog = st
-            .latest
-            .values()
-            .map(|e| {
+        let mut latest: Vec<&Arc<HubEvent>> = st.latest.values().collect();
+        // Both parts of a position only ever grow, so ordering by the pair is arrival order.
+        latest.sort_by_key(|e| (e.at.stream, e.at.local));
+        let now = st.cursor;
+        let last = latest.len().saturating_sub(1);
+        let backlog = latest
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let at = if i == last { now } else { e.at };
                 Arc::new(HubEvent {
-                    id: id.clone(),
+                    id: self.id_of(&at),
+                    at,
                     origin: e.origin,
                     kind: e.kind,
                     data: e.data.clone(),
@@ -304,6 +338,7 @@ impl Hub {
                                 };
                                 Arc::new(HubEvent {
                                     id: self.id_of(&c),
+                                    at: c,
                                     origin: Origin::Stream(id),
                                     kind: "signal",
                                     data,
@@ -523,6 +558,48 @@ mod tests {
             s.backlog.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
             vec!["4", "5", "6"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_has_one_id_per_event_in_arrival_order_ending_at_the_position() {
+        let hub = Hub::new(100, None);
+        hub.push_local("signal", sig("B/USD", 0)); // 1
+        hub.push_local("signal", sig("A/USD", 0)); // 2
+        hub.push_local("signal", sig("C/USD", 0)); // 3
+        hub.push_local("signal", sig("B/USD", 1)); // 4
+        hub.push_local("cycle", Arc::from("{}")); // 5
+        let s = hub.subscribe_fresh();
+        let ids: Vec<&str> = s.backlog.iter().map(|e| e.id.as_str()).collect();
+        // A(2), C(3), B(4) in arrival order; the last one at the hub's position (5).
+        assert_eq!(ids, vec!["2", "3", "5"]);
+        let syms: Vec<Option<String>> = s.backlog.iter().map(|e| symbol_of(&e.data)).collect();
+        assert_eq!(
+            syms,
+            ["A/USD", "C/USD", "B/USD"].map(|x| Some(x.to_string()))
+        );
+        // A client cut off after the first resumes with everything after it, none missed.
+        let r = hub.subscribe_after(Cursor::parse("2").expect("c")).await;
+        assert_eq!(r.backlog.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn ids_continue_after_a_restart_and_an_older_id_is_incomplete() {
+        let before = Hub::starting_at(100, None, 1_000);
+        before.push_local("signal", sig("A/USD", 0));
+        let old_id = before.subscribe_fresh().backlog[0].id.clone();
+        assert_eq!(old_id, "1001");
+        // The next process starts later (a larger start).
+        let after = Hub::starting_at(100, None, 2_000_000);
+        after.push_local("signal", sig("A/USD", 1));
+        let s = after
+            .subscribe_after(Cursor::parse(&old_id).expect("c"))
+            .await;
+        assert!(
+            !s.complete,
+            "an id from before the restart cannot be resumed exactly"
+        );
+        assert_eq!(s.backlog.len(), 1, "everything this process has");
+        assert_eq!(s.backlog[0].id, "2000001");
     }
 
     #[tokio::test]

@@ -38,6 +38,7 @@ impl Timeframe {
     }
 
     /// The argument's timeframe (`1m` when absent).
+    /// (The schema's enum is [`TIMEFRAMES`]; a test holds the two together.)
     pub(super) fn parse(s: Option<&str>) -> Result<Timeframe, ToolError> {
         match s.unwrap_or("1m") {
             "1m" => Ok(Timeframe::M1),
@@ -87,6 +88,11 @@ fn candle_json(c: &Candle) -> Value {
     })
 }
 
+/// The timeframes a caller may ask for, as the schema lists them.
+pub(super) const TIMEFRAMES: [&str; 4] = ["1m", "5m", "15m", "1h"];
+/// Candles returned when `limit` is absent.
+const DEFAULT_LIMIT: u32 = 60;
+
 /// `get_candles` arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -95,12 +101,15 @@ pub(super) struct Args {
     symbol: String,
     /// Candle width: `1m`, `5m`, `15m` or `1h` (default `1m`).
     #[serde(default)]
+    #[schemars(with = "String", extend("enum" = TIMEFRAMES, "default" = "1m"))]
     timeframe: Option<String>,
     /// Candles to return, newest last (1–500, default 60).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::whole")]
+    #[schemars(with = "u32", range(min = 1, max = MAX_CANDLES), extend("default" = DEFAULT_LIMIT))]
     limit: Option<u32>,
     /// Skip this many newest candles first (paging back in time; default 0).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::whole")]
+    #[schemars(with = "u32", extend("default" = 0))]
     offset: Option<u32>,
 }
 
@@ -113,11 +122,13 @@ impl ToolSpec for GetCandles {
     const DESCRIPTION: &'static str =
         "OHLCV candles of a symbol from the configured market source, oldest first, newest last.";
     const BRIEF: &'static str = "OHLCV candles, oldest first. timeframe 1m|5m|15m|1h, limit 1-500, offset skips the newest.";
+    const OUTPUT: &'static [&'static str] =
+        &["symbol", "timeframe", "candles", "source", "simulated"];
 
     async fn run(tb: &Toolbox, a: Args, minute: DateTime<Utc>) -> Result<Value, ToolError> {
         tb.symbol(&a.symbol)?;
         let tf = Timeframe::parse(a.timeframe.as_deref())?;
-        let limit = bounded("limit", a.limit, 60, MAX_CANDLES)? as usize;
+        let limit = bounded("limit", a.limit, DEFAULT_LIMIT, MAX_CANDLES)? as usize;
         let offset = a.offset.unwrap_or(0) as usize;
         let span = (limit + offset) * tf.minutes();
         if span > MAX_SPAN_MINUTES {

@@ -16,6 +16,14 @@ impl ToolSpec for GetCurrentPrice {
     const DESCRIPTION: &'static str =
         "The latest close of a symbol, its change over the last hour, and when it was taken.";
     const BRIEF: &'static str = "Latest close, 1-hour change, and its time.";
+    const OUTPUT: &'static [&'static str] = &[
+        "symbol",
+        "price",
+        "change_1h",
+        "as_of",
+        "source",
+        "simulated",
+    ];
 
     async fn run(tb: &Toolbox, a: SymbolArgs, minute: DateTime<Utc>) -> Result<Value, ToolError> {
         tb.symbol(&a.symbol)?;

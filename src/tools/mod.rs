@@ -176,6 +176,9 @@ pub struct ToolDef {
     pub brief: &'static str,
     /// JSON Schema of its arguments (an object schema).
     pub input_schema: serde_json::Map<String, Value>,
+    /// JSON Schema of its answers (MCP's `outputSchema`, for the `structuredContent` every
+    /// result carries): an object with the tool's keys.
+    pub output_schema: serde_json::Map<String, Value>,
 }
 
 /// What a tool is: everything a client sees of it and what it does.
@@ -189,6 +192,9 @@ trait ToolSpec {
     const DESCRIPTION: &'static str;
     /// The one line a model is offered (≤ 120 characters).
     const BRIEF: &'static str;
+    /// The keys every answer carries (the output schema's `required`; a test calls each
+    /// tool and holds its answers to them).
+    const OUTPUT: &'static [&'static str];
     /// The answer to `args` for the minute `minute` (cached for that minute by the caller).
     async fn run(tb: &Toolbox, args: Self::Args, minute: DateTime<Utc>)
     -> Result<Value, ToolError>;
@@ -322,11 +328,24 @@ fn definition<T: ToolSpec>() -> ToolDef {
     input_schema.remove("$schema");
     input_schema.remove("title");
     input_schema.remove("description");
+    let properties: serde_json::Map<String, Value> = T::OUTPUT
+        .iter()
+        .map(|k| (k.to_string(), json!({})))
+        .collect();
+    let output_schema = match json!({
+        "type": "object",
+        "properties": properties,
+        "required": T::OUTPUT,
+    }) {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
     ToolDef {
         name: T::NAME,
         description: T::DESCRIPTION,
         brief: T::BRIEF,
         input_schema,
+        output_schema,
     }
 }
 
@@ -381,6 +400,8 @@ pub struct Toolbox {
     symbols: BTreeSet<String>,
     clock: Clock,
     cache: Mutex<Cache>,
+    /// The graded horizons in seconds, shortest first (empty: not known, any is asked).
+    horizons: Vec<i64>,
 }
 
 impl std::fmt::Debug for Toolbox {
@@ -415,6 +436,31 @@ fn read<A: DeserializeOwned>(args: &Value) -> Result<A, ToolError> {
             },
         )
     })
+}
+
+/// Reads a count that JSON may carry as `2` or `2.0` (JavaScript clients, and some models,
+/// write every number as a float): a whole number from 0 to `u32::MAX`. `1.5`, `-1` and
+/// `"2"` are refused naming the value; `null` is absent (the default).
+fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let refused = || {
+        D::Error::custom(format!(
+            "expected a whole number from 0 to {}, got {n}",
+            u32::MAX
+        ))
+    };
+    if let Some(u) = n.as_u64() {
+        return u32::try_from(u).map(Some).map_err(|_| refused());
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
+            Ok(Some(f as u32))
+        }
+        _ => Err(refused()),
+    }
 }
 
 /// A count argument within 1..=`max` (`default` when absent).
@@ -459,6 +505,81 @@ impl Toolbox {
             symbols: symbols.iter().cloned().collect(),
             clock,
             cache: Mutex::new(Cache::default()),
+            horizons: vec![],
+        }
+    }
+
+    /// The horizons the history grades (`history.grading.horizons_minutes`): the only ones
+    /// `get_signal_performance` takes — another is `INVALID_HORIZON`, never a `NO_DATA`
+    /// that waiting would not cure — listed as its schema's `enum`, with `15m` the default
+    /// when graded (else the shortest).
+    pub fn with_horizons(mut self, minutes: &[u32]) -> Self {
+        let mut h: Vec<i64> = minutes.iter().map(|m| i64::from(*m) * 60).collect();
+        h.sort_unstable();
+        h.dedup();
+        if h.is_empty() {
+            return self;
+        }
+        let labels: Vec<String> = h
+            .iter()
+            .map(|s| crate::history::grading::horizon_label(*s))
+            .collect();
+        let default = self.default_horizon_of(&h);
+        for d in &mut self.defs {
+            let prop = d
+                .input_schema
+                .get_mut("properties")
+                .and_then(|p| p.get_mut("horizon"))
+                .and_then(Value::as_object_mut);
+            if let Some(p) = prop {
+                p.insert("enum".into(), json!(labels));
+                p.insert(
+                    "default".into(),
+                    json!(crate::history::grading::horizon_label(default)),
+                );
+            }
+        }
+        self.functions = self.defs.iter().map(model_function).collect();
+        self.horizons = h;
+        self
+    }
+
+    /// The graded horizon a caller gets without asking: 15 minutes when graded, else the
+    /// shortest.
+    fn default_horizon_of(&self, graded: &[i64]) -> i64 {
+        if graded.is_empty() || graded.contains(&900) {
+            900
+        } else {
+            graded[0]
+        }
+    }
+
+    /// The horizon `text` names, checked against the graded ones (the default when absent).
+    fn horizon(&self, text: Option<&str>) -> Result<i64, ToolError> {
+        let Some(text) = text else {
+            return Ok(self.default_horizon_of(&self.horizons));
+        };
+        let shown: String = text.chars().take(16).collect();
+        let graded = || {
+            self.horizons
+                .iter()
+                .map(|s| crate::history::grading::horizon_label(*s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match crate::history::grading::parse_horizon(text) {
+            None if self.horizons.is_empty() => Err(ToolError::new(
+                Code::InvalidHorizon,
+                format!("horizon {shown:?} is not minutes or hours, e.g. 5m, 15m, 1h"),
+            )),
+            Some(s) if self.horizons.is_empty() || self.horizons.contains(&s) => Ok(s),
+            _ => Err(ToolError::new(
+                Code::InvalidHorizon,
+                format!(
+                    "horizon {shown:?} is not graded here; the graded horizons are {}",
+                    graded()
+                ),
+            )),
         }
     }
 
@@ -828,6 +949,215 @@ mod tests {
         }
         // None of them needed the market.
         assert_eq!(market.fetches.load(Ordering::Relaxed), 0);
+    }
+
+    /// Every property of every input schema against what the code does: one JSON type each
+    /// (no `["integer", "null"]`), a default the code really uses, bounds the code really
+    /// enforces (the minimum and maximum pass, one beyond each is refused), every listed
+    /// value accepted.
+    #[tokio::test(start_paused = true)]
+    async fn input_schemas_say_what_the_code_enforces() {
+        let (_, tools) = toolbox();
+        let base = json!({"symbol": "ETH/USD"});
+        for d in tools.definitions() {
+            let props = d.input_schema["properties"]
+                .as_object()
+                .expect("properties");
+            for (name, p) in props {
+                assert!(
+                    p["type"].is_string(),
+                    "{}.{name}: one JSON type, got {}",
+                    d.name,
+                    p["type"]
+                );
+            }
+            // The history tools cannot answer here; their bounds are checked below by code.
+            if d.name == "get_recent_decisions" || d.name == "get_signal_performance" {
+                continue;
+            }
+            let mut args = base.clone();
+            if props.contains_key("strategy_id") {
+                args["strategy_id"] = json!("momentum");
+            }
+            let plain = tools.call(d.name, &args).await.expect(d.name);
+            for (name, p) in props {
+                if let Some(default) = p.get("default") {
+                    let mut with = args.clone();
+                    with[name.as_str()] = default.clone();
+                    let explicit = tools.call(d.name, &with).await.expect(d.name);
+                    assert_eq!(
+                        plain, explicit,
+                        "{}.{name}: the default is what the code uses",
+                        d.name
+                    );
+                }
+                for v in p
+                    .get("enum")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let mut with = args.clone();
+                    with[name.as_str()] = v.clone();
+                    // Taken: answered, or refused for something else (1h × 60 candles
+                    // is over a day; the graded ranking needs the history).
+                    if let Err(e) = tools.call(d.name, &with).await {
+                        assert!(
+                            matches!(e.code, Code::LimitExceeded | Code::HistoryDisabled),
+                            "{}.{name} = {v}: {e}",
+                            d.name
+                        );
+                    }
+                }
+                if p.get("enum").is_some() {
+                    let mut with = args.clone();
+                    with[name.as_str()] = json!("2d");
+                    assert!(
+                        tools.call(d.name, &with).await.is_err(),
+                        "{}.{name} = 2d",
+                        d.name
+                    );
+                }
+            }
+        }
+        // Bounds, on every tool that has them (the history tools refuse out-of-range
+        // counts before they look for the history).
+        for (tool, max) in [
+            ("get_candles", MAX_CANDLES),
+            ("get_top_strategies", MAX_STRATEGIES),
+            ("get_recent_decisions", MAX_DECISIONS),
+        ] {
+            let limit = &tools
+                .definitions()
+                .iter()
+                .find(|d| d.name == tool)
+                .expect("tool")
+                .input_schema["properties"]["limit"];
+            assert_eq!(
+                (limit["minimum"].clone(), limit["maximum"].clone()),
+                (json!(1), json!(max)),
+                "{tool}"
+            );
+            let code = |n: u32| {
+                let tools = tools.clone();
+                async move {
+                    let args = json!({"symbol": "ETH/USD", "limit": n, "timeframe": "1m"});
+                    let args = if tool == "get_candles" {
+                        args
+                    } else {
+                        json!({"symbol": "ETH/USD", "limit": n})
+                    };
+                    tools.call(tool, &args).await.err().map(|e| e.code)
+                }
+            };
+            assert_eq!(code(0).await, Some(Code::InvalidArguments), "{tool} 0");
+            assert_eq!(
+                code(max + 1).await,
+                Some(Code::LimitExceeded),
+                "{tool} max + 1"
+            );
+            for n in [1, max] {
+                let c = code(n).await;
+                assert!(
+                    c.is_none() || c == Some(Code::HistoryDisabled),
+                    "{tool} {n}: {c:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_whole_number_written_as_a_float_is_a_count() {
+        let (_, tools) = toolbox();
+        let two = tools
+            .call("get_candles", &json!({"symbol": "ETH/USD", "limit": 2.0}))
+            .await
+            .expect("2.0 is 2");
+        assert_eq!(two["candles"].as_array().map(Vec::len), Some(2));
+        for bad in [json!(2.5), json!(-1), json!(1e12)] {
+            let e = tools
+                .call("get_candles", &json!({"symbol": "ETH/USD", "limit": bad}))
+                .await
+                .expect_err("refused");
+            assert_eq!(e.code, Code::InvalidArguments, "{bad}: {e}");
+            assert!(e.message.contains("limit"), "{e}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_graded_horizons_are_offered_and_taken() {
+        let (market, _) = toolbox();
+        let clock = Clock::anchored(DateTime::<Utc>::default());
+        let tools = Toolbox::new(
+            market,
+            None,
+            Arc::default(),
+            &["ETH/USD".to_string()],
+            clock,
+        )
+        .with_horizons(&[60, 5, 15]);
+        let perf = tools
+            .definitions()
+            .iter()
+            .find(|d| d.name == "get_signal_performance")
+            .expect("tool");
+        let h = &perf.input_schema["properties"]["horizon"];
+        assert_eq!(h["enum"], json!(["5m", "15m", "1h"]));
+        assert_eq!(h["default"], "15m");
+        let args = |h: &str| json!({"symbol": "ETH/USD", "horizon": h});
+        // Never graded: a horizon error now, not NO_DATA that waiting would not cure.
+        let e = tools
+            .call("get_signal_performance", &args("30m"))
+            .await
+            .expect_err("30m");
+        assert_eq!(e.code, Code::InvalidHorizon, "{e}");
+        assert!(e.message.contains("5m, 15m, 1h"), "{e}");
+        // A graded one goes on to the history (there is none here).
+        let e = tools
+            .call("get_signal_performance", &args("1h"))
+            .await
+            .expect_err("1h");
+        assert_eq!(e.code, Code::HistoryDisabled, "{e}");
+        // The model's function definitions list them too.
+        let f = tools
+            .functions
+            .iter()
+            .find(|f| f["function"]["name"] == "get_signal_performance")
+            .expect("function");
+        assert_eq!(
+            f["function"]["parameters"]["properties"]["horizon"]["enum"],
+            h["enum"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_carry_every_key_their_output_schema_requires() {
+        let (_, tools) = toolbox();
+        for d in tools.definitions() {
+            if d.name == "get_recent_decisions" || d.name == "get_signal_performance" {
+                continue; // no history here; the MCP integration test covers them
+            }
+            let args = if d.name == "get_strategy_signal" {
+                json!({"symbol": "ETH/USD", "strategy_id": "momentum"})
+            } else {
+                json!({"symbol": "ETH/USD"})
+            };
+            let answer = tools.call(d.name, &args).await.expect(d.name);
+            for key in d.output_schema["required"].as_array().expect("required") {
+                let key = key.as_str().expect("key");
+                assert!(
+                    answer.get(key).is_some(),
+                    "{}: no {key} in {answer}",
+                    d.name
+                );
+            }
+            assert_eq!(
+                answer.as_object().map(|o| o.len()),
+                d.output_schema["required"].as_array().map(Vec::len),
+                "{}: every key is declared",
+                d.name
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,6 +10,9 @@ use super::{Code, MAX_DECISIONS, ToolError, ToolSpec, Toolbox, bounded};
 use crate::history::HistoryQuery;
 use crate::model::Stage;
 
+/// Decisions returned when `limit` is absent.
+const DEFAULT_LIMIT: u32 = 10;
+
 /// `get_recent_decisions` arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -17,7 +20,8 @@ pub(super) struct Args {
     /// A configured symbol, e.g. `BTC/USD`.
     symbol: String,
     /// Decisions to return, newest first (1–50, default 10).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::whole")]
+    #[schemars(with = "u32", range(min = 1, max = MAX_DECISIONS), extend("default" = DEFAULT_LIMIT))]
     limit: Option<u32>,
 }
 
@@ -30,10 +34,11 @@ impl ToolSpec for GetRecentDecisions {
     const DESCRIPTION: &'static str = "This service's most recent signals for a symbol, newest first, each with how it was graded so far (hit or miss at each horizon).";
     const BRIEF: &'static str =
         "This service's latest signals, newest first, with their grades; limit 1-50.";
+    const OUTPUT: &'static [&'static str] = &["symbol", "decisions"];
 
     async fn run(tb: &Toolbox, a: Args, _minute: DateTime<Utc>) -> Result<Value, ToolError> {
         tb.symbol(&a.symbol)?;
-        let limit = bounded("limit", a.limit, 10, MAX_DECISIONS)? as usize;
+        let limit = bounded("limit", a.limit, DEFAULT_LIMIT, MAX_DECISIONS)? as usize;
         let rows = tb
             .store()?
             .page(&HistoryQuery {

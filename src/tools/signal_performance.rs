@@ -7,12 +7,10 @@ use serde_json::{Value, json};
 
 use super::{Code, ToolError, ToolSpec, Toolbox};
 use crate::history::GroupBy;
-use crate::history::grading::{horizon_label, parse_horizon, scorecard_of};
+use crate::history::grading::{horizon_label, scorecard_of};
 
 /// How far back the record reaches.
 const DAYS: i64 = 7;
-/// The longest horizon text carried into a refusal.
-const MAX_HORIZON_SHOWN: usize = 16;
 
 /// `get_signal_performance` arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -20,8 +18,10 @@ const MAX_HORIZON_SHOWN: usize = 16;
 pub(super) struct Args {
     /// A configured symbol, e.g. `BTC/USD`.
     symbol: String,
-    /// Grading horizon, e.g. `5m`, `15m`, `1h` (default `15m`).
+    /// Grading horizon, one of those the history grades, e.g. `5m`, `15m`, `1h` (default
+    /// `15m` when graded, else the shortest); the schema lists them.
     #[serde(default)]
+    #[schemars(with = "String")]
     horizon: Option<String>,
 }
 
@@ -33,22 +33,25 @@ impl ToolSpec for GetSignalPerformance {
     const NAME: &'static str = "get_signal_performance";
     const DESCRIPTION: &'static str = "How this service's signals for a symbol have turned out over the last 7 days at one horizon: hit rate with its 95% interval, mean and median return, Brier score and its skill against the base rate, the calibrated confidence's reliability, and naive baselines (always HOLD, momentum) with the skill against the better one.";
     const BRIEF: &'static str = "This service's 7-day record at one graded horizon (e.g. 15m): hit rate, returns, Brier score.";
+    const OUTPUT: &'static [&'static str] = &[
+        "symbol",
+        "horizon",
+        "graded",
+        "hits",
+        "hit_rate",
+        "hit_rate_ci95",
+        "mean_return",
+        "median_return",
+        "brier",
+        "brier_skill",
+        "calibrated",
+        "baselines",
+        "simulated",
+    ];
 
     async fn run(tb: &Toolbox, a: Args, minute: DateTime<Utc>) -> Result<Value, ToolError> {
         tb.symbol(&a.symbol)?;
-        let horizon_text = a.horizon.as_deref().unwrap_or("15m");
-        let horizon = parse_horizon(horizon_text).ok_or_else(|| {
-            ToolError::new(
-                Code::InvalidHorizon,
-                format!(
-                    "horizon {:?} is not minutes or hours, e.g. 5m, 15m, 1h",
-                    horizon_text
-                        .chars()
-                        .take(MAX_HORIZON_SHOWN)
-                        .collect::<String>()
-                ),
-            )
-        })?;
+        let horizon = tb.horizon(a.horizon.as_deref())?;
         let since = minute.timestamp() - DAYS * 86_400;
         let groups = scorecard_of(tb.store()?.as_ref(), horizon, GroupBy::Symbol, since)
             .await

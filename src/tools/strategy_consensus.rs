@@ -16,6 +16,16 @@ impl ToolSpec for GetStrategyConsensus {
     const NAME: &'static str = "get_strategy_consensus";
     const DESCRIPTION: &'static str = "How the strategies vote on a symbol now: bullish, bearish and neutral counts, the consensus action and the rules agent's confidence for it.";
     const BRIEF: &'static str = "Bullish/bearish/neutral counts, consensus action and confidence.";
+    const OUTPUT: &'static [&'static str] = &[
+        "symbol",
+        "action",
+        "bullish",
+        "bearish",
+        "neutral",
+        "consensus_ratio",
+        "confidence",
+        "simulated",
+    ];
 
     async fn run(tb: &Toolbox, a: SymbolArgs, minute: DateTime<Utc>) -> Result<Value, ToolError> {
         tb.symbol(&a.symbol)?;

@@ -26,6 +26,14 @@ impl ToolSpec for GetStrategySignal {
     const DESCRIPTION: &'static str =
         "One strategy's current verdict on a symbol, with its hit rate and parameters.";
     const BRIEF: &'static str = "One strategy's verdict, hit rate and parameters.";
+    const OUTPUT: &'static [&'static str] = &[
+        "symbol",
+        "strategy_id",
+        "signal",
+        "hit_rate",
+        "parameters",
+        "simulated",
+    ];
 
     async fn run(tb: &Toolbox, a: Args, minute: DateTime<Utc>) -> Result<Value, ToolError> {
         tb.symbol(&a.symbol)?;

@@ -16,6 +16,9 @@ const GRADED_HORIZON_SECONDS: i64 = 900;
 /// How far back the `graded_hit_rate` ranking reads.
 const GRADED_DAYS: i64 = 7;
 
+/// Strategies returned when `limit` is absent.
+const DEFAULT_LIMIT: u32 = 3;
+
 /// `get_top_strategies` arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -23,12 +26,14 @@ pub(super) struct Args {
     /// A configured symbol, e.g. `BTC/USD`.
     symbol: String,
     /// Strategies to return (1–10, default 3).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::whole")]
+    #[schemars(with = "u32", range(min = 1, max = MAX_STRATEGIES), extend("default" = DEFAULT_LIMIT))]
     limit: Option<u32>,
     /// Ranking: `hit_rate` (each strategy's live hit rate over the last 30 minutes of this
     /// symbol, the default) or `graded_hit_rate` (how signals led by the strategy were graded
     /// at 15 minutes over the last 7 days, all symbols).
     #[serde(default)]
+    #[schemars(with = "String", extend("enum" = ["hit_rate", "graded_hit_rate"], "default" = "hit_rate"))]
     metric: Option<String>,
 }
 
@@ -40,10 +45,17 @@ impl ToolSpec for GetTopStrategies {
     const NAME: &'static str = "get_top_strategies";
     const DESCRIPTION: &'static str = "The rules strategies ranked for a symbol, each with its current verdict (BUY/SELL/HOLD), its live hit rate and its parameters.";
     const BRIEF: &'static str = "Strategies ranked by metric hit_rate|graded_hit_rate, with verdict and parameters; limit 1-10.";
+    const OUTPUT: &'static [&'static str] = &[
+        "symbol",
+        "metric",
+        "strategies",
+        "hit_rate_window_minutes",
+        "simulated",
+    ];
 
     async fn run(tb: &Toolbox, a: Args, minute: DateTime<Utc>) -> Result<Value, ToolError> {
         tb.symbol(&a.symbol)?;
-        let limit = bounded("limit", a.limit, 3, MAX_STRATEGIES)? as usize;
+        let limit = bounded("limit", a.limit, DEFAULT_LIMIT, MAX_STRATEGIES)? as usize;
         let metric = a.metric.as_deref().unwrap_or("hit_rate");
         let verdicts = tb.verdicts(&a.symbol, minute).await?;
         let mut ranked: Vec<(f64, &Evaluated)> = match metric {

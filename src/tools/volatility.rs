@@ -23,6 +23,7 @@ pub(super) struct Args {
     symbol: String,
     /// Candle width the returns are measured over: `1m`, `5m`, `15m`, `1h` (default `1m`).
     #[serde(default)]
+    #[schemars(with = "String", extend("enum" = super::candles::TIMEFRAMES, "default" = "1m"))]
     timeframe: Option<String>,
 }
 
@@ -35,6 +36,14 @@ impl ToolSpec for GetVolatility {
     const DESCRIPTION: &'static str = "Volatility of a symbol: standard deviation of candle returns over the last 60 candles of the timeframe, and the 1-hour volatility.";
     const BRIEF: &'static str =
         "Stdev of returns over 60 candles of timeframe 1m|5m|15m|1h, and 1-hour volatility.";
+    const OUTPUT: &'static [&'static str] = &[
+        "symbol",
+        "timeframe",
+        "candles",
+        "stdev_return",
+        "volatility_1h",
+        "simulated",
+    ];
 
     async fn run(tb: &Toolbox, a: Args, minute: DateTime<Utc>) -> Result<Value, ToolError> {
         tb.symbol(&a.symbol)?;

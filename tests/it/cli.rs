@@ -220,3 +220,28 @@ fn an_unwritable_spool_path_is_refused_at_start() {
         );
     }
 }
+
+#[test]
+fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    // `once` on memory coordination: a whole cycle's log lines, then exit 0. stderr is a pipe
+    // here, as under `kubectl logs` or a log shipper.
+    let dir = tempfile::tempdir().unwrap();
+    let f = write_config(&config("0 0 1 1 *", "  symbols: [ETH/USD]\n"));
+    let out = std::process::Command::new(binary())
+        .args(["once", "--config", f.path.to_str().unwrap()])
+        .env_clear()
+        .env("LOG_FORMAT", "text")
+        .env("HISTORY_PATH", dir.path().join("h.sqlite"))
+        .output()
+        .expect("run once");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.lines().filter(|l| l.contains(" INFO ")).count() >= 3,
+        "text lines with their level: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "an escape code in piped text logs: {stderr:?}"
+    );
+}

@@ -579,3 +579,70 @@ async fn of_twins_started_together_exactly_one_runs() {
         .unwrap();
     assert_eq!(hb, other);
 }
+
+/// The API answers a bad parameter the same way everywhere — 400 naming it — and paths and
+/// methods it does not serve with JSON bodies (issue 24, item 3).
+#[tokio::test]
+async fn every_endpoint_names_a_bad_parameter_and_unknown_paths_are_json_404s() {
+    let app = spawn_app(config("* * * * * *", "  symbols: [ETH/USD, BTC/USD]\n")).await;
+    app.wait_cycles(2, Duration::from_secs(15)).await;
+    for (path, param) in [
+        ("/api/signals/latest?symbol=NOPE", "symbol"),
+        ("/api/signals/latest?cursor=%00garbage", "cursor"),
+        ("/api/signals/latest?limit=0", "limit"),
+        ("/api/signals/history?symbol=NOPE", "symbol"),
+        ("/api/candles?symbol=NOPE", "symbol"),
+        ("/api/candles?symbol=DOGE/USD", "symbol"),
+        ("/api/cycles?limit=abc", "limit"),
+        ("/api/cycles?limit=0", "limit"),
+        ("/api/cycles?colour=red", "query"),
+    ] {
+        let (code, body) = app.get(path).await;
+        assert_eq!(
+            (code, body["parameter"].as_str()),
+            (400, Some(param)),
+            "{path}: {body}"
+        );
+    }
+    // A well-formed symbol is a filter (another replica may have it): 200.
+    let (code, body) = app.get("/api/signals/latest?symbol=DOGE/USD").await;
+    assert_eq!(
+        (code, body["signals"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    let (code, body) = app.get("/api/cycles?limit=1").await;
+    assert_eq!(
+        (code, body["cycles"].as_array().map(Vec::len)),
+        (200, Some(1))
+    );
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/no/such/thing", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let v: Value = r.json().await.expect("a JSON 404");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/no/such/thing")),
+        "{v}"
+    );
+    let r = http
+        .delete(format!("{}/api/cycles", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert!(
+        r.headers().get("allow").is_some(),
+        "405 says what is allowed"
+    );
+    let v: Value = r.json().await.expect("a JSON 405");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("DELETE")),
+        "{v}"
+    );
+    app.stop().await.expect("clean stop");
+}

@@ -952,7 +952,7 @@ async fn the_candles_api_serves_the_configured_symbols_minutes_and_names_bad_req
         ("?symbol=ETH/USD&minutes=1441", 400, "minutes"),
         ("?symbol=ETH/USD&minutes=ten", 400, "minutes"),
         ("?symbol=ETH/USD&colour=red", 400, "query"),
-        ("?symbol=DOGE/USD", 404, "symbol"),
+        ("?symbol=DOGE/USD", 400, "symbol"),
     ] {
         let (got, body) = app.get(&format!("/api/candles{query}")).await;
         assert_eq!(

