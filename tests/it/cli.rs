@@ -49,6 +49,11 @@ fn check_config_rejects_each_bad_input_with_exit_2_naming_the_key() {
             "autonomous_runner.schedule:",
         ),
         (
+            "an allowed host given as a URL",
+            "autonomous_runner:\n  http:\n    allowed_hosts: [runner, \"http://runner:8080/mcp\"]\n",
+            "autonomous_runner.http.allowed_hosts[1]:",
+        ),
+        (
             "empty symbols",
             "autonomous_runner:\n  symbols: []\n",
             "autonomous_runner.symbols:",

@@ -614,3 +614,38 @@ async fn the_mcp_inspector_lists_and_calls_every_tool_with_a_bearer_token() {
     );
     app.stop().await.expect("clean stop");
 }
+
+/// Without a token, `/mcp` takes loopback `Host` names and those of `http.allowed_hosts`
+/// (a compose or Kubernetes service name), and refuses any other (DNS rebinding).
+#[tokio::test]
+async fn configured_host_names_reach_mcp_without_a_token() {
+    let app = spawn_app(config(
+        "0 0 1 1 *",
+        // Right under `config`'s own `http:` block.
+        "    allowed_hosts: [runner, \"runner.signals.svc\"]\n  symbols: [ETH/USD]\n",
+    ))
+    .await;
+    let port = app.base.rsplit(':').next().expect("port").to_string();
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+    let status = |host: String| {
+        let url = format!("{}/mcp", app.base);
+        let body = list.clone();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("host", host)
+                .header("accept", "application/json, text/event-stream")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    for host in ["runner", "runner.signals.svc", "localhost"] {
+        assert_eq!(status(format!("{host}:{port}")).await, 200, "{host}");
+    }
+    assert_eq!(status(format!("evil.example:{port}")).await, 403);
+    app.stop().await.expect("clean stop");
+}
