@@ -151,12 +151,21 @@ impl SqlStore {
     /// (it holds a password).
     pub async fn postgres(url: &str) -> Result<SqlStore, HistoryError> {
         let backend = "postgres";
-        let pool = Self::pool(url, 8, |_| Box::pin(async { Ok(()) }))
-            .await
-            .map_err(|e| HistoryError::Database {
-                backend,
-                message: describe(&e),
-            })?;
+        // NOTICEs are for a person at psql: the migrations' `CREATE … IF NOT EXISTS` draw
+        // "relation … already exists, skipping" at every start, which the driver logged at
+        // INFO as if something had happened. Warnings and errors still come.
+        let pool = Self::pool(url, 8, |conn| {
+            Box::pin(async move {
+                sqlx::Executor::execute(conn, "SET client_min_messages TO warning")
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .await
+        .map_err(|e| HistoryError::Database {
+            backend,
+            message: describe(&e),
+        })?;
         Self::migrated(pool, backend).await
     }
 

@@ -967,3 +967,28 @@ async fn the_candles_api_serves_the_configured_symbols_minutes_and_names_bad_req
     }
     app.stop().await.expect("clean stop");
 }
+
+/// A second start on an existing PostgreSQL history logs no NOTICE ("relation … already
+/// exists, skipping") as if something had happened: the binary, started twice, with its logs
+/// read.
+#[tokio::test]
+async fn a_restart_on_postgres_logs_no_notices() {
+    let pg = PostgresServer::start().await;
+    let url = pg.url();
+    let yaml = crate::helpers::config("0 0 1 1 *", "  symbols: [ETH/USD]\n");
+    for start in ["first", "second"] {
+        let mut p = crate::helpers::Proc::spawn("run", &yaml, &[("POSTGRES_URL", &url)]).await;
+        p.wait_log(
+            |l| l["message"].as_str().is_some_and(|m| m.contains("history")),
+            Duration::from_secs(20),
+        )
+        .await;
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(Duration::from_secs(20)).await, 0, "{start}");
+        let notices = p.logs_matching(|l| {
+            l.to_string().contains("already exists")
+                || l["target"].as_str().is_some_and(|t| t.contains("notice"))
+        });
+        assert!(notices.is_empty(), "{start} start: {notices:#?}");
+    }
+}
