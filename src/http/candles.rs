@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{AppState, bad_request};
+use super::{AppState, bad_request, count_param};
 
 /// A day of minutes: the chart's widest view, and a bound on one request's work.
 const MAX_MINUTES: usize = 1440;
@@ -36,15 +36,9 @@ pub(super) async fn candles(
     let Some(symbol) = p.symbol.filter(|v| !v.is_empty()) else {
         return bad_request("symbol", "required, e.g. symbol=ETH/USD".into());
     };
-    let minutes = match p.minutes.as_deref().map(str::parse::<usize>) {
-        None => DEFAULT_MINUTES,
-        Some(Ok(n)) if (1..=MAX_MINUTES).contains(&n) => n,
-        Some(_) => {
-            return bad_request(
-                "minutes",
-                format!("must be a whole number from 1 to {MAX_MINUTES}"),
-            );
-        }
+    let minutes = match count_param(p.minutes.as_deref(), DEFAULT_MINUTES, MAX_MINUTES) {
+        Ok(n) => n,
+        Err(why) => return bad_request("minutes", why),
     };
     if !s.symbols.contains(&symbol) {
         // A 400 naming the parameter, as every endpoint answers a symbol it cannot serve.

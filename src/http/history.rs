@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{AppState, bad_request};
+use super::{AppState, bad_request, count_param};
 use crate::history::grading::{horizon_label, parse_horizon, scorecard_of};
 use crate::history::{GroupBy, HistoryQuery, HistoryStore};
 use crate::model::Stage;
@@ -103,10 +103,9 @@ pub(super) async fn history(
         Ok(st) => st,
         Err(r) => return r.into_response(),
     };
-    let limit = match p.limit.as_deref().map(str::parse::<usize>) {
-        None => DEFAULT_LIMIT,
-        Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
-        Some(_) => return bad_request("limit", format!("must be 1–{MAX_LIMIT}")),
+    let limit = match count_param(p.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT) {
+        Ok(n) => n,
+        Err(why) => return bad_request("limit", why),
     };
     let stage = match p.stage.as_deref() {
         None => None,

@@ -643,6 +643,17 @@ struct LatestQuery {
 const LATEST_MAX_LIMIT: usize = 1000;
 const LATEST_DEFAULT_LIMIT: usize = 500;
 
+/// A count parameter (`limit`, `minutes`): absent → `default`, else a whole number from 1 to
+/// `max`; `Err` says what it must be (the caller's 400 names the parameter) — one rule for
+/// every endpoint.
+fn count_param(raw: Option<&str>, default: usize, max: usize) -> Result<usize, String> {
+    match raw.map(str::parse::<usize>) {
+        None => Ok(default),
+        Some(Ok(n)) if (1..=max).contains(&n) => Ok(n),
+        Some(_) => Err(format!("must be a whole number from 1 to {max}")),
+    }
+}
+
 fn bad_request(param: &str, why: String) -> Response {
     (
         StatusCode::BAD_REQUEST,
@@ -659,15 +670,9 @@ async fn latest(
         Ok(axum::extract::Query(q)) => q,
         Err(e) => return bad_request("query", e.body_text()),
     };
-    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
-        None => LATEST_DEFAULT_LIMIT,
-        Some(Ok(n)) if (1..=LATEST_MAX_LIMIT).contains(&n) => n,
-        Some(_) => {
-            return bad_request(
-                "limit",
-                format!("must be a whole number from 1 to {LATEST_MAX_LIMIT}"),
-            );
-        }
+    let limit = match count_param(q.limit.as_deref(), LATEST_DEFAULT_LIMIT, LATEST_MAX_LIMIT) {
+        Ok(n) => n,
+        Err(why) => return bad_request("limit", why),
     };
     // The same rule as the history's: a value that cannot be a symbol is a mistake to name,
     // not a filter that matches nothing (the cursor is a symbol too: the last one sent).
@@ -763,15 +768,9 @@ async fn cycles(
         Ok(axum::extract::Query(q)) => q,
         Err(e) => return bad_request("query", e.body_text()),
     };
-    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
-        None => usize::MAX,
-        Some(Ok(n)) if (1..=CYCLES_MAX_LIMIT).contains(&n) => n,
-        Some(_) => {
-            return bad_request(
-                "limit",
-                format!("must be a whole number from 1 to {CYCLES_MAX_LIMIT}"),
-            );
-        }
+    let limit = match count_param(q.limit.as_deref(), usize::MAX, CYCLES_MAX_LIMIT) {
+        Ok(n) => n,
+        Err(why) => return bad_request("limit", why),
     };
     let mut cycles = s.publisher.cycles();
     cycles.truncate(limit);
