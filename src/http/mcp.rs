@@ -6,7 +6,9 @@
 //!   nothing a client holds.
 //! - **Access** is the admin endpoints' rule ([`super::authorize`]): the bearer token when one
 //!   is configured, else loopback peers only. Without a token the SDK's `Host` check also stays
-//!   on (loopback names only), so a web page cannot reach the tools through DNS rebinding.
+//!   on (loopback names, and those of `http.allowed_hosts`), so a web page cannot reach the
+//!   tools through DNS rebinding. The guard is a route layer: paths other than `/mcp` never
+//!   see it (they are the router's JSON 404s, with or without a token).
 //! - **Bounds.** Request bodies over [`MAX_BODY`] are refused with 413; the tools bound every
 //!   answer themselves.
 //! - **JSON-RPC errors as the spec has them**, checked here before the SDK sees the body: a
