@@ -771,13 +771,15 @@ async fn a_postgres_outage_stalls_no_cycle_and_loses_no_message() {
         .await
         .unwrap()
         .len() as u64;
-    // Every stage of every completed symbol; a symbol cut by the stop may add a few more.
+    // Every stage of every completed symbol. The cycles were read before the stop, and the
+    // stop lets the cycle then in flight finish: up to one more tick's 3 symbols × 4 stages
+    // (seen: 408 stored of 396 counted — exactly one whole tick more).
     assert!(
         stored >= published,
         "{stored} stored of {published} published"
     );
     assert!(
-        stored < published + 12,
+        stored <= published + 12,
         "{stored} stored of {published} published"
     );
 }
