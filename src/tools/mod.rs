@@ -463,6 +463,15 @@ fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error
     }
 }
 
+/// The horizon (seconds) a caller gets without asking: 15 minutes when graded (or when the
+/// graded ones are not known), else the shortest graded one.
+fn default_horizon(graded: &[i64]) -> i64 {
+    match graded.first() {
+        Some(&first) if !graded.contains(&900) => first,
+        _ => 900,
+    }
+}
+
 /// A count argument within 1..=`max` (`default` when absent).
 fn bounded(what: &str, v: Option<u32>, default: u32, max: u32) -> Result<u32, ToolError> {
     match v.unwrap_or(default) {
@@ -524,7 +533,7 @@ impl Toolbox {
             .iter()
             .map(|s| crate::history::grading::horizon_label(*s))
             .collect();
-        let default = self.default_horizon_of(&h);
+        let default = default_horizon(&h);
         for d in &mut self.defs {
             let prop = d
                 .input_schema
@@ -544,20 +553,10 @@ impl Toolbox {
         self
     }
 
-    /// The graded horizon a caller gets without asking: 15 minutes when graded, else the
-    /// shortest.
-    fn default_horizon_of(&self, graded: &[i64]) -> i64 {
-        if graded.is_empty() || graded.contains(&900) {
-            900
-        } else {
-            graded[0]
-        }
-    }
-
     /// The horizon `text` names, checked against the graded ones (the default when absent).
     fn horizon(&self, text: Option<&str>) -> Result<i64, ToolError> {
         let Some(text) = text else {
-            return Ok(self.default_horizon_of(&self.horizons));
+            return Ok(default_horizon(&self.horizons));
         };
         let shown: String = text.chars().take(16).collect();
         let graded = || {
