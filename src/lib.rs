@@ -231,6 +231,20 @@ impl App {
             market_source: market.name(),
             market: market.clone(),
             symbols: cfg.symbols.clone().into(),
+            graded_horizons: if cfg.history.enabled {
+                let mut h: Vec<i64> = cfg
+                    .history
+                    .grading
+                    .horizons_minutes
+                    .iter()
+                    .map(|m| i64::from(*m) * 60)
+                    .collect();
+                h.sort_unstable();
+                h.dedup();
+                h
+            } else {
+                vec![]
+            },
             clock: clock.clone(),
             tools: Some(tools),
             gateway,

@@ -19,7 +19,19 @@ const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b1f_0c2e_9a57_4d0e_8f43_2b7c_5e19_
 /// The four stages — signal, score, advise, report — everywhere: in code, labels, logs and the
 /// API. The Redis channel and stream names (raw, scored, validated, dashboard) are only names,
 /// kept as the outside contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    PartialOrd,
+    Ord,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     /// Stage 1: the signal (`channel:raw-signals`). The aliases read what versions before the
@@ -193,6 +205,30 @@ impl Serialize for Reason {
     }
 }
 
+/// A string schema with a description (and a format), for the types serialized by hand as
+/// strings ([`Reason`], [`FailedAt`], the cycle id): their OpenAPI schema says what the text is.
+pub fn string_schema(
+    description: &str,
+    format: Option<utoipa::openapi::KnownFormat>,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some(description))
+        .format(format.map(utoipa::openapi::SchemaFormat::KnownFormat))
+        .into()
+}
+
+impl utoipa::PartialSchema for Reason {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "Why a symbol failed or was not attempted: one bounded vocabulary (timeout, llm_5xx, llm_rate_limited, invalid_output, circuit_open, capacity, market_data_*, cycle_deadline, shutdown, locked, claimed_elsewhere, …), the same as the `reason` metric label.",
+            None,
+        )
+    }
+}
+
+impl utoipa::ToSchema for Reason {}
+
 /// Where a symbol's work stopped: a stage, or a step around the stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailedAt {
@@ -226,6 +262,17 @@ impl FailedAt {
     }
 }
 
+impl utoipa::PartialSchema for FailedAt {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "Where a symbol's work stopped: queued, lock, pipeline, a stage (signal, score, advise, report), or none.",
+            None,
+        )
+    }
+}
+
+impl utoipa::ToSchema for FailedAt {}
+
 impl Serialize for FailedAt {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
@@ -233,7 +280,18 @@ impl Serialize for FailedAt {
 }
 
 /// BUY, SELL or HOLD.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     /// Go long.
@@ -263,7 +321,9 @@ impl Action {
 }
 
 /// One strategy's verdict.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyVerdict {
     /// Strategy name.
@@ -305,7 +365,9 @@ impl Tally {
 }
 
 /// The best strategy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct TopStrategy {
     /// Strategy name.
@@ -315,11 +377,14 @@ pub struct TopStrategy {
     /// Its direction.
     pub signal: Action,
     /// Its parameters (periods, thresholds).
+    #[schema(value_type = Object)]
     pub parameters: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Market snapshot that the signal was made from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct MarketContext {
     /// Last close.
@@ -333,7 +398,7 @@ pub struct MarketContext {
 }
 
 /// Stage 1 payload.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Signal {
     /// Deterministic from symbol + cycle id.
     pub signal_id: String,
@@ -380,7 +445,7 @@ pub struct Signal {
 }
 
 /// Whether a signal's confidence could be calibrated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CalibrationStatus {
     /// `calibrated_confidence` is the group's observed hit rate at this confidence.
@@ -394,7 +459,7 @@ pub enum CalibrationStatus {
 }
 
 /// How a signal's confidence was calibrated: what a reader needs to weigh the number.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CalibrationNote {
     /// Calibrated, or why not.
     pub status: CalibrationStatus,
@@ -416,7 +481,7 @@ pub struct CalibrationNote {
 }
 
 /// TIER of an opportunity score.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Tier {
     /// ≥ 80.
@@ -442,7 +507,7 @@ impl Tier {
 }
 
 /// Market regime, which sets the scoring caps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Regime {
     /// Caps 0.05 / 0.03.
@@ -454,7 +519,7 @@ pub enum Regime {
 }
 
 /// Each term's contribution to the opportunity score (points out of 100).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OpportunityFactors {
     /// 25 % weight.
     pub confidence: f64,
@@ -471,7 +536,7 @@ pub struct OpportunityFactors {
 }
 
 /// Stage 2 payload.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScoredSignal {
     /// Stage 1 fields.
     #[serde(flatten)]
@@ -487,7 +552,9 @@ pub struct ScoredSignal {
 }
 
 /// What the advise stage adds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Advice {
     /// Whether to act on the signal.
@@ -509,8 +576,42 @@ pub struct AdvisedSignal {
     pub advice: Option<Advice>,
 }
 
+/// In the OpenAPI document: the score's fields and the advice's, which are all present or all
+/// absent. Written out because the derived schema of a flattened `Option` is "the advice or
+/// null", and the advice's own schema admits no other field: no advised signal would match.
+impl utoipa::PartialSchema for AdvisedSignal {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AllOfBuilder, Schema};
+        use utoipa::openapi::{Ref, RefOr};
+        let mut all = AllOfBuilder::new()
+            .item(Ref::from_schema_name("ScoredSignal"))
+            .description(Some("Stage 3 payload: the scored signal, and the advice unless the score was under `pipeline.advise_min_score`."));
+        if let RefOr::T(Schema::Object(mut advice)) = <Advice as utoipa::PartialSchema>::schema() {
+            advice.required.clear();
+            advice.additional_properties = None;
+            all = all.item(advice);
+        }
+        all.into()
+    }
+}
+
+impl utoipa::ToSchema for AdvisedSignal {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        schemas.push((
+            "ScoredSignal".into(),
+            <ScoredSignal as utoipa::PartialSchema>::schema(),
+        ));
+        <ScoredSignal as utoipa::ToSchema>::schemas(schemas);
+    }
+}
+
 /// Stage 4 payload: what the dashboard shows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReportedSignal {
     /// Stages 1–3.
     #[serde(flatten)]
@@ -520,7 +621,7 @@ pub struct ReportedSignal {
 }
 
 /// Envelope metadata.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Metadata {
     /// Time the stage took.
     pub processing_time_ms: u64,
@@ -546,6 +647,25 @@ pub enum Payload {
     /// Stage 4.
     Reported(ReportedSignal),
 }
+
+/// In the OpenAPI document: any one stage's payload (each later stage carries the earlier
+/// stages' fields too, so a report also reads as a signal: `anyOf`, not `oneOf`).
+impl utoipa::PartialSchema for Payload {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{Ref, schema::AnyOfBuilder};
+        AnyOfBuilder::new()
+            .item(Ref::from_schema_name("ReportedSignal"))
+            .item(Ref::from_schema_name("AdvisedSignal"))
+            .item(Ref::from_schema_name("ScoredSignal"))
+            .item(Ref::from_schema_name("Signal"))
+            .description(Some(
+                "A stage payload: a report, advised, scored or plain signal.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Payload {}
 
 impl Payload {
     /// The stage fields every later stage carries too.

@@ -195,6 +195,18 @@ impl serde::Serialize for CycleId {
 #[error("not a cycle id (RFC 3339 UTC time with whole seconds, e.g. 2026-11-28T10:01:00Z): {0:?}")]
 pub struct BadCycleId(String);
 
+/// In the OpenAPI document: the tick as an RFC 3339 time, as it is serialized.
+impl utoipa::PartialSchema for CycleId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::model::string_schema(
+            "The tick: the scheduled time of the cycle, whole seconds, UTC (RFC 3339).",
+            Some(utoipa::openapi::KnownFormat::DateTime),
+        )
+    }
+}
+
+impl utoipa::ToSchema for CycleId {}
+
 impl FromStr for CycleId {
     type Err = BadCycleId;
 

@@ -51,7 +51,7 @@ impl StaleReason {
 }
 
 /// The kill switch's record (`autonomous:kill_switch`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KillSwitch {
     /// Whether generation is paused.
     pub active: bool,

@@ -71,7 +71,7 @@ pub fn wilson95(hits: u64, n: u64) -> (f64, f64) {
 }
 
 /// One confidence bucket of the calibration table.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct CalibrationBucket {
     /// `0.6-0.7`.
     pub bucket: String,
@@ -84,7 +84,7 @@ pub struct CalibrationBucket {
 }
 
 /// One group of the scorecard.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct GroupScore {
     /// The group's key (a symbol, an action, …).
     pub key: String,
@@ -116,7 +116,7 @@ pub struct GroupScore {
 }
 
 /// The reliability of the calibrated confidence in a group.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct CalibratedScore {
     /// Graded signals that carried a calibrated confidence.
     pub graded: u64,
@@ -131,7 +131,7 @@ pub struct CalibratedScore {
 }
 
 /// Naive baselines judged like the signals, at the same horizon and prices.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Baselines {
     /// Graded signals where every baseline is known (those that saw the last hour's return).
     pub graded: u64,

@@ -160,7 +160,7 @@ pub struct HistoryQuery {
 }
 
 /// One stored message as the API returns it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct HistoryRow {
     /// The stage.
     pub stage: Stage,
@@ -224,7 +224,7 @@ pub struct DecisionPrice {
 }
 
 /// A grade as the history API shows it beside its signal.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct GradeView {
     /// Hit or miss; absent when the price was missing.
     pub hit: Option<bool>,

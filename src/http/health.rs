@@ -15,27 +15,72 @@ use tokio_util::sync::CancellationToken;
 use super::{AppState, history};
 use crate::resilience::BreakerState;
 
+/// `GET /health`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(super) struct Healthy {
+    /// Always `healthy`: the process answers.
+    status: &'static str,
+    /// This replica (`instance_id`).
+    instance_id: String,
+    /// Seconds since the process started.
+    uptime_seconds: f64,
+}
+
+/// The process answers (for load balancers that want one cheap path).
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    responses((status = 200, description = "The process is up.", body = Healthy))
+)]
 pub(super) async fn health(State(s): State<AppState>) -> impl IntoResponse {
-    axum::Json(json!({
-        "status": "healthy",
-        "instance_id": s.instance_id,
-        "uptime_seconds": Instant::now().duration_since(s.started).as_secs_f64(),
-    }))
+    axum::Json(Healthy {
+        status: "healthy",
+        instance_id: s.instance_id.clone(),
+        uptime_seconds: Instant::now().duration_since(s.started).as_secs_f64(),
+    })
+}
+
+/// `GET /health/live`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(super) struct Liveness {
+    /// `alive`, or `stalled` when the tick loop has not advanced.
+    status: &'static str,
+    /// Stalled only: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    /// Stalled only: seconds since the tick loop last advanced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seconds_since_progress: Option<f64>,
 }
 
 /// Live while the tick loop moves: a loop frozen for two periods plus the cycle deadline
 /// (a blocked runtime thread, a wedged dependency call) fails the probe, and Kubernetes
 /// restarts the pod rather than keeping a process that looks healthy and does nothing.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "health",
+    responses(
+        (status = 200, description = "The tick loop moves.", body = Liveness),
+        (status = 503, description = "The tick loop is frozen: restart the process.", body = Liveness)
+    )
+)]
 pub(super) async fn live(State(s): State<AppState>) -> Response {
     match s.runner.liveness() {
-        Ok(()) => axum::Json(json!({"status": "alive"})).into_response(),
+        Ok(()) => axum::Json(Liveness {
+            status: "alive",
+            reason: None,
+            seconds_since_progress: None,
+        })
+        .into_response(),
         Err(since) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({
-                "status": "stalled",
-                "reason": "the tick loop has not advanced",
-                "seconds_since_progress": since.as_secs_f64(),
-            })),
+            axum::Json(Liveness {
+                status: "stalled",
+                reason: Some("the tick loop has not advanced"),
+                seconds_since_progress: Some(since.as_secs_f64()),
+            }),
         )
             .into_response(),
     }
@@ -96,7 +141,7 @@ pub(super) struct ReadinessFacts {
 
 /// The readiness answer. Fields in name order: the body was a JSON map before it was
 /// typed, and its keys keep the order they went out in.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub(super) struct Readiness {
     /// Each check and whether it passes.
     pub(super) checks: BTreeMap<String, bool>,
@@ -232,6 +277,16 @@ pub(super) async fn readiness(s: &AppState) -> Readiness {
     })
 }
 
+/// Whether this replica should get traffic: every check and why it fails.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready (possibly degraded: serving rules fallbacks).", body = Readiness),
+        (status = 503, description = "Not ready; `failing` and `reasons` say why.", body = Readiness)
+    )
+)]
 pub(super) async fn ready(State(s): State<AppState>) -> Response {
     let body = readiness(&s).await;
     let code = if body.ready() {
@@ -242,6 +297,15 @@ pub(super) async fn ready(State(s): State<AppState>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
+/// What an operator asks first: the last cycle, breakers, LLM budget and limits, adaptive
+/// state, backpressure, the kill switch, coordination and readiness. A diagnostic document:
+/// its fields may grow between versions.
+#[utoipa::path(
+    get,
+    path = "/health/detailed",
+    tag = "health",
+    responses((status = 200, description = "The diagnostic document (`status`: healthy, degraded or unhealthy).", body = Object))
+)]
 pub(super) async fn detailed(State(s): State<AppState>) -> impl IntoResponse {
     let v = s.runner.view();
     let readiness = readiness(&s).await;

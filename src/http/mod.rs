@@ -9,9 +9,9 @@ pub mod gateway;
 mod health;
 mod history;
 pub mod mcp;
+pub mod openapi;
 pub mod sse;
 
-use health::{detailed, health, live, ready};
 pub use health::{status_now, watch_status};
 
 use std::net::SocketAddr;
@@ -22,7 +22,7 @@ use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -36,7 +36,9 @@ use crate::publish::Publisher;
 use crate::resilience::Breaker;
 use crate::runner::SharedState;
 use crate::schedule::CycleId;
+use openapi::ErrorBody;
 use serde::Deserialize as _;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -80,6 +82,9 @@ pub struct AppState {
     pub market: Arc<dyn crate::market::MarketSource>,
     /// The configured symbols (the only ones `/api/candles` serves).
     pub symbols: Arc<[String]>,
+    /// The horizons the history grades, in seconds (`/api/performance` takes only these;
+    /// empty: the history is off).
+    pub graded_horizons: Vec<i64>,
     /// The service's clock (what "now" is for `/api/candles`).
     pub clock: crate::schedule::Clock,
     /// The agents' tools, served at `/mcp` (`None`: `mcp.enabled` is false).
@@ -130,32 +135,46 @@ pub fn router(state: AppState) -> Router {
             )),
         None => Router::new(),
     };
-    Router::new()
-        .route("/", get(index))
-        .route("/health", get(health))
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/health/detailed", get(detailed))
-        .route("/metrics", get(metrics))
-        .route("/api/signals/latest", get(latest))
-        .route("/api/cycles", get(cycles))
-        .route("/api/signals/history", get(history::history))
-        .route("/api/performance", get(history::performance))
-        .route("/api/candles", get(candles::candles))
-        .route("/api/signals/stream", get(sse::stream))
-        .route("/assets/{name}", get(asset))
-        .route("/shutdown", post(shutdown))
-        .route(
-            "/api/kill-switch",
-            post(kill_switch_on)
-                .delete(kill_switch_off)
-                .get(kill_switch_get),
-        )
-        .with_state(state)
+    // Every documented route is registered through `routes!`, which reads the handler's
+    // `#[utoipa::path]`: what is served and what the document says cannot drift apart.
+    let (api, mut doc) =
+        OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+            .routes(routes!(index))
+            .routes(routes!(asset))
+            .routes(routes!(health::health))
+            .routes(routes!(health::live))
+            .routes(routes!(health::ready))
+            .routes(routes!(health::detailed))
+            .routes(routes!(metrics))
+            .routes(routes!(latest))
+            .routes(routes!(cycles))
+            .routes(routes!(history::history))
+            .routes(routes!(history::performance))
+            .routes(routes!(candles::candles))
+            .routes(routes!(sse::stream))
+            .routes(routes!(shutdown))
+            .routes(routes!(kill_switch_get, kill_switch_on, kill_switch_off))
+            .routes(routes!(openapi::document))
+            .split_for_parts();
+    openapi::specialize(
+        &mut doc,
+        &openapi::Facts {
+            symbols: &state.symbols,
+            horizons: state
+                .graded_horizons
+                .iter()
+                .map(|h| crate::history::grading::horizon_label(*h))
+                .collect(),
+            assets: ASSETS.iter().map(|(name, _, _)| *name).collect(),
+            token_required: !state.admin.token.is_empty(),
+        },
+    );
+    api.with_state(state)
         .merge(mcp)
         .merge(gateway)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::Extension(openapi::render(&doc)))
 }
 
 /// Any path the service does not serve: 404 with a JSON body, with or without a token (an
@@ -164,7 +183,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
     let path: String = uri.path().chars().take(200).collect();
     (
         StatusCode::NOT_FOUND,
-        axum::Json(json!({"error": format!("no such path: {path}")})),
+        axum::Json(ErrorBody::new(format!("no such path: {path}"))),
     )
         .into_response()
 }
@@ -175,7 +194,7 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
     let path: String = uri.path().chars().take(200).collect();
     (
         StatusCode::METHOD_NOT_ALLOWED,
-        axum::Json(json!({"error": format!("{path} does not take {method}")})),
+        axum::Json(ErrorBody::new(format!("{path} does not take {method}"))),
     )
         .into_response()
 }
@@ -302,14 +321,25 @@ pub async fn serve(
                 app.clone().oneshot(req.map(axum::body::Body::new))
             },
         );
-        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
         let conns = conns.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                // Errors here are the client's (a reset, a header timeout): nothing to do.
-                _ = conn => {}
-                _ = close.cancelled() => {}
+            // hyper reserves its 8 KiB read buffer when it first polls the socket; a
+            // connection that has sent nothing yet (a client that opened it early, a flood)
+            // holds only this small task until a byte arrives — within the header timeout,
+            // which applies to this wait as it does to hyper's.
+            let first_byte = tokio::select! {
+                r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.readable()) => matches!(r, Ok(Ok(()))),
+                _ = close.cancelled() => false,
+            };
+            if first_byte {
+                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                tokio::select! {
+                    // Errors here are the client's (a reset, a header timeout): nothing to do.
+                    _ = watcher.watch(conn) => {}
+                    _ = close.cancelled() => {}
+                }
             }
             conns
                 .lock()
@@ -359,6 +389,13 @@ const ASSETS: &[(&str, &str, &str)] = &[
 ];
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+/// The live dashboard.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "dashboard",
+    responses((status = 200, description = "The dashboard page (it reads the API and the stream).", content_type = "text/html", body = String))
+)]
 async fn index() -> impl IntoResponse {
     (
         [
@@ -371,6 +408,20 @@ async fn index() -> impl IntoResponse {
     )
 }
 
+/// A file the dashboard loads (its scripts, styles and the vendored chart library).
+#[utoipa::path(
+    get,
+    path = "/assets/{name}",
+    tag = "dashboard",
+    params(("name" = String, Path, description = "The file's name.")),
+    responses(
+        (status = 200, description = "The file.", content(
+            (String = "text/javascript"),
+            (String = "text/css")
+        )),
+        (status = 404, description = "No such asset.", body = ErrorBody)
+    )
+)]
 async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some((_, content_type, body)) => (
@@ -381,7 +432,14 @@ async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Respon
             *body,
         )
             .into_response(),
-        None => StatusCode::NOT_FOUND.into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(ErrorBody::new(format!(
+                "no such asset: {}",
+                name.chars().take(100).collect::<String>()
+            ))),
+        )
+            .into_response(),
     }
 }
 
@@ -411,13 +469,13 @@ impl IntoResponse for Refusal {
                 (
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, r#"Bearer realm="autonomous-runner""#)],
-                    axum::Json(json!({"error": detail})),
+                    axum::Json(ErrorBody::new(detail)),
                 )
                     .into_response()
             }
             Refusal::Forbidden => (
                 StatusCode::FORBIDDEN,
-                axum::Json(json!({"error": "admin endpoints are only open to loopback peers (set ADMIN_TOKEN to allow others)"})),
+                axum::Json(ErrorBody::new("admin endpoints are only open to loopback peers (set ADMIN_TOKEN to allow others)")),
             )
                 .into_response(),
         }
@@ -461,10 +519,19 @@ fn authorize(
 }
 
 /// The body of `POST /api/kill-switch`: exactly `{"reason": "…"}`, a non-empty reason.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct KillSwitchOn {
+    /// Why generation is paused: shown on the dashboard, in `/health/detailed` and the logs.
+    #[schema(min_length = 1, max_length = 500, pattern = r"\S")]
     reason: String,
+}
+
+/// The kill switch as the admin endpoints answer it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct KillSwitchState {
+    /// The switch's record; null when it was never set or has been cleared.
+    kill_switch: Option<crate::coordination::KillSwitch>,
 }
 
 /// Reads a kill-switch request, or says what is wrong with it.
@@ -482,13 +549,27 @@ fn kill_switch_request(body: &[u8]) -> Result<String, String> {
     if reason.is_empty() {
         return Err("reason must not be empty: say why generation is paused".into());
     }
-    let n = reason.chars().count();
+    // Counted before trimming, as the document's `maxLength` counts.
+    let n = req.reason.chars().count();
     if n > 500 {
         return Err(format!("reason has {n} characters, at most 500"));
     }
     Ok(reason.to_string())
 }
 
+/// Stops the service gracefully, as SIGTERM does: the running tick finishes (up to its
+/// deadline), messages are flushed, locks released.
+#[utoipa::path(
+    post,
+    path = "/shutdown",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Shutting down.", body = ShutdownAccepted),
+        (status = 401, description = "A token is configured and none, or a wrong one, was presented.", body = ErrorBody),
+        (status = 403, description = "No token is configured and the peer is not loopback.", body = ErrorBody)
+    )
+)]
 async fn shutdown(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -500,7 +581,9 @@ async fn shutdown(
             s.shutdown_request.cancel();
             (
                 StatusCode::ACCEPTED,
-                axum::Json(json!({"status": "shutting down"})),
+                axum::Json(ShutdownAccepted {
+                    status: "shutting down",
+                }),
             )
                 .into_response()
         }
@@ -508,22 +591,55 @@ async fn shutdown(
     }
 }
 
+/// The answer to `POST /shutdown`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct ShutdownAccepted {
+    /// `shutting down`.
+    status: &'static str,
+}
+
 /// 503 with the coordination backend's error (it names the operation, never a secret).
 fn unavailable(e: &crate::coordination::CoordError) -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        axum::Json(json!({"error": e.to_string()})),
+        axum::Json(ErrorBody::new(e.to_string())),
     )
         .into_response()
 }
 
+/// Whether generation is paused, and why. Readable by anyone, as the dashboard shows it.
+#[utoipa::path(
+    get,
+    path = "/api/kill-switch",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The kill switch.", body = KillSwitchState),
+        (status = 503, description = "The coordination backend did not answer.", body = ErrorBody)
+    )
+)]
 async fn kill_switch_get(State(s): State<AppState>) -> Response {
     match s.coord.kill_switch().await {
-        Ok(ks) => axum::Json(json!({"kill_switch": ks})).into_response(),
+        Ok(kill_switch) => axum::Json(KillSwitchState { kill_switch }).into_response(),
         Err(e) => unavailable(&e),
     }
 }
 
+/// Pauses generation on every replica until cleared: ticks are skipped (and say why), the
+/// probes stay green.
+#[utoipa::path(
+    post,
+    path = "/api/kill-switch",
+    tag = "admin",
+    security(("bearer" = [])),
+    request_body = KillSwitchOn,
+    responses(
+        (status = 200, description = "The switch is on.", body = KillSwitchState),
+        (status = 400, description = "The body is not `{\"reason\": \"…\"}` with a reason of 1–500 characters.", body = ErrorBody),
+        (status = 401, description = "A token is configured and none, or a wrong one, was presented.", body = ErrorBody),
+        (status = 403, description = "No token is configured and the peer is not loopback.", body = ErrorBody),
+        (status = 503, description = "The coordination backend did not answer.", body = ErrorBody)
+    )
+)]
 async fn kill_switch_on(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -537,7 +653,7 @@ async fn kill_switch_on(
     let reason = match kill_switch_request(&body) {
         Ok(r) => r,
         Err(why) => {
-            return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": why}))).into_response();
+            return bad_request("reason", why);
         }
     };
     let ks = crate::coordination::KillSwitch {
@@ -550,12 +666,28 @@ async fn kill_switch_on(
         Ok(()) => {
             tracing::warn!(reason = %ks.reason, by = %ks.activated_by, "kill switch ACTIVATED");
             s.publisher.status(json!({"kill_switch": ks}));
-            axum::Json(json!({"kill_switch": ks})).into_response()
+            axum::Json(KillSwitchState {
+                kill_switch: Some(ks),
+            })
+            .into_response()
         }
         Err(e) => unavailable(&e),
     }
 }
 
+/// Clears the kill switch: generation resumes at the next tick.
+#[utoipa::path(
+    delete,
+    path = "/api/kill-switch",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The switch is off.", body = KillSwitchState),
+        (status = 401, description = "A token is configured and none, or a wrong one, was presented.", body = ErrorBody),
+        (status = 403, description = "No token is configured and the peer is not loopback.", body = ErrorBody),
+        (status = 503, description = "The coordination backend did not answer.", body = ErrorBody)
+    )
+)]
 async fn kill_switch_off(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -574,12 +706,19 @@ async fn kill_switch_off(
         Ok(()) => {
             tracing::warn!(peer = %peer.ip(), "kill switch cleared");
             s.publisher.status(json!({"kill_switch": null}));
-            axum::Json(json!({"kill_switch": null})).into_response()
+            axum::Json(KillSwitchState { kill_switch: None }).into_response()
         }
         Err(e) => unavailable(&e),
     }
 }
 
+/// Prometheus metrics (text exposition format 0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses((status = 200, description = "Every series the service exports.", content_type = "text/plain", body = String))
+)]
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     metrics::counter!(crate::telemetry::names::LOG_LINES_DROPPED)
         .absolute(crate::telemetry::log_lines_dropped());
@@ -601,13 +740,18 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// One entry of `/api/signals/latest`: the payload's fields plus where it stands.
-#[derive(serde::Serialize)]
-struct LatestEntry<'a, P> {
+/// One entry of `/api/signals/latest`: the stage payload's fields plus where it stands.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+struct LatestEntry {
+    /// The payload of the symbol's furthest stage (a report, or the stage it stopped after).
     #[serde(flatten)]
-    payload: &'a P,
+    #[schema(value_type = crate::model::Payload)]
+    payload: serde_json::Map<String, Value>,
+    /// The stage the payload is of.
     stage: Stage,
-    message_id: &'a str,
+    /// The message's id (UUID v5 of signal, stage and tick).
+    message_id: String,
+    /// When it was published.
     published_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -616,25 +760,43 @@ struct LatestEntry<'a, P> {
 fn latest_entry<P: serde::Serialize>(
     stage: Stage,
     envelope: &crate::pipeline::Envelope<P>,
-) -> Option<Value> {
-    serde_json::to_value(LatestEntry {
-        payload: &envelope.payload,
-        stage,
-        message_id: &envelope.message_id,
-        published_at: envelope.timestamp,
-    })
-    .ok()
+) -> Option<LatestEntry> {
+    match serde_json::to_value(&envelope.payload).ok()? {
+        Value::Object(payload) => Some(LatestEntry {
+            payload,
+            stage,
+            message_id: envelope.message_id.clone(),
+            published_at: envelope.timestamp,
+        }),
+        _ => None,
+    }
 }
 
-/// `GET /api/signals/latest` parameters: pages of symbols in name order.
-#[derive(Debug, Default, serde::Deserialize)]
+/// A page of `/api/signals/latest`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct LatestPage {
+    /// One entry per symbol, in symbol order.
+    signals: Vec<LatestEntry>,
+    /// Symbols with a signal in all (every page).
+    total: usize,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// `GET /api/signals/latest` parameters: pages of symbols in name order. Read as text and
+/// checked by hand, so a wrong value gets a 400 naming the parameter.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct LatestQuery {
-    /// Symbols per page (1–1000, default 500).
+    /// Symbols per page.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000, default = 500)]
     limit: Option<String>,
     /// Start after this symbol (the previous page's `next_cursor`).
+    #[param(pattern = r"^[A-Z0-9]{1,15}/[A-Z0-9]{1,15}$")]
     cursor: Option<String>,
-    /// Only this symbol.
+    /// Only this symbol (`BASE/QUOTE`).
+    #[param(pattern = r"^[A-Z0-9]{1,15}/[A-Z0-9]{1,15}$")]
     symbol: Option<String>,
 }
 
@@ -657,11 +819,26 @@ fn count_param(raw: Option<&str>, default: usize, max: usize) -> Result<usize, S
 fn bad_request(param: &str, why: String) -> Response {
     (
         StatusCode::BAD_REQUEST,
-        axum::Json(json!({"error": format!("{param}: {why}"), "parameter": param})),
+        axum::Json(ErrorBody {
+            error: format!("{param}: {why}"),
+            parameter: Some(param.to_string()),
+        }),
     )
         .into_response()
 }
 
+/// The newest signal of every symbol: its furthest stage of its newest tick, from this
+/// replica and (with Redis) every other one.
+#[utoipa::path(
+    get,
+    path = "/api/signals/latest",
+    tag = "signals",
+    params(LatestQuery),
+    responses(
+        (status = 200, description = "A page of symbols.", body = LatestPage),
+        (status = 400, description = "A parameter is wrong; `parameter` names it.", body = ErrorBody)
+    )
+)]
 async fn latest(
     State(s): State<AppState>,
     query: Result<axum::extract::Query<LatestQuery>, axum::extract::rejection::QueryRejection>,
@@ -689,8 +866,9 @@ async fn latest(
     }
     // Per symbol, the newest cycle's furthest stage: this replica's own messages, and — with
     // Redis — every replica's dashboard messages, so a load-balanced client sees everything.
-    let mut best: std::collections::BTreeMap<String, (CycleId, Stage, Value)> = Default::default();
-    let mut offer = |symbol: String, cycle: CycleId, stage: Stage, entry: Option<Value>| {
+    let mut best: std::collections::BTreeMap<String, (CycleId, Stage, LatestEntry)> =
+        Default::default();
+    let mut offer = |symbol: String, cycle: CycleId, stage: Stage, entry: Option<LatestEntry>| {
         let Some(entry) = entry else { return };
         let newer = best
             .get(&symbol)
@@ -724,7 +902,7 @@ async fn latest(
     }
     let total = best.len();
     let after = q.cursor.unwrap_or_default();
-    let mut page: Vec<(String, Value)> = best
+    let mut page: Vec<(String, LatestEntry)> = best
         .into_iter()
         .filter(|(sym, _)| q.symbol.as_deref().is_none_or(|want| want == sym))
         .filter(|(sym, _)| after.is_empty() || sym.as_str() > after.as_str())
@@ -737,9 +915,12 @@ async fn latest(
     } else {
         None
     };
-    let signals: Vec<Value> = page.into_iter().map(|(_, v)| v).collect();
-    axum::Json(json!({ "signals": signals, "total": total, "next_cursor": next_cursor }))
-        .into_response()
+    axum::Json(LatestPage {
+        signals: page.into_iter().map(|(_, v)| v).collect(),
+        total,
+        next_cursor,
+    })
+    .into_response()
 }
 
 /// What places a message in the "latest per symbol" merge.
@@ -750,16 +931,36 @@ struct SignalKey {
 }
 
 /// `GET /api/cycles` parameters.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct CyclesQuery {
-    /// The newest this many (1–1000; default every one kept).
+    /// The newest this many (default: every one kept, `publish.cycle_history`).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+}
+
+/// `GET /api/cycles`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct CyclesPage {
+    /// Newest tick first.
+    cycles: Vec<crate::publish::CycleSummary>,
 }
 
 /// Most cycles one answer may ask for (the buffer keeps fewer unless configured otherwise).
 const CYCLES_MAX_LIMIT: usize = 1000;
 
+/// The recent ticks of this replica: what each did, skipped or failed, and why.
+#[utoipa::path(
+    get,
+    path = "/api/cycles",
+    tag = "signals",
+    params(CyclesQuery),
+    responses(
+        (status = 200, description = "The kept cycle summaries.", body = CyclesPage),
+        (status = 400, description = "A parameter is wrong; `parameter` names it.", body = ErrorBody)
+    )
+)]
 async fn cycles(
     State(s): State<AppState>,
     query: Result<axum::extract::Query<CyclesQuery>, axum::extract::rejection::QueryRejection>,
@@ -774,7 +975,7 @@ async fn cycles(
     };
     let mut cycles = s.publisher.cycles();
     cycles.truncate(limit);
-    axum::Json(json!({ "cycles": cycles })).into_response()
+    axum::Json(CyclesPage { cycles }).into_response()
 }
 
 #[cfg(test)]

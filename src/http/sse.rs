@@ -214,8 +214,12 @@ impl Drop for ClientGuard {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `/api/signals/stream` parameters.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct StreamQuery {
+    /// Resume after this event id, for clients that cannot send the `Last-Event-ID` header
+    /// (the header wins). An id this stream never sent is treated as none.
     last_event_id: Option<String>,
 }
 
@@ -244,6 +248,23 @@ impl Out {
     }
 }
 
+/// The live stream (Server-Sent Events): `signal` events (every stage's message), `cycle`
+/// summaries, `status` changes (readiness, kill switch) and keep-alive comments. A client
+/// resumes with `Last-Event-ID`; events it missed are replayed while the server still holds
+/// them, else an `incomplete` event says so.
+#[utoipa::path(
+    get,
+    path = "/api/signals/stream",
+    tag = "signals",
+    params(
+        StreamQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "The last event id received.")
+    ),
+    responses(
+        (status = 200, description = "An endless event stream.", content_type = "text/event-stream", body = String),
+        (status = 503, description = "Every stream slot, or this client address's share, is taken; retry after `Retry-After` seconds.", body = crate::http::ErrorBody)
+    )
+)]
 pub(crate) async fn stream(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,

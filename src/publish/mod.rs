@@ -21,7 +21,7 @@ use crate::schedule::CycleId;
 use hub::Hub;
 
 /// A finished (or skipped) tick, as `/api/cycles` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct CycleSummary {
     /// The tick (RFC 3339 in JSON).
     pub cycle_id: CycleId,
@@ -54,7 +54,7 @@ pub struct CycleSummary {
 }
 
 /// One symbol a cycle did not attempt.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct SymbolSkip {
     /// The symbol.
     pub symbol: String,
@@ -63,7 +63,7 @@ pub struct SymbolSkip {
 }
 
 /// One failed symbol in a summary.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct SymbolFailure {
     /// The symbol.
     pub symbol: String,

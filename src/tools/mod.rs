@@ -465,7 +465,7 @@ fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error
 
 /// The horizon (seconds) a caller gets without asking: 15 minutes when graded (or when the
 /// graded ones are not known), else the shortest graded one.
-fn default_horizon(graded: &[i64]) -> i64 {
+pub(crate) fn default_horizon(graded: &[i64]) -> i64 {
     match graded.first() {
         Some(&first) if !graded.contains(&900) => first,
         _ => 900,

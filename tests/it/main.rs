@@ -25,6 +25,7 @@ mod llm_causes;
 mod mcp;
 mod observability;
 mod once_mode;
+mod openapi;
 mod opencode;
 mod real_latency;
 mod real_model;
