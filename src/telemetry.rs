@@ -86,6 +86,8 @@ pub mod names {
         LLM_CONCURRENCY_LIMIT = "llm_concurrency_limit";
         /// Counter {stage}: stage messages published.
         MESSAGES_PUBLISHED = "messages_published_total";
+        /// Histogram {stage}: how stale a stage's message is when published — from its tick to its publication; the report stage's is what a dashboard user waits.
+        SIGNAL_FRESHNESS_SECONDS = "signal_freshness_seconds";
         /// Gauge: kill switch active (1) or not (0).
         KILL_SWITCH_ACTIVE = "kill_switch_active";
         /// Counter {stage, outcome}: LLM requests by result.

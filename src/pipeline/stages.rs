@@ -134,6 +134,10 @@ impl Steps<'_> {
         let ms = Instant::now().duration_since(since).as_millis() as u64;
         let msg = StageMessage::new(payload, ms, model).with_tools_used(tools_used.to_vec());
         metrics::counter!(names::MESSAGES_PUBLISHED, "stage" => stage.as_str()).increment(1);
+        // On the service's clock (a replay's virtual one too), from the scheduled tick.
+        let age = self.ctx.clock.now() - self.cycle.time();
+        metrics::histogram!(names::SIGNAL_FRESHNESS_SECONDS, "stage" => stage.as_str())
+            .record(age.num_milliseconds().max(0) as f64 / 1000.0);
         self.ctx.publisher.publish(msg).await;
         Ok(())
     }

@@ -104,6 +104,16 @@ async fn metrics_parse_and_hold_every_design_name_after_one_cycle() {
     }
     // Durations are histograms with explicit buckets.
     assert!(text.contains("autonomous_runner_cycle_duration_seconds_bucket{le=\"0.005\"}"));
+    // Each stage's freshness (tick → publication) was observed (advise runs only for a
+    // score above its threshold).
+    for stage in ["signal", "score", "report"] {
+        let n = metric(
+            &text,
+            "autonomous_runner_signal_freshness_seconds_count",
+            &[("stage", stage)],
+        );
+        assert!(n >= 1.0, "no {stage} freshness observed");
+    }
     // Every label value is from a bounded set: no spaces, no free text.
     for line in text
         .lines()
