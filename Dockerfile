@@ -7,6 +7,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock clippy.toml rustfmt.toml build.rs ./
 # The history schema is compiled into the binary (sqlx::migrate!).
 COPY migrations ./migrations
+COPY migrations_postgres ./migrations_postgres
 COPY src ./src
 COPY assets ./assets
 COPY benches ./benches

@@ -68,15 +68,19 @@ fn main() {
             .connect(&format!("sqlite://{}", dir.path().join("h.sqlite").display()))
             .await
             .unwrap();
-        sqlx::query(&fill_sql("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 999999)", "n"))
+        sqlx::query(&fill_sql("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 999999)", "n", false))
             .execute(&sqlite_pool)
             .await
             .unwrap();
-        let pg_pool = sqlx::postgres::PgPoolOptions::new().connect(&pg.url()).await.unwrap();
-        sqlx::query(&fill_sql("WITH n(i) AS (SELECT generate_series(0::bigint, 999999::bigint))", "n"))
+        // One connection: the fill runs with the grades' foreign key off (these grades have no
+        // messages; the scorecard reads the grades alone), which is a session setting.
+        let pg_pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&pg.url()).await.unwrap();
+        sqlx::query("SET session_replication_role = replica").execute(&pg_pool).await.unwrap();
+        sqlx::query(&fill_sql("WITH n(i) AS (SELECT generate_series(0::bigint, 999999::bigint))", "n", true))
             .execute(&pg_pool)
             .await
             .unwrap();
+        sqlx::query("SET session_replication_role = origin").execute(&pg_pool).await.unwrap();
         sqlx::query("ANALYZE").execute(&pg_pool).await.unwrap();
         // Grades written behind the store's back: sum them as an upgrade would.
         for store in [&sqlite, &postgres] {
@@ -115,17 +119,33 @@ fn main() {
 const NOW: i64 = 1_800_000_000;
 
 /// 1,000,000 grades at horizon 15 m over 30 days before `NOW`: 20 symbols, three actions,
-/// confidences spread over the buckets, about half hits.
-fn fill_sql(numbers: &str, table: &str) -> String {
+/// confidences spread over the buckets, about half hits. `postgres`: in PostgreSQL's types
+/// (uuid ids, timestamptz times, boolean hits); else SQLite's integers.
+fn fill_sql(numbers: &str, table: &str, postgres: bool) -> String {
+    let (id, at, now, hit) = if postgres {
+        (
+            "md5('g' || i)::uuid".to_string(),
+            format!("to_timestamp({NOW} - 2592000 + (i * 2592 / 1000))"),
+            format!("to_timestamp({NOW})"),
+            "i % 2 = 1",
+        )
+    } else {
+        (
+            "'g' || i".to_string(),
+            format!("{NOW} - 2592000 + (i * 2592 / 1000)"),
+            NOW.to_string(),
+            "(i % 2)",
+        )
+    };
     format!(
         "{numbers} INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
             confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, price_after, \
             return_fraction, hit, status, graded_at) \
-         SELECT 'g' || i, 900, 'S' || (i % 20) || '/USD', \
+         SELECT {id}, 900, 'S' || (i % 20) || '/USD', \
             CASE i % 3 WHEN 0 THEN 'BUY' WHEN 1 THEN 'SELL' ELSE 'HOLD' END, \
             (i % 100) / 100.0, (i % 100) / 10, 'GOOD', 'rules', 'rules', 'RSI', \
-            {NOW} - 2592000 + (i * 2592 / 1000), 100.0, 100.0 + (i % 7) - 3, ((i % 7) - 3) / 100.0, \
-            (i % 2), 'graded', {NOW} \
+            {at}, 100.0, 100.0 + (i % 7) - 3, ((i % 7) - 3) / 100.0, \
+            {hit}, 'graded', {now} \
          FROM {table}"
     )
 }

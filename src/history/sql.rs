@@ -1,6 +1,10 @@
-//! [`HistoryStore`] on SQLite or PostgreSQL through sqlx's `Any` driver: one SQL dialect
-//! (`$n` parameters, `ON CONFLICT … DO NOTHING`, integer times), so both backends run the
-//! same statements and the same contract suite.
+//! [`HistoryStore`] on SQLite or PostgreSQL through sqlx's `Any` driver: the same statements
+//! (`$n` parameters, `ON CONFLICT … DO NOTHING`) and the same contract suite on both. The
+//! types differ where an analyst reads the tables: SQLite keeps integer times, 0/1 booleans
+//! and JSON text (migrations 0001–0004); PostgreSQL converts them to `timestamptz`,
+//! `boolean`, `jsonb` and `uuid` (its own migration, `migrations_postgres/0005`). The code
+//! keeps one representation — Unix seconds, 0/1, text — and [`Dialect`] writes the casts
+//! between it and PostgreSQL's columns into each statement.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -12,14 +16,103 @@ use sqlx::{AnyPool, Row};
 
 use super::*;
 
-/// The schema, embedded in the binary and applied at start.
+/// The schema both backends share, embedded in the binary and applied at start.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// PostgreSQL's own migrations, applied after the shared ones (their versions continue the
+/// shared numbering and never repeat one).
+static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations_postgres");
+
+/// How a backend's columns are written and read around the one representation the code
+/// keeps (Unix seconds, 0/1, text ids and JSON): identity on SQLite, casts on PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    fn of(backend: &str) -> Dialect {
+        if backend == "postgres" {
+            Dialect::Postgres
+        } else {
+            Dialect::Sqlite
+        }
+    }
+
+    /// A parameter of Unix seconds as a time column's value.
+    fn time_in(self, p: &str) -> String {
+        match self {
+            Dialect::Sqlite => p.to_string(),
+            Dialect::Postgres => format!("to_timestamp({p})"),
+        }
+    }
+
+    /// A time column as Unix seconds.
+    fn time_out(self, col: &str) -> String {
+        match self {
+            Dialect::Sqlite => col.to_string(),
+            Dialect::Postgres => format!("CAST(EXTRACT(EPOCH FROM {col}) AS BIGINT)"),
+        }
+    }
+
+    /// A parameter of Unix milliseconds as the publication time's value.
+    fn millis_in(self, p: &str) -> String {
+        match self {
+            Dialect::Sqlite => p.to_string(),
+            Dialect::Postgres => format!("to_timestamp({p} / 1000.0)"),
+        }
+    }
+
+    /// A text parameter as an id column's value.
+    fn id_in(self, p: &str) -> String {
+        match self {
+            Dialect::Sqlite => p.to_string(),
+            Dialect::Postgres => format!("CAST({p} AS uuid)"),
+        }
+    }
+
+    /// A 0/1 parameter as a flag column's value.
+    fn flag_in(self, p: &str) -> String {
+        match self {
+            Dialect::Sqlite => p.to_string(),
+            Dialect::Postgres => format!("CAST({p} AS BOOLEAN)"),
+        }
+    }
+
+    /// A text parameter as the envelope column's value.
+    fn json_in(self, p: &str) -> String {
+        match self {
+            Dialect::Sqlite => p.to_string(),
+            Dialect::Postgres => format!("CAST({p} AS jsonb)"),
+        }
+    }
+
+    /// The publication time's column.
+    fn published_column(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "published_at_ms",
+            Dialect::Postgres => "published_at",
+        }
+    }
+}
+
+/// A flag column as 0/1 (NULL stays NULL), the same text on both backends.
+fn flag_out(col: &str) -> String {
+    format!("CAST({col} AS INTEGER)")
+}
+
+/// An id or JSON column as text, the same on both backends.
+fn text_out(col: &str) -> String {
+    format!("CAST({col} AS TEXT)")
+}
 
 /// A history store on a connection pool.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
     pool: AnyPool,
     backend: &'static str,
+    dialect: Dialect,
 }
 
 /// A statement with its arguments, as the sums upserts build them.
@@ -190,14 +283,30 @@ impl SqlStore {
     }
 
     async fn migrated(pool: AnyPool, backend: &'static str) -> Result<SqlStore, HistoryError> {
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| HistoryError::Migration {
-                backend,
-                message: e.to_string(),
-            })?;
-        let store = SqlStore { pool, backend };
+        let failed = |e: sqlx::migrate::MigrateError| HistoryError::Migration {
+            backend,
+            message: e.to_string(),
+        };
+        if Dialect::of(backend) == Dialect::Postgres {
+            // Two migrators share the one `_sqlx_migrations` table: each must pass over the
+            // versions the other applied.
+            for m in [&MIGRATOR, &PG_MIGRATOR] {
+                let m = sqlx::migrate::Migrator {
+                    migrations: m.migrations.clone(),
+                    ignore_missing: true,
+                    locking: m.locking,
+                    no_tx: m.no_tx,
+                };
+                m.run(&pool).await.map_err(failed)?;
+            }
+        } else {
+            MIGRATOR.run(&pool).await.map_err(failed)?;
+        }
+        let store = SqlStore {
+            pool,
+            backend,
+            dialect: Dialect::of(backend),
+        };
         // Grades recorded before the running sums existed (an upgrade) are summed once.
         // So are they when a version adds a grouping (a dimension without sums while there
         // are grades).
@@ -429,14 +538,23 @@ impl Marks {
 }
 
 /// `($1 … $k), ($k+1 …) …` (or `(?, …), …`): the placeholders of `rows` rows of `columns`
-/// values each.
-fn values_list(columns: usize, rows: usize, marks: Marks) -> String {
+/// values each, each written by `wrap` (its column's index from 0, the placeholder) — the
+/// dialect's cast into the column's type.
+fn values_list(
+    columns: usize,
+    rows: usize,
+    marks: Marks,
+    wrap: impl Fn(usize, &str) -> String,
+) -> String {
     let values: Vec<String> = (0..rows)
         .map(|r| {
             let marks: Vec<String> = (1..=columns)
-                .map(|c| match marks {
-                    Marks::Numbered => format!("${}", r * columns + c),
-                    Marks::Positional => "?".to_string(),
+                .map(|c| {
+                    let mark = match marks {
+                        Marks::Numbered => format!("${}", r * columns + c),
+                        Marks::Positional => "?".to_string(),
+                    };
+                    wrap(c - 1, &mark)
                 })
                 .collect();
             format!("({})", marks.join(", "))
@@ -446,14 +564,22 @@ fn values_list(columns: usize, rows: usize, marks: Marks) -> String {
 }
 
 /// `INSERT … VALUES ($1 … $18), ($19 …) … ON CONFLICT DO NOTHING` for `rows` rows.
-fn insert_sql(rows: usize, marks: Marks) -> String {
+fn insert_sql(rows: usize, marks: Marks, d: Dialect) -> String {
     format!(
         "INSERT INTO signal_messages \
-         (message_id, signal_id, stage, symbol, cycle_id, cycle_at, published_at_ms, action, \
+         (message_id, signal_id, stage, symbol, cycle_id, cycle_at, {}, action, \
           confidence, tier, model, top_strategy, price, data_as_of, is_degraded, envelope, \
           calibrated_confidence, price_change_1h) \
          VALUES {} ON CONFLICT (message_id) DO NOTHING",
-        values_list(COLUMNS, rows, marks)
+        d.published_column(),
+        values_list(COLUMNS, rows, marks, |c, m| match c {
+            0 | 1 => d.id_in(m),
+            5 | 13 => d.time_in(m),
+            6 => d.millis_in(m),
+            14 => d.flag_in(m),
+            15 => d.json_in(m),
+            _ => m.to_string(),
+        })
     )
 }
 
@@ -464,15 +590,21 @@ const GRADE_ROWS_PER_STATEMENT: usize = 500;
 
 /// `INSERT INTO signal_grades … VALUES (…), … ON CONFLICT DO NOTHING RETURNING` the keys that
 /// were new: what this call recorded, not another grader.
-fn grades_sql(rows: usize, marks: Marks) -> String {
+fn grades_sql(rows: usize, marks: Marks, d: Dialect) -> String {
     format!(
         "INSERT INTO signal_grades (signal_id, horizon_seconds, symbol, action, confidence, \
             confidence_bucket, tier, backend, model, strategy, cycle_at, price_then, \
             price_after, return_fraction, hit, status, graded_at, calibrated_confidence, \
             hold_hit, momentum_hit) \
          VALUES {} ON CONFLICT (signal_id, horizon_seconds) DO NOTHING \
-         RETURNING signal_id, CAST(horizon_seconds AS BIGINT) AS horizon",
-        values_list(20, rows, marks)
+         RETURNING {} AS signal_id, CAST(horizon_seconds AS BIGINT) AS horizon",
+        values_list(20, rows, marks, |c, m| match c {
+            0 => d.id_in(m),
+            10 | 16 => d.time_in(m),
+            14 | 18 | 19 => d.flag_in(m),
+            _ => m.to_string(),
+        }),
+        text_out("signal_id")
     )
 }
 
@@ -480,7 +612,10 @@ fn grades_sql(rows: usize, marks: Marks) -> String {
 /// of `columns` values. The rows' keys are distinct (a map's), as PostgreSQL requires of one
 /// statement's upserts.
 fn upsert_sql(head: &str, columns: usize, rows: usize, tail: &str, marks: Marks) -> String {
-    format!("{head} VALUES {} {tail}", values_list(columns, rows, marks))
+    format!(
+        "{head} VALUES {} {tail}",
+        values_list(columns, rows, marks, |_, m| m.to_string())
+    )
 }
 
 fn read_row(r: &AnyRow) -> Result<HistoryRow, HistoryError> {
@@ -523,7 +658,7 @@ impl HistoryStore for SqlStore {
                 .map_err(|e| self.err(e))?;
             let mut added = 0;
             for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-                let sql = insert_sql(chunk.len(), Marks::of(self.backend));
+                let sql = insert_sql(chunk.len(), Marks::of(self.backend), self.dialect);
                 let mut q = sqlx::query(&sql);
                 for r in chunk {
                     q = q
@@ -558,40 +693,71 @@ impl HistoryStore for SqlStore {
 
     async fn page(&self, q: &HistoryQuery) -> Result<Vec<HistoryRow>, HistoryError> {
         // Keyset pagination on (cycle_at, message_id), newest first: every page is an index
-        // range scan, however deep. Absent filters are bound as values that admit everything.
-        let (after_at, after_id) = q
-            .after
-            .clone()
-            .unwrap_or((i64::MAX, String::from("\u{10FFFF}")));
+        // range scan, however deep. Only the filters asked for are written (an open bound
+        // written as an extreme value would be no time at all on PostgreSQL).
+        let d = self.dialect;
+        let mut conditions: Vec<String> = vec![];
+        let mut n = 0;
+        let mut mark = || {
+            n += 1;
+            format!("${n}")
+        };
+        if q.since.is_some() {
+            conditions.push(format!("m.cycle_at >= {}", d.time_in(&mark())));
+        }
+        if q.until.is_some() {
+            conditions.push(format!("m.cycle_at < {}", d.time_in(&mark())));
+        }
+        if q.after.is_some() {
+            let (at, id) = (d.time_in(&mark()), d.id_in(&mark()));
+            conditions.push(format!(
+                "(m.cycle_at < {at} OR (m.cycle_at = {at} AND m.message_id < {id}))"
+            ));
+        }
+        if q.symbol.is_some() {
+            conditions.push(format!("m.symbol = {}", mark()));
+        }
+        if q.stage.is_some() {
+            conditions.push(format!("m.stage = {}", mark()));
+        }
+        let limit = mark();
+        // The ORDER BY names the table's columns (`m.`): the output columns of the same
+        // names are PostgreSQL's casts, which no index is ordered by.
         let sql = format!(
-            "SELECT message_id, signal_id, stage, symbol, cycle_id, cycle_at, envelope FROM signal_messages \
-             WHERE {} cycle_at >= $1 AND cycle_at < $2 \
-             AND (cycle_at < $3 OR (cycle_at = $3 AND message_id < $4)) {} \
-             ORDER BY cycle_at DESC, message_id DESC LIMIT $5",
-            if q.symbol.is_some() {
-                "symbol = $6 AND"
+            "SELECT {} AS message_id, {} AS signal_id, m.stage, m.symbol, m.cycle_id, \
+                    {} AS cycle_at, {} AS envelope FROM signal_messages m {} \
+             ORDER BY m.cycle_at DESC, m.message_id DESC LIMIT {limit}",
+            text_out("m.message_id"),
+            text_out("m.signal_id"),
+            d.time_out("m.cycle_at"),
+            text_out("m.envelope"),
+            if conditions.is_empty() {
+                String::new()
             } else {
-                ""
+                format!("WHERE {}", conditions.join(" AND "))
             },
-            match (q.stage, q.symbol.is_some()) {
-                (Some(_), true) => "AND stage = $7",
-                (Some(_), false) => "AND stage = $6",
-                (None, _) => "",
-            }
         );
-        let mut query = sqlx::query(&sql)
-            .bind(q.since.unwrap_or(i64::MIN))
-            .bind(q.until.unwrap_or(i64::MAX))
-            .bind(after_at)
-            .bind(after_id)
-            .bind(q.limit as i64);
+        let mut query = sqlx::query(&sql);
+        if let Some(t) = q.since {
+            query = query.bind(t);
+        }
+        if let Some(t) = q.until {
+            query = query.bind(t);
+        }
+        if let Some((at, id)) = &q.after {
+            query = query.bind(*at).bind(id.clone());
+        }
         if let Some(s) = &q.symbol {
             query = query.bind(s.clone());
         }
         if let Some(st) = q.stage {
             query = query.bind(st.as_str());
         }
-        let rows = query.fetch_all(&self.pool).await.map_err(|e| self.err(e))?;
+        let rows = query
+            .bind(q.limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
         rows.iter().map(read_row).collect()
     }
 
@@ -601,24 +767,31 @@ impl HistoryStore for SqlStore {
         priced: std::ops::Range<i64>,
         limit: usize,
     ) -> Result<Vec<DueSignal>, HistoryError> {
-        let rows = sqlx::query(
-            "SELECT s.signal_id, s.symbol, s.action, s.confidence, s.model, s.top_strategy, \
-                    s.cycle_at, s.price, s.data_as_of, sc.tier AS score_tier, \
+        let d = self.dialect;
+        let sql = format!(
+            "SELECT {} AS signal_id, s.symbol, s.action, s.confidence, s.model, s.top_strategy, \
+                    {} AS cycle_at, s.price, {} AS data_as_of, sc.tier AS score_tier, \
                     s.calibrated_confidence, s.price_change_1h \
              FROM signal_messages s \
              LEFT JOIN signal_messages sc ON sc.signal_id = s.signal_id AND sc.stage = 'score' \
-             WHERE s.stage = 'signal' AND s.data_as_of < $1 AND s.data_as_of >= $4 \
+             WHERE s.stage = 'signal' AND s.data_as_of < {} AND s.data_as_of >= {} \
                AND NOT EXISTS (SELECT 1 FROM signal_grades g \
                                WHERE g.signal_id = s.signal_id AND g.horizon_seconds = $2) \
              ORDER BY s.data_as_of LIMIT $3",
-        )
-        .bind(priced.end)
-        .bind(horizon_seconds)
-        .bind(limit as i64)
-        .bind(priced.start)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
+            text_out("s.signal_id"),
+            d.time_out("s.cycle_at"),
+            d.time_out("s.data_as_of"),
+            d.time_in("$1"),
+            d.time_in("$4"),
+        );
+        let rows = sqlx::query(&sql)
+            .bind(priced.end)
+            .bind(horizon_seconds)
+            .bind(limit as i64)
+            .bind(priced.start)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
         rows.iter()
             .map(|r| {
                 let get = |e: sqlx::Error| self.corrupt(e);
@@ -659,10 +832,14 @@ impl HistoryStore for SqlStore {
         if signal_ids.is_empty() {
             return Ok(vec![]);
         }
-        let marks: Vec<String> = (1..=signal_ids.len()).map(|i| format!("${i}")).collect();
+        let marks: Vec<String> = (1..=signal_ids.len())
+            .map(|i| self.dialect.id_in(&format!("${i}")))
+            .collect();
         let sql = format!(
-            "SELECT signal_id, horizon_seconds, hit, return_fraction, price_after \
+            "SELECT {} AS signal_id, horizon_seconds, {} AS hit, return_fraction, price_after \
              FROM signal_grades WHERE signal_id IN ({})",
+            text_out("signal_id"),
+            flag_out("hit"),
             marks.join(", ")
         );
         let mut q = sqlx::query(&sql);
@@ -721,7 +898,7 @@ impl HistoryStore for SqlStore {
             order.dedup_by_key(|i| key(&grades[*i]));
             let mut new: HashSet<(String, i64)> = HashSet::new();
             for chunk in order.chunks(GRADE_ROWS_PER_STATEMENT) {
-                let sql = grades_sql(chunk.len(), Marks::of(self.backend));
+                let sql = grades_sql(chunk.len(), Marks::of(self.backend), self.dialect);
                 let mut q = sqlx::query(&sql);
                 for &i in chunk {
                     let g = &grades[i];
@@ -857,10 +1034,14 @@ impl HistoryStore for SqlStore {
     ) -> Result<Vec<GradedRow>, HistoryError> {
         // The column name comes from a closed enum, never from the request.
         let sql = format!(
-            "SELECT {} AS grp, confidence, hit, return_fraction, calibrated_confidence, \
-                    hold_hit, momentum_hit FROM signal_grades \
-             WHERE horizon_seconds = $1 AND status = 'graded' AND cycle_at >= $2",
-            group_by.column()
+            "SELECT {} AS grp, confidence, {} AS hit, return_fraction, calibrated_confidence, \
+                    {} AS hold_hit, {} AS momentum_hit FROM signal_grades \
+             WHERE horizon_seconds = $1 AND status = 'graded' AND cycle_at >= {}",
+            group_by.column(),
+            flag_out("hit"),
+            flag_out("hold_hit"),
+            flag_out("momentum_hit"),
+            self.dialect.time_in("$2"),
         );
         let rows = sqlx::query(&sql)
             .bind(horizon_seconds)
@@ -1009,39 +1190,49 @@ impl HistoryStore for SqlStore {
     }
 
     async fn missing_prices(&self, horizon_seconds: i64, since: i64) -> Result<u64, HistoryError> {
-        let r = sqlx::query(
+        let sql = format!(
             "SELECT COUNT(*) AS n FROM signal_grades \
-             WHERE horizon_seconds = $1 AND status = 'missing_price' AND cycle_at >= $2",
-        )
-        .bind(horizon_seconds)
-        .bind(since)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
+             WHERE horizon_seconds = $1 AND status = 'missing_price' AND cycle_at >= {}",
+            self.dialect.time_in("$2")
+        );
+        let r = sqlx::query(&sql)
+            .bind(horizon_seconds)
+            .bind(since)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
         let n: i64 = r.try_get("n").map_err(|e| self.err(e))?;
         Ok(n.max(0) as u64)
     }
 
     async fn prune(&self, before: i64) -> Result<u64, HistoryError> {
         let mut n = 0;
-        // The sums go by whole days: a day is dropped once all of it is past retention.
+        let at = self.dialect.time_in("$1");
+        // The sums go by whole days: a day is dropped once all of it is past retention. The
+        // grades go first: each belongs to a message of the same tick.
         for (sql, bound) in [
-            ("DELETE FROM signal_grades WHERE cycle_at < $1", before),
-            ("DELETE FROM signal_messages WHERE cycle_at < $1", before),
             (
-                "DELETE FROM signal_grade_sums WHERE day < $1",
+                format!("DELETE FROM signal_grades WHERE cycle_at < {at}"),
+                before,
+            ),
+            (
+                format!("DELETE FROM signal_messages WHERE cycle_at < {at}"),
+                before,
+            ),
+            (
+                "DELETE FROM signal_grade_sums WHERE day < $1".to_string(),
                 before.div_euclid(86_400),
             ),
             (
-                "DELETE FROM signal_grade_returns WHERE day < $1",
+                "DELETE FROM signal_grade_returns WHERE day < $1".to_string(),
                 before.div_euclid(86_400),
             ),
             (
-                "DELETE FROM signal_calibrated_sums WHERE day < $1",
+                "DELETE FROM signal_calibrated_sums WHERE day < $1".to_string(),
                 before.div_euclid(86_400),
             ),
         ] {
-            n += sqlx::query(sql)
+            n += sqlx::query(&sql)
                 .bind(bound)
                 .execute(&self.pool)
                 .await
@@ -1065,6 +1256,11 @@ impl HistoryStore for SqlStore {
                     .await
                     .map_err(|e| self.err(e))?;
             }
+            // Days from the tick as Unix seconds, flags as 0/1: the dialect's casts (identity on
+            // SQLite).
+            let day = format!("{} / 86400", self.dialect.time_out("cycle_at"));
+            let at = self.dialect.time_out("cycle_at");
+            let (hit, hold, momentum) = (flag_out("hit"), flag_out("hold_hit"), flag_out("momentum_hit"));
             for g in GroupBy::ALL {
                 // `g` comes from a closed enum: its key is a column (or an expression) of the
                 // grades table.
@@ -1077,20 +1273,20 @@ impl HistoryStore for SqlStore {
                         calibrated_n, calibrated_hits, calibrated_sum, calibrated_squared_error, \
                         baseline_n, baseline_hits, hold_hits, hold_differ, momentum_hits, \
                         momentum_differ) \
-                     SELECT horizon_seconds, cycle_at / 86400, '{name}', {col}, confidence_bucket, \
-                        COUNT(*), SUM(hit), SUM(confidence), SUM(return_fraction), \
-                        SUM((confidence - hit) * (confidence - hit)), \
+                     SELECT horizon_seconds, {day}, '{name}', {col}, confidence_bucket, \
+                        COUNT(*), SUM({hit}), SUM(confidence), SUM(return_fraction), \
+                        SUM((confidence - {hit}) * (confidence - {hit})), \
                         SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE 1 END), \
-                        SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE hit END), \
+                        SUM(CASE WHEN calibrated_confidence IS NULL THEN 0 ELSE {hit} END), \
                         COALESCE(SUM(calibrated_confidence), 0), \
-                        COALESCE(SUM((calibrated_confidence - hit) * (calibrated_confidence - hit)), 0), \
-                        SUM({both} 1 ELSE 0 END), SUM({both} hit ELSE 0 END), \
-                        SUM({both} hold_hit ELSE 0 END), \
+                        COALESCE(SUM((calibrated_confidence - {hit}) * (calibrated_confidence - {hit})), 0), \
+                        SUM({both} 1 ELSE 0 END), SUM({both} {hit} ELSE 0 END), \
+                        SUM({both} {hold} ELSE 0 END), \
                         SUM({both} (CASE WHEN hold_hit <> hit THEN 1 ELSE 0 END) ELSE 0 END), \
-                        SUM({both} momentum_hit ELSE 0 END), \
+                        SUM({both} {momentum} ELSE 0 END), \
                         SUM({both} (CASE WHEN momentum_hit <> hit THEN 1 ELSE 0 END) ELSE 0 END) \
                      FROM signal_grades WHERE status = 'graded' \
-                     GROUP BY horizon_seconds, cycle_at / 86400, {col}, confidence_bucket",
+                     GROUP BY horizon_seconds, {day}, {col}, confidence_bucket",
                     both = "CASE WHEN hold_hit IS NOT NULL AND momentum_hit IS NOT NULL THEN"
                 );
                 // The calibrated value's bucket by comparison (FLOOR is not in every SQLite, and
@@ -1098,9 +1294,9 @@ impl HistoryStore for SqlStore {
                 let calibrated = format!(
                     "INSERT INTO signal_calibrated_sums (horizon_seconds, day, group_by, group_key, \
                         calibrated_bucket, n, hits, calibrated) \
-                     SELECT horizon_seconds, cycle_at / 86400, '{name}', grp, cb, COUNT(*), SUM(hit), \
+                     SELECT horizon_seconds, at / 86400, '{name}', grp, cb, COUNT(*), SUM(hit), \
                         SUM(calibrated_confidence) FROM ( \
-                       SELECT horizon_seconds, cycle_at, {col} AS grp, hit, calibrated_confidence, \
+                       SELECT horizon_seconds, {at} AS at, {col} AS grp, {hit} AS hit, calibrated_confidence, \
                          CASE WHEN calibrated_confidence < 0.1 THEN 0 \
                               WHEN calibrated_confidence < 0.2 THEN 1 \
                               WHEN calibrated_confidence < 0.3 THEN 2 \
@@ -1112,18 +1308,18 @@ impl HistoryStore for SqlStore {
                               WHEN calibrated_confidence < 0.9 THEN 8 ELSE 9 END AS cb \
                        FROM signal_grades \
                        WHERE status = 'graded' AND calibrated_confidence IS NOT NULL) AS r \
-                     GROUP BY horizon_seconds, cycle_at / 86400, grp, cb"
+                     GROUP BY horizon_seconds, at / 86400, grp, cb"
                 );
                 let returns = format!(
                     "INSERT INTO signal_grade_returns (horizon_seconds, day, group_by, group_key, \
                         return_bp, n) \
-                     SELECT horizon_seconds, cycle_at / 86400, '{name}', grp, bp, COUNT(*) FROM ( \
-                       SELECT horizon_seconds, cycle_at, {col} AS grp, \
+                     SELECT horizon_seconds, at / 86400, '{name}', grp, bp, COUNT(*) FROM ( \
+                       SELECT horizon_seconds, {at} AS at, {col} AS grp, \
                          CASE WHEN return_fraction >= 1 THEN 10000 \
                               WHEN return_fraction <= -1 THEN -10000 \
                               ELSE CAST(ROUND(return_fraction * 10000) AS BIGINT) END AS bp \
                        FROM signal_grades WHERE status = 'graded') AS r \
-                     GROUP BY horizon_seconds, cycle_at / 86400, grp, bp"
+                     GROUP BY horizon_seconds, at / 86400, grp, bp"
                 );
                 for sql in [sums, returns, calibrated] {
                     sqlx::query(&sql)

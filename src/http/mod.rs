@@ -212,8 +212,9 @@ async fn gateway_guard(
     }
 }
 
-/// How long a client may take to send a request's headers — counted from the connection's
-/// start, and again from the end of each response while a keep-alive connection sits idle.
+/// How long a client may take to send its first byte after connecting, then its request
+/// headers (counted from that byte), and again from the end of each response while a
+/// keep-alive connection sits idle.
 /// Probes and API calls send their headers in milliseconds; a connection that sends nothing,
 /// or half a header, is a slow client or an attack, and holds a file descriptor.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -324,7 +325,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let builder = builder.clone();
         let conns = conns.clone();
-        tokio::spawn(async move {
+        let task = async move {
             // hyper reserves its 8 KiB read buffer when it first polls the socket; a
             // connection that has sent nothing yet (a client that opened it early, a flood)
             // holds only this small task until a byte arrives — within the header timeout,
@@ -335,9 +336,12 @@ pub async fn serve(
             };
             if first_byte {
                 let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                // Boxed: a task's memory is its future's largest state, and hyper's
+                // connection held inline would make every waiting task as big as a served one.
+                let served = Box::pin(watcher.watch(conn));
                 tokio::select! {
                     // Errors here are the client's (a reset, a header timeout): nothing to do.
-                    _ = watcher.watch(conn) => {}
+                    _ = served => {}
                     _ = close.cancelled() => {}
                 }
             }
@@ -346,7 +350,8 @@ pub async fn serve(
                 .unwrap_or_else(|p| p.into_inner())
                 .open
                 .remove(&id);
-        });
+        };
+        tokio::spawn(task);
     }
     drop(listener);
     // In-flight requests get a moment; open SSE streams already ended on `streams_stop`.
