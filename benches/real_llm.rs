@@ -2,13 +2,16 @@
 //! the 1-minute schedule, the 20 default symbols, every LLM stage on the OpenAI-compatible
 //! backend, the test server answering each request after a lognormal delay (median 2.5 s,
 //! p95 6 s), 1 % of requests 503 and 2 % stalling 30 s. Two runners side by side on their own
-//! servers: hedging on (the default) and off.
+//! servers, both with hedging on: the defaults (burst half the limit, a pool of 20), and the
+//! seed's settings (burst 10, pool 10) — the before and after of issue 25 in one run.
+//! `-- hedging` compares hedging on and off with the defaults instead.
 //!
 //! `cargo build --release && cargo bench --bench real_llm -- 15` (minutes; default 15).
 //!
 //! Reported per run: ticks run ÷ ticks due, symbols published ÷ due, p50/p95 of signal
-//! freshness (the report's publish time − the tick), LLM requests per published symbol, and
-//! the extra requests hedging sent.
+//! freshness (the report's publish time − the tick), LLM requests per published symbol, the
+//! extra requests hedging sent, and the most requests the LLM server received in any 60 s
+//! window (its own log; the limit is 100).
 
 // A benchmark is a tool run by hand: a failed setup step aborts it with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -33,18 +36,35 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let hedging = std::env::args().any(|a| a == "hedging");
     rt.block_on(async move {
-        let (on, off) = tokio::join!(run(minutes, true), run(minutes, false));
-        println!("\n| hedging | ticks run ÷ due | symbols published ÷ due | freshness p50 | freshness p95 | LLM requests per symbol | extra requests from hedging |");
-        println!("|---|---|---|---|---|---|---|");
-        for r in [on, off] {
+        let (a, b) = if hedging {
+            tokio::join!(
+                run(minutes, "defaults, hedging on", true, ""),
+                run(minutes, "defaults, hedging off", false, "")
+            )
+        } else {
+            tokio::join!(
+                run(minutes, "defaults", true, ""),
+                run(
+                    minutes,
+                    "seed: burst 10, pool 10",
+                    true,
+                    "  parallel:\n    max_concurrent: 10\n",
+                )
+            )
+        };
+        println!("\n| runner | ticks run ÷ due | symbols published ÷ due | freshness p50 | freshness p95 | LLM requests per symbol | extra requests from hedging | most requests in a 60 s window |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in [a, b] {
             println!("{r}");
         }
     });
 }
 
 struct Report {
-    hedging: bool,
+    name: &'static str,
+    max_window: usize,
     ticks_due: usize,
     ticks_run: usize,
     due: usize,
@@ -59,8 +79,8 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "| {} | {}/{} | {}/{} ({:.1} %) | {:.1} s | {:.1} s | {:.2} | {} ({:.1} %) |",
-            if self.hedging { "on" } else { "off" },
+            "| {} | {}/{} | {}/{} ({:.1} %) | {:.1} s | {:.1} s | {:.2} | {} ({:.1} %) | {} |",
+            self.name,
             self.ticks_run,
             self.ticks_due,
             self.published,
@@ -71,11 +91,12 @@ impl std::fmt::Display for Report {
             self.requests as f64 / self.published.max(1) as f64,
             self.hedges.max(0.0) as u64,
             100.0 * self.hedges.max(0.0) / (self.requests as f64 - self.hedges).max(1.0),
+            self.max_window,
         )
     }
 }
 
-async fn run(minutes: u64, hedging: bool) -> Report {
+async fn run(minutes: u64, name: &'static str, hedging: bool, extra: &str) -> Report {
     let llm = LlmServer::start().await;
     llm.set_latency(Some(LatencyModel {
         median: Duration::from_millis(2500),
@@ -85,8 +106,14 @@ async fn run(minutes: u64, hedging: bool) -> Report {
         stall: Duration::from_secs(30),
     }));
     let yaml = format!(
-        "autonomous_runner:\n  http:\n    bind: 127.0.0.1\n    port: 0\n  agents:\n    backend: openrouter\n    base_url: {}\n    hedge:\n      enabled: {hedging}\n",
-        llm.url
+        "autonomous_runner:\n  http:\n    bind: 127.0.0.1\n    port: 0\n  agents:\n    backend: openrouter\n    base_url: {}\n    hedge:\n      enabled: {hedging}\n{}",
+        llm.url,
+        if extra.is_empty() {
+            String::new()
+        } else {
+            // The seed's burst goes under `agents:`, its pool at the top level.
+            format!("    burst: 10\n{extra}")
+        }
     );
     let runner = tokio::task::spawn_blocking(move || {
         support::Runner::spawn(&yaml, &[("OPENROUTER_API_KEY", "sk-bench")])
@@ -154,17 +181,25 @@ async fn run(minutes: u64, hedging: bool) -> Report {
         .count();
     for c in &ticks {
         eprintln!(
-            "[hedging {}] {} ok {} failed {} skipped {:?} {:?}",
-            if hedging { "on" } else { "off" },
-            c["cycle_id"],
-            c["symbols_ok"],
-            c["symbols_failed"],
-            c["skipped_reason"],
-            c["failures"]
+            "[{name}] {} ok {} failed {} skipped {:?} {:?}",
+            c["cycle_id"], c["symbols_ok"], c["symbols_failed"], c["skipped_reason"], c["failures"]
         );
     }
+    // The most requests in any 60 s window, from the server's own arrival times (the whole
+    // run, hedges included).
+    let mut arrivals: Vec<tokio::time::Instant> = llm.received().iter().map(|r| r.at).collect();
+    arrivals.sort_unstable();
+    let mut max_window = 0;
+    let mut j = 0;
+    for (i, t) in arrivals.iter().enumerate() {
+        while j < arrivals.len() && arrivals[j] < *t + Duration::from_secs(60) {
+            j += 1;
+        }
+        max_window = max_window.max(j - i);
+    }
     Report {
-        hedging,
+        name,
+        max_window,
         ticks_due: minutes as usize,
         ticks_run,
         due: 20 * minutes as usize,

@@ -14,11 +14,15 @@ use super::redis::guarded;
 use crate::resilience::Breaker;
 
 /// GCRA in one key, on Redis's clock. KEYS[1] the key; ARGV: emission interval (ms),
-/// tolerance (ms), pause (ms, 0 for a normal request). Returns -1 when admitted, otherwise
-/// the milliseconds to wait.
+/// tolerance (ms), pause (ms, 0 for a normal request), and the time in ms (-1: Redis's own,
+/// as the service asks; a test on a virtual clock passes its own). Returns -1 when admitted,
+/// otherwise the milliseconds to wait.
 const GCRA: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(ARGV[4])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local pause = tonumber(ARGV[3])
@@ -98,11 +102,32 @@ impl RedisRateLimiter {
             self.conn.clone(),
             &self.breaker,
             &self.key,
-            self.interval,
-            self.burst,
+            (self.interval, self.burst),
             pause,
+            -1,
         )
         .await
+    }
+
+    /// One admission decision at `now_ms` on the caller's clock instead of Redis's: `Ok(())`
+    /// admitted (the slot is taken), `Err(wait)` not before `wait` from then. The service
+    /// never calls this (its replicas share Redis's clock); it lets a test run the shared
+    /// limiter on a virtual clock and check every window.
+    pub async fn admit_at(&self, now_ms: i64) -> Result<Result<(), Duration>, CoordError> {
+        let r = gcra(
+            self.conn.clone(),
+            &self.breaker,
+            &self.key,
+            (self.interval, self.burst),
+            Duration::ZERO,
+            now_ms.max(0),
+        )
+        .await?;
+        Ok(if r == -1 {
+            Ok(())
+        } else {
+            Err(Duration::from_millis(r.max(1) as u64))
+        })
     }
 
     /// Refreshes the live-replica count the fallback is sized by.
@@ -198,28 +223,30 @@ impl crate::resilience::rate_limit::AgentRateLimiter for RedisRateLimiter {
         // Tell every replica: push the shared schedule past the pause.
         tokio::spawn(async move {
             let pause = for_.max(Duration::from_millis(1));
-            if let Err(e) = gcra(conn, &breaker, &key, interval, burst, pause).await {
+            if let Err(e) = gcra(conn, &breaker, &key, (interval, burst), pause, -1).await {
                 tracing::warn!(error = %e, "could not share a provider's pause through Redis");
             }
         });
     }
 }
 
-/// One GCRA request (or, with `pause` > 0, a pause) on the shared key.
+/// One GCRA request (or, with `pause` > 0, a pause) on the shared key, with the limit's
+/// (emission interval, burst), at `now_ms` (-1: Redis's clock).
 async fn gcra(
     conn: ConnectionManager,
     breaker: &Breaker,
     key: &str,
-    interval: Duration,
-    burst: u32,
+    (interval, burst): (Duration, u32),
     pause: Duration,
+    now_ms: i64,
 ) -> Result<i64, CoordError> {
     let tolerance = interval * burst.saturating_sub(1);
     let script = redis::Script::new(GCRA);
     let mut inv = script.key(key);
     inv.arg(interval.as_millis() as u64)
         .arg(tolerance.as_millis() as u64)
-        .arg(pause.as_millis() as u64);
+        .arg(pause.as_millis() as u64)
+        .arg(now_ms);
     match guarded(breaker, "rate limiter", || {
         let mut conn = conn.clone();
         let inv = &inv;

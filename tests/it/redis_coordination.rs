@@ -181,3 +181,92 @@ async fn the_shared_rate_limiter_falls_back_to_a_local_share_while_redis_is_down
         "{admitted} calls admitted in 2 s"
     );
 }
+
+/// Two replicas sharing one Redis limiter, on a virtual clock the test advances (each
+/// decision made by the real script on a real `redis-server`, at the time the test gives
+/// it): under demand far above the limit — each replica asking again as soon as it is told
+/// it may — no 60 s window ever holds more than `requests_per_minute` admissions, for the
+/// default split of the burst (half) and the extremes, and a tick's burst is admitted at once.
+#[tokio::test]
+async fn two_replicas_sharing_redis_never_admit_more_than_the_limit_in_any_window() {
+    use autonomous_runner::coordination::redis::RedisRateLimiter;
+    let redis = RedisServer::start().await;
+    for (limit, burst) in [(100u32, 50u32), (100, 1), (100, 100), (30, 15)] {
+        let prefix = format!("rl{limit}-{burst}:");
+        let replica = || {
+            let breaker = Breaker::new(
+                autonomous_runner::resilience::BreakerKind::Redis,
+                BreakerSettings {
+                    failure_threshold: 3,
+                    recovery_timeout: Duration::from_secs(30),
+                    half_open_max_calls: 1,
+                    success_threshold: 1,
+                    mode: BreakerMode::Normal,
+                },
+            );
+            RedisRateLimiter::new(
+                connect(&redis.url()).unwrap(),
+                breaker,
+                &prefix,
+                limit,
+                burst,
+                Duration::from_secs(30),
+            )
+        };
+        let replicas = [replica(), replica()];
+        // Virtual time in ms from 10^12 (any origin will do); 10 minutes of demand. Each
+        // replica has 60 callers; a caller refused is told when to come back, and comes back
+        // exactly then (the hungriest client there can be).
+        const MINUTES: i64 = 10;
+        let origin: i64 = 1_000_000_000_000;
+        let end = origin + MINUTES * 60_000;
+        let mut next: Vec<(i64, usize)> = (0..120).map(|c| (origin, c)).collect();
+        let mut admitted: Vec<i64> = vec![];
+        let mut at_start = 0;
+        while let Some(i) = (0..next.len()).min_by_key(|&i| next[i]) {
+            let (now, caller) = next[i];
+            if now >= end {
+                break;
+            }
+            let r = &replicas[caller % 2];
+            match r.admit_at(now).await.unwrap() {
+                Ok(()) => {
+                    admitted.push(now);
+                    if now == origin {
+                        at_start += 1;
+                    }
+                    // Each caller asks again a second after its call was admitted.
+                    next[i].0 = now + 1_000;
+                }
+                Err(wait) => next[i].0 = now + wait.as_millis() as i64,
+            }
+        }
+        admitted.sort_unstable();
+        // Every 60 s window [t, t + 60 s) that starts at an admission holds the most any window can.
+        let mut worst = 0;
+        let mut j = 0;
+        for (i, t) in admitted.iter().enumerate() {
+            while j < admitted.len() && admitted[j] < t + 60_000 {
+                j += 1;
+            }
+            worst = worst.max(j - i);
+        }
+        assert!(
+            worst <= limit as usize,
+            "limit {limit}, burst {burst}: {worst} admissions in one 60 s window"
+        );
+        // The limiter is not merely stingy: the burst goes at once, and the sustained rate is
+        // what the split allows (limit − burst + 1 a minute, 61 s to the minute).
+        assert_eq!(at_start, burst as usize, "limit {limit}, burst {burst}");
+        let sustained = (admitted.len() - burst as usize) as f64 / MINUTES as f64;
+        let expected = f64::from(limit - burst + 1) * 60.0 / 61.0;
+        assert!(
+            (sustained - expected).abs() <= expected * 0.05 + 1.0,
+            "limit {limit}, burst {burst}: {sustained:.1} a minute sustained, expected {expected:.1}"
+        );
+        eprintln!(
+            "limit {limit}, burst {burst}: {} admitted in {MINUTES} min, at most {worst} in any 60 s window, {at_start} at once",
+            admitted.len()
+        );
+    }
+}
