@@ -2,8 +2,9 @@
 //! the 1-minute schedule, the 20 default symbols, every LLM stage on the OpenAI-compatible
 //! backend, the test server answering each request after a lognormal delay (median 2.5 s,
 //! p95 6 s), 1 % of requests 503 and 2 % stalling 30 s. Two runners side by side on their own
-//! servers, both with hedging on: the defaults (burst half the limit, a pool of 20), and the
-//! seed's settings (burst 10, pool 10) — the before and after of issue 25 in one run.
+//! servers, both with hedging on: the defaults (the seed's burst of 10, a pool of 10), and a
+//! burst of half the limit (50), which admits a tick's calls at once. `-- pool20` runs the
+//! burst of 50 with a pool of 20 beside the defaults.
 //! `-- hedging` compares hedging on and off with the defaults instead.
 //!
 //! `cargo build --release && cargo bench --bench real_llm -- 15` (minutes; default 15).
@@ -43,15 +44,20 @@ fn main() {
                 run(minutes, "defaults, hedging on", true, ""),
                 run(minutes, "defaults, hedging off", false, "")
             )
-        } else {
+        } else if std::env::args().any(|a| a == "pool20") {
             tokio::join!(
                 run(minutes, "defaults", true, ""),
                 run(
                     minutes,
-                    "seed: burst 10, pool 10",
+                    "burst 50, pool 20",
                     true,
-                    "  parallel:\n    max_concurrent: 10\n",
+                    "    burst: 50\n  parallel:\n    max_concurrent: 20\n"
                 )
+            )
+        } else {
+            tokio::join!(
+                run(minutes, "defaults", true, ""),
+                run(minutes, "burst 50", true, "    burst: 50\n")
             )
         };
         println!("\n| runner | ticks run ÷ due | symbols published ÷ due | freshness p50 | freshness p95 | LLM requests per symbol | extra requests from hedging | most requests in a 60 s window |");
@@ -108,12 +114,8 @@ async fn run(minutes: u64, name: &'static str, hedging: bool, extra: &str) -> Re
     let yaml = format!(
         "autonomous_runner:\n  http:\n    bind: 127.0.0.1\n    port: 0\n  agents:\n    backend: openrouter\n    base_url: {}\n    hedge:\n      enabled: {hedging}\n{}",
         llm.url,
-        if extra.is_empty() {
-            String::new()
-        } else {
-            // The seed's burst goes under `agents:`, its pool at the top level.
-            format!("    burst: 10\n{extra}")
-        }
+        // Under `agents:` when indented by four, a top-level key when by two.
+        extra
     );
     let runner = tokio::task::spawn_blocking(move || {
         support::Runner::spawn(&yaml, &[("OPENROUTER_API_KEY", "sk-bench")])

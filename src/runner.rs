@@ -826,8 +826,8 @@ fn initial_demand(cfg: &Config) -> Demand {
         calls_per_symbol: calls as f64,
         rate: (calls > 0).then(|| {
             (
-                emission_interval(a.requests_per_minute, a.burst()),
-                a.burst(),
+                emission_interval(a.requests_per_minute, a.burst),
+                a.burst.clamp(1, a.requests_per_minute.max(1)),
             )
         }),
         deadline: cfg.total_timeout(),
@@ -1314,8 +1314,7 @@ mod tests {
         for c in &cycles {
             assert_eq!(c.skipped_reason, None, "{}", c.cycle_id);
             assert_eq!(c.symbols_ok, 20, "{}", c.cycle_id);
-            // The default pool: a slot per symbol.
-            assert_eq!(c.concurrency, 20);
+            assert_eq!(c.concurrency, 10);
         }
     }
 

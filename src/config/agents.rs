@@ -56,9 +56,8 @@ pub struct Agents {
     pub backend: AgentBackend,
     /// Agent calls per minute across the whole process.
     pub requests_per_minute: u32,
-    /// Largest burst of agent calls; unset: half of `requests_per_minute` (see
-    /// [`Agents::burst`]).
-    pub burst: Option<u32>,
+    /// Largest burst of agent calls.
+    pub burst: u32,
     /// Chat-completions base URL.
     pub base_url: String,
     /// Model name.
@@ -268,18 +267,5 @@ impl Agents {
                 .map(|s| s.to_string())
                 .collect(),
         }
-    }
-}
-
-impl Agents {
-    /// The burst the limiter allows: `agents.burst`, or half of `requests_per_minute` when
-    /// unset. A GCRA limiter of burst b sustains `requests_per_minute − b + 1` calls a minute
-    /// (no 60 s window ever over the limit); half and half admits a whole tick's calls at its
-    /// start (20 symbols make ~42 of the default 100) and still sustains as many every minute,
-    /// where the seed's burst of 10 spread them over ~20 s and made every signal that late.
-    pub fn burst(&self) -> u32 {
-        self.burst
-            .unwrap_or(self.requests_per_minute / 2)
-            .clamp(1, self.requests_per_minute.max(1))
     }
 }

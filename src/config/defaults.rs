@@ -43,9 +43,7 @@ fn default_instance_id() -> String {
 impl Default for Parallel {
     fn default() -> Self {
         Self {
-            // A slot per default symbol: a tick's symbols all start at once, so a report is
-            // one chain of calls old, not two (the seed's 10 ran 20 symbols in two waves).
-            max_concurrent: 20,
+            max_concurrent: 10,
             min_concurrent: 3,
             batch_delay_ms: 0,
         }
@@ -145,7 +143,7 @@ impl Default for Agents {
         Self {
             backend: AgentBackend::Rules,
             requests_per_minute: 100,
-            burst: None,
+            burst: 10,
             base_url: "https://openrouter.ai/api/v1".into(),
             model: "openai/gpt-4o-mini".into(),
             api_key: Secret::default(),
