@@ -19,10 +19,6 @@ use super::*;
 /// The schema both backends share, embedded in the binary and applied at start.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// PostgreSQL's own migrations, applied after the shared ones (their versions continue the
-/// shared numbering and never repeat one).
-static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations_postgres");
-
 /// How a backend's columns are written and read around the one representation the code
 /// keeps (Unix seconds, 0/1, text ids and JSON): identity on SQLite, casts on PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,15 +284,14 @@ impl SqlStore {
             message: e.to_string(),
         };
         if Dialect::of(backend) == Dialect::Postgres {
-            // Two migrators share the one `_sqlx_migrations` table: each must pass over the
-            // versions the other applied.
-            for m in [&MIGRATOR, &PG_MIGRATOR] {
-                let m = sqlx::migrate::Migrator {
-                    migrations: m.migrations.clone(),
-                    ignore_missing: true,
-                    locking: m.locking,
-                    no_tx: m.no_tx,
-                };
+            // The shared migrations, then PostgreSQL's own (`migrations_postgres/`, whose
+            // versions continue the shared numbering and never repeat one). Both share the one
+            // `_sqlx_migrations` table, so each must pass over the versions the other applied.
+            let mut shared = sqlx::migrate!("./migrations");
+            shared.set_ignore_missing(true);
+            let mut own = sqlx::migrate!("./migrations_postgres");
+            own.set_ignore_missing(true);
+            for m in [shared, own] {
                 m.run(&pool).await.map_err(failed)?;
             }
         } else {
