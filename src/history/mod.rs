@@ -287,7 +287,8 @@ pub struct Grade {
 }
 
 /// What `/api/performance` groups by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
 pub enum GroupBy {
     /// Per symbol.
     Symbol,

@@ -60,26 +60,11 @@ pub(super) struct PerformanceParams {
     /// default `15m` when graded, else the shortest.
     horizon: Option<String>,
     /// What the groups are.
-    #[param(value_type = Option<GroupByParam>, inline)]
+    #[param(value_type = Option<GroupBy>, inline)]
     group_by: Option<String>,
     /// Signals of ticks at or after this time (default: the last seven days).
     #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     since: Option<String>,
-}
-
-/// `group_by`'s values, for the document (the same list as [`GroupBy::ALL`], which a test
-/// holds it to).
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub(super) enum GroupByParam {
-    Symbol,
-    Action,
-    Tier,
-    Backend,
-    Model,
-    Strategy,
-    Calibration,
 }
 
 /// `/api/performance`: the scorecard.
@@ -363,7 +348,7 @@ mod tests {
     #[test]
     fn the_documented_group_by_values_are_the_parsed_ones() {
         let schema =
-            serde_json::to_value(<GroupByParam as utoipa::PartialSchema>::schema()).expect("json");
+            serde_json::to_value(<GroupBy as utoipa::PartialSchema>::schema()).expect("json");
         let documented: Vec<&str> = schema["enum"]
             .as_array()
             .expect("an enum")
