@@ -2,9 +2,9 @@
 //! the 1-minute schedule, the 20 default symbols, every LLM stage on the OpenAI-compatible
 //! backend, the test server answering each request after a lognormal delay (median 2.5 s,
 //! p95 6 s), 1 % of requests 503 and 2 % stalling 30 s. Two runners side by side on their own
-//! servers, both with hedging on: the defaults (the seed's burst of 10, a pool of 10), and a
-//! burst of half the limit (50), which admits a tick's calls at once. `-- pool20` runs the
-//! burst of 50 with a pool of 20 beside the defaults.
+//! servers, both with hedging on: the defaults (a burst of half the limit, a pool of 20, so
+//! a tick's calls go out at once), and the seed's burst of 10 with a pool of 10 — the
+//! before and the after of issue 25 in the same run.
 //! `-- hedging` compares hedging on and off with the defaults instead.
 //!
 //! `cargo build --release && cargo bench --bench real_llm -- 15` (minutes; default 15).
@@ -44,24 +44,19 @@ fn main() {
                 run(minutes, "defaults, hedging on", true, ""),
                 run(minutes, "defaults, hedging off", false, "")
             )
-        } else if std::env::args().any(|a| a == "pool20") {
-            tokio::join!(
-                run(minutes, "defaults", true, ""),
-                run(
-                    minutes,
-                    "burst 50, pool 20",
-                    true,
-                    "    burst: 50\n  parallel:\n    max_concurrent: 20\n"
-                )
-            )
         } else {
             tokio::join!(
-                run(minutes, "defaults", true, ""),
-                run(minutes, "burst 50", true, "    burst: 50\n")
+                run(minutes, "defaults (burst 50, pool 20)", true, ""),
+                run(
+                    minutes,
+                    "the seed's burst 10, pool 10",
+                    true,
+                    "    burst: 10\n  parallel:\n    max_concurrent: 10\n"
+                )
             )
         };
-        println!("\n| runner | ticks run ÷ due | symbols published ÷ due | freshness p50 | freshness p95 | LLM requests per symbol | extra requests from hedging | most requests in a 60 s window |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("\n| runner | ticks run ÷ due | symbols published ÷ due | freshness p50 | freshness p95 | LLM requests per symbol | extra requests from hedging | most requests in a 60 s window | endpoint in-flight limit at the end |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for r in [a, b] {
             println!("{r}");
         }
@@ -79,13 +74,15 @@ struct Report {
     fresh_p95: f64,
     requests: usize,
     hedges: f64,
+    /// The endpoint's learned in-flight limit when the run ended (the gauge).
+    limit_end: Option<f64>,
 }
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "| {} | {}/{} | {}/{} ({:.1} %) | {:.1} s | {:.1} s | {:.2} | {} ({:.1} %) | {} |",
+            "| {} | {}/{} | {}/{} ({:.1} %) | {:.1} s | {:.1} s | {:.2} | {} ({:.1} %) | {} | {} |",
             self.name,
             self.ticks_run,
             self.ticks_due,
@@ -98,6 +95,7 @@ impl std::fmt::Display for Report {
             self.hedges.max(0.0) as u64,
             100.0 * self.hedges.max(0.0) / (self.requests as f64 - self.hedges).max(1.0),
             self.max_window,
+            self.limit_end.map_or("-".into(), |l| format!("{l}")),
         )
     }
 }
@@ -172,6 +170,11 @@ async fn run(minutes: u64, name: &'static str, hedging: bool, extra: &str) -> Re
         .filter(|l| l.starts_with("autonomous_runner_agent_hedges_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
+    let limit_end = metrics
+        .lines()
+        .filter(|l| l.starts_with("autonomous_runner_llm_concurrency_limit"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(f64::min);
     // Requests made for the measured ticks (the prompt names its cycle), hedges included.
     let requests = llm
         .received()
@@ -210,5 +213,6 @@ async fn run(minutes: u64, name: &'static str, hedging: bool, extra: &str) -> Re
         fresh_p95: support::pct(&fresh, 0.95),
         requests,
         hedges,
+        limit_end,
     }
 }

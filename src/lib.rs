@@ -745,7 +745,7 @@ async fn build_coordination(
             None,
             Arc::new(resilience::RateLimiter::new(
                 cfg.agents.requests_per_minute,
-                cfg.agents.burst,
+                cfg.agents.burst(),
             )),
         ));
     };
@@ -756,7 +756,7 @@ async fn build_coordination(
         breaker.clone(),
         prefix,
         cfg.agents.requests_per_minute,
-        cfg.agents.burst,
+        cfg.agents.burst(),
         timing.heartbeat_ttl,
     ));
     let sink = RedisSink::new(

@@ -231,7 +231,7 @@ async fn replay_agents(
     );
     let limiter = Arc::new(RateLimiter::new(
         cfg.agents.requests_per_minute,
-        cfg.agents.burst,
+        cfg.agents.burst(),
     ));
     let setup = crate::agents::setup::build(
         cfg,

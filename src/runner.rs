@@ -826,8 +826,8 @@ fn initial_demand(cfg: &Config) -> Demand {
         calls_per_symbol: calls as f64,
         rate: (calls > 0).then(|| {
             (
-                emission_interval(a.requests_per_minute, a.burst),
-                a.burst.clamp(1, a.requests_per_minute.max(1)),
+                emission_interval(a.requests_per_minute, a.burst()),
+                a.burst(),
             )
         }),
         deadline: cfg.total_timeout(),
@@ -1307,6 +1307,7 @@ mod tests {
         c.symbols = (0..20).map(|i| format!("S{i}/USD")).collect();
         c.timeouts.symbol_timeout_seconds = 10.0;
         c.timeouts.total_timeout_seconds = 14.0;
+        let pool = c.parallel.max_concurrent;
         let h = harness(c, Duration::from_millis(2500));
         run_for(h.runner, Duration::from_secs(121)).await;
         let cycles = h.publisher.cycles();
@@ -1314,7 +1315,7 @@ mod tests {
         for c in &cycles {
             assert_eq!(c.skipped_reason, None, "{}", c.cycle_id);
             assert_eq!(c.symbols_ok, 20, "{}", c.cycle_id);
-            assert_eq!(c.concurrency, 10);
+            assert_eq!(c.concurrency, pool);
         }
     }
 

@@ -56,8 +56,10 @@ pub struct Agents {
     pub backend: AgentBackend,
     /// Agent calls per minute across the whole process.
     pub requests_per_minute: u32,
-    /// Largest burst of agent calls.
-    pub burst: u32,
+    /// Largest burst of agent calls; unset, half of `requests_per_minute` (read it with
+    /// [`Agents::burst`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
     /// Chat-completions base URL.
     pub base_url: String,
     /// Model name.
@@ -246,6 +248,20 @@ pub fn default_stage_tools(stage: crate::model::Stage) -> &'static [&'static str
 }
 
 impl Agents {
+    /// The largest burst of agent calls: `agents.burst`, or half of `requests_per_minute`.
+    ///
+    /// Why half: a tick of the default 20 symbols makes about 42 calls, and a burst of half
+    /// the limit admits them all at the tick — what keeps a report's freshness near one
+    /// symbol's chain of calls — while the GCRA interval that pays for it
+    /// ([`crate::resilience::emission_interval`]) still sustains half the limit a minute, and
+    /// no 60 s window holds more than the limit. The seed's burst of 10 spread those calls
+    /// over about 20 s (docs/BENCHMARKS.md, f).
+    pub fn burst(&self) -> u32 {
+        self.burst
+            .unwrap_or(self.requests_per_minute / 2)
+            .clamp(1, self.requests_per_minute.max(1))
+    }
+
     /// One stage's overrides (`Score` has none: the runner scores).
     pub fn stage(&self, stage: crate::model::Stage) -> Option<&StageConfig> {
         use crate::model::Stage;

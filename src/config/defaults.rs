@@ -43,7 +43,7 @@ fn default_instance_id() -> String {
 impl Default for Parallel {
     fn default() -> Self {
         Self {
-            max_concurrent: 10,
+            max_concurrent: 20,
             min_concurrent: 3,
             batch_delay_ms: 0,
         }
@@ -143,7 +143,7 @@ impl Default for Agents {
         Self {
             backend: AgentBackend::Rules,
             requests_per_minute: 100,
-            burst: 10,
+            burst: None,
             base_url: "https://openrouter.ai/api/v1".into(),
             model: "openai/gpt-4o-mini".into(),
             api_key: Secret::default(),

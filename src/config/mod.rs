@@ -893,6 +893,40 @@ mod tests {
         assert_eq!(c.instance_id, "runner-1");
     }
 
+    /// Unset, the burst is half the rate limit (a tick's calls at once, half the limit
+    /// sustained); set, it is taken as written and checked against the limit.
+    #[test]
+    fn the_burst_follows_the_rate_limit_unless_set() {
+        let burst = |yaml: &str| {
+            let c = Config::from_yaml(yaml, &env(&[])).expect("parses");
+            c.validate().expect("valid");
+            c.agents.burst()
+        };
+        assert_eq!(burst("autonomous_runner: {}\n"), 50);
+        assert_eq!(
+            burst("autonomous_runner:\n  agents:\n    requests_per_minute: 30\n"),
+            15
+        );
+        assert_eq!(
+            burst("autonomous_runner:\n  agents:\n    requests_per_minute: 1\n"),
+            1
+        );
+        assert_eq!(burst("autonomous_runner:\n  agents:\n    burst: 10\n"), 10);
+        let bad = issues("autonomous_runner:\n  agents:\n    burst: 0\n");
+        assert!(
+            bad.iter()
+                .any(|i| i.contains("agents.burst") && i.contains("≥ 1")),
+            "{bad:?}"
+        );
+        let bad =
+            issues("autonomous_runner:\n  agents:\n    requests_per_minute: 20\n    burst: 30\n");
+        assert!(
+            bad.iter()
+                .any(|i| i.contains("agents.burst") && i.contains("requests_per_minute (20)")),
+            "{bad:?}"
+        );
+    }
+
     /// Unset, the calibration horizon follows the grading: 15 minutes when graded, else the
     /// first graded horizon, so a custom list of horizons needs no second setting.
     #[test]

@@ -153,7 +153,11 @@ impl Config {
 
     /// What the backends and sources are reached at and what they need, then the keys that only make sense together.
     fn check_endpoints(&self, v: &mut Validator, r: &str) {
-        if self.agents.burst > self.agents.requests_per_minute {
+        if self
+            .agents
+            .burst
+            .is_some_and(|b| b > self.agents.requests_per_minute)
+        {
             v.bad(
                 format!("{r}.agents.burst"),
                 format!(
@@ -318,7 +322,8 @@ impl Config {
             Bound::new("adaptive.latency_max_age_seconds", a.latency_max_age_seconds, AtLeast(1.0), DAY),
             Bound::new("graceful_shutdown.timeout_seconds", c.graceful_shutdown.timeout_seconds, AtLeast(0.0), HOUR),
             Bound::new("agents.requests_per_minute", c.agents.requests_per_minute, AtLeast(1.0), 1_000_000.0),
-            Bound::new("agents.burst", c.agents.burst, AtLeast(1.0), 1_000_000.0),
+            // Unset, it is derived (half the limit, at least 1): only a set value can be wrong.
+            Bound::new("agents.burst", c.agents.burst.unwrap_or(1), AtLeast(1.0), 1_000_000.0),
             Bound::new("agents.max_tokens", c.agents.max_tokens, AtLeast(1.0), 1_000_000.0),
             Bound::new("agents.max_tool_rounds", c.agents.max_tool_rounds, AtLeast(1.0), 10.0),
             Bound::new("agents.opencode.max_model_requests", c.agents.opencode.max_model_requests, AtLeast(1.0), 1_000.0),

@@ -9,15 +9,27 @@
 //! do.
 //!
 //! **The rule.** What tells a server that queues apart from one that does not is whether a
-//! call's latency grows with the calls in flight beside it. Each answer is filed by whether
-//! it was sent alone ("quiet": the first call of every tick is) or beside others ("busy")
-//! into two moving averages. Busy calls taking over 1.5 × as long as quiet ones say the
-//! endpoint queues: the limit shrinks in proportion (by a tenth to a half; the quiet average
-//! needs three answers first, so one lucky fast call is no evidence). Otherwise it grows by `1/limit`
-//! (about one per round of calls) up to its maximum. A call that timed out shrinks it by a
-//! quarter (AIMD on drops, as TCP and Netflix's `AIMDLimit` do). A serial server settles at
-//! one or two in flight; a parallel provider — however slow, heavy-tailed or tightly timed
-//! out — stays at the maximum, since sending it less would only publish less.
+//! call's latency grows with the calls in flight beside it. Answers to calls sent alone
+//! ("quiet": the first call of every tick is) give the endpoint's own time, as a geometric
+//! mean (heavy tails move it less than they move an arithmetic one). Every answer to a call
+//! sent beside `n − 1` others is a point (ln n, ln(took ÷ quiet)); the slope of those points
+//! through the origin — the *queueing index*, a moving least-squares fit — is about 1 for a
+//! server that serves one call at a time (the `n`-th waits for the others: n × its own time)
+//! and about 0 for one that serves them side by side, however heavy-tailed its latency. A fit
+//! over every busy answer, weighted by ln n, is what makes the tell robust: comparing two
+//! averages of a lognormal latency (as this module first did) read chance as queueing often
+//! enough to halve a parallel provider's limit tick after tick. Above an index of one half
+//! the endpoint queues and the limit shrinks in proportion to how much slower busy calls are
+//! (by a tenth to a half); otherwise it grows by `1/limit` (about one per round of calls) up
+//! to its maximum.
+//!
+//! **Timeouts.** A call that timed out shrinks the limit by a quarter (AIMD on drops, as TCP
+//! and Netflix's `AIMDLimit` do) — unless the endpoint has shown it serves calls side by side
+//! (an index under a quarter) and timeouts are rare (under one call in ten): then a timeout is
+//! a stall of that one call (benchmark f's provider stalls 2 % of its calls for 30 s), and
+//! cutting everyone's parallelism for it would only publish less. A serial server settles at
+//! one or two in flight; a parallel provider — however slow, heavy-tailed, stalling or tightly
+//! timed out — stays at the maximum.
 //!
 //! **Overload is not failure.** A server that queues keeps working on the calls its clients
 //! gave up on. When calls sent beside others time out, each leaves the endpoint that much
@@ -36,10 +48,27 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Busy calls this much slower than quiet ones mean the endpoint queues.
+/// Busy calls this much slower than quiet ones are what a queueing endpoint is cut for.
 const QUEUEING_RATIO: f64 = 1.5;
+/// A queueing index above this means the endpoint queues: a serial server's is about 1 (at
+/// two in flight the second call waits for most of the first: ln 1.5 ÷ ln 2 ≈ 0.6 at least).
+const QUEUEING_INDEX: f64 = 0.5;
+/// Below this index, with rare timeouts, the endpoint serves calls side by side and a timeout
+/// is one call's stall, not overload.
+const PARALLEL_INDEX: f64 = 0.35;
+/// Above this fraction of calls timing out, every timeout shrinks the limit again.
+const FREQUENT_TIMEOUTS: f64 = 0.1;
 /// Weight of one answer in the quiet and busy averages.
 const EWMA_WEIGHT: f64 = 0.2;
+/// Weight of one quiet answer in the geometric mean the fit compares with: about the last
+/// ten (one a tick under load), as its error moves every point of the fit.
+const QUIET_LN_WEIGHT: f64 = 0.1;
+/// Weight of one busy answer in the queueing fit: slower than the averages, as it is read
+/// from many calls a tick.
+const FIT_WEIGHT: f64 = 0.02;
+/// Weight of one call in the timeout rate: about the last hundred calls, so that two stalls
+/// in a row (a 2 % stall rate does that every other tick) do not read as one in ten.
+const RATE_WEIGHT: f64 = 0.01;
 /// Answers sent alone before their average is trusted.
 const MIN_QUIET: u32 = 3;
 /// The longest backlog of abandoned work an endpoint is assumed to hold.
@@ -54,8 +83,17 @@ struct State {
     quiet: Option<f64>,
     /// How many answers were sent alone.
     quiet_count: u32,
+    /// Mean of ln(latency in s) of answers sent alone: the geometric mean the fit compares
+    /// busy answers with.
+    quiet_ln: Option<f64>,
     /// Mean latency (s) of answers sent beside others.
     busy: Option<f64>,
+    /// The queueing fit's moving sums: mean of ln n × ln(took ÷ quiet) and of (ln n)² over
+    /// answers sent beside others (`n` in flight with them); their ratio is the index.
+    fit_xy: f64,
+    fit_xx: f64,
+    /// Moving fraction of calls that timed out (of those answered or timed out).
+    timeout_rate: f64,
     /// Until when the endpoint may still be working on calls sent beside others that timed
     /// out (their clients gave up; the server did not).
     backlog_until: Option<Instant>,
@@ -95,8 +133,8 @@ pub enum CallEnd {
 #[must_use = "finish the slot with how the call ended"]
 pub struct Slot {
     limit: Option<ConcurrencyLimit>,
-    /// Sent beside other requests in flight.
-    busy: bool,
+    /// Requests in flight when it was sent, itself included (1: sent alone).
+    beside: usize,
     /// Sent while the endpoint may still be working off abandoned calls.
     behind_backlog: bool,
 }
@@ -112,7 +150,11 @@ impl ConcurrencyLimit {
                 max,
                 quiet: None,
                 quiet_count: 0,
+                quiet_ln: None,
                 busy: None,
+                fit_xy: 0.0,
+                fit_xx: 0.0,
+                timeout_rate: 0.0,
                 backlog_until: None,
             }),
             freed: Notify::new(),
@@ -156,6 +198,13 @@ impl ConcurrencyLimit {
         Duration::try_from_secs_f64(t).ok()
     }
 
+    /// The queueing index (about 1 for an endpoint that serves one call at a time, about 0
+    /// for one that serves them side by side), once calls sent alone and beside others were
+    /// both answered.
+    pub fn queueing_index(&self) -> Option<f64> {
+        self.lock().index()
+    }
+
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
         self.lock().in_flight
@@ -182,41 +231,63 @@ impl ConcurrencyLimit {
             return None;
         }
         st.in_flight += 1;
-        let busy = st.in_flight > 1;
+        let beside = st.in_flight;
         let behind_backlog = st.backlog_until.is_some_and(|t| t > Instant::now());
         Some(Slot {
             limit: Some(self.clone()),
-            busy,
+            beside,
             behind_backlog,
         })
     }
 
-    fn finish(&self, end: CallEnd, busy: bool) {
+    fn finish(&self, end: CallEnd, beside: usize) {
         {
             let mut st = self.lock();
             st.in_flight = st.in_flight.saturating_sub(1);
+            let busy = beside > 1;
             let max = st.max as f64;
             match end {
                 CallEnd::Answered { took } => {
                     let t = took.as_secs_f64();
-                    if !busy {
+                    st.timeout_rate -= RATE_WEIGHT * st.timeout_rate;
+                    if busy {
+                        st.busy = Some(st.busy.map_or(t, |a| a + EWMA_WEIGHT * (t - a)));
+                        if let Some(q) = st.quiet_ln.filter(|_| st.quiet_count >= MIN_QUIET) {
+                            // One point of the fit. ln(took ÷ quiet) is kept within ±ln 8 so
+                            // that one near-timeout answer moves the fit no more than a
+                            // serial server's eight-deep queue would.
+                            let x = (beside as f64).ln();
+                            let y = (t.max(1e-3).ln() - q).clamp(-8f64.ln(), 8f64.ln());
+                            st.fit_xy += FIT_WEIGHT * (x * y - st.fit_xy);
+                            st.fit_xx += FIT_WEIGHT * (x * x - st.fit_xx);
+                        }
+                    } else {
                         st.quiet_count = st.quiet_count.saturating_add(1);
+                        st.quiet = Some(st.quiet.map_or(t, |a| a + EWMA_WEIGHT * (t - a)));
+                        // A plain mean of the first ten, then a moving one: the first
+                        // answers weigh no more than the later ones.
+                        let l = t.max(1e-3).ln();
+                        let w = (1.0 / f64::from(st.quiet_count)).max(QUIET_LN_WEIGHT);
+                        st.quiet_ln = Some(st.quiet_ln.map_or(l, |a| a + w * (l - a)));
                     }
-                    let avg = if busy { &mut st.busy } else { &mut st.quiet };
-                    *avg = Some(avg.map_or(t, |a| a + EWMA_WEIGHT * (t - a)));
                     let quiet = st.quiet.filter(|_| st.quiet_count >= MIN_QUIET);
-                    st.limit = match (quiet, st.busy) {
+                    st.limit = match (st.index(), quiet, st.busy) {
                         // Queueing: shrink in proportion to how much slower busy calls are
                         // (a server that makes the third call wait for two others is cut by
                         // half at once, not a tenth at a time), by a tenth at least.
-                        (Some(q), Some(b)) if b > q * QUEUEING_RATIO => {
+                        (Some(i), Some(q), Some(b)) if i > QUEUEING_INDEX => {
                             (st.limit * (QUEUEING_RATIO * q / b).clamp(0.5, 0.9)).max(1.0)
                         }
                         _ => (st.limit + 1.0 / st.limit.max(1.0)).min(max),
                     };
                 }
                 CallEnd::TimedOut { waited } => {
-                    st.limit = (st.limit * 0.75).max(1.0);
+                    st.timeout_rate += RATE_WEIGHT * (1.0 - st.timeout_rate);
+                    let stall = st.index().is_some_and(|i| i < PARALLEL_INDEX)
+                        && st.timeout_rate < FREQUENT_TIMEOUTS;
+                    if !stall {
+                        st.limit = (st.limit * 0.75).max(1.0);
+                    }
                     if busy {
                         // The server works on what its client gave up on: about one alone
                         // call's worth (or what it waited, before that is known).
@@ -238,18 +309,25 @@ impl ConcurrencyLimit {
     }
 }
 
+impl State {
+    /// The queueing fit's slope, once it has points.
+    fn index(&self) -> Option<f64> {
+        (self.fit_xx > 1e-9).then(|| self.fit_xy / self.fit_xx)
+    }
+}
+
 impl Slot {
     /// Whether the request was sent beside others in flight, or while the endpoint may still
     /// be working off calls given up on: its timeout may be the endpoint's queue, not the
     /// endpoint's failure.
     pub fn queued_behind_others(&self) -> bool {
-        self.busy || self.behind_backlog
+        self.beside > 1 || self.behind_backlog
     }
 
     /// Gives the slot back, teaching the limit how the call went.
     pub fn finish(mut self, end: CallEnd) {
         if let Some(l) = self.limit.take() {
-            l.finish(end, self.busy);
+            l.finish(end, self.beside);
         }
     }
 }
@@ -257,7 +335,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(l) = self.limit.take() {
-            l.finish(CallEnd::Neutral, self.busy);
+            l.finish(CallEnd::Neutral, self.beside);
         }
     }
 }
@@ -529,5 +607,116 @@ mod tests {
         }
         assert_eq!(limit.limit(), 4);
         assert_eq!(limit.in_flight(), 0);
+    }
+
+    /// Benchmark f's provider: every call lognormal (median 2.5 s, p95 6 s) however many are
+    /// in flight, 2 % stalling past the 10 s call timeout. Twenty symbols a minute, each a
+    /// chain of two calls, all sent at the tick. Returns, tick by tick, the limit at its end
+    /// and the calls that had to wait for a slot.
+    async fn heavy_tailed_parallel_provider(
+        limit: &ConcurrencyLimit,
+        seed: u64,
+        ticks: usize,
+    ) -> Vec<(usize, usize)> {
+        heavy_tailed_provider(limit, seed, ticks, 0.02).await
+    }
+
+    /// [`heavy_tailed_parallel_provider`] with `stall_rate` of the calls stalling.
+    async fn heavy_tailed_provider(
+        limit: &ConcurrencyLimit,
+        seed: u64,
+        ticks: usize,
+        stall_rate: f64,
+    ) -> Vec<(usize, usize)> {
+        use rand::{Rng, SeedableRng};
+        use rand_distr::Distribution;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let sigma = (6.0f64 / 2.5).ln() / 1.645;
+        let lognormal = rand_distr::LogNormal::new(2.5f64.ln(), sigma).expect("valid");
+        let timeout = Duration::from_secs(10);
+        let mut out = vec![];
+        for _ in 0..ticks {
+            let at = Instant::now();
+            let mut symbols = tokio::task::JoinSet::new();
+            for _ in 0..20 {
+                // Drawn here, in order, so a seed is one run whatever order the calls end in.
+                let plan: Vec<Option<Duration>> = (0..2)
+                    .map(|_| {
+                        let stall = rng.random_bool(stall_rate);
+                        let t = Duration::from_secs_f64(lognormal.sample(&mut rng));
+                        (!stall && t < timeout).then_some(t)
+                    })
+                    .collect();
+                let limit = limit.clone();
+                symbols.spawn(async move {
+                    let mut waited = 0;
+                    for call in plan {
+                        let slot = match limit.try_acquire() {
+                            Some(s) => s,
+                            None => {
+                                waited += 1;
+                                match limit.acquire_before(at + Duration::from_secs(50)).await {
+                                    Some(s) => s,
+                                    None => return waited,
+                                }
+                            }
+                        };
+                        match call {
+                            Some(took) => {
+                                tokio::time::sleep(took).await;
+                                slot.finish(CallEnd::Answered { took });
+                            }
+                            None => {
+                                tokio::time::sleep(timeout).await;
+                                slot.finish(CallEnd::TimedOut { waited: timeout });
+                            }
+                        }
+                    }
+                    waited
+                });
+            }
+            let mut waited = 0;
+            while let Some(w) = symbols.join_next().await {
+                waited += w.expect("symbol");
+            }
+            out.push((limit.limit(), waited));
+            tokio::time::sleep_until(at + Duration::from_secs(60)).await;
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parallel_provider_with_heavy_tails_and_stalls_keeps_the_pool() {
+        // Two hours of ticks, forty seeds. Until three calls were answered alone (one a tick)
+        // nothing tells a stall from overload, so timeouts cut the limit and it grows back
+        // by one a round — up to ten ticks on an unlucky seed. From then on the provider has
+        // shown it serves side by side: no tick ends below the pool and no call waits for a
+        // place. Comparing two averages, as this limit first did, left it at 1–16.
+        for seed in 0..40 {
+            let limit = ConcurrencyLimit::new(22);
+            let ticks = heavy_tailed_parallel_provider(&limit, seed, 120).await;
+            let settled = &ticks[10..];
+            assert!(
+                settled.iter().all(|(l, w)| *l == 22 && *w == 0),
+                "seed {seed}: (limit, calls that waited) by tick: {ticks:?}"
+            );
+            let index = limit.queueing_index().expect("fitted");
+            assert!(index.abs() < PARALLEL_INDEX, "seed {seed}: index {index}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parallel_provider_that_starts_hanging_half_its_calls_is_cut_back() {
+        // Settled at the pool as above, then half of all calls hang: that is no stall but a
+        // provider in trouble, and within a few ticks its timeouts shrink the limit again
+        // (what is left reaches the breaker as failures once calls go out alone).
+        let limit = ConcurrencyLimit::new(22);
+        let calm = heavy_tailed_provider(&limit, 7, 20, 0.02).await;
+        assert_eq!(calm.last().map(|t| t.0), Some(22), "{calm:?}");
+        let hanging = heavy_tailed_provider(&limit, 7, 5, 0.5).await;
+        assert!(
+            hanging.last().is_some_and(|t| t.0 <= 4),
+            "(limit, calls that waited) by tick while half the calls hang: {hanging:?}"
+        );
     }
 }
