@@ -1,6 +1,7 @@
 //! Recovery from Redis outages and idle-connection floods, on the release binary.
 //!
-//! `cargo build --release && cargo bench --bench outage` (`-- idle`: only the second part)
+//! `cargo build --release && cargo bench --bench outage` (`-- idle`: only the second part;
+//! `-- idle-kinds`: the second part once per kind of idle connection, 2,000 of that kind)
 //!
 //! 1. Outages of 15, 30 and 60 s (Redis killed, then restarted with its data) under a 1 s
 //!    schedule and the default Redis breaker (3 failures, 30 s recovery): the time from Redis
@@ -29,11 +30,23 @@ fn main() {
         .build()
         .expect("runtime");
     let idle_only = std::env::args().any(|a| a == "idle");
+    let kinds = std::env::args().any(|a| a == "idle-kinds");
     rt.block_on(async {
+        if kinds {
+            for (name, kind) in [
+                ("silent", Idle::Silent),
+                ("half a header", Idle::HalfHeader),
+                ("a request, then silence", Idle::Served),
+            ] {
+                println!("\n2,000 connections of one kind: {name}");
+                idle_flood(&[kind]).await;
+            }
+            return;
+        }
         if !idle_only {
             outages().await;
         }
-        idle_flood().await;
+        idle_flood(&[Idle::Silent, Idle::HalfHeader, Idle::Served]).await;
     });
 }
 
@@ -92,7 +105,19 @@ fn wait_cycle_after(
     panic!("no completed cycle within {timeout:?}");
 }
 
-async fn idle_flood() {
+/// What an idle connection of the flood sends.
+#[derive(Clone, Copy)]
+enum Idle {
+    /// Nothing at all.
+    Silent,
+    /// The start of a request's head, never finished.
+    HalfHeader,
+    /// A whole request; its answer is left unread and nothing follows.
+    Served,
+}
+
+/// 2,000 connections, the `i`-th of kind `mix[i % mix.len()]`.
+async fn idle_flood(mix: &[Idle]) {
     let yaml = "autonomous_runner:\n  schedule: \"*/10 * * * * *\"\n  symbols: [ETH/USD]\n  http:\n    bind: 127.0.0.1\n    port: 0\n";
     let runner = support::Runner::spawn(yaml, &[]);
     let addr = runner
@@ -105,14 +130,14 @@ async fn idle_flood() {
         let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
             continue;
         };
-        match i % 3 {
-            0 => {}
-            1 => {
+        match mix[i % mix.len()] {
+            Idle::Silent => {}
+            Idle::HalfHeader => {
                 let _ = s
                     .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
                     .await;
             }
-            _ => {
+            Idle::Served => {
                 let _ = s
                     .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
                     .await;

@@ -29,18 +29,39 @@ use tokio_util::sync::CancellationToken;
 const SYMBOLS: usize = 1000;
 const CONCURRENCY: usize = 64;
 
+fn info(port: u16, section: &str) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", section])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 fn commands_processed(port: u16) -> u64 {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "INFO", "stats"])
-        .output();
-    out.ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
-                l.strip_prefix("total_commands_processed:")
-                    .map(|v| v.trim().parse().unwrap_or(0))
-            })
+    info(port, "stats")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("total_commands_processed:")
+                .map(|v| v.trim().parse().unwrap_or(0))
         })
         .unwrap_or(0)
+}
+
+/// Calls per command, from `INFO commandstats` (a script's own calls included).
+fn command_calls(port: u16) -> std::collections::BTreeMap<String, u64> {
+    info(port, "commandstats")
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
 }
 
 fn main() {
@@ -150,6 +171,7 @@ async fn run(port: u16, cycles: usize) {
     publisher.flush(Duration::from_secs(60)).await;
     assert_eq!(r.ok() as usize, SYMBOLS, "warm-up completes every symbol");
     let before = commands_processed(port);
+    let calls_before = command_calls(port);
     let t0 = Instant::now();
     let mut ok = 0usize;
     for i in 1..=cycles {
@@ -162,6 +184,7 @@ async fn run(port: u16, cycles: usize) {
     publisher.flush(Duration::from_secs(60)).await;
     let elapsed = Instant::now().duration_since(t0).as_secs_f64();
     let after = commands_processed(port);
+    let calls_after = command_calls(port);
     stop.cancel();
     println!("symbols completed      {ok} of {}", cycles * SYMBOLS);
     println!("elapsed                {elapsed:.2} s (all messages in Redis)");
@@ -173,4 +196,12 @@ async fn run(port: u16, cycles: usize) {
         "Redis commands/symbol  {:.2} (INFO total_commands_processed: every command Redis executed, those inside scripts included)",
         (after - before) as f64 / ok.max(1) as f64
     );
+    let by_command: Vec<String> = calls_after
+        .iter()
+        .filter_map(|(name, n)| {
+            let d = n - calls_before.get(name).copied().unwrap_or(0);
+            (d > 0 && name != "info").then(|| format!("{name} {:.2}", d as f64 / ok.max(1) as f64))
+        })
+        .collect();
+    println!("by command, per symbol {}", by_command.join(", "));
 }

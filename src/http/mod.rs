@@ -329,9 +329,13 @@ pub async fn serve(
             // hyper reserves its 8 KiB read buffer when it first polls the socket; a
             // connection that has sent nothing yet (a client that opened it early, a flood)
             // holds only this small task until a byte arrives — within the header timeout,
-            // which applies to this wait as it does to hyper's.
+            // which applies to this wait as it does to hyper's. `peek`, not `readable`:
+            // readiness may be reported before any byte is there (measured: two of three
+            // silent connections of a flood were handed to hyper, 10 KiB each), a peeked
+            // byte may not; 0 bytes is the client closing.
+            let mut byte = [0u8; 1];
             let first_byte = tokio::select! {
-                r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.readable()) => matches!(r, Ok(Ok(()))),
+                r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut byte)) => matches!(r, Ok(Ok(n)) if n > 0),
                 _ = close.cancelled() => false,
             };
             if first_byte {
