@@ -8,6 +8,11 @@
 // A benchmark is a tool run by hand: a failed setup step aborts it with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// The service's own allocator (`src/main.rs`), so the bench measures what the service runs:
+/// under glibc's malloc a sixth of this bench's time was `malloc`/`free`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
