@@ -43,6 +43,8 @@ fn default_instance_id() -> String {
 impl Default for Parallel {
     fn default() -> Self {
         Self {
+            // A slot per default symbol: a tick's symbols all start at once, so a report is
+            // one chain of calls old, not two (the seed's 10 ran 20 symbols in two waves).
             max_concurrent: 20,
             min_concurrent: 3,
             batch_delay_ms: 0,

@@ -73,6 +73,10 @@ for i = 1, #KEYS do
 end
 return out";
 
+/// [`PUBLISH_BATCH`] with its SHA-1, computed once rather than for every batch.
+static PUBLISH_BATCH_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(PUBLISH_BATCH));
+
 /// Appends `text` to the file at `path`.
 fn append(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -412,9 +416,8 @@ impl RedisSink {
         })?;
         // Search as far back as this batch plus a margin could reach.
         let scan = (BATCH * 2).to_string();
-        let script = redis::Script::new(PUBLISH_BATCH);
         let invocation = |all_uncertain: bool| {
-            let mut inv = script.prepare_invoke();
+            let mut inv = PUBLISH_BATCH_SCRIPT.prepare_invoke();
             inv.arg(self.max_len);
             for p in &batch {
                 inv.key(&p.stream)

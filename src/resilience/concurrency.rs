@@ -610,18 +610,9 @@ mod tests {
     }
 
     /// Benchmark f's provider: every call lognormal (median 2.5 s, p95 6 s) however many are
-    /// in flight, 2 % stalling past the 10 s call timeout. Twenty symbols a minute, each a
-    /// chain of two calls, all sent at the tick. Returns, tick by tick, the limit at its end
-    /// and the calls that had to wait for a slot.
-    async fn heavy_tailed_parallel_provider(
-        limit: &ConcurrencyLimit,
-        seed: u64,
-        ticks: usize,
-    ) -> Vec<(usize, usize)> {
-        heavy_tailed_provider(limit, seed, ticks, 0.02).await
-    }
-
-    /// [`heavy_tailed_parallel_provider`] with `stall_rate` of the calls stalling.
+    /// in flight, `stall_rate` of them (f: 2 %) stalling past the 10 s call timeout. Twenty
+    /// symbols a minute, each a chain of two calls, all sent at the tick. Returns, tick by
+    /// tick, the limit at its end and the calls that had to wait for a slot.
     async fn heavy_tailed_provider(
         limit: &ConcurrencyLimit,
         seed: u64,
@@ -694,7 +685,7 @@ mod tests {
         // place. Comparing two averages, as this limit first did, left it at 1–16.
         for seed in 0..40 {
             let limit = ConcurrencyLimit::new(22);
-            let ticks = heavy_tailed_parallel_provider(&limit, seed, 120).await;
+            let ticks = heavy_tailed_provider(&limit, seed, 120, 0.02).await;
             let settled = &ticks[10..];
             assert!(
                 settled.iter().all(|(l, w)| *l == 22 && *w == 0),
