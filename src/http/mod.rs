@@ -5,6 +5,7 @@
 //! [`sse`] serves the signal stream.
 
 mod candles;
+pub mod conn;
 pub mod gateway;
 mod health;
 mod history;
@@ -255,12 +256,12 @@ pub async fn serve(
     max_connections: usize,
 ) -> std::io::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tower::ServiceExt;
 
     let app = router(state);
     let cap = connection_cap(max_connections);
     let conns = Arc::new(std::sync::Mutex::new(Connections::default()));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let hyper_live = Arc::new(std::sync::atomic::AtomicI64::new(0));
     // HTTP/1.1 only: probes, the API and SSE need nothing more, and protocol
     // auto-detection would wait for a first byte with no timeout at all.
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -287,6 +288,12 @@ pub async fn serve(
                 }
             },
         };
+        // An SSE stream writes events one after another as they come: with Nagle's algorithm
+        // each small write waits for the ACK of the one before, and the client delays its
+        // ACKs — 10 events in a burst arrived spread over ~400 ms (benchmark d). A response
+        // is written whole anyway, so nothing gains from the delay. A socket that refuses the
+        // option still serves, only slower.
+        let _ = stream.set_nodelay(true);
         let served = Arc::new(AtomicBool::new(false));
         let close = CancellationToken::new();
         let id = {
@@ -314,52 +321,31 @@ pub async fn serve(
             c.open.insert(id, (served.clone(), close.clone()));
             id
         };
-        let app = app.clone();
-        let svc = hyper::service::service_fn(
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                served.store(true, Ordering::Relaxed);
-                req.extensions_mut().insert(ConnectInfo(peer));
-                app.clone().oneshot(req.map(axum::body::Body::new))
-            },
-        );
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let setup = conn::Setup {
+            app: app.clone(),
+            peer,
+            builder: builder.clone(),
+            served,
+            close,
+            shutdown: shutdown.clone(),
+            hyper_live: hyper_live.clone(),
+        };
         let conns = conns.clone();
-        let task = async move {
-            // hyper reserves its 8 KiB read buffer when it first polls the socket; a
-            // connection that has sent nothing yet (a client that opened it early, a flood)
-            // holds only this small task until a byte arrives — within the header timeout,
-            // which applies to this wait as it does to hyper's. `peek`, not `readable`:
-            // readiness may be reported before any byte is there (measured: two of three
-            // silent connections of a flood were handed to hyper, 10 KiB each), a peeked
-            // byte may not; 0 bytes is the client closing.
-            let mut byte = [0u8; 1];
-            let first_byte = tokio::select! {
-                r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut byte)) => matches!(r, Ok(Ok(n)) if n > 0),
-                _ = close.cancelled() => false,
-            };
-            if first_byte {
-                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                // Boxed: a task's memory is its future's largest state, and hyper's
-                // connection held inline would make every waiting task as big as a served one.
-                let served = Box::pin(watcher.watch(conn));
-                tokio::select! {
-                    // Errors here are the client's (a reset, a header timeout): nothing to do.
-                    _ = served => {}
-                    _ = close.cancelled() => {}
-                }
-            }
+        tasks.spawn(async move {
+            conn::serve(stream, setup).await;
             conns
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .open
                 .remove(&id);
-        };
-        tokio::spawn(task);
+        });
     }
     drop(listener);
-    // In-flight requests get a moment; open SSE streams already ended on `streams_stop`.
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+    // In-flight requests get a moment (each connection saw `shutdown`: idle ones closed, a
+    // request being served finishes and closes); open SSE streams already ended on
+    // `streams_stop`.
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
         .await
         .is_err()
     {
@@ -894,10 +880,11 @@ async fn latest(
             latest_entry(m.stage, &m.envelope),
         );
     }
-    for data in s.publisher.hub().latest_signals() {
+    for event in s.publisher.hub().latest_signals() {
+        let data = event.data();
         // Another replica's message is offered only when it names its symbol and tick; a
         // message that does not (written by something else) cannot be placed, so it is left out.
-        let Ok(env) = serde_json::from_str::<crate::pipeline::Envelope<Value>>(&data) else {
+        let Ok(env) = serde_json::from_str::<crate::pipeline::Envelope<Value>>(data) else {
             continue;
         };
         if let Ok(key) = SignalKey::deserialize(&env.payload) {

@@ -5,7 +5,9 @@
 //!   missed, in order, then live ones — none twice. An id this stream never sent is treated
 //!   as none (with a `status` event saying the replay is incomplete), never refused.
 //! - The stream opens with `retry: 3000` and carries `X-Accel-Buffering: no` for nginx.
-//! - A comment every 15 s keeps proxies from closing an idle stream.
+//! - A comment after 15 s of quiet keeps proxies from closing an idle stream.
+//! - Each event is rendered as SSE text once, by the hub, and the same bytes go to every
+//!   client (see [`HubEvent::wire`](crate::publish::hub::HubEvent::wire)).
 //! - A client too slow to keep up falls behind the hub's buffer: it gets an `error` event and is
 //!   dropped; nobody else waits for it.
 //! - Streams end when the server stops.
@@ -18,10 +20,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderMap, HeaderName, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -232,21 +235,28 @@ enum Out {
     Incomplete,
     /// The client fell this many events behind and is dropped.
     TooSlow(u64),
+    /// Nothing was sent for [`KEEP_ALIVE`].
+    KeepAlive,
 }
 
 impl Out {
-    fn into_sse(self) -> Event {
+    fn into_bytes(self) -> Bytes {
         match self {
-            Out::Event(e) => Event::default().id(e.id.clone()).event(e.kind).data(&*e.data),
-            Out::Incomplete => Event::default()
-                .event("status")
-                .data(r#"{"replay":"incomplete","detail":"some missed events are older than the replay buffer"}"#),
-            Out::TooSlow(n) => Event::default()
-                .event("error")
-                .data(format!(r#"{{"error":"client too slow: {n} events behind; reconnect with Last-Event-ID"}}"#)),
+            // Rendered once by the hub for every client.
+            Out::Event(e) => e.wire(),
+            Out::Incomplete => Bytes::from_static(
+                b"event: status\ndata: {\"replay\":\"incomplete\",\"detail\":\"some missed events are older than the replay buffer\"}\n\n",
+            ),
+            Out::TooSlow(n) => Bytes::from(format!(
+                "event: error\ndata: {{\"error\":\"client too slow: {n} events behind; reconnect with Last-Event-ID\"}}\n\n"
+            )),
+            Out::KeepAlive => Bytes::from_static(b": keep-alive\n\n"),
         }
     }
 }
+
+/// A comment this long after the last thing sent keeps proxies from closing an idle stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The live stream (Server-Sent Events): `signal` events (every stage's message), `cycle`
 /// summaries, `status` changes (readiness, kill switch) and keep-alive comments. A client
@@ -301,26 +311,25 @@ pub(crate) async fn stream(
     };
     let stop = s.streams_stop.clone();
     let complete = sub.complete;
-    let stream = events(sub.backlog, sub.live, complete, stop, slot)
-        .map(|o| Ok::<_, Infallible>(o.into_sse()));
     // The first thing on the wire says how soon to reconnect after a cut.
-    let retry = futures::stream::once(async {
-        Ok::<_, Infallible>(Event::default().retry(RECONNECT_AFTER).comment("connected"))
-    });
-    let mut response = Sse::new(retry.chain(stream))
-        .keep_alive(
-            KeepAlive::new()
-                .interval(Duration::from_secs(15))
-                .text("keep-alive"),
-        )
-        .into_response();
-    // nginx (and ingress-nginx) buffer proxied responses unless told not to: events would
-    // arrive in bursts, or only when the buffer fills.
-    response.headers_mut().insert(
-        "x-accel-buffering",
-        axum::http::HeaderValue::from_static("no"),
-    );
-    response
+    let opening = Bytes::from(format!(
+        "retry: {}\n: connected\n\n",
+        RECONNECT_AFTER.as_millis()
+    ));
+    let body = futures::stream::once(async { opening })
+        .chain(events(sub.backlog, sub.live, complete, stop, slot).map(Out::into_bytes))
+        .map(Ok::<_, Infallible>);
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // nginx (and ingress-nginx) buffer proxied responses unless told not to: events
+            // would arrive in bursts, or only when the buffer fills.
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 fn events(
@@ -341,18 +350,37 @@ fn events(
                 return;
             }
         }
+        // One timer for the stream's life, moved only when it fires early: an event does not
+        // re-arm it (with thousands of clients, that is a timer per client per event).
+        let mut sent = tokio::time::Instant::now();
+        let quiet = tokio::time::sleep(KEEP_ALIVE);
+        tokio::pin!(quiet);
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
                 // The client went away: give its slot back now, not at the next event.
                 _ = tx.closed() => return,
                 r = live.recv() => r,
+                () = &mut quiet => {
+                    let due = sent + KEEP_ALIVE;
+                    if due > tokio::time::Instant::now() {
+                        quiet.as_mut().reset(due);
+                        continue;
+                    }
+                    if tx.send(Out::KeepAlive).await.is_err() {
+                        return;
+                    }
+                    sent = tokio::time::Instant::now();
+                    quiet.as_mut().reset(sent + KEEP_ALIVE);
+                    continue;
+                }
             };
             match next {
                 Ok(e) => {
                     if tx.send(Out::Event(e)).await.is_err() {
                         return;
                     }
+                    sent = tokio::time::Instant::now();
                 }
                 Err(RecvError::Lagged(n)) => {
                     metrics::counter!(names::SSE_CLIENTS_DROPPED).increment(1);
@@ -439,6 +467,64 @@ mod tests {
             out.last()
         );
         assert!(out.len() < 3000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_gets_a_keep_alive_comment_every_15_seconds_of_quiet_only() {
+        let hub = Hub::new(16, None);
+        let sub = hub.subscribe_fresh();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let mut stream = Box::pin(events(sub.backlog, sub.live, true, stop.clone(), slot()));
+        // Quiet from the start: the first comment at 15 s.
+        assert!(matches!(stream.next().await, Some(Out::KeepAlive)));
+        assert_eq!(start.elapsed(), KEEP_ALIVE);
+        // An event at 25 s: the next comment 15 s after it, not at 30 s.
+        let pusher = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                hub.push_local("cycle", Arc::from("{}"));
+            })
+        };
+        assert!(matches!(stream.next().await, Some(Out::Event(_))));
+        assert_eq!(start.elapsed(), Duration::from_secs(25));
+        pusher.await.expect("pusher");
+        assert!(matches!(stream.next().await, Some(Out::KeepAlive)));
+        assert_eq!(start.elapsed(), Duration::from_secs(40));
+    }
+
+    #[test]
+    fn events_go_out_as_the_hub_rendered_them_and_data_of_several_lines_as_several_fields() {
+        let hub = Hub::new(16, None);
+        let sub = hub.subscribe_fresh();
+        let mut live = sub.live;
+        hub.push_local("signal", Arc::from(r#"{"payload":{"symbol":"ETH/USD"}}"#));
+        // Data written by others may hold any line break; each line is a `data:` field.
+        hub.push_local("status", Arc::from("a\r\nb\rc\nd"));
+        let one = live.try_recv().expect("first");
+        let text = Out::Event(one.clone()).into_bytes();
+        assert_eq!(
+            std::str::from_utf8(&text).expect("utf-8"),
+            format!(
+                "id: {}\nevent: signal\ndata: {{\"payload\":{{\"symbol\":\"ETH/USD\"}}}}\n\n",
+                one.id
+            )
+        );
+        assert_eq!(one.data(), r#"{"payload":{"symbol":"ETH/USD"}}"#);
+        let two = live.try_recv().expect("second");
+        let text = Out::Event(two.clone()).into_bytes();
+        assert!(
+            std::str::from_utf8(&text)
+                .expect("utf-8")
+                .ends_with("event: status\ndata: a\ndata: b\ndata: c\ndata: d\n\n"),
+            "{text:?}"
+        );
+        assert_eq!(
+            two.data(),
+            "a\r\nb\rc\nd",
+            "the data itself is kept as it came"
+        );
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -88,8 +89,76 @@ pub struct HubEvent {
     pub origin: Origin,
     /// `signal`, `cycle`, `status`.
     pub kind: &'static str,
-    /// JSON text.
-    pub data: Arc<str>,
+    /// The event as SSE text (`id:`, `event:`, `data:` lines and the blank line), rendered once
+    /// when it enters the hub: every client's stream sends these same bytes, so 5,000 clients
+    /// cost 5,000 reference counts instead of 5,000 formatted copies.
+    wire: Bytes,
+    /// The JSON text: where it sits in `wire`, or its own copy when it spans several lines
+    /// (data written by others; SSE sends each line as a `data:` line of its own).
+    data: Data,
+}
+
+#[derive(Debug)]
+enum Data {
+    /// `wire[from..to]`.
+    Span(usize, usize),
+    Own(Arc<str>),
+}
+
+impl HubEvent {
+    fn new(id: String, at: Cursor, origin: Origin, kind: &'static str, data: &str) -> HubEvent {
+        let mut text = String::with_capacity(id.len() + kind.len() + data.len() + 24);
+        text.push_str("id: ");
+        text.push_str(&id);
+        text.push_str("\nevent: ");
+        text.push_str(kind);
+        text.push('\n');
+        let data_field = if data.contains(['\n', '\r']) {
+            // Any of CRLF, LF, CR ends a line in SSE: each line its own `data:` field, which
+            // the client joins back with LF.
+            for line in data.replace("\r\n", "\n").split(['\n', '\r']) {
+                text.push_str("data: ");
+                text.push_str(line);
+                text.push('\n');
+            }
+            Data::Own(Arc::from(data))
+        } else {
+            text.push_str("data: ");
+            let from = text.len();
+            text.push_str(data);
+            let span = Data::Span(from, text.len());
+            text.push('\n');
+            span
+        };
+        text.push('\n');
+        HubEvent {
+            id,
+            at,
+            origin,
+            kind,
+            wire: Bytes::from(text),
+            data: data_field,
+        }
+    }
+
+    /// The event's JSON text.
+    pub fn data(&self) -> &str {
+        match &self.data {
+            // `wire` was made from a `String`, and the span lies between ASCII characters.
+            Data::Span(from, to) => std::str::from_utf8(&self.wire[*from..*to]).unwrap_or(""),
+            Data::Own(d) => d,
+        }
+    }
+
+    /// The event as SSE text, ready to send.
+    pub fn wire(&self) -> Bytes {
+        self.wire.clone()
+    }
+
+    /// The same event at another position (a snapshot's last event carries the hub's).
+    fn at(&self, hub: &Hub, at: Cursor) -> HubEvent {
+        HubEvent::new(hub.id_of(&at), at, self.origin, self.kind, self.data())
+    }
 }
 
 struct State {
@@ -221,15 +290,15 @@ impl Hub {
             }
             Origin::Local(n) => st.cursor.local = n,
         }
-        let ev = Arc::new(HubEvent {
-            id: self.id_of(&st.cursor),
-            at: st.cursor,
+        let ev = Arc::new(HubEvent::new(
+            self.id_of(&st.cursor),
+            st.cursor,
             origin,
             kind,
-            data,
-        });
+            &data,
+        ));
         if kind == "signal"
-            && let Some(sym) = symbol_of(&ev.data)
+            && let Some(sym) = symbol_of(ev.data())
         {
             st.latest.insert(sym, ev.clone());
         }
@@ -252,13 +321,9 @@ impl Hub {
         self.push(Origin::Stream(id), "signal", data);
     }
 
-    /// The latest `signal` event's data (an envelope) of every symbol seen.
-    pub fn latest_signals(&self) -> Vec<Arc<str>> {
-        self.lock()
-            .latest
-            .values()
-            .map(|e| e.data.clone())
-            .collect()
+    /// The latest `signal` event of every symbol seen (its data is an envelope).
+    pub fn latest_signals(&self) -> Vec<Arc<HubEvent>> {
+        self.lock().latest.values().cloned().collect()
     }
 
     /// A new client: the latest signal of every symbol, then live events.
@@ -279,14 +344,11 @@ impl Hub {
             .into_iter()
             .enumerate()
             .map(|(i, e)| {
-                let at = if i == last { now } else { e.at };
-                Arc::new(HubEvent {
-                    id: self.id_of(&at),
-                    at,
-                    origin: e.origin,
-                    kind: e.kind,
-                    data: e.data.clone(),
-                })
+                if i == last && e.at != now {
+                    Arc::new(e.at(self, now))
+                } else {
+                    e.clone()
+                }
             })
             .collect();
         Subscription {
@@ -336,13 +398,13 @@ impl Hub {
                                     stream: Some(id),
                                     local: after.local,
                                 };
-                                Arc::new(HubEvent {
-                                    id: self.id_of(&c),
-                                    at: c,
-                                    origin: Origin::Stream(id),
-                                    kind: "signal",
-                                    data,
-                                })
+                                Arc::new(HubEvent::new(
+                                    self.id_of(&c),
+                                    c,
+                                    Origin::Stream(id),
+                                    "signal",
+                                    &data,
+                                ))
                             })
                             .collect();
                         merged.append(&mut backlog);
@@ -572,7 +634,7 @@ mod tests {
         let ids: Vec<&str> = s.backlog.iter().map(|e| e.id.as_str()).collect();
         // A(2), C(3), B(4) in arrival order; the last one at the hub's position (5).
         assert_eq!(ids, vec!["2", "3", "5"]);
-        let syms: Vec<Option<String>> = s.backlog.iter().map(|e| symbol_of(&e.data)).collect();
+        let syms: Vec<Option<String>> = s.backlog.iter().map(|e| symbol_of(e.data())).collect();
         assert_eq!(
             syms,
             ["A/USD", "C/USD", "B/USD"].map(|x| Some(x.to_string()))

@@ -25,6 +25,12 @@ impl RedisServer {
         s
     }
 
+    /// The server's process id while it runs (for a benchmark's CPU accounting).
+    #[allow(dead_code)] // the fan-out benchmark's, which shares this file
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
