@@ -120,11 +120,22 @@ enum Idle {
 async fn idle_flood(mix: &[Idle]) {
     let yaml = "autonomous_runner:\n  schedule: \"*/10 * * * * *\"\n  symbols: [ETH/USD]\n  http:\n    bind: 127.0.0.1\n    port: 0\n";
     let runner = support::Runner::spawn(yaml, &[]);
+    // A twin started with it that gets no connections: a runner's memory grows over its first
+    // ticks on its own (code run for the first time, the history, the replay ring), and only
+    // the difference between the two is the connections'.
+    let control = support::Runner::spawn(yaml, &[]);
     let addr = runner
         .base
         .trim_start_matches("http://")
         .replace("0.0.0.0", "127.0.0.1");
     let rss_before = runner.rss_kib().unwrap_or(0);
+    let mem = |r: &support::Runner| {
+        (
+            r.rss_kib().unwrap_or(0) as f64 / 1024.0,
+            r.anon_kib().unwrap_or(0) as f64 / 1024.0,
+        )
+    };
+    let (twin_before, _) = mem(&control);
     let mut socks = Vec::new();
     for i in 0..2000 {
         let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
@@ -147,6 +158,8 @@ async fn idle_flood(mix: &[Idle]) {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_flood = runner.rss_kib().unwrap_or(0);
+    let (open_rss, open_anon) = mem(&runner);
+    let (twin_open, twin_open_anon) = mem(&control);
     let server_fds = |pid: u32| {
         std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| d.count())
@@ -165,6 +178,8 @@ async fn idle_flood(mix: &[Idle]) {
     }
     let fds_after = server_fds(runner.pid());
     let rss_after = runner.rss_kib().unwrap_or(0);
+    let (after_rss, after_anon) = mem(&runner);
+    let (twin_after, twin_after_anon) = mem(&control);
     println!(
         "\n{} idle connections opened: RSS {:.1} MiB before, {:.1} MiB with them open ({} server fds); after 60 s: {} still open ({} server fds), RSS {:.1} MiB",
         socks.len(),
@@ -175,6 +190,17 @@ async fn idle_flood(mix: &[Idle]) {
         fds_after,
         rss_after as f64 / 1024.0
     );
+    println!(
+        "the twin without connections: RSS {twin_before:.1} MiB at the start, {twin_open:.1} MiB when the flood was open, {twin_after:.1} MiB at the end"
+    );
+    println!(
+        "flooded − twin: RSS {:+.1} MiB, anonymous {:+.1} MiB with the connections open ({:.2} KiB of heap a connection); {:+.1} MiB, {:+.1} MiB after they closed",
+        open_rss - twin_open,
+        open_anon - twin_open_anon,
+        (open_anon - twin_open_anon) * 1024.0 / socks.len().max(1) as f64,
+        after_rss - twin_after,
+        after_anon - twin_after_anon,
+    );
     // Target: 25 MB (23.8 MiB) with them open.
     if rss_flood as f64 * 1024.0 > 25e6 {
         println!("TARGET MISSED: more than 25 MB resident with 2,000 idle connections open");
@@ -182,4 +208,5 @@ async fn idle_flood(mix: &[Idle]) {
         println!("target met: at most 25 MB resident with 2,000 idle connections open");
     }
     runner.stop();
+    control.stop();
 }

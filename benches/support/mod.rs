@@ -100,6 +100,12 @@ impl Runner {
         self.proc_field("status", "VmRSS:")
     }
 
+    /// Resident anonymous memory in KiB (the heap, stacks: RSS without the mapped binary's
+    /// code pages, which the kernel can drop and reread).
+    pub fn anon_kib(&self) -> Option<u64> {
+        self.proc_field("status", "RssAnon:")
+    }
+
     /// Resident pages the process has given back with `MADV_FREE` (KiB, from
     /// `/proc/{pid}/smaps_rollup`): counted in RSS until the kernel needs them, then taken
     /// without a fault or a write-back.
