@@ -534,6 +534,17 @@ mod tests {
 
     /// A server on a free port with a few routes; its hyper-connection counter.
     async fn server() -> (std::net::SocketAddr, Arc<AtomicI64>, Arc<AtomicBool>) {
+        let (addr, live, dropped, _) = server_stopping_on().await;
+        (addr, live, dropped)
+    }
+
+    /// The same, and the token that stops it.
+    async fn server_stopping_on() -> (
+        std::net::SocketAddr,
+        Arc<AtomicI64>,
+        Arc<AtomicBool>,
+        CancellationToken,
+    ) {
         let dropped = Arc::new(AtomicBool::new(false));
         let on_drop = dropped.clone();
         let app = axum::Router::new()
@@ -574,6 +585,8 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let live = Arc::new(AtomicI64::new(0));
         let counter = live.clone();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(hyper_util::rt::TokioTimer::new());
         let builder = Arc::new(builder);
@@ -585,13 +598,13 @@ mod tests {
                     builder: builder.clone(),
                     served: Arc::new(AtomicBool::new(false)),
                     close: CancellationToken::new(),
-                    shutdown: CancellationToken::new(),
+                    shutdown: stop.clone(),
                     hyper_live: counter.clone(),
                 };
                 tokio::spawn(serve(stream, setup));
             }
         });
-        (addr, live, dropped)
+        (addr, live, dropped, shutdown)
     }
 
     use futures::StreamExt;
@@ -764,5 +777,21 @@ mod tests {
         )
         .await;
         zero(&live).await;
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_a_connection_between_requests_is_closed() {
+        let (addr, live, _, shutdown) = server_stopping_on().await;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![];
+        assert_eq!(response(&mut s, &mut buf).await.expect("a response").1, "a");
+        zero(&live).await;
+        shutdown.cancel();
+        // The server closes it: the client reads the end of the stream, not a timeout.
+        let end = tokio::time::timeout(Duration::from_secs(5), response(&mut s, &mut buf)).await;
+        assert!(matches!(end, Ok(None)), "closed at shutdown");
     }
 }

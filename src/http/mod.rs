@@ -288,11 +288,10 @@ pub async fn serve(
                 }
             },
         };
-        // An SSE stream writes events one after another as they come: with Nagle's algorithm
-        // each small write waits for the ACK of the one before, and the client delays its
-        // ACKs — 10 events in a burst arrived spread over ~400 ms (benchmark d). A response
-        // is written whole anyway, so nothing gains from the delay. A socket that refuses the
-        // option still serves, only slower.
+        // An SSE stream writes events one at a time as they come: with Nagle's algorithm a
+        // small write may wait for the ACK of the one before, which the client may delay.
+        // Every write here is a whole response or a whole event, so nothing gains from
+        // holding it back. A socket that refuses the option still serves.
         let _ = stream.set_nodelay(true);
         let served = Arc::new(AtomicBool::new(false));
         let close = CancellationToken::new();
