@@ -260,8 +260,10 @@ impl MarketSource for Simulated {
         });
         if walk.last_minute == i64::MIN || now_minute - walk.last_minute > RESTART_GAP {
             // Fresh start at the base level, anchored to a UTC day boundary at least KEEP
-            // minutes back, so every process that starts on the same day builds the same
-            // series (at most ~2,000 steps of work).
+            // minutes back (at most ~2,000 steps of work): every process whose first request
+            // for the symbol falls between the same two 10:00 UTC instants (KEEP after
+            // midnight) builds the same series; one that starts after the next 10:00 anchors a
+            // day later and draws another.
             let start = (now_minute - KEEP as i64).div_euclid(1440) * 1440;
             walk.candles.clear();
             walk.state = State {

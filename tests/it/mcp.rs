@@ -23,11 +23,18 @@ fn tool_results(body: &Value) -> Vec<Value> {
 }
 
 /// The close of the candle starting at `as_of`, straight from the market source.
-async fn simulated_close(symbol: &str, as_of: &str) -> f64 {
+/// The simulated close of `symbol`'s candle at `as_of`, as a process started at `started`
+/// has it. The simulated walk is anchored when a process first asks for a symbol (a UTC day
+/// boundary at least 10 hours before), so a reference built afresh after 10:00 UTC would
+/// start a day later than an app that started before it and draw another series: the
+/// reference anchors its walk where the app did, then extends it.
+async fn simulated_close(symbol: &str, as_of: &str, started: chrono::DateTime<chrono::Utc>) -> f64 {
     let t = chrono::DateTime::parse_from_rfc3339(as_of)
         .unwrap()
         .with_timezone(&chrono::Utc);
-    let c = autonomous_runner::market::simulated::Simulated::new()
+    let market = autonomous_runner::market::simulated::Simulated::new();
+    market.candles(symbol, started, 1).await.unwrap();
+    let c = market
         .candles(symbol, t + chrono::Duration::seconds(60), 1)
         .await
         .unwrap();
@@ -122,6 +129,7 @@ async fn the_openai_backend_runs_tool_rounds_in_process_and_stops_a_looping_mode
             llm.url
         ),
     );
+    let started = chrono::Utc::now();
     let app = spawn_app(yaml).await;
     let cycle = app.wait_cycles(1, Duration::from_secs(30)).await[0].clone();
 
@@ -149,7 +157,7 @@ async fn the_openai_backend_runs_tool_rounds_in_process_and_stops_a_looping_mode
     let price = &results[0];
     assert_eq!(price["symbol"], "TOOL/USD");
     assert_eq!(price["simulated"], true);
-    let expected = simulated_close("TOOL/USD", price["as_of"].as_str().unwrap()).await;
+    let expected = simulated_close("TOOL/USD", price["as_of"].as_str().unwrap(), started).await;
     assert_eq!(price["price"].as_f64().unwrap(), expected, "{price}");
     let consensus = &results[1];
     let votes = ["bullish", "bearish", "neutral"]
@@ -339,6 +347,7 @@ pub fn python() -> std::path::PathBuf {
 #[tokio::test]
 async fn an_independent_mcp_client_lists_and_calls_every_tool() {
     let yaml = config("*/2 * * * * *", "  symbols: [ETH/USD, BTC/USD]\n");
+    let started = chrono::Utc::now();
     let app = spawn_app(yaml).await;
     // Something in the history to ask about.
     history_signal(&app, "ETH/USD").await;
@@ -375,14 +384,14 @@ async fn an_independent_mcp_client_lists_and_calls_every_tool() {
         assert_eq!(r["is_error"], false, "{name}: {r}");
     }
     let price = &calls["get_current_price"]["result"];
-    let expected = simulated_close("ETH/USD", price["as_of"].as_str().unwrap()).await;
+    let expected = simulated_close("ETH/USD", price["as_of"].as_str().unwrap(), started).await;
     assert_eq!(price["price"].as_f64().unwrap(), expected);
     let candles = calls["get_candles"]["result"]["candles"]
         .as_array()
         .unwrap();
     assert_eq!(candles.len(), 5);
     for c in candles {
-        let expected = simulated_close("ETH/USD", c["time"].as_str().unwrap()).await;
+        let expected = simulated_close("ETH/USD", c["time"].as_str().unwrap(), started).await;
         assert_eq!(c["close"].as_f64().unwrap(), expected, "{c}");
     }
     let decisions = calls["get_recent_decisions"]["result"]["decisions"]
