@@ -16,7 +16,6 @@
 //!   stream beyond a cap is refused with 503 and `Retry-After` (counted, logged).
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -333,97 +332,78 @@ pub(crate) async fn stream(
         .into_response()
 }
 
-/// A client's events: `incomplete` first when the replay could not be whole, the backlog,
-/// then live events and keep-alive comments until the server stops or the client falls too
-/// far behind. The stream is the response body itself — no task, no channel per client: hyper
-/// polls it when it can write, and drops it (and with it the stream's slot) the moment the
-/// client is gone.
 fn events(
     backlog: Vec<Arc<HubEvent>>,
-    live: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
+    mut live: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
     complete: bool,
     stop: tokio_util::sync::CancellationToken,
     slot: Slot,
 ) -> impl Stream<Item = Out> {
-    let feed = Feed {
-        incomplete: !complete,
-        backlog: backlog.into_iter(),
-        live,
-        stopped: Box::pin(stop.cancelled_owned()),
-        quiet: Box::pin(tokio::time::sleep(KEEP_ALIVE)),
-        sent: tokio::time::Instant::now(),
-        done: false,
-        _slot: slot,
-    };
-    futures::stream::unfold(feed, |mut feed| async move {
-        let out = feed.next().await?;
-        Some((out, feed))
+    channel_stream(move |tx| async move {
+        // Held until the task ends: the client left, was dropped, or the server stops.
+        let _slot = slot;
+        if !complete && tx.send(Out::Incomplete).await.is_err() {
+            return;
+        }
+        for e in backlog {
+            if tx.send(Out::Event(e)).await.is_err() {
+                return;
+            }
+        }
+        // One timer for the stream's life, moved only when it fires early: an event does not
+        // re-arm it (with thousands of clients, that is a timer per client per event).
+        let mut sent = tokio::time::Instant::now();
+        let quiet = tokio::time::sleep(KEEP_ALIVE);
+        tokio::pin!(quiet);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                // The client went away: give its slot back now, not at the next event.
+                _ = tx.closed() => return,
+                r = live.recv() => r,
+                () = &mut quiet => {
+                    let due = sent + KEEP_ALIVE;
+                    if due > tokio::time::Instant::now() {
+                        quiet.as_mut().reset(due);
+                        continue;
+                    }
+                    if tx.send(Out::KeepAlive).await.is_err() {
+                        return;
+                    }
+                    sent = tokio::time::Instant::now();
+                    quiet.as_mut().reset(sent + KEEP_ALIVE);
+                    continue;
+                }
+            };
+            match next {
+                Ok(e) => {
+                    if tx.send(Out::Event(e)).await.is_err() {
+                        return;
+                    }
+                    sent = tokio::time::Instant::now();
+                }
+                Err(RecvError::Lagged(n)) => {
+                    metrics::counter!(names::SSE_CLIENTS_DROPPED).increment(1);
+                    tracing::warn!(missed = n, "SSE client too slow; dropping it");
+                    let _ = tx.send(Out::TooSlow(n)).await;
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
     })
 }
 
-/// The state of one client's [`events`].
-struct Feed {
-    /// `Out::Incomplete` is still to be sent.
-    incomplete: bool,
-    backlog: std::vec::IntoIter<Arc<HubEvent>>,
-    live: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
-    /// The server is stopping (one registration for the stream's life).
-    stopped: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    /// One timer for the stream's life, moved only when it fires early: an event does not
-    /// re-arm it (with thousands of clients, that would be a timer per client per event).
-    quiet: Pin<Box<tokio::time::Sleep>>,
-    /// When something was last sent.
-    sent: tokio::time::Instant,
-    /// The stream has ended (after `TooSlow`, or at shutdown).
-    done: bool,
-    /// Held for as long as the stream lives.
-    _slot: Slot,
-}
-
-impl Feed {
-    async fn next(&mut self) -> Option<Out> {
-        if self.done {
-            return None;
-        }
-        if self.incomplete {
-            self.incomplete = false;
-            return Some(Out::Incomplete);
-        }
-        if let Some(e) = self.backlog.next() {
-            return Some(Out::Event(e));
-        }
-        loop {
-            tokio::select! {
-                () = self.stopped.as_mut() => {
-                    self.done = true;
-                    return None;
-                }
-                r = self.live.recv() => return match r {
-                    Ok(e) => {
-                        self.sent = tokio::time::Instant::now();
-                        Some(Out::Event(e))
-                    }
-                    Err(RecvError::Lagged(n)) => {
-                        metrics::counter!(names::SSE_CLIENTS_DROPPED).increment(1);
-                        tracing::warn!(missed = n, "SSE client too slow; dropping it");
-                        self.done = true;
-                        Some(Out::TooSlow(n))
-                    }
-                    Err(RecvError::Closed) => None,
-                },
-                () = self.quiet.as_mut() => {
-                    let due = self.sent + KEEP_ALIVE;
-                    if due > tokio::time::Instant::now() {
-                        self.quiet.as_mut().reset(due);
-                        continue;
-                    }
-                    self.sent = tokio::time::Instant::now();
-                    self.quiet.as_mut().reset(self.sent + KEEP_ALIVE);
-                    return Some(Out::KeepAlive);
-                }
-            }
-        }
-    }
+/// A stream fed by a task through a small channel (the task stops when the client goes).
+fn channel_stream<F, Fut>(f: F) -> impl Stream<Item = Out>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Out>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    // A few events of slack between the hub and the socket; the hub's buffer is the real one.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
 }
 
 #[cfg(test)]
