@@ -451,24 +451,37 @@ async fn locks_orphaned_by_an_outage_mid_cycle_are_released_when_redis_returns()
 #[tokio::test]
 async fn work_sharing_spreads_symbols_and_keeps_each_once() {
     let redis = RedisServer::start().await;
+    // Each symbol's work takes a while (its candles come after 200 ms) and each replica's
+    // pool holds 5 of the 30: a tick is two waves of every replica's pool, so each replica's
+    // part is set by its capacity, as it is with a real model. With the rules agents on the
+    // simulated market a whole tick was a few milliseconds of Redis round trips, and who did
+    // what was only which replica's timer this one test thread served first (a replica did
+    // 99 of 540 in one run).
+    let market = MarketServer::start().await;
+    market.set_default(Behaviour {
+        delay: Duration::from_millis(200),
+        status: None,
+    });
     let prefix = unique_prefix("share");
     let symbols: Vec<String> = (0..30).map(|i| format!("S{i}/USD")).collect();
+    let more = format!(
+        "    work_sharing: true\n  parallel:\n    max_concurrent: 5\n    min_concurrent: 5\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n",
+        market.url
+    );
     let yaml = config(
-        "* * * * * *",
-        &redis_extra(
-            &redis.url(),
-            "",
-            &symbols.join(", "),
-            "    work_sharing: true
-",
-        ),
+        "*/2 * * * * *",
+        &redis_extra(&redis.url(), "", &symbols.join(", "), &more),
     );
     let apps = replicas(&yaml, &prefix, "share", 3).await;
     let stream = format!("{prefix}stream:raw-signals");
-    wait_full_ticks(&redis, &stream, 30, 18).await;
+    wait_full_ticks(&redis, &stream, 30, 12).await;
+    // Each replica's count is read before any of them stops, so all three report the same
+    // ticks (give or take the one in flight).
     let mut done = vec![];
+    for a in &apps {
+        done.push(completed_by(a).await);
+    }
     for a in apps {
-        done.push(completed_by(&a).await);
         a.stop().await.expect("clean stop");
     }
     let c = counts(&redis, &stream).await;
@@ -476,12 +489,13 @@ async fn work_sharing_spreads_symbols_and_keeps_each_once() {
         c.values().all(|n| *n == 1),
         "a (cycle, symbol) appeared twice"
     );
-    assert!(full_ticks(&c, 30).len() >= 18);
-    // Each replica did a fair part of what it reported, of everything in the stream.
-    let total: usize = c.len();
+    assert!(full_ticks(&c, 30).len() >= 12);
+    // Each replica did a fair part of everything it reported: a third at capacity.
+    let total: u64 = done.iter().sum();
+    eprintln!("work split: {done:?} of {total}");
     for mine in &done {
         assert!(
-            *mine as f64 >= 0.2 * total as f64,
+            *mine as f64 >= 0.25 * total as f64,
             "a replica did {mine} of {total} ({done:?})"
         );
     }
