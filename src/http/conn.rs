@@ -277,10 +277,9 @@ async fn one_request(
 /// Hands the connection, with what was read of it, to hyper for the rest of its life.
 async fn handover(stream: TcpStream, pending: Vec<u8>, cx: &Setup) {
     let svc = service(cx, None);
-    let io = Rewound {
-        prefix: Bytes::from(pending),
-        stream,
-    };
+    // The socket with what was already read of it put back in front.
+    let (read, write) = stream.into_split();
+    let io = tokio::io::join(io::Cursor::new(pending).chain(read), write);
     let _alive = Alive::new(&cx.hyper_live);
     let mut conn = Box::pin(
         cx.builder
@@ -470,58 +469,6 @@ impl AsyncWrite for OneRequest<'_> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // The socket outlives this request: flushing is all there is to do.
         Pin::new(&mut *self.get_mut().stream).poll_flush(cx)
-    }
-}
-
-/// A socket with bytes already read from it put back in front.
-struct Rewound {
-    prefix: Bytes,
-    stream: TcpStream,
-}
-
-impl AsyncRead for Rewound {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewound {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
