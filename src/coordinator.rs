@@ -162,6 +162,9 @@ pub struct Coordinator {
     expected: std::sync::Mutex<std::collections::HashMap<String, f64>>,
     /// `parallel.batch_delay_ms`: at most a pool's worth of symbols start per this much time.
     batch_delay: Duration,
+    /// With work sharing, the order this replica claims symbols in (indices into `symbols`)
+    /// and the time its claims spread over; see [`Coordinator::sharing_as`].
+    sharing: Option<(Vec<usize>, Duration)>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -198,7 +201,27 @@ impl Coordinator {
             claim_ttl,
             expected: Default::default(),
             batch_delay: Duration::ZERO,
+            sharing: None,
         }
+    }
+
+    /// With work sharing, how this replica (`instance_id`) claims a tick's symbols: in an
+    /// order of its own — by a hash of (instance id, symbol), highest first, rendezvous
+    /// hashing — the `k`-th of `n` no sooner than `k/n` of `spread` after the tick starts
+    /// (`coordination.claim_spread_ms`, at most a quarter of the period).
+    ///
+    /// Why: claims are first come, first served. Replicas that all claimed every symbol at
+    /// once, in the configured order, left each symbol to whichever replica's claim reached
+    /// Redis first — with a pool as large as the symbol list, one woken a millisecond early
+    /// took them all, and the others only watched. Spread out, a symbol is claimed by the
+    /// live replica that has it nearest the front of its order, tens of milliseconds before
+    /// any other tries: every replica gets about its share, a symbol tends to stay with the
+    /// same replica tick after tick, and a replica that is gone simply leaves its symbols to
+    /// the next one in their orders. The cost is the spread itself: a lone replica starts its
+    /// last symbol `spread` after the tick. Without work sharing this changes nothing.
+    pub fn sharing_as(mut self, instance_id: &str, spread: Duration) -> Self {
+        self.sharing = Some((share_order(instance_id, &self.symbols), spread));
+        self
     }
 
     /// Spaces the dispatches so that at most a pool's worth of symbols start per
@@ -219,7 +242,17 @@ impl Coordinator {
     /// symbols first of all. With a pool this keeps one slow symbol from starting last and
     /// stretching the cycle: list scheduling in LPT order is within 4/3 of optimal, random
     /// order only within 2.
+    ///
+    /// With work sharing, the replica's own claim order instead
+    /// ([`sharing_as`](Self::sharing_as)): a replica learns the times only of the symbols it
+    /// did, so LPT would put first every symbol it did not do — the very ones the others
+    /// have at the front of theirs.
     fn dispatch_order(&self) -> Vec<usize> {
+        if self.work_sharing
+            && let Some((order, _)) = &self.sharing
+        {
+            return order.clone();
+        }
         let expected = lock(&self.expected);
         let mut order: Vec<usize> = (0..self.symbols.len()).collect();
         let key = |i: &usize| {
@@ -260,24 +293,29 @@ impl Coordinator {
         for (i, symbol) in self.symbols.iter().enumerate().skip(keep) {
             results[i] = Some((symbol.clone(), skipped(symbol, Reason::Capacity)));
         }
-        let mut order = self
+        let order: Vec<usize> = self
             .dispatch_order()
             .into_iter()
             .filter(|i| *i < keep)
-            .collect::<Vec<_>>()
-            .into_iter();
+            .collect();
+        let claim_times = self.claim_times(plan, order.len());
+        let mut order = order.into_iter().enumerate();
         let spacing = self.batch_delay / u32::try_from(plan.concurrency.max(1)).unwrap_or(u32::MAX);
         let mut next_start: Option<Instant> = None;
         // Dispatch: take a permit (no sooner than the spacing allows), then spawn the symbol
         // with it. A symbol that gets no permit before the cycle ends (deadline or shutdown)
         // is recorded as such, never started.
-        while let Some(idx) = order.next() {
+        while let Some((pos, idx)) = order.next() {
+            let not_before = match (next_start, claim_times.as_ref().map(|at| at(pos))) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
             let permit = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => Err(Reason::Shutdown),
                 _ = tokio::time::sleep_until(plan.cycle_deadline) => Err(Reason::CycleDeadline),
                 p = async {
-                    if let Some(at) = next_start {
+                    if let Some(at) = not_before {
                         tokio::time::sleep_until(at).await;
                     }
                     sem.clone().acquire_owned().await
@@ -289,7 +327,7 @@ impl Coordinator {
             let permit = match permit {
                 Ok(p) => p,
                 Err(reason) => {
-                    for i in std::iter::once(idx).chain(order.by_ref()) {
+                    for i in std::iter::once(idx).chain(order.by_ref().map(|(_, i)| i)) {
                         let symbol = &self.symbols[i];
                         tracing::warn!(symbol = %symbol, reason = reason.as_str(), "cycle ended before the symbol got a pool slot");
                         results[i] = Some((
@@ -339,6 +377,21 @@ impl Coordinator {
         }
     }
 
+    /// With work sharing, when the symbol at each position of this replica's order may be
+    /// claimed (see [`sharing_as`](Self::sharing_as)); `None`: at once.
+    fn claim_times(&self, plan: &CyclePlan, n: usize) -> Option<impl Fn(usize) -> Instant> {
+        let (_, spread) = self.sharing.as_ref().filter(|_| self.work_sharing)?;
+        let period = (plan.next_tick - plan.cycle.time())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let spread = (*spread).min(period / 4);
+        if spread.is_zero() || n == 0 {
+            return None;
+        }
+        let start = Instant::now();
+        Some(move |pos: usize| start + spread.mul_f64(pos as f64 / n as f64))
+    }
+
     /// The cycle's report from each symbol's result; a symbol without one (its task
     /// panicked) is an internal error, named as such. The latencies feed the next order.
     fn report(&self, results: Vec<Option<(String, SymbolResult)>>) -> CycleReport {
@@ -374,6 +427,30 @@ impl Coordinator {
             hit_cycle_deadline,
         }
     }
+}
+
+/// `symbols`' indices by SHA-256 of (`instance_id`, symbol), highest first: an order of its
+/// own for each instance id, the same in every process and version (std's hasher promises
+/// neither), so a replica keeps its order across restarts and a rolling update.
+fn share_order(instance_id: &str, symbols: &[String]) -> Vec<usize> {
+    use sha2::{Digest, Sha256};
+    let rank = |symbol: &str| {
+        let digest = Sha256::new()
+            .chain_update(instance_id.as_bytes())
+            .chain_update([0u8])
+            .chain_update(symbol.as_bytes())
+            .finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_be_bytes(first)
+    };
+    let mut ranked: Vec<(u64, usize)> = symbols
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (rank(s), i))
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    ranked.into_iter().map(|(_, i)| i).collect()
 }
 
 /// Extends `symbol`'s lock every third of its TTL while the work runs; returns when an
@@ -888,5 +965,140 @@ mod tests {
         assert_eq!(r.ok(), 1);
         let me = MemoryCoordination::new(store, "me", timing());
         assert!(me.held_locks().await.unwrap().is_empty());
+    }
+
+    /// Replicas `replica-0`… sharing one store, each with work sharing over `symbols` (each
+    /// 100 ms of work), a pool as large as the list, and claims spread over `spread`.
+    fn sharing_replicas(symbols: &[String], n: usize, spread: Duration) -> Vec<Coordinator> {
+        let store = MemoryStore::new();
+        (0..n)
+            .map(|i| {
+                let agent = Arc::new(Timed::default());
+                for s in symbols {
+                    agent.set(s, Duration::from_millis(100));
+                }
+                let publisher = Arc::new(Publisher::new(
+                    crate::publish::hub::Hub::new(1000, None),
+                    10,
+                    None,
+                ));
+                let pipeline = Arc::new(testing::pipeline(agent, publisher));
+                let id = format!("replica-{i}");
+                let coord = Arc::new(MemoryCoordination::new(store.clone(), &id, timing()));
+                Coordinator::new(
+                    coord,
+                    pipeline,
+                    symbols.to_vec(),
+                    timing().ttl,
+                    true,
+                    timing().ttl,
+                )
+                .sharing_as(&id, spread)
+            })
+            .collect()
+    }
+
+    /// One tick run by every replica at once: the symbols each completed.
+    async fn shared_tick(replicas: &[Coordinator], p: &CyclePlan) -> Vec<Vec<String>> {
+        let cancel = CancellationToken::new();
+        let reports =
+            futures::future::join_all(replicas.iter().map(|c| c.run_cycle(p, &cancel))).await;
+        reports
+            .iter()
+            .map(|r| {
+                r.results
+                    .iter()
+                    .filter(|(_, r)| matches!(r, SymbolResult::Completed { .. }))
+                    .map(|(s, _)| s.clone())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn symbols(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("S{i}/USD")).collect()
+    }
+
+    #[test]
+    fn each_instance_has_an_order_of_its_own_that_does_not_depend_on_the_configured_order() {
+        let symbols = symbols(30);
+        let names = |order: &[usize], of: &[String]| -> Vec<String> {
+            order.iter().map(|i| of[*i].clone()).collect()
+        };
+        let a = share_order("replica-0", &symbols);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..30).collect::<Vec<_>>(), "a permutation");
+        assert_ne!(
+            a,
+            share_order("replica-1", &symbols),
+            "two instances, one order"
+        );
+        assert_eq!(a, share_order("replica-0", &symbols), "the same every time");
+        // The configured order reversed and a symbol removed: the rest keep their sequence.
+        let mut other: Vec<String> = symbols.iter().rev().cloned().collect();
+        other.retain(|s| s != "S7/USD");
+        let mut expected = names(&a, &symbols);
+        expected.retain(|s| s != "S7/USD");
+        assert_eq!(names(&share_order("replica-0", &other), &other), expected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spread_claims_give_each_symbol_to_the_replica_that_has_it_first() {
+        let symbols = symbols(20);
+        // Claimed all at once, the replica that dispatches first takes every symbol.
+        let at_once = shared_tick(
+            &sharing_replicas(&symbols, 2, Duration::ZERO),
+            &plan(20, 60_000, 60_000),
+        )
+        .await;
+        let mut sizes: Vec<usize> = at_once.iter().map(Vec::len).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![0, 20], "at once: {at_once:?}");
+
+        // Spread over a second: each symbol goes to the replica whose order has it first.
+        let spread = shared_tick(
+            &sharing_replicas(&symbols, 2, Duration::from_secs(1)),
+            &plan(20, 60_000, 60_000),
+        )
+        .await;
+        assert_eq!(spread[0].len() + spread[1].len(), 20, "{spread:?}");
+        let position = |id: &str, symbol: &String| {
+            let order = share_order(id, &symbols);
+            order.iter().position(|i| symbols[*i] == *symbol)
+        };
+        for (mine, other) in [("replica-0", "replica-1"), ("replica-1", "replica-0")] {
+            let done = &spread[if mine == "replica-0" { 0 } else { 1 }];
+            for s in done {
+                assert!(
+                    position(mine, s) <= position(other, s),
+                    "{mine} did {s}, which {other} has earlier ({spread:?})"
+                );
+            }
+        }
+        assert!(
+            spread.iter().all(|d| d.len() >= 4),
+            "each replica gets a part: {spread:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_replica_starts_its_last_claim_within_the_spread_capped_at_a_quarter_period() {
+        let symbols = symbols(20);
+        for (spread_s, period_s, starts_by) in [(1, 60, 950), (10, 4, 950)] {
+            let replica = sharing_replicas(&symbols, 1, Duration::from_secs(spread_s));
+            let mut p = plan(20, 60_000, 60_000);
+            p.next_tick = p.cycle.time() + chrono::Duration::seconds(period_s);
+            let t0 = Instant::now();
+            let done = shared_tick(&replica, &p).await;
+            assert_eq!(done[0].len(), 20);
+            // The 20th claim at 19/20 of the spread, then its 100 ms of work (timers are
+            // whole milliseconds, rounded up).
+            let took = t0.elapsed().as_millis();
+            assert!(
+                (starts_by + 100..=starts_by + 102).contains(&took),
+                "{took} ms with a spread of {spread_s} s and a period of {period_s} s"
+            );
+        }
     }
 }

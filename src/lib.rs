@@ -835,7 +835,11 @@ fn build_runner(
             cfg.coordination.work_sharing,
             Duration::from_secs(cfg.locks.ttl_seconds),
         )
-        .with_batch_delay(Duration::from_millis(cfg.parallel.batch_delay_ms)),
+        .with_batch_delay(Duration::from_millis(cfg.parallel.batch_delay_ms))
+        .sharing_as(
+            &cfg.instance_id,
+            Duration::from_millis(cfg.coordination.claim_spread_ms),
+        ),
     );
     Ok(Runner::new(
         cfg,

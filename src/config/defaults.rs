@@ -137,6 +137,7 @@ impl Default for Coordination {
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             key_prefix: String::new(),
             work_sharing: false,
+            claim_spread_ms: 1_000,
         }
     }
 }

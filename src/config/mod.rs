@@ -368,6 +368,12 @@ pub struct Coordination {
     pub key_prefix: String,
     /// Every replica runs every tick and claims symbols one by one.
     pub work_sharing: bool,
+    /// With work sharing, the time over which a replica spreads its claims of a tick (at most
+    /// a quarter of the period): each replica claims in an order of its own, the `k`-th of
+    /// `n` symbols no sooner than `k/n` of this after the tick, so a symbol goes to the
+    /// replica that has it nearest the front and every live replica gets a part — rather
+    /// than all of them to whichever replica woke a millisecond first. 0: claim at once.
+    pub claim_spread_ms: u64,
 }
 
 /// Candle source.

@@ -303,6 +303,7 @@ impl Config {
             Bound::new("parallel.max_concurrent", p.max_concurrent, AtLeast(1.0), 1_000.0),
             Bound::new("parallel.min_concurrent", p.min_concurrent, AtLeast(1.0), 1_000.0),
             Bound::new("parallel.batch_delay_ms", p.batch_delay_ms, AtLeast(0.0), 60_000.0),
+            Bound::new("coordination.claim_spread_ms", c.coordination.claim_spread_ms, AtLeast(0.0), 60_000.0),
             Bound::new("timeouts.symbol_timeout_seconds", t.symbol_timeout_seconds, Above(0.0), HOUR),
             Bound::new("timeouts.symbol_timeout_max_seconds", t.symbol_timeout_max_seconds, Above(0.0), HOUR),
             Bound::new("timeouts.total_timeout_seconds", t.total_timeout_seconds, Above(0.0), DAY),

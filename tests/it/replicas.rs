@@ -451,12 +451,11 @@ async fn locks_orphaned_by_an_outage_mid_cycle_are_released_when_redis_returns()
 #[tokio::test]
 async fn work_sharing_spreads_symbols_and_keeps_each_once() {
     let redis = RedisServer::start().await;
-    // Each symbol's work takes a while (its candles come after 200 ms) and each replica's
-    // pool holds 5 of the 30: a tick is two waves of every replica's pool, so each replica's
-    // part is set by its capacity, as it is with a real model. With the rules agents on the
-    // simulated market a whole tick was a few milliseconds of Redis round trips, and who did
-    // what was only which replica's timer this one test thread served first (a replica did
-    // 99 of 540 in one run).
+    // Each symbol's work takes a while (its candles come after 200 ms), and each replica's
+    // pool (20) could hold every symbol at once: what spreads the work is the replicas'
+    // claims, each in its own order and spread over the tick (a quarter of the 2 s period
+    // here), so a symbol goes to the replica that has it first. Claimed all at once, a
+    // replica that started a moment earlier took nearly every symbol.
     let market = MarketServer::start().await;
     market.set_default(Behaviour {
         delay: Duration::from_millis(200),
@@ -465,7 +464,7 @@ async fn work_sharing_spreads_symbols_and_keeps_each_once() {
     let prefix = unique_prefix("share");
     let symbols: Vec<String> = (0..30).map(|i| format!("S{i}/USD")).collect();
     let more = format!(
-        "    work_sharing: true\n  parallel:\n    max_concurrent: 5\n    min_concurrent: 5\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n",
+        "    work_sharing: true\n  market_data:\n    source: coinbase\n    coinbase_url: {}\n",
         market.url
     );
     let yaml = config(
@@ -490,12 +489,13 @@ async fn work_sharing_spreads_symbols_and_keeps_each_once() {
         "a (cycle, symbol) appeared twice"
     );
     assert!(full_ticks(&c, 30).len() >= 12);
-    // Each replica did a fair part of everything it reported: a third at capacity.
+    // Each replica did a fair part of everything reported (the replicas' orders give these
+    // 30 symbols 13, 9 and 8 to the three).
     let total: u64 = done.iter().sum();
     eprintln!("work split: {done:?} of {total}");
     for mine in &done {
         assert!(
-            *mine as f64 >= 0.25 * total as f64,
+            *mine as f64 >= 0.2 * total as f64,
             "a replica did {mine} of {total} ({done:?})"
         );
     }
