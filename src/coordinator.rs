@@ -9,6 +9,9 @@
 //!   are cancelled; what finished stays published.
 //! - Every symbol holds its lock while it runs, extends it every third of the TTL, stops if
 //!   an extension fails (someone else may own it now), and always releases it.
+//! - With work sharing, a replica first claims each symbol for the tick; it claims in an
+//!   order of its own, spread over the start of the tick, so the replicas divide the symbols
+//!   between them instead of the first one awake taking all ([`Coordinator::sharing_as`]).
 
 use std::sync::Arc;
 use std::time::Duration;
