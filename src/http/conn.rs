@@ -10,7 +10,7 @@
 //! task and the bytes it sent.
 //!
 //! How a request is served:
-//! 1. Wait for its first byte (`peek`: nothing is read or allocated), within
+//! 1. Wait for its first byte (read into the stack: nothing is allocated before it), within
 //!    [`HEADER_READ_TIMEOUT`] — of connecting, or of the end of the previous response.
 //! 2. Read the head (`httparse`) within [`HEADER_READ_TIMEOUT`] of that byte.
 //! 3. Hand hyper an I/O that yields exactly the request (head, then a `Content-Length` body
@@ -45,9 +45,9 @@ pub const MAX_HEAD: usize = 16 * 1024;
 /// Headers a head read here may have (hyper's default limit too).
 const MAX_HEADERS: usize = 100;
 
-/// How much of the socket is read at a time while a head arrives: a small buffer that grows
-/// only for a long head, so half a header costs little more than what was sent.
-const HEAD_READ_CHUNK: usize = 512;
+/// How much of the socket is read at a time while a head arrives, into the stack: the
+/// connection keeps only what arrived, so half a header costs what was sent.
+const HEAD_READ_CHUNK: usize = 2048;
 
 /// Counts a hyper connection in `live` for as long as it lives.
 struct Alive(Arc<AtomicI64>);
@@ -76,11 +76,9 @@ pub struct Setup {
     pub peer: std::net::SocketAddr,
     /// hyper's settings for each request's connection.
     pub builder: Arc<hyper::server::conn::http1::Builder>,
-    /// Set once a whole request head has arrived (the connection cap closes connections that
-    /// never sent one first).
+    /// Set once a whole request head has arrived: the connection cap makes room by aborting
+    /// the task of a connection that never sent one, so a served connection is never cut.
     pub served: Arc<AtomicBool>,
-    /// Closes this connection (the cap needs its slot).
-    pub close: CancellationToken,
     /// The server is stopping: idle connections close, a request in flight finishes.
     pub shutdown: CancellationToken,
     /// hyper connections alive now, of every connection this counter is given to: a
@@ -107,17 +105,17 @@ pub async fn serve(mut stream: TcpStream, cx: Setup) {
     let mut pending: Vec<u8> = Vec::new();
     loop {
         if pending.is_empty() {
-            // A waiting connection holds no buffer.
+            // A waiting connection holds no buffer, and its task is small: 2,000 of them
+            // are most of what an idle flood costs (benchmark g′).
             pending = Vec::new();
-            let mut byte = [0u8; 1];
-            let arrived = tokio::select! {
-                r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut byte)) => matches!(r, Ok(Ok(n)) if n > 0),
-                () = cx.close.cancelled() => false,
-                () = cx.shutdown.cancelled() => false,
+            let first = tokio::select! {
+                r = tokio::time::timeout(HEADER_READ_TIMEOUT, first_byte(&stream)) => r.ok().and_then(Result::ok).flatten(),
+                () = cx.shutdown.cancelled() => None,
             };
-            if !arrived {
+            let Some(byte) = first else {
                 return;
-            }
+            };
+            pending.push(byte);
         }
         let framing = tokio::select! {
             r = tokio::time::timeout(HEADER_READ_TIMEOUT, read_head(&mut stream, &mut pending)) => match r {
@@ -126,7 +124,6 @@ pub async fn serve(mut stream: TcpStream, cx: Setup) {
                 // timeout does, close without an answer.
                 Ok(Err(_)) | Err(_) => return,
             },
-            () = cx.close.cancelled() => return,
             () = cx.shutdown.cancelled() => return,
         };
         let Framing::Known {
@@ -147,6 +144,24 @@ pub async fn serve(mut stream: TcpStream, cx: Setup) {
     }
 }
 
+/// Waits for a connection's first byte and reads it; `None`: the client closed first.
+///
+/// `readable()` and a one-byte read into the stack, not `peek`: the same effect (nothing
+/// allocated until a byte is there — readiness may be reported with none) in half the
+/// task's size. A readiness with no byte is cleared by the read's `WouldBlock`.
+async fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
+    loop {
+        stream.readable().await?;
+        let mut byte = [0u8; 1];
+        match stream.try_read(&mut byte) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(byte[0])),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads until `pending` holds a whole head; says how the request is framed.
 async fn read_head(stream: &mut TcpStream, pending: &mut Vec<u8>) -> io::Result<Framing> {
     loop {
@@ -155,9 +170,14 @@ async fn read_head(stream: &mut TcpStream, pending: &mut Vec<u8>) -> io::Result<
             None if pending.len() >= MAX_HEAD => return Ok(Framing::Handover),
             None => {}
         }
-        pending.reserve(HEAD_READ_CHUNK);
-        if stream.read_buf(pending).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        stream.readable().await?;
+        // Not kept across an await: the waiting task does not carry it.
+        let mut chunk = [0u8; HEAD_READ_CHUNK];
+        match stream.try_read(&mut chunk) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -259,7 +279,6 @@ async fn one_request(
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = cx.close.cancelled() => return Outcome { reusable: false },
         }
     };
     // hyper's connection and its buffers go now, before the wait for a next request.
@@ -294,7 +313,6 @@ async fn handover(stream: TcpStream, pending: Vec<u8>, cx: &Setup) {
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = cx.close.cancelled() => return,
         }
     }
 }
@@ -544,7 +562,6 @@ mod tests {
                     peer,
                     builder: builder.clone(),
                     served: Arc::new(AtomicBool::new(false)),
-                    close: CancellationToken::new(),
                     shutdown: stop.clone(),
                     hyper_live: counter.clone(),
                 };

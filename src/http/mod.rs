@@ -236,11 +236,15 @@ pub fn connection_cap(configured: usize) -> usize {
         .max(1)
 }
 
-/// The open connections, oldest first, and whether each has sent a whole request yet.
+/// The open connections, oldest first: whether each has sent a whole request yet, and its
+/// task (aborted to make room at the cap).
 #[derive(Default)]
 struct Connections {
     next: u64,
-    open: std::collections::BTreeMap<u64, (Arc<std::sync::atomic::AtomicBool>, CancellationToken)>,
+    open: std::collections::BTreeMap<
+        u64,
+        (Arc<std::sync::atomic::AtomicBool>, tokio::task::AbortHandle),
+    >,
 }
 
 /// Serves `router` on `listener` until `shutdown` fires.
@@ -294,50 +298,47 @@ pub async fn serve(
         // holding it back. A socket that refuses the option still serves.
         let _ = stream.set_nodelay(true);
         let served = Arc::new(AtomicBool::new(false));
-        let close = CancellationToken::new();
-        let id = {
-            let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
-            if c.open.len() >= cap {
-                let victim = c
-                    .open
-                    .iter()
-                    .find(|(_, (served, _))| !served.load(Ordering::Relaxed))
-                    .map(|(id, (_, token))| (*id, token.clone()));
-                match victim {
-                    Some((vid, token)) => {
-                        token.cancel();
-                        c.open.remove(&vid);
-                    }
-                    None => {
-                        // Every open connection is busy serving: refuse the newcomer.
-                        drop(stream);
-                        continue;
-                    }
+        let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+        if c.open.len() >= cap {
+            let victim = c
+                .open
+                .iter()
+                .find(|(_, (served, _))| !served.load(Ordering::Relaxed))
+                .map(|(id, _)| *id);
+            match victim.and_then(|vid| c.open.remove(&vid)) {
+                // Dropping the task closes its socket; it held no request.
+                Some((_, task)) => task.abort(),
+                None => {
+                    // Every open connection is busy serving: refuse the newcomer.
+                    drop(c);
+                    drop(stream);
+                    continue;
                 }
             }
-            c.next += 1;
-            let id = c.next;
-            c.open.insert(id, (served.clone(), close.clone()));
-            id
-        };
+        }
+        c.next += 1;
+        let id = c.next;
         let setup = conn::Setup {
             app: app.clone(),
             peer,
             builder: builder.clone(),
-            served,
-            close,
+            served: served.clone(),
             shutdown: shutdown.clone(),
             hyper_live: hyper_live.clone(),
         };
-        let conns = conns.clone();
-        tasks.spawn(async move {
+        let conns_then = conns.clone();
+        // Spawned under the lock: the task's last step (removing its entry) cannot come
+        // before the entry is there.
+        let task = tasks.spawn(async move {
             conn::serve(stream, setup).await;
-            conns
+            conns_then
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .open
                 .remove(&id);
         });
+        c.open.insert(id, (served, task.abort_handle()));
+        drop(c);
     }
     drop(listener);
     // In-flight requests get a moment (each connection saw `shutdown`: idle ones closed, a
