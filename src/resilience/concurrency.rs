@@ -21,7 +21,10 @@
 //! enough to halve a parallel provider's limit tick after tick. Above an index of one half
 //! the endpoint queues and the limit shrinks in proportion to how much slower busy calls are
 //! (by a tenth to a half); otherwise it grows by `1/limit` (about one per round of calls) up
-//! to its maximum.
+//! to its maximum. Only a busy answer is evidence of queueing: an answer to a call sent alone
+//! raises the limit of an endpoint seen to queue by a tenth, so that at a limit of one a call
+//! goes beside another every tenth answer or so and the index learns when the queueing has
+//! ended (an overloaded provider that recovered; without it the limit stayed at one).
 //!
 //! **Timeouts.** A call that timed out shrinks the limit by a quarter (AIMD on drops, as TCP
 //! and Netflix's `AIMDLimit` do) — unless the endpoint has shown it serves calls side by side
@@ -69,6 +72,10 @@ const FIT_WEIGHT: f64 = 0.02;
 /// Weight of one call in the timeout rate: about the last hundred calls, so that two stalls
 /// in a row (a 2 % stall rate does that every other tick) do not read as one in ten.
 const RATE_WEIGHT: f64 = 0.01;
+/// How far an answer to a call sent alone raises the limit of an endpoint that has been
+/// seen to queue: at a limit of one, a second call goes beside the first about every tenth
+/// answer, to see whether the endpoint still queues.
+const PROBE_STEP: f64 = 0.1;
 /// Answers sent alone before their average is trusted.
 const MIN_QUIET: u32 = 3;
 /// The longest backlog of abandoned work an endpoint is assumed to hold.
@@ -275,8 +282,17 @@ impl ConcurrencyLimit {
                         // Queueing: shrink in proportion to how much slower busy calls are
                         // (a server that makes the third call wait for two others is cut by
                         // half at once, not a tenth at a time), by a tenth at least.
-                        (Some(i), Some(q), Some(b)) if i > QUEUEING_INDEX => {
+                        (Some(i), Some(q), Some(b)) if i > QUEUEING_INDEX && busy => {
                             (st.limit * (QUEUEING_RATIO * q / b).clamp(0.5, 0.9)).max(1.0)
+                        }
+                        // A call sent alone is no new evidence either way: the index is what
+                        // busy calls showed, perhaps long ago. At one in flight no call is
+                        // busy, so without a look beyond one now and then the limit would
+                        // stay there after the endpoint stopped queueing — it did, for good,
+                        // after an overload. One busy call in about ten is the price a
+                        // serial server pays for that look.
+                        (Some(i), Some(_), Some(_)) if i > QUEUEING_INDEX => {
+                            (st.limit + PROBE_STEP).min(max)
                         }
                         _ => (st.limit + 1.0 / st.limit.max(1.0)).min(max),
                     };
@@ -694,6 +710,31 @@ mod tests {
             let index = limit.queueing_index().expect("fitted");
             assert!(index.abs() < PARALLEL_INDEX, "seed {seed}: index {index}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_that_queued_and_recovered_gets_its_pool_back() {
+        // Ten minutes of an endpoint that serves one call at a time (overloaded, as a
+        // provider in an incident or a local model): the limit learns it queues and goes
+        // down to one or two.
+        let limit = ConcurrencyLimit::new(22);
+        serial_server_run(&limit, Duration::from_secs(4)).await;
+        assert!(
+            limit.limit() <= 2,
+            "limit {} on a serial server",
+            limit.limit()
+        );
+        // Then it serves side by side again. At one in flight every call is sent alone and
+        // says nothing about queueing, so the limit must look beyond one now and then to see
+        // it; it was stuck at one before (the real-latency test's recovery, ten minutes and
+        // more at one in flight).
+        let after = heavy_tailed_provider(&limit, 3, 30, 0.0).await;
+        assert!(
+            after[10..].iter().all(|(l, w)| *l == 22 && *w == 0),
+            "(limit, calls that waited) by tick after recovering: {after:?}"
+        );
+        let index = limit.queueing_index().expect("fitted");
+        assert!(index < QUEUEING_INDEX, "index {index} after recovering");
     }
 
     #[tokio::test(start_paused = true)]
