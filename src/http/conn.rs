@@ -147,8 +147,9 @@ pub async fn serve(mut stream: TcpStream, cx: Setup) {
 /// Waits for a connection's first byte and reads it; `None`: the client closed first.
 ///
 /// `readable()` and a one-byte read into the stack, not `peek`: the same effect (nothing
-/// allocated until a byte is there — readiness may be reported with none) in half the
-/// task's size. A readiness with no byte is cleared by the read's `WouldBlock`.
+/// allocated until a byte is there — readiness may be reported with none) in a smaller
+/// future (176 bytes against `peek`'s 232, in every waiting task). A readiness with no byte
+/// is cleared by the read's `WouldBlock`.
 async fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
     loop {
         stream.readable().await?;
