@@ -149,7 +149,9 @@ pub async fn serve(mut stream: TcpStream, cx: Setup) {
 /// `readable()` and a one-byte read into the stack, not `peek`: the same effect (nothing
 /// allocated until a byte is there — readiness may be reported with none) in a smaller
 /// future (176 bytes against `peek`'s 232, in every waiting task). A readiness with no byte
-/// is cleared by the read's `WouldBlock`.
+/// is cleared by the read's `WouldBlock`. Kept apart from [`read_head`]'s reads on purpose:
+/// one helper for both (a chunk read appended to `pending`) made the waiting task 40 bytes
+/// bigger.
 async fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
     loop {
         stream.readable().await?;

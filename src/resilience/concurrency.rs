@@ -282,17 +282,19 @@ impl ConcurrencyLimit {
                         // Queueing: shrink in proportion to how much slower busy calls are
                         // (a server that makes the third call wait for two others is cut by
                         // half at once, not a tenth at a time), by a tenth at least.
-                        (Some(i), Some(q), Some(b)) if i > QUEUEING_INDEX && busy => {
-                            (st.limit * (QUEUEING_RATIO * q / b).clamp(0.5, 0.9)).max(1.0)
-                        }
-                        // A call sent alone is no new evidence either way: the index is what
-                        // busy calls showed, perhaps long ago. At one in flight no call is
-                        // busy, so without a look beyond one now and then the limit would
-                        // stay there after the endpoint stopped queueing — it did, for good,
-                        // after an overload. One busy call in about ten is the price a
-                        // serial server pays for that look.
-                        (Some(i), Some(_), Some(_)) if i > QUEUEING_INDEX => {
-                            (st.limit + PROBE_STEP).min(max)
+                        (Some(i), Some(q), Some(b)) if i > QUEUEING_INDEX => {
+                            if busy {
+                                (st.limit * (QUEUEING_RATIO * q / b).clamp(0.5, 0.9)).max(1.0)
+                            } else {
+                                // A call sent alone is no new evidence either way: the index
+                                // is what busy calls showed, perhaps long ago. At one in
+                                // flight no call is busy, so without a look beyond one now
+                                // and then the limit would stay there after the endpoint
+                                // stopped queueing — it did, for good, after an overload.
+                                // One busy call in about ten is the price a serial server
+                                // pays for that look.
+                                (st.limit + PROBE_STEP).min(max)
+                            }
                         }
                         _ => (st.limit + 1.0 / st.limit.max(1.0)).min(max),
                     };
