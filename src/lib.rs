@@ -24,6 +24,10 @@
 //!
 //! [`App`] wires them: `App::build(cfg).await?.run_until_stopped(shutdown)`.
 
+// The library has no unsafe code; the one call the binary needs (the allocator's collection,
+// `src/main.rs`) is allowed there alone.
+#![forbid(unsafe_code)]
+
 pub mod agents;
 pub mod config;
 pub mod coordination;
