@@ -332,78 +332,88 @@ pub(crate) async fn stream(
         .into_response()
 }
 
+/// A client's stream: what it missed (or that it missed too much), then the hub's live
+/// events, with a keep-alive comment after [`KEEP_ALIVE`] of quiet. Polled by the connection
+/// that writes it — no task or channel of its own between the hub and the socket: with
+/// thousands of clients, each event was a wake of that task, a channel send and a wake of the
+/// connection per client (two task switches where one does). The stream, and with it the
+/// client's slot, is dropped the moment the connection ends (hyper watches the socket while a
+/// response streams) or the server stops.
 fn events(
     backlog: Vec<Arc<HubEvent>>,
-    mut live: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
+    live: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
     complete: bool,
     stop: tokio_util::sync::CancellationToken,
     slot: Slot,
 ) -> impl Stream<Item = Out> {
-    channel_stream(move |tx| async move {
-        // Held until the task ends: the client left, was dropped, or the server stops.
-        let _slot = slot;
-        if !complete && tx.send(Out::Incomplete).await.is_err() {
-            return;
-        }
-        for e in backlog {
-            if tx.send(Out::Event(e)).await.is_err() {
-                return;
-            }
-        }
+    let mut first: std::collections::VecDeque<Out> = backlog.into_iter().map(Out::Event).collect();
+    if !complete {
+        first.push_front(Out::Incomplete);
+    }
+    let now = tokio::time::Instant::now();
+    let state = Live {
+        first,
+        live,
+        stop,
+        _slot: slot,
+        sent: now,
         // One timer for the stream's life, moved only when it fires early: an event does not
         // re-arm it (with thousands of clients, that is a timer per client per event).
-        let mut sent = tokio::time::Instant::now();
-        let quiet = tokio::time::sleep(KEEP_ALIVE);
-        tokio::pin!(quiet);
+        quiet: Box::pin(tokio::time::sleep_until(now + KEEP_ALIVE)),
+        ended: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        if st.ended {
+            return None;
+        }
+        if let Some(out) = st.first.pop_front() {
+            return Some((out, st));
+        }
         loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                // The client went away: give its slot back now, not at the next event.
-                _ = tx.closed() => return,
-                r = live.recv() => r,
-                () = &mut quiet => {
-                    let due = sent + KEEP_ALIVE;
-                    if due > tokio::time::Instant::now() {
-                        quiet.as_mut().reset(due);
+            tokio::select! {
+                _ = st.stop.cancelled() => return None,
+                r = st.live.recv() => match r {
+                    Ok(e) => {
+                        st.sent = tokio::time::Instant::now();
+                        return Some((Out::Event(e), st));
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        metrics::counter!(names::SSE_CLIENTS_DROPPED).increment(1);
+                        tracing::warn!(missed = n, "SSE client too slow; dropping it");
+                        st.ended = true;
+                        return Some((Out::TooSlow(n), st));
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+                () = &mut st.quiet => {
+                    let due = st.sent + KEEP_ALIVE;
+                    let now = tokio::time::Instant::now();
+                    if due > now {
+                        st.quiet.as_mut().reset(due);
                         continue;
                     }
-                    if tx.send(Out::KeepAlive).await.is_err() {
-                        return;
-                    }
-                    sent = tokio::time::Instant::now();
-                    quiet.as_mut().reset(sent + KEEP_ALIVE);
-                    continue;
+                    st.sent = now;
+                    st.quiet.as_mut().reset(now + KEEP_ALIVE);
+                    return Some((Out::KeepAlive, st));
                 }
-            };
-            match next {
-                Ok(e) => {
-                    if tx.send(Out::Event(e)).await.is_err() {
-                        return;
-                    }
-                    sent = tokio::time::Instant::now();
-                }
-                Err(RecvError::Lagged(n)) => {
-                    metrics::counter!(names::SSE_CLIENTS_DROPPED).increment(1);
-                    tracing::warn!(missed = n, "SSE client too slow; dropping it");
-                    let _ = tx.send(Out::TooSlow(n)).await;
-                    return;
-                }
-                Err(RecvError::Closed) => return,
             }
         }
     })
 }
 
-/// A stream fed by a task through a small channel (the task stops when the client goes).
-fn channel_stream<F, Fut>(f: F) -> impl Stream<Item = Out>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Out>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    // A few events of slack between the hub and the socket; the hub's buffer is the real one.
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(f(tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
+/// The state of one client's stream between two items.
+struct Live {
+    /// Sent before anything live: `incomplete` if the replay fell short, then the backlog.
+    first: std::collections::VecDeque<Out>,
+    live: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
+    stop: tokio_util::sync::CancellationToken,
+    /// Held for the stream's life: the slot comes back when the stream is dropped.
+    _slot: Slot,
+    /// When the last item went out, for the keep-alive.
+    sent: tokio::time::Instant,
+    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The client was told it fell behind; nothing more follows.
+    ended: bool,
 }
 
 #[cfg(test)]
