@@ -411,6 +411,7 @@ struct Live {
     _slot: Slot,
     /// When the last item went out, for the keep-alive.
     sent: tokio::time::Instant,
+    /// Fires [`KEEP_ALIVE`] after `sent`, or earlier and is moved (see `events`).
     quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// The client was told it fell behind; nothing more follows.
     ended: bool,
