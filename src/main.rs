@@ -31,8 +31,9 @@ const COLLECT_EVERY: Duration = Duration::from_secs(10);
 /// free only queues the block on its page, and the page goes back to the OS once its owner
 /// collects it — which mimalloc does when that thread next allocates objects of the same size,
 /// i.e. never, for the ~1 KiB tasks of a flood of connections that has ended. Without this, a
-/// runner that held 2,000 idle connections kept 2.2–3.0 MiB of them for good; with it, it is
-/// back to its unflooded twin within 0.6 MiB (benchmark g′ in docs/BENCHMARKS.md). Collecting
+/// runner that held 2,000 idle connections kept 2.2–3.2 MiB of them for good; with it, it is
+/// within 0.1–1.3 MiB of its unflooded twin a minute later, 0.1–0.4 in four runs of five
+/// (benchmark g′ in docs/BENCHMARKS.md). Collecting
 /// walks only the calling thread's pages; once per 10 s of a thread that parks, it did not
 /// show in the replicas' CPU under 10,000 dashboard streams (benchmark d′).
 fn collect_freed_memory() {
